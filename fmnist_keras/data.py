@@ -1,0 +1,313 @@
+"""Find, verify and parse the Fashion-MNIST IDX files; split and scale them.
+
+This is the only module that reads data from disk or the network. It needs
+numpy only, so it can be imported before a Keras backend is chosen; Keras is
+imported lazily, and only for the download fallback.
+
+Example:
+    >>> (x_train, y_train), (x_test, y_test) = load_data()
+    >>> x_train.shape, x_train.dtype
+    ((60000, 28, 28), dtype('uint8'))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SIZE = 28
+
+# SHA-256 of the *decompressed* IDX bytes. Debian recompresses the .gz files,
+# so digests of the .gz files differ between sources while the data does not.
+SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+FILES = tuple(SHA256)
+# Same mirror keras.datasets.fashion_mnist downloads from.
+MIRROR = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
+SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)
+ENV_VAR = "FMNIST_DATA_DIR"
+INSTALL_HINT = (
+    "install Debian's data package (apt-get install dataset-fashion-mnist), "
+    f"set {ENV_VAR} or pass --data-dir to a directory holding the four IDX files"
+)
+
+# IDX magic: two zero bytes, a type code (0x08 = unsigned byte) and the
+# number of dimensions.
+_UBYTE = 0x08
+_EXPECTED_NDIM = {"images": 3, "labels": 1}
+
+
+class DataError(ValueError):
+    """A data file is missing, damaged or not the file it claims to be."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where the data was found: a kind (``data-dir``, ``keras-cache``,
+    ``system``, ``download``) and the directory."""
+
+    kind: str
+    directory: Path
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.directory})"
+
+
+def keras_cache_dir() -> Path:
+    """The directory ``keras.datasets.fashion_mnist`` downloads into."""
+    keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(keras_home) / "datasets" / "fashion-mnist"
+
+
+def _file_in(directory: Path, name: str) -> Path | None:
+    for candidate in (directory / f"{name}.gz", directory / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _has_all_files(directory: Path) -> bool:
+    return all(_file_in(directory, name) is not None for name in FILES)
+
+
+def find_source(data_dir: str | os.PathLike | None = None) -> Source | None:
+    """Return the first place that holds all four files, or None.
+
+    Order: ``data_dir`` (or ``$FMNIST_DATA_DIR``), the Keras cache, then the
+    system data directories. A ``data_dir`` given explicitly must hold the
+    files: a typo there is an error, not a reason to look elsewhere.
+    """
+    explicit = data_dir if data_dir is not None else os.environ.get(ENV_VAR) or None
+    if explicit is not None:
+        directory = Path(explicit).expanduser()
+        origin = "--data-dir" if data_dir is not None else f"${ENV_VAR}"
+        if not directory.is_dir():
+            raise DataError(
+                f"{origin} points to {directory}, which is not a directory; "
+                f"expected a directory holding {', '.join(FILES)} (.gz or not)."
+            )
+        missing = [n for n in FILES if _file_in(directory, n) is None]
+        if missing:
+            raise DataError(
+                f"{origin} {directory} lacks {', '.join(missing)} (.gz or not); "
+                f"copy them there or unset it to use the default locations."
+            )
+        return Source("data-dir", directory)
+    if _has_all_files(keras_cache_dir()):
+        return Source("keras-cache", keras_cache_dir())
+    for system_dir in SYSTEM_DIRS:
+        if _has_all_files(Path(system_dir)):
+            return Source("system", Path(system_dir))
+    return None
+
+
+def read_bytes(path: Path) -> bytes:
+    """Read a file, decompressing it if it is gzip (by content, not name)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror}; check it exists and is readable.") from None
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as error:
+        raise DataError(
+            f"{path} is a damaged gzip file ({error}); delete it and "
+            f"re-download or reinstall it ({INSTALL_HINT})."
+        ) from None
+
+
+def parse_idx(data: bytes, kind: str, name: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes of unsigned bytes into a numpy array.
+
+    Args:
+        data: the decompressed file contents.
+        kind: ``"images"`` (3 dims, 28x28) or ``"labels"`` (1 dim, values 0-9).
+        name: the file name, used in error messages.
+
+    Returns:
+        A read-only-safe copy as a ``uint8`` array.
+    """
+    if kind not in _EXPECTED_NDIM:
+        raise ValueError(f"kind must be 'images' or 'labels', got {kind!r}.")
+    ndim = _EXPECTED_NDIM[kind]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{name}: file is {len(data)} bytes, too short for an IDX header ({header} bytes).")
+    expected_magic = bytes((0, 0, _UBYTE, ndim))
+    if data[:4] != expected_magic:
+        raise DataError(
+            f"{name}: wrong IDX magic number 0x{data[:4].hex()}, expected 0x{expected_magic.hex()} "
+            f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''}); is this an {kind} file?"
+        )
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if kind == "images" and shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{name}: images are {shape[1]}x{shape[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}.")
+    size = int(np.prod(shape))
+    if len(data) - header != size:
+        raise DataError(
+            f"{name}: header says {shape} = {size} bytes of data, file holds {len(data) - header}; "
+            f"the file is truncated or damaged."
+        )
+    array = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
+    if kind == "labels" and array.size and array.max() >= NUM_CLASSES:
+        raise DataError(f"{name}: label {array.max()} found, expected labels 0-{NUM_CLASSES - 1}.")
+    return array
+
+
+def _load_file(directory: Path, name: str, verify: bool) -> np.ndarray:
+    path = _file_in(directory, name)
+    if path is None:
+        raise DataError(f"{directory} lacks {name} (.gz or not); {INSTALL_HINT}.")
+    data = read_bytes(path)
+    if verify:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != SHA256[name]:
+            raise DataError(
+                f"{path}: SHA-256 of the decompressed data is {digest}, expected {SHA256[name]}; "
+                f"the file is damaged or not Fashion-MNIST. Delete it to re-download, or pass "
+                f"verify=False (--no-verify) if it is your own IDX data."
+            )
+    return parse_idx(data, "images" if "images" in name else "labels", str(path))
+
+
+def load_from_dir(directory: str | os.PathLike, verify: bool = True):
+    """Load and check all four files from one directory.
+
+    Returns:
+        ``((x_train, y_train), (x_test, y_test))`` as uint8 arrays. Nothing is
+        returned unless all four files parse and agree.
+    """
+    directory = Path(directory)
+    arrays = {name: _load_file(directory, name, verify) for name in FILES}
+    for split in ("train", "t10k"):
+        images, labels = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
+        if len(images) != len(labels):
+            raise DataError(
+                f"{directory}: {split} has {len(images)} images but {len(labels)} labels; "
+                f"the files do not belong together."
+            )
+    return (
+        (arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"]),
+        (arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"]),
+    )
+
+
+def download(directory: Path | None = None) -> Path:
+    """Download the four .gz files from the official Keras mirror over HTTPS.
+
+    Files land in the Keras cache. A file that then fails its digest check is
+    deleted by :func:`load_data`, so a retry downloads it again.
+    """
+    import keras  # deferred: importing keras fixes the backend
+
+    directory = directory or keras_cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        if _file_in(directory, name) is None:
+            keras.utils.get_file(
+                fname=f"{name}.gz", origin=MIRROR + f"{name}.gz", cache_dir=str(directory), cache_subdir=""
+            )
+    return directory
+
+
+def load_data(data_dir=None, verify: bool = True, allow_download: bool = True, return_source: bool = False):
+    """Return Fashion-MNIST as ``keras.datasets.fashion_mnist.load_data()`` does.
+
+    Args:
+        data_dir: a directory holding the four IDX files (``.gz`` or not).
+            Defaults to ``$FMNIST_DATA_DIR``, then the Keras cache, then
+            ``/usr/share/datasets/fashion-mnist``, then a download.
+        verify: check the SHA-256 digest of each decompressed file. Pass
+            False only for your own IDX data.
+        allow_download: download into the Keras cache when no local copy exists.
+        return_source: also return the :class:`Source` the data came from.
+
+    Returns:
+        ``((x_train, y_train), (x_test, y_test))``: uint8 arrays of shapes
+        (60000, 28, 28), (60000,), (10000, 28, 28), (10000,); with
+        ``return_source`` a tuple ``(data, source)``.
+    """
+    source = find_source(data_dir)
+    if source is None:
+        if not allow_download:
+            raise DataError(f"Fashion-MNIST not found in {keras_cache_dir()} or {', '.join(SYSTEM_DIRS)}; {INSTALL_HINT}.")
+        try:
+            source = Source("download", download())
+        except Exception as error:  # network errors come in many types
+            raise DataError(
+                f"Fashion-MNIST not found locally and the download from {MIRROR} failed ({error}); "
+                f"{INSTALL_HINT}."
+            ) from None
+    try:
+        data = load_from_dir(source.directory, verify=verify)
+    except DataError:
+        if source.kind == "download":
+            for name in FILES:  # never leave a bad download in the cache
+                path = _file_in(source.directory, name)
+                if path is not None:
+                    path.unlink()
+        raise
+    return (data, source) if return_source else data
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int):
+    """Split indices into train and validation, each class in equal proportion.
+
+    Returns:
+        ``(train_idx, val_idx)``: sorted index arrays that partition ``range(len(labels))``.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; try 0.1.")
+    rng = np.random.default_rng(seed)
+    val_parts = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        n_val = int(round(len(members) * val_fraction))
+        if n_val == 0 or n_val == len(members):
+            raise ValueError(
+                f"class {cls} has {len(members)} examples: a {val_fraction} split leaves none on one side; "
+                f"use more data or another --val-split."
+            )
+        val_parts.append(rng.choice(members, size=n_val, replace=False))
+    val_idx = np.sort(np.concatenate(val_parts))
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[val_idx] = False
+    return np.flatnonzero(train_mask), val_idx
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Indices of a seeded, class-balanced subset of ``size`` examples (for quick runs)."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    _, keep = stratified_split(labels, size / len(labels), seed)
+    return keep
+
+
+def to_model_input(images: np.ndarray, data_format: str = "channels_last") -> np.ndarray:
+    """Scale uint8 images to float32 in [0, 1] and add the channel axis.
+
+    The one place where the model's input format is made. ``data_format``
+    follows Keras: ``channels_last`` gives (N, 28, 28, 1), ``channels_first``
+    gives (N, 1, 28, 28).
+    """
+    if images.ndim != 3:
+        raise ValueError(f"expected images of shape (N, 28, 28), got {images.shape}.")
+    axis = -1 if data_format == "channels_last" else 1
+    return np.expand_dims(images.astype(np.float32) / 255.0, axis)

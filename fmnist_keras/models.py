@@ -1,0 +1,198 @@
+"""Model builders: pure functions that return uncompiled Keras models.
+
+Only ``keras.layers`` and ``keras.ops`` are used here, so every backend runs
+these models. No I/O. Layers that users look into (convolutions, the
+penultimate embedding, the logits) carry stable names.
+
+Example:
+    >>> model = build_cnn()
+    >>> model.get_layer("block1_conv1").output.shape
+    (None, 28, 28, 32)
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 28
+
+
+def input_shape(data_format: str | None = None) -> tuple[int, int, int]:
+    """The (H, W, C) or (C, H, W) shape of one image for ``data_format``."""
+    data_format = data_format or keras.config.image_data_format()
+    return (IMAGE_SIZE, IMAGE_SIZE, 1) if data_format == "channels_last" else (1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _head(x, num_classes: int):
+    """Logits, then a float32 softmax: under a mixed-precision policy the
+    probabilities (and so the loss) stay in full precision."""
+    x = layers.Dense(num_classes, name="logits")(x)
+    return layers.Activation("softmax", dtype="float32", name="predictions")(x)
+
+
+def augmentation(shift: float = 0.08, flip: bool = True, seed: int | None = None, name: str = "augment"):
+    """Light training-only augmentation: horizontal flips (clothing is
+    left-right symmetric) and shifts of about 2 pixels. Inactive at inference.
+    """
+    steps = []
+    if flip:
+        steps.append(layers.RandomFlip("horizontal", seed=seed, name=f"{name}_flip"))
+    if shift:
+        steps.append(
+            layers.RandomTranslation(
+                shift, shift, fill_mode="constant", interpolation="nearest", seed=seed, name=f"{name}_shift"
+            )
+        )
+    return steps
+
+
+def build_mlp(
+    units: tuple[int, ...] = (1024, 512),
+    dropout: float = 0.3,
+    batch_norm: bool = True,
+    augment: bool = False,
+    num_classes: int = NUM_CLASSES,
+    data_format: str | None = None,
+    seed: int | None = None,
+    name: str = "mlp",
+) -> keras.Sequential:
+    """A ``keras.Sequential`` multilayer perceptron.
+
+    Args:
+        units: width of each hidden Dense layer, in order.
+        dropout: dropout rate after each hidden layer (0 disables it).
+        batch_norm: add BatchNormalization before each ReLU (trains faster
+            and more stably at larger learning rates).
+        augment: add training-only flips and shifts in front of the network.
+        num_classes: number of output classes.
+        data_format: ``channels_last`` or ``channels_first`` input layout;
+            defaults to ``keras.config.image_data_format()``.
+        seed: seed of the augmentation layers.
+        name: the model's name.
+
+    Returns:
+        An uncompiled ``keras.Sequential`` whose output is softmax probabilities.
+    """
+    if not units:
+        raise ValueError("units must name at least one hidden layer width, e.g. (512, 256).")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    stack = [keras.Input(shape=input_shape(data_format), name="image")]
+    stack += augmentation(seed=seed) if augment else []
+    stack.append(layers.Flatten(name="flatten"))
+    for i, width in enumerate(units, start=1):
+        stack.append(layers.Dense(width, use_bias=not batch_norm, name=f"dense{i}"))
+        if batch_norm:
+            stack.append(layers.BatchNormalization(name=f"dense{i}_bn"))
+        stack.append(layers.Activation("relu", name=f"dense{i}_relu"))
+        if dropout:
+            stack.append(layers.Dropout(dropout, name=f"dense{i}_dropout"))
+    stack += [
+        layers.Dense(num_classes, name="logits"),
+        layers.Activation("softmax", dtype="float32", name="predictions"),
+    ]
+    # Built from a list starting with keras.Input, the Sequential is built at once.
+    return keras.Sequential(stack, name=name)
+
+
+def build_cnn(
+    filters: tuple[int, ...] = (32, 64, 128),
+    convs_per_block: int | tuple[int, ...] = 1,
+    dense_units: int = 256,
+    dropout: float = 0.3,
+    augment: bool = True,
+    num_classes: int = NUM_CLASSES,
+    data_format: str | None = None,
+    seed: int | None = None,
+    name: str = "cnn",
+) -> keras.Model:
+    """A functional-API VGG-style CNN with batch normalisation.
+
+    Each block is ``convs_per_block`` times (3x3 Conv2D, BatchNorm, ReLU),
+    then 2x2 max pooling. Layers are named ``block{b}_conv{i}``,
+    ``block{b}_bn{i}``, ``block{b}_relu{i}`` and ``block{b}_pool``; the
+    penultimate layer is ``embedding``.
+
+    Args:
+        filters: number of filters of the convolutions in each block.
+        convs_per_block: convolutions per block.
+        dense_units: width of the Dense embedding layer before the logits.
+        dropout: dropout rate before the embedding and before the logits.
+        augment: add training-only flips and shifts after the input.
+        num_classes: number of output classes.
+        data_format: ``channels_last`` or ``channels_first``; defaults to
+            ``keras.config.image_data_format()``.
+        seed: seed of the augmentation layers.
+        name: the model's name.
+
+    Returns:
+        An uncompiled functional ``keras.Model`` whose output is softmax probabilities.
+    """
+    if isinstance(convs_per_block, int):
+        convs_per_block = (convs_per_block,) * len(filters)
+    if not filters or len(convs_per_block) != len(filters) or min(convs_per_block) < 1:
+        raise ValueError(
+            f"need at least one block and one conv per block, got filters={filters}, "
+            f"convs_per_block={convs_per_block}."
+        )
+    data_format = data_format or keras.config.image_data_format()
+    channel_axis = -1 if data_format == "channels_last" else 1
+    inputs = keras.Input(shape=input_shape(data_format), name="image")
+    x = inputs
+    for layer in augmentation(seed=seed) if augment else ():
+        x = layer(x)
+    for b, (width, convs) in enumerate(zip(filters, convs_per_block), start=1):
+        for i in range(1, convs + 1):
+            x = layers.Conv2D(
+                width, 3, padding="same", use_bias=False, data_format=data_format, name=f"block{b}_conv{i}"
+            )(x)
+            x = layers.BatchNormalization(axis=channel_axis, name=f"block{b}_bn{i}")(x)
+            x = layers.Activation("relu", name=f"block{b}_relu{i}")(x)
+        x = layers.MaxPooling2D(2, data_format=data_format, name=f"block{b}_pool")(x)
+    x = layers.Flatten(data_format=data_format, name="flatten")(x)
+    x = layers.Dropout(dropout, name="dropout1")(x)
+    x = layers.Dense(dense_units, use_bias=False, name="dense")(x)
+    x = layers.BatchNormalization(name="dense_bn")(x)
+    x = layers.Activation("relu", name="embedding")(x)
+    x = layers.Dropout(dropout, name="dropout2")(x)
+    return keras.Model(inputs, _head(x, num_classes), name=name)
+
+
+def build_baseline_cnn(
+    num_classes: int = NUM_CLASSES, data_format: str | None = None, name: str = "baseline_cnn"
+) -> keras.Model:
+    """The textbook two-conv CNN, kept fixed as a yardstick for speed and accuracy.
+
+    Conv2D(32, 3x3, valid, ReLU), MaxPool 2x2, Conv2D(64, 3x3, valid, ReLU),
+    MaxPool 2x2, Flatten, Dropout(0.3), Dense(128, ReLU), Dense(10).
+    """
+    data_format = data_format or keras.config.image_data_format()
+    inputs = keras.Input(shape=input_shape(data_format), name="image")
+    x = layers.Conv2D(32, 3, activation="relu", data_format=data_format, name="block1_conv1")(inputs)
+    x = layers.MaxPooling2D(2, data_format=data_format, name="block1_pool")(x)
+    x = layers.Conv2D(64, 3, activation="relu", data_format=data_format, name="block2_conv1")(x)
+    x = layers.MaxPooling2D(2, data_format=data_format, name="block2_pool")(x)
+    x = layers.Flatten(data_format=data_format, name="flatten")(x)
+    x = layers.Dropout(0.3, name="dropout")(x)
+    x = layers.Dense(128, activation="relu", name="embedding")(x)
+    return keras.Model(inputs, _head(x, num_classes), name=name)
+
+
+# name -> builder; every builder takes data_format (and seed where it augments).
+BUILDERS = {
+    "mlp": build_mlp,
+    "cnn": build_cnn,
+    "baseline-cnn": build_baseline_cnn,
+}
+
+
+def build_model(name: str, data_format: str | None = None, seed: int | None = None) -> keras.Model:
+    """Build a registered model by name with its default hyper-parameters."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(BUILDERS)}.")
+    kwargs = {"data_format": data_format}
+    if name in ("mlp", "cnn"):
+        kwargs["seed"] = seed
+    return BUILDERS[name](**kwargs)

@@ -1,0 +1,212 @@
+"""Train the MLP and/or the CNN on Fashion-MNIST and save evaluated models.
+
+Usage:
+    KERAS_BACKEND=torch python -m fmnist_keras.train [--model {mlp,cnn,baseline-cnn,all}] ...
+
+Each invocation writes one run directory, ``OUT_DIR/RUN_NAME/``, with one
+sub-directory per model holding ``model.keras``, ``history.csv``,
+``config.json`` and ``metrics.json``. Keras is imported only after the
+arguments are parsed and the backend is chosen, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from fmnist_keras.config import BACKENDS, MODEL_DEFAULTS, MODEL_NAMES, TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    per_model = ", ".join(f"{m}: {d['epochs']}" for m, d in MODEL_DEFAULTS.items())
+    per_model_lr = ", ".join(f"{m}: {d['learning_rate']:g}" for m, d in MODEL_DEFAULTS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m fmnist_keras.train",
+        description="Train Keras models on Fashion-MNIST and save them, evaluated on the official test set.",
+        epilog=(
+            "Examples:\n"
+            "  KERAS_BACKEND=torch python -m fmnist_keras.train\n"
+            "  python -m fmnist_keras.train --model cnn --epochs 3 --subset 6000\n"
+            "  python -m fmnist_keras.train --backend jax --model mlp\n"
+            "Data is looked for in --data-dir or $FMNIST_DATA_DIR, then the Keras cache\n"
+            "(~/.keras/datasets/fashion-mnist), then /usr/share/datasets/fashion-mnist\n"
+            "(apt-get install dataset-fashion-mnist), then downloaded from the Keras mirror."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", choices=(*MODEL_NAMES, "all"), default="all",
+        help="which model to train; 'all' trains the MLP and the CNN so you can compare them "
+        "(the MLP adds a few minutes) (default: all)",
+    )
+    parser.add_argument("--epochs", type=_positive_int, metavar="N",
+                        help=f"maximum epochs; EarlyStopping may stop sooner (default per model: {per_model})")
+    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULTS.batch_size, metavar="N",
+                        help=f"training batch size (default: {DEFAULTS.batch_size})")
+    parser.add_argument("--learning-rate", type=_positive_float, metavar="LR",
+                        help=f"peak AdamW learning rate of the warm-up + cosine schedule (default per model: {per_model_lr})")
+    parser.add_argument("--weight-decay", type=_non_negative_float, default=DEFAULTS.weight_decay, metavar="WD",
+                        help=f"AdamW weight decay (default: {DEFAULTS.weight_decay:g})")
+    parser.add_argument("--label-smoothing", type=_non_negative_float, default=DEFAULTS.label_smoothing, metavar="E",
+                        help=f"label smoothing of the cross-entropy loss (default: {DEFAULTS.label_smoothing:g})")
+    parser.add_argument("--patience", type=_non_negative_int, default=DEFAULTS.patience, metavar="N",
+                        help=f"EarlyStopping patience in epochs, on validation loss (default: {DEFAULTS.patience})")
+    parser.add_argument("--val-split", type=_fraction, default=DEFAULTS.val_split, metavar="F",
+                        help=f"stratified fraction of the training set used for validation (default: {DEFAULTS.val_split:g})")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                        help=f"seed for the split, weights, shuffling and augmentation (default: {DEFAULTS.seed})")
+    parser.add_argument("--subset", type=_positive_int, metavar="N",
+                        help="train on a stratified subset of N training images, for quick runs (default: all 60000)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="directory with the four IDX files, .gz or not (default: $FMNIST_DATA_DIR, "
+                        "the Keras cache, /usr/share/datasets/fashion-mnist, or a download)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the SHA-256 check of the data files (only for your own IDX data)")
+    parser.add_argument("--out-dir", default="runs", metavar="DIR", help="where run directories go (default: runs)")
+    parser.add_argument("--run-name", metavar="NAME",
+                        help="name of this run's directory under --out-dir (default: date and time, e.g. 20261129-143000)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run directory of the same name (default: refuse)")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="Keras backend (default: $KERAS_BACKEND, else torch)")
+    parser.add_argument("--device", choices=("auto", "cpu"), default=DEFAULTS.device,
+                        help="'auto' uses a GPU when present, 'cpu' forces the CPU (default: auto)")
+    return parser
+
+
+def configs_from_args(args: argparse.Namespace, backend: str) -> list[TrainConfig]:
+    """One TrainConfig per model to train; CLI flags map one to one onto fields."""
+    models = ("mlp", "cnn") if args.model == "all" else (args.model,)
+    shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    shared.update(backend=backend)
+    return [TrainConfig(**{**shared, "model": name}) for name in models]
+
+
+def prepare_run_dir(out_dir: str, run_name: str | None, overwrite: bool) -> Path:
+    """Create ``out_dir/run_name``; refuse to reuse an existing one unless asked."""
+    run_dir = Path(out_dir) / (run_name or time.strftime("%Y%m%d-%H%M%S"))
+    if run_dir.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"run directory {run_dir} already exists; choose another --run-name or pass --overwrite."
+            )
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as error:
+        raise OSError(f"cannot create run directory {run_dir}: {error.strerror}; choose another --out-dir.") from None
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    from fmnist_keras.backend import BackendError, describe_device, select_backend
+
+    try:
+        backend = select_backend(args.backend, args.device)
+    except BackendError as error:
+        parser.error(str(error))
+    configs = configs_from_args(args, backend)
+
+    from fmnist_keras import data as fdata
+
+    try:
+        raw, source = fdata.load_data(args.data_dir, verify=args.verify, return_source=True)
+    except fdata.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        run_dir = prepare_run_dir(args.out_dir, args.run_name, args.overwrite)
+    except (FileExistsError, OSError) as error:
+        parser.error(str(error))
+
+    import keras
+
+    from fmnist_keras import training
+    from fmnist_keras.metrics import format_summary
+
+    device = describe_device()
+    print(f"Backend: {backend} (keras {keras.__version__}), device: {device}")
+    print(f"Data: {source}{'' if args.verify else ', digests NOT checked (--no-verify)'}")
+    print(f"Run directory: {run_dir}")
+    summaries = []
+    for config in configs:
+        model_dir = run_dir / config.model
+        splits = training.make_splits(raw, config)
+        resolved = config.resolved()
+        print(
+            f"\n== {config.model}: {len(splits.x_train)} train / {len(splits.x_val)} validation / "
+            f"{len(splits.x_test)} test images, up to {resolved.epochs} epochs, batch {resolved.batch_size}, "
+            f"peak learning rate {resolved.learning_rate:g}"
+        )
+        start = time.perf_counter()
+        metrics = training.train(config, splits, model_dir)
+        metrics.update(
+            backend=backend, device=device, data_source=str(source), wall_time_s=round(time.perf_counter() - start, 2)
+        )
+        training.write_metrics(model_dir, metrics)
+        summaries.append(metrics)
+        print(f"Saved {model_dir / training.MODEL_FILE}; test accuracy {metrics['test']['accuracy']:.4f}")
+    print(f"\nTest-set results ({backend} on {device}); run directory {run_dir}")
+    print(format_summary(summaries))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

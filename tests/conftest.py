@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny IDX files written by the tests themselves.
+
+The backend comes from KERAS_BACKEND (default torch) and is fixed before
+any test imports keras.
+"""
+
+import gzip
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ["KERAS_BACKEND"] == "tensorflow":
+    import torch  # noqa: F401  (torch must load before tensorflow in one process)
+
+from fmnist_keras import data as fdata  # noqa: E402
+
+REAL_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as IDX: magic, big-endian sizes, then the data."""
+    header = bytes((0, 0, 0x08, array.ndim)) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def synthetic_images(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Learnable images: each class lights a different 7x7 patch, plus noise."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(len(labels), 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label), 4)
+        images[i, row * 7 + 2: row * 7 + 9, col * 7: col * 7 + 7] = 230
+    return images
+
+
+def write_idx_dir(directory: Path, n_train: int = 400, n_test: int = 100, compress: bool = True, seed: int = 0):
+    """Write the four Fashion-MNIST files of a tiny synthetic data set; return the arrays."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    y_train = np.tile(np.arange(10, dtype=np.uint8), n_train // 10)
+    rng.shuffle(y_train)
+    y_test = np.tile(np.arange(10, dtype=np.uint8), n_test // 10)
+    x_train, x_test = synthetic_images(y_train, seed), synthetic_images(y_test, seed + 1)
+    arrays = {
+        "train-images-idx3-ubyte": x_train,
+        "train-labels-idx1-ubyte": y_train,
+        "t10k-images-idx3-ubyte": x_test,
+        "t10k-labels-idx1-ubyte": y_test,
+    }
+    for name, array in arrays.items():
+        payload = idx_bytes(array)
+        if compress:
+            (directory / f"{name}.gz").write_bytes(gzip.compress(payload))
+        else:
+            (directory / name).write_bytes(payload)
+    return (x_train, y_train), (x_test, y_test)
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path):
+    directory = tmp_path / "idx"
+    write_idx_dir(directory)
+    return directory
+
+
+@pytest.fixture
+def isolated_env(tmp_path, monkeypatch):
+    """No FMNIST_DATA_DIR and an empty Keras cache, so lookups are predictable."""
+    monkeypatch.delenv(fdata.ENV_VAR, raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    return tmp_path
+
+
+def real_data_available() -> bool:
+    return all(
+        (REAL_DATA_DIR / f"{name}.gz").is_file() or (REAL_DATA_DIR / name).is_file() for name in fdata.FILES
+    )
+
+
+requires_real_data = pytest.mark.skipif(
+    not real_data_available(),
+    reason=f"real Fashion-MNIST not in {REAL_DATA_DIR}; apt-get install dataset-fashion-mnist",
+)

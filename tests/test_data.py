@@ -1,0 +1,172 @@
+"""The data module: IDX parsing, verification, source lookup, split and scaling."""
+
+import gzip
+import hashlib
+import os
+
+import numpy as np
+import pytest
+from conftest import idx_bytes, write_idx_dir
+
+from fmnist_keras import data as fdata
+
+
+def test_parse_idx_round_trips_images_and_labels():
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    labels = np.array([3, 9], dtype=np.uint8)
+    np.testing.assert_array_equal(fdata.parse_idx(idx_bytes(images), "images"), images)
+    np.testing.assert_array_equal(fdata.parse_idx(idx_bytes(labels), "labels"), labels)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b"\x00\x00\x09\x03" + b[4:], "wrong IDX magic"),
+        (lambda b: b[:-5], "truncated or damaged"),
+        (lambda b: b + b"\x00", "truncated or damaged"),
+        (lambda b: b[:6], "too short"),
+    ],
+)
+def test_parse_idx_rejects_damaged_images(mutate, message):
+    data = idx_bytes(np.zeros((3, 28, 28), dtype=np.uint8))
+    with pytest.raises(fdata.DataError, match=message):
+        fdata.parse_idx(mutate(data), "images", "x.idx")
+
+
+def test_parse_idx_rejects_wrong_image_size_and_bad_labels():
+    with pytest.raises(fdata.DataError, match="expected 28x28"):
+        fdata.parse_idx(idx_bytes(np.zeros((2, 32, 32), dtype=np.uint8)), "images")
+    with pytest.raises(fdata.DataError, match="label 12"):
+        fdata.parse_idx(idx_bytes(np.array([1, 12], dtype=np.uint8)), "labels")
+    # An images file where labels are expected: the dimension count in the magic differs.
+    with pytest.raises(fdata.DataError, match="labels file"):
+        fdata.parse_idx(idx_bytes(np.zeros((2, 28, 28), dtype=np.uint8)), "labels")
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_load_from_dir_reads_gz_and_plain_files(tmp_path, compress):
+    (x_train, y_train), (x_test, y_test) = write_idx_dir(tmp_path, compress=compress)
+    (a, b), (c, d) = fdata.load_from_dir(tmp_path, verify=False)
+    for got, want in ((a, x_train), (b, y_train), (c, x_test), (d, y_test)):
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, want)
+
+
+def test_digest_is_checked_unless_skipped_explicitly(tiny_data_dir):
+    with pytest.raises(fdata.DataError, match="SHA-256 of the decompressed data") as info:
+        fdata.load_from_dir(tiny_data_dir)
+    assert "--no-verify" in str(info.value)
+    fdata.load_from_dir(tiny_data_dir, verify=False)
+
+
+def test_digest_is_of_decompressed_bytes(tmp_path, monkeypatch):
+    write_idx_dir(tmp_path, compress=True)
+    digests = {
+        name: hashlib.sha256(gzip.decompress((tmp_path / f"{name}.gz").read_bytes())).hexdigest()
+        for name in fdata.FILES
+    }
+    monkeypatch.setattr(fdata, "SHA256", digests)
+    fdata.load_from_dir(tmp_path)  # passes with the digests of the decompressed data
+    # Recompressing at another level changes the .gz bytes but not the data.
+    name = "t10k-labels-idx1-ubyte"
+    payload = gzip.decompress((tmp_path / f"{name}.gz").read_bytes())
+    (tmp_path / f"{name}.gz").write_bytes(gzip.compress(payload, compresslevel=1))
+    fdata.load_from_dir(tmp_path)
+
+
+def test_truncated_gzip_names_the_file(tiny_data_dir):
+    path = tiny_data_dir / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(fdata.DataError, match="damaged gzip") as info:
+        fdata.load_from_dir(tiny_data_dir, verify=False)
+    assert str(path) in str(info.value)
+
+
+def test_count_mismatch_loads_nothing(tmp_path):
+    write_idx_dir(tmp_path)
+    labels = np.zeros(7, dtype=np.uint8)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    with pytest.raises(fdata.DataError, match="100 images but 7 labels"):
+        fdata.load_from_dir(tmp_path, verify=False)
+
+
+def test_missing_file_says_how_to_fix(tiny_data_dir, isolated_env):
+    (tiny_data_dir / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(fdata.DataError, match="lacks t10k-images-idx3-ubyte") as info:
+        fdata.load_data(tiny_data_dir, verify=False)
+    assert "unset it" in str(info.value)
+
+
+def test_unreadable_file_is_a_clear_error(tiny_data_dir):
+    if os.geteuid() == 0:
+        # root reads anything; a directory where a file should be is unreadable for everyone
+        target = tiny_data_dir / "train-labels-idx1-ubyte.gz"
+        target.unlink()
+        target.mkdir()
+        (tiny_data_dir / "train-labels-idx1-ubyte").mkdir()
+        with pytest.raises(fdata.DataError, match="lacks train-labels-idx1-ubyte"):
+            fdata.load_from_dir(tiny_data_dir, verify=False)
+    else:
+        path = tiny_data_dir / "train-labels-idx1-ubyte.gz"
+        path.chmod(0)
+        with pytest.raises(fdata.DataError, match="cannot read"):
+            fdata.load_from_dir(tiny_data_dir, verify=False)
+
+
+def test_source_order_explicit_then_env_then_cache(tmp_path, isolated_env, monkeypatch):
+    cache = fdata.keras_cache_dir()
+    write_idx_dir(cache)
+    assert fdata.find_source().kind == "keras-cache"
+    env_dir = tmp_path / "env"
+    write_idx_dir(env_dir)
+    monkeypatch.setenv(fdata.ENV_VAR, str(env_dir))
+    assert fdata.find_source() == fdata.Source("data-dir", env_dir)
+    given = tmp_path / "given"
+    write_idx_dir(given)
+    assert fdata.find_source(given).directory == given
+
+
+def test_system_dir_is_used_when_nothing_else(tmp_path, isolated_env, monkeypatch):
+    system = tmp_path / "system"
+    write_idx_dir(system)
+    monkeypatch.setattr(fdata, "SYSTEM_DIRS", (str(tmp_path / "absent"), str(system)))
+    assert fdata.find_source() == fdata.Source("system", system)
+    data, source = fdata.load_data(verify=False, return_source=True)
+    assert source.kind == "system" and data[0][0].shape == (400, 28, 28)
+
+
+def test_no_data_anywhere_without_download_is_a_clear_error(isolated_env, monkeypatch):
+    monkeypatch.setattr(fdata, "SYSTEM_DIRS", ())
+    with pytest.raises(fdata.DataError, match="apt-get install dataset-fashion-mnist"):
+        fdata.load_data(allow_download=False)
+
+
+def test_bad_explicit_dir_is_an_error_not_a_fallback(tmp_path, isolated_env):
+    with pytest.raises(fdata.DataError, match="not a directory"):
+        fdata.find_source(tmp_path / "nope")
+
+
+def test_stratified_split_keeps_class_proportions_and_is_seeded():
+    labels = np.repeat(np.arange(10), [100, 200, 300, 100, 100, 100, 100, 100, 100, 100])
+    train_idx, val_idx = fdata.stratified_split(labels, 0.1, seed=1)
+    assert len(np.intersect1d(train_idx, val_idx)) == 0
+    assert len(train_idx) + len(val_idx) == len(labels)
+    np.testing.assert_array_equal(np.bincount(labels[val_idx]), np.bincount(labels) // 10)
+    again, _ = fdata.stratified_split(labels, 0.1, seed=1)
+    other, _ = fdata.stratified_split(labels, 0.1, seed=2)
+    np.testing.assert_array_equal(train_idx, again)
+    assert not np.array_equal(train_idx, other)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_stratified_split_rejects_bad_fraction(fraction):
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        fdata.stratified_split(np.arange(10), fraction, 0)
+
+
+def test_to_model_input_scales_and_adds_channel_axis():
+    images = np.array([[[0, 255] * 14] * 28], dtype=np.uint8)
+    last = fdata.to_model_input(images, "channels_last")
+    first = fdata.to_model_input(images, "channels_first")
+    assert last.shape == (1, 28, 28, 1) and first.shape == (1, 1, 28, 28)
+    assert last.dtype == np.float32 and last.min() == 0.0 and last.max() == 1.0

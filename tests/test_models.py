@@ -1,0 +1,74 @@
+"""Model builders: shapes, layer names, purity, and that they learn."""
+
+import keras
+import numpy as np
+import pytest
+
+from fmnist_keras.models import BUILDERS, build_baseline_cnn, build_cnn, build_mlp, build_model
+from fmnist_keras.config import MODEL_NAMES
+
+
+def test_registry_matches_the_cli_choices():
+    assert tuple(BUILDERS) == MODEL_NAMES
+
+
+def test_mlp_is_sequential_with_named_layers():
+    model = build_mlp(units=(64, 32))
+    assert isinstance(model, keras.Sequential)
+    names = [layer.name for layer in model.layers]
+    assert names[0] == "flatten" and names[-2:] == ["logits", "predictions"]
+    assert {"dense1", "dense2", "dense1_bn"} <= set(names)
+    assert model.outputs[0].shape == (None, 10)
+    assert not model.compiled  # builders return uncompiled models
+
+
+def test_cnn_is_functional_with_named_blocks():
+    model = build_cnn(filters=(8, 16), convs_per_block=(1, 2), augment=False, data_format="channels_last")
+    assert not isinstance(model, keras.Sequential)
+    assert model.get_layer("block1_conv1").output.shape == (None, 28, 28, 8)
+    assert model.get_layer("block2_conv2").output.shape == (None, 14, 14, 16)
+    assert model.get_layer("block2_pool").output.shape == (None, 7, 7, 16)
+    assert model.get_layer("embedding").output.shape == (None, 256)
+    assert model.outputs[0].shape == (None, 10)
+
+
+def test_cnn_channels_first_has_the_same_weights_shapes():
+    last = build_cnn(augment=False, data_format="channels_last")
+    first = build_cnn(augment=False, data_format="channels_first")
+    assert first.get_layer("block1_conv1").output.shape == (None, 32, 28, 28)
+    assert [w.shape for w in last.weights] == [w.shape for w in first.weights]
+
+
+def test_baseline_cnn_is_the_fixed_textbook_network():
+    model = build_baseline_cnn(data_format="channels_last")
+    assert model.get_layer("block1_conv1").output.shape == (None, 26, 26, 32)
+    assert model.get_layer("block2_conv1").output.shape == (None, 11, 11, 64)
+    assert model.get_layer("embedding").output.shape == (None, 128)
+    assert model.count_params() == (9 + 1) * 32 + (9 * 32 + 1) * 64 + (1600 + 1) * 128 + (128 + 1) * 10
+
+
+def test_outputs_are_float32_probabilities():
+    x = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
+    for model in (build_mlp(), build_cnn(data_format="channels_last")):
+        probs = keras.ops.convert_to_numpy(model(x, training=False))
+        assert probs.dtype == np.float32
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_augmentation_is_inactive_at_inference():
+    model = build_cnn(data_format="channels_last", seed=0)
+    x = np.random.default_rng(1).random((4, 28, 28, 1), dtype=np.float32)
+    a = keras.ops.convert_to_numpy(model(x, training=False))
+    b = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [dict(units=()), dict(dropout=1.0)])
+def test_mlp_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        build_mlp(**kwargs)
+
+
+def test_unknown_model_name_lists_the_choices():
+    with pytest.raises(ValueError, match="choose one of mlp, cnn, baseline-cnn"):
+        build_model("resnet")

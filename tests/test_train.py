@@ -1,0 +1,118 @@
+"""The training command, called in-process on tiny synthetic IDX files."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from fmnist_keras import train
+from fmnist_keras.config import TrainConfig
+from fmnist_keras.data import CLASS_NAMES
+
+
+def run_cli(tmp_path, data_dir, *extra, name="run"):
+    argv = ["--data-dir", str(data_dir), "--no-verify", "--out-dir", str(tmp_path / "runs"), "--run-name", name]
+    return train.main([*argv, *extra])
+
+
+def test_help_is_fast_and_imports_no_keras():
+    code = "import sys; from fmnist_keras import train; train.build_parser().format_help(); print('keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "fmnist_keras.train", "--help"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0
+    assert "--batch-size N" in out.stdout and "(default: 128)" in out.stdout
+    assert elapsed < 5  # generous for a loaded CI machine; about 0.2 s here
+
+
+def test_cli_trains_both_models_and_writes_complete_run_dirs(tmp_path, tiny_data_dir, capsys):
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "all", "--epochs", "2") == 0
+    out = capsys.readouterr().out
+    assert "Backend: " + keras.backend.backend() in out and "device: " in out
+    assert "Data: data-dir" in out and "NOT checked" in out
+    assert "test acc" in out  # the closing summary table
+    for model in ("mlp", "cnn"):
+        run_dir = tmp_path / "runs" / "run" / model
+        assert {p.name for p in run_dir.iterdir()} == {"model.keras", "history.csv", "config.json", "metrics.json"}
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["model"] == model and metrics["backend"] == keras.backend.backend()
+        assert metrics["num_test"] == 100 and metrics["num_val"] == 40 and metrics["num_train"] == 360
+        assert sum(map(sum, metrics["test"]["confusion_matrix"])) == 100
+        assert list(metrics["test"]["per_class"]) == list(CLASS_NAMES)
+        assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] == 2
+        history = (run_dir / "history.csv").read_text().strip().splitlines()
+        assert history[0].startswith("epoch") and len(history) == 1 + metrics["epochs_run"]
+        config = TrainConfig.from_json((run_dir / "config.json").read_text())
+        assert config.model == model and config.epochs == 2 and config.verify is False
+
+
+def test_training_learns_and_saved_model_reloads_with_same_accuracy(tmp_path, tiny_data_dir):
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "6") == 0
+    run_dir = tmp_path / "runs" / "run" / "mlp"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 0.8  # the synthetic classes are easy; chance is 0.1
+
+    from fmnist_keras import data as fdata
+
+    (_, _), (x_test, y_test) = fdata.load_data(tiny_data_dir, verify=False)
+    model = keras.saving.load_model(run_dir / "model.keras")
+    probs = keras.ops.convert_to_numpy(model.predict(fdata.to_model_input(x_test), verbose=0))
+    assert np.mean(probs.argmax(1) == y_test) == pytest.approx(metrics["test"]["accuracy"])
+
+
+def test_same_seed_gives_same_metrics(tmp_path, tiny_data_dir):
+    for name in ("a", "b"):
+        assert run_cli(tmp_path, tiny_data_dir, "--model", "cnn", "--epochs", "2", "--seed", "7", name=name) == 0
+    a, b = (json.loads((tmp_path / "runs" / n / "cnn" / "metrics.json").read_text()) for n in "ab")
+    assert a["test"] == b["test"] and a["validation"] == b["validation"]
+
+
+def test_subset_trains_on_fewer_images(tmp_path, tiny_data_dir):
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--subset", "200") == 0
+    metrics = json.loads((tmp_path / "runs" / "run" / "mlp" / "metrics.json").read_text())
+    assert metrics["num_train"] + metrics["num_val"] == 200
+
+
+def test_existing_run_dir_is_never_overwritten_silently(tmp_path, tiny_data_dir, capsys):
+    (tmp_path / "runs" / "run").mkdir(parents=True)
+    (tmp_path / "runs" / "run" / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as info:
+        run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1")
+    assert info.value.code == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "run" / "keep.txt").read_text() == "mine"
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--overwrite") == 0
+    assert not (tmp_path / "runs" / "run" / "keep.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--epochs", "0"], "must be positive"),
+        (["--epochs", "-3"], "must be positive"),
+        (["--batch-size", "x"], "expected a whole number"),
+        (["--val-split", "1.5"], "strictly between 0 and 1"),
+        (["--learning-rate", "0"], "positive finite"),
+        (["--model", "resnet"], "invalid choice"),
+        (["--backend", "theano"], "invalid choice"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(flags)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_exits_1_with_one_clear_line(tmp_path, tiny_data_dir, capsys):
+    assert train.main(["--data-dir", str(tiny_data_dir), "--out-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "SHA-256" in err and "\n" not in err
+    assert not any(tmp_path.glob("2*"))  # no run directory was created
