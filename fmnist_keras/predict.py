@@ -1,0 +1,290 @@
+"""Classify your own images (PNG, JPEG, ...) or .npy arrays with a trained model.
+
+Usage:
+    python -m fmnist_keras.predict MODEL_OR_RUN_DIR IMAGE [IMAGE ...] [--json] [--top-k 3]
+
+Pictures are turned into 28x28 grayscale the way Fashion-MNIST was made
+(Xiao et al., 2017): trim the background, resize the longest edge to 28,
+centre on a square, and make the object light on a dark background. Photos
+of a dark object on a light background (most product photos) are inverted;
+``--invert auto`` decides from the border. ``.npy`` files hold arrays of
+shape (28, 28), (N, 28, 28) or (N, 28, 28, 1), uint8 0-255 or float 0-1,
+read with ``allow_pickle=False``.
+
+A bad file gets one line on stderr naming it and the problem; the others are
+still classified, and the exit code is 1 if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fmnist_keras.config import BACKENDS
+
+SIZE = 28
+INVERT_CHOICES = ("auto", "yes", "no")
+# Border brighter than this (0-255) means a light background: invert.
+LIGHT_BACKGROUND = 128
+# Pixels closer than this to the background level count as background when trimming.
+TRIM_TOLERANCE = 24
+
+
+class InputError(ValueError):
+    """An input file cannot be read as an image or an array of images."""
+
+
+# ---- pure image preparation -------------------------------------------------
+
+
+def border_level(gray: np.ndarray) -> float:
+    """Median brightness of the outermost ring of pixels: the background level."""
+    ring = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
+    return float(np.median(ring))
+
+
+def needs_inversion(gray: np.ndarray, invert: str = "auto") -> bool:
+    """Whether ``gray`` (uint8, HxW) must be negated to show a light object on dark."""
+    if invert not in INVERT_CHOICES:
+        raise ValueError(f"invert must be one of {INVERT_CHOICES}, got {invert!r}.")
+    if invert != "auto":
+        return invert == "yes"
+    return border_level(gray) >= LIGHT_BACKGROUND
+
+
+def _flatten_alpha(image):
+    """Put transparent pixels on white, the background product photos have."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image
+
+
+def fit_to_square(gray: np.ndarray) -> np.ndarray:
+    """Trim the dark background, resize the longest edge to 28 and centre: uint8 (28, 28).
+
+    ``gray`` must already be light-on-dark. The background level (from the
+    border) is mapped to 0, as in Fashion-MNIST.
+    """
+    from PIL import Image
+
+    background = border_level(gray)
+    level = gray.astype(np.float32) - background
+    rows = np.flatnonzero((level > TRIM_TOLERANCE).any(axis=1))
+    cols = np.flatnonzero((level > TRIM_TOLERANCE).any(axis=0))
+    if rows.size and cols.size:  # a blank image is kept whole
+        level = level[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    scaled = np.clip(level * (255.0 / max(1.0, 255.0 - background)), 0, 255).astype(np.uint8)
+    height, width = scaled.shape
+    scale = SIZE / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = np.asarray(Image.fromarray(scaled).resize(new_size, Image.Resampling.LANCZOS))
+    canvas = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    top, left = (SIZE - new_size[1]) // 2, (SIZE - new_size[0]) // 2
+    canvas[top: top + new_size[1], left: left + new_size[0]] = resized
+    return canvas
+
+
+def prepare_image(image, invert: str = "auto") -> tuple[np.ndarray, bool]:
+    """Turn a Pillow image of any size and mode into a Fashion-MNIST-style image.
+
+    Args:
+        image: a ``PIL.Image.Image`` (any mode; EXIF rotation is applied).
+        invert: ``auto`` (invert when the border is light), ``yes`` or ``no``.
+
+    Returns:
+        ``(array, inverted)``: a uint8 (28, 28) array, light object on dark,
+        and whether it was inverted. An image that is already 28x28 is only
+        inverted if needed, not trimmed or resized: it is taken to be in the
+        data set's format.
+    """
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    gray = np.asarray(_flatten_alpha(image).convert("L"), dtype=np.uint8)
+    inverted = needs_inversion(gray, invert)
+    if inverted:
+        gray = 255 - gray
+    if gray.shape == (SIZE, SIZE):
+        return gray.copy(), inverted
+    return fit_to_square(gray), inverted
+
+
+def array_to_images(array: np.ndarray, name: str = "array") -> np.ndarray:
+    """Check a loaded array and return uint8 images of shape (N, 28, 28).
+
+    Accepts shapes (28, 28), (N, 28, 28) and (N, 28, 28, 1); dtype uint8
+    (0-255) or float (0-1, scaled and rounded).
+    """
+    if array.ndim == 2:
+        array = array[None]
+    elif array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3 or array.shape[1:] != (SIZE, SIZE) or array.shape[0] == 0:
+        raise InputError(
+            f"{name}: array of shape {array.shape}; expected (28, 28), (N, 28, 28) or (N, 28, 28, 1) with N >= 1."
+        )
+    if array.dtype == np.uint8:
+        return array.copy()
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"{name}: array holds NaN or infinite values; expected floats in [0, 1].")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
+            raise InputError(
+                f"{name}: float array with values in [{low:g}, {high:g}]; expected [0, 1] "
+                f"(or save it as uint8 0-255: array.astype(np.uint8))."
+            )
+        return np.rint(array * 255.0).astype(np.uint8)
+    raise InputError(f"{name}: array of dtype {array.dtype}; expected uint8 (0-255) or float (0-1).")
+
+
+def top_k(probabilities: np.ndarray, k: int, class_names) -> list[dict]:
+    """The ``k`` most likely classes of one probability vector, most likely first."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [{"class": class_names[i], "index": int(i), "probability": float(probabilities[i])} for i in order]
+
+
+# ---- I/O --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Item:
+    """One image to classify: where it came from and the prepared pixels."""
+
+    file: str
+    index: int | None  # position inside a .npy file, None for a picture
+    pixels: np.ndarray  # uint8 (28, 28)
+    inverted: bool = False
+
+
+def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
+    """Read one picture or .npy file into prepared items.
+
+    Raises:
+        InputError: with a one-line reason naming the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file.")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; expected an image file (PNG, JPEG, ...) or a .npy file.")
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise InputError(f"{path}: cannot read it ({error.strerror}).") from None
+    if size == 0:
+        raise InputError(f"{path}: is empty (0 bytes).")
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as error:  # object arrays, bad header, truncated data
+            raise InputError(f"{path}: not a plain .npy array ({' '.join(str(error).split())}).") from None
+        except (OSError, EOFError) as error:
+            raise InputError(f"{path}: cannot read it as .npy ({error}).") from None
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"{path}: holds several arrays (.npz); expected one array in a .npy file.")
+        images = array_to_images(array, str(path))
+        return [Item(str(path), i, image) for i, image in enumerate(images)]
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: truncated files fail here, not later
+            pixels, inverted = prepare_image(image, invert)
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP, ...).") from None
+    except Image.DecompressionBombError as error:
+        raise InputError(f"{path}: refused, {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or damaged data
+        raise InputError(f"{path}: damaged or truncated image ({' '.join(str(error).split())}).") from None
+    return [Item(str(path), None, pixels, inverted)]
+
+
+def _top_k_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 10 (there are 10 classes), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fmnist_keras.predict",
+        description="Classify pictures (PNG, JPEG, ...) or .npy arrays of 28x28 images with a trained model.",
+        epilog="example:\n  python -m fmnist_keras.predict runs/latest/cnn shoe.jpg shirt.png batch.npy --top-k 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL_OR_RUN_DIR", help="a .keras file or a run directory holding model.keras")
+    parser.add_argument("images", metavar="IMAGE", nargs="+", help="picture files or .npy arrays to classify")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text (default: text)")
+    parser.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
+                        help="make dark-on-light pictures light-on-dark: auto decides from the border (default: auto)")
+    parser.add_argument("--top-k", type=_top_k_arg, default=3, metavar="K",
+                        help="how many classes to show per image (default: 3)")
+    parser.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: $KERAS_BACKEND, else torch)")
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                        help="auto uses a GPU when present (default: auto)")
+    return parser
+
+
+def _item_name(item: Item) -> str:
+    return item.file if item.index is None else f"{item.file}[{item.index}]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    from fmnist_keras.backend import BackendError, select_backend
+
+    try:
+        select_backend(args.backend, args.device)
+    except BackendError as error:
+        parser.error(str(error))
+
+    from fmnist_keras.data import CLASS_NAMES, to_model_input
+    from fmnist_keras.loading import ModelLoadError, input_data_format, load_model
+
+    errors, items = [], []
+    for path in args.images:
+        try:
+            items.extend(read_input(path, args.invert))
+        except InputError as error:
+            errors.append({"file": path, "error": str(error)})
+            print(f"error: {error}", file=sys.stderr)
+    try:
+        model = load_model(args.model)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+    results = []
+    if items:
+        x = to_model_input(np.stack([item.pixels for item in items]), input_data_format(model))
+        probabilities = np.asarray(model.predict(x, batch_size=256, verbose=0), dtype=np.float64)
+        for item, row in zip(items, probabilities):
+            results.append({"file": item.file, "index": item.index, "inverted": item.inverted,
+                            "top": top_k(row, args.top_k, CLASS_NAMES)})
+    if args.json:
+        print(json.dumps({"model": str(args.model), "predictions": results, "errors": errors}, indent=2))
+    else:
+        for item, result in zip(items, results):
+            ranked = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+            print(f"{_item_name(item)}: {ranked}{'  (inverted)' if item.inverted else ''}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
