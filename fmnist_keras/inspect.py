@@ -1,0 +1,274 @@
+"""Look inside a trained model: feature maps, filters, embeddings, saliency and Grad-CAM.
+
+Everything here is backend-agnostic (``keras.ops``, numpy); the one
+backend-specific step, a gradient, lives in :mod:`fmnist_keras.gradients`.
+Functions take model-ready images (float32 with a channel axis, as made by
+``fmnist_keras.data.to_model_input``) and return numpy arrays; drawing is
+:mod:`fmnist_keras.plots`' job. Tensors are turned into numpy with
+``keras.ops.convert_to_numpy``, which also works for tensors on a GPU.
+
+Example:
+    >>> maps = feature_maps(model, x_test[:1])          # {"block1_relu1": (1, 28, 28, 32), ...}
+    >>> heat = grad_cam(model, x_test[:4])              # (4, 28, 28), values in [0, 1]
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from fmnist_keras.gradients import input_gradient
+
+_CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+# Layers that only reshape, regularise or pool: not where a block's activations are read.
+_PASS_THROUGH = (keras.layers.Dropout, keras.layers.Flatten, keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
+
+
+def _is_linear(layer) -> bool:
+    activation = getattr(layer, "activation", None)
+    return activation is None or getattr(activation, "__name__", "") == "linear"
+
+
+def _layers(model) -> list:
+    """The model's layers in call order, without the InputLayer."""
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
+def layer_names(model) -> list[str]:
+    return [layer.name for layer in _layers(model)]
+
+
+def get_layer(model, name: str):
+    """``model.get_layer(name)`` with a one-line error that lists the valid names."""
+    names = layer_names(model)
+    if name not in names:
+        raise ValueError(f"model {model.name!r} has no layer named {name!r}; valid layer names: {', '.join(names)}.")
+    return model.get_layer(name)
+
+
+def conv_layers(model) -> list:
+    return [layer for layer in _layers(model) if isinstance(layer, _CONV_TYPES)]
+
+
+def _require_conv(model, what: str) -> list:
+    convs = conv_layers(model)
+    if not convs:
+        raise ValueError(
+            f"{what} needs a convolutional layer, but model {model.name!r} has none "
+            f"(layers: {', '.join(layer_names(model))}); use a CNN such as --model cnn."
+        )
+    return convs
+
+
+def default_feature_layers(model) -> list[str]:
+    """One layer per convolution: its activated output.
+
+    That is the convolution itself when it has a built-in activation
+    (``baseline-cnn``), else the first Activation/ReLU after it
+    (``block{b}_relu{i}`` in ``cnn``), skipping BatchNormalization.
+    """
+    layers = _layers(model)
+    names = []
+    for position, layer in enumerate(_require_conv(model, "feature maps")):
+        chosen = layer
+        if _is_linear(layer):
+            for follower in layers[layers.index(layer) + 1:]:
+                if isinstance(follower, _CONV_TYPES + _PASS_THROUGH + (keras.layers.Dense,)):
+                    break
+                if isinstance(follower, (keras.layers.Activation, keras.layers.ReLU)):
+                    chosen = follower
+                    break
+        names.append(chosen.name)
+    return names
+
+
+def intermediate_model(model, names: list[str]) -> keras.Model:
+    """One model whose outputs are the named layers' outputs, in order."""
+    outputs = [get_layer(model, name).output for name in names]
+    return keras.Model(inputs=model.inputs, outputs=outputs, name=f"{model.name}_intermediate")
+
+
+def _run(model, x: np.ndarray) -> list[np.ndarray]:
+    """Run a probe model (built on a list of inputs) in inference mode; numpy outputs, always a list."""
+    outputs = model([keras.ops.convert_to_tensor(np.asarray(x, dtype=np.float32))], training=False)
+    if not isinstance(outputs, (list, tuple)):
+        outputs = [outputs]
+    return [keras.ops.convert_to_numpy(out) for out in outputs]
+
+
+def feature_maps(model, images: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Activations of the named layers (default: each convolution's activated output).
+
+    Args:
+        model: a Keras model with at least one convolutional layer.
+        images: model-ready batch, shape (N, 28, 28, 1) or (N, 1, 28, 28).
+        names: layer names; any layer may be named, not only convolutions.
+
+    Returns:
+        ``{name: array}`` in the model's own data format, e.g. (N, H, W, C).
+    """
+    if names is None:
+        names = default_feature_layers(model)
+    else:
+        _require_conv(model, "feature maps")
+        for name in names:
+            get_layer(model, name)
+    outputs = _run(intermediate_model(model, list(names)), images)
+    return dict(zip(names, outputs))
+
+
+def check_image_index(index: int, count: int) -> int:
+    if not -count <= index < count:
+        raise ValueError(f"image index {index} is out of range for {count} test images; choose 0 to {count - 1}.")
+    return index % count
+
+
+def first_layer_filters(model) -> np.ndarray:
+    """The first convolution's kernel, shape (kernel_h, kernel_w, in_channels, filters)."""
+    kernel = _require_conv(model, "filters")[0].kernel
+    return keras.ops.convert_to_numpy(kernel)
+
+
+def embedding_layer_name(model) -> str:
+    """The penultimate layer: ``embedding`` if present, else the last
+    non-dropout layer before ``logits`` (or before the output layer)."""
+    names = layer_names(model)
+    if "embedding" in names:
+        return "embedding"
+    layers = _layers(model)
+    end = names.index("logits") if "logits" in names else len(layers) - 1
+    for layer in reversed(layers[:end]):
+        if not isinstance(layer, keras.layers.Dropout):
+            return layer.name
+    raise ValueError(f"model {model.name!r} has no layer before its output to take an embedding from.")
+
+
+def embeddings_and_probabilities(model, images: np.ndarray, batch_size: int = 512, name: str | None = None):
+    """Penultimate-layer features and predicted probabilities in one pass.
+
+    Returns:
+        ``(features, probabilities)``: shapes (N, D) and (N, num_classes).
+    """
+    name = name or embedding_layer_name(model)
+    probe = keras.Model(inputs=model.inputs, outputs=[get_layer(model, name).output, model.outputs[0]])
+    features, probabilities = [], []
+    for start in range(0, len(images), batch_size):
+        feat, prob = _run(probe, images[start: start + batch_size])
+        features.append(feat.reshape(len(feat), -1))
+        probabilities.append(prob)
+    return np.concatenate(features), np.concatenate(probabilities).astype(np.float64)
+
+
+def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project rows onto their first two principal components (numpy SVD).
+
+    Returns:
+        ``(points, explained)``: (N, 2) coordinates and the fraction of the
+        variance each of the two components explains.
+    """
+    centred = np.asarray(features, dtype=np.float64)
+    centred = centred - centred.mean(axis=0)
+    _, singular, components = np.linalg.svd(centred, full_matrices=False)
+    points = centred @ components[:2].T
+    variance = singular**2
+    explained = variance[:2] / variance.sum() if variance.sum() > 0 else np.zeros(2)
+    return points, explained
+
+
+def misclassified(y_true: np.ndarray, probabilities: np.ndarray, limit: int | None = None) -> np.ndarray:
+    """Indices of wrong predictions, most confident mistakes first."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != np.asarray(y_true))
+    order = np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")
+    return wrong[order][:limit]
+
+
+def _score_model(model) -> keras.Model:
+    """The model up to its logits when it has a ``logits`` layer: Grad-CAM and
+    saliency use the pre-softmax score, whose gradient does not vanish when
+    the softmax saturates."""
+    output = model.get_layer("logits").output if "logits" in layer_names(model) else model.outputs[0]
+    return keras.Model(inputs=model.inputs, outputs=output)
+
+
+def _class_score(model, class_indices):
+    def score(x):
+        out = model([x], training=False)
+        return keras.ops.take_along_axis(out, class_indices[:, None], axis=1)[:, 0]
+
+    return score
+
+
+def _targets(model, images, class_indices) -> np.ndarray:
+    if class_indices is None:
+        class_indices = _run(model, images)[0].argmax(axis=1)
+    return np.asarray(class_indices, dtype=np.int32).reshape(len(images))
+
+
+def saliency(model, images: np.ndarray, class_indices=None) -> np.ndarray:
+    """Vanilla gradient saliency: |d score / d pixel|, max over channels.
+
+    Args:
+        model: any Keras classifier (MLP or CNN).
+        images: model-ready batch.
+        class_indices: the class to explain for each image; default the predicted one.
+
+    Returns:
+        (N, H, W) maps scaled to [0, 1] per image.
+    """
+    scorer = _score_model(model)
+    targets = keras.ops.convert_to_tensor(_targets(scorer, images, class_indices))
+    _, grads = input_gradient(_class_score(scorer, targets), images)
+    maps = np.abs(grads).max(axis=1 if _channels_first(images) else -1)
+    return _normalise(maps)
+
+
+def head_model(model, layer_name: str) -> keras.Model:
+    """The part of ``model`` from ``layer_name``'s output to its score (logits)."""
+    scorer = _score_model(model)
+    return keras.Model(inputs=[get_layer(model, layer_name).output], outputs=scorer.outputs[0])
+
+
+def grad_cam(model, images: np.ndarray, layer_name: str | None = None, class_indices=None) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al., 2017) on every backend.
+
+    The channels of a convolutional layer's activations are weighted by the
+    spatially averaged gradient of the class score, summed, passed through
+    ReLU and resized to the image.
+
+    Args:
+        model: a Keras model with a convolutional layer.
+        images: model-ready batch.
+        layer_name: the layer to explain; default the last convolution's
+            activated output.
+        class_indices: the class to explain for each image; default the predicted one.
+
+    Returns:
+        (N, H, W) heat maps in [0, 1], H and W those of the input images.
+    """
+    layer_name = layer_name or default_feature_layers(model)[-1]
+    layer = get_layer(model, layer_name)
+    targets = keras.ops.convert_to_tensor(_targets(_score_model(model), images, class_indices))
+    activations = feature_maps(model, images, [layer_name])[layer_name]
+    _, grads = input_gradient(_class_score(head_model(model, layer_name), targets), activations)
+    channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
+    if channels_first:
+        activations, grads = np.moveaxis(activations, 1, -1), np.moveaxis(grads, 1, -1)
+    weights = grads.mean(axis=(1, 2), keepdims=True)
+    cam = np.maximum((weights * activations).sum(axis=-1), 0.0)
+    size = images.shape[2:4] if _channels_first(images) else images.shape[1:3]
+    resized = keras.ops.image.resize(cam[..., None].astype(np.float32), size, interpolation="bilinear",
+                                     data_format="channels_last")
+    return _normalise(keras.ops.convert_to_numpy(resized)[..., 0])
+
+
+def _channels_first(images: np.ndarray) -> bool:
+    """Fashion-MNIST has one channel, so (N, 1, H, W) is unambiguous."""
+    return images.shape[1] == 1 and images.shape[-1] != 1
+
+
+def _normalise(maps: np.ndarray) -> np.ndarray:
+    """Divide each non-negative map by its maximum; an all-zero map stays zero."""
+    maps = np.asarray(maps, dtype=np.float64)
+    peak = maps.reshape(len(maps), -1).max(axis=1).reshape(-1, *([1] * (maps.ndim - 1)))
+    return maps / np.where(peak > 0, peak, 1.0)
