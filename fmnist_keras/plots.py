@@ -1,0 +1,254 @@
+"""Figures of training runs and model internals: each function returns a matplotlib Figure.
+
+The caller saves the figure (``fig.savefig(path)``); nothing here writes
+files or shows windows. Figures are made with ``matplotlib.figure.Figure``,
+not ``pyplot``, so they render with Agg on machines without a display, hold
+no global state (nothing to close, no leaks in long loops), and leave the
+user's pyplot backend alone (a notebook's inline display still works). Inputs are numpy
+arrays: images as (N, 28, 28) or model-ready (N, 28, 28, 1)/(N, 1, 28, 28)
+in [0, 1] or uint8.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+from fmnist_keras.data import CLASS_NAMES
+
+_CMAP_IMAGE = "gray_r"  # dark garments on white read best at thumbnail size
+_CMAP_DIVERGING = "RdBu_r"
+
+
+def _gray(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) float images from any of the accepted layouts."""
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images[:, 0] if images.shape[1] == 1 and images.shape[-1] != 1 else images[..., 0]
+    return images.astype(np.float64) / (255.0 if images.dtype == np.uint8 else 1.0)
+
+
+def _hide_ticks(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _grid(count: int, columns: int, cell: float = 1.6, extra_height: float = 0.6):
+    columns = max(1, min(columns, count))
+    rows = max(1, int(np.ceil(count / columns)))
+    fig = Figure(figsize=(cell * columns, cell * rows + extra_height), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False).ravel())
+    for ax in axes[count:]:
+        ax.set_axis_off()
+    return fig, axes
+
+
+def training_curves(history: dict, best_epoch: int | None = None, title: str | None = None) -> Figure:
+    """Loss and accuracy per epoch, train and validation, best epoch marked.
+
+    Args:
+        history: columns of ``history.csv``: ``epoch`` (0-based, as CSVLogger
+            writes it), ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``.
+        best_epoch: the 1-based epoch EarlyStopping restored (``metrics.json``).
+        title: the figure title.
+    """
+    epochs = np.asarray(history["epoch"], dtype=int) + 1
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, metric, label in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
+        for key, name, style in ((metric, "train", "-o"), (f"val_{metric}", "validation", "-s")):
+            if key in history:
+                ax.plot(epochs, history[key], style, markersize=3, label=name)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="tab:red", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label.lower())
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title or "Training curves")
+    return fig
+
+
+def confusion_matrix(matrix, class_names=CLASS_NAMES, title: str | None = None) -> Figure:
+    """Counts and row-normalised confusion matrix side by side (rows: true class)."""
+    matrix = np.asarray(matrix)
+    support = matrix.sum(axis=1, keepdims=True)
+    normalised = matrix / np.where(support > 0, support, 1)
+    fig = Figure(figsize=(15, 6.8), layout="constrained")
+    axes = fig.subplots(1, 2)
+    panels = ((axes[0], matrix, "Counts", "d", "Blues"), (axes[1], normalised, "Row-normalised (recall)", ".2f", "Greens"))
+    for ax, values, label, fmt, cmap in panels:
+        image = ax.imshow(values, cmap=cmap, vmin=0)
+        ticks = np.arange(len(class_names))
+        ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+        ax.set_yticks(ticks, class_names)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(label)
+        peak = values.max() if values.size else 0
+        for (i, j), value in np.ndenumerate(values):
+            ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=7,
+                    color="white" if value > 0.6 * peak else "black")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle(title or f"Confusion matrix ({int(matrix.sum())} test images)")
+    return fig
+
+
+def misclassified(images, y_true, probabilities, indices, class_names=CLASS_NAMES, columns: int = 6) -> Figure:
+    """A grid of mistakes, each titled true class / predicted class (probability).
+
+    Args:
+        images: the test images.
+        y_true: their labels.
+        probabilities: predicted probabilities, (N, num_classes).
+        indices: which images to show, in order (``inspect.misclassified``
+            gives the most confident mistakes first).
+    """
+    images = _gray(images)
+    indices = np.asarray(indices, dtype=int)
+    if len(indices) == 0:
+        fig = Figure(figsize=(4, 1.5))
+        fig.text(0.5, 0.5, "No misclassified images.", ha="center", va="center")
+        return fig
+    fig, axes = _grid(len(indices), columns, cell=1.9, extra_height=0.5)
+    for ax, index in zip(axes, indices):
+        predicted = int(np.argmax(probabilities[index]))
+        ax.imshow(images[index], cmap=_CMAP_IMAGE, vmin=0, vmax=1)
+        ax.set_title(
+            f"true: {class_names[int(y_true[index])]}\npred: {class_names[predicted]} "
+            f"({probabilities[index, predicted]:.2f})",
+            fontsize=8,
+        )
+        _hide_ticks(ax)
+    fig.suptitle("Misclassified test images, most confident first")
+    return fig
+
+
+def sample_grid(images, labels, class_names=CLASS_NAMES, per_class: int = 6, seed: int = 0) -> Figure:
+    """A few randomly chosen (seeded) images of each class, one row per class."""
+    images = _gray(images)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    fig = Figure(figsize=(1.1 * per_class + 1.6, 1.1 * len(class_names) + 0.4), layout="constrained")
+    axes = fig.subplots(len(class_names), per_class, squeeze=False)
+    for row, name in enumerate(class_names):
+        members = np.flatnonzero(labels == row)
+        chosen = rng.choice(members, size=min(per_class, len(members)), replace=False) if len(members) else []
+        for column in range(per_class):
+            ax = axes[row, column]
+            _hide_ticks(ax)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if column < len(chosen):
+                ax.imshow(images[chosen[column]], cmap=_CMAP_IMAGE, vmin=0, vmax=1)
+        axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle("Fashion-MNIST: samples of each class")
+    return fig
+
+
+def filters(kernel, columns: int = 8, title: str | None = None) -> Figure:
+    """First-layer convolution filters, one panel each (first input channel).
+
+    Args:
+        kernel: (kernel_h, kernel_w, in_channels, filters), as ``inspect.first_layer_filters`` gives.
+    """
+    kernel = np.asarray(kernel)
+    count = kernel.shape[-1]
+    limit = np.abs(kernel).max() or 1.0
+    fig, axes = _grid(count, columns, cell=1.0, extra_height=0.8)
+    image = None
+    for index, ax in enumerate(axes[:count]):
+        image = ax.imshow(kernel[:, :, 0, index], cmap=_CMAP_DIVERGING, vmin=-limit, vmax=limit)
+        ax.set_title(str(index), fontsize=7)
+        _hide_ticks(ax)
+    fig.colorbar(image, ax=list(axes), shrink=0.6, label="weight")
+    fig.suptitle(title or f"First-layer filters ({kernel.shape[0]}x{kernel.shape[1]}, {count} filters)")
+    return fig
+
+
+def feature_maps(maps: dict, image=None, channels: int = 8, channels_first: bool = False,
+                 title: str | None = None) -> Figure:
+    """Activations of one image: one row per layer, the first ``channels`` channels.
+
+    Args:
+        maps: ``{layer name: array}`` for one image, each (H, W, C) (or
+            (C, H, W) with ``channels_first``), or with a leading batch axis of 1.
+        image: the input image, drawn in the first column.
+    """
+    names = list(maps)
+    offset = 1 if image is not None else 0
+    fig = Figure(figsize=(1.3 * (channels + offset) + 0.8, 1.45 * len(names) + 0.5), layout="constrained")
+    axes = fig.subplots(len(names), channels + offset, squeeze=False)
+    for row, name in enumerate(names):
+        values = np.asarray(maps[name])
+        values = values[0] if values.ndim == 4 else values
+        values = np.moveaxis(values, 0, -1) if channels_first else values
+        for ax in axes[row]:
+            _hide_ticks(ax)
+        if image is not None:
+            if row == 0:
+                axes[row, 0].imshow(_gray(np.asarray(image)[None])[0], cmap=_CMAP_IMAGE, vmin=0, vmax=1)
+                axes[row, 0].set_title("input", fontsize=8)
+            else:
+                axes[row, 0].set_axis_off()
+        for column in range(channels):
+            ax = axes[row, column + offset]
+            if column < values.shape[-1]:
+                ax.imshow(values[..., column], cmap="viridis")
+                ax.set_title(f"ch {column}", fontsize=7)
+            else:
+                ax.set_axis_off()
+        axes[row, offset].set_ylabel(f"{name}\n{values.shape[0]}x{values.shape[1]}x{values.shape[2]}", fontsize=8)
+    fig.suptitle(title or "Feature maps")
+    return fig
+
+
+def saliency(images, heatmaps: dict, y_true, predicted, class_names=CLASS_NAMES, title: str | None = None) -> Figure:
+    """Each image next to its heat maps (saliency, Grad-CAM, ...) overlaid on it.
+
+    Args:
+        images: the explained images.
+        heatmaps: ``{method name: (N, H, W) array in [0, 1]}``.
+        y_true: true labels.
+        predicted: predicted labels (the class each map explains).
+    """
+    images = _gray(images)
+    methods = list(heatmaps)
+    fig = Figure(figsize=(2.0 * (1 + len(methods)), 2.0 * len(images) + 0.5), layout="constrained")
+    axes = fig.subplots(len(images), 1 + len(methods), squeeze=False)
+    for row, image in enumerate(images):
+        axes[row, 0].imshow(image, cmap=_CMAP_IMAGE, vmin=0, vmax=1)
+        axes[row, 0].set_title(
+            f"true: {class_names[int(y_true[row])]}\npred: {class_names[int(predicted[row])]}", fontsize=8
+        )
+        for column, method in enumerate(methods, start=1):
+            axes[row, column].imshow(image, cmap="gray", vmin=0, vmax=1)
+            axes[row, column].imshow(heatmaps[method][row], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if row == 0:
+                axes[row, column].set_title(method, fontsize=9)
+        for ax in axes[row]:
+            _hide_ticks(ax)
+    fig.suptitle(title or "What the model looks at")
+    return fig
+
+
+def embedding(points, labels, class_names=CLASS_NAMES, explained=None, title: str | None = None) -> Figure:
+    """2-D projection of penultimate-layer features, one colour per class."""
+    points = np.asarray(points)
+    labels = np.asarray(labels)
+    fig = Figure(figsize=(8.5, 6.5), layout="constrained")
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab10"]
+    for index, name in enumerate(class_names):
+        members = labels == index
+        ax.scatter(points[members, 0], points[members, 1], s=4, alpha=0.5, color=colours(index % 10), label=name)
+    if explained is not None:
+        ax.set_xlabel(f"PC 1 ({100 * explained[0]:.1f}% of variance)")
+        ax.set_ylabel(f"PC 2 ({100 * explained[1]:.1f}% of variance)")
+    ax.legend(markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.grid(alpha=0.3)
+    fig.suptitle(title or f"Penultimate-layer embedding, PCA to 2-D ({len(points)} images)")
+    return fig
