@@ -1,0 +1,266 @@
+"""fmnist_keras.predict: pictures and arrays in, top-k classes out, one clear line per bad file."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from conftest import REAL_DATA_DIR, real_data_available, synthetic_images
+from fmnist_keras import data as fdata
+from fmnist_keras import predict
+
+# ---- a tiny trained model ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small MLP fitted for a few seconds on a real subset (synthetic data without it).
+
+    Returns ``(model_path, x_test, y_test)`` with uint8 test images.
+    """
+    if real_data_available():
+        (x_train, y_train), (x_test, y_test) = fdata.load_data(REAL_DATA_DIR)
+        keep = fdata.stratified_subset(y_train, 3000, seed=0)
+        x_train, y_train, x_test, y_test = x_train[keep], y_train[keep], x_test[:40], y_test[:40]
+    else:
+        y_train = np.tile(np.arange(10, dtype=np.uint8), 100)
+        y_test = np.arange(10, dtype=np.uint8)
+        x_train, x_test = synthetic_images(y_train, 0), synthetic_images(y_test, 1)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape=(28, 28, 1))
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(64, activation="relu")(x)
+    outputs = keras.layers.Dense(10, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(fdata.to_model_input(x_train), y_train, epochs=3, batch_size=64, verbose=0)
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    model.save(path)
+    return path, x_test, y_test
+
+
+# ---- pure image preparation ----------------------------------------------------
+
+
+def _shape_picture(size, background, foreground, mode="L"):
+    image = Image.new(mode, size, background)
+    width, height = size
+    ImageDraw.Draw(image).rectangle(
+        [width // 3, height // 5, 2 * width // 3, 4 * height // 5], fill=foreground
+    )
+    return image
+
+
+def test_light_shape_on_dark_is_kept_and_fills_the_square():
+    pixels, inverted = predict.prepare_image(_shape_picture((120, 90), 10, 220))
+    assert not inverted
+    assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
+    assert pixels[14, 14] > 200  # object light
+    assert pixels[0, 0] == 0  # background mapped to 0, as in Fashion-MNIST
+    rows = np.flatnonzero(pixels.max(axis=1) > 100)
+    assert rows[0] <= 1 and rows[-1] >= 26  # trimmed, longest edge resized to 28
+
+
+def test_dark_shape_on_light_rgb_photo_is_inverted():
+    picture = _shape_picture((300, 200), (250, 250, 245), (30, 20, 60), mode="RGB")
+    pixels, inverted = predict.prepare_image(picture)
+    assert inverted
+    assert pixels.shape == (28, 28)
+    assert pixels[14, 14] > 180 and pixels[0, 0] < 20
+
+
+def test_invert_flag_overrides_the_border_rule():
+    picture = _shape_picture((60, 60), 10, 220)
+    yes, inverted_yes = predict.prepare_image(picture, invert="yes")
+    no, inverted_no = predict.prepare_image(picture, invert="no")
+    assert inverted_yes and not inverted_no
+    assert no[14, 14] > 200 and yes[14, 14] < 60
+
+
+def test_transparent_background_counts_as_light():
+    picture = Image.new("RGBA", (80, 80), (0, 0, 0, 0))  # transparent *black*
+    ImageDraw.Draw(picture).ellipse([20, 10, 60, 70], fill=(40, 40, 40, 255))
+    pixels, inverted = predict.prepare_image(picture)
+    assert inverted and pixels[14, 14] > 150 and pixels[0, 0] < 20
+
+
+def test_28x28_image_is_taken_as_is():
+    original = synthetic_images(np.array([3]), 0)[0]
+    pixels, inverted = predict.prepare_image(Image.fromarray(original))
+    assert not inverted
+    np.testing.assert_array_equal(pixels, original)
+
+
+def test_upscaled_inverted_photo_of_a_dataset_image_comes_back_close():
+    """A data set image, blown up 10x and printed dark-on-light, maps back near the original."""
+    if real_data_available():
+        original = fdata.load_data(REAL_DATA_DIR)[1][0][0]
+    else:
+        original = synthetic_images(np.array([7]), 0)[0]
+    photo = Image.fromarray(255 - original).resize((280, 280), Image.Resampling.BICUBIC).convert("RGB")
+    pixels, inverted = predict.prepare_image(photo)
+    assert inverted
+    assert np.abs(pixels.astype(int) - original.astype(int)).mean() < 25
+
+
+def test_array_to_images_shapes_and_dtypes():
+    assert predict.array_to_images(np.zeros((28, 28), np.uint8)).shape == (1, 28, 28)
+    assert predict.array_to_images(np.zeros((4, 28, 28, 1), np.uint8)).shape == (4, 28, 28)
+    floats = predict.array_to_images(np.full((2, 28, 28), 0.5, np.float32))
+    assert floats.dtype == np.uint8 and floats[0, 0, 0] == 128
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((3, 32, 32), np.uint8), r"shape \(3, 32, 32\); expected \(28, 28\)"),
+        (np.zeros((2, 28, 28, 3), np.uint8), "shape"),
+        (np.zeros((0, 28, 28), np.uint8), "N >= 1"),
+        (np.zeros((28, 28), np.int64), "dtype int64; expected uint8"),
+        (np.full((28, 28), 255.0), r"values in \[255, 255\]; expected \[0, 1\]"),
+        (np.full((28, 28), np.nan), "NaN"),
+    ],
+)
+def test_array_to_images_refuses_bad_arrays(array, message):
+    with pytest.raises(predict.InputError, match=message):
+        predict.array_to_images(array, "x.npy")
+
+
+def test_top_k_is_sorted():
+    probs = np.array([0.05, 0.5, 0.05, 0.3, 0.1, 0, 0, 0, 0, 0])
+    ranked = predict.top_k(probs, 3, fdata.CLASS_NAMES)
+    assert [r["class"] for r in ranked] == ["Trouser", "Dress", "Coat"]
+    assert ranked[0]["probability"] == pytest.approx(0.5)
+
+
+# ---- bad files -----------------------------------------------------------------
+
+
+def _bad_files(directory):
+    """Every kind of bad input, each with the phrase its error must contain."""
+    directory.mkdir(exist_ok=True)
+    good_png = directory / "good.png"
+    _shape_picture((50, 50), 0, 200).save(good_png)
+    jpeg = directory / "photo.jpg"
+    _shape_picture((200, 150), (255, 255, 255), (0, 0, 0), mode="RGB").save(jpeg)
+    files = {}
+    (directory / "text.png").write_text("not a picture\n")
+    files["text.png"] = "not an image Pillow can read"
+    (directory / "empty.jpg").write_bytes(b"")
+    files["empty.jpg"] = r"is empty \(0 bytes\)"
+    png = good_png.read_bytes()
+    (directory / "truncated.png").write_bytes(png[: len(png) // 2])
+    files["truncated.png"] = "damaged or truncated image"
+    jpg = jpeg.read_bytes()
+    (directory / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    files["truncated.jpg"] = "damaged or truncated image"
+    np.save(directory / "shape.npy", np.zeros((2, 32, 32), np.uint8))
+    files["shape.npy"] = r"array of shape \(2, 32, 32\)"
+    np.save(directory / "dtype.npy", np.zeros((28, 28), np.int32))
+    files["dtype.npy"] = "dtype int32"
+    np.save(directory / "pickled.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    files["pickled.npy"] = "Object arrays cannot be loaded when allow_pickle=False"
+    (directory / "garbage.npy").write_bytes(b"\x93NUMPY garbage")
+    files["garbage.npy"] = "not a plain .npy array|cannot read it as .npy"
+    (directory / "a_directory").mkdir(exist_ok=True)
+    files["a_directory"] = "is a directory"
+    files["missing.png"] = "no such file"
+    return files
+
+
+def test_every_bad_file_gets_its_own_error(tmp_path):
+    for name, message in _bad_files(tmp_path / "in").items():
+        with pytest.raises(predict.InputError, match=message) as info:
+            predict.read_input(tmp_path / "in" / name)
+        assert name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pickled_npy_is_not_unpickled(tmp_path, monkeypatch):
+    """A .npy whose pickle would write a file is refused without running it."""
+    marker = tmp_path / "pwned.txt"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    np.save(tmp_path / "evil.npy", np.array([Payload()], dtype=object), allow_pickle=True)
+    assert not marker.exists()
+    with pytest.raises(predict.InputError, match="allow_pickle=False"):
+        predict.read_input(tmp_path / "evil.npy")
+    assert not marker.exists()
+
+
+# ---- the command ---------------------------------------------------------------
+
+
+def test_cli_classifies_good_files_and_reports_bad_ones(trained, tmp_path, capsys):
+    model_path, _, _ = trained
+    bad = _bad_files(tmp_path / "in")
+    good = [tmp_path / "in" / "good.png", tmp_path / "in" / "photo.jpg"]
+    np.save(tmp_path / "in" / "batch.npy", np.zeros((3, 28, 28, 1), np.float32))
+    good.append(tmp_path / "in" / "batch.npy")
+    argv = [str(model_path), *map(str, good), *(str(tmp_path / "in" / n) for n in bad)]
+    assert predict.main(argv) == 1
+    out, err = capsys.readouterr()
+    err_lines = err.strip().splitlines()
+    assert len(err_lines) == len(bad)
+    for (name, message), line in zip(bad.items(), err_lines):
+        assert line.startswith("error: ") and name in line
+    out_lines = out.strip().splitlines()
+    assert len(out_lines) == 5  # good.png, photo.jpg and three array images
+    assert out_lines[1].startswith(str(good[1])) and out_lines[1].endswith("(inverted)")
+    assert out_lines[4].startswith(f"{good[2]}[2]: ")
+    assert out_lines[0].count(",") == 2  # top-3 by default
+
+
+def test_cli_json_output(trained, tmp_path, capsys):
+    model_path, _, _ = trained
+    picture = tmp_path / "shoe.png"
+    _shape_picture((64, 40), 0, 255).save(picture)
+    assert predict.main([str(model_path.parent), str(picture), str(tmp_path / "nope.png"), "--json", "--top-k", "5"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    (prediction,) = report["predictions"]
+    assert prediction["file"] == str(picture) and prediction["index"] is None
+    assert len(prediction["top"]) == 5
+    probabilities = [t["probability"] for t in prediction["top"]]
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-6
+    assert {t["class"] for t in prediction["top"]} <= set(fdata.CLASS_NAMES)
+    assert report["errors"] == [{"file": str(tmp_path / "nope.png"), "error": f"{tmp_path / 'nope.png'}: no such file."}]
+
+
+def test_cli_png_predictions_match_the_arrays(trained, tmp_path, capsys):
+    """Test images saved as PNG are classified exactly as the arrays they came from."""
+    model_path, x_test, y_test = trained
+    paths = []
+    for i, image in enumerate(x_test):
+        paths.append(tmp_path / f"test_{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    assert predict.main([str(model_path), *map(str, paths), "--json", "--top-k", "1"]) == 0
+    from_png = [p["top"][0]["index"] for p in json.loads(capsys.readouterr().out)["predictions"]]
+    model = keras.saving.load_model(model_path)
+    from_array = model.predict(fdata.to_model_input(x_test), verbose=0).argmax(axis=1)
+    assert from_png == from_array.tolist()
+    assert np.mean(from_array == y_test) > 0.6  # the model did learn something
+
+
+def test_cli_bad_model_is_one_line_exit_1(tmp_path, capsys):
+    picture = tmp_path / "a.png"
+    _shape_picture((30, 30), 0, 255).save(picture)
+    (tmp_path / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    assert predict.main([str(tmp_path / "model.h5"), str(picture)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "legacy HDF5" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["m.keras"], ["m.keras", "a.png", "--top-k", "0"], ["m.keras", "a.png", "--top-k", "11"],
+     ["m.keras", "a.png", "--invert", "maybe"], ["m.keras", "a.png", "--backend", "numpy"]],
+)
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        predict.main(argv)
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
