@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     """
     if real_data_available():
         (x_train, y_train), (x_test, y_test) = fdata.load_data(REAL_DATA_DIR)
-        keep = fdata.stratified_subset(y_train, 3000, seed=0)
+        keep = fdata.stratified_subset(y_train, 2000, seed=0)
         x_train, y_train, x_test, y_test = x_train[keep], y_train[keep], x_test[:40], y_test[:40]
     else:
         y_train = np.tile(np.arange(10, dtype=np.uint8), 100)
@@ -34,8 +34,8 @@ def trained(tmp_path_factory):
     x = keras.layers.Dense(64, activation="relu")(x)
     outputs = keras.layers.Dense(10, activation="softmax")(x)
     model = keras.Model(inputs, outputs)
-    model.compile("adam", "sparse_categorical_crossentropy")
-    model.fit(fdata.to_model_input(x_train), y_train, epochs=3, batch_size=64, verbose=0)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(fdata.to_model_input(x_train), y_train, epochs=2, batch_size=128, verbose=0)
     path = tmp_path_factory.mktemp("model") / "model.keras"
     model.save(path)
     return path, x_test, y_test
