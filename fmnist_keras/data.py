@@ -1,8 +1,10 @@
 """Find, verify and parse the Fashion-MNIST IDX files; split and scale them.
 
 This is the only module that reads data from disk or the network. It needs
-numpy only, so it can be imported before a Keras backend is chosen; Keras is
-imported lazily, and only for the download fallback.
+numpy and the standard library only, so it can be imported before a Keras
+backend is chosen. Downloads come over HTTPS from the official mirror only,
+are checked against the digests before they are saved, and a cached file
+that fails its check is deleted.
 
 Example:
     >>> (x_train, y_train), (x_test, y_test) = load_data()
@@ -16,6 +18,8 @@ import dataclasses
 import gzip
 import hashlib
 import os
+import urllib.parse
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -39,6 +43,9 @@ SHA256 = {
 FILES = tuple(SHA256)
 # Same mirror keras.datasets.fashion_mnist downloads from.
 MIRROR = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
+# The largest file (train images) is 26 MB compressed; anything much bigger is not it.
+MAX_DOWNLOAD_BYTES = 64 * 1024**2
+DOWNLOAD_TIMEOUT_S = 60
 SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)
 ENV_VAR = "FMNIST_DATA_DIR"
 INSTALL_HINT = (
@@ -171,31 +178,53 @@ def parse_idx(data: bytes, kind: str, name: str = "<bytes>") -> np.ndarray:
     return array
 
 
-def _load_file(directory: Path, name: str, verify: bool) -> np.ndarray:
+def _load_file(directory: Path, name: str, verify: bool, purge: bool = False) -> np.ndarray:
     path = _file_in(directory, name)
     if path is None:
         raise DataError(f"{directory} lacks {name} (.gz or not); {INSTALL_HINT}.")
-    data = read_bytes(path)
-    if verify:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != SHA256[name]:
-            raise DataError(
-                f"{path}: SHA-256 of the decompressed data is {digest}, expected {SHA256[name]}; "
-                f"the file is damaged or not Fashion-MNIST. Delete it to re-download, or pass "
-                f"verify=False (--no-verify) if it is your own IDX data."
-            )
+    try:
+        data = read_bytes(path)
+        if verify:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != SHA256[name]:
+                raise DataError(
+                    f"{path}: SHA-256 of the decompressed data is {digest}, expected {SHA256[name]}; "
+                    f"the file is damaged or not Fashion-MNIST."
+                    + ("" if purge else " Delete it to re-download, or pass verify=False (--no-verify) "
+                       "if it is your own IDX data.")
+                )
+    except DataError as error:
+        if not purge:
+            raise
+        path.unlink(missing_ok=True)  # never leave a bad download in the cache
+        raise DataError(f"{error} It was deleted from the cache; run again to download it afresh.") from None
     return parse_idx(data, "images" if "images" in name else "labels", str(path))
 
 
-def load_from_dir(directory: str | os.PathLike, verify: bool = True):
+def load_from_dir(directory: str | os.PathLike, verify: bool = True, purge: bool = False):
     """Load and check all four files from one directory.
+
+    Args:
+        directory: holds the four IDX files, ``.gz`` or not.
+        verify: check each file's SHA-256 digest.
+        purge: delete every file that fails its check (for the download
+            cache, so the next run downloads it again).
 
     Returns:
         ``((x_train, y_train), (x_test, y_test))`` as uint8 arrays. Nothing is
         returned unless all four files parse and agree.
     """
     directory = Path(directory)
-    arrays = {name: _load_file(directory, name, verify) for name in FILES}
+    arrays, problems = {}, []
+    for name in FILES:
+        try:
+            arrays[name] = _load_file(directory, name, verify, purge)
+        except DataError as error:
+            if not purge:
+                raise
+            problems.append(str(error))  # check (and purge) every file, not just the first bad one
+    if problems:
+        raise DataError(" | ".join(problems))
     for split in ("train", "t10k"):
         images, labels = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
         if len(images) != len(labels):
@@ -209,21 +238,66 @@ def load_from_dir(directory: str | os.PathLike, verify: bool = True):
     )
 
 
-def download(directory: Path | None = None) -> Path:
-    """Download the four .gz files from the official Keras mirror over HTTPS.
+def check_url(url: str) -> str:
+    """Return ``url`` if it is an HTTPS URL on the official mirror; raise DataError otherwise."""
+    parts, mirror = urllib.parse.urlsplit(url), urllib.parse.urlsplit(MIRROR)
+    if parts.scheme != "https" or parts.netloc != mirror.netloc or not parts.path.startswith(mirror.path):
+        raise DataError(f"refusing to download {url}: only HTTPS from the official mirror {MIRROR} is allowed.")
+    return url
 
-    Files land in the Keras cache. A file that then fails its digest check is
-    deleted by :func:`load_data`, so a retry downloads it again.
+
+class _MirrorOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only if it stays HTTPS on the mirror (no downgrade to HTTP)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        check_url(urllib.parse.urljoin(req.full_url, newurl))
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def https_get(url: str, max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
+    """GET ``url`` from the mirror over HTTPS (certificates verified), at most ``max_bytes``."""
+    opener = urllib.request.build_opener(_MirrorOnlyRedirects)
+    with opener.open(check_url(url), timeout=DOWNLOAD_TIMEOUT_S) as response:
+        data = response.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DataError(f"{url} is larger than {max_bytes} bytes, far more than Fashion-MNIST; refused.")
+    return data
+
+
+def download(directory: Path | None = None, fetch=https_get) -> Path:
+    """Download the missing .gz files from the official mirror over HTTPS.
+
+    Each file is checked against its digest *before* it is saved: it is
+    written under a temporary name and renamed into the cache only if the
+    check passes, so the cache never holds an unverified download.
+
+    Args:
+        directory: where the files go; defaults to the Keras cache.
+        fetch: ``fetch(url) -> bytes``; :func:`https_get` by default (tests
+            pass a local source instead of the network).
+
+    Returns:
+        The directory.
     """
-    import keras  # deferred: importing keras fixes the backend
-
     directory = directory or keras_cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     for name in FILES:
-        if _file_in(directory, name) is None:
-            keras.utils.get_file(
-                fname=f"{name}.gz", origin=MIRROR + f"{name}.gz", cache_dir=str(directory), cache_subdir=""
-            )
+        if _file_in(directory, name) is not None:
+            continue
+        url = check_url(MIRROR + f"{name}.gz")
+        payload = fetch(url)
+        partial = directory / f"{name}.gz.part"
+        partial.write_bytes(payload)
+        try:
+            digest = hashlib.sha256(read_bytes(partial)).hexdigest()
+            if digest != SHA256[name]:
+                raise DataError(
+                    f"{url}: SHA-256 of the downloaded data is {digest}, expected {SHA256[name]}."
+                )
+        except DataError as error:
+            partial.unlink(missing_ok=True)
+            raise DataError(f"{error} The download was deleted, nothing was cached; try again later.") from None
+        os.replace(partial, directory / f"{name}.gz")
     return directory
 
 
@@ -235,7 +309,8 @@ def load_data(data_dir=None, verify: bool = True, allow_download: bool = True, r
             Defaults to ``$FMNIST_DATA_DIR``, then the Keras cache, then
             ``/usr/share/datasets/fashion-mnist``, then a download.
         verify: check the SHA-256 digest of each decompressed file. Pass
-            False only for your own IDX data.
+            False only for your own IDX data. Downloads and the Keras cache
+            are always checked, and a cached file that fails is deleted.
         allow_download: download into the Keras cache when no local copy exists.
         return_source: also return the :class:`Source` the data came from.
 
@@ -255,15 +330,8 @@ def load_data(data_dir=None, verify: bool = True, allow_download: bool = True, r
                 f"Fashion-MNIST not found locally and the download from {MIRROR} failed ({error}); "
                 f"{INSTALL_HINT}."
             ) from None
-    try:
-        data = load_from_dir(source.directory, verify=verify)
-    except DataError:
-        if source.kind == "download":
-            for name in FILES:  # never leave a bad download in the cache
-                path = _file_in(source.directory, name)
-                if path is not None:
-                    path.unlink()
-        raise
+    downloaded = source.kind in ("download", "keras-cache")
+    data = load_from_dir(source.directory, verify=verify or downloaded, purge=downloaded)
     return (data, source) if return_source else data
 
 
