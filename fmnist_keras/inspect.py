@@ -82,6 +82,14 @@ def default_feature_layers(model) -> list[str]:
     return names
 
 
+def check_feature_layers(model, names: list[str]) -> list[str]:
+    """Check that ``model`` has a convolution and every named layer; return the names."""
+    _require_conv(model, "feature maps")
+    for name in names:
+        get_layer(model, name)
+    return list(names)
+
+
 def intermediate_model(model, names: list[str]) -> keras.Model:
     """One model whose outputs are the named layers' outputs, in order."""
     outputs = [get_layer(model, name).output for name in names]
@@ -107,12 +115,7 @@ def feature_maps(model, images: np.ndarray, names: list[str] | None = None) -> d
     Returns:
         ``{name: array}`` in the model's own data format, e.g. (N, H, W, C).
     """
-    if names is None:
-        names = default_feature_layers(model)
-    else:
-        _require_conv(model, "feature maps")
-        for name in names:
-            get_layer(model, name)
+    names = default_feature_layers(model) if names is None else check_feature_layers(model, names)
     outputs = _run(intermediate_model(model, list(names)), images)
     return dict(zip(names, outputs))
 

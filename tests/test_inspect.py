@@ -48,6 +48,13 @@ def test_feature_maps_equal_running_the_layers_one_by_one(builder, tmp_path):
     assert maps[expected_names[0]].shape[:3] == (3, 28, 28) or maps[expected_names[0]].shape[:3] == (3, 26, 26)
 
 
+# TensorFlow runs NCHW convolutions only on a GPU.
+channels_first_backend = pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow", reason="TensorFlow's CPU Conv2D supports channels_last only"
+)
+
+
+@channels_first_backend
 def test_feature_maps_channels_first():
     model = tiny_cnn(augment=False, data_format="channels_first")
     x = images(channels_first=True)
@@ -151,6 +158,7 @@ def test_grad_cam_highlights_the_pixels_that_drive_the_score():
     )
 
 
+@channels_first_backend
 def test_saliency_and_grad_cam_on_channels_first():
     model = tiny_cnn(augment=False, data_format="channels_first")
     x = images(2, channels_first=True)

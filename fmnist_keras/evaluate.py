@@ -1,0 +1,166 @@
+"""Evaluate a saved model on the official test set and regenerate its report.
+
+Usage:
+    python -m fmnist_keras.evaluate RUN_DIR_OR_MODEL.keras [--validation] [--image-index N] ...
+
+Writes ``evaluation.json`` (the same metrics ``train`` writes to
+``metrics.json``: loss, accuracy, macro-F1, per-class precision, recall and
+accuracy, confusion matrix) and ``report.md`` with its figures, by default
+next to the model. A ``.keras`` file saved under any backend loads under any
+other. Keras is imported only after the arguments are parsed and the backend
+is chosen, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fmnist_keras.config import BACKENDS
+
+EVALUATION_FILE = "evaluation.json"
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fmnist_keras.evaluate",
+        description="Evaluate a trained model on the official Fashion-MNIST test set and write its report.",
+        epilog=(
+            "Examples:\n"
+            "  python -m fmnist_keras.evaluate runs/20261129-143000/cnn\n"
+            "  python -m fmnist_keras.evaluate model.keras --validation --image-index 7 --out-dir eval/\n"
+            "  python -m fmnist_keras.evaluate runs/latest/cnn --layers block1_conv1 block3_relu1 --backend jax"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="RUN_DIR_OR_MODEL", help="a run directory holding model.keras, or a .keras file")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="directory with the four IDX files (default: $FMNIST_DATA_DIR, the Keras cache, "
+                        "/usr/share/datasets/fashion-mnist, or a download)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the SHA-256 check of the data files (only for your own IDX data)")
+    parser.add_argument("--validation", action="store_true",
+                        help="also evaluate on the run's validation split, rebuilt from its config.json (default: off)")
+    parser.add_argument("--image-index", type=_non_negative_int, metavar="N",
+                        help="test image whose feature maps the report shows (default: a fixed, seeded one)")
+    parser.add_argument("--layers", nargs="+", metavar="LAYER",
+                        help="layers whose feature maps to draw (default: each convolution's activated output)")
+    parser.add_argument("--out-dir", metavar="DIR",
+                        help="where evaluation.json, report.md and figures/ go (default: the model's directory)")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="only compute and write the metrics, draw no figures (default: write the report)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for the images the report samples and explains (default: 0)")
+    parser.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: $KERAS_BACKEND, else torch)")
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                        help="'auto' uses a GPU when present, 'cpu' forces the CPU (default: auto)")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def format_metrics(name: str, metrics: dict) -> str:
+    """Overall numbers, then one line per class."""
+    lines = [
+        f"{name}: {metrics['num_examples']} images, loss {metrics['loss']:.4f}, "
+        f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}",
+        f"  {'class':<13}{'precision':>10}{'recall':>8}{'F1':>8}",
+    ]
+    for cls, row in metrics["per_class"].items():
+        lines.append(f"  {cls:<13}{row['precision']:>10.4f}{row['recall']:>8.4f}{row['f1']:>8.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    from fmnist_keras.backend import BackendError, describe_device, select_backend
+
+    try:
+        backend = select_backend(args.backend, args.device)
+    except BackendError as error:
+        parser.error(str(error))
+
+    from fmnist_keras import data as fdata
+    from fmnist_keras.loading import ModelLoadError, input_data_format, load_model, resolve_model_path
+
+    try:
+        model_path = resolve_model_path(args.model)
+        model = load_model(model_path)
+    except ModelLoadError as error:
+        return _fail(str(error))
+    run_dir = model_path.parent
+    out_dir = Path(args.out_dir) if args.out_dir else run_dir
+
+    from fmnist_keras import inspect as finspect
+
+    try:
+        if args.layers and args.report:
+            finspect.check_feature_layers(model, args.layers)
+        raw, source = fdata.load_data(args.data_dir, verify=args.verify, return_source=True)
+        if args.image_index is not None:
+            finspect.check_image_index(args.image_index, len(raw[1][0]))
+    except ValueError as error:  # DataError is a ValueError
+        return _fail(str(error))
+
+    from fmnist_keras import training
+    from fmnist_keras.config import TrainConfig
+
+    data_format = input_data_format(model)
+    (x_train_raw, y_train_raw), (x_test_raw, y_test_raw) = raw
+    x_test, y_test = fdata.to_model_input(x_test_raw, data_format), y_test_raw.astype("int64")
+    result = {"model_path": str(model_path), "backend": backend, "device": describe_device(),
+              "data_source": str(source), "test": training.evaluate(model, x_test, y_test)}
+    x_train, y_train = fdata.to_model_input(x_train_raw, data_format), y_train_raw
+    if args.validation:
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            return _fail(f"--validation needs {config_path}, which rebuilds the run's split (seed, val_split, "
+                         f"subset); pass a run directory written by train, or drop --validation.")
+        config = TrainConfig.from_json(config_path.read_text())
+        splits = training.make_splits(raw, config, data_format)
+        result["validation"] = training.evaluate(model, splits.x_val, splits.y_val)
+        x_train, y_train = splits.x_train, splits.y_train
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EVALUATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Model: {model_path} (backend {backend} on {result['device']})")
+    print(f"Data: {source}{'' if args.verify else ', digests NOT checked (--no-verify)'}")
+    print(format_metrics("test", result["test"]))
+    if "validation" in result:
+        print(format_metrics("validation", result["validation"]))
+    print(f"Wrote {out_dir / EVALUATION_FILE}")
+
+    if args.report:
+        from fmnist_keras.report import write_report
+
+        trained = {}
+        if (run_dir / "metrics.json").is_file():
+            trained = json.loads((run_dir / "metrics.json").read_text())
+        # The run's facts (training backend, best epoch, ...) with the metrics just computed.
+        metrics = {**result, **trained, **{k: result[k] for k in ("test", "validation") if k in result}}
+        report = write_report(run_dir, x_test, y_test, model=model, metrics=metrics, x_train=x_train,
+                              y_train=y_train, out_dir=out_dir, image_index=args.image_index, layers=args.layers,
+                              seed=args.seed)
+        print(f"Wrote {report} and its figures in {report.parent / 'figures'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

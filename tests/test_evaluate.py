@@ -1,0 +1,153 @@
+"""The evaluate command and the report it writes, on tiny models and tiny synthetic IDX files."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from fmnist_keras import evaluate
+from fmnist_keras.config import TrainConfig
+from fmnist_keras.data import CLASS_NAMES, load_data, to_model_input
+from fmnist_keras.models import build_cnn, build_mlp
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run_dir(directory, model, best_epoch=2):
+    """A run directory as train writes it, for a tiny untrained model."""
+    directory.mkdir(parents=True)
+    model.save(directory / "model.keras")
+    (directory / "history.csv").write_text(
+        "epoch,accuracy,learning_rate,loss,val_accuracy,val_loss\n"
+        "0,0.5,0.001,1.5,0.55,1.4\n1,0.7,0.001,1.0,0.72,0.9\n2,0.8,0.0005,0.8,0.74,0.95\n"
+    )
+    TrainConfig(model="cnn", epochs=3, seed=0, val_split=0.1).save(directory / "config.json")
+    (directory / "metrics.json").write_text(json.dumps({"model": "cnn", "best_epoch": best_epoch, "epochs_run": 3,
+                                                        "backend": "torch"}))
+    return directory
+
+
+@pytest.fixture
+def cnn_run(tmp_path):
+    keras.utils.set_random_seed(0)
+    return make_run_dir(tmp_path / "run" / "cnn", build_cnn(filters=(4, 8), dense_units=16, seed=0))
+
+
+def run_cli(data_dir, *args):
+    return evaluate.main([*map(str, args), "--data-dir", str(data_dir), "--no-verify"])
+
+
+def test_help_is_fast_and_imports_no_keras():
+    code = "import sys; from fmnist_keras import evaluate; evaluate.build_parser().format_help(); print('keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "fmnist_keras.evaluate", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--image-index N" in out.stdout and "(default: 0)" in out.stdout
+    assert time.perf_counter() - start < 5
+
+
+def test_evaluate_run_dir_writes_metrics_and_full_report(cnn_run, tiny_data_dir, capsys):
+    assert run_cli(tiny_data_dir, cnn_run, "--validation", "--image-index", "3") == 0
+    out = capsys.readouterr().out
+    assert "test: 100 images" in out and "validation: 40 images" in out and "Trouser" in out
+    result = json.loads((cnn_run / "evaluation.json").read_text())
+    # The metrics are those of the model's own predictions on the test set.
+    (_, _), (x_test, y_test) = load_data(tiny_data_dir, verify=False)
+    model = keras.saving.load_model(cnn_run / "model.keras")
+    predicted = model.predict(to_model_input(x_test), verbose=0).argmax(1)
+    assert result["test"]["accuracy"] == pytest.approx(float((predicted == y_test).mean()))
+    matrix = np.array(result["test"]["confusion_matrix"])
+    assert matrix.sum() == 100 and list(result["test"]["per_class"]) == list(CLASS_NAMES)
+    assert result["validation"]["num_examples"] == 40
+    assert result["backend"] == keras.backend.backend() and result["test"]["loss"] > 0
+    report = (cnn_run / "report.md").read_text()
+    linked = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert {os.path.basename(p) for p in linked} == {
+        "curves.png", "confusion_matrix.png", "misclassified.png", "samples.png", "embedding.png",
+        "filters.png", "feature_maps.png", "saliency.png",
+    }
+    for path in linked:
+        data = (cnn_run / path).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 1000
+    assert "| test | 100 |" in report and "| validation | 40 |" in report
+    assert "best_epoch: 2" in report and "Test image 3" in report
+
+
+def test_evaluate_model_file_into_out_dir_with_chosen_layers(cnn_run, tiny_data_dir, tmp_path):
+    out_dir = tmp_path / "elsewhere"
+    code = run_cli(tiny_data_dir, cnn_run / "model.keras", "--out-dir", out_dir, "--layers", "block1_conv1", "block2_pool")
+    assert code == 0
+    assert (out_dir / "evaluation.json").is_file() and (out_dir / "figures" / "feature_maps.png").is_file()
+    assert "layers block1_conv1, block2_pool" in (out_dir / "report.md").read_text()
+    assert not (cnn_run / "report.md").exists()
+
+
+def test_mlp_report_has_saliency_but_no_conv_figures(tmp_path, tiny_data_dir):
+    keras.utils.set_random_seed(0)
+    run = make_run_dir(tmp_path / "run" / "mlp", build_mlp(units=(16,)))
+    assert run_cli(tiny_data_dir, run, "--no-report") == 0
+    assert not (run / "report.md").exists() and (run / "evaluation.json").is_file()
+    assert run_cli(tiny_data_dir, run) == 0
+    figures = {p.name for p in (run / "figures").iterdir()}
+    assert "saliency.png" in figures and "embedding.png" in figures
+    assert "filters.png" not in figures and "feature_maps.png" not in figures
+
+
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("not-a-model", r"has suffix '\.txt'; expected a \.keras file"),
+        ("empty-dir", r"is a directory without model\.keras"),
+        ("bad-layer", r"no layer named 'block9_conv1'; valid layer names: .*block1_conv1"),
+        ("bad-index", r"image index 100 is out of range for 100 test images; choose 0 to 99"),
+        ("mlp-layers", r"feature maps needs a convolutional layer, but model 'mlp' has none"),
+        ("no-config", r"--validation needs .*config\.json"),
+    ],
+)
+def test_bad_input_gets_one_line_error(case, pattern, cnn_run, tiny_data_dir, tmp_path, capsys):
+    args = {
+        "bad-layer": [cnn_run, "--layers", "block9_conv1"],
+        "bad-index": [cnn_run, "--image-index", "100"],
+    }.get(case)
+    if case == "not-a-model":
+        (tmp_path / "notes.txt").write_text("hello")
+        args = [tmp_path / "notes.txt"]
+    elif case == "empty-dir":
+        (tmp_path / "empty").mkdir()
+        args = [tmp_path / "empty"]
+    elif case == "mlp-layers":
+        run = make_run_dir(tmp_path / "mlp", build_mlp(units=(8,)))
+        args = [run, "--layers", "dense1"]
+    elif case == "no-config":
+        (cnn_run / "config.json").unlink()
+        args = [cnn_run, "--validation"]
+    assert run_cli(tiny_data_dir, *args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert re.search(pattern, err), err
+
+
+def test_model_saved_under_another_backend_evaluates_here(tmp_path, tiny_data_dir):
+    other = "jax" if keras.backend.backend() != "jax" else "torch"
+    script = (
+        "import keras, numpy as np; from fmnist_keras.models import build_cnn; from fmnist_keras.data import "
+        f"load_data, to_model_input; keras.utils.set_random_seed(3); m = build_cnn(filters=(4, 8), dense_units=16);"
+        f"m.save(r'{tmp_path / 'model.keras'}'); (_, _), (x, y) = load_data(r'{tiny_data_dir}', verify=False);"
+        f"np.save(r'{tmp_path / 'probs.npy'}', keras.ops.convert_to_numpy(m(to_model_input(x), training=False)))"
+    )
+    env = {**os.environ, "KERAS_BACKEND": other, "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, timeout=120)
+    assert run_cli(tiny_data_dir, tmp_path / "model.keras", "--no-report") == 0
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    (_, _), (_, y_test) = load_data(tiny_data_dir, verify=False)
+    probabilities = np.load(tmp_path / "probs.npy")
+    assert result["test"]["accuracy"] == pytest.approx(float((probabilities.argmax(1) == y_test).mean()))
+    expected_loss = -np.mean(np.log(probabilities[np.arange(len(y_test)), y_test]))
+    assert result["test"]["loss"] == pytest.approx(expected_loss, rel=1e-4)
