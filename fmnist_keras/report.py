@@ -145,7 +145,11 @@ def write_report(
 
     figures = []
     if history_csv.is_file():
-        fig = plots.training_curves(read_history(history_csv), metrics.get("best_epoch"), title=f"{title}: training curves")
+        history = read_history(history_csv)
+        best_epoch = metrics.get("best_epoch")
+        if best_epoch is None and "val_loss" in history:  # EarlyStopping restores the lowest val_loss
+            best_epoch = int(history["epoch"][np.argmin(history["val_loss"])]) + 1
+        fig = plots.training_curves(history, best_epoch, title=f"{title}: training curves")
         figures.append(("Training curves", _save(fig, figures_dir, "curves.png"),
                         "Dashed line: the epoch whose weights EarlyStopping restored."))
     matrix = np.asarray(computed["confusion_matrix"])
