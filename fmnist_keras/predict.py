@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -197,12 +198,15 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: truncated files fail here, not later
-            pixels, inverted = prepare_image(image, invert)
+        with warnings.catch_warnings():
+            # Pillow only warns between 89 and 179 Mpixels; no garment photo needs that many.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode now: truncated files fail here, not later
+                pixels, inverted = prepare_image(image, invert)
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP, ...).") from None
-    except Image.DecompressionBombError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InputError(f"{path}: refused, {error}") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or damaged data
         raise InputError(f"{path}: damaged or truncated image ({' '.join(str(error).split())}).") from None

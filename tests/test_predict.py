@@ -177,6 +177,14 @@ def test_every_bad_file_gets_its_own_error(tmp_path):
         assert name in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("side", [10000, 13500])  # over Pillow's warning and error limits
+def test_decompression_bomb_is_refused(tmp_path, side):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (side, side)).save(path)  # a few kB on disk, 100+ Mpixels decoded
+    with pytest.raises(predict.InputError, match="bomb.png: refused, Image size"):
+        predict.read_input(path)
+
+
 def test_pickled_npy_is_not_unpickled(tmp_path, monkeypatch):
     """A .npy whose pickle would write a file is refused without running it."""
     marker = tmp_path / "pwned.txt"
@@ -264,3 +272,11 @@ def test_bad_arguments_exit_2(argv, capsys):
         predict.main(argv)
     assert info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_importing_predict_and_loading_does_not_import_keras():
+    import subprocess
+    import sys
+
+    code = "import sys, fmnist_keras.predict, fmnist_keras.loading; sys.exit('keras' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
