@@ -5,8 +5,8 @@ code-execution holes (see ``docs/security.md``). :func:`load_model` therefore
 checks the file itself before Keras sees it:
 
 1. the path is a ``.keras`` file or a run directory holding ``model.keras``;
-   legacy ``.h5``/``.hdf5`` files are refused, because Keras ignores
-   ``safe_mode`` for them;
+   legacy ``.h5``/``.hdf5`` files are refused: they go through Keras's legacy
+   loader, which ignored ``safe_mode`` until keras 3.11.3 (CVE-2025-9905);
 2. the file is a sound zip archive (CRCs checked) with ``config.json``,
    ``metadata.json`` and ``model.weights.h5`` (or ``.npz``), and no member
    name that is absolute or climbs out with ``..``;
@@ -78,9 +78,10 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     suffix = given.suffix.lower()
     if suffix in (".h5", ".hdf5"):
         raise ModelLoadError(
-            f"{given} is a legacy HDF5 model ({suffix}); it is refused because Keras ignores safe_mode "
-            f"for HDF5 files, so loading one can run code stored in it. Use a .keras file; if you "
-            f"trust its author, convert it once in a separate process with model.save('model.keras')."
+            f"{given} is a legacy HDF5 model ({suffix}); it is refused: HDF5 models go through Keras's "
+            f"legacy loader, which ignored safe_mode until keras 3.11.3 (CVE-2025-9905), and only .keras "
+            f"archives are checked here. Use a .keras file; if you trust its author, convert it once "
+            f"in a separate process with model.save('model.keras')."
         )
     if suffix != ".keras":
         raise ModelLoadError(f"{given} has suffix {suffix or '(none)'!r}; expected a .keras file; {_FIX}.")
@@ -136,8 +137,8 @@ def check_archive(path: Path) -> None:
         head = handle.read(8)
     if head == _HDF5_SIGNATURE:
         raise ModelLoadError(
-            f"{path} is an HDF5 file renamed to .keras; legacy HDF5 models are refused because Keras "
-            f"ignores safe_mode for them ({_FIX})."
+            f"{path} is an HDF5 file renamed to .keras; legacy HDF5 models are refused (their loader "
+            f"ignored safe_mode until keras 3.11.3) ({_FIX})."
         )
     if not zipfile.is_zipfile(path):
         raise ModelLoadError(
