@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import json
 import shutil
 import sys
 import time
@@ -125,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Keras backend (default: $KERAS_BACKEND, else torch)")
     parser.add_argument("--device", choices=("auto", "cpu"), default=DEFAULTS.device,
                         help="'auto' uses a GPU when present, 'cpu' forces the CPU (default: auto)")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="compute in bfloat16 (CPU) or float16 (GPU), keep float32 weights and outputs "
+                        "(default: off)")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="skip report.md and its figures in each model's run directory (default: write them)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue an interrupted run from its last completed epoch, with its saved "
+                        "configuration (other training flags are not allowed with it)")
     return parser
 
 
@@ -152,29 +160,63 @@ def prepare_run_dir(out_dir: str, run_name: str | None, overwrite: bool) -> Path
     return run_dir
 
 
+RUN_FILE = "run.json"
+# Flags that describe a run; --resume takes them from the run directory instead.
+_RUN_FLAGS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "label_smoothing", "patience",
+              "val_split", "seed", "subset", "data_dir", "verify", "out_dir", "run_name", "overwrite",
+              "mixed_precision")
+
+
+def resume_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
+    """The run directory and saved per-model configurations of ``--resume RUN_DIR``."""
+    given = [f"--{name.replace('_', '-')}" for name in _RUN_FLAGS if getattr(args, name) != parser.get_default(name)]
+    if given:
+        parser.error(f"--resume continues a run with its saved configuration; drop {', '.join(given)}.")
+    run_dir = Path(args.resume)
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        hint = f" (did you mean {run_dir.parent}?)" if (run_dir.parent / RUN_FILE).is_file() else ""
+        parser.error(f"--resume {run_dir}: no {RUN_FILE} there, so it is not a run directory of this tool{hint}.")
+    models = json.loads(run_file.read_text())["models"]
+    configs = []
+    for model in models:
+        config_file = run_dir / model / "config.json"
+        configs.append(TrainConfig.from_json(config_file.read_text()) if config_file.exists() else None)
+    first = next(c for c in configs if c is not None)
+    return run_dir, [c or dataclasses.replace(first, model=m) for c, m in zip(configs, models)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resume:
+        run_dir, configs = resume_configs(parser, args)
+        requested_backend = args.backend or configs[0].backend
+    else:
+        run_dir, configs, requested_backend = None, None, args.backend
 
     from fmnist_keras.backend import BackendError, describe_device, select_backend
 
     try:
-        backend = select_backend(args.backend, args.device)
+        backend = select_backend(requested_backend, args.device)
     except BackendError as error:
         parser.error(str(error))
-    configs = configs_from_args(args, backend)
+    if configs is None:
+        configs = configs_from_args(args, backend)
 
     from fmnist_keras import data as fdata
 
     try:
-        raw, source = fdata.load_data(args.data_dir, verify=args.verify, return_source=True)
+        raw, source = fdata.load_data(configs[0].data_dir, verify=configs[0].verify, return_source=True)
     except fdata.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    try:
-        run_dir = prepare_run_dir(args.out_dir, args.run_name, args.overwrite)
-    except (FileExistsError, OSError) as error:
-        parser.error(str(error))
+    if run_dir is None:
+        try:
+            run_dir = prepare_run_dir(args.out_dir, args.run_name, args.overwrite)
+        except (FileExistsError, OSError) as error:
+            parser.error(str(error))
+        (run_dir / RUN_FILE).write_text(json.dumps({"models": [c.model for c in configs]}) + "\n")
 
     import keras
 
@@ -183,11 +225,15 @@ def main(argv: list[str] | None = None) -> int:
 
     device = describe_device()
     print(f"Backend: {backend} (keras {keras.__version__}), device: {device}")
-    print(f"Data: {source}{'' if args.verify else ', digests NOT checked (--no-verify)'}")
-    print(f"Run directory: {run_dir}")
+    print(f"Data: {source}{'' if configs[0].verify else ', digests NOT checked (--no-verify)'}")
+    print(f"Run directory: {run_dir}{' (resuming)' if args.resume else ''}")
     summaries = []
     for config in configs:
         model_dir = run_dir / config.model
+        if args.resume and (model_dir / training.METRICS_FILE).exists():
+            print(f"\n== {config.model}: already finished, kept as it is")
+            summaries.append(json.loads((model_dir / training.METRICS_FILE).read_text()))
+            continue
         splits = training.make_splits(raw, config)
         resolved = config.resolved()
         print(
@@ -196,12 +242,29 @@ def main(argv: list[str] | None = None) -> int:
             f"peak learning rate {resolved.learning_rate:g}"
         )
         start = time.perf_counter()
-        metrics = training.train(config, splits, model_dir)
+        try:
+            metrics = training.train(config, splits, model_dir, resume=bool(args.resume))
+        except KeyboardInterrupt:
+            print(
+                f"\nInterrupted. {run_dir} keeps every completed epoch; continue with:\n"
+                f"  python -m fmnist_keras.train --resume {run_dir}",
+                file=sys.stderr,
+            )
+            return 130
+        except training.TrainingInterrupted as error:
+            print(f"error: {config.model}: {error}", file=sys.stderr)
+            return 1
         metrics.update(
             backend=backend, device=device, data_source=str(source), wall_time_s=round(time.perf_counter() - start, 2)
         )
         training.write_metrics(model_dir, metrics)
         summaries.append(metrics)
+        if args.report:
+            from fmnist_keras.report import write_report
+
+            report = write_report(model_dir, splits.x_test, splits.y_test, metrics=metrics,
+                                  x_train=splits.x_train, y_train=splits.y_train)
+            print(f"Report: {report}")
         print(f"Saved {model_dir / training.MODEL_FILE}; test accuracy {metrics['test']['accuracy']:.4f}")
     print(f"\nTest-set results ({backend} on {device}); run directory {run_dir}")
     print(format_summary(summaries))

@@ -6,6 +6,7 @@ Imports Keras at module level: import this only after
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,7 +17,17 @@ import keras
 import numpy as np
 
 from fmnist_keras import data as fdata
+from fmnist_keras.callbacks import (
+    BACKUP_DIR,
+    AtomicModelCheckpoint,
+    NaNGuard,
+    backed_up_epochs,
+    ResumableEarlyStopping,
+    read_history,
+    resume_state,
+)
 from fmnist_keras.config import TrainConfig
+from fmnist_keras.loading import load_model
 from fmnist_keras.metrics import classification_metrics
 from fmnist_keras.models import build_model
 
@@ -90,36 +101,67 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict:
     return classification_metrics(y, probabilities, fdata.CLASS_NAMES, loss=loss)
 
 
-def train(config: TrainConfig, splits: Splits, run_dir: Path, verbose="auto") -> dict:
-    """Fit ``config.model`` with EarlyStopping, ModelCheckpoint and CSVLogger; write the run directory.
+class TrainingInterrupted(RuntimeError):
+    """Training stopped before its end (NaN loss); the best checkpoint so far is kept."""
 
-    The best model (lowest validation loss) is saved as ``model.keras``;
-    it is then loaded back from disk and evaluated, so ``metrics.json``
-    describes exactly the file a user gets.
+
+def train(config: TrainConfig, splits: Splits, run_dir: Path, resume: bool = False, verbose="auto") -> dict:
+    """Fit ``config.model`` with Keras's callbacks and write the run directory.
+
+    Callbacks: EarlyStopping (val_loss, best weights restored), an atomic
+    ModelCheckpoint (best model as ``model.keras``), CSVLogger,
+    TerminateOnNaN and BackupAndRestore (state after every epoch, so an
+    interrupted run resumes where it stopped). The best model is then loaded
+    back from disk and evaluated, so ``metrics.json`` describes exactly the
+    file a user gets.
+
+    Args:
+        config: the run configuration.
+        splits: model-ready arrays from :func:`make_splits`.
+        run_dir: this model's run directory.
+        resume: continue from the backup in ``run_dir`` (optimizer state,
+            epoch counter, EarlyStopping state and history carry over).
+        verbose: Keras's progress-bar setting.
 
     Returns:
-        The metrics written to ``metrics.json``.
+        The metrics (also written to ``metrics.json``).
+
+    Raises:
+        TrainingInterrupted: the loss became NaN or infinite; ``metrics.json``
+            is still written for the last good checkpoint.
     """
     config = config.resolved()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / CONFIG_FILE)
+    model_file, history_file = run_dir / MODEL_FILE, run_dir / HISTORY_FILE
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.model, seed=config.seed)
+    with dtype_policy(config.mixed_precision):
+        model = build_model(config.model, seed=config.seed)
     steps_per_epoch = math.ceil(len(splits.x_train) / config.batch_size)
     compile_model(model, config, steps_per_epoch)
-    early_stopping = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=config.patience, restore_best_weights=True, verbose=1
+
+    state = resume_state(run_dir, model_file, history_file) if resume else None
+    epochs_before = backed_up_epochs(run_dir) if resume else 0
+    early_stopping = ResumableEarlyStopping(
+        monitor="val_loss", patience=config.patience, restore_best_weights=True, verbose=1, initial_state=state
     )
+    nan_guard = NaNGuard()
     callbacks = [
+        nan_guard,
+        AtomicModelCheckpoint(
+            model_file, monitor="val_loss", save_best_only=True,
+            initial_value_threshold=state.best if state else None,
+        ),
+        keras.callbacks.CSVLogger(str(history_file), append=resume),
         early_stopping,
-        keras.callbacks.ModelCheckpoint(run_dir / MODEL_FILE, monitor="val_loss", save_best_only=True),
-        keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE)),
+        # Last, so a backup marks an epoch whose checkpoint and CSV row are written.
+        keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True),
     ]
     y_train = keras.utils.to_categorical(splits.y_train, fdata.NUM_CLASSES)
     y_val = keras.utils.to_categorical(splits.y_val, fdata.NUM_CLASSES)
     start = time.perf_counter()
-    history = model.fit(
+    model.fit(
         splits.x_train,
         y_train,
         validation_data=(splits.x_val, y_val),
@@ -129,22 +171,60 @@ def train(config: TrainConfig, splits: Splits, run_dir: Path, verbose="auto") ->
         verbose=verbose,
     )
     train_time = time.perf_counter() - start
-    best = keras.saving.load_model(run_dir / MODEL_FILE)
+    history = read_history(history_file)
+    if not model_file.exists():
+        raise TrainingInterrupted(
+            f"the loss became NaN or infinite in epoch {(nan_guard.epoch or 0) + 1} before any model was "
+            f"saved; try a lower --learning-rate (was {config.learning_rate:g})."
+        )
+    best = load_model(model_file)
+    finite = [row for row in history if math.isfinite(row["val_loss"])]
     metrics = {
         "model": config.model,
         "test": evaluate(best, splits.x_test, splits.y_test),
         "validation": evaluate(best, splits.x_val, splits.y_val),
-        "epochs_run": len(history.history["loss"]),
-        "best_epoch": int(early_stopping.best_epoch) + 1,
+        "epochs_run": len(history),
+        "best_epoch": min(finite, key=lambda row: row["val_loss"])["epoch"] + 1 if finite else None,
+        "stopped_early": early_stopping.stopped_epoch > 0,
+        "terminated_on_nan": nan_guard.stopped,
+        "resumed": state is not None,
         "train_time_s": round(train_time, 2),
-        "seconds_per_epoch": round(train_time / max(1, len(history.history["loss"])), 2),
+        "seconds_per_epoch": round(train_time / max(1, len(history) - epochs_before), 2),
         "num_params": int(model.count_params()),
         "num_train": int(len(splits.x_train)),
         "num_val": int(len(splits.x_val)),
         "num_test": int(len(splits.x_test)),
+        "mixed_precision": dtype_policy_name(config.mixed_precision),
         "keras_version": keras.__version__,
     }
+    write_metrics(run_dir, metrics)
+    if nan_guard.stopped:
+        raise TrainingInterrupted(
+            f"the loss became NaN or infinite in epoch {nan_guard.epoch + 1}; training stopped and the last "
+            f"good checkpoint {model_file} (epoch {metrics['best_epoch']}) is kept and evaluated. "
+            f"Try a lower --learning-rate (was {config.learning_rate:g})."
+        )
     return metrics
+
+
+def dtype_policy_name(mixed_precision: bool) -> str:
+    """``mixed_float16`` on a GPU, ``mixed_bfloat16`` on CPU, else ``float32``."""
+    if not mixed_precision:
+        return "float32"
+    from fmnist_keras.backend import has_gpu
+
+    return "mixed_float16" if has_gpu() else "mixed_bfloat16"
+
+
+@contextlib.contextmanager
+def dtype_policy(mixed_precision: bool):
+    """Build layers under a mixed-precision policy, then restore the global one."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype_policy_name(mixed_precision))
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:

@@ -40,7 +40,9 @@ def test_cli_trains_both_models_and_writes_complete_run_dirs(tmp_path, tiny_data
     assert "test acc" in out  # the closing summary table
     for model in ("mlp", "cnn"):
         run_dir = tmp_path / "runs" / "run" / model
-        assert {p.name for p in run_dir.iterdir()} == {"model.keras", "history.csv", "config.json", "metrics.json"}
+        assert {p.name for p in run_dir.iterdir()} == {
+            "model.keras", "history.csv", "config.json", "metrics.json", "report.md", "figures"
+        }
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["model"] == model and metrics["backend"] == keras.backend.backend()
         assert metrics["num_test"] == 100 and metrics["num_val"] == 40 and metrics["num_train"] == 360

@@ -1,0 +1,135 @@
+"""Keras's built-in callbacks, made safe to interrupt and resume.
+
+- :class:`AtomicModelCheckpoint`: ``ModelCheckpoint`` that writes the best
+  model to a temporary file in the same directory, then renames it, so a
+  kill during a write leaves the previous best model loadable.
+- :class:`ResumableEarlyStopping`: ``EarlyStopping`` whose state (best value,
+  best epoch, epochs waited, best weights) can be carried over from the run
+  being resumed, instead of starting from scratch.
+- :func:`resume_state`: that state, read from the run directory's history
+  CSV and best checkpoint, consistent with ``BackupAndRestore``'s last backup.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import keras
+
+from fmnist_keras.loading import load_model
+
+BACKUP_DIR = "backup"
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """``ModelCheckpoint`` that never leaves a half-written model file."""
+
+    def _save_model(self, epoch, batch, logs):
+        # Overrides a private hook of ModelCheckpoint: redirect the write to a
+        # temporary sibling (same directory, so the rename is atomic).
+        final = Path(self.filepath)
+        temporary = final.with_name(f".partial-{final.name}")
+        temporary.unlink(missing_ok=True)
+        self.filepath = str(temporary)
+        try:
+            super()._save_model(epoch, batch, logs)
+        finally:
+            self.filepath = str(final)
+        if temporary.exists():
+            os.replace(temporary, final)
+
+
+@dataclasses.dataclass
+class EarlyStoppingState:
+    best: float
+    best_epoch: int  # 0-based, as Keras counts
+    wait: int
+    best_weights: list | None
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """``EarlyStopping`` that can start from the state of an interrupted run."""
+
+    def __init__(self, *args, initial_state: EarlyStoppingState | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial_state = initial_state
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.initial_state is not None:
+            state = self.initial_state
+            self.best, self.best_epoch, self.wait = state.best, state.best_epoch, state.wait
+            self.best_weights = state.best_weights
+
+
+class NaNGuard(keras.callbacks.TerminateOnNaN):
+    """``TerminateOnNaN`` that remembers the batch and epoch where it stopped."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = None
+        self.stopped = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        super().on_batch_end(batch, logs)
+        if self.model.stop_training and not self.stopped:
+            loss = (logs or {}).get("loss")
+            self.stopped = loss is not None and not math.isfinite(float(loss))
+
+
+def read_history(path: Path) -> list[dict]:
+    """Rows of a CSVLogger file, values as floats (``epoch`` as int)."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in rows]
+
+
+def backed_up_epochs(run_dir: Path) -> int:
+    """How many epochs ``BackupAndRestore``'s last backup holds (0 when none)."""
+    metadata = Path(run_dir) / BACKUP_DIR / "training_metadata.json"
+    if not metadata.exists():
+        return 0
+    return int(json.loads(metadata.read_text())["epoch"])
+
+
+def truncate_history(path: Path, epochs: int) -> list[dict]:
+    """Keep the header and the first ``epochs`` epochs of a CSVLogger file.
+
+    An epoch logged after the last backup will be trained again on resume,
+    so its row must go, or the history would hold it twice.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[: 1 + epochs] if lines else []
+    temporary = path.with_name(f".partial-{path.name}")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
+    return read_history(path)
+
+
+def resume_state(run_dir: Path, model_file: Path, history_file: Path) -> EarlyStoppingState | None:
+    """The EarlyStopping state after the last backed-up epoch, or None to start afresh."""
+    epochs = backed_up_epochs(run_dir)
+    history = truncate_history(history_file, epochs)
+    if not history or not Path(model_file).exists():
+        return None
+    best_row = min(history, key=lambda row: row["val_loss"])
+    best_weights = load_model(model_file).get_weights()
+    return EarlyStoppingState(
+        best=best_row["val_loss"],
+        best_epoch=best_row["epoch"],
+        wait=history[-1]["epoch"] - best_row["epoch"],
+        best_weights=best_weights,
+    )
