@@ -1,0 +1,189 @@
+"""Export a trained model for serving without Keras: ONNX or TensorFlow SavedModel.
+
+Usage:
+    python -m fmnist_keras.export MODEL.keras --format onnx --output model.onnx
+    python -m fmnist_keras.export runs/NAME/cnn --format tf_saved_model --output saved_model/
+
+The model is loaded with :func:`fmnist_keras.loading.load_model` (a
+``.keras`` file or a run directory) and written by Keras's own
+``model.export``. A ``.keras`` file loads on any backend, so the export runs
+on the backend that supports the format with the packages installed here
+(``--backend`` or ``$KERAS_BACKEND`` to choose). The exported graph is the
+inference pass: the training-only augmentation and dropout layers are
+identity there. It takes float32 images scaled to [0, 1], shaped like the
+model's input (``(N, 28, 28, 1)`` for channels_last), any batch size, and
+returns the 10 softmax probabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+FORMATS = ("onnx", "tf_saved_model")
+# What Keras needs, beyond the backend's own package, to export each format
+# on each backend (keras/src/export/*.py), in order of preference: on the
+# first backend listed the export needs the fewest extras.
+EXPORT_NEEDS = {
+    "onnx": {"torch": ("onnx", "onnxscript"), "tensorflow": ("tf2onnx",), "jax": ("jax2onnx",)},
+    "tf_saved_model": {"tensorflow": (), "jax": ("tensorflow",), "torch": ("tensorflow", "torch_xla")},
+}
+
+
+class ExportError(ValueError):
+    """The export cannot be done as asked here; the message says how to fix it."""
+
+
+def missing_packages(format: str, backend: str) -> list[str]:
+    """The packages that exporting ``format`` on ``backend`` needs and this Python lacks."""
+    needed = (backend, *EXPORT_NEEDS[format][backend])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
+def choose_backend(format: str, requested: str | None = None) -> str:
+    """The backend to export ``format`` on: ``requested``, else $KERAS_BACKEND, else the first that works.
+
+    Raises:
+        ExportError: the chosen backend lacks a package the export needs.
+    """
+    if format not in EXPORT_NEEDS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+    backend = requested or os.environ.get("KERAS_BACKEND")
+    candidates = [b for b in EXPORT_NEEDS[format] if not missing_packages(format, b)]
+    if backend is None:
+        if candidates:
+            return candidates[0]
+        backend = next(iter(EXPORT_NEEDS[format]))
+    if backend not in EXPORT_NEEDS[format]:
+        raise ExportError(f"unknown backend {backend!r}; choose one of {', '.join(EXPORT_NEEDS[format])}.")
+    missing = missing_packages(format, backend)
+    if missing:
+        pips = " ".join(missing)  # each import name is also its pip name
+        other = f", or pass --backend {candidates[0]}" if candidates else ""
+        raise ExportError(
+            f"exporting to {format} on the {backend} backend needs {', '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed here; run: pip install {pips}{other}."
+        )
+    return backend
+
+
+def export_model(model, output: Path, format: str) -> Path:
+    """Write ``model``'s inference pass to ``output`` (a file for ONNX, a directory for SavedModel)."""
+    import keras
+
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+    policies = {layer.dtype_policy.name for layer in model.layers} - {"float32"}
+    if policies:
+        # Keras exports float32 graphs only; the weights of a mixed-precision
+        # model are float32 already, so rebuild it in float32 and copy them.
+        model = _as_float32(model)
+    model = inference_model(model)
+    kwargs = {"opset_version": 18} if format == "onnx" else {}
+    spec = keras.InputSpec(shape=(None, *model.inputs[0].shape[1:]), dtype="float32", name="image")
+    with warnings.catch_warnings():
+        # torch's tracer warns about every shape check in Keras's ops; the
+        # exported graph is checked against Keras's outputs in the tests.
+        warnings.filterwarnings("ignore", message=".*might cause the trace to be incorrect")
+        model.export(str(output), format=format, verbose=False, input_signature=[spec], **kwargs)
+    return output
+
+
+def inference_model(model):
+    """``model`` wrapped so that every layer runs in inference mode, whoever calls it.
+
+    Keras records ``training=True`` (the default of the ``Random*``
+    augmentation layers) in the functional graph, and a call without
+    ``training`` then runs them, and every layer after them (BatchNorm!), in
+    training mode. Exporters call the model that way, so the wrapper fixes
+    ``training=False``. The weights are shared with ``model``.
+    """
+    import keras
+
+    inputs = keras.Input(shape=model.inputs[0].shape[1:], dtype="float32", name="image")
+    return keras.Model(inputs, model(inputs, training=False), name=model.name)
+
+
+def _as_float32(model):
+    def float32(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy":
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {key: float32(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [float32(item) for item in node]
+        return node
+
+    clone = model.__class__.from_config(float32(model.get_config()))
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fmnist_keras.export",
+        description="Export a trained model (.keras or run directory) to ONNX or a TensorFlow SavedModel.",
+        epilog=(
+            "Examples:\n"
+            "  python -m fmnist_keras.export runs/NAME/cnn/model.keras --format onnx --output cnn.onnx\n"
+            "  python -m fmnist_keras.export runs/NAME/cnn --format tf_saved_model --output cnn_saved_model\n"
+            "Backends that can export each format (and the extra packages they need):\n"
+            + "\n".join(
+                f"  {fmt}: " + "; ".join(f"{b} ({', '.join(n) or 'nothing more'})" for b, n in needs.items())
+                for fmt, needs in EXPORT_NEEDS.items()
+            )
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="a .keras file, or a run directory holding model.keras")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="export format")
+    parser.add_argument("--output", required=True, metavar="PATH",
+                        help="the .onnx file, or the SavedModel directory, to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing PATH (default: refuse)")
+    parser.add_argument("--backend", choices=tuple(EXPORT_NEEDS["onnx"]),
+                        help="Keras backend to export on (default: $KERAS_BACKEND, else the first backend, in "
+                        "the order listed below, whose packages are installed)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        parser.error(f"{output} already exists; choose another --output or pass --overwrite.")
+
+    from fmnist_keras.loading import ModelLoadError, check_archive, load_model, resolve_model_path
+
+    try:
+        check_archive(resolve_model_path(args.model))  # a bad file is reported before the slow backend import
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+    from fmnist_keras.backend import BackendError, select_backend
+
+    try:
+        backend = select_backend(choose_backend(args.format, args.backend), "cpu")
+    except (ExportError, BackendError) as error:
+        parser.error(str(error))
+    try:
+        model = load_model(args.model)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if output.exists():
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    export_model(model, output, args.format)
+    print(f"Exported {args.model} ({model.name}) to {args.format} on the {backend} backend: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The export command: an independent runtime loads the file and predicts like Keras.
+
+ONNX export needs extras on the tensorflow (tf2onnx) and jax (jax2onnx)
+backends, and a TensorFlow SavedModel needs torch_xla on the torch backend;
+a test that cannot run on this pass's backend says so in its skip reason.
+"""
+
+import importlib.util
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import synthetic_images
+from fmnist_keras import export
+from fmnist_keras.models import build_cnn, build_mlp
+
+BACKEND = keras.backend.backend()
+TOLERANCE = 1e-4
+
+
+def _needs(format, *packages):
+    missing = export.missing_packages(format, BACKEND) + [p for p in packages if importlib.util.find_spec(p) is None]
+    return pytest.mark.skipif(
+        bool(missing), reason=f"{format} export on the {BACKEND} backend needs {', '.join(missing)}, not installed"
+    )
+
+
+@pytest.fixture
+def images():
+    """Seven model-ready images: a batch size the export never saw."""
+    return (synthetic_images(np.arange(7) % 10, seed=5)[..., None] / 255.0).astype(np.float32)
+
+
+@pytest.fixture(params=["cnn", "mlp"])
+def saved_model(request, tmp_path):
+    """A tiny trained model (with augmentation and BatchNorm layers) saved as .keras."""
+    keras.utils.set_random_seed(0)
+    if request.param == "cnn":
+        model = build_cnn(filters=(4, 8), dense_units=16, seed=0)
+    else:
+        model = build_mlp(units=(16,), augment=True, seed=0)
+    rng = np.random.default_rng(0)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(rng.random((32, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, 32), batch_size=8, verbose=0)
+    path = tmp_path / f"{request.param}.keras"
+    model.save(path)
+    return path, model
+
+
+@_needs("onnx", "onnxruntime")
+def test_onnx_export_predicts_like_keras_in_onnxruntime(saved_model, images, tmp_path, capsys):
+    import onnxruntime
+
+    path, model = saved_model
+    output = tmp_path / "model.onnx"
+    assert export.main([str(path), "--format", "onnx", "--output", str(output)]) == 0
+    assert f"to onnx on the {BACKEND} backend" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    (onnx_input,) = session.get_inputs()
+    assert onnx_input.shape[1:] == [28, 28, 1]
+    (probabilities,) = session.run(None, {onnx_input.name: images})
+    expected = keras.ops.convert_to_numpy(model.predict(images, verbose=0))
+    assert probabilities.shape == (7, 10)
+    assert np.max(np.abs(probabilities - expected)) <= TOLERANCE
+    # Not a trivial agreement: the trained model gives different outputs to different images.
+    assert np.ptp(expected, axis=0).max() > 1e-3
+
+
+@_needs("tf_saved_model", "tensorflow")
+def test_tf_saved_model_export_predicts_like_keras_in_tensorflow(saved_model, images, tmp_path):
+    import tensorflow as tf
+
+    path, model = saved_model
+    output = tmp_path / "saved_model"
+    assert export.main([str(path), "--format", "tf_saved_model", "--output", str(output)]) == 0
+    artifact = tf.saved_model.load(str(output))
+    probabilities = artifact.serve(tf.constant(images)).numpy()
+    expected = keras.ops.convert_to_numpy(model.predict(images, verbose=0))
+    assert np.max(np.abs(probabilities - expected)) <= TOLERANCE
+
+
+def test_inference_model_runs_augmentation_and_batchnorm_in_inference_mode(images):
+    # A plain call of a model with augmentation layers runs them, and the
+    # BatchNorm after them, in training mode; the export wrapper must not.
+    model = build_cnn(filters=(4, 8), dense_units=16, seed=0)
+    expected = keras.ops.convert_to_numpy(model.predict(images, verbose=0))
+    wrapped = export.inference_model(model)
+    assert np.max(np.abs(keras.ops.convert_to_numpy(wrapped(images)) - expected)) <= 1e-6
+
+
+@_needs("onnx", "onnxruntime")
+def test_mixed_precision_model_exports_a_float32_graph(tmp_path, images):
+    import onnxruntime
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_cnn(filters=(4, 8), dense_units=16, seed=0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    model.save(tmp_path / "mixed.keras")
+    assert export.main([str(tmp_path / "mixed.keras"), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (probabilities,) = session.run(None, {session.get_inputs()[0].name: images})
+    assert probabilities.dtype == np.float32
+    # bfloat16 keeps ~3 significant digits: the float32 graph agrees to that.
+    assert np.max(np.abs(probabilities - keras.ops.convert_to_numpy(model.predict(images, verbose=0)))) < 2e-2
+
+
+# ---- bad input --------------------------------------------------------------
+
+
+def test_unknown_format_is_refused_with_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(tmp_path / "m.keras"), "--format", "tflite", "--output", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'tflite'" in err and "onnx" in err and "tf_saved_model" in err
+    with pytest.raises(export.ExportError, match="unknown export format 'tflite'; choose one of onnx, tf_saved_model"):
+        export.choose_backend("tflite")
+
+
+def test_not_a_keras_file_gives_one_line_error(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    fake = tmp_path / "fake.keras"
+    fake.write_text("not a zip")
+    for path, expected in ((text, "expected a .keras file"), (fake, "is not a zip archive")):
+        assert export.main([str(path), "--format", "onnx", "--output", str(tmp_path / "x.onnx")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err and "\n" not in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_existing_output_is_not_overwritten_silently(tmp_path, capsys):
+    (tmp_path / "model.onnx").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(tmp_path / "m.keras"), "--format", "onnx", "--output", str(tmp_path / "model.onnx")])
+    assert exit_info.value.code == 2
+    assert "already exists; choose another --output or pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "model.onnx").read_text() == "keep me"
+
+
+def test_missing_package_names_it_and_the_pip_install(monkeypatch, tmp_path, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("tensorflow", "jax2onnx") else real_find_spec(name, *a)
+    )
+    with pytest.raises(export.ExportError) as error:
+        export.choose_backend("tf_saved_model", "tensorflow")
+    assert "needs tensorflow, which is not installed here; run: pip install tensorflow" in str(error.value)
+    with pytest.raises(export.ExportError, match="needs jax2onnx.*pip install jax2onnx, or pass --backend torch"):
+        export.choose_backend("onnx", "jax")
+    # With no backend named anywhere, the first backend that can export is taken.
+    monkeypatch.delenv("KERAS_BACKEND")
+    assert export.choose_backend("onnx") == "torch"
+    build_mlp(units=(4,)).save(tmp_path / "m.keras")
+    with pytest.raises(SystemExit):
+        export.main([str(tmp_path / "m.keras"), "--format", "tf_saved_model", "--output", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("python -m fmnist_keras.export: error: exporting to tf_saved_model")
+    assert "pip install tensorflow" in err
+
+
+def test_help_lists_what_each_backend_needs_and_imports_no_keras():
+    import subprocess
+    import sys
+
+    code = "import sys; from fmnist_keras import export; print(export.build_parser().format_help()); print('keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+    assert "onnx: torch (onnx, onnxscript)" in out and "tf_saved_model: tensorflow (nothing more)" in out
