@@ -20,22 +20,39 @@ class BackendError(RuntimeError):
     """The requested backend or device cannot be used here."""
 
 
+DEVICES = ("auto", "cpu", "gpu")
+
+# How to get a GPU build of each backend (Linux, CUDA 12): what the error for
+# `--device gpu` without a usable GPU tells the user.
+_GPU_INSTALL = {
+    "torch": "pip install --force-reinstall torch (PyPI's Linux wheel includes CUDA)",
+    "tensorflow": "pip install 'tensorflow[and-cuda]'",
+    "jax": "pip install 'jax[cuda12]'",
+}
+
+
 def select_backend(backend: str | None = None, device: str = "auto") -> str:
-    """Set ``KERAS_BACKEND`` (and hide GPUs for ``device="cpu"``) before Keras loads.
+    """Set ``KERAS_BACKEND`` (and hide or require GPUs) before Keras loads.
 
     Args:
         backend: ``torch``, ``tensorflow`` or ``jax``; None keeps
             ``$KERAS_BACKEND`` or falls back to ``torch``.
-        device: ``auto`` (a GPU when one is present) or ``cpu``.
+        device: ``auto`` (a GPU when one is present, else the CPU), ``cpu``
+            (hide every GPU) or ``gpu`` (fail unless the backend sees one).
 
     Returns:
         The backend name in force.
+
+    Raises:
+        BackendError: unknown backend or device, the backend's package is not
+            installed, Keras already runs another backend, or ``device="gpu"``
+            and the backend sees no GPU. The message says how to fix it.
     """
     backend = backend or os.environ.get("KERAS_BACKEND") or "torch"
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
-    if device not in ("auto", "cpu"):
-        raise BackendError(f"unknown device {device!r}; choose 'auto' or 'cpu'.")
+    if device not in DEVICES:
+        raise BackendError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
     if importlib.util.find_spec(_PACKAGES[backend]) is None:
         raise BackendError(
             f"backend {backend!r} needs the {_PACKAGES[backend]} package, which is not installed; "
@@ -52,38 +69,52 @@ def select_backend(backend: str | None = None, device: str = "auto") -> str:
     os.environ["KERAS_BACKEND"] = backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     if device == "cpu":
-        # Hiding the GPUs works the same for torch, tensorflow and jax.
+        # Hiding the GPUs works the same for torch, tensorflow and jax; Apple's
+        # MPS is not a CUDA device, so Keras's torch backend is told directly.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["KERAS_TORCH_DEVICE"] = "cpu"
     if backend == "tensorflow" and "torch" not in sys.modules and importlib.util.find_spec("torch"):
         # torch and tensorflow in one process crash unless torch loads first.
         import torch  # noqa: F401
-    if backend != "tensorflow" and "tensorflow" not in sys.modules:
-        _keep_tensorflow_unloaded()
+    if device == "gpu":
+        missing = _missing_gpu(backend)
+        if missing:
+            raise BackendError(
+                f"--device gpu: the {backend} backend sees no GPU ({missing}); install its GPU build: "
+                f"{_GPU_INSTALL[backend]}, or use --device auto to fall back to the CPU."
+            )
     return backend
 
 
-def _keep_tensorflow_unloaded() -> None:
-    """Stop Keras importing TensorFlow into a torch or jax process.
+def _missing_gpu(backend: str) -> str | None:
+    """Why ``backend`` cannot compute on a GPU here, or None when it can."""
+    if backend == "torch":
+        import torch
 
-    Keras asks ``tf.available`` while seeding (``set_random_seed``) and while
-    saving a model, and that imports all of TensorFlow when it is installed:
-    about 10 s and 1 GB per process that never uses it (measured with an
-    import hook on keras 3.15). Nothing here uses ``tf.data``, so Keras is
-    told TensorFlow is absent; ``tf.*`` attribute access still imports it.
-    """
-    from keras.src.utils import module_utils
+        if torch.cuda.is_available() or torch.backends.mps.is_available():
+            return None
+        if torch.version.cuda is None:
+            return f"torch {torch.__version__} is a CPU-only build"
+        return f"torch {torch.__version__} finds no CUDA device or driver; check nvidia-smi"
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-    module_utils.tensorflow._available = False
+        if tf.config.list_physical_devices("GPU"):
+            return None
+        built = "a build without CUDA" if not tf.test.is_built_with_cuda() else "no CUDA device or driver found"
+        return f"tensorflow {tf.__version__}: {built}"
+    import jax
 
-
-def has_gpu() -> bool:
-    """Whether Keras's backend computes on a GPU (CUDA or Apple MPS)."""
-    return describe_device() != "cpu"
+    try:
+        jax.devices("gpu")
+        return None
+    except RuntimeError:
+        return f"jax {jax.__version__} has no GPU plugin or finds no GPU"
 
 
 def describe_device() -> str:
-    """The device Keras computes on, e.g. ``cuda:0 (NVIDIA H200)`` or ``cpu``."""
+    """The device Keras computes on, e.g. ``cuda:0 (NVIDIA H200)``, ``mps (Apple GPU)`` or ``cpu``."""
     import keras
 
     backend = keras.backend.backend()
@@ -95,6 +126,8 @@ def describe_device() -> str:
         device = str(get_device())
         if device.startswith("cuda"):
             return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+        if device.startswith("mps"):
+            return "mps (Apple GPU)"
         return device
     if backend == "jax":
         import jax

@@ -1,0 +1,74 @@
+"""Choosing the backend and the device: bad choices fail with one line that says how to fix them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+from fmnist_keras import backend as fbackend
+
+BACKEND = keras.backend.backend()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_backend_and_device_name_the_choices():
+    with pytest.raises(fbackend.BackendError, match="unknown backend 'theano'; choose one of torch, tensorflow, jax"):
+        fbackend.select_backend("theano")
+    with pytest.raises(fbackend.BackendError, match="unknown device 'tpu'; choose one of auto, cpu, gpu"):
+        fbackend.select_backend(BACKEND, "tpu")
+
+
+def test_switching_backend_after_keras_is_imported_is_refused():
+    other = next(b for b in ("torch", "tensorflow", "jax") if b != BACKEND)
+    with pytest.raises(fbackend.BackendError, match=f"already imported with backend '{BACKEND}'.*KERAS_BACKEND={other}"):
+        fbackend.select_backend(other)
+
+
+@pytest.mark.parametrize("missing", ["tensorflow", "jax"])
+def test_backend_package_not_installed_gives_the_pip_install(missing):
+    # `python -S` leaves site-packages off sys.path: the backend packages are
+    # then truly not installed for that process (fmnist_keras comes from the cwd).
+    out = subprocess.run(
+        [sys.executable, "-S", "-m", "fmnist_keras.train", "--backend", missing],
+        capture_output=True, text=True, cwd=REPO, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"python -m fmnist_keras.train: error: backend '{missing}' needs the {missing} package, which is not "
+        f"installed; run: pip install 'fmnist_keras[{missing}]'"
+    )
+
+
+def _sees_gpu() -> bool:
+    return fbackend._missing_gpu(BACKEND) is None
+
+
+def test_gpu_requested_without_a_gpu_names_what_is_missing_and_the_pip_install():
+    if _sees_gpu():
+        pytest.skip(f"the {BACKEND} backend sees a GPU here")
+    with pytest.raises(fbackend.BackendError) as error:
+        fbackend.select_backend(BACKEND, "gpu")
+    message = str(error.value)
+    assert message.startswith(f"--device gpu: the {BACKEND} backend sees no GPU (")
+    assert fbackend._GPU_INSTALL[BACKEND] in message and "--device auto" in message and "\n" not in message
+
+
+def test_device_cpu_hides_gpus_on_every_backend(monkeypatch):
+    for name in ("CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS", "KERAS_TORCH_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    assert fbackend.select_backend(BACKEND, "cpu") == BACKEND
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+    assert os.environ["KERAS_TORCH_DEVICE"] == "cpu"  # Apple's MPS is not hidden by CUDA_VISIBLE_DEVICES
+
+
+def test_describe_device_names_the_device_keras_uses():
+    device = fbackend.describe_device()
+    if _sees_gpu():
+        assert device != "cpu"
+    else:
+        assert device == "cpu"
