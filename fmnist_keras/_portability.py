@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist_keras.backend import DEVICES
 from fmnist_keras.config import BACKENDS
 
 REFERENCE_FILE = "reference.npz"
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("save", "predict"):
         step = sub.add_parser(name)
         step.add_argument("--backend", choices=BACKENDS, required=True, help="Keras backend of this process")
-        step.add_argument("--device", choices=("auto", "cpu"), default="cpu",
+        step.add_argument("--device", choices=DEVICES, default="cpu",
                           help="where to compute; CPU keeps the comparison about the file format (default: cpu)")
         step.add_argument("--inputs", type=Path, required=True, help=".npy of model-ready images (N, 28, 28, 1)")
     sub.choices["save"].add_argument("--out-dir", type=Path, required=True, help="where the .keras files go")

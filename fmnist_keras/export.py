@@ -84,6 +84,8 @@ def export_model(model, output: Path, format: str) -> Path:
         # model are float32 already, so rebuild it in float32 and copy them.
         model = _as_float32(model)
     model = inference_model(model)
+    # A fixed opset, not whatever the installed exporter defaults to, keeps the
+    # file readable by the same runtimes (opset 18: onnxruntime >= 1.14).
     kwargs = {"opset_version": 18} if format == "onnx" else {}
     spec = keras.InputSpec(shape=(None, *model.inputs[0].shape[1:]), dtype="float32", name="image")
     with warnings.catch_warnings():
@@ -180,7 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     if output.exists():
         shutil.rmtree(output) if output.is_dir() else output.unlink()
     output.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model, output, args.format)
+    try:
+        export_model(model, output, args.format)
+    except Exception as error:  # exporters raise many types; the user needs one line
+        detail = " ".join(str(error).split())[:300]
+        others = [b for b in EXPORT_NEEDS[args.format] if b != backend and not missing_packages(args.format, b)]
+        hint = f"; try --backend {others[0]}" if others else ""
+        print(f"error: exporting {args.model} to {args.format} on {backend} failed ({type(error).__name__}: "
+              f"{detail}){hint}.", file=sys.stderr)
+        return 1
     print(f"Exported {args.model} ({model.name}) to {args.format} on the {backend} backend: {output}")
     return 0
 
