@@ -17,7 +17,7 @@ BACKENDS = ("torch", "tensorflow", "jax")
 MODEL_DEFAULTS = {
     # The MLP is cheap per epoch, so it gets many; BatchNorm, dropout and
     # weight decay keep it from overfitting, and EarlyStopping keeps the best.
-    "mlp": {"epochs": 40, "learning_rate": 2e-3},
+    "mlp": {"epochs": 20, "learning_rate": 2e-3},
     # The CNN costs minutes per epoch on two CPU cores; 15 epochs of a
     # warm-up + cosine schedule is where its test accuracy levels off.
     "cnn": {"epochs": 15, "learning_rate": 2e-3},

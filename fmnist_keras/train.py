@@ -186,6 +186,17 @@ def resume_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return run_dir, [c or dataclasses.replace(first, model=m) for c, m in zip(configs, models)]
 
 
+def point_latest_at(run_dir: Path) -> None:
+    """Make ``OUT_DIR/latest`` a symlink to the newest run (a real directory of that name is left alone)."""
+    latest = run_dir.parent / "latest"
+    if latest.exists() and not latest.is_symlink():
+        return
+    temporary = run_dir.parent / ".latest.tmp"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(run_dir.name)
+    temporary.replace(latest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -217,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         except (FileExistsError, OSError) as error:
             parser.error(str(error))
         (run_dir / RUN_FILE).write_text(json.dumps({"models": [c.model for c in configs]}) + "\n")
+        point_latest_at(run_dir)
 
     import keras
 

@@ -38,6 +38,7 @@ def test_cli_trains_both_models_and_writes_complete_run_dirs(tmp_path, tiny_data
     assert "Backend: " + keras.backend.backend() in out and "device: " in out
     assert "Data: data-dir" in out and "NOT checked" in out
     assert "test acc" in out  # the closing summary table
+    assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "runs" / "run").resolve()
     for model in ("mlp", "cnn"):
         run_dir = tmp_path / "runs" / "run" / model
         assert {p.name for p in run_dir.iterdir()} == {
