@@ -16,6 +16,16 @@ from fmnist_keras.config import BACKENDS
 _PACKAGES = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
 
 
+def add_backend_arguments(parser) -> None:
+    """The ``--backend`` and ``--device`` flags every command shares."""
+    parser.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: $KERAS_BACKEND, else torch)")
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto",
+        help="'auto' uses a GPU when present, 'cpu' forces the CPU, 'gpu' fails unless the backend sees a GPU "
+        "(default: auto)",
+    )
+
+
 class BackendError(RuntimeError):
     """The requested backend or device cannot be used here."""
 

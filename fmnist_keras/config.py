@@ -43,7 +43,7 @@ class TrainConfig:
     data_dir: str | None = None  # None: $FMNIST_DATA_DIR, Keras cache, /usr/share/datasets, download
     verify: bool = True  # SHA-256 check of the data files
     backend: str = "torch"
-    device: str = "auto"  # "auto": GPU if present; "cpu": force CPU
+    device: str = "auto"  # "auto": GPU if present; "cpu": force CPU; "gpu": fail without one
     mixed_precision: bool = False  # bfloat16 (CPU) / float16 (GPU) compute, float32 weights and outputs
 
     def resolved(self) -> "TrainConfig":

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from fmnist_keras.config import BACKENDS
+from fmnist_keras.backend import add_backend_arguments
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -63,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only compute and write the metrics, draw no figures (default: write the report)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for the images the report samples and explains (default: 0)")
-    parser.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: $KERAS_BACKEND, else torch)")
-    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
-                        help="'auto' uses a GPU when present, 'cpu' forces the CPU (default: auto)")
+    add_backend_arguments(parser)
     return parser
 
 

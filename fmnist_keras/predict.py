@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_keras.config import BACKENDS
+from fmnist_keras.backend import add_backend_arguments
 
 SIZE = 28
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -237,9 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="make dark-on-light pictures light-on-dark: auto decides from the border (default: auto)")
     parser.add_argument("--top-k", type=_top_k_arg, default=3, metavar="K",
                         help="how many classes to show per image (default: 3)")
-    parser.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: $KERAS_BACKEND, else torch)")
-    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
-                        help="auto uses a GPU when present (default: auto)")
+    add_backend_arguments(parser)
     return parser
 
 

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from fmnist_keras.config import BACKENDS, MODEL_DEFAULTS, MODEL_NAMES, TrainConfig
+from fmnist_keras.backend import add_backend_arguments
+from fmnist_keras.config import MODEL_DEFAULTS, MODEL_NAMES, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -121,10 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="name of this run's directory under --out-dir (default: date and time, e.g. 20261129-143000)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run directory of the same name (default: refuse)")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="Keras backend (default: $KERAS_BACKEND, else torch)")
-    parser.add_argument("--device", choices=("auto", "cpu"), default=DEFAULTS.device,
-                        help="'auto' uses a GPU when present, 'cpu' forces the CPU (default: auto)")
+    add_backend_arguments(parser)
     parser.add_argument("--mixed-precision", action="store_true",
                         help="compute in bfloat16 (CPU) or float16 (GPU), keep float32 weights and outputs "
                         "(default: off)")
