@@ -19,7 +19,7 @@ EPOCHS = 8
 
 def _argv(tmp_path, data_dir, *extra):
     return ["--data-dir", str(data_dir), "--no-verify", "--out-dir", str(tmp_path), "--run-name", "run",
-            "--model", "mlp", "--batch-size", "8", "--patience", "50", *extra]
+            "--model", "mlp", "--batch-size", "8", "--patience", "50", "--no-report", *extra]
 
 
 def _wait_for(predicate, timeout, process):
@@ -39,7 +39,7 @@ def test_sigkill_mid_epoch_then_resume_gives_a_complete_history(tmp_path, tiny_d
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     history_file = tmp_path / "run" / "mlp" / "history.csv"
     try:
-        reached = _wait_for(lambda: len(read_history(history_file)) >= 2, 240, process)
+        reached = _wait_for(lambda: len(read_history(history_file)) >= 2, 600, process)
         assert reached, process.stderr.read().decode()[-2000:] if process.poll() is not None else "too slow"
         time.sleep(0.3)  # into the next epoch (45 batches of 8 take about a second)
         process.send_signal(signal.SIGKILL)
@@ -51,7 +51,7 @@ def test_sigkill_mid_epoch_then_resume_gives_a_complete_history(tmp_path, tiny_d
     assert 2 <= done_before < EPOCHS
     assert not (tmp_path / "run" / "mlp" / "metrics.json").exists()
 
-    assert train.main(["--resume", str(tmp_path / "run")]) == 0
+    assert train.main(["--resume", str(tmp_path / "run"), "--no-report"]) == 0
     history = read_history(history_file)
     assert [row["epoch"] for row in history] == list(range(EPOCHS))  # every epoch once, in order
     metrics = json.loads((tmp_path / "run" / "mlp" / "metrics.json").read_text())
@@ -59,34 +59,11 @@ def test_sigkill_mid_epoch_then_resume_gives_a_complete_history(tmp_path, tiny_d
     best = min(history, key=lambda row: row["val_loss"])
     assert metrics["best_epoch"] == best["epoch"] + 1
     assert not (tmp_path / "run" / "mlp" / "backup").exists()  # BackupAndRestore cleans up at the end
-    model = keras.saving.load_model(tmp_path / "run" / "mlp" / "model.keras")
-    assert model.count_params() > 0
-
-
-def test_resume_restores_optimizer_step_and_does_not_repeat_epochs(tmp_path, tiny_data_dir):
-    """Two fits with the same backup: the second continues the schedule where the first stopped."""
-
-    class StopAfter(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
-                raise KeyboardInterrupt
-
-    from fmnist_keras import callbacks as fcallbacks
-
-    original = fcallbacks.NaNGuard.on_epoch_end if hasattr(fcallbacks.NaNGuard, "on_epoch_end") else None
-    assert original is not None  # NaNGuard is a real Keras callback with epoch hooks
-    # Interrupt a real run in-process the way Ctrl-C does, through the CLI.
-    fcallbacks.NaNGuard.on_epoch_end = lambda self, epoch, logs=None: StopAfter().on_epoch_end(epoch, logs)
-    try:
-        assert train.main(_argv(tmp_path, tiny_data_dir, "--epochs", "4")) == 130
-    finally:
-        fcallbacks.NaNGuard.on_epoch_end = original
-    assert len(read_history(tmp_path / "run" / "mlp" / "history.csv")) == 2
-    assert train.main(["--resume", str(tmp_path / "run")]) == 0
-    history = read_history(tmp_path / "run" / "mlp" / "history.csv")
-    assert [row["epoch"] for row in history] == [0, 1, 2, 3]
-    # The cosine schedule carried on: the last epoch ends near the floor, not the peak.
-    assert history[-1]["learning_rate"] < 0.5 * max(row["learning_rate"] for row in history)
+    # The optimizer state carried over: the best checkpoint's step counter counts every
+    # epoch up to the best one (45 steps each), not only those since the resume.
+    model = keras.saving.load_model(tmp_path / "run" / "mlp" / "model.keras", compile=True)
+    steps_per_epoch = 45  # 360 training images, batch 8
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == metrics["best_epoch"] * steps_per_epoch
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, tiny_data_dir):
@@ -94,7 +71,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, tiny_data_dir):
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     history_file = tmp_path / "run" / "mlp" / "history.csv"
     try:
-        assert _wait_for(lambda: len(read_history(history_file)) >= 1, 240, process)
+        assert _wait_for(lambda: len(read_history(history_file)) >= 1, 600, process)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
     finally:
