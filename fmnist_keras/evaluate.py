@@ -19,18 +19,9 @@ import sys
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
+from fmnist_keras.cli import non_negative_int
 
 EVALUATION_FILE = "evaluation.json"
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the SHA-256 check of the data files (only for your own IDX data)")
     parser.add_argument("--validation", action="store_true",
                         help="also evaluate on the run's validation split, rebuilt from its config.json (default: off)")
-    parser.add_argument("--image-index", type=_non_negative_int, metavar="N",
+    parser.add_argument("--image-index", type=non_negative_int, metavar="N",
                         help="test image whose feature maps the report shows (default: a fixed, seeded one)")
     parser.add_argument("--layers", nargs="+", metavar="LAYER",
                         help="layers whose feature maps to draw (default: each convolution's activated output)")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_keras.backend import add_backend_arguments
+from fmnist_keras.cli import int_between
 
 SIZE = 28
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -213,16 +214,6 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
     return [Item(str(path), None, pixels, inverted)]
 
 
-def _top_k_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= value <= 10:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 10 (there are 10 classes), got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fmnist_keras.predict",
@@ -235,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text (default: text)")
     parser.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
                         help="make dark-on-light pictures light-on-dark: auto decides from the border (default: auto)")
-    parser.add_argument("--top-k", type=_top_k_arg, default=3, metavar="K",
+    parser.add_argument("--top-k", type=int_between(1, 10, "there are 10 classes"), default=3, metavar="K",
                         help="how many classes to show per image (default: 3)")
     add_backend_arguments(parser)
     return parser

@@ -20,56 +20,10 @@ import time
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
+from fmnist_keras.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from fmnist_keras.config import MODEL_DEFAULTS, MODEL_NAMES, TrainConfig
 
 DEFAULTS = TrainConfig()
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text) if text.lstrip("-").isdigit() else None
-    if value is None or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,23 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="which model to train; 'all' trains the MLP and the CNN so you can compare them "
         "(the MLP adds a few minutes) (default: all)",
     )
-    parser.add_argument("--epochs", type=_positive_int, metavar="N",
+    parser.add_argument("--epochs", type=positive_int, metavar="N",
                         help=f"maximum epochs; EarlyStopping may stop sooner (default per model: {per_model})")
-    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULTS.batch_size, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, metavar="N",
                         help=f"training batch size (default: {DEFAULTS.batch_size})")
-    parser.add_argument("--learning-rate", type=_positive_float, metavar="LR",
+    parser.add_argument("--learning-rate", type=positive_float, metavar="LR",
                         help=f"peak AdamW learning rate of the warm-up + cosine schedule (default per model: {per_model_lr})")
-    parser.add_argument("--weight-decay", type=_non_negative_float, default=DEFAULTS.weight_decay, metavar="WD",
+    parser.add_argument("--weight-decay", type=non_negative_float, default=DEFAULTS.weight_decay, metavar="WD",
                         help=f"AdamW weight decay (default: {DEFAULTS.weight_decay:g})")
-    parser.add_argument("--label-smoothing", type=_non_negative_float, default=DEFAULTS.label_smoothing, metavar="E",
+    parser.add_argument("--label-smoothing", type=non_negative_float, default=DEFAULTS.label_smoothing, metavar="E",
                         help=f"label smoothing of the cross-entropy loss (default: {DEFAULTS.label_smoothing:g})")
-    parser.add_argument("--patience", type=_non_negative_int, default=DEFAULTS.patience, metavar="N",
+    parser.add_argument("--patience", type=non_negative_int, default=DEFAULTS.patience, metavar="N",
                         help=f"EarlyStopping patience in epochs, on validation loss (default: {DEFAULTS.patience})")
-    parser.add_argument("--val-split", type=_fraction, default=DEFAULTS.val_split, metavar="F",
+    parser.add_argument("--val-split", type=fraction, default=DEFAULTS.val_split, metavar="F",
                         help=f"stratified fraction of the training set used for validation (default: {DEFAULTS.val_split:g})")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
                         help=f"seed for the split, weights, shuffling and augmentation (default: {DEFAULTS.seed})")
-    parser.add_argument("--subset", type=_positive_int, metavar="N",
+    parser.add_argument("--subset", type=positive_int, metavar="N",
                         help="train on a stratified subset of N training images, for quick runs (default: all 60000)")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="directory with the four IDX files, .gz or not (default: $FMNIST_DATA_DIR, "

@@ -1,0 +1,68 @@
+"""Argument types shared by the commands: numbers checked at parse time.
+
+Each raises ``argparse.ArgumentTypeError``, so a bad value is an argparse
+error (one line, exit code 2) naming what was given and what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _number(text: str, cast, kind: str):
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a whole number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int, "a whole number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _number(text, float, "a number")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
+
+
+def int_between(low: int, high: int, why: str = ""):
+    """An argument type for whole numbers in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int, "a whole number")
+        if not low <= value <= high:
+            reason = f" ({why})" if why else ""
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}{reason}, got {value}")
+        return value
+
+    return parse
