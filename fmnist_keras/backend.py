@@ -150,3 +150,15 @@ def describe_device() -> str:
         gpus = tf.config.list_logical_devices("GPU")
         return f"{gpus[0].name}" if gpus else "cpu"
     return "unknown"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a backend's out-of-memory error (CUDA, MPS, XLA or TensorFlow)."""
+    name = type(error).__name__
+    text = str(error)
+    return (
+        name in ("OutOfMemoryError", "ResourceExhaustedError")  # torch / tensorflow
+        or "RESOURCE_EXHAUSTED" in text  # jax / XLA
+        or "out of memory" in text.lower()  # torch CUDA and MPS messages
+    )
+

@@ -364,7 +364,12 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Indices of a seeded, class-balanced subset of ``size`` examples (for quick runs)."""
     if size >= len(labels):
         return np.arange(len(labels))
-    _, keep = stratified_split(labels, size / len(labels), seed)
+    try:
+        _, keep = stratified_split(labels, size / len(labels), seed)
+    except ValueError:
+        raise ValueError(
+            f"a subset of {size} images cannot hold every class; use at least {20 * len(np.unique(labels))}."
+        ) from None
     return keep
 
 

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_dir, configs, requested_backend = None, None, args.backend
 
-    from fmnist_keras.backend import BackendError, describe_device, select_backend
+    from fmnist_keras.backend import BackendError, describe_device, is_out_of_memory, select_backend
 
     try:
         backend = select_backend(requested_backend, args.device)
@@ -174,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     except fdata.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+
+    from fmnist_keras import training
+
+    # Every model of a run shares the split (same seed, --val-split and --subset).
+    try:
+        splits = training.make_splits(raw, configs[0])
+    except ValueError as error:
+        parser.error(f"--subset {configs[0].subset} / --val-split {configs[0].val_split}: {error}")
     if run_dir is None:
         try:
             run_dir = prepare_run_dir(args.out_dir, args.run_name, args.overwrite)
@@ -184,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
-    from fmnist_keras import training
     from fmnist_keras.metrics import format_summary
 
     device = describe_device()
@@ -198,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {config.model}: already finished, kept as it is")
             summaries.append(json.loads((model_dir / training.METRICS_FILE).read_text()))
             continue
-        splits = training.make_splits(raw, config)
         resolved = config.resolved()
         print(
             f"\n== {config.model}: {len(splits.x_train)} train / {len(splits.x_val)} validation / "
@@ -217,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except training.TrainingInterrupted as error:
             print(f"error: {config.model}: {error}", file=sys.stderr)
+            return 1
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            print(
+                f"error: {config.model}: out of memory on {device} with --batch-size {config.batch_size}; "
+                f"try --batch-size {max(1, config.batch_size // 2)}.",
+                file=sys.stderr,
+            )
             return 1
         metrics.update(
             backend=backend, device=device, data_source=str(source), wall_time_s=round(time.perf_counter() - start, 2)

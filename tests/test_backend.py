@@ -72,3 +72,13 @@ def test_describe_device_names_the_device_keras_uses():
         assert device != "cpu"
     else:
         assert device == "cpu"
+
+
+def test_out_of_memory_errors_are_recognised_on_every_backend():
+    from fmnist_keras.backend import is_out_of_memory
+
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
+    assert not is_out_of_memory(ValueError("Input 0 of layer is incompatible"))
+    torch = pytest.importorskip("torch")
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA error"))

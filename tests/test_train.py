@@ -119,3 +119,20 @@ def test_bad_data_exits_1_with_one_clear_line(tmp_path, tiny_data_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "SHA-256" in err and "\n" not in err
     assert not any(tmp_path.glob("2*"))  # no run directory was created
+
+
+def test_too_small_subset_is_a_usage_error_and_creates_no_run_dir(tmp_path, tiny_data_dir, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_cli(tmp_path, tiny_data_dir, "--subset", "5")
+    assert info.value.code == 2
+    assert "cannot hold every class; use at least 200" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_out_dir_is_a_usage_error(tmp_path, tiny_data_dir, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as info:
+        train.main(["--data-dir", str(tiny_data_dir), "--no-verify", "--out-dir", str(blocker / "runs")])
+    assert info.value.code == 2
+    assert "cannot create run directory" in capsys.readouterr().err
