@@ -68,7 +68,10 @@ def test_sigkill_mid_epoch_then_resume_gives_a_complete_history(tmp_path, tiny_d
 
 def test_ctrl_c_says_how_to_resume(tmp_path, tiny_data_dir):
     cmd = [sys.executable, "-m", "fmnist_keras.train", *_argv(tmp_path, tiny_data_dir, "--epochs", "50")]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell that starts a job in the background makes it ignore SIGINT, and the child
+    # would inherit that; restore the default so Python turns SIGINT into KeyboardInterrupt.
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     history_file = tmp_path / "run" / "mlp" / "history.csv"
     try:
         assert _wait_for(lambda: len(read_history(history_file)) >= 1, 600, process)
