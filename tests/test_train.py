@@ -136,3 +136,14 @@ def test_unwritable_out_dir_is_a_usage_error(tmp_path, tiny_data_dir, capsys):
         train.main(["--data-dir", str(tiny_data_dir), "--no-verify", "--out-dir", str(blocker / "runs")])
     assert info.value.code == 2
     assert "cannot create run directory" in capsys.readouterr().err
+
+
+def test_mixed_precision_trains_with_float32_outputs(tmp_path, tiny_data_dir):
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "2", "--mixed-precision", "--no-report") == 0
+    metrics = json.loads((tmp_path / "runs" / "run" / "mlp" / "metrics.json").read_text())
+    assert metrics["mixed_precision"] in ("mixed_bfloat16", "mixed_float16")
+    assert np.isfinite(metrics["test"]["loss"])
+    model = keras.saving.load_model(tmp_path / "runs" / "run" / "mlp" / "model.keras")
+    assert model.get_layer("dense1").dtype_policy.name == metrics["mixed_precision"]
+    out = model.predict(np.zeros((2, 28, 28, 1), "float32"), verbose=0)
+    assert keras.ops.convert_to_numpy(out).dtype == np.float32
