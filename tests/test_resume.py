@@ -100,7 +100,7 @@ def test_atomic_checkpoint_leaves_previous_model_when_a_write_fails(tmp_path):
     checkpoint = AtomicModelCheckpoint(target, monitor="loss", save_best_only=True)
     checkpoint.set_model(model)
     checkpoint.on_train_begin()
-    checkpoint._save_model(0, None, {"loss": 1.0})
+    checkpoint.on_epoch_end(0, {"loss": 1.0})
     good = target.read_bytes()
     first_weights = [w.copy() for w in model.get_weights()]
 
@@ -112,7 +112,7 @@ def test_atomic_checkpoint_leaves_previous_model_when_a_write_fails(tmp_path):
     model.set_weights([w + 1 for w in first_weights])
     model.save = exploding_save
     with pytest.raises(OSError, match="disk full"):
-        checkpoint._save_model(1, None, {"loss": 0.5})
+        checkpoint.on_epoch_end(1, {"loss": 0.5})
     assert target.read_bytes() == good
     reloaded = keras.saving.load_model(target)
     np.testing.assert_allclose(reloaded.get_weights()[0], first_weights[0])
