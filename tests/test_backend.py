@@ -82,3 +82,22 @@ def test_out_of_memory_errors_are_recognised_on_every_backend():
     assert not is_out_of_memory(ValueError("Input 0 of layer is incompatible"))
     torch = pytest.importorskip("torch")
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA error"))
+
+
+def test_torch_commands_do_not_import_tensorflow(tmp_path):
+    """Keras would import all of TensorFlow to seed it and to save a model; the torch path must not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from fmnist_keras.backend import select_backend\n"
+        "select_backend('torch')\n"
+        "import keras\n"
+        "keras.utils.set_random_seed(1)\n"
+        "model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])\n"
+        f"model.save({str(tmp_path / 'm.keras')!r})\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
