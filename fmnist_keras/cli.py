@@ -1,4 +1,4 @@
-"""Argument types shared by the commands: numbers checked at parse time.
+"""Arguments shared by the commands, and number types checked at parse time.
 
 Each raises ``argparse.ArgumentTypeError``, so a bad value is an argparse
 error (one line, exit code 2) naming what was given and what was expected.
@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import argparse
 import math
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``--no-verify``, shared by the commands that read the data set."""
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="directory with the four IDX files, .gz or not (default: $FMNIST_DATA_DIR, "
+                        "the Keras cache, /usr/share/datasets/fashion-mnist, or a download)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the SHA-256 check of the data files (only for your own IDX data)")
 
 
 def _number(text: str, cast, kind: str):

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import non_negative_int
+from fmnist_keras.cli import add_data_arguments, non_negative_int
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -37,11 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="RUN_DIR_OR_MODEL", help="a run directory holding model.keras, or a .keras file")
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="directory with the four IDX files (default: $FMNIST_DATA_DIR, the Keras cache, "
-                        "/usr/share/datasets/fashion-mnist, or a download)")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip the SHA-256 check of the data files (only for your own IDX data)")
+    add_data_arguments(parser)
     parser.add_argument("--validation", action="store_true",
                         help="also evaluate on the run's validation split, rebuilt from its config.json (default: off)")
     parser.add_argument("--image-index", type=non_negative_int, metavar="N",

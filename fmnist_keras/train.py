@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int
+from fmnist_keras.cli import (
+    add_data_arguments,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from fmnist_keras.config import MODEL_DEFAULTS, MODEL_NAMES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -66,11 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"seed for the split, weights, shuffling and augmentation (default: {DEFAULTS.seed})")
     parser.add_argument("--subset", type=positive_int, metavar="N",
                         help="train on a stratified subset of N training images, for quick runs (default: all 60000)")
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="directory with the four IDX files, .gz or not (default: $FMNIST_DATA_DIR, "
-                        "the Keras cache, /usr/share/datasets/fashion-mnist, or a download)")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip the SHA-256 check of the data files (only for your own IDX data)")
+    add_data_arguments(parser)
     parser.add_argument("--out-dir", default="runs", metavar="DIR", help="where run directories go (default: runs)")
     parser.add_argument("--run-name", metavar="NAME",
                         help="name of this run's directory under --out-dir (default: date and time, e.g. 20261129-143000)")
