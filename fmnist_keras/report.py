@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from fmnist_keras import inspect as finspect
 from fmnist_keras import plots
+from fmnist_keras.callbacks import read_history as history_rows
 from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.metrics import classification_metrics
 
@@ -35,15 +35,14 @@ def read_history(path: str | Path) -> dict[str, np.ndarray]:
     """The columns of a CSVLogger ``history.csv`` as float arrays (``epoch`` as int)."""
     path = Path(path)
     try:
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        if not path.exists():
+            raise FileNotFoundError(2, "No such file or directory")
+        rows = history_rows(path)
     except OSError as error:
         raise ValueError(f"cannot read training history {path}: {error.strerror}.") from None
     if not rows or "epoch" not in rows[0]:
         raise ValueError(f"{path} is not a CSVLogger history (expected a header with 'epoch' and at least one row).")
-    columns = {key: np.array([float(row[key]) for row in rows]) for key in rows[0]}
-    columns["epoch"] = columns["epoch"].astype(int)
-    return columns
+    return {key: np.array([row[key] for row in rows]) for key in rows[0]}
 
 
 def default_image_index(count: int, seed: int = 0) -> int:
