@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from fmnist_keras.backend import select_backend
 
     select_backend(args.backend, args.device)
-    inputs = np.load(args.inputs)
+    inputs = np.load(args.inputs, allow_pickle=False)
     if args.command == "save":
         for name, path in save(inputs, args.out_dir).items():
             print(f"saved {name} under {args.backend}: {path}")
