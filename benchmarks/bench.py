@@ -40,6 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement, the first one is warm-up (default: 3)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     parser.add_argument("--subset", type=int, help="train on N images instead of the 54k training split")
+    parser.add_argument("--data-format", choices=["auto", "channels_last", "channels_first"], default="auto",
+                        help="layout of the Keras path ('auto': what train uses, channels_first on torch)")
     parser.add_argument("--no-twin", action="store_true", help="skip the plain-PyTorch twin")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser.parse_args(argv)
@@ -79,7 +81,7 @@ def time_keras(name, splits, args):
 
     config = TrainConfig(model=name, epochs=args.epochs, batch_size=args.batch_size).resolved()
     keras.utils.set_random_seed(0)
-    model = build_model(name, seed=0)
+    model = build_model(name, data_format=splits.data_format, seed=0)
     initial_weights = [np.array(w) for w in model.get_weights()]
     steps = -(-len(splits.x_train) // args.batch_size)
     compile_model(model, config, steps)
@@ -153,9 +155,10 @@ def time_twin(name, keras_model, weights, splits, args):
     net = torch_twin(name, keras_model, weights)
     if net is None:
         return None
-    x = torch.tensor(np.moveaxis(splits.x_train, -1, 1)).contiguous(memory_format=torch.channels_last)
+    nchw = splits.in_format("channels_first")
+    x = torch.tensor(nchw.x_train).contiguous(memory_format=torch.channels_last)
     y = torch.tensor(splits.y_train)
-    x_test = torch.tensor(np.moveaxis(splits.x_test, -1, 1)).contiguous(memory_format=torch.channels_last)
+    x_test = torch.tensor(nchw.x_test).contiguous(memory_format=torch.channels_last)
     net = net.to(memory_format=torch.channels_last)
     decay = [p for n, p in net.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
 
     select_backend(keras.backend.backend())
     raw = fdata.load_data()
-    splits = make_splits(raw, TrainConfig(subset=args.subset))
+    splits = make_splits(raw, TrainConfig(subset=args.subset, data_format=args.data_format))
     device = describe_device()
     rows = []
     for name in args.models:
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
             if twin:
                 rows.append({"model": name, "path": "plain torch", **twin, "peak_rss_mb": peak_rss_mb(),
                              "keras_over_torch": result["s_per_epoch"] / twin["s_per_epoch"]})
-    print(f"\n{len(splits.x_train)} training images, batch {args.batch_size}, {args.epochs} epochs "
+    print(f"\n{len(splits.x_train)} training images ({splits.data_format}), batch {args.batch_size}, {args.epochs} epochs "
           f"(median after 1 warm-up), device {device}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs")
     header = f"{'model':<14}{'path':<15}{'s/epoch':>9}{'train img/s':>13}{'infer img/s':>13}{'peak MB':>9}{'test acc':>10}{'keras/torch':>13}"
@@ -220,7 +223,7 @@ def main(argv=None) -> int:
               f"{r['infer_img_s']:>13.0f}{r['peak_rss_mb']:>9.0f}{r['test_acc']:>10.4f}{ratio:>13}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "num_train": len(splits.x_train), "batch_size": args.batch_size,
+            json.dump({"device": device, "num_train": len(splits.x_train), "data_format": splits.data_format, "batch_size": args.batch_size,
                        "epochs": args.epochs, "rows": rows}, f, indent=2)
     return 0
 

@@ -27,19 +27,34 @@ BACKUP_DIR = "backup"
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """``ModelCheckpoint`` that never leaves a half-written model file."""
+    """``ModelCheckpoint`` that never leaves a half-written model file.
+
+    Args:
+        save_as: optional function from the model being trained to the model
+            to write in its place, e.g. the same weights in the portable
+            ``channels_last`` layout (:func:`fmnist_keras.training.portable_copy`).
+        *args, **kwargs: as for ``keras.callbacks.ModelCheckpoint``.
+    """
+
+    def __init__(self, *args, save_as=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_as = save_as
 
     def _save_model(self, epoch, batch, logs):
         # Overrides a private hook of ModelCheckpoint: redirect the write to a
-        # temporary sibling (same directory, so the rename is atomic).
+        # temporary sibling (same directory, so the rename is atomic), and
+        # show ModelCheckpoint the model to write (Callback.model reads _model).
         final = Path(self.filepath)
         temporary = final.with_name(f".partial-{final.name}")
         temporary.unlink(missing_ok=True)
+        trained = self._model
         self.filepath = str(temporary)
+        if self.save_as is not None:
+            self._model = self.save_as(self.model)
         try:
             super()._save_model(epoch, batch, logs)
         finally:
-            self.filepath = str(final)
+            self.filepath, self._model = str(final), trained
         if temporary.exists():
             os.replace(temporary, final)
 

@@ -28,7 +28,7 @@ from fmnist_keras.cli import (
     positive_float,
     positive_int,
 )
-from fmnist_keras.config import MODEL_DEFAULTS, MODEL_NAMES, TrainConfig
+from fmnist_keras.config import DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed-precision", action="store_true",
                         help="compute in bfloat16 (CPU) or float16 (GPU), keep float32 weights and outputs "
                         "(default: off)")
+    parser.add_argument("--data-format", choices=DATA_FORMATS, default=DEFAULTS.data_format,
+                        help="image layout while training; 'auto' is channels_first on torch (1.4-1.6x faster "
+                        "CNNs there) and channels_last elsewhere; the saved model is channels_last either way "
+                        "(default: auto)")
+    parser.add_argument("--distribute", action="store_true",
+                        help="jax: data-parallel over all local devices (keras.distribution.DataParallel); on torch "
+                        "launch with torchrun --nproc_per_node N instead (default: off)")
+    parser.add_argument("--dist-timeout", type=positive_float, default=300, metavar="S",
+                        help="distributed runs: seconds a process waits for the others (rendezvous and every "
+                        "collective) before failing instead of hanging (default: 300)")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="skip report.md and its figures in each model's run directory (default: write them)")
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -161,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_dir, configs, requested_backend = None, None, args.backend
 
-    from fmnist_keras.backend import BackendError, describe_device, is_out_of_memory, select_backend
+    from fmnist_keras.backend import BackendError, select_backend
 
     try:
         backend = select_backend(requested_backend, args.device)
@@ -170,7 +180,27 @@ def main(argv: list[str] | None = None) -> int:
     if configs is None:
         configs = configs_from_args(args, backend)
 
+    from fmnist_keras import distributed
+
+    try:
+        if args.resume and (args.distribute or distributed.launched_by_torchrun()):
+            raise distributed.DistributedError("--resume of a distributed run is not supported; resume it in one process.")
+        replicas = distributed.setup(backend, args.distribute, configs[0].batch_size, args.dist_timeout)
+    except distributed.DistributedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return _train_all(parser, args, configs, run_dir, backend, replicas)
+    finally:
+        distributed.shutdown(replicas)
+
+
+def _train_all(parser, args, configs, run_dir, backend, replicas) -> int:
+    """Load the data, split it, train each model; rank 0 alone prints and writes."""
     from fmnist_keras import data as fdata
+    from fmnist_keras.backend import describe_device, is_out_of_memory
+
+    say = print if replicas.is_chief else (lambda *_, **__: None)
 
     try:
         raw, source = fdata.load_data(configs[0].data_dir, verify=configs[0].verify, return_source=True)
@@ -182,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every model of a run shares the split (same seed, --val-split and --subset).
     try:
-        splits = training.make_splits(raw, configs[0])
+        splits = training.make_splits(raw, configs[0], training.data_format_of(configs[0]))
     except ValueError as error:
         parser.error(f"--subset {configs[0].subset} / --val-split {configs[0].val_split}: {error}")
-    if run_dir is None:
+    if run_dir is None and replicas.is_chief:
         try:
             run_dir = prepare_run_dir(args.out_dir, args.run_name, args.overwrite)
         except (FileExistsError, OSError) as error:
@@ -198,25 +228,30 @@ def main(argv: list[str] | None = None) -> int:
     from fmnist_keras.metrics import format_summary
 
     device = describe_device()
-    print(f"Backend: {backend} (keras {keras.__version__}), device: {device}")
-    print(f"Data: {source}{'' if configs[0].verify else ', digests NOT checked (--no-verify)'}")
-    print(f"Run directory: {run_dir}{' (resuming)' if args.resume else ''}")
+    say(f"Backend: {backend} (keras {keras.__version__}), device: {device}")
+    if replicas.mode != "single":
+        say(
+            f"Data parallel ({replicas.mode}): {replicas.world_size} replicas {', '.join(replicas.devices)}; "
+            f"global batch {configs[0].batch_size}, {configs[0].batch_size // replicas.world_size} per replica"
+        )
+    say(f"Data: {source}{'' if configs[0].verify else ', digests NOT checked (--no-verify)'}")
+    say(f"Run directory: {run_dir}{' (resuming)' if args.resume else ''}")
     summaries = []
     for config in configs:
-        model_dir = run_dir / config.model
+        model_dir = run_dir / config.model if replicas.is_chief else None
         if args.resume and (model_dir / training.METRICS_FILE).exists():
             print(f"\n== {config.model}: already finished, kept as it is")
             summaries.append(json.loads((model_dir / training.METRICS_FILE).read_text()))
             continue
         resolved = config.resolved()
-        print(
+        say(
             f"\n== {config.model}: {len(splits.x_train)} train / {len(splits.x_val)} validation / "
             f"{len(splits.x_test)} test images, up to {resolved.epochs} epochs, batch {resolved.batch_size}, "
             f"peak learning rate {resolved.learning_rate:g}"
         )
         start = time.perf_counter()
         try:
-            metrics = training.train(config, splits, model_dir, resume=bool(args.resume))
+            metrics = training.train(config, splits, model_dir, resume=bool(args.resume), replicas=replicas)
         except KeyboardInterrupt:
             print(
                 f"\nInterrupted. {run_dir} keeps every completed epoch; continue with:\n"
@@ -236,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+        if not replicas.is_chief:
+            continue
         metrics.update(
             backend=backend, device=device, data_source=str(source), wall_time_s=round(time.perf_counter() - start, 2)
         )
@@ -244,12 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.report:
             from fmnist_keras.report import write_report
 
-            report = write_report(model_dir, splits.x_test, splits.y_test, metrics=metrics,
-                                  x_train=splits.x_train, y_train=splits.y_train)
+            portable = splits.in_format("channels_last")  # the layout of the saved model
+            report = write_report(model_dir, portable.x_test, portable.y_test, metrics=metrics,
+                                  x_train=portable.x_train, y_train=portable.y_train)
             print(f"Report: {report}")
         print(f"Saved {model_dir / training.MODEL_FILE}; test accuracy {metrics['test']['accuracy']:.4f}")
-    print(f"\nTest-set results ({backend} on {device}); run directory {run_dir}")
-    print(format_summary(summaries))
+    say(f"\nTest-set results ({backend} on {device}); run directory {run_dir}")
+    say(format_summary(summaries))
     return 0
 
 

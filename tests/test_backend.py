@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
 from fmnist_keras import backend as fbackend
@@ -101,3 +102,48 @@ def test_torch_commands_do_not_import_tensorflow(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def _train_steps(fuse: bool, steps: int = 5):
+    from fmnist_keras.models import build_mlp
+
+    keras.utils.set_random_seed(0)
+    model = build_mlp(units=(32,), dropout=0.0)
+    optimizer = keras.optimizers.AdamW(learning_rate=1e-2, weight_decay=1e-2)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    if fuse:
+        fbackend.fuse_adam(optimizer)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 28, 28, 1), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 64), 10)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)  # 4 steps
+    model.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0)  # and a 5th
+    return model
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="the fused Adam step is torch-only")
+def test_fused_adam_gives_the_weights_of_keras_adamw():
+    plain, fused = _train_steps(fuse=False), _train_steps(fuse=True)
+    assert int(fused.optimizer.iterations.numpy()) == 5
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(plain.get_weights(), _initial_weights()))
+    assert moved > 1e-3  # the check below compares weights that did change
+    for a, b in zip(plain.get_weights(), fused.get_weights()):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def _initial_weights():
+    from fmnist_keras.models import build_mlp
+
+    keras.utils.set_random_seed(0)
+    return build_mlp(units=(32,), dropout=0.0).get_weights()
+
+
+def test_fuse_adam_leaves_other_backends_and_optimizers_alone():
+    sgd = keras.optimizers.SGD()
+    assert fbackend.fuse_adam(sgd) is sgd and "_parallel_update_step" not in vars(sgd)
+    amsgrad = keras.optimizers.Adam(amsgrad=True)
+    fbackend.fuse_adam(amsgrad)
+    assert "_parallel_update_step" not in vars(amsgrad)
+    adam = fbackend.fuse_adam(keras.optimizers.Adam())
+    assert ("_parallel_update_step" in vars(adam)) == (keras.backend.backend() == "torch")

@@ -70,5 +70,5 @@ def test_mlp_rejects_bad_arguments(kwargs):
 
 
 def test_unknown_model_name_lists_the_choices():
-    with pytest.raises(ValueError, match="choose one of mlp, cnn, baseline-cnn"):
+    with pytest.raises(ValueError, match="choose one of mlp, cnn, cnn-large, baseline-cnn"):
         build_model("resnet")

@@ -1,0 +1,100 @@
+"""Accuracy over seeds: train one model with several seeds and print mean and spread.
+
+Each seed is a separate ``python -m fmnist_keras.train`` run (its own run
+directory under ``--out-dir``); the script then reads every ``metrics.json``
+and prints test accuracy, macro-F1, best epoch and wall time per seed, with
+the mean and the spread (sample standard deviation, and max - min).
+Extra arguments after ``--`` go to ``train`` unchanged.
+
+Usage:
+    python benchmarks/seeds.py --model cnn --seeds 42 1 2 --out-dir runs/seeds
+    python benchmarks/seeds.py --model cnn --seeds 42 1 2 --jobs 3 -- --epochs 20   # GPU: in parallel
+
+On a 2-core CPU keep ``--jobs 1`` (the default): parallel runs only share the
+cores. Writes the table as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cnn", help="model to train (default: cnn)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="seeds (default: 42 1 2)")
+    parser.add_argument("--out-dir", default="runs/seeds", help="where the runs go (default: runs/seeds)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
+    parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    parser.add_argument("train_args", nargs="*", help="arguments passed on to train (after --)")
+    return parser.parse_args(argv)
+
+
+def run_name(model: str, seed: int) -> str:
+    return f"{model}-seed{seed}"
+
+
+def launch(args, seed: int) -> subprocess.Popen:
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "fmnist_keras.train", "--model", args.model, "--seed", str(seed),
+        "--out-dir", str(out), "--run-name", run_name(args.model, seed), "--overwrite", "--no-report",
+        *args.train_args,
+    ]
+    log = open(out / f"{run_name(args.model, seed)}.log", "w")
+    print("$", " ".join(command), flush=True)
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    pending, running, failed = list(args.seeds), {}, []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed = pending.pop(0)
+            running[seed] = launch(args, seed)
+        time.sleep(2)
+        for seed, process in list(running.items()):
+            if process.poll() is not None:
+                del running[seed]
+                if process.returncode:
+                    failed.append(seed)
+                    print(f"seed {seed}: train exited with {process.returncode}; see its log", file=sys.stderr)
+    rows = []
+    for seed in args.seeds:
+        metrics_file = Path(args.out_dir) / run_name(args.model, seed) / args.model / "metrics.json"
+        if metrics_file.exists():
+            m = json.loads(metrics_file.read_text())
+            rows.append({
+                "seed": seed, "test_acc": m["test"]["accuracy"], "macro_f1": m["test"]["macro_f1"],
+                "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"], "wall_time_s": m.get("wall_time_s"),
+                "seconds_per_epoch": m["seconds_per_epoch"], "device": m.get("device"),
+            })
+    print(f"\n{args.model}: {len(rows)} of {len(args.seeds)} seeds finished")
+    print(f"{'seed':>6}{'test acc':>10}{'macro-F1':>10}{'best':>6}{'epochs':>8}{'s/epoch':>9}{'wall s':>9}")
+    for r in rows:
+        print(f"{r['seed']:>6}{r['test_acc']:>10.4f}{r['macro_f1']:>10.4f}{r['best_epoch']:>6}{r['epochs_run']:>8}"
+              f"{r['seconds_per_epoch']:>9.1f}{r['wall_time_s'] or 0:>9.0f}")
+    summary = {}
+    if rows:
+        accs = [r["test_acc"] for r in rows]
+        summary = {
+            "mean": statistics.mean(accs),
+            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "min": min(accs), "max": max(accs),
+        }
+        print(f"mean {summary['mean']:.4f}  std {summary['std']:.4f}  range {summary['min']:.4f}-{summary['max']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows, "summary": summary}, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

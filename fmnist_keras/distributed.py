@@ -1,0 +1,321 @@
+"""Data-parallel training with the engines users already run.
+
+* **torch**: ``torchrun --nproc_per_node N -m fmnist_keras.train ...``. Every
+  process builds the same model, rank 0's weights are broadcast, and each
+  trains with ``model.fit`` on its own shard of every epoch (PyTorch's
+  ``DistributedSampler``). Gradients are averaged with
+  ``torch.distributed.all_reduce`` (gloo on CPU, NCCL on GPUs) from a hook on
+  every weight, as soon as backward has produced its gradient and before the
+  optimizer step; BatchNorm's moving statistics and the batch loss are
+  averaged after every step and the epoch's logs before any callback reads
+  them, so every replica holds the same weights after every step and
+  EarlyStopping decides the same everywhere. Only rank 0 writes files.
+
+  Why not wrap the model in ``DistributedDataParallel``: DDP starts its
+  gradient reduction from a forward call made *through the wrapper*, and
+  ``model.fit`` calls the Keras model itself (the Keras guide on torch
+  distribution uses DDP with a hand-written loop instead). Keras's callbacks
+  do unwrap a DDP model, but that serves those custom loops, not ``fit``.
+
+* **JAX**: ``train --backend jax --distribute`` sets
+  ``keras.distribution.DataParallel`` over all local devices; Keras splits
+  every batch across them and keeps the weights replicated.
+
+The global batch (``--batch-size``) is what one process would use, split
+evenly over the replicas, so steps per epoch and the learning rate stay as
+in a single-process run: no learning-rate scaling is needed. Grow
+``--batch-size`` with the replicas only together with ``--learning-rate``
+(the linear scaling rule).
+
+Import this only after :func:`fmnist_keras.backend.select_backend`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+
+import keras
+import numpy as np
+
+DEFAULT_TIMEOUT_S = 300
+
+
+class DistributedError(RuntimeError):
+    """Distributed training cannot start as asked; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicas:
+    """Who trains: one process (``single``), torchrun processes, or JAX devices."""
+
+    mode: str = "single"  # "single", "torchrun" or "jax"
+    rank: int = 0
+    world_size: int = 1
+    devices: tuple[str, ...] = ()
+    collective_backend: str | None = None  # "gloo" or "nccl" under torchrun
+
+    @property
+    def is_chief(self) -> bool:
+        """Rank 0: the one process that prints progress and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self, global_batch: int) -> dict:
+        """What ``metrics.json`` records about the replicas."""
+        return {
+            "mode": self.mode,
+            "world_size": self.world_size,
+            "devices": list(self.devices),
+            "collective_backend": self.collective_backend,
+            "global_batch_size": global_batch,
+            "per_replica_batch_size": global_batch // self.world_size,
+            "learning_rate_scaling": "none: the global batch is the single-process batch",
+        }
+
+
+SINGLE = Replicas()
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another torch.distributed launcher) started this process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(backend: str, distribute: bool, batch_size: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> Replicas:
+    """Join the torchrun job or spread over the JAX devices, as asked.
+
+    Args:
+        backend: the Keras backend in force.
+        distribute: ``--distribute`` (JAX data parallelism over local devices).
+        batch_size: the global batch, which must split evenly over the replicas.
+        timeout_s: how long any rank waits for the others (rendezvous and
+            every collective) before failing instead of hanging.
+
+    Raises:
+        DistributedError: a mode the backend does not support, a batch that
+            does not split evenly, or a rendezvous that cannot be reached.
+    """
+    if launched_by_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if backend != "torch":
+            raise DistributedError(
+                f"torchrun started {world} processes but the backend is {backend!r}; torchrun data parallelism "
+                f"needs --backend torch (on jax, run one process with --distribute)."
+            )
+        if distribute:
+            raise DistributedError(
+                "--distribute is JAX's single-process data parallelism; under torchrun leave it out."
+            )
+        return _join_torchrun(world, batch_size, timeout_s)
+    if not distribute:
+        return SINGLE
+    if backend != "jax":
+        raise DistributedError(
+            f"--distribute works on the jax backend, not {backend!r}; on torch launch "
+            f"torchrun --nproc_per_node N -m fmnist_keras.train instead."
+        )
+    return _spread_over_jax_devices(batch_size)
+
+
+def _check_batch(batch_size: int, world: int, what: str) -> None:
+    if batch_size % world:
+        raise DistributedError(
+            f"--batch-size {batch_size} does not split evenly over {world} {what}; use a multiple of {world}, "
+            f"e.g. --batch-size {max(world, batch_size // world * world)}."
+        )
+
+
+def _join_torchrun(world: int, batch_size: int, timeout_s: float) -> Replicas:
+    import torch
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    _check_batch(batch_size, world, "processes")
+    on_gpu = torch.cuda.is_available() and os.environ.get("KERAS_TORCH_DEVICE", "") != "cpu"
+    if on_gpu:
+        torch.cuda.set_device(local_rank)  # Keras's "cuda" device is the current one
+        os.environ["KERAS_TORCH_DEVICE"] = f"cuda:{local_rank}"
+    collective = "nccl" if on_gpu else "gloo"
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(collective, timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception as error:  # the launcher's store or the peers are unreachable
+            address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise DistributedError(
+                f"rank {rank} of {world} could not join the process group at {address} within {timeout_s:g} s "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); check that every "
+                f"node can reach the rendezvous address and port, or raise --dist-timeout."
+            ) from error
+    device = f"cuda:{local_rank}" if on_gpu else "cpu"
+    devices = [None] * world
+    dist.all_gather_object(devices, f"rank{rank}:{device}")
+    return Replicas("torchrun", rank, world, tuple(devices), collective)
+
+
+def _spread_over_jax_devices(batch_size: int) -> Replicas:
+    import jax
+
+    devices = jax.devices()
+    _check_batch(batch_size, len(devices), "JAX devices")
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    return Replicas("jax", 0, len(devices), tuple(f"{d.platform}:{d.id}" for d in devices))
+
+
+def shutdown(replicas: Replicas) -> None:
+    """Leave the torchrun process group (after a final barrier)."""
+    if replicas.mode == "torchrun":
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+# --- torch: data sharding and replica synchronisation ---------------------------------------
+
+
+class _Batches:
+    """A map-style dataset whose items are whole batches (one numpy fancy index each)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, indices):
+        return self.x[indices], self.y[indices]
+
+
+def shard(x: np.ndarray, y: np.ndarray, replicas: Replicas, batch_size: int, seed: int):
+    """This rank's batches of every epoch: a ``DataLoader`` over a
+    ``DistributedSampler`` (a new disjoint split each epoch, the same number
+    of batches on every rank), and the callback that advances its epoch."""
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(
+        range(len(x)), num_replicas=replicas.world_size, rank=replicas.rank, shuffle=True, seed=seed
+    )
+    batches = BatchSampler(sampler, batch_size=batch_size // replicas.world_size, drop_last=False)
+    loader = DataLoader(_Batches(x, y), sampler=batches, batch_size=None)
+
+    class SetEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            sampler.set_epoch(epoch)
+
+    return loader, SetEpoch()
+
+
+class ReplicaSync(keras.callbacks.Callback):
+    """Keeps torchrun replicas identical and their decisions the same.
+
+    * train begin: broadcast rank 0's weights; hook every trainable weight so
+      its gradient is averaged over the replicas during backward.
+    * every batch: average BatchNorm's moving statistics and the logged loss
+      (so TerminateOnNaN stops every rank at the same step).
+    * every epoch: average the logs before the other callbacks read them
+      (put this callback first).
+    """
+
+    def __init__(self, replicas: Replicas):
+        super().__init__()
+        self.replicas = replicas
+        self._hooks = []
+
+    def _device(self):
+        return self.model.trainable_weights[0].value.device  # NCCL reduces GPU tensors only
+
+    def _average(self, tensors):
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.replicas.world_size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def on_train_begin(self, logs=None):
+        import torch
+        import torch.distributed as dist
+
+        world = self.replicas.world_size
+        with torch.no_grad():
+            for weight in self.model.weights:
+                dist.broadcast(weight.value.data, src=0)
+
+        def average_gradient(parameter):
+            dist.all_reduce(parameter.grad)
+            parameter.grad.div_(world)
+
+        self._hooks = [w.value.register_post_accumulate_grad_hook(average_gradient) for w in self.model.trainable_weights]
+
+    def on_train_batch_end(self, batch, logs=None):
+        import torch
+
+        statistics = [w.value.data for w in self.model.non_trainable_weights if w.value.is_floating_point()]
+        loss = torch.tensor([float((logs or {}).get("loss", 0.0))], device=self._device())
+        with torch.no_grad():
+            self._average([*statistics, loss])
+        if logs is not None and "loss" in logs:
+            logs["loss"] = float(loss[0])
+
+    def on_epoch_end(self, epoch, logs=None):
+        import torch
+
+        if not logs:
+            return
+        keys = sorted(logs)
+        values = torch.tensor([float(logs[k]) for k in keys], device=self._device())
+        self._average([values])
+        logs.update({k: float(v) for k, v in zip(keys, values)})
+
+    def on_train_end(self, logs=None):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def callbacks(replicas: Replicas) -> list:
+    """The callbacks a replica needs, to go first in ``fit``'s list."""
+    return [ReplicaSync(replicas)] if replicas.mode == "torchrun" else []
+
+
+# --- checking that the replicas agree ------------------------------------------------------------
+
+
+def _digest(arrays) -> str:
+    sha = hashlib.sha256()
+    for array in arrays:
+        sha.update(np.ascontiguousarray(array).tobytes())
+    return sha.hexdigest()[:16]
+
+
+def replica_digests(model: keras.Model, replicas: Replicas) -> list[str]:
+    """A digest of every replica's weights (all equal when the replicas agree).
+
+    torchrun: one per process (gathered on every rank, a collective call);
+    JAX: one per device, from each device's own copy of the replicated weights.
+    """
+    if replicas.mode == "torchrun":
+        import torch.distributed as dist
+
+        digests = [None] * replicas.world_size
+        dist.all_gather_object(digests, _digest(keras.ops.convert_to_numpy(w) for w in model.weights))
+        return digests
+    if replicas.mode == "jax":
+        per_device = [[] for _ in replicas.devices]
+        for weight in model.weights:
+            for i, shard_ in enumerate(sorted(weight.value.addressable_shards, key=lambda s: s.device.id)):
+                per_device[i].append(np.asarray(shard_.data))
+        return [_digest(arrays) for arrays in per_device]
+    return [_digest(keras.ops.convert_to_numpy(w) for w in model.weights)]
