@@ -22,7 +22,7 @@ MODEL_DEFAULTS = {
     # The CNN costs minutes per epoch on two CPU cores; 15 epochs of a
     # warm-up + cosine schedule is where its test accuracy levels off.
     "cnn": {"epochs": 15, "learning_rate": 2e-3},
-    # Opt-in: about 8x the CNN's compute, for a GPU or a long CPU run.
+    # Opt-in: about 6x the CNN's multiply-adds, for a GPU or a long CPU run.
     "cnn-large": {"epochs": 30, "learning_rate": 2e-3},
     "baseline-cnn": {"epochs": 15, "learning_rate": 1e-3},
 }

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Examples:\n"
             "  python -m fmnist_keras.evaluate runs/20261129-143000/cnn\n"
             "  python -m fmnist_keras.evaluate model.keras --validation --image-index 7 --out-dir eval/\n"
-            "  python -m fmnist_keras.evaluate runs/latest/cnn --layers block1_conv1 block3_relu1 --backend jax"
+            "  python -m fmnist_keras.evaluate runs/latest/cnn --layers block1_conv1 block2_relu2 --backend jax"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
