@@ -127,6 +127,11 @@ def training_data_format(backend: str, requested: str = "auto") -> str:
     """
     if requested not in DATA_FORMATS:
         raise ValueError(f"unknown data format {requested!r}; choose one of {', '.join(DATA_FORMATS)}.")
+    if requested == "channels_first" and backend == "tensorflow" and not has_gpu():
+        raise ValueError(
+            "--data-format channels_first: TensorFlow's CPU convolutions run channels_last only; "
+            "use --data-format auto or channels_last."
+        )
     if requested != "auto":
         return requested
     return "channels_first" if backend == "torch" else "channels_last"

@@ -212,7 +212,11 @@ def _train_all(parser, args, configs, run_dir, backend, replicas) -> int:
 
     # Every model of a run shares the split (same seed, --val-split and --subset).
     try:
-        splits = training.make_splits(raw, configs[0], training.data_format_of(configs[0]))
+        data_format = training.data_format_of(configs[0])
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        splits = training.make_splits(raw, configs[0], data_format)
     except ValueError as error:
         parser.error(f"--subset {configs[0].subset} / --val-split {configs[0].val_split}: {error}")
     if run_dir is None and replicas.is_chief:

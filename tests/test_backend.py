@@ -147,3 +147,11 @@ def test_fuse_adam_leaves_other_backends_and_optimizers_alone():
     assert "_parallel_update_step" not in vars(amsgrad)
     adam = fbackend.fuse_adam(keras.optimizers.Adam())
     assert ("_parallel_update_step" in vars(adam)) == (keras.backend.backend() == "torch")
+
+
+def test_training_layout_is_channels_first_on_torch_only_and_explicit_choices_hold():
+    assert fbackend.training_data_format("torch") == "channels_first"
+    assert fbackend.training_data_format("jax") == "channels_last"
+    assert fbackend.training_data_format("torch", "channels_last") == "channels_last"
+    with pytest.raises(ValueError, match="choose one of auto, channels_last, channels_first"):
+        fbackend.training_data_format("torch", "nhwc")

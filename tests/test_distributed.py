@@ -123,3 +123,13 @@ def test_distribute_flag_is_for_jax(tmp_path, tiny_data_dir):
     out = _single("torch", *TRAIN, "--distribute", "--data-dir", str(tiny_data_dir), "--out-dir", str(tmp_path))
     assert out.returncode == 2
     assert "--distribute works on the jax backend, not 'torch'; on torch launch torchrun" in out.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
+def test_jax_batch_that_does_not_split_over_the_devices_is_refused(tmp_path, tiny_data_dir):
+    env = _env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = _single("jax", *TRAIN, "--distribute", "--batch-size", "33", "--data-dir", str(tiny_data_dir),
+                  "--out-dir", str(tmp_path), env=env)
+    assert out.returncode == 2
+    assert "error: --batch-size 33 does not split evenly over 2 JAX devices; use a multiple of 2" in out.stderr
+    assert not (tmp_path / "run").exists()

@@ -147,3 +147,19 @@ def test_mixed_precision_trains_with_float32_outputs(tmp_path, tiny_data_dir):
     assert model.get_layer("dense1").dtype_policy.name == metrics["mixed_precision"]
     out = model.predict(np.zeros((2, 28, 28, 1), "float32"), verbose=0)
     assert keras.ops.convert_to_numpy(out).dtype == np.float32
+
+
+def test_cnn_trains_in_the_backends_fast_layout_and_is_saved_channels_last(tmp_path, tiny_data_dir):
+    from fmnist_keras.loading import load_model
+
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "cnn", "--epochs", "1", "--no-report") == 0
+    run_dir = tmp_path / "runs" / "run" / "cnn"
+    expected = "channels_first" if keras.backend.backend() == "torch" else "channels_last"
+    assert TrainConfig.from_json((run_dir / "config.json").read_text()).data_format == expected
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["training_data_format"] == expected
+    model = load_model(run_dir / "model.keras")
+    assert tuple(model.inputs[0].shape[1:]) == (28, 28, 1)  # portable whatever the training layout
+    assert model.get_layer("block1_conv1").data_format == "channels_last"
+    compiled = keras.saving.load_model(run_dir / "model.keras", compile=True)
+    assert int(keras.ops.convert_to_numpy(compiled.optimizer.iterations)) == 3  # 360 images / 128: state saved too
