@@ -14,11 +14,12 @@ OUT=${OUT:-gpu-results}
 WORK=${WORK:-/tmp/fmnist-gpu}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/*.py import the package from the checkout
 log() { echo "== $(date +%T) $*"; }
 LIMIT=${LIMIT:-330}  # seconds for the accuracy runs
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/nvidia-smi.txt"
-python3 -c "import torch, keras; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'keras', keras.__version__)"
+KERAS_BACKEND=torch python3 -c "import torch, keras; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'keras', keras.__version__)"
 
 log "device selection"
 python3 -m fmnist_keras.train --backend torch --device gpu --model mlp --subset 6000 --epochs 2 \

@@ -143,7 +143,7 @@ def test_model_saved_under_another_backend_evaluates_here(tmp_path, tiny_data_di
         f"np.save(r'{tmp_path / 'probs.npy'}', keras.ops.convert_to_numpy(m(to_model_input(x), training=False)))"
     )
     env = {**os.environ, "KERAS_BACKEND": other, "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, timeout=300)  # generous: CI machines may be loaded
     assert run_cli(tiny_data_dir, tmp_path / "model.keras", "--no-report") == 0
     result = json.loads((tmp_path / "evaluation.json").read_text())
     (_, _), (_, y_test) = load_data(tiny_data_dir, verify=False)

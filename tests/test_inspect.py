@@ -39,7 +39,9 @@ def test_feature_maps_equal_running_the_layers_one_by_one(builder, tmp_path):
     x = images()
     maps = finspect.feature_maps(loaded, x)
     expected_names = (
-        ["block1_relu1", "block2_relu1"] if builder == "cnn" else ["block1_conv1", "block2_conv1"]
+        ["block1_relu1", "block1_relu2", "block2_relu1", "block2_relu2"]
+        if builder == "cnn"
+        else ["block1_conv1", "block2_conv1"]
     )
     assert list(maps) == expected_names
     for name in [*expected_names, "block1_pool"] if builder == "cnn" else expected_names:
