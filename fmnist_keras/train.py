@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  KERAS_BACKEND=torch python -m fmnist_keras.train\n"
             "  python -m fmnist_keras.train --model cnn --epochs 3 --subset 6000\n"
             "  python -m fmnist_keras.train --backend jax --model mlp\n"
+            "  torchrun --nproc_per_node 2 -m fmnist_keras.train --model cnn   (data-parallel, torch)\n"
             "Data is looked for in --data-dir or $FMNIST_DATA_DIR, then the Keras cache\n"
             "(~/.keras/datasets/fashion-mnist), then /usr/share/datasets/fashion-mnist\n"
             "(apt-get install dataset-fashion-mnist), then downloaded from the Keras mirror."
