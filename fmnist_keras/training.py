@@ -244,7 +244,7 @@ def train(
     y_val = keras.utils.to_categorical(splits.y_val, fdata.NUM_CLASSES)
     if replicas.mode == "torchrun":
         loader, set_epoch = distributed.shard(splits.x_train, y_train, replicas, config.batch_size, config.seed)
-        training_data = {"x": loader}
+        training_data = {"x": loader, "shuffle": False}  # the sampler shuffles
         callbacks.insert(0, set_epoch)
     else:
         training_data = {"x": splits.x_train, "y": y_train, "batch_size": config.batch_size}
