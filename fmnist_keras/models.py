@@ -135,10 +135,11 @@ def build_cnn(
 ) -> keras.Model:
     """A functional-API VGG-style CNN with batch normalisation.
 
-    By default two blocks of two convolutions (32-32-64-64 filters), the small
-    net that reaches about 94% on Fashion-MNIST with flips, shifts, label
-    smoothing and AdamW with a cosine schedule. Each block is ``convs_per_block`` times (3x3 Conv2D, BatchNorm, ReLU),
-    then 2x2 max pooling. Layers are named ``block{b}_conv{i}``,
+    By default two blocks of two convolutions (32-32-64-64 filters): with
+    flips, shifts, label smoothing and AdamW on a cosine schedule it reached
+    94.0% test accuracy in 15 epochs (README, "Results"). Each block is
+    ``convs_per_block`` times (3x3 Conv2D, BatchNorm, ReLU), then 2x2 max
+    pooling. Layers are named ``block{b}_conv{i}``,
     ``block{b}_bn{i}``, ``block{b}_relu{i}`` and ``block{b}_pool``; the
     penultimate layer is ``embedding``. Dropout comes only after the last
     BatchNorm, where it cannot shift the statistics BatchNorm learns.
