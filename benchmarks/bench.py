@@ -34,13 +34,15 @@ if os.environ["KERAS_BACKEND"] == "tensorflow":
 
 
 def parse_args(argv=None):
+    from fmnist_keras.config import DATA_FORMATS  # no Keras import: --help stays fast
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["baseline-cnn", "mlp"],
                         choices=["baseline-cnn", "mlp", "cnn"], help="models to time (default: baseline-cnn mlp)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement, the first one is warm-up (default: 3)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     parser.add_argument("--subset", type=int, help="train on N images instead of the 54k training split")
-    parser.add_argument("--data-format", choices=["auto", "channels_last", "channels_first"], default="auto",
+    parser.add_argument("--data-format", choices=DATA_FORMATS, default="auto",
                         help="layout of the Keras path ('auto': what train uses, channels_first on torch)")
     parser.add_argument("--no-twin", action="store_true", help="skip the plain-PyTorch twin")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")

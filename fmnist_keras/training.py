@@ -18,7 +18,7 @@ import numpy as np
 
 from fmnist_keras import data as fdata
 from fmnist_keras import distributed
-from fmnist_keras.backend import fuse_adam
+from fmnist_keras.backend import fuse_adam, training_data_format
 from fmnist_keras.callbacks import (
     BACKUP_DIR,
     AtomicModelCheckpoint,
@@ -67,8 +67,6 @@ class Splits:
 
 def data_format_of(config: TrainConfig) -> str:
     """The layout ``config`` trains in (its ``data_format``, resolved for the running backend)."""
-    from fmnist_keras.backend import training_data_format
-
     return training_data_format(keras.backend.backend(), config.data_format)
 
 
