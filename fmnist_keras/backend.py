@@ -113,15 +113,16 @@ def _keep_tensorflow_unloaded() -> None:
     module_utils.tensorflow._available = False
 
 
-def training_data_format(backend: str, requested: str = "auto") -> str:
+def training_data_format(backend: str, requested: str = "auto", fast_path: bool = True) -> str:
     """The image layout to train in: ``requested``, or for ``auto`` the
     backend's fast one.
 
-    Keras's torch backend runs ``channels_last`` convolutions and pooling by
-    permuting every activation to NCHW and back (``aten::copy_``, about 20%
-    of CPU time); in ``channels_first`` those copies vanish and the CNNs train
-    1.4-1.6x faster per step on CPU (README, "Speed"). TensorFlow and JAX
-    prefer ``channels_last`` (TensorFlow's CPU kernels support nothing else).
+    That is ``channels_last`` everywhere, except on torch without the fast
+    path. Stock Keras runs a torch ``channels_last`` convolution or pooling
+    by copying every activation to NCHW and back, so there ``channels_first``
+    is faster (1.4-1.6x per CNN step on CPU); the fast path
+    (:mod:`fmnist_keras.fastpath`) turns those copies into views and makes
+    ``channels_last`` the fastest layout on torch too (README, "Speed").
     Saved models are always ``channels_last`` whatever the training layout
     (the weights do not depend on it), so every backend loads them.
     """
@@ -134,56 +135,7 @@ def training_data_format(backend: str, requested: str = "auto") -> str:
         )
     if requested != "auto":
         return requested
-    return "channels_first" if backend == "torch" else "channels_last"
-
-
-def fuse_adam(optimizer):
-    """On torch, run a Keras ``Adam``/``AdamW`` update in PyTorch's fused kernel.
-
-    Keras's torch Adam is a chain of ``torch._foreach_*`` calls that allocate
-    temporaries: 18 ms per step for the MLP's 1.3 M weights on the 2-core CPU,
-    against 1.2 ms for ``torch.optim.adamw(fused=True)`` (README, "Speed").
-    This swaps the instance's update step for the fused one; the optimizer
-    keeps its class, variables and config, so saved models are unchanged and
-    load on every backend. Decoupled weight decay stays Keras's own (it
-    honours ``exclude_from_weight_decay``), and epsilon is rescaled each step
-    because Keras adds it before the bias correction and PyTorch after, so
-    the update is Keras's (tested to 2e-5). Other backends and optimizers:
-    unchanged.
-    """
-    import keras
-
-    if keras.backend.backend() != "torch" or not isinstance(optimizer, keras.optimizers.Adam) or optimizer.amsgrad:
-        return optimizer
-    import torch
-    from torch.optim.adamw import adamw
-
-    def fused_update_step(grads, variables, learning_rate):
-        index = optimizer._get_variable_index
-        params = [v.value for v in variables]
-        step = int(optimizer.iterations.value)  # one scalar read per step
-        bias_correction2 = 1.0 - float(optimizer.beta_2) ** (step + 1)
-        steps = [torch.tensor(float(step), device=params[0].device) for _ in params]  # the kernel adds 1
-        lr = learning_rate.to(device=params[0].device, dtype=torch.float32) if torch.is_tensor(learning_rate) else learning_rate
-        adamw(
-            params,
-            [g.contiguous() for g in grads],
-            [optimizer._momentums[index(v)].value for v in variables],
-            [optimizer._velocities[index(v)].value for v in variables],
-            [],
-            steps,
-            fused=True,
-            amsgrad=False,
-            beta1=float(optimizer.beta_1),
-            beta2=float(optimizer.beta_2),
-            lr=lr,
-            weight_decay=0.0,  # applied before, by Keras
-            eps=float(optimizer.epsilon) / bias_correction2**0.5,
-            maximize=False,
-        )
-
-    optimizer._parallel_update_step = fused_update_step
-    return optimizer
+    return "channels_first" if backend == "torch" and not fast_path else "channels_last"
 
 
 def has_gpu() -> bool:

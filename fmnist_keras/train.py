@@ -85,9 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute in bfloat16 (CPU) or float16 (GPU), keep float32 weights and outputs "
                         "(default: off)")
     parser.add_argument("--data-format", choices=DATA_FORMATS, default=DEFAULTS.data_format,
-                        help="image layout while training; 'auto' is channels_first on torch (1.4-1.6x faster "
-                        "CNNs there) and channels_last elsewhere; the saved model is channels_last either way "
-                        "(default: auto)")
+                        help="image layout while training; 'auto' is channels_last (channels_first on torch with "
+                        "--no-fast-path); the saved model is channels_last either way (default: auto)")
+    parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                        help="torch: train with stock Keras instead of the fast path (zero-copy layouts, batched "
+                        "augmentation, fused BatchNorm and AdamW; same results, see README 'Speed'); for "
+                        "comparisons and debugging (default: fast path on)")
     parser.add_argument("--distribute", action="store_true",
                         help="jax: data-parallel over all local devices (keras.distribution.DataParallel); on torch "
                         "launch with torchrun --nproc_per_node N instead (default: off)")
@@ -130,12 +133,13 @@ RUN_FILE = "run.json"
 # Flags that describe a run; --resume takes them from the run directory instead.
 _RUN_FLAGS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "label_smoothing", "patience",
               "val_split", "seed", "subset", "data_dir", "verify", "out_dir", "run_name", "overwrite",
-              "mixed_precision")
+              "mixed_precision", "data_format", "fast_path")
 
 
 def resume_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
     """The run directory and saved per-model configurations of ``--resume RUN_DIR``."""
-    given = [f"--{name.replace('_', '-')}" for name in _RUN_FLAGS if getattr(args, name) != parser.get_default(name)]
+    option = {action.dest: action.option_strings[-1] for action in parser._actions if action.option_strings}
+    given = [option[name] for name in _RUN_FLAGS if getattr(args, name) != parser.get_default(name)]
     if given:
         parser.error(f"--resume continues a run with its saved configuration; drop {', '.join(given)}.")
     run_dir = Path(args.resume)

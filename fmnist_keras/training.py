@@ -17,8 +17,8 @@ import keras
 import numpy as np
 
 from fmnist_keras import data as fdata
-from fmnist_keras import distributed
-from fmnist_keras.backend import fuse_adam, training_data_format
+from fmnist_keras import distributed, fastpath
+from fmnist_keras.backend import training_data_format
 from fmnist_keras.callbacks import (
     BACKUP_DIR,
     AtomicModelCheckpoint,
@@ -67,7 +67,7 @@ class Splits:
 
 def data_format_of(config: TrainConfig) -> str:
     """The layout ``config`` trains in (its ``data_format``, resolved for the running backend)."""
-    return training_data_format(keras.backend.backend(), config.data_format)
+    return training_data_format(keras.backend.backend(), config.data_format, config.fast_path)
 
 
 def make_splits(raw, config: TrainConfig, data_format: str | None = None) -> Splits:
@@ -107,7 +107,6 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
     # Decay only the weight matrices, not biases or normalisation parameters.
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    fuse_adam(optimizer)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
@@ -246,16 +245,17 @@ def train(
         callbacks.insert(0, set_epoch)
     else:
         training_data = {"x": splits.x_train, "y": y_train, "batch_size": config.batch_size}
-    start = time.perf_counter()
-    model.fit(
-        **training_data,
-        validation_data=(splits.x_val, y_val),
-        validation_batch_size=config.batch_size,
-        epochs=config.epochs,
-        callbacks=callbacks,
-        verbose=verbose if chief else 0,
-    )
-    train_time = time.perf_counter() - start
+    with fastpath.training(model, model.optimizer, enabled=config.fast_path) as fast_path:
+        start = time.perf_counter()
+        model.fit(
+            **training_data,
+            validation_data=(splits.x_val, y_val),
+            validation_batch_size=config.batch_size,
+            epochs=config.epochs,
+            callbacks=callbacks,
+            verbose=verbose if chief else 0,
+        )
+        train_time = time.perf_counter() - start
     digests = distributed.replica_digests(model, replicas) if replicas.mode != "single" else None  # every rank
     if not chief:
         return {}
@@ -285,6 +285,7 @@ def train(
         "num_test": int(len(splits.x_test)),
         "mixed_precision": dtype_policy_name(config.mixed_precision),
         "training_data_format": config.data_format,
+        "fast_path": fast_path,
         "keras_version": keras.__version__,
     }
     if digests is not None:

@@ -123,5 +123,8 @@ def test_resume_rejects_other_flags_and_non_run_dirs(tmp_path, capsys):
         train.main(["--resume", str(tmp_path), "--epochs", "3"])
     assert info.value.code == 2 and "drop --epochs" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
+        train.main(["--resume", str(tmp_path), "--no-fast-path", "--data-format", "channels_first"])
+    assert info.value.code == 2 and "drop --data-format, --no-fast-path" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
         train.main(["--resume", str(tmp_path)])
     assert info.value.code == 2 and "not a run directory" in capsys.readouterr().err

@@ -149,15 +149,22 @@ def test_mixed_precision_trains_with_float32_outputs(tmp_path, tiny_data_dir):
     assert keras.ops.convert_to_numpy(out).dtype == np.float32
 
 
-def test_cnn_trains_in_the_backends_fast_layout_and_is_saved_channels_last(tmp_path, tiny_data_dir):
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "stock-keras"])
+def test_cnn_trains_in_the_backends_fast_layout_and_is_saved_channels_last(tmp_path, tiny_data_dir, fast_path):
     from fmnist_keras.loading import load_model
 
-    assert run_cli(tmp_path, tiny_data_dir, "--model", "cnn", "--epochs", "1", "--no-report") == 0
+    flags = [] if fast_path else ["--no-fast-path"]
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "cnn", "--epochs", "1", "--no-report", *flags) == 0
     run_dir = tmp_path / "runs" / "run" / "cnn"
-    expected = "channels_first" if keras.backend.backend() == "torch" else "channels_last"
+    torch = keras.backend.backend() == "torch"
+    # Stock Keras on torch is fastest in channels_first (a portable channels_last copy is saved).
+    expected = "channels_first" if torch and not fast_path else "channels_last"
     assert TrainConfig.from_json((run_dir / "config.json").read_text()).data_format == expected
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["training_data_format"] == expected
+    assert metrics["fast_path"] == (
+        ["channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam"] if torch and fast_path else []
+    )
     model = load_model(run_dir / "model.keras")
     assert tuple(model.inputs[0].shape[1:]) == (28, 28, 1)  # portable whatever the training layout
     assert model.get_layer("block1_conv1").data_format == "channels_last"

@@ -1,0 +1,267 @@
+"""The torch fast path computes what stock Keras computes, and leaves saved models plain Keras."""
+
+import keras
+import numpy as np
+import pytest
+
+from fmnist_keras import fastpath
+from fmnist_keras.models import build_cnn, build_mlp
+
+TORCH = keras.backend.backend() == "torch"
+torch_only = pytest.mark.skipif(not TORCH, reason="the fast path changes the torch backend only")
+
+
+@pytest.fixture
+def installed():
+    fastpath.install()
+    yield
+    fastpath.uninstall()
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+@torch_only
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+@pytest.mark.parametrize("fill_mode", ["constant", "reflect", "wrap", "nearest"])
+def test_batched_affine_transform_equals_keras(data_format, interpolation, fill_mode):
+    rng = _rng()
+    images = rng.random((6, 9, 7, 2), dtype=np.float32)
+    if data_format == "channels_first":
+        images = np.moveaxis(images, -1, 1)
+    transform = np.zeros((6, 8), np.float32)
+    transform[:, 0] = transform[:, 4] = 1.0
+    transform[:, 1] = rng.normal(0, 0.2, 6)  # shear, so rows and columns both move
+    transform[:, 2], transform[:, 5] = rng.normal(0, 3, 6), rng.normal(0, 3, 6)  # sub-pixel shifts
+
+    def run():
+        given = keras.ops.convert_to_tensor(transform.copy())
+        out = keras.ops.image.affine_transform(
+            images, given, interpolation=interpolation, fill_mode=fill_mode, data_format=data_format
+        )
+        return keras.ops.convert_to_numpy(out), keras.ops.convert_to_numpy(given)
+
+    expected, _ = run()
+    fastpath.install()
+    try:
+        got, given_after = run()
+    finally:
+        fastpath.uninstall()
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(given_after, transform)  # the caller's transform is not modified
+    assert np.abs(expected - images).max() > 0.1  # the images did move
+
+
+@torch_only
+def test_single_images_and_bad_arguments_keep_keras_behaviour():
+    image = _rng().random((5, 5, 1), dtype=np.float32)
+    shift = np.array([1, 0, -1, 0, 1, 0, 0, 0], np.float32)
+
+    def shifted():
+        return keras.ops.convert_to_numpy(keras.ops.image.affine_transform(image, shift, interpolation="nearest"))
+
+    expected = shifted()
+    fastpath.install()
+    try:
+        np.testing.assert_array_equal(shifted(), expected)
+        with pytest.raises(ValueError, match="Invalid value for argument `interpolation`"):
+            keras.ops.image.affine_transform(image[None], shift[None], interpolation="cubic")
+    finally:
+        fastpath.uninstall()
+
+
+@torch_only
+@pytest.mark.parametrize("layer", ["conv_same", "conv_valid", "max_pool", "average_pool_same"])
+def test_channels_last_views_give_keras_results_without_layout_copies(layer):
+    import torch
+
+    make = {
+        "conv_same": lambda: keras.layers.Conv2D(4, 3, padding="same"),
+        "conv_valid": lambda: keras.layers.Conv2D(4, 3, strides=2),
+        "max_pool": lambda: keras.layers.MaxPooling2D(2),
+        "average_pool_same": lambda: keras.layers.AveragePooling2D(3, strides=2, padding="same"),
+    }[layer]
+    keras.utils.set_random_seed(0)
+    op = make()
+    x = _rng().random((3, 10, 10, 2), dtype=np.float32)
+    op.build(x.shape)
+
+    def forward_backward():
+        inputs = torch.tensor(x, requires_grad=True)
+        out = op(inputs)
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        return out, inputs.grad
+
+    expected, expected_grad = forward_backward()
+    fastpath.install()
+    try:
+        got, got_grad = forward_backward()
+    finally:
+        fastpath.uninstall()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous()  # NHWC in, NHWC out, no NCHW copy in between
+
+
+def _bn_model(data_format="channels_last"):
+    keras.utils.set_random_seed(0)
+    return build_cnn(
+        filters=(4,), convs_per_block=1, dense_units=8, dropout=0.0, augment=False, data_format=data_format
+    )
+
+
+@torch_only
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_fused_batch_norm_trains_like_keras(data_format):
+    import torch
+
+    stock, fused = _bn_model(data_format), _bn_model(data_format)
+    assert fastpath.fuse_batch_norm(fused) == 2  # the conv block's and the dense one's
+    shape = (16, 28, 28, 1) if data_format == "channels_last" else (16, 1, 28, 28)
+    x = torch.tensor(_rng().random(shape, dtype=np.float32) * 3 + 1)
+    results = []
+    for model in (stock, fused):
+        out = model(x, training=True)
+        loss = (out * torch.arange(10.0)).sum()
+        grads = torch.autograd.grad(loss, [w.value for w in model.trainable_weights])
+        stats = [w.numpy() for w in model.non_trainable_weights]
+        results.append((out.detach().numpy(), [g.numpy() for g in grads], stats))
+    (out_a, grads_a, stats_a), (out_b, grads_b, stats_b) = results
+    np.testing.assert_allclose(out_b, out_a, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        np.testing.assert_allclose(b, a, atol=1e-4 * max(1.0, np.abs(a).max()))
+    for a, b in zip(stats_a, stats_b):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert np.abs(stats_a[0]).max() > 0.01  # the moving mean did move (inputs have mean ~2.5)
+    # Inference uses the moving statistics, through Keras's own code.
+    np.testing.assert_allclose(
+        fused(x, training=False).detach().numpy(), stock(x, training=False).detach().numpy(), atol=1e-5
+    )
+
+
+@torch_only
+def test_fused_batch_norm_under_mixed_precision_returns_the_compute_dtype():
+    import torch
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_mlp(units=(8,), dropout=0.0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    fastpath.fuse_batch_norm(model)
+    out = model.get_layer("dense1_bn")(torch.ones(4, 8, dtype=torch.bfloat16), training=True)
+    assert out.dtype == torch.bfloat16
+    assert float(out.detach().float().abs().max()) < 1e-2  # constant features normalise to zero
+    assert model.get_layer("dense1_bn").moving_mean.numpy().dtype == np.float32
+
+
+def _train_steps(fuse: bool, schedule=None, steps: int = 5):
+    keras.utils.set_random_seed(0)
+    model = build_mlp(units=(32,), dropout=0.0)
+    # Strong decay, so a decay applied wrongly (or to the excluded weights) shows.
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule or 1e-2, weight_decay=0.5)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    if fuse:
+        fastpath.fuse_adam(optimizer)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    rng = _rng()
+    x = rng.random((64, 28, 28, 1), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 64), 10)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)  # 4 steps
+    model.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0)  # and a 5th
+    return model
+
+
+def _initial_weights():
+    keras.utils.set_random_seed(0)
+    return build_mlp(units=(32,), dropout=0.0).get_weights()
+
+
+@torch_only
+def test_fused_adam_gives_the_weights_of_keras_adamw():
+    plain, fused = _train_steps(fuse=False), _train_steps(fuse=True)
+    assert int(fused.optimizer.iterations.numpy()) == 5
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(plain.get_weights(), _initial_weights()))
+    assert moved > 1e-3  # the check below compares weights that did change
+    for weight, a, b in zip(plain.weights, plain.get_weights(), fused.get_weights()):
+        np.testing.assert_allclose(b, a, atol=2e-5, err_msg=weight.path)
+
+
+@torch_only
+def test_fused_adam_evaluates_the_learning_rate_schedule_once_per_step():
+    class CountingSchedule(keras.optimizers.schedules.LearningRateSchedule):
+        calls = 0
+
+        def __call__(self, step):
+            CountingSchedule.calls += 1
+            return 1e-2 * keras.ops.ones(())
+
+    _train_steps(fuse=False, schedule=CountingSchedule())
+    stock_calls, CountingSchedule.calls = CountingSchedule.calls, 0
+    _train_steps(fuse=True, schedule=CountingSchedule())
+    assert stock_calls >= 10  # Keras: the update and the weight decay each evaluate it
+    assert CountingSchedule.calls <= stock_calls // 2 + 1
+
+
+def test_fuse_adam_leaves_other_backends_and_optimizers_alone():
+    sgd = keras.optimizers.SGD()
+    assert fastpath.fuse_adam(sgd) is sgd and "_parallel_update_step" not in vars(sgd)
+    amsgrad = keras.optimizers.Adam(amsgrad=True)
+    fastpath.fuse_adam(amsgrad)
+    assert "_parallel_update_step" not in vars(amsgrad)
+    accumulating = fastpath.fuse_adam(keras.optimizers.Adam(gradient_accumulation_steps=2))
+    assert "_parallel_update_step" not in vars(accumulating)
+    adam = fastpath.fuse_adam(keras.optimizers.Adam())
+    assert ("_parallel_update_step" in vars(adam)) == TORCH
+
+
+def test_enable_names_what_it_switched_on_and_nothing_off_torch():
+    model = _bn_model()
+    model.compile(optimizer=keras.optimizers.AdamW(), loss="categorical_crossentropy")
+    try:
+        enabled = fastpath.enable(model, model.optimizer)
+    finally:
+        fastpath.uninstall()
+    expected = ["channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam"]
+    assert enabled == (expected if TORCH else [])
+
+
+@torch_only
+def test_stock_keras_restores_kerass_functions_for_its_block(installed):
+    from keras.src.backend.torch import nn
+
+    assert nn._transpose_spatial_inputs is fastpath._transpose_spatial_inputs
+    with fastpath.stock_keras():
+        assert nn._transpose_spatial_inputs is not fastpath._transpose_spatial_inputs
+    assert nn._transpose_spatial_inputs is fastpath._transpose_spatial_inputs
+
+
+def test_a_model_trained_on_the_fast_path_saves_as_plain_keras(tmp_path):
+    model = _bn_model()
+    model.compile(optimizer=keras.optimizers.AdamW(), loss="categorical_crossentropy")
+    try:
+        fastpath.enable(model, model.optimizer)
+        x = _rng().random((8, 28, 28, 1), dtype=np.float32)
+        model.fit(x, keras.utils.to_categorical(np.arange(8) % 10, 10), epochs=1, verbose=0)
+        model.save(tmp_path / "m.keras")
+    finally:
+        fastpath.uninstall()
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    bn = loaded.get_layer("block1_bn1")
+    assert type(bn) is keras.layers.BatchNormalization and "call" not in vars(bn)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+@torch_only
+def test_training_block_undoes_the_process_wide_changes_it_made():
+    from keras.src.backend.torch import image
+
+    stock = image.affine_transform
+    model = _bn_model()
+    with fastpath.training(model) as enabled:
+        assert "batched_affine_transform" in enabled and image.affine_transform is not stock
+    assert image.affine_transform is stock
+    with fastpath.training(_bn_model(), enabled=False) as enabled:
+        assert enabled == [] and image.affine_transform is stock
