@@ -2,7 +2,8 @@
 
 Each seed is a separate ``python -m fmnist_keras.train`` run (its own run
 directory under ``--out-dir``); the script then reads every ``metrics.json``
-and prints test accuracy, macro-F1, best epoch and wall time per seed, with
+and prints test accuracy, macro-F1, best epoch, the model's training wall
+time and the whole command's (start-up and report included) per seed, with
 the mean and the spread (sample standard deviation, and max - min).
 Extra arguments after ``--`` go to ``train`` unchanged.
 
@@ -45,7 +46,7 @@ def launch(args, seed: int) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "fmnist_keras.train", "--model", args.model, "--seed", str(seed),
-        "--out-dir", str(out), "--run-name", run_name(args.model, seed), "--overwrite", "--no-report",
+        "--out-dir", str(out), "--run-name", run_name(args.model, seed), "--overwrite",
         *args.train_args,
     ]
     log = open(out / f"{run_name(args.model, seed)}.log", "w")
@@ -56,13 +57,15 @@ def launch(args, seed: int) -> subprocess.Popen:
 def main(argv=None) -> int:
     args = parse_args(argv)
     pending, running, failed = list(args.seeds), {}, []
+    started, process_wall = {}, {}  # the whole `train` command, start-up and report included
     while pending or running:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
-            running[seed] = launch(args, seed)
-        time.sleep(2)
+            running[seed], started[seed] = launch(args, seed), time.perf_counter()
+        time.sleep(1)
         for seed, process in list(running.items()):
             if process.poll() is not None:
+                process_wall[seed] = time.perf_counter() - started[seed]
                 del running[seed]
                 if process.returncode:
                     failed.append(seed)
@@ -76,12 +79,13 @@ def main(argv=None) -> int:
                 "seed": seed, "test_acc": m["test"]["accuracy"], "macro_f1": m["test"]["macro_f1"],
                 "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"], "wall_time_s": m.get("wall_time_s"),
                 "seconds_per_epoch": m["seconds_per_epoch"], "device": m.get("device"),
+                "command_wall_s": round(process_wall.get(seed, 0.0), 1),
             })
     print(f"\n{args.model}: {len(rows)} of {len(args.seeds)} seeds finished")
-    print(f"{'seed':>6}{'test acc':>10}{'macro-F1':>10}{'best':>6}{'epochs':>8}{'s/epoch':>9}{'wall s':>9}")
+    print(f"{'seed':>6}{'test acc':>10}{'macro-F1':>10}{'best':>6}{'epochs':>8}{'s/epoch':>9}{'train s':>9}{'command s':>11}")
     for r in rows:
         print(f"{r['seed']:>6}{r['test_acc']:>10.4f}{r['macro_f1']:>10.4f}{r['best_epoch']:>6}{r['epochs_run']:>8}"
-              f"{r['seconds_per_epoch']:>9.1f}{r['wall_time_s'] or 0:>9.0f}")
+              f"{r['seconds_per_epoch']:>9.1f}{r['wall_time_s'] or 0:>9.0f}{r['command_wall_s']:>11.0f}")
     summary = {}
     if rows:
         accs = [r["test_acc"] for r in rows]
