@@ -64,8 +64,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class Path:
-    """One way of training a model: ``epoch()`` runs one timed epoch, ``finish()`` measures the rest."""
+class Runner:
+    """One way of training a model: ``epoch()`` runs one timed epoch, ``result()`` measures the rest."""
 
     def __init__(self, model, label, epoch, infer):
         self.model, self.label, self._epoch, self._infer = model, label, epoch, infer
@@ -139,7 +139,7 @@ def keras_path(name, splits, args, fast: bool):
             return np.argmax(model.predict(x, batch_size=512, verbose=0), 1)
 
     label = f"keras {'fast' if fast else 'stock'}" if keras.backend.backend() == "torch" else f"keras/{keras.backend.backend()}"
-    return Path(name, label, epoch, infer), model, initial_weights
+    return Runner(name, label, epoch, infer), model, initial_weights
 
 
 def torch_twin(name, keras_model, weights):
@@ -190,7 +190,7 @@ def torch_twin(name, keras_model, weights):
 
 
 def twin_path(name, keras_model, weights, splits, args):
-    """The plain-PyTorch twin as a Path, or None for a model without one."""
+    """The plain-PyTorch twin as a Runner, or None for a model without one."""
     import torch
 
     net = torch_twin(name, keras_model, weights)
@@ -224,7 +224,7 @@ def twin_path(name, keras_model, weights, splits, args):
         with torch.no_grad():
             return torch.cat([net(x_test[i: i + 512]).argmax(1) for i in range(0, len(x_test), 512)]).cpu().numpy()
 
-    return Path(name, "plain torch", epoch, infer)
+    return Runner(name, "plain torch", epoch, infer)
 
 
 def main(argv=None) -> int:
