@@ -238,7 +238,8 @@ def fuse_batch_norm(model) -> int:
     from ``torch.native_batch_norm``, which also returns the batch mean and
     inverse standard deviation; from those the layer's moving statistics are
     updated with Keras's formula (biased variance, ``momentum``). Inference,
-    masks and renorm keep Keras's own code. Returns how many layers were fused.
+    masks and renorm keep Keras's own code. Returns how many layers are fused
+    (fusing twice changes nothing).
     """
     import keras
 
@@ -246,8 +247,9 @@ def fuse_batch_norm(model) -> int:
         return 0
     fused = 0
     for layer in _all_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization) and not layer.renorm and "call" not in vars(layer):
-            layer.call = types.MethodType(_fused_batch_norm_call, layer)
+        if isinstance(layer, keras.layers.BatchNormalization) and not layer.renorm:
+            if "call" not in vars(layer):  # not fused yet
+                layer.call = types.MethodType(_fused_batch_norm_call, layer)
             fused += 1
     return fused
 
@@ -272,7 +274,7 @@ def _fused_batch_norm_call(layer, inputs, training=None, mask=None):
     beta = layer.beta.value.to(x.dtype) if layer.center else None
     outputs, mean, inverse_std = torch.native_batch_norm(x_nc, gamma, beta, None, None, True, 0.0, layer.epsilon)
     with torch.no_grad():
-        variance = (inverse_std.double().pow(-2) - layer.epsilon).clamp_min(0.0).to(x.dtype)
+        variance = (inverse_std.pow(-2) - layer.epsilon).clamp_min(0.0)  # the biased batch variance
         momentum = layer.momentum
         for moving, batch in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
             current = moving.value.to(x.dtype)
