@@ -22,6 +22,7 @@ from fmnist_keras.backend import training_data_format
 from fmnist_keras.callbacks import (
     BACKUP_DIR,
     AtomicModelCheckpoint,
+    CtrlC,
     NaNGuard,
     backed_up_epochs,
     ResumableEarlyStopping,
@@ -223,7 +224,8 @@ def train(
         initial_state=state,
     )
     nan_guard = NaNGuard()
-    callbacks = [*distributed.callbacks(replicas), nan_guard]
+    ctrl_c = CtrlC()
+    callbacks = [*distributed.callbacks(replicas), ctrl_c, nan_guard]
     if chief:
         callbacks += [
             AtomicModelCheckpoint(
@@ -247,15 +249,20 @@ def train(
         training_data = {"x": splits.x_train, "y": y_train, "batch_size": config.batch_size}
     with fastpath.training(model, model.optimizer, enabled=config.fast_path) as fast_path:
         start = time.perf_counter()
-        model.fit(
-            **training_data,
-            validation_data=(splits.x_val, y_val),
-            validation_batch_size=config.batch_size,
-            epochs=config.epochs,
-            callbacks=callbacks,
-            verbose=verbose if chief else 0,
-        )
+        try:
+            model.fit(
+                **training_data,
+                validation_data=(splits.x_val, y_val),
+                validation_batch_size=config.batch_size,
+                epochs=config.epochs,
+                callbacks=callbacks,
+                verbose=verbose if chief else 0,
+            )
+        finally:
+            ctrl_c.restore()
         train_time = time.perf_counter() - start
+    if ctrl_c.requested:  # Ctrl-C after the last batch
+        raise KeyboardInterrupt
     digests = distributed.replica_digests(model, replicas) if replicas.mode != "single" else None  # every rank
     if not chief:
         return {}

@@ -80,7 +80,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, tiny_data_dir):
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130
+    assert process.returncode == 130, err[-3000:]
     assert f"--resume {tmp_path / 'run'}" in err and "Traceback" not in err
     assert (tmp_path / "run" / "mlp" / "model.keras").exists()
 
@@ -128,3 +128,33 @@ def test_resume_rejects_other_flags_and_non_run_dirs(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         train.main(["--resume", str(tmp_path)])
     assert info.value.code == 2 and "not a run directory" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_fit_stops_at_the_batch_end_and_restores_the_handler():
+    from fmnist_keras.callbacks import CtrlC
+
+    before = signal.getsignal(signal.SIGINT)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((64, 4), "float32"), np.zeros((64, 2), "float32")
+    ended = []
+
+    class SendCtrlC(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def on_train_batch_end(self, batch, logs=None):
+            ended.append(batch)
+
+    ctrl_c = CtrlC()
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[SendCtrlC(), ctrl_c])
+        finally:
+            ctrl_c.restore()
+    assert ended == [0, 1, 2]  # batch 2 finished, nothing after it ran
+    assert signal.getsignal(signal.SIGINT) is before
+    # A fit that ends normally leaves the handler as it was, too.
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[CtrlC()])
+    assert signal.getsignal(signal.SIGINT) is before
