@@ -288,7 +288,8 @@ def _fused_batch_norm_call(layer, inputs, training=None, mask=None):
 
 
 def _is_fused(optimizer) -> bool:
-    return getattr(optimizer._parallel_update_step, "__name__", "") == "fused_update_step"
+    """Whether :func:`fuse_adam` gave ``optimizer`` its own update step."""
+    return "_parallel_update_step" in vars(optimizer)
 
 
 def fuse_adam(optimizer):

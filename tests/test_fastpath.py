@@ -22,6 +22,16 @@ def _rng(seed=0):
     return np.random.default_rng(seed)
 
 
+def _stock_then_fast(run):
+    """``run()`` on stock Keras, then with the fast path installed: (stock result, fast result)."""
+    stock = run()
+    fastpath.install()
+    try:
+        return stock, run()
+    finally:
+        fastpath.uninstall()
+
+
 @torch_only
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
@@ -43,33 +53,31 @@ def test_batched_affine_transform_equals_keras(data_format, interpolation, fill_
         )
         return keras.ops.convert_to_numpy(out), keras.ops.convert_to_numpy(given)
 
-    expected, _ = run()
-    fastpath.install()
-    try:
-        got, given_after = run()
-    finally:
-        fastpath.uninstall()
+    (expected, _), (got, given_after) = _stock_then_fast(run)
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(given_after, transform)  # the caller's transform is not modified
     assert np.abs(expected - images).max() > 0.1  # the images did move
 
 
+_SHIFT = np.array([1, 0, -1, 0, 1, 0, 0, 0], np.float32)
+
+
 @torch_only
-def test_single_images_and_bad_arguments_keep_keras_behaviour():
+def test_single_images_keep_keras_behaviour():
     image = _rng().random((5, 5, 1), dtype=np.float32)
-    shift = np.array([1, 0, -1, 0, 1, 0, 0, 0], np.float32)
 
     def shifted():
-        return keras.ops.convert_to_numpy(keras.ops.image.affine_transform(image, shift, interpolation="nearest"))
+        return keras.ops.convert_to_numpy(keras.ops.image.affine_transform(image, _SHIFT, interpolation="nearest"))
 
-    expected = shifted()
-    fastpath.install()
-    try:
-        np.testing.assert_array_equal(shifted(), expected)
-        with pytest.raises(ValueError, match="Invalid value for argument `interpolation`"):
-            keras.ops.image.affine_transform(image[None], shift[None], interpolation="cubic")
-    finally:
-        fastpath.uninstall()
+    expected, got = _stock_then_fast(shifted)
+    np.testing.assert_array_equal(got, expected)
+
+
+@torch_only
+def test_bad_arguments_keep_kerass_errors(installed):
+    images = _rng().random((1, 5, 5, 1), dtype=np.float32)
+    with pytest.raises(ValueError, match="Invalid value for argument `interpolation`"):
+        keras.ops.image.affine_transform(images, _SHIFT[None], interpolation="cubic")
 
 
 @torch_only
@@ -94,12 +102,7 @@ def test_channels_last_views_give_keras_results_without_layout_copies(layer):
         (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
         return out, inputs.grad
 
-    expected, expected_grad = forward_backward()
-    fastpath.install()
-    try:
-        got, got_grad = forward_backward()
-    finally:
-        fastpath.uninstall()
+    (expected, expected_grad), (got, got_grad) = _stock_then_fast(forward_backward)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-5)
     assert got.is_contiguous()  # NHWC in, NHWC out, no NCHW copy in between
@@ -157,9 +160,13 @@ def test_fused_batch_norm_under_mixed_precision_returns_the_compute_dtype():
     assert model.get_layer("dense1_bn").moving_mean.numpy().dtype == np.float32
 
 
-def _train_steps(fuse: bool, schedule=None, steps: int = 5):
+def _small_mlp():
     keras.utils.set_random_seed(0)
-    model = build_mlp(units=(32,), dropout=0.0)
+    return build_mlp(units=(32,), dropout=0.0)
+
+
+def _train_steps(fuse: bool, schedule=None):
+    model = _small_mlp()
     # Strong decay, so a decay applied wrongly (or to the excluded weights) shows.
     optimizer = keras.optimizers.AdamW(learning_rate=schedule or 1e-2, weight_decay=0.5)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
@@ -175,8 +182,7 @@ def _train_steps(fuse: bool, schedule=None, steps: int = 5):
 
 
 def _initial_weights():
-    keras.utils.set_random_seed(0)
-    return build_mlp(units=(32,), dropout=0.0).get_weights()
+    return _small_mlp().get_weights()
 
 
 @torch_only
