@@ -22,6 +22,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -35,8 +36,73 @@ EXPORT_NEEDS = {
 }
 
 
+# Written into every SavedModel directory export creates: --overwrite removes
+# a directory only when it carries this file, so it never deletes one that
+# export did not write.
+EXPORT_MARKER = ".fmnist_keras-export"
+
+
 class ExportError(ValueError):
     """The export cannot be done as asked here; the message says how to fix it."""
+
+
+def check_output(text: str, format: str, overwrite: bool, model: str | None = None) -> Path:
+    """The ``--output`` path, once it is known that writing it puts nothing else at risk.
+
+    Refused: an empty path, ``.``/``..``, the current directory, one of its
+    ancestors, the home directory or ``/``; a symlink; a path below a regular
+    file; for ONNX an existing directory or the model file itself; for a
+    SavedModel an existing directory that export did not write (no
+    :data:`EXPORT_MARKER`) or a file. An existing output that export may
+    replace needs ``overwrite``. Nothing is touched here.
+
+    Raises:
+        ExportError: with what is wrong and how to fix it.
+    """
+    if not text.strip():
+        raise ExportError("--output is empty; pass the file (onnx) or directory (tf_saved_model) to write.")
+    output = Path(text).expanduser()
+    what = "a new file such as model.onnx" if format == "onnx" else "a new directory such as saved_model/"
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    for candidate in {Path(os.path.abspath(output)), output.resolve()}:
+        if candidate == home or cwd.is_relative_to(candidate) or home.is_relative_to(candidate):
+            raise ExportError(
+                f"--output {text!r} is {candidate}, the current directory, the home directory or one of their "
+                f"ancestors; export never replaces those; pass {what}."
+            )
+    if output.name in ("", ".", ".."):
+        raise ExportError(f"--output {text!r} names a directory by '.' or '..'; pass {what}.")
+    if output.is_symlink():
+        raise ExportError(f"--output {output} is a symlink; export writes only real paths; remove the link or "
+                          f"pass {what}.")
+    parent = output.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if parent.is_symlink() and not parent.exists():
+        raise ExportError(f"--output {output} lies below {parent}, a symlink to nothing; fix the link or pass {what}.")
+    if not parent.is_dir():
+        raise ExportError(f"--output {output} lies below {parent}, which is a file, not a directory; pass {what}.")
+    if format == "onnx" and model is not None and output.exists() and output.resolve() == Path(model).resolve():
+        raise ExportError(f"--output {output} is the model being exported; pass {what}.")
+    if not output.exists():
+        return output
+    if format == "onnx":
+        if output.is_dir():
+            raise ExportError(f"--output {output} is a directory; an ONNX export is one file; pass {what}.")
+        if not output.is_file():
+            raise ExportError(f"--output {output} exists and is not a regular file; pass {what}.")
+    else:
+        if not output.is_dir():
+            raise ExportError(f"--output {output} exists and is not a directory; a SavedModel is a directory, "
+                              f"and export replaces only SavedModel directories it wrote; pass {what}.")
+        if not (output / EXPORT_MARKER).is_file():
+            raise ExportError(
+                f"--output {output} is a directory that export did not write (no {EXPORT_MARKER} in it), so it "
+                f"is never replaced, even with --overwrite; pass {what}."
+            )
+    if not overwrite:
+        raise ExportError(f"{output} already exists; choose another --output or pass --overwrite.")
+    return output
 
 
 def missing_packages(format: str, backend: str) -> list[str]:
@@ -93,6 +159,59 @@ def export_model(model, output: Path, format: str) -> Path:
         # exported graph is checked against Keras's outputs in the tests.
         warnings.filterwarnings("ignore", message=".*might cause the trace to be incorrect")
         model.export(str(output), format=format, verbose=False, input_signature=[spec], **kwargs)
+    return output
+
+
+def write_export(model, output: Path, format: str) -> Path:
+    """Export into a temporary sibling of ``output``, then swap it into place.
+
+    A failed export leaves ``output`` as it was. An existing ``output`` is
+    replaced only after the new export is complete; for a SavedModel it must
+    carry :data:`EXPORT_MARKER` (checked again just before removal).
+    """
+    parent = output.parent
+    umask = os.umask(0)
+    os.umask(umask)
+    if format == "onnx":
+        handle, name = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.", suffix=".partial.onnx")
+        os.close(handle)
+        temporary = Path(name)
+        try:
+            export_model(model, temporary, format)
+            os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; the export is an ordinary file
+            if output.is_symlink() or output.is_dir():
+                raise ExportError(f"{output} became a symlink or directory during the export; left alone.")
+            os.replace(temporary, output)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return output
+    temporary = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.", suffix=".partial"))
+    try:
+        export_model(model, temporary, format)
+        (temporary / EXPORT_MARKER).write_text("written by python -m fmnist_keras.export\n")
+        os.chmod(temporary, 0o777 & ~umask)
+        old = None
+        if output.exists() or output.is_symlink():
+            if output.is_symlink() or not (output / EXPORT_MARKER).is_file():
+                raise ExportError(f"{output} changed during the export and is no longer a directory export wrote; "
+                                  f"left alone.")
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.", suffix=".old"))
+            try:
+                os.replace(output, old)  # renaming onto an empty directory is atomic
+            except OSError:
+                old.rmdir()
+                raise
+        try:
+            os.replace(temporary, output)
+        except OSError:
+            if old is not None:
+                os.replace(old, output)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)
     return output
 
 
@@ -156,9 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        parser.error(f"{output} already exists; choose another --output or pass --overwrite.")
+    try:
+        output = check_output(args.output, args.format, args.overwrite, args.model)
+    except ExportError as error:
+        parser.error(str(error))
 
     from fmnist_keras.loading import ModelLoadError, check_archive, load_model, resolve_model_path
 
@@ -179,17 +299,20 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        export_model(model, output, args.format)
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"error: cannot create {output.parent} ({error.strerror}); choose another --output.", file=sys.stderr)
+        return 1
+    try:
+        write_export(model, output, args.format)
     except Exception as error:  # exporters raise many types; the user needs one line
         detail = " ".join(str(error).split())[:300]
         others = [b for b in EXPORT_NEEDS[args.format] if b != backend and not missing_packages(args.format, b)]
         hint = f"; try --backend {others[0]}" if others else ""
+        kept = f"; {output} is unchanged" if output.exists() else ""
         print(f"error: exporting {args.model} to {args.format} on {backend} failed ({type(error).__name__}: "
-              f"{detail}){hint}.", file=sys.stderr)
+              f"{detail}){kept}{hint}.", file=sys.stderr)
         return 1
     print(f"Exported {args.model} ({model.name}) to {args.format} on the {backend} backend: {output}")
     return 0

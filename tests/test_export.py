@@ -6,6 +6,7 @@ a test that cannot run on this pass's backend says so in its skip reason.
 """
 
 import importlib.util
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -170,3 +171,123 @@ def test_help_lists_what_each_backend_needs_and_imports_no_keras():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
     assert "onnx: torch (onnx, onnxscript)" in out and "tf_saved_model: tensorflow (nothing more)" in out
+
+
+# ---- output paths: nothing export did not write is ever replaced ----------------
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path):
+    path = tmp_path / "models" / "m.keras"
+    path.parent.mkdir()
+    build_mlp(units=(4,)).save(path)
+    return path
+
+
+def _refused(argv, capsys, *expected):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: " in last and all(text in last for text in expected), last
+    return last
+
+
+@pytest.mark.parametrize("output", ["", ".", "..", "./", "sub/..", "CWD"])
+def test_output_naming_the_working_directory_is_refused_and_nothing_is_deleted(
+        output, tiny_model_file, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work" / "here"
+    (work / "sub").mkdir(parents=True)
+    (work / "keep.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    output = str(work) if output == "CWD" else output
+    _refused([tiny_model_file, "--format", "onnx", "--output", output, "--overwrite"], capsys, "--output")
+    assert (work / "keep.txt").read_text() == "keep me" and (work / "sub").is_dir()
+
+
+@pytest.mark.parametrize("output", ["/", "~", "HOME_PARENT"])
+def test_output_naming_root_or_home_is_refused(output, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home" / "me"))
+    (tmp_path / "home" / "me").mkdir(parents=True)
+    output = str(tmp_path / "home") if output == "HOME_PARENT" else output
+    for format in export.FORMATS:
+        with pytest.raises(export.ExportError, match="the current directory, the home directory or one of their"):
+            export.check_output(output, format, overwrite=True)
+
+
+def test_onnx_output_that_is_a_directory_symlink_or_below_a_file_is_refused(tiny_model_file, tmp_path, capsys):
+    directory = tmp_path / "out"
+    (directory / "inner").mkdir(parents=True)
+    (tmp_path / "target.onnx").write_text("keep me")
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "target.onnx")
+    (tmp_path / "afile").write_text("keep me")
+    args = [tiny_model_file, "--format", "onnx", "--overwrite", "--output"]
+    _refused([*args, directory], capsys, "is a directory; an ONNX export is one file")
+    _refused([*args, tmp_path / "link.onnx"], capsys, "is a symlink")
+    _refused([*args, tmp_path / "afile" / "x.onnx"], capsys, "which is a file, not a directory")
+    _refused([*args, tiny_model_file], capsys, "is the model being exported")
+    assert (directory / "inner").is_dir() and (tmp_path / "target.onnx").read_text() == "keep me"
+    assert (tmp_path / "link.onnx").is_symlink() and (tmp_path / "afile").read_text() == "keep me"
+    assert tiny_model_file.stat().st_size > 100
+
+
+@_needs("onnx", "onnxruntime")
+def test_overwrite_replaces_an_onnx_file_only_after_a_good_export(tiny_model_file, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "model.onnx"
+    output.write_text("old export")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter crashed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "export_model", broken)
+        assert export.main([str(tiny_model_file), "--format", "onnx", "--output", str(output), "--overwrite"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "is unchanged" in err
+    assert output.read_text() == "old export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "models"]  # no temporary left
+    assert export.main([str(tiny_model_file), "--format", "onnx", "--output", str(output), "--overwrite"]) == 0
+    assert output.read_bytes() != b"old export" and output.stat().st_mode & 0o044  # an ordinary readable file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "models"]
+
+
+def _fake_saved_model(model, output, format):
+    (Path(output) / "saved_model.pb").write_text(f"export of {model}")
+    return output
+
+
+def test_saved_model_directory_export_did_not_write_is_never_replaced(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(export.ExportError, match=f"did not write \\(no {export.EXPORT_MARKER} in it\\)"):
+        export.check_output(str(mine), "tf_saved_model", overwrite=True)
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(export.ExportError, match="is not a directory"):
+        export.check_output(str(tmp_path / "file"), "tf_saved_model", overwrite=True)
+    (tmp_path / "link").symlink_to(mine)
+    with pytest.raises(export.ExportError, match="is a symlink"):
+        export.check_output(str(tmp_path / "link"), "tf_saved_model", overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "keep me"
+
+
+def test_saved_model_overwrite_swaps_in_only_a_finished_export(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "export_model", _fake_saved_model)
+    output = tmp_path / "saved"
+    export.write_export("first", export.check_output(str(output), "tf_saved_model", overwrite=False), "tf_saved_model")
+    assert (output / export.EXPORT_MARKER).is_file() and (output / "saved_model.pb").read_text() == "export of first"
+    with pytest.raises(export.ExportError, match="already exists; choose another --output or pass --overwrite"):
+        export.check_output(str(output), "tf_saved_model", overwrite=False)
+
+    def broken(*args):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(export, "export_model", broken)
+    with pytest.raises(RuntimeError):
+        export.write_export("second", export.check_output(str(output), "tf_saved_model", overwrite=True),
+                            "tf_saved_model")
+    assert (output / "saved_model.pb").read_text() == "export of first"
+    monkeypatch.setattr(export, "export_model", _fake_saved_model)
+    export.write_export("third", export.check_output(str(output), "tf_saved_model", overwrite=True), "tf_saved_model")
+    assert (output / "saved_model.pb").read_text() == "export of third"
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temporary or old copy left
