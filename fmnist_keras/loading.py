@@ -47,6 +47,9 @@ _FORBIDDEN_CLASSES = {
     "JaxLayer": "calls a function named in the file",
     "FlaxLayer": "calls a module named in the file",
 }
+# Our models' configs nest 8-11 levels deep; far deeper is no Keras model,
+# and Keras's recursive deserialisation would overflow the stack on it.
+_MAX_CONFIG_DEPTH = 64
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _FIX = "pass a model.keras written by `python -m fmnist_keras.train`, or the run directory holding it"
 
@@ -55,21 +58,61 @@ class ModelLoadError(ValueError):
     """The model file is missing, unsafe, damaged or not a Fashion-MNIST model."""
 
 
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """Return the ``.keras`` file meant by ``path`` (a file or a run directory).
+class AmbiguousModelError(ModelLoadError):
+    """A run directory holds several models and the user must pick one (a usage error: exit code 2)."""
+
+
+def exit_code(error: ModelLoadError) -> int:
+    """The exit code a command gives for ``error``: 2 for a choice the user must make, else 1."""
+    return 2 if isinstance(error, AmbiguousModelError) else 1
+
+
+def models_in_run(directory: Path) -> list[Path]:
+    """The ``model.keras`` files one level below ``directory`` (a run with one sub-directory per model)."""
+    try:
+        children = sorted(directory.iterdir())
+    except OSError:
+        return []
+    return [child / MODEL_FILE for child in children if child.is_dir() and (child / MODEL_FILE).is_file()]
+
+
+def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
+    """Return the ``.keras`` file meant by ``path``.
+
+    ``path`` is a ``.keras`` file, a model directory holding ``model.keras``,
+    or the run directory ``train`` prints (``runs/<run-name>/`` or
+    ``runs/latest``), whose sub-directories hold one model each: a run with
+    one model means that model.
+
+    Args:
+        path: the file or directory the user gave.
+        announce: called with a one-line note when a run directory's only
+            model is chosen (e.g. ``print`` to stderr); None: silent.
 
     Raises:
-        ModelLoadError: the path does not exist, is a directory without
-            ``model.keras``, or is not a ``.keras`` file.
+        AmbiguousModelError: a run directory with several models; the
+            message lists them.
+        ModelLoadError: the path does not exist, is a directory without a
+            model, or is not a ``.keras`` file.
     """
     given = Path(path).expanduser()
     if given.is_dir():
         candidate = given / MODEL_FILE
         if not candidate.is_file():
-            raise ModelLoadError(
-                f"{given} is a directory without {MODEL_FILE}; expected a run directory "
-                f"(runs/<run-name>/<model>/) or a .keras file; {_FIX}."
-            )
+            found = models_in_run(given)
+            if len(found) > 1:
+                names = ", ".join(f.parent.name for f in found)
+                choices = ", ".join(str(f.parent) for f in found)
+                raise AmbiguousModelError(f"{given} holds several models ({names}); pass one of {choices}.")
+            if not found:
+                raise ModelLoadError(
+                    f"{given} is a directory without {MODEL_FILE}, and none of its sub-directories holds one; "
+                    f"expected a run directory (runs/<run-name>/ or runs/<run-name>/<model>/) or a .keras "
+                    f"file; {_FIX}."
+                )
+            candidate = found[0]
+            if announce is not None:
+                announce(f"Using {candidate}")
         given = candidate
     elif not given.exists():
         raise ModelLoadError(f"model file {given} does not exist; check the path ({_FIX}).")
@@ -99,12 +142,14 @@ def _check_member_names(path: Path, names: list[str]) -> None:
 
 
 def _walk_config(node, path: Path) -> None:
-    """Refuse classes that run code and classes from outside Keras."""
-    stack = [node]
+    """Refuse classes that run code, classes from outside Keras, and absurd nesting."""
+    stack = [(node, 1)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
+        if depth > _MAX_CONFIG_DEPTH:
+            raise _too_deep(path)
         if isinstance(item, list):
-            stack.extend(item)
+            stack.extend((child, depth + 1) for child in item)
         elif isinstance(item, dict):
             class_name = item.get("class_name")
             if isinstance(class_name, str) and class_name in _FORBIDDEN_CLASSES:
@@ -118,7 +163,14 @@ def _walk_config(node, path: Path) -> None:
                     f"{path} refers to {class_name!r} from module {module!r}; expected only Keras's own "
                     f"classes (module 'keras...'), so a custom or foreign object is refused ({_FIX})."
                 )
-            stack.extend(item.values())
+            stack.extend((child, depth + 1) for child in item.values())
+
+
+def _too_deep(path: Path) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path}: config.json nests lists or objects more than {_MAX_CONFIG_DEPTH} levels deep; no Keras model "
+        f"does that, so the file is damaged or hostile; {_FIX}."
+    )
 
 
 def check_archive(path: Path) -> None:
@@ -177,6 +229,8 @@ def check_archive(path: Path) -> None:
         config = json.loads(config_text)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelLoadError(f"{path}: config.json is not valid JSON ({error}); {_FIX}.") from None
+    except RecursionError:
+        raise _too_deep(path) from None
     if not isinstance(config, dict) or "class_name" not in config:
         raise ModelLoadError(f"{path}: config.json does not describe a Keras model; {_FIX}.")
     _walk_config(config, path)
@@ -206,13 +260,14 @@ def check_model_shapes(model, path: Path) -> None:
         )
 
 
-def load_model(path: str | os.PathLike, compile: bool = False):
+def load_model(path: str | os.PathLike, compile: bool = False, announce=None):
     """Load a Fashion-MNIST model from a ``.keras`` file or a run directory, safely.
 
     Args:
         path: a ``.keras`` file, or a run directory holding ``model.keras``.
         compile: also restore the optimizer, loss and metrics. Prediction and
             :func:`fmnist_keras.training.evaluate` do not need them.
+        announce: as in :func:`resolve_model_path`.
 
     Returns:
         The ``keras.Model``.
@@ -224,7 +279,7 @@ def load_model(path: str | os.PathLike, compile: bool = False):
     Example:
         >>> model = load_model("runs/2025-01-01/cnn")
     """
-    model_path = resolve_model_path(path)
+    model_path = resolve_model_path(path, announce)
     check_archive(model_path)
     import keras  # deferred: importing keras fixes the backend
 

@@ -12,7 +12,15 @@ import keras
 import numpy as np
 import pytest
 
-from fmnist_keras.loading import ModelLoadError, check_archive, input_data_format, load_model
+from fmnist_keras.loading import (
+    AmbiguousModelError,
+    ModelLoadError,
+    check_archive,
+    exit_code,
+    input_data_format,
+    load_model,
+    resolve_model_path,
+)
 
 
 def _tiny_model(input_shape=(28, 28, 1), classes=10):
@@ -244,3 +252,48 @@ def test_error_is_one_line(tmp_path):
         load_model(path)
     assert "\n" not in str(info.value)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_deeply_nested_config_is_refused_in_one_line(tmp_path, good_model_file, depth):
+    path = tmp_path / "deep.keras"
+    with zipfile.ZipFile(good_model_file) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                data = json.dumps(config)[:-1].encode() + b', "extra": ' + b"[" * depth + b"]" * depth + b"}"
+            dst.writestr(info.filename, data)
+    with pytest.raises(ModelLoadError, match="nests lists or objects more than 64 levels deep") as error:
+        check_archive(path)
+    assert "\n" not in str(error.value)
+
+
+def _run_dir(root, *models, source):
+    run = root / "runs" / "20261201-101500"
+    for name in models:
+        (run / name).mkdir(parents=True)
+        (run / name / "model.keras").write_bytes(source.read_bytes())
+    (run / "run.json").write_text(json.dumps({"models": list(models)}))
+    (root / "runs" / "latest").symlink_to(run.name)
+    return run
+
+
+def test_run_directory_with_one_model_means_that_model(tmp_path, good_model_file):
+    run = _run_dir(tmp_path, "cnn", source=good_model_file)
+    notes = []
+    assert resolve_model_path(run, notes.append) == run / "cnn" / "model.keras"
+    assert notes == [f"Using {run / 'cnn' / 'model.keras'}"]
+    latest = tmp_path / "runs" / "latest"
+    assert resolve_model_path(latest) == latest / "cnn" / "model.keras"
+    assert isinstance(load_model(latest), keras.Model)
+
+
+def test_run_directory_with_several_models_lists_them(tmp_path, good_model_file):
+    run = _run_dir(tmp_path, "mlp", "cnn", source=good_model_file)
+    for given in (run, tmp_path / "runs" / "latest"):
+        with pytest.raises(AmbiguousModelError) as error:
+            resolve_model_path(given)
+        assert str(error.value) == f"{given} holds several models (cnn, mlp); pass one of {given / 'cnn'}, {given / 'mlp'}."
+        assert exit_code(error.value) == 2
+    assert exit_code(ModelLoadError("x")) == 1
