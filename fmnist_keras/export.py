@@ -46,12 +46,12 @@ class ExportError(ValueError):
     """The export cannot be done as asked here; the message says how to fix it."""
 
 
-def check_output(text: str, format: str, overwrite: bool, model: str | None = None) -> Path:
+def check_output(text: str, format: str, overwrite: bool, model: Path | None = None) -> Path:
     """The ``--output`` path, once it is known that writing it puts nothing else at risk.
 
     Refused: an empty path, ``.``/``..``, the current directory, one of its
     ancestors, the home directory or ``/``; a symlink; a path below a regular
-    file; for ONNX an existing directory or the model file itself; for a
+    file; for ONNX an existing directory or ``model`` itself; for a
     SavedModel an existing directory that export did not write (no
     :data:`EXPORT_MARKER`) or a file. An existing output that export may
     replace needs ``overwrite``. Nothing is touched here.
@@ -276,17 +276,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        output = check_output(args.output, args.format, args.overwrite, args.model)
+        output = check_output(args.output, args.format, args.overwrite)
     except ExportError as error:
         parser.error(str(error))
 
-    from fmnist_keras.loading import ModelLoadError, check_archive, load_model, resolve_model_path
+    from fmnist_keras.loading import ModelLoadError, check_archive, exit_code, load_model, resolve_model_path
 
     try:
-        check_archive(resolve_model_path(args.model))  # a bad file is reported before the slow backend import
+        model_path = resolve_model_path(args.model, lambda note: print(note, file=sys.stderr))
+        check_archive(model_path)  # a bad file is reported before the slow backend import
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return exit_code(error)
+    try:
+        check_output(args.output, args.format, args.overwrite, model_path)
+    except ExportError as error:
+        parser.error(str(error))
 
     from fmnist_keras.backend import BackendError, select_backend
 
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, BackendError) as error:
         parser.error(str(error))
     try:
-        model = load_model(args.model)
+        model = load_model(model_path)
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -9,7 +9,10 @@ centre on a square, and make the object light on a dark background. Photos
 of a dark object on a light background (most product photos) are inverted;
 ``--invert auto`` decides from the border. ``.npy`` files hold arrays of
 shape (28, 28), (N, 28, 28) or (N, 28, 28, 1), uint8 0-255 or float 0-1,
-read with ``allow_pickle=False``.
+read with ``allow_pickle=False`` after their header is checked against the
+file size. Pictures of more than 8 bits (16-bit PNG, 32-bit or float TIFF)
+are scaled by their real depth; float pictures are taken as 0-1 when their
+largest value is at most 1, else as 0-255.
 
 A bad file gets one line on stderr naming it and the problem; the others are
 still classified, and the exit code is 1 if anything failed.
@@ -35,6 +38,10 @@ INVERT_CHOICES = ("auto", "yes", "no")
 LIGHT_BACKGROUND = 128
 # Pixels closer than this to the background level count as background when trimming.
 TRIM_TOLERANCE = 24
+# A .npy larger than this is refused before it is read: 1 GiB holds 1.3
+# million uint8 images, far more than one call should classify.
+MAX_NPY_BYTES = 1024**3
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class InputError(ValueError):
@@ -70,6 +77,40 @@ def _flatten_alpha(image):
     return image
 
 
+def gray_pixels(image, name: str = "image") -> np.ndarray:
+    """A Pillow image as uint8 (H, W) grayscale, scaled by its real bit depth.
+
+    Pillow's ``convert("L")`` clips 16- and 32-bit pixels at 255 and floats
+    at 1 instead of scaling them, so those modes are scaled here: ``I;16*``
+    by 65535, ``I`` by 65535 (or 2**31 - 1 when a value exceeds 65535), and
+    ``F`` as 0-1 when its largest value is at most 1, else as 0-255.
+
+    Raises:
+        InputError: a float picture with NaN, infinite, negative or > 255 values,
+            or a negative integer picture.
+    """
+    mode = image.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return np.asarray(_flatten_alpha(image).convert("L"), dtype=np.uint8)
+    values = np.asarray(image).astype(np.float64)
+    if values.size == 0:
+        raise InputError(f"{name}: the picture has no pixels.")
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{name}: a float picture holding NaN or infinite pixels; expected finite values.")
+    low, high = float(values.min()), float(values.max())
+    if low < 0:
+        raise InputError(f"{name}: a mode {mode} picture with negative pixels (down to {low:g}); expected 0 or more.")
+    if mode == "F":
+        if high > 255:
+            raise InputError(f"{name}: a float picture with pixels up to {high:g}; expected 0-1 or 0-255.")
+        scale = 255.0 if high <= 1.0 else 1.0
+    elif mode == "I" and high > 65535:
+        scale = 255.0 / (2**31 - 1)
+    else:
+        scale = 255.0 / 65535
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+
+
 def fit_to_square(gray: np.ndarray) -> np.ndarray:
     """Trim the dark background, resize the longest edge to 28 and centre: uint8 (28, 28).
 
@@ -95,12 +136,13 @@ def fit_to_square(gray: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def prepare_image(image, invert: str = "auto") -> tuple[np.ndarray, bool]:
+def prepare_image(image, invert: str = "auto", name: str = "image") -> tuple[np.ndarray, bool]:
     """Turn a Pillow image of any size and mode into a Fashion-MNIST-style image.
 
     Args:
         image: a ``PIL.Image.Image`` (any mode; EXIF rotation is applied).
         invert: ``auto`` (invert when the border is light), ``yes`` or ``no``.
+        name: the file name, for error messages.
 
     Returns:
         ``(array, inverted)``: a uint8 (28, 28) array, light object on dark,
@@ -111,7 +153,7 @@ def prepare_image(image, invert: str = "auto") -> tuple[np.ndarray, bool]:
     from PIL import ImageOps
 
     image = ImageOps.exif_transpose(image)
-    gray = np.asarray(_flatten_alpha(image).convert("L"), dtype=np.uint8)
+    gray = gray_pixels(image, name)
     inverted = needs_inversion(gray, invert)
     if inverted:
         gray = 255 - gray
@@ -147,6 +189,67 @@ def array_to_images(array: np.ndarray, name: str = "array") -> np.ndarray:
             )
         return np.rint(array * 255.0).astype(np.uint8)
     raise InputError(f"{name}: array of dtype {array.dtype}; expected uint8 (0-255) or float (0-1).")
+
+
+def read_npy(path: Path, size: int) -> np.ndarray:
+    """Load one plain .npy array, its header checked against ``size`` (bytes) before anything is allocated.
+
+    Raises:
+        InputError: pickled or structured data, a header that claims more
+            than the file holds or more than :data:`MAX_NPY_BYTES`, a .npz.
+    """
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) == _ZIP_MAGIC:
+                raise InputError(f"{path}: holds several arrays (.npz); expected one array in a .npy file.")
+            handle.seek(0)
+            version = fmt.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran_order, dtype = fmt.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = fmt.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"format version {version[0]}.{version[1]}; expected 1.0 or 2.0")
+            offset = handle.tell()
+    except ValueError as error:  # bad magic or header
+        raise InputError(f"{path}: not a plain .npy array ({' '.join(str(error).split())}).") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read it as .npy ({error}).") from None
+    if dtype.hasobject:
+        raise InputError(f"{path}: not a plain .npy array (Object arrays cannot be loaded when allow_pickle=False).")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if claimed > MAX_NPY_BYTES:
+        raise InputError(
+            f"{path}: its header claims an array of shape {shape} ({claimed} bytes), over the {MAX_NPY_BYTES} "
+            f"bytes this command reads; split it into smaller files."
+        )
+    if claimed > size - offset:
+        raise InputError(
+            f"{path}: its header claims an array of shape {shape} ({claimed} bytes), but the file holds "
+            f"{size - offset} bytes of data; it is truncated or damaged."
+        )
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as error:
+        raise InputError(f"{path}: not a plain .npy array ({' '.join(str(error).split())}).") from None
+    except (OSError, EOFError) as error:
+        raise InputError(f"{path}: cannot read it as .npy ({error}).") from None
+
+
+def check_probabilities(probabilities: np.ndarray, model: str, names: list[str]) -> None:
+    """Refuse model outputs that are not finite: they are no probabilities.
+
+    Raises:
+        InputError: naming the model and the first affected inputs.
+    """
+    bad = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
+    if bad.size:
+        shown = ", ".join(names[i] for i in bad[:3]) + (", ..." if bad.size > 3 else "")
+        raise InputError(
+            f"{model} gave NaN or infinite outputs for {bad.size} of {len(names)} images ({shown}); the model is "
+            f"damaged (NaN weights?); retrain it or use another model."
+        )
 
 
 def top_k(probabilities: np.ndarray, k: int, class_names) -> list[dict]:
@@ -186,14 +289,7 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
     if size == 0:
         raise InputError(f"{path}: is empty (0 bytes).")
     if path.suffix.lower() == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as error:  # object arrays, bad header, truncated data
-            raise InputError(f"{path}: not a plain .npy array ({' '.join(str(error).split())}).") from None
-        except (OSError, EOFError) as error:
-            raise InputError(f"{path}: cannot read it as .npy ({error}).") from None
-        if not isinstance(array, np.ndarray):
-            raise InputError(f"{path}: holds several arrays (.npz); expected one array in a .npy file.")
+        array = read_npy(path, size)
         images = array_to_images(array, str(path))
         return [Item(str(path), i, image) for i, image in enumerate(images)]
     from PIL import Image, UnidentifiedImageError
@@ -204,7 +300,7 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()  # decode now: truncated files fail here, not later
-                pixels, inverted = prepare_image(image, invert)
+                pixels, inverted = prepare_image(image, invert, str(path))
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP, ...).") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -248,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     from fmnist_keras.data import CLASS_NAMES, to_model_input
-    from fmnist_keras.loading import ModelLoadError, input_data_format, load_model
+    from fmnist_keras.loading import ModelLoadError, exit_code, input_data_format, load_model
 
     errors, items = [], []
     for path in args.images:
@@ -258,20 +354,27 @@ def main(argv: list[str] | None = None) -> int:
             errors.append({"file": path, "error": str(error)})
             print(f"error: {error}", file=sys.stderr)
     try:
-        model = load_model(args.model)
+        model = load_model(args.model, announce=lambda note: print(note, file=sys.stderr))
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return exit_code(error)
 
     results = []
     if items:
         x = to_model_input(np.stack([item.pixels for item in items]), input_data_format(model))
         probabilities = np.asarray(model.predict(x, batch_size=256, verbose=0), dtype=np.float64)
+        try:
+            check_probabilities(probabilities, args.model, [_item_name(item) for item in items])
+        except InputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         for item, row in zip(items, probabilities):
             results.append({"file": item.file, "index": item.index, "inverted": item.inverted,
                             "top": top_k(row, args.top_k, CLASS_NAMES)})
     if args.json:
-        print(json.dumps({"model": str(args.model), "predictions": results, "errors": errors}, indent=2))
+        # allow_nan=False: the output is strict JSON that every parser reads.
+        print(json.dumps({"model": str(args.model), "predictions": results, "errors": errors}, indent=2,
+                         allow_nan=False))
     else:
         for item, result in zip(items, results):
             ranked = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])

@@ -280,3 +280,115 @@ def test_importing_predict_and_loading_does_not_import_keras():
 
     code = "import sys, fmnist_keras.predict, fmnist_keras.loading; sys.exit('keras' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ---- bit depths, non-finite outputs, strict JSON, header bombs ------------------
+
+
+def _depth_variants(directory, image):
+    """The same uint8 picture saved as 8-bit PNG, 16-bit PNG, 32-bit and float TIFFs."""
+    directory.mkdir(exist_ok=True)
+    variants = {
+        "8bit.png": Image.fromarray(image),
+        "16bit.png": Image.fromarray(image.astype(np.uint16) * 257),
+        "int32.tiff": Image.fromarray(image.astype(np.int32) * 257),
+        "float01.tiff": Image.fromarray(image.astype(np.float32) / 255),
+        "float255.tiff": Image.fromarray(image.astype(np.float32)),
+    }
+    paths = {}
+    for name, picture in variants.items():
+        paths[name] = directory / name
+        picture.save(paths[name])
+    return paths
+
+
+@pytest.mark.parametrize("scale", [1, 3])  # 28x28 as is, and 84x84 trimmed and resized
+def test_every_bit_depth_gives_the_same_model_input(tmp_path, scale):
+    image = np.kron(synthetic_images(np.array([9]), 3)[0], np.ones((scale, scale), np.uint8))
+    paths = _depth_variants(tmp_path / f"x{scale}", image)
+    with Image.open(paths["16bit.png"]) as opened:
+        assert opened.mode.startswith("I")  # Pillow keeps the 16 bits: the scaling is ours to do
+    reference = predict.read_input(paths["8bit.png"])[0].pixels
+    assert reference.max() > 200
+    for name, path in paths.items():
+        pixels = predict.read_input(path)[0].pixels
+        assert np.abs(pixels.astype(int) - reference.astype(int)).max() <= 1, name
+
+
+@pytest.mark.parametrize("value, message", [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
+                                            (-2.0, "negative pixels"), (1000.0, "pixels up to 1000")])
+def test_float_picture_with_impossible_values_is_refused(tmp_path, value, message):
+    values = np.full((28, 28), 0.5, np.float32)
+    values[3, 4] = value
+    Image.fromarray(values).save(tmp_path / "f.tiff")
+    with pytest.raises(predict.InputError, match=message) as error:
+        predict.read_input(tmp_path / "f.tiff")
+    assert str(error.value).startswith(str(tmp_path / "f.tiff")) and "\n" not in str(error.value)
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_cli_16bit_png_is_classified_like_its_8bit_png_in_strict_json(trained, tmp_path, capsys):
+    model_path, x_test, _ = trained
+    paths = _depth_variants(tmp_path, x_test[0])
+    assert predict.main([str(model_path), *map(str, paths.values()), "--json", "--top-k", "10"]) == 0
+    rows = [{t["class"]: t["probability"] for t in p["top"]} for p in _strict_json(capsys.readouterr().out)["predictions"]]
+    for row in rows[1:]:
+        assert max(abs(row[c] - rows[0][c]) for c in row) < 0.02
+
+
+def test_cli_non_finite_model_output_is_an_error_not_probabilities(tmp_path, capsys):
+    inputs = keras.Input(shape=(28, 28, 1))
+    dense = keras.layers.Dense(10, activation="softmax")
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.kernel.assign(np.full((784, 10), np.nan, np.float32))
+    model.save(tmp_path / "nan.keras")
+    np.save(tmp_path / "batch.npy", np.zeros((2, 28, 28), np.uint8))
+    for extra in ([], ["--json"]):
+        assert predict.main([str(tmp_path / "nan.keras"), str(tmp_path / "batch.npy"), *extra]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1
+        assert err.startswith(f"error: {tmp_path / 'nan.keras'} gave NaN or infinite outputs for 2 of 2 images")
+
+
+def _npy_header_only(path, shape, data=b""):
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        handle.write(data)
+    return path
+
+
+def test_npy_whose_header_claims_too_much_is_refused_before_reading(tmp_path):
+    bomb = _npy_header_only(tmp_path / "bomb.npy", (40_000_000, 28, 28), bytes(784))
+    assert bomb.stat().st_size < 1000
+    with pytest.raises(predict.InputError, match=r"header claims an array of shape \(40000000, 28, 28\)") as error:
+        predict.read_input(bomb)
+    assert "split it into smaller files" in str(error.value) and "\n" not in str(error.value)
+    short = _npy_header_only(tmp_path / "short.npy", (10, 28, 28), bytes(2 * 784))
+    with pytest.raises(predict.InputError, match="holds 1568 bytes of data; it is truncated or damaged"):
+        predict.read_input(short)
+
+
+def test_cli_accepts_the_run_directory_train_prints(trained, tmp_path, capsys):
+    model_path, x_test, _ = trained
+    run = tmp_path / "runs" / "20261201-101500"
+    (run / "cnn").mkdir(parents=True)
+    (run / "cnn" / "model.keras").write_bytes(model_path.read_bytes())
+    (run / "run.json").write_text('{"models": ["cnn"]}\n')
+    (tmp_path / "runs" / "latest").symlink_to(run.name)
+    Image.fromarray(x_test[0]).save(tmp_path / "a.png")
+    for given in (run, tmp_path / "runs" / "latest"):
+        assert predict.main([str(given), str(tmp_path / "a.png"), "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert err.strip() == f"Using {given / 'cnn' / 'model.keras'}"
+        assert len(_strict_json(out)["predictions"]) == 1
+    (run / "mlp").mkdir()
+    (run / "mlp" / "model.keras").write_bytes(model_path.read_bytes())
+    assert predict.main([str(run), str(tmp_path / "a.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {run} holds several models (cnn, mlp); pass one of {run / 'cnn'}, {run / 'mlp'}.\n"
