@@ -14,14 +14,106 @@ is chosen, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import add_data_arguments, non_negative_int
+from fmnist_keras.cli import add_data_arguments, int_between, non_negative_int
 
 EVALUATION_FILE = "evaluation.json"
+# Run files are a few kB; anything much larger is not one, and is not read.
+MAX_RUN_FILE_BYTES = 16 * 1024**2
+# The JSON types each TrainConfig annotation allows (an int is a valid float; a bool is no int).
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+
+
+class RunFileError(ValueError):
+    """A file of the run directory is damaged or not what train writes."""
+
+
+def read_json_file(path: Path, what: str):
+    """The JSON object in ``path``, or a :class:`RunFileError` naming the file and the problem."""
+    fix = f"rewrite it with train, or delete it (it is only {what})"
+    try:
+        if path.stat().st_size > MAX_RUN_FILE_BYTES:
+            raise RunFileError(f"{path} is {path.stat().st_size} bytes, far more than a run file; {fix}.")
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise RunFileError(f"cannot read {path} ({error.strerror}); check its permissions.") from None
+    except UnicodeDecodeError:
+        raise RunFileError(f"{path} is not UTF-8 text, so not the JSON train writes; {fix}.") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RunFileError(f"{path} is not valid JSON ({error}); {fix}.") from None
+    except RecursionError:
+        raise RunFileError(f"{path} nests lists or objects too deeply to be a run file; {fix}.") from None
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}.")
+    return value
+
+
+def read_run_config(path: Path):
+    """The run's :class:`~fmnist_keras.config.TrainConfig`, every key and type checked."""
+    from fmnist_keras.config import TrainConfig
+
+    data = read_json_file(path, "needed by --validation, to rebuild the run's split")
+    fix = "rewrite it with train, or drop --validation"
+    fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RunFileError(f"{path} has unknown keys {unknown}; expected some of {sorted(fields)}; {fix}.")
+    for key, value in data.items():
+        allowed = tuple(t for name in str(fields[key]).split("|") for t in _TYPES.get(name.strip(), (object,)))
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise RunFileError(f"{path}: {key} is {value!r} ({type(value).__name__}); expected {fields[key]}; {fix}.")
+    return TrainConfig(**data)
+
+
+def read_run_metrics(path: Path) -> dict:
+    """The facts ``train`` wrote to ``metrics.json`` that the report shows, types checked."""
+    data = read_json_file(path, "read for the report's title and facts")
+    for key, allowed in (("model", (str,)), ("best_epoch", (int, type(None)))):
+        if key in data and (not isinstance(data[key], allowed) or isinstance(data[key], bool)):
+            raise RunFileError(f"{path}: {key} is {data[key]!r}; expected {' or '.join(t.__name__ for t in allowed)}; "
+                               f"rewrite it with train, or delete it.")
+    return data
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out-dir that is a file or lies below one, before anything is computed.
+
+    Raises:
+        RunFileError: naming the file in the way.
+    """
+    blocker = out_dir
+    while not blocker.exists() and not blocker.is_symlink() and blocker != blocker.parent:
+        blocker = blocker.parent
+    if not blocker.is_dir():
+        where = "is" if blocker == out_dir else f"lies below {blocker}, which is"
+        raise RunFileError(f"--out-dir {out_dir} {where} a file, not a directory; choose another --out-dir.")
+
+
+def write_json_atomically(path: Path, value) -> None:
+    """Write strict JSON (no NaN) to a temporary sibling and rename it over ``path``."""
+    text = json.dumps(value, indent=2, allow_nan=False) + "\n"
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(name, 0o666 & ~umask)
+        os.replace(name, path)
+    finally:
+        if os.path.exists(name):
+            os.unlink(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where evaluation.json, report.md and figures/ go (default: the model's directory)")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="only compute and write the metrics, draw no figures (default: write the report)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=int_between(0, 2**32 - 1, "numpy seeds"), default=0,
                         help="seed for the images the report samples and explains (default: 0)")
     add_backend_arguments(parser)
     return parser
@@ -82,16 +174,29 @@ def main(argv: list[str] | None = None) -> int:
     except BackendError as error:
         parser.error(str(error))
 
+    if args.out_dir:
+        try:
+            check_out_dir(Path(args.out_dir))
+        except RunFileError as error:
+            parser.error(str(error))
+
     from fmnist_keras import data as fdata
-    from fmnist_keras.loading import ModelLoadError, input_data_format, load_model, resolve_model_path
+    from fmnist_keras.loading import ModelLoadError, exit_code, input_data_format, load_model, resolve_model_path
 
     try:
-        model_path = resolve_model_path(args.model)
+        model_path = resolve_model_path(args.model, lambda note: print(note, file=sys.stderr))
         model = load_model(model_path)
     except ModelLoadError as error:
-        return _fail(str(error))
+        print(f"error: {error}", file=sys.stderr)
+        return exit_code(error)
     run_dir = model_path.parent
     out_dir = Path(args.out_dir) if args.out_dir else run_dir
+    config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
+    try:  # damaged run files are reported before the data is read
+        config = read_run_config(config_path) if args.validation and config_path.is_file() else None
+        trained = read_run_metrics(metrics_path) if args.report and metrics_path.is_file() else {}
+    except RunFileError as error:
+        return _fail(str(error))
 
     from fmnist_keras import inspect as finspect
 
@@ -105,26 +210,35 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(error))
 
     from fmnist_keras import training
-    from fmnist_keras.config import TrainConfig
 
     data_format = input_data_format(model)
     (x_train_raw, y_train_raw), (x_test_raw, y_test_raw) = raw
     x_test, y_test = fdata.to_model_input(x_test_raw, data_format), y_test_raw.astype("int64")
     result = {"model_path": str(model_path), "backend": backend, "device": describe_device(),
               "data_source": str(source), "test": training.evaluate(model, x_test, y_test)}
+    if not math.isfinite(result["test"]["loss"]):
+        return _fail(f"{model_path} gives NaN or infinite outputs on the test set (loss {result['test']['loss']}); "
+                     f"the model is damaged (NaN weights?); retrain it or use another model.")
     x_train, y_train = fdata.to_model_input(x_train_raw, data_format), y_train_raw
     if args.validation:
-        config_path = run_dir / "config.json"
-        if not config_path.is_file():
+        if config is None:
             return _fail(f"--validation needs {config_path}, which rebuilds the run's split (seed, val_split, "
                          f"subset); pass a run directory written by train, or drop --validation.")
-        config = TrainConfig.from_json(config_path.read_text())
-        splits = training.make_splits(raw, config, data_format)
+        try:
+            splits = training.make_splits(raw, config, data_format)
+        except ValueError as error:
+            return _fail(f"{config_path} does not rebuild a split of this data ({error}); rewrite it with train, "
+                         f"or drop --validation.")
         result["validation"] = training.evaluate(model, splits.x_val, splits.y_val)
         x_train, y_train = splits.x_train, splits.y_train
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / EVALUATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(out_dir / EVALUATION_FILE, result)
+    except OSError as error:
+        return _fail(f"cannot write {out_dir / EVALUATION_FILE} ({error.strerror}); choose another --out-dir.")
+    except ValueError as error:  # allow_nan=False: a NaN metric is no result to save
+        return _fail(f"the metrics of {model_path} are not finite ({error}); the model is damaged; retrain it.")
     print(f"Model: {model_path} (backend {backend} on {result['device']})")
     print(f"Data: {source}{'' if args.verify else ', digests NOT checked (--no-verify)'}")
     print(format_metrics("test", result["test"]))
@@ -135,9 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         from fmnist_keras.report import write_report
 
-        trained = {}
-        if (run_dir / "metrics.json").is_file():
-            trained = json.loads((run_dir / "metrics.json").read_text())
         # The run's facts (training backend, best epoch, ...) with the metrics just computed.
         metrics = {**result, **trained, **{k: result[k] for k in ("test", "validation") if k in result}}
         report = write_report(run_dir, x_test, y_test, model=model, metrics=metrics, x_train=x_train,

@@ -151,3 +151,121 @@ def test_model_saved_under_another_backend_evaluates_here(tmp_path, tiny_data_di
     assert result["test"]["accuracy"] == pytest.approx(float((probabilities.argmax(1) == y_test).mean()))
     expected_loss = -np.mean(np.log(probabilities[np.arange(len(y_test)), y_test]))
     assert result["test"]["loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+
+# ---- damaged run files, blocked outputs, the run directory train prints ------------
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _damage(run, case):
+    config = json.loads((run / "config.json").read_text())
+    if case == "config-not-json":
+        (run / "config.json").write_text('{"model": "cnn", ')
+    elif case == "config-wrong-type":
+        (run / "config.json").write_text(json.dumps({**config, "seed": "forty-two"}))
+    elif case == "config-bool-for-int":
+        (run / "config.json").write_text(json.dumps({**config, "val_split": True}))
+    elif case == "config-unknown-key":
+        (run / "config.json").write_text(json.dumps({**config, "dropout": 0.5}))
+    elif case == "config-a-list":
+        (run / "config.json").write_text("[1, 2]")
+    elif case == "config-deep":
+        (run / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "config-bad-value":
+        (run / "config.json").write_text(json.dumps({**config, "val_split": 1.5}))
+    elif case == "metrics-garbage":
+        (run / "metrics.json").write_bytes(b"\x00\xff garbage")
+    elif case == "metrics-wrong-type":
+        (run / "metrics.json").write_text(json.dumps({"model": "cnn", "best_epoch": "two"}))
+    elif case == "model-truncated":
+        data = (run / "model.keras").read_bytes()
+        (run / "model.keras").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("config-not-json", r"config\.json is not valid JSON \(.*\); rewrite it with train, or delete it"),
+        ("config-wrong-type", r"config\.json: seed is 'forty-two' \(str\); expected int; rewrite it with train"),
+        ("config-bool-for-int", r"config\.json: val_split is True \(bool\); expected float"),
+        ("config-unknown-key", r"config\.json has unknown keys \['dropout'\]"),
+        ("config-a-list", r"config\.json holds a JSON list, not an object"),
+        ("config-deep", r"config\.json nests lists or objects too deeply"),
+        ("config-bad-value", r"config\.json does not rebuild a split of this data \(val_fraction must be in"),
+        ("metrics-garbage", r"metrics\.json is not (UTF-8 text|valid JSON)"),
+        ("metrics-wrong-type", r"metrics\.json: best_epoch is 'two'; expected int or NoneType"),
+        ("model-truncated", r"model\.keras is not a zip archive .* It may be truncated"),
+    ],
+)
+def test_damaged_run_file_gets_one_line_naming_it(case, pattern, cnn_run, tiny_data_dir, capsys):
+    _damage(cnn_run, case)
+    assert run_cli(tiny_data_dir, cnn_run, "--validation") == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(cnn_run) in err
+    assert re.search(pattern, err), err
+    assert not (cnn_run / "evaluation.json").exists()
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_out_dir_blocked_by_a_file_is_refused_before_any_work(below, cnn_run, tiny_data_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep me")
+    out_dir = tmp_path / "afile" / "eval" if below else tmp_path / "afile"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tiny_data_dir, cnn_run, "--out-dir", out_dir)
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = f"lies below {tmp_path / 'afile'}, which is a file" if below else "is a file, not a directory"
+    assert expected in last and "choose another --out-dir" in last
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_evaluation_json_is_strict_and_replaced_atomically(cnn_run, tiny_data_dir, monkeypatch, capsys):
+    (cnn_run / "evaluation.json").write_text('{"old": true}\n')
+
+    def failing_replace(source, target):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate.os, "replace", failing_replace)
+        assert run_cli(tiny_data_dir, cnn_run, "--no-report") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" in err and "No space left on device" in err
+    assert (cnn_run / "evaluation.json").read_text() == '{"old": true}\n'
+    assert run_cli(tiny_data_dir, cnn_run, "--no-report") == 0
+    assert _strict_json((cnn_run / "evaluation.json").read_text())["test"]["num_examples"] == 100
+    assert not [p.name for p in cnn_run.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_model_with_non_finite_outputs_writes_no_evaluation(tmp_path, tiny_data_dir, capsys):
+    model = build_mlp(units=(4,))
+    model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    run = make_run_dir(tmp_path / "run" / "mlp", model)
+    assert run_cli(tiny_data_dir, run, "--no-report") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gives NaN or infinite outputs on the test set" in err
+    assert not (run / "evaluation.json").exists()
+
+
+def test_evaluate_accepts_the_run_directory_train_prints(cnn_run, tiny_data_dir, capsys):
+    run = cnn_run.parent  # runs/<name>/ holding cnn/
+    (run / "run.json").write_text('{"models": ["cnn"]}\n')
+    assert run_cli(tiny_data_dir, run, "--no-report") == 0
+    assert f"Using {cnn_run / 'model.keras'}" in capsys.readouterr().err
+    assert (cnn_run / "evaluation.json").is_file()
+    make_run_dir(run / "mlp", build_mlp(units=(4,)))
+    assert run_cli(tiny_data_dir, run, "--no-report") == 2
+    assert capsys.readouterr().err == (f"error: {run} holds several models (cnn, mlp); pass one of {run / 'cnn'}, "
+                                       f"{run / 'mlp'}.\n")
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "x"])
+def test_seed_out_of_numpy_range_is_a_usage_error(seed, cnn_run, tiny_data_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tiny_data_dir, cnn_run, "--seed", seed)
+    assert exit_info.value.code == 2 and "argument --seed" in capsys.readouterr().err
