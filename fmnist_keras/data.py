@@ -4,7 +4,10 @@ This is the only module that reads data from disk or the network. It needs
 numpy and the standard library only, so it can be imported before a Keras
 backend is chosen. Downloads come over HTTPS from the official mirror only,
 are checked against the digests before they are saved, and a cached file
-that fails its check is deleted.
+that fails its check is deleted. Files are decompressed as a stream that
+stops at the size the IDX header declares; that size may be at most the
+real file's when the digest is checked, and :data:`MAX_IDX_DATA_BYTES`
+(1 GiB) for your own data (``verify=False``). Empty sets are refused.
 
 Example:
     >>> (x_train, y_train), (x_test, y_test) = load_data()
@@ -45,6 +48,18 @@ FILES = tuple(SHA256)
 MIRROR = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
 # The largest file (train images) is 26 MB compressed; anything much bigger is not it.
 MAX_DOWNLOAD_BYTES = 64 * 1024**2
+# Decompressed size of each real file: 16- or 8-byte header, then one byte per pixel or label.
+FILE_BYTES = {
+    "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60000,
+    "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10000,
+}
+# Your own data (--no-verify) may be larger than Fashion-MNIST, up to this
+# many bytes of pixels or labels per file (1.4 million images): the header's
+# declared size is checked against it before anything is decompressed, so a
+# small .gz that inflates to gigabytes is refused without being unpacked.
+MAX_IDX_DATA_BYTES = 1024**3
 DOWNLOAD_TIMEOUT_S = 60
 SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)
 ENV_VAR = "FMNIST_DATA_DIR"
@@ -123,21 +138,92 @@ def find_source(data_dir: str | os.PathLike | None = None) -> Source | None:
     return None
 
 
-def read_bytes(path: Path) -> bytes:
-    """Read a file, decompressing it if it is gzip (by content, not name)."""
+def _open(path: Path):
+    """``path`` opened for reading, through gzip if its content is gzip (not its name)."""
     try:
-        raw = path.read_bytes()
+        handle = open(path, "rb")
     except OSError as error:
         raise DataError(f"cannot read {path}: {error.strerror}; check it exists and is readable.") from None
-    if raw[:2] != b"\x1f\x8b":
-        return raw
+    if handle.read(2) == b"\x1f\x8b":
+        handle.seek(0)
+        return gzip.GzipFile(fileobj=handle, mode="rb"), handle
+    handle.seek(0)
+    return handle, handle
+
+
+def _read_stream(path: Path, read) -> bytes:
+    stream, handle = _open(path)
     try:
-        return gzip.decompress(raw)
+        with handle:
+            return read(stream)
     except (EOFError, OSError, zlib.error) as error:
         raise DataError(
             f"{path} is a damaged gzip file ({error}); delete it and "
             f"re-download or reinstall it ({INSTALL_HINT})."
         ) from None
+
+
+def read_bytes(path: Path, max_bytes: int | None = None) -> bytes:
+    """Read a file, decompressing it if it is gzip (by content, not name), streaming.
+
+    Raises:
+        DataError: unreadable, damaged gzip, or more than ``max_bytes`` once
+            decompressed (reading stops there).
+    """
+    data = _read_stream(path, lambda stream: stream.read(-1 if max_bytes is None else max_bytes + 1))
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DataError(f"{path} decompresses to more than {max_bytes} bytes, more than this file can be; refused.")
+    return data
+
+
+def idx_shape(header: bytes, kind: str, name: str = "<bytes>") -> tuple[int, ...]:
+    """Check an IDX header (magic, number and size of the dimensions) and return the shape it declares."""
+    if kind not in _EXPECTED_NDIM:
+        raise ValueError(f"kind must be 'images' or 'labels', got {kind!r}.")
+    ndim = _EXPECTED_NDIM[kind]
+    size = 4 + 4 * ndim
+    if len(header) < size:
+        raise DataError(f"{name}: file is {len(header)} bytes, too short for an IDX header ({size} bytes).")
+    expected_magic = bytes((0, 0, _UBYTE, ndim))
+    if header[:4] != expected_magic:
+        raise DataError(
+            f"{name}: wrong IDX magic number 0x{header[:4].hex()}, expected 0x{expected_magic.hex()} "
+            f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''}); is this an {kind} file?"
+        )
+    shape = tuple(int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if kind == "images" and shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{name}: images are {shape[1]}x{shape[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}.")
+    return shape
+
+
+def read_idx(path: Path, kind: str, max_bytes: int = MAX_IDX_DATA_BYTES) -> bytes:
+    """The IDX bytes of ``path`` (gzip or not), read no further than its header declares.
+
+    The header is read first; a file that declares more than ``max_bytes``
+    of data is refused before its body is decompressed, and reading stops one
+    byte past the declared size, so neither a huge header nor a gzip bomb
+    costs memory. :func:`parse_idx` then checks the length exactly.
+    """
+    header_size = 4 + 4 * _EXPECTED_NDIM[kind]
+
+    def read(stream):
+        header = stream.read(header_size)
+        shape = idx_shape(header, kind, str(path))
+        declared = int(np.prod(shape, dtype=object))
+        if declared > max_bytes:
+            raise DataError(
+                f"{path}: header declares {shape} = {declared} bytes of data, more than the {max_bytes} "
+                f"bytes allowed for this file; it is damaged, a decompression bomb, or too large a data set."
+            )
+        body = stream.read(declared + 1)
+        if len(body) > declared:
+            raise DataError(
+                f"{path}: holds more data than its header declares ({shape} = {declared} bytes); the file is "
+                f"damaged, padded or a decompression bomb."
+            )
+        return header + body
+
+    return _read_stream(path, read)
 
 
 def parse_idx(data: bytes, kind: str, name: str = "<bytes>") -> np.ndarray:
@@ -151,21 +237,8 @@ def parse_idx(data: bytes, kind: str, name: str = "<bytes>") -> np.ndarray:
     Returns:
         A read-only-safe copy as a ``uint8`` array.
     """
-    if kind not in _EXPECTED_NDIM:
-        raise ValueError(f"kind must be 'images' or 'labels', got {kind!r}.")
-    ndim = _EXPECTED_NDIM[kind]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{name}: file is {len(data)} bytes, too short for an IDX header ({header} bytes).")
-    expected_magic = bytes((0, 0, _UBYTE, ndim))
-    if data[:4] != expected_magic:
-        raise DataError(
-            f"{name}: wrong IDX magic number 0x{data[:4].hex()}, expected 0x{expected_magic.hex()} "
-            f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''}); is this an {kind} file?"
-        )
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    if kind == "images" and shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataError(f"{name}: images are {shape[1]}x{shape[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}.")
+    shape = idx_shape(data, kind, name)
+    header = 4 + 4 * len(shape)
     size = int(np.prod(shape))
     if len(data) - header != size:
         raise DataError(
@@ -182,8 +255,11 @@ def _load_file(directory: Path, name: str, verify: bool, purge: bool = False) ->
     path = _file_in(directory, name)
     if path is None:
         raise DataError(f"{directory} lacks {name} (.gz or not); {INSTALL_HINT}.")
+    kind = "images" if "images" in name else "labels"
+    # The real file's size when it must be the real file; a cap for your own data.
+    max_bytes = FILE_BYTES[name] - (4 + 4 * _EXPECTED_NDIM[kind]) if verify else MAX_IDX_DATA_BYTES
     try:
-        data = read_bytes(path)
+        data = read_idx(path, kind, max_bytes)
         if verify:
             digest = hashlib.sha256(data).hexdigest()
             if digest != SHA256[name]:
@@ -198,7 +274,7 @@ def _load_file(directory: Path, name: str, verify: bool, purge: bool = False) ->
             raise
         path.unlink(missing_ok=True)  # never leave a bad download in the cache
         raise DataError(f"{error} It was deleted from the cache; run again to download it afresh.") from None
-    return parse_idx(data, "images" if "images" in name else "labels", str(path))
+    return parse_idx(data, kind, str(path))
 
 
 def load_from_dir(directory: str | os.PathLike, verify: bool = True, purge: bool = False):
@@ -231,6 +307,11 @@ def load_from_dir(directory: str | os.PathLike, verify: bool = True, purge: bool
             raise DataError(
                 f"{directory}: {split} has {len(images)} images but {len(labels)} labels; "
                 f"the files do not belong together."
+            )
+        if len(images) == 0:
+            raise DataError(
+                f"{directory}: {split}-images-idx3-ubyte holds 0 images; a {'training' if split == 'train' else 'test'} "
+                f"set needs at least one image of each class; write the files with your images in them."
             )
     return (
         (arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"]),
@@ -289,7 +370,7 @@ def download(directory: Path | None = None, fetch=https_get) -> Path:
         partial = directory / f"{name}.gz.part"
         partial.write_bytes(payload)
         try:
-            digest = hashlib.sha256(read_bytes(partial)).hexdigest()
+            digest = hashlib.sha256(read_bytes(partial, FILE_BYTES[name])).hexdigest()
             if digest != SHA256[name]:
                 raise DataError(
                     f"{url}: SHA-256 of the downloaded data is {digest}, expected {SHA256[name]}."

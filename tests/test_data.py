@@ -3,6 +3,8 @@
 import gzip
 import hashlib
 import os
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -170,3 +172,80 @@ def test_to_model_input_scales_and_adds_channel_axis():
     first = fdata.to_model_input(images, "channels_first")
     assert last.shape == (1, 28, 28, 1) and first.shape == (1, 1, 28, 28)
     assert last.dtype == np.float32 and last.min() == 0.0 and last.max() == 1.0
+
+
+# ---- bombs and empty sets -------------------------------------------------------------
+
+
+def _gzip_stream(path, header, body_bytes, chunk=16 * 1024**2):
+    """Write header + ``body_bytes`` zeros as gzip without holding the body in memory."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: gzip container
+    with open(path, "wb") as handle:
+        handle.write(compressor.compress(header))
+        for start in range(0, body_bytes, chunk):
+            handle.write(compressor.compress(bytes(min(chunk, body_bytes - start))))
+        handle.write(compressor.flush())
+    return path
+
+
+def _peak_bytes(function):
+    tracemalloc.start()
+    try:
+        function()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def _idx_header(count):
+    return bytes((0, 0, 8, 3)) + b"".join(n.to_bytes(4, "big") for n in (count, 28, 28))
+
+
+def test_header_declaring_more_than_the_cap_is_refused_before_decompressing(tiny_data_dir):
+    name = tiny_data_dir / "train-images-idx3-ubyte.gz"
+    _gzip_stream(name, _idx_header(2_000_000), 1024**2)  # declares 1.57 GB; the body is not read
+    with pytest.raises(fdata.DataError) as error:
+        fdata.load_from_dir(tiny_data_dir, verify=False)
+    assert f"more than the {fdata.MAX_IDX_DATA_BYTES} bytes allowed for this file" in str(error.value)
+    assert str(name) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_gzip_inflating_past_its_declared_size_stops_there(tiny_data_dir):
+    name = tiny_data_dir / "t10k-images-idx3-ubyte.gz"
+    _gzip_stream(name, _idx_header(100), 300 * 1024**2)  # declares 78 kB, inflates to 300 MB
+
+    def load():
+        with pytest.raises(fdata.DataError, match="holds more data than its header declares"):
+            fdata.load_from_dir(tiny_data_dir, verify=False)
+
+    assert _peak_bytes(load) < 20 * 1024**2
+
+
+def test_verified_file_may_not_declare_more_than_the_real_file(tiny_data_dir):
+    _gzip_stream(tiny_data_dir / "t10k-labels-idx1-ubyte.gz", bytes((0, 0, 8, 1)) + (10**6).to_bytes(4, "big"), 0)
+    with pytest.raises(fdata.DataError, match=r"header declares \(1000000,\) = 1000000 bytes of data, more than "
+                                              r"the 10000 bytes allowed"):
+        fdata._load_file(tiny_data_dir, "t10k-labels-idx1-ubyte", verify=True)
+
+
+@pytest.mark.slow
+def test_small_gzip_inflating_to_1_5_gib_costs_no_memory(tiny_data_dir):
+    name = tiny_data_dir / "train-images-idx3-ubyte.gz"
+    _gzip_stream(name, _idx_header(400), 3 * 512 * 1024**2)
+    assert name.stat().st_size < 2 * 1024**2
+
+    def load():
+        with pytest.raises(fdata.DataError, match="holds more data than its header declares"):
+            fdata.load_from_dir(tiny_data_dir, verify=False)
+
+    assert _peak_bytes(load) < 20 * 1024**2
+
+
+@pytest.mark.parametrize("split", ["t10k", "train"])
+def test_empty_set_is_refused(tmp_path, split):
+    write_idx_dir(tmp_path, compress=False)
+    (tmp_path / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((0, 28, 28), np.uint8)))
+    (tmp_path / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros((0,), np.uint8)))
+    with pytest.raises(fdata.DataError, match=f"{split}-images-idx3-ubyte holds 0 images"):
+        fdata.load_from_dir(tmp_path, verify=False)
