@@ -309,8 +309,9 @@ def load_from_dir(directory: str | os.PathLike, verify: bool = True, purge: bool
                 f"the files do not belong together."
             )
         if len(images) == 0:
+            which = "training" if split == "train" else "test"
             raise DataError(
-                f"{directory}: {split}-images-idx3-ubyte holds 0 images; a {'training' if split == 'train' else 'test'} "
+                f"{directory}: {split}-images-idx3-ubyte holds 0 images; a {which} "
                 f"set needs at least one image of each class; write the files with your images in them."
             )
     return (

@@ -294,6 +294,7 @@ def test_run_directory_with_several_models_lists_them(tmp_path, good_model_file)
     for given in (run, tmp_path / "runs" / "latest"):
         with pytest.raises(AmbiguousModelError) as error:
             resolve_model_path(given)
-        assert str(error.value) == f"{given} holds several models (cnn, mlp); pass one of {given / 'cnn'}, {given / 'mlp'}."
+        choices = f"{given / 'cnn'}, {given / 'mlp'}"
+        assert str(error.value) == f"{given} holds several models (cnn, mlp); pass one of {choices}."
         assert exit_code(error.value) == 2
     assert exit_code(ModelLoadError("x")) == 1

@@ -337,7 +337,8 @@ def test_cli_16bit_png_is_classified_like_its_8bit_png_in_strict_json(trained, t
     model_path, x_test, _ = trained
     paths = _depth_variants(tmp_path, x_test[0])
     assert predict.main([str(model_path), *map(str, paths.values()), "--json", "--top-k", "10"]) == 0
-    rows = [{t["class"]: t["probability"] for t in p["top"]} for p in _strict_json(capsys.readouterr().out)["predictions"]]
+    predictions = _strict_json(capsys.readouterr().out)["predictions"]
+    rows = [{t["class"]: t["probability"] for t in p["top"]} for p in predictions]
     for row in rows[1:]:
         assert max(abs(row[c] - rows[0][c]) for c in row) < 0.02
 
@@ -391,4 +392,5 @@ def test_cli_accepts_the_run_directory_train_prints(trained, tmp_path, capsys):
     (run / "mlp" / "model.keras").write_bytes(model_path.read_bytes())
     assert predict.main([str(run), str(tmp_path / "a.png")]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err == f"error: {run} holds several models (cnn, mlp); pass one of {run / 'cnn'}, {run / 'mlp'}.\n"
+    assert out == ""
+    assert err == f"error: {run} holds several models (cnn, mlp); pass one of {run / 'cnn'}, {run / 'mlp'}.\n"
