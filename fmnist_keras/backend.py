@@ -95,22 +95,11 @@ def select_backend(backend: str | None = None, device: str = "auto") -> str:
                 f"{_GPU_INSTALL[backend]}, or use --device auto to fall back to the CPU."
             )
     if backend != "tensorflow" and "tensorflow" not in sys.modules:
-        _keep_tensorflow_unloaded()
+        # Keras would import all of TensorFlow (10 s, 1 GB) to ask whether tf.data is there.
+        from fmnist_keras.fastpath import keep_tensorflow_unloaded
+
+        keep_tensorflow_unloaded()
     return backend
-
-
-def _keep_tensorflow_unloaded() -> None:
-    """Stop Keras importing TensorFlow into a torch or jax process.
-
-    Keras asks ``tf.available`` while seeding (``set_random_seed``) and while
-    saving a model, and that imports all of TensorFlow when it is installed:
-    about 10 s and 1 GB per process that never uses it (measured with an
-    import hook on keras 3.15). Nothing here uses ``tf.data``, so Keras is
-    told TensorFlow is absent; ``tf.*`` attribute access still imports it.
-    """
-    from keras.src.utils import module_utils
-
-    module_utils.tensorflow._available = False
 
 
 def training_data_format(backend: str, requested: str = "auto", fast_path: bool = True) -> str:
@@ -177,9 +166,7 @@ def describe_device() -> str:
     if backend == "torch":
         import torch
 
-        from keras.src.backend.torch.core import get_device
-
-        device = str(get_device())
+        device = str(keras.ops.zeros(()).device)  # where Keras puts new tensors
         if device.startswith("cuda"):
             return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
         if device.startswith("mps"):

@@ -3,13 +3,18 @@
 - :class:`AtomicModelCheckpoint`: ``ModelCheckpoint`` that writes the best
   model to a temporary file in the same directory, then renames it, so a
   kill during a write leaves the previous best model loadable.
+- :class:`NaNGuard`: ``TerminateOnNaN`` that also refuses to let a model
+  with non-finite weights be checkpointed.
 - :class:`ResumableEarlyStopping`: ``EarlyStopping`` whose state (best value,
   best epoch, epochs waited, best weights) can be carried over from the run
   being resumed, instead of starting from scratch.
 - :func:`resume_state`: that state, read from the run directory's history
   CSV and best checkpoint, consistent with ``BackupAndRestore``'s last backup.
-- :class:`CtrlC`: Ctrl-C during ``fit`` stops at the end of the current
-  batch, where Keras cannot swallow it.
+- :class:`StopOnSignal`: Ctrl-C (SIGINT) or a scheduler's SIGTERM during
+  ``fit`` stops at the end of the current batch, where Keras cannot swallow it.
+- :class:`RecordFitEnd`: writes ``fit.json`` when ``fit`` ends, before
+  ``BackupAndRestore`` deletes its backup, so ``--resume`` of a run whose
+  epochs are all done goes straight to the final evaluation.
 """
 
 from __future__ import annotations
@@ -25,85 +30,92 @@ from pathlib import Path
 
 import keras
 
+from fmnist_keras import rundir
+from fmnist_keras.interrupts import Interrupted
 from fmnist_keras.loading import load_model
-
-BACKUP_DIR = "backup"
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
     """``ModelCheckpoint`` that never leaves a half-written model file.
 
+    Keras writes the best model to a temporary sibling of ``filepath``; at the
+    end of the epoch this callback renames it over ``filepath`` (same
+    directory, so the rename is atomic). Only public hooks are used.
+
     Args:
+        filepath: the model file to keep up to date.
         save_as: optional function from the model being trained to the model
             to write in its place, e.g. the same weights in the portable
-            ``channels_last`` layout (:func:`fmnist_keras.training.portable_copy`).
-        *args, **kwargs: as for ``keras.callbacks.ModelCheckpoint``.
+            ``channels_last`` layout (:func:`fmnist_keras.training.portable_copy`);
+            it is called before every epoch end's check.
+        **kwargs: as for ``keras.callbacks.ModelCheckpoint``.
     """
 
-    def __init__(self, *args, save_as=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, filepath, save_as=None, **kwargs):
+        self.final = Path(filepath)
+        self.temporary = self.final.with_name(f".partial-{self.final.name}")
+        super().__init__(str(self.temporary), **kwargs)
         self.save_as = save_as
+        self._trained = None
 
-    def _save_model(self, epoch, batch, logs):
-        # Overrides a private hook of ModelCheckpoint: redirect the write to a
-        # temporary sibling (same directory, so the rename is atomic), and
-        # show ModelCheckpoint the model to write (Callback.model reads _model).
-        final = Path(self.filepath)
-        temporary = final.with_name(f".partial-{final.name}")
-        temporary.unlink(missing_ok=True)
-        trained = self._model
-        self.filepath = str(temporary)
+    def set_model(self, model):
+        self._trained = model
+        super().set_model(self.save_as(model) if self.save_as is not None else model)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and not math.isfinite(float(value)):
+            return  # never a model whose monitored value is NaN (Keras saves the first epoch whatever it is)
+        self.temporary.unlink(missing_ok=True)
         if self.save_as is not None:
-            self._model = self.save_as(self.model)
-        try:
-            super()._save_model(epoch, batch, logs)
-        finally:
-            self.filepath, self._model = str(final), trained
-        if temporary.exists():
-            os.replace(temporary, final)
+            self.save_as(self._trained)  # the copy gets this epoch's weights
+        super().on_epoch_end(epoch, logs)
+        if self.temporary.exists():
+            os.replace(self.temporary, self.final)
 
 
-class CtrlC(keras.callbacks.Callback):
-    """Turn Ctrl-C during ``fit`` into a ``KeyboardInterrupt`` at the next batch end.
+class StopOnSignal(keras.callbacks.Callback):
+    """Turn Ctrl-C (SIGINT) or SIGTERM during ``fit`` into :class:`Interrupted` at the next batch end.
 
     Keras's per-step code has bare ``except:`` clauses (matching the loss to
     the targets, for one) that swallow a ``KeyboardInterrupt`` raised inside
-    them, and training carries on (seen in 2 of 5 tries on a tiny model).
-    While ``fit`` runs, SIGINT only sets a flag; the interrupt is raised from
-    the next ``on_train_batch_end`` (or validation batch end), outside Keras's
-    code; a Ctrl-C after the last batch is raised by the caller when ``fit``
-    returns (see ``requested``). A second Ctrl-C raises at once. Call
-    :meth:`restore` when ``fit`` ends, however it ends. Does nothing outside
-    the main thread.
+    them, and training carries on. While ``fit`` runs, the signal only sets a
+    flag; :class:`Interrupted` is raised from the next ``on_train_batch_end``
+    (or validation batch end), outside Keras's code; a signal after the last
+    batch is raised by the caller when ``fit`` returns (see ``requested``). A
+    second signal raises at once. Call :meth:`restore` when ``fit`` ends,
+    however it ends. Does nothing outside the main thread.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         super().__init__()
-        self._previous = None
-        self.requested = False
+        self._previous = {}
+        self.requested = None  # the signal number received, if any
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested is not None:
+            raise Interrupted(signum)
+        self.requested = signum
 
     def on_train_begin(self, logs=None):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _check(self, *args, **kwargs):
-        if self.requested:
+        if self.requested is not None:
             self.restore()
-            raise KeyboardInterrupt
+            raise Interrupted(self.requested)
 
     # Not at epoch end: the checkpoint, CSV row and backup of a finished epoch come first.
     on_train_batch_end = on_test_batch_end = _check
 
     def restore(self):
-        """Put the previous SIGINT handler back (call it however ``fit`` ended)."""
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        """Put the previous handlers back (call it however ``fit`` ended)."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def on_train_end(self, logs=None):
         self.restore()
@@ -133,12 +145,31 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
 
 class NaNGuard(keras.callbacks.TerminateOnNaN):
-    """``TerminateOnNaN`` that remembers the batch and epoch where it stopped."""
+    """``TerminateOnNaN`` that remembers where it stopped and guards the checkpoint.
 
-    def __init__(self):
+    At the end of an epoch whose loss or weights are not all finite, the
+    monitored value (``val_loss``) is set to NaN, which ``ModelCheckpoint``
+    never saves, and training stops: a model with non-finite weights is
+    never checkpointed. Put it before the checkpoint in ``fit``'s list.
+    """
+
+    def __init__(self, monitor: str = "val_loss"):
         super().__init__()
+        self.monitor = monitor
         self.epoch = None
         self.stopped = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        values_finite = all(math.isfinite(float(v)) for v in logs.values() if isinstance(v, (int, float)))
+        weights_finite = all(
+            bool(keras.ops.all(keras.ops.isfinite(w.value))) for w in self.model.weights if "float" in w.dtype
+        )
+        if not (values_finite and weights_finite):
+            logs[self.monitor] = float("nan")
+            self.model.stop_training = True
+            self.stopped, self.epoch = True, epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -150,21 +181,61 @@ class NaNGuard(keras.callbacks.TerminateOnNaN):
             self.stopped = loss is not None and not math.isfinite(float(loss))
 
 
+class RecordFitEnd(keras.callbacks.Callback):
+    """Write ``fit.json`` when ``fit`` ends normally, before ``BackupAndRestore`` deletes its backup.
+
+    Keras deletes the backup when ``fit`` ends, after which the backup no
+    longer tells how many epochs are done; ``fit.json`` does. Put this
+    callback before ``BackupAndRestore`` in ``fit``'s list (callbacks end in
+    list order). ``facts`` is a function returning the dict to write.
+    """
+
+    def __init__(self, path: Path, facts):
+        super().__init__()
+        self.path, self.facts = Path(path), facts
+
+    def on_train_end(self, logs=None):
+        rundir.write_json(self.path, self.facts())
+
+
 def read_history(path: Path) -> list[dict]:
-    """Rows of a CSVLogger file, values as floats (``epoch`` as int)."""
-    if not Path(path).exists():
+    """Rows of a CSVLogger file, values as floats (``epoch`` as int); [] when there is none.
+
+    Raises:
+        rundir.RunDirError: the file is not a CSVLogger history.
+    """
+    path = Path(path)
+    if not path.exists():
         return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in rows]
+    fix = f"move {path} away to start that model's history afresh"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        history = [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in rows]
+    except (OSError, ValueError, TypeError, csv.Error, UnicodeDecodeError) as error:
+        raise rundir.RunDirError(f"{path} is damaged: not a CSVLogger history ({type(error).__name__}); {fix}.") from None
+    if any("epoch" not in row or "val_loss" not in row for row in history):
+        raise rundir.RunDirError(f"{path} is damaged: rows without epoch and val_loss; {fix}.")
+    if [row["epoch"] for row in history] != list(range(len(history))):
+        raise rundir.RunDirError(f"{path} is damaged: its epochs are not 0, 1, 2, ... in order; {fix}.")
+    return history
 
 
-def backed_up_epochs(run_dir: Path) -> int:
-    """How many epochs ``BackupAndRestore``'s last backup holds (0 when none)."""
-    metadata = Path(run_dir) / BACKUP_DIR / "training_metadata.json"
+def backed_up_epochs(backup_dir: Path) -> int:
+    """How many epochs ``BackupAndRestore``'s last backup holds (0 when none).
+
+    Reads the ``training_metadata.json`` that Keras's ``BackupAndRestore``
+    writes in its ``backup_dir`` (keys ``epoch`` and ``batch``).
+    """
+    metadata = Path(backup_dir) / "training_metadata.json"
     if not metadata.exists():
         return 0
-    return int(json.loads(metadata.read_text())["epoch"])
+    fix = f"delete {Path(backup_dir)} to resume from the last checkpoint without the optimizer state"
+    data = rundir.read_json(metadata, "Keras's BackupAndRestore metadata", fix)
+    epoch = data.get("epoch") if isinstance(data, dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise rundir.RunDirError(f"{metadata} is damaged: no epoch count; {fix}.")
+    return epoch
 
 
 def truncate_history(path: Path, epochs: int) -> list[dict]:
@@ -174,23 +245,21 @@ def truncate_history(path: Path, epochs: int) -> list[dict]:
     so its row must go, or the history would hold it twice.
     """
     path = Path(path)
-    if not path.exists():
-        return []
+    history = read_history(path)
+    if len(history) <= epochs:
+        return history
     lines = path.read_text().splitlines(keepends=True)
-    kept = lines[: 1 + epochs] if lines else []
-    temporary = path.with_name(f".partial-{path.name}")
-    temporary.write_text("".join(kept))
-    os.replace(temporary, path)
+    rundir.write_text(path, "".join(lines[: 1 + epochs]))
     return read_history(path)
 
 
-def resume_state(run_dir: Path, model_file: Path, history_file: Path) -> EarlyStoppingState | None:
+def resume_state(backup_dir: Path, model_file: Path, history_file: Path) -> EarlyStoppingState | None:
     """The EarlyStopping state after the last backed-up epoch, or None to start afresh."""
-    epochs = backed_up_epochs(run_dir)
+    epochs = backed_up_epochs(backup_dir)
     history = truncate_history(history_file, epochs)
     if not history or not Path(model_file).exists():
         return None
-    best_row = min(history, key=lambda row: row["val_loss"])
+    best_row = min(history, key=lambda row: row["val_loss"] if math.isfinite(row["val_loss"]) else math.inf)
     best_weights = load_model(model_file).get_weights()
     return EarlyStoppingState(
         best=best_row["val_loss"],

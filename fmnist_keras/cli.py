@@ -75,3 +75,16 @@ def int_between(low: int, high: int, why: str = ""):
         return value
 
     return parse
+
+
+def in_range(kind: type, low, high):
+    """An argument type for ``kind`` (int or float) values from ``low`` to ``high``, both included."""
+
+    def parse(text: str):
+        value = _number(text, kind, "a whole number" if kind is int else "a number")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse

@@ -28,6 +28,24 @@ MODEL_DEFAULTS = {
 }
 
 
+# The valid range of every number in a TrainConfig: (type, lowest, highest).
+# The train flags and the check of a saved config.json both use it.
+RANGES = {
+    "epochs": (int, 1, 10_000),
+    "batch_size": (int, 1, 60_000),  # at most the whole training set
+    "learning_rate": (float, 1e-7, 10.0),  # AdamW diverges long before 10
+    "weight_decay": (float, 0.0, 1.0),  # decoupled: lr * wd <= lr
+    "label_smoothing": (float, 0.0, 0.99),  # 1.0 would make every target uniform
+    "warmup_epochs": (float, 0.0, 10_000.0),
+    "patience": (int, 0, 10_000),
+    "val_split": (float, 0.001, 0.999),
+    "seed": (int, 0, 2**32 - 1),  # numpy's seed range
+    "subset": (int, 1, 60_000),
+}
+CHOICES = {"model": MODEL_NAMES, "backend": BACKENDS, "data_format": DATA_FORMATS, "device": ("auto", "cpu", "gpu")}
+FLAGS = ("verify", "mixed_precision", "fast_path")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything needed to rebuild and reproduce one training run."""
@@ -69,13 +87,59 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
+    def from_dict(cls, data) -> "TrainConfig":
+        """A checked TrainConfig from a dict (e.g. a saved config.json).
+
+        Raises:
+            ValueError: not a dict, unknown keys, or a value of the wrong type or out of range.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object of settings, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        data = json.loads(text)
         unknown = set(data) - fields
         if unknown:
-            raise ValueError(f"unknown configuration keys {sorted(unknown)}; expected some of {sorted(fields)}.")
-        return cls(**data)
+            raise ValueError(f"unknown configuration keys {sorted(unknown)}; expected some of {sorted(fields)}")
+        config = cls(**data)
+        config.check()
+        return config
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(json.loads(text))
+
+    def check(self) -> "TrainConfig":
+        """``self`` if every field has the right type and lies in its range (RANGES, CHOICES), else ValueError."""
+        for name, (kind, low, high) in RANGES.items():
+            value = getattr(self, name)
+            if value is None and name in ("epochs", "learning_rate", "subset"):
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (kind is int and not isinstance(value, int)) or not low <= value <= high:
+                raise ValueError(f"{name} is {value!r}; expected {'a whole number' if kind is int else 'a number'} "
+                                 f"from {low:g} to {high:g}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} is {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+        for name in FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} is {getattr(self, name)!r}; expected true or false")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ValueError(f"data_dir is {self.data_dir!r}; expected a path or null")
+        return self
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        from fmnist_keras.rundir import write_text
+
+        write_text(Path(path), self.to_json() + "\n")
+
+
+def load_config(path: Path) -> TrainConfig:
+    """The checked TrainConfig saved in ``path``; a damaged file is one RunDirError line."""
+    from fmnist_keras.rundir import RunDirError, read_json
+
+    fix = "restore it from a copy, or start a new run"
+    data = read_json(path, "the run's configuration", fix)
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise RunDirError(f"{path} is damaged: {error}; {fix}.") from None

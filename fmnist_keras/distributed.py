@@ -1,21 +1,25 @@
 """Data-parallel training with the engines users already run.
 
 * **torch**: ``torchrun --nproc_per_node N -m fmnist_keras.train ...``. Every
-  process builds the same model, rank 0's weights are broadcast, and each
-  trains with ``model.fit`` on its own shard of every epoch (PyTorch's
-  ``DistributedSampler``). Gradients are averaged with
-  ``torch.distributed.all_reduce`` (gloo on CPU, NCCL on GPUs) from a hook on
-  every weight, as soon as backward has produced its gradient and before the
-  optimizer step; BatchNorm's moving statistics and the batch loss are
-  averaged after every step and the epoch's logs before any callback reads
-  them, so every replica holds the same weights after every step and
-  EarlyStopping decides the same everywhere. Only rank 0 writes files.
+  process builds the same model and trains it with ``model.fit`` on its own
+  shard of every epoch (PyTorch's ``DistributedSampler``). Gradients are
+  averaged over the processes (gloo on CPU, NCCL on GPUs) before the
+  optimizer step, in one of two ways, whichever the installed Keras supports:
 
-  Why not wrap the model in ``DistributedDataParallel``: DDP starts its
-  gradient reduction from a forward call made *through the wrapper*, and
-  ``model.fit`` calls the Keras model itself (the Keras guide on torch
-  distribution uses DDP with a hand-written loop instead). Keras's callbacks
-  do unwrap a DDP model, but that serves those custom loops, not ``fit``.
+  - Keras 3.16 and later wrap the model in ``DistributedDataParallel``
+    themselves when ``torch.distributed`` is initialised; DDP broadcasts rank
+    0's weights and averages the gradients, and Keras sums the metric
+    variables over the ranks;
+  - older Keras calls the model directly, so :class:`ReplicaSync` broadcasts
+    rank 0's weights at the start and averages each gradient from a hook on
+    its weight as soon as backward has produced it.
+
+  Either way :class:`ReplicaSync` averages BatchNorm's moving statistics and
+  the batch loss after every step and the epoch's logs before any callback
+  reads them, so every replica holds the same weights after every step and
+  EarlyStopping decides the same everywhere. Only rank 0 writes files. No
+  rank calls anything that may enter a collective alone: the final
+  evaluation runs after the process group is closed (``train``).
 
 * **JAX**: ``train --backend jax --distribute`` sets
   ``keras.distribution.DataParallel`` over all local devices; Keras splits
@@ -216,8 +220,9 @@ def shard(x: np.ndarray, y: np.ndarray, replicas: Replicas, batch_size: int, see
 class ReplicaSync(keras.callbacks.Callback):
     """Keeps torchrun replicas identical and their decisions the same.
 
-    * train begin: broadcast rank 0's weights; hook every trainable weight so
-      its gradient is averaged over the replicas during backward.
+    * train begin: unless Keras wrapped the model in DDP itself (which then
+      does both), broadcast rank 0's weights and hook every trainable weight
+      so its gradient is averaged over the replicas during backward.
     * every batch: average BatchNorm's moving statistics and the logged loss
       (so TerminateOnNaN stops every rank at the same step).
     * every epoch: average the logs before the other callbacks read them
@@ -228,6 +233,7 @@ class ReplicaSync(keras.callbacks.Callback):
         super().__init__()
         self.replicas = replicas
         self._hooks = []
+        self.gradient_averaging = None  # how: "keras DistributedDataParallel" or "gradient hooks"
 
     def _device(self):
         return self.model.trainable_weights[0].value.device  # NCCL reduces GPU tensors only
@@ -248,6 +254,12 @@ class ReplicaSync(keras.callbacks.Callback):
         import torch
         import torch.distributed as dist
 
+        from fmnist_keras.fastpath import keras_wraps_ddp
+
+        if keras_wraps_ddp(self.model):
+            self.gradient_averaging = "keras DistributedDataParallel"
+            return
+        self.gradient_averaging = "gradient hooks"
         world = self.replicas.world_size
         with torch.no_grad():
             for weight in self.model.weights:

@@ -214,11 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     data_format = input_data_format(model)
     (x_train_raw, y_train_raw), (x_test_raw, y_test_raw) = raw
     x_test, y_test = fdata.to_model_input(x_test_raw, data_format), y_test_raw.astype("int64")
+    try:
+        test = training.evaluate(model, x_test, y_test)
+    except training.NonFiniteOutputs:
+        return _fail(f"{model_path} gives NaN or infinite outputs on the test set; the model is damaged "
+                     f"(NaN weights?); retrain it or use another model.")
     result = {"model_path": str(model_path), "backend": backend, "device": describe_device(),
-              "data_source": str(source), "test": training.evaluate(model, x_test, y_test)}
-    if not math.isfinite(result["test"]["loss"]):
-        return _fail(f"{model_path} gives NaN or infinite outputs on the test set (loss {result['test']['loss']}); "
-                     f"the model is damaged (NaN weights?); retrain it or use another model.")
+              "data_source": str(source), "test": test}
     x_train, y_train = fdata.to_model_input(x_train_raw, data_format), y_train_raw
     if args.validation:
         if config is None:

@@ -1,44 +1,133 @@
-"""The torch fast path: Keras's own layers and optimizer, run by PyTorch's fast kernels.
+"""The torch fast path, and the one module that reaches past Keras's public API.
 
-Keras 3.15's torch backend is correct but loses time in four places that a
-profile of ``model.fit`` shows (README, "Speed"; numbers are per training step
-on the 2-core CPU):
+Keras's torch backend is correct but loses time in four places that a
+profile of ``model.fit`` shows (``docs/speed.md``):
 
-1. **Layout copies.** A ``channels_last`` convolution or pooling permutes
-   its input to NCHW and forces a contiguous copy, and the convolution then
-   copies it once more into PyTorch's ``channels_last`` memory format.
-   Max-pooling runs in plain NCHW, whose CPU kernel is slow (2.8 ms against
-   0.4 ms per call on baseline-cnn). :func:`install` makes the permute a view:
-   an NHWC tensor seen as NCHW *is* PyTorch's channels_last memory format,
-   so convolutions, pooling and their gradients run there with no copy.
-2. **Augmentation.** ``affine_transform`` (behind ``RandomTranslation``)
-   loops over the images of a batch in Python: 10-12 ms per batch of 128.
-   :func:`install` replaces the loop with one batched ``map_coordinates``
-   call, Keras's own, with the image index as one more coordinate.
-3. **BatchNorm.** Keras's layer is a chain of elementwise ops (mean of
-   squares, subtract, rsqrt, multiply, add) whose backward is longer still.
-   :func:`fuse_batch_norm` trains it with ``torch.native_batch_norm``
-   (one fused kernel each way) and updates Keras's moving statistics itself.
-4. **Adam.** Keras's update is a chain of ``torch._foreach_*`` calls:
-   :func:`fuse_adam` runs it in ``torch.optim.adamw(fused=True)``.
+1. **Layout copies** (``channels_last_views``). Keras 3.15 permutes a
+   ``channels_last`` convolution or pooling input to NCHW and forces a
+   contiguous copy; NCHW max-pooling is slow on CPU. The replacement makes the
+   permute a view: an NHWC tensor seen as NCHW *is* PyTorch's channels_last
+   memory format, so convolutions and pooling run there with no copy.
+2. **Augmentation** (``batched_affine_transform``). ``affine_transform``
+   (behind ``RandomTranslation``) loops over the images of a batch in Python;
+   the replacement makes one batched call of Keras's own ``map_coordinates``.
+3. **BatchNorm** (``fused_batch_norm``). Keras's layer is a chain of
+   elementwise ops; the replacement trains it with ``torch.native_batch_norm``
+   and updates Keras's moving statistics with Keras's formula.
+4. **AdamW** (``fused_adam``). Keras's update is a chain of
+   ``torch._foreach_*`` calls plus a separate weight-decay pass; the
+   replacement runs ``torch.optim.adamw(fused=True)`` with the decay inside.
 
-Each replacement computes what Keras computes: the tests compare outputs,
-gradients, moving statistics and optimizer updates with stock Keras. Models
-keep their classes and configs, so saved files are plain Keras and load on
-every backend. On tensorflow and jax nothing here does anything: their
-compilers already fuse these ops.
+Each replacement computes what Keras computes (the tests compare outputs,
+gradients, moving statistics and updates with stock Keras). Models keep their
+classes and configs, so saved files are plain Keras. On tensorflow and jax
+nothing here does anything.
 
-``training.train`` runs ``model.fit`` inside :func:`training`; ``train
---no-fast-path`` runs stock Keras instead, and ``benchmarks/bench.py`` times both.
+The fence
+---------
+Every reach into ``keras.src`` in this project is in this module. Before a
+piece replaces anything it finds each of its targets and compares a
+fingerprint of the target's source (:func:`fingerprint`) with the versions the
+piece was written against (``_KNOWN``). A missing target or an unknown
+fingerprint turns the piece off, one warning line says why, and
+``metrics.json`` (``fast_path``) records it; Keras's own code then runs. A
+piece is installed whole or not at all. Where Keras already does what a
+piece works around, the piece is "not needed" and stays off silently.
+
+=========================  ===============================================  ============================
+piece                      private targets                                  checked against Keras
+=========================  ===============================================  ============================
+channels_last_views        torch backend ``nn._transpose_spatial_inputs``   3.15.1: on; 3.14.0 and
+                                                                            3.16.0.dev2026102704: not
+                                                                            needed
+batched_affine_transform   torch backend ``image.affine_transform``,        3.14.0, 3.15.1,
+                           ``map_coordinates``, ``AFFINE_TRANSFORM_*``      3.16.0.dev2026102704
+fused_batch_norm           ``BatchNormalization.call`` (its formula)        all three
+fused_adam                 torch ``Adam._parallel_update_step``,            all three
+                           ``TorchOptimizer._apply_weight_decay``,
+                           ``BaseOptimizer._backend_apply_gradients``,
+                           ``TorchParallelOptimizer._backend_update_step``,
+                           ``_get_variable_index``, ``_use_weight_decay``,
+                           ``_momentums``, ``_velocities``
+tensorflow_unloaded        ``utils.module_utils.tensorflow._available``     all three
+keras_ddp                  torch ``Trainer._initialize_ddp``, ``ddp_model``  3.16.0.dev2026102704 (Keras
+                                                                            wraps DDP); 3.14.0, 3.15.1
+                                                                            (it does not)
+=========================  ===============================================  ============================
+
+Since Keras 3.16 the torch backend's modules live in
+``keras.src.backend.torch.ops``; :func:`_torch_backend_module` looks there
+first, then in ``keras.src.backend.torch``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib
+import inspect
+import sys
 import types
+
+# The Keras releases the fingerprints below were taken from.
+KERAS_CHECKED = ("3.14.0", "3.15.1", "3.16.0.dev2026102704")
+
+# piece -> target -> {fingerprint of the target's source: "on" or "not needed: why"}.
+# Targets named only in _targets() (constants, attributes) are checked for presence.
+_KNOWN = {
+    "channels_last_views": {
+        "nn._transpose_spatial_inputs": {
+            "ef6498d8ab66": "on",  # 3.15.1: permute, then a contiguous copy
+            "7c5000dffb3b": "not needed: Keras's own permute is already a view",  # 3.14.0
+            "74973895b03b": "not needed: Keras asks for the channels_last memory format itself",  # 3.16.0.dev
+        },
+    },
+    "batched_affine_transform": {
+        "image.affine_transform": {
+            "d32b6ec1bd9c": "on",  # 3.14.0, 3.15.1
+            "888442a67d08": "on",  # 3.16.0.dev: the same loop, and a check of the transform's shape
+        },
+    },
+    "fused_batch_norm": {
+        "BatchNormalization.call": {"31502bd832c5": "on"},  # 3.14.0, 3.15.1, 3.16.0.dev
+    },
+    "fused_adam": {
+        "Adam._parallel_update_step": {"8034ae3d81d0": "on"},
+        "TorchOptimizer._apply_weight_decay": {"53875ea55286": "on"},
+        "BaseOptimizer._backend_apply_gradients": {
+            "48d6e24d5803": "on",  # 3.14.0, 3.15.1
+            "4de6fa4f3a26": "on",  # 3.16.0.dev: EMA overwrite moved into a method; decay as before
+        },
+        "TorchParallelOptimizer._backend_update_step": {"039e46a21176": "on"},
+    },
+}
+PIECES = ("channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam")
 
 # What install() replaced: (module, name) -> Keras's original function.
 _ORIGINALS: dict = {}
+_WARNED: set = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Whether a piece runs: ``on``, ``not needed`` (Keras does it) or ``off`` (a target changed)."""
+
+    state: str
+    why: str = ""
+
+    @property
+    def on(self) -> bool:
+        return self.state == "on"
+
+    def __str__(self) -> str:
+        return f"{self.state}: {self.why}" if self.why else self.state
+
+
+def fingerprint(obj) -> str:
+    """The first 12 hex digits of the SHA-256 of ``obj``'s source code."""
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:12]
 
 
 def is_torch() -> bool:
@@ -47,36 +136,134 @@ def is_torch() -> bool:
     return keras.backend.backend() == "torch"
 
 
-def enable(model, optimizer=None) -> list[str]:
-    """Switch on every part of the fast path that applies to ``model``.
+def _torch_backend_module(name: str):
+    """Keras's torch backend module ``name`` (``nn``, ``image``, ``core``), or None."""
+    for path in (f"keras.src.backend.torch.ops.{name}", f"keras.src.backend.torch.{name}"):
+        try:
+            return importlib.import_module(path)
+        except ImportError:
+            continue
+    return None
 
-    Installs the process-wide backend fixes (:func:`install`), fuses the
-    model's BatchNormalization layers and, when ``optimizer`` is an Adam or
-    AdamW, its update step. Returns the names of what was switched on
-    (empty on tensorflow and jax), for the run's metrics.
+
+def _attribute(owner, name: str):
+    return getattr(owner, name, None) if owner is not None else None
+
+
+def _targets(piece: str) -> dict:
+    """The private objects ``piece`` replaces or relies on (None where Keras has none)."""
+    if piece == "channels_last_views":
+        return {"nn._transpose_spatial_inputs": _attribute(_torch_backend_module("nn"), "_transpose_spatial_inputs")}
+    if piece == "batched_affine_transform":
+        image = _torch_backend_module("image")
+        return {
+            "image.affine_transform": _attribute(image, "affine_transform"),
+            "image.map_coordinates": _attribute(image, "map_coordinates"),
+            "image.AFFINE_TRANSFORM_INTERPOLATIONS": _attribute(image, "AFFINE_TRANSFORM_INTERPOLATIONS"),
+            "image.AFFINE_TRANSFORM_FILL_MODES": _attribute(image, "AFFINE_TRANSFORM_FILL_MODES"),
+        }
+    if piece == "fused_batch_norm":
+        import keras
+
+        return {"BatchNormalization.call": keras.layers.BatchNormalization.call}
+    if piece == "fused_adam":
+        optimizers = {}
+        for path, name in (
+            ("keras.src.backend.torch.optimizers.torch_adam", "Adam"),
+            ("keras.src.backend.torch.optimizers.torch_optimizer", "TorchOptimizer"),
+            ("keras.src.backend.torch.optimizers.torch_parallel_optimizer", "TorchParallelOptimizer"),
+            ("keras.src.optimizers.base_optimizer", "BaseOptimizer"),
+        ):
+            try:
+                optimizers[name] = getattr(importlib.import_module(path), name, None)
+            except ImportError:
+                optimizers[name] = None
+        return {
+            "Adam._parallel_update_step": _attribute(optimizers["Adam"], "_parallel_update_step"),
+            "TorchOptimizer._apply_weight_decay": _attribute(optimizers["TorchOptimizer"], "_apply_weight_decay"),
+            "BaseOptimizer._backend_apply_gradients": _attribute(
+                optimizers["BaseOptimizer"], "_backend_apply_gradients"
+            ),
+            "TorchParallelOptimizer._backend_update_step": _attribute(
+                optimizers["TorchParallelOptimizer"], "_backend_update_step"
+            ),
+            "BaseOptimizer._get_variable_index": _attribute(optimizers["BaseOptimizer"], "_get_variable_index"),
+            "BaseOptimizer._use_weight_decay": _attribute(optimizers["BaseOptimizer"], "_use_weight_decay"),
+        }
+    raise ValueError(f"unknown fast-path piece {piece!r}; expected one of {', '.join(PIECES)}.")
+
+
+@functools.lru_cache(maxsize=None)
+def verdict(piece: str) -> Verdict:
+    """Whether ``piece`` may run with the Keras installed here (checked once per process)."""
+    if not is_torch():
+        return Verdict("not needed", "not the torch backend")
+    import keras
+
+    targets = _targets(piece)
+    for label, target in targets.items():
+        if target is None:
+            return Verdict("off", f"keras {keras.__version__} has no {label}")
+    states = []
+    for label, known in _KNOWN.get(piece, {}).items():
+        found = fingerprint(targets[label])
+        if found not in known:
+            return Verdict(
+                "off",
+                f"{label} of keras {keras.__version__} is not the code this piece was written against "
+                f"(fingerprint {found}; checked on keras {', '.join(KERAS_CHECKED)})",
+            )
+        states.append(known[found])
+    reasons = [state.split(": ", 1)[1] for state in states if state != "on"]
+    return Verdict("not needed", reasons[0]) if reasons else Verdict("on")
+
+
+def _usable(piece: str) -> bool:
+    """``verdict(piece).on``, with one warning line the first time a piece is off."""
+    result = verdict(piece)
+    if result.state == "off" and piece not in _WARNED:
+        _WARNED.add(piece)
+        print(f"warning: fast path: {piece} is off, Keras's own code runs instead: {result.why}", file=sys.stderr)
+    return result.on
+
+
+def verdicts() -> dict[str, str]:
+    """Every piece and whether it runs, as ``metrics.json`` records it ({} off torch)."""
+    return {piece: str(verdict(piece)) for piece in PIECES} if is_torch() else {}
+
+
+def enable(model, optimizer=None) -> dict[str, str]:
+    """Switch on every piece that applies to ``model`` and is usable here.
+
+    Installs the process-wide pieces (:func:`install`), fuses the model's
+    BatchNormalization layers and, when ``optimizer`` is an Adam or AdamW,
+    its update step. Returns :func:`verdicts` (``{}`` on tensorflow and jax),
+    with ``on`` for the pieces that now run; a piece that applies to nothing
+    here (no BatchNorm layer, another optimizer) says so.
     """
     if not is_torch():
-        return []
-    enabled = install()
-    if fuse_batch_norm(model):
-        enabled.append("fused_batch_norm")
-    if optimizer is not None and _is_fused(fuse_adam(optimizer)):
-        enabled.append("fused_adam")
-    return enabled
+        return {}
+    install()
+    states = verdicts()
+    if states["fused_batch_norm"] == "on" and not fuse_batch_norm(model):
+        states["fused_batch_norm"] = "not needed: the model has no BatchNormalization layer"
+    if states["fused_adam"] == "on" and (optimizer is None or not _is_fused(fuse_adam(optimizer))):
+        states["fused_adam"] = "not needed: the optimizer is not a plain Adam or AdamW"
+    return states
 
 
 @contextlib.contextmanager
 def training(model, optimizer=None, enabled: bool = True):
     """The fast path for the enclosed training, Keras's own functions after it.
 
-    Yields the names of what was switched on (:func:`enable`); with
-    ``enabled=False`` runs the block on stock Keras and yields ``[]``. The
-    process-wide replacements are undone on exit unless they were installed
-    before, so code after training (export, other models) sees Keras as shipped.
+    Yields what :func:`enable` returns; with ``enabled=False`` runs the block
+    on stock Keras and yields ``{}``. The process-wide replacements are undone
+    on exit unless they were installed before, so code after training (export,
+    other models) sees Keras as shipped.
     """
     if not enabled:
         with stock_keras():
-            yield []
+            yield {}
         return
     installed_before = bool(_ORIGINALS)
     try:
@@ -87,24 +274,22 @@ def training(model, optimizer=None, enabled: bool = True):
 
 
 def install() -> list[str]:
-    """Replace two functions of Keras's torch backend, once per process.
+    """Put the process-wide pieces in place, those whose targets check out.
 
-    ``keras.src.backend.torch.nn._transpose_spatial_inputs`` (a view instead
-    of a copy) and ``keras.src.backend.torch.image.affine_transform``
-    (batched). Both return the same values as Keras's; :func:`uninstall`
-    puts Keras's back. A no-op on the other backends.
+    ``channels_last_views`` (a view instead of a copy) and
+    ``batched_affine_transform``. Both return the same values as Keras's;
+    :func:`uninstall` puts Keras's back. Returns the names installed.
     """
     if not is_torch():
         return []
-    from keras.src.backend.torch import image, nn
-
-    # A Keras release that renames these private functions keeps its own code.
-    replaced = []
-    if _replace(nn, "_transpose_spatial_inputs", _transpose_spatial_inputs):
-        replaced.append("channels_last_views")
-    if _replace(image, "affine_transform", _affine_transform):
-        replaced.append("batched_affine_transform")
-    return replaced
+    installed = []
+    if _usable("channels_last_views"):
+        _replace(_torch_backend_module("nn"), "_transpose_spatial_inputs", _transpose_spatial_inputs)
+        installed.append("channels_last_views")
+    if _usable("batched_affine_transform"):
+        _replace(_torch_backend_module("image"), "affine_transform", _affine_transform)
+        installed.append("batched_affine_transform")
+    return installed
 
 
 def uninstall() -> None:
@@ -126,14 +311,15 @@ def stock_keras():
             install()
 
 
-def _replace(module, name: str, function) -> bool:
-    """Put ``function`` in place of ``module.name``; False if Keras has no such function."""
+def _replace(module, name: str, function) -> None:
     if (module, name) not in _ORIGINALS:
-        if not callable(getattr(module, name, None)):
-            return False
         _ORIGINALS[(module, name)] = getattr(module, name)
         setattr(module, name, function)
-    return True
+
+
+def _original(module_name: str, name: str):
+    """Keras's own function that :func:`install` replaced."""
+    return _ORIGINALS[(_torch_backend_module(module_name), name)]
 
 
 # --- 1. layouts ---------------------------------------------------------------------------
@@ -152,13 +338,6 @@ def _transpose_spatial_inputs(inputs):
     return inputs.permute(permutations[inputs.ndim])
 
 
-def _original(module_name: str, name: str):
-    """Keras's own function that :func:`install` replaced."""
-    from keras.src.backend.torch import image, nn
-
-    return _ORIGINALS[({"nn": nn, "image": image}[module_name], name)]
-
-
 # --- 2. augmentation ----------------------------------------------------------------------
 
 
@@ -172,28 +351,29 @@ def _affine_transform(
     bilinear sampling pick that image alone) and Keras's ``map_coordinates``
     samples the whole batch at once.
     """
+    import keras
     import torch
-    from keras.src import backend
-    from keras.src.backend.torch import image as timage
-    from keras.src.backend.torch.core import convert_to_tensor
 
+    timage = _torch_backend_module("image")
     original = _original("image", "affine_transform")
-    images = convert_to_tensor(images)
-    transform = convert_to_tensor(transform)
+    images = keras.ops.convert_to_tensor(images)
+    transform = keras.ops.convert_to_tensor(transform)
+    data_format = data_format or keras.config.image_data_format()
     if (
         images.ndim != 4
         or transform.ndim != 2
+        or transform.shape[-1] != 8
         or interpolation not in timage.AFFINE_TRANSFORM_INTERPOLATIONS
         or fill_mode not in timage.AFFINE_TRANSFORM_FILL_MODES
+        or data_format not in ("channels_last", "channels_first")
     ):
         # Single images and bad arguments: Keras's path and Keras's errors.
         return original(images, transform, interpolation, fill_mode, fill_value, data_format)
-    data_format = backend.standardize_data_format(data_format)
     if data_format == "channels_first":
         images = images.permute((0, 2, 3, 1))
     batch_size = images.shape[0]
 
-    # From here to `coordinates` this is Keras's code (keras/src/backend/torch/image.py).
+    # From here to `coordinates` this is Keras's code (the torch backend's image.py).
     meshgrid = torch.meshgrid(
         *[torch.arange(size, dtype=transform.dtype, device=transform.device) for size in images.shape[1:]],
         indexing="ij",
@@ -239,11 +419,11 @@ def fuse_batch_norm(model) -> int:
     inverse standard deviation; from those the layer's moving statistics are
     updated with Keras's formula (biased variance, ``momentum``). Inference,
     masks and renorm keep Keras's own code. Returns how many layers are fused
-    (fusing twice changes nothing).
+    (fusing twice changes nothing); 0 where the piece is off.
     """
     import keras
 
-    if not is_torch():
+    if not is_torch() or not _usable("fused_batch_norm"):
         return 0
     fused = 0
     for layer in _all_layers(model):
@@ -284,7 +464,8 @@ def _fused_batch_norm_call(layer, inputs, training=None, mask=None):
     return keras.ops.cast(outputs, layer.compute_dtype)
 
 
-# --- 4. Adam ------------------------------------------------------------------------------
+
+# --- 4. AdamW -----------------------------------------------------------------------------
 
 
 def _is_fused(optimizer) -> bool:
@@ -296,18 +477,24 @@ def fuse_adam(optimizer):
     """On torch, run a Keras ``Adam``/``AdamW`` step in PyTorch's fused kernel.
 
     Keras's torch Adam is a chain of ``torch._foreach_*`` calls that allocate
-    temporaries (18 ms per step for the MLP's 1.3 M weights on the 2-core
-    CPU, against 1.2 ms fused), and its decoupled weight decay is one more
-    pass that evaluates the learning-rate schedule a second time. This swaps
-    the instance's update step for ``torch.optim.adamw(fused=True)``, called
-    once for the weights that decay and once for those excluded by
-    ``exclude_from_weight_decay``; Keras's own decay pass is skipped (the
+    temporaries, and its decoupled weight decay is one more pass that
+    evaluates the learning-rate schedule a second time. This swaps the
+    instance's update step for ``torch.optim.adamw(fused=True)``, called once
+    for the weights that decay and once for those excluded by
+    ``exclude_from_weight_decay``, and skips Keras's own decay pass (the
     kernel multiplies by ``1 - lr * weight_decay`` before the Adam step, as
-    Keras does). Epsilon is rescaled each step because Keras adds it before
-    the bias correction and PyTorch after. The update is Keras's (tested to
-    2e-5). The optimizer keeps its class, variables and config, so saved
-    models are unchanged. Other backends, AMSGrad, EMA and gradient
-    accumulation: unchanged.
+    Keras does). Both methods are replaced together, or neither: the decay
+    is applied exactly once. Epsilon is rescaled because Keras adds it before
+    the bias correction and PyTorch after.
+
+    No value is read back to the host per step: the step counter is read
+    from ``optimizer.iterations`` at the first step (after
+    ``BackupAndRestore`` has restored it) and counted on the host from there;
+    the kernel's step tensors and the learning rate stay on the device.
+
+    The optimizer keeps its class, variables and config, so saved models are
+    unchanged. Other backends and optimizers, AMSGrad, EMA and gradient
+    accumulation: returned unchanged, as when the piece is off.
     """
     import keras
 
@@ -317,14 +504,20 @@ def fuse_adam(optimizer):
         or optimizer.amsgrad
         or optimizer.use_ema
         or optimizer.gradient_accumulation_steps
+        or not _usable("fused_adam")
     ):
         return optimizer
     import torch
     from torch.optim.adamw import adamw
 
+    host_step = []  # the step count, read from the device once
+
     def fused_update_step(grads, variables, learning_rate):
         index = optimizer._get_variable_index
-        step = int(optimizer.iterations.value)  # one scalar read per step
+        if not host_step:
+            host_step.append(int(optimizer.iterations.value))
+        step = host_step[0]
+        host_step[0] += 1
         bias_correction2 = 1.0 - float(optimizer.beta_2) ** (step + 1)
         decay = float(optimizer.weight_decay or 0.0)
         groups = {}  # weight decay -> (params, grads, first moments, second moments)
@@ -337,6 +530,7 @@ def fuse_adam(optimizer):
             group[3].append(optimizer._velocities[index(variable)].value)
         device = variables[0].value.device
         lr = learning_rate.to(device=device, dtype=torch.float32) if torch.is_tensor(learning_rate) else learning_rate
+        step_on_device = optimizer.iterations.value.to(device=device, dtype=torch.float32)
         for rate, (params, grads_, exp_avgs, exp_avg_sqs) in groups.items():
             adamw(
                 params,
@@ -344,7 +538,7 @@ def fuse_adam(optimizer):
                 exp_avgs,
                 exp_avg_sqs,
                 [],
-                [torch.tensor(float(step), device=device) for _ in params],  # the kernel adds 1
+                list(step_on_device.repeat(len(params)).unbind()),  # the kernel adds 1
                 fused=True,
                 amsgrad=False,
                 beta1=float(optimizer.beta_1),
@@ -362,3 +556,41 @@ def fuse_adam(optimizer):
 
 def _decay_in_the_fused_step(variables):
     """Keras's weight-decay pass, replaced: the fused step applies the decay."""
+
+
+# --- other private reaches ------------------------------------------------------------------
+
+
+def keep_tensorflow_unloaded() -> bool:
+    """Stop Keras importing TensorFlow into a torch or jax process.
+
+    Keras asks ``tf.available`` while seeding (``set_random_seed``) and while
+    saving a model, and that imports all of TensorFlow when it is installed:
+    about 10 s and 1 GB per process that never uses it. Nothing here uses
+    ``tf.data``, so Keras's lazy module is told TensorFlow is absent.
+    Returns whether it could (Keras's ``module_utils.tensorflow`` is the lazy
+    module with an ``_available`` flag); otherwise TensorFlow may load, which
+    costs time only, so no warning.
+    """
+    try:
+        from keras.src.utils import module_utils
+    except ImportError:
+        return False
+    lazy = getattr(module_utils, "tensorflow", None)
+    if type(lazy).__name__ != "LazyModule" or not hasattr(lazy, "_available"):
+        return False
+    lazy._available = False
+    return True
+
+
+def keras_wraps_ddp(model) -> bool:
+    """Whether Keras itself wrapped ``model`` in ``DistributedDataParallel`` for ``fit``.
+
+    Keras 3.16's torch trainer does that when ``torch.distributed`` is
+    initialised (``Trainer._initialize_ddp``, storing the wrapper as
+    ``ddp_model``); then its reducer averages the gradients. Call it once
+    ``fit`` has begun (from a callback's ``on_train_begin``).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(getattr(model, "ddp_model", None), DistributedDataParallel)

@@ -13,24 +13,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shutil
+import signal
 import sys
 import time
-from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import (
-    add_data_arguments,
-    fraction,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-)
-from fmnist_keras.config import DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, TrainConfig
+from fmnist_keras.cli import add_data_arguments, in_range, positive_float
+from fmnist_keras.config import DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, RANGES, TrainConfig, load_config
+from fmnist_keras.interrupts import Interrupted
+from fmnist_keras.rundir import RunDir, RunDirError, write_json
 
 DEFAULTS = TrainConfig()
+
+
+def _checked(field: str):
+    """The argparse type of ``field``'s flag: its type and range from config.RANGES."""
+    return in_range(*RANGES[field])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,23 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="which model to train; 'all' trains the MLP and the CNN so you can compare them "
         "(the MLP adds a few minutes) (default: all)",
     )
-    parser.add_argument("--epochs", type=positive_int, metavar="N",
+    parser.add_argument("--epochs", type=_checked("epochs"), metavar="N",
                         help=f"maximum epochs; EarlyStopping may stop sooner (default per model: {per_model})")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, metavar="N",
+    parser.add_argument("--batch-size", type=_checked("batch_size"), default=DEFAULTS.batch_size, metavar="N",
                         help=f"training batch size (default: {DEFAULTS.batch_size})")
-    parser.add_argument("--learning-rate", type=positive_float, metavar="LR",
+    parser.add_argument("--learning-rate", type=_checked("learning_rate"), metavar="LR",
                         help=f"peak AdamW learning rate of the warm-up + cosine schedule (default per model: {per_model_lr})")
-    parser.add_argument("--weight-decay", type=non_negative_float, default=DEFAULTS.weight_decay, metavar="WD",
+    parser.add_argument("--weight-decay", type=_checked("weight_decay"), default=DEFAULTS.weight_decay, metavar="WD",
                         help=f"AdamW weight decay (default: {DEFAULTS.weight_decay:g})")
-    parser.add_argument("--label-smoothing", type=non_negative_float, default=DEFAULTS.label_smoothing, metavar="E",
+    parser.add_argument("--label-smoothing", type=_checked("label_smoothing"), default=DEFAULTS.label_smoothing, metavar="E",
                         help=f"label smoothing of the cross-entropy loss (default: {DEFAULTS.label_smoothing:g})")
-    parser.add_argument("--patience", type=non_negative_int, default=DEFAULTS.patience, metavar="N",
+    parser.add_argument("--patience", type=_checked("patience"), default=DEFAULTS.patience, metavar="N",
                         help=f"EarlyStopping patience in epochs, on validation loss (default: {DEFAULTS.patience})")
-    parser.add_argument("--val-split", type=fraction, default=DEFAULTS.val_split, metavar="F",
+    parser.add_argument("--val-split", type=_checked("val_split"), default=DEFAULTS.val_split, metavar="F",
                         help=f"stratified fraction of the training set used for validation (default: {DEFAULTS.val_split:g})")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
+    parser.add_argument("--seed", type=_checked("seed"), default=DEFAULTS.seed,
                         help=f"seed for the split, weights, shuffling and augmentation (default: {DEFAULTS.seed})")
-    parser.add_argument("--subset", type=positive_int, metavar="N",
+    parser.add_argument("--subset", type=_checked("subset"), metavar="N",
                         help="train on a stratified subset of N training images, for quick runs (default: all 60000)")
     add_data_arguments(parser)
     parser.add_argument("--out-dir", default="runs", metavar="DIR", help="where run directories go (default: runs)")
@@ -113,68 +111,84 @@ def configs_from_args(args: argparse.Namespace, backend: str) -> list[TrainConfi
     return [TrainConfig(**{**shared, "model": name}) for name in models]
 
 
-def prepare_run_dir(out_dir: str, run_name: str | None, overwrite: bool) -> Path:
-    """Create ``out_dir/run_name``; refuse to reuse an existing one unless asked."""
-    run_dir = Path(out_dir) / (run_name or time.strftime("%Y%m%d-%H%M%S"))
-    if run_dir.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"run directory {run_dir} already exists; choose another --run-name or pass --overwrite."
-            )
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True)
-    except OSError as error:
-        raise OSError(f"cannot create run directory {run_dir}: {error.strerror}; choose another --out-dir.") from None
-    return run_dir
-
-
-RUN_FILE = "run.json"
 # Flags that describe a run; --resume takes them from the run directory instead.
 _RUN_FLAGS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "label_smoothing", "patience",
               "val_split", "seed", "subset", "data_dir", "verify", "out_dir", "run_name", "overwrite",
-              "mixed_precision", "data_format", "fast_path")
+              "mixed_precision", "data_format", "fast_path", "distribute")
 
 
-def resume_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, list[TrainConfig]]:
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the flags written on the command line (not those left at their default)."""
+    saved = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action in parser._actions:
+            action.default = saved[action.dest]
+    return set(vars(given))
+
+
+def resume_configs(parser, args, argv) -> tuple[RunDir, list[TrainConfig]]:
     """The run directory and saved per-model configurations of ``--resume RUN_DIR``."""
     option = {action.dest: action.option_strings[-1] for action in parser._actions if action.option_strings}
-    given = [option[name] for name in _RUN_FLAGS if getattr(args, name) != parser.get_default(name)]
+    given = [option[name] for name in _RUN_FLAGS if name in given_flags(parser, argv)]
     if given:
-        parser.error(f"--resume continues a run with its saved configuration; drop {', '.join(given)}.")
-    run_dir = Path(args.resume)
-    run_file = run_dir / RUN_FILE
-    if not run_file.is_file():
-        hint = f" (did you mean {run_dir.parent}?)" if (run_dir.parent / RUN_FILE).is_file() else ""
-        parser.error(f"--resume {run_dir}: no {RUN_FILE} there, so it is not a run directory of this tool{hint}.")
-    models = json.loads(run_file.read_text())["models"]
-    configs = []
-    for model in models:
-        config_file = run_dir / model / "config.json"
-        configs.append(TrainConfig.from_json(config_file.read_text()) if config_file.exists() else None)
-    first = next(c for c in configs if c is not None)
-    return run_dir, [c or dataclasses.replace(first, model=m) for c, m in zip(configs, models)]
-
-
-def point_latest_at(run_dir: Path) -> None:
-    """Make ``OUT_DIR/latest`` a symlink to the newest run (a real directory of that name is left alone)."""
-    latest = run_dir.parent / "latest"
-    if latest.exists() and not latest.is_symlink():
-        return
-    temporary = run_dir.parent / ".latest.tmp"
-    temporary.unlink(missing_ok=True)
-    temporary.symlink_to(run_dir.name)
-    temporary.replace(latest)
+        parser.error(
+            f"--resume continues a run with its saved configuration (its config.json); drop {', '.join(given)}, "
+            f"or start a new run to change them."
+        )
+    run = RunDir.open(args.resume)
+    models = run.models()
+    configs = {model: load_config(run.config_file(model)) for model in models if run.config_file(model).exists()}
+    if not configs:
+        raise RunDirError(f"{run} has no config.json for any of its models ({', '.join(models)}), so there is "
+                          f"nothing to resume; start a new run.")
+    first = next(iter(configs.values()))
+    return run, [configs.get(model) or dataclasses.replace(first, model=model) for model in models]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train as the flags say; one line and a non-zero exit code for anything that goes wrong."""
+    previous = _stop_on_sigterm()
+    try:
+        return _main(argv)
+    except Interrupted as stop:
+        # Before a run directory exists (see _train_all for the message during training).
+        print(f"Interrupted ({stop}) before training started; nothing was written.", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print("Interrupted before training started; nothing was written.", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM (what batch schedulers send) raises like Ctrl-C; the previous handler, or None."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handle(signum, frame):
+        raise Interrupted(signum)
+
+    return signal.signal(signal.SIGTERM, handle)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    run, configs = None, None
     if args.resume:
-        run_dir, configs = resume_configs(parser, args)
-        requested_backend = args.backend or configs[0].backend
-    else:
-        run_dir, configs, requested_backend = None, None, args.backend
+        try:
+            run, configs = resume_configs(parser, args, argv)
+        except (RunDirError, ValueError) as error:
+            return _fail(error)
+    requested_backend = args.backend or (configs[0].backend if configs else None)
 
     from fmnist_keras.backend import BackendError, select_backend
 
@@ -182,36 +196,36 @@ def main(argv: list[str] | None = None) -> int:
         backend = select_backend(requested_backend, args.device)
     except BackendError as error:
         parser.error(str(error))
-    if configs is None:
-        configs = configs_from_args(args, backend)
+    configs = configs or configs_from_args(args, backend)
 
     from fmnist_keras import distributed
 
     try:
-        if args.resume and (args.distribute or distributed.launched_by_torchrun()):
+        if args.resume and distributed.launched_by_torchrun():
             raise distributed.DistributedError("--resume of a distributed run is not supported; resume it in one process.")
         replicas = distributed.setup(backend, args.distribute, configs[0].batch_size, args.dist_timeout)
     except distributed.DistributedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        return _train_all(parser, args, configs, run_dir, backend, replicas)
+        return _train_all(parser, args, configs, run, backend, replicas)
     finally:
         distributed.shutdown(replicas)
 
 
-def _train_all(parser, args, configs, run_dir, backend, replicas) -> int:
-    """Load the data, split it, train each model; rank 0 alone prints and writes."""
-    from fmnist_keras import data as fdata
-    from fmnist_keras.backend import describe_device, is_out_of_memory
+def _fail(error: BaseException, code: int = 1) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return code
 
-    say = print if replicas.is_chief else (lambda *_, **__: None)
+
+def _train_all(parser, args, configs, run, backend, replicas) -> int:
+    """Load the data, split it, open the run directory, train each model; rank 0 alone prints and writes."""
+    from fmnist_keras import data as fdata
 
     try:
         raw, source = fdata.load_data(configs[0].data_dir, verify=configs[0].verify, return_source=True)
     except fdata.DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return _fail(error)
 
     from fmnist_keras import training
 
@@ -224,18 +238,28 @@ def _train_all(parser, args, configs, run_dir, backend, replicas) -> int:
         splits = training.make_splits(raw, configs[0], data_format)
     except ValueError as error:
         parser.error(f"--subset {configs[0].subset} / --val-split {configs[0].val_split}: {error}")
-    if run_dir is None and replicas.is_chief:
-        try:
-            run_dir = prepare_run_dir(args.out_dir, args.run_name, args.overwrite)
-        except (FileExistsError, OSError) as error:
-            parser.error(str(error))
-        (run_dir / RUN_FILE).write_text(json.dumps({"models": [c.model for c in configs]}) + "\n")
-        point_latest_at(run_dir)
+    if not replicas.is_chief:
+        return _train_models(args, configs, splits, None, backend, replicas, source)
+    try:
+        if run is None:  # every check has passed: only now is anything created or removed
+            run = RunDir.create(args.out_dir, args.run_name, [c.model for c in configs], args.overwrite)
+            run.point_latest_here()
+        with run.lock():
+            return _train_models(args, configs, splits, run, backend, replicas, source)
+    except RunDirError as error:
+        return _fail(error, 2 if not args.resume else 1)
 
+
+def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
+    """Fit every model (all ranks), then evaluate and report each (rank 0), after the process group is closed."""
     import keras
 
+    from fmnist_keras import distributed, training
+    from fmnist_keras.backend import describe_device, is_out_of_memory
+    from fmnist_keras.loading import ModelLoadError
     from fmnist_keras.metrics import format_summary
 
+    say = print if replicas.is_chief else (lambda *_, **__: None)
     device = describe_device()
     say(f"Backend: {backend} (keras {keras.__version__}), device: {device}")
     if replicas.mode != "single":
@@ -244,60 +268,112 @@ def _train_all(parser, args, configs, run_dir, backend, replicas) -> int:
             f"global batch {configs[0].batch_size}, {configs[0].batch_size // replicas.world_size} per replica"
         )
     say(f"Data: {source}{'' if configs[0].verify else ', digests NOT checked (--no-verify)'}")
-    say(f"Run directory: {run_dir}{' (resuming)' if args.resume else ''}")
-    summaries = []
+    say(f"Run directory: {run}{' (resuming)' if args.resume else ''}")
+    facts = {}  # model -> what its fit recorded, for the final evaluation
+    summaries = {}
     for config in configs:
-        model_dir = run_dir / config.model if replicas.is_chief else None
-        if args.resume and (model_dir / training.METRICS_FILE).exists():
-            print(f"\n== {config.model}: already finished, kept as it is")
-            summaries.append(json.loads((model_dir / training.METRICS_FILE).read_text()))
+        name = config.model
+        try:
+            finished = run.read_metrics(name) if args.resume else None
+            fitted = run.read_fit(name) if args.resume else None
+        except RunDirError as error:
+            return _fail(error)
+        if finished is not None:
+            say(f"\n== {name}: already finished, kept as it is")
+            summaries[name] = finished
+            continue
+        if fitted is not None:
+            say(f"\n== {name}: all its epochs are done; evaluating it")
+            facts[name] = fitted
             continue
         resolved = config.resolved()
         say(
-            f"\n== {config.model}: {len(splits.x_train)} train / {len(splits.x_val)} validation / "
+            f"\n== {name}: {len(splits.x_train)} train / {len(splits.x_val)} validation / "
             f"{len(splits.x_test)} test images, up to {resolved.epochs} epochs, batch {resolved.batch_size}, "
             f"peak learning rate {resolved.learning_rate:g}"
         )
         start = time.perf_counter()
         try:
-            metrics = training.train(config, splits, model_dir, resume=bool(args.resume), replicas=replicas)
+            result = training.fit_model(config, splits, run, resume=bool(args.resume), replicas=replicas)
+        except Interrupted as stop:
+            return _interrupted(stop, run)
         except KeyboardInterrupt:
-            print(
-                f"\nInterrupted. {run_dir} keeps every completed epoch; continue with:\n"
-                f"  python -m fmnist_keras.train --resume {run_dir}",
-                file=sys.stderr,
-            )
-            return 130
-        except training.TrainingInterrupted as error:
-            print(f"error: {config.model}: {error}", file=sys.stderr)
-            return 1
+            return _interrupted(Interrupted(signal.SIGINT), run)
+        except (RunDirError, ModelLoadError) as error:
+            return _fail(error)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
-            print(
-                f"error: {config.model}: out of memory on {device} with --batch-size {config.batch_size}; "
-                f"try --batch-size {max(1, config.batch_size // 2)}.",
-                file=sys.stderr,
-            )
-            return 1
-        if not replicas.is_chief:
-            continue
-        metrics.update(
-            backend=backend, device=device, data_source=str(source), wall_time_s=round(time.perf_counter() - start, 2)
-        )
-        training.write_metrics(model_dir, metrics)
-        summaries.append(metrics)
-        if args.report:
-            from fmnist_keras.report import write_report
-
-            portable = splits.in_format("channels_last")  # the layout of the saved model
-            report = write_report(model_dir, portable.x_test, portable.y_test, metrics=metrics,
-                                  x_train=portable.x_train, y_train=portable.y_train)
-            print(f"Report: {report}")
-        print(f"Saved {model_dir / training.MODEL_FILE}; test accuracy {metrics['test']['accuracy']:.4f}")
-    say(f"\nTest-set results ({backend} on {device}); run directory {run_dir}")
-    say(format_summary(summaries))
+            return _fail(f"{name}: out of memory on {device} with --batch-size {config.batch_size}; "
+                         f"try --batch-size {max(1, config.batch_size // 2)}.")
+        facts[name] = {**result.facts, "wall_time_s": round(time.perf_counter() - start, 2)}
+        if replicas.distributed:
+            digests = distributed.replica_digests(result.model, replicas)  # a collective: every rank
+            facts[name]["distributed"] = {**replicas.describe(config.batch_size), "replica_weight_digests": digests,
+                                          "replicas_identical": len(set(digests)) == 1}
+        else:  # evaluate at once; under torchrun only once the process group is closed
+            code = _finish(args, config, splits, run, facts.pop(name), backend, device, source, summaries)
+            if code:
+                return code
+    distributed.shutdown(replicas)  # from here on no rank can enter a collective
+    if not replicas.is_chief:
+        return 0
+    for config in configs:
+        if config.model in facts:
+            code = _finish(args, config, splits, run, facts[config.model], backend, device, source, summaries)
+            if code:
+                return code
+    say(f"\nTest-set results ({backend} on {device}); run directory {run}")
+    say(format_summary([summaries[c.model] for c in configs if c.model in summaries]))
     return 0
+
+
+def _finish(args, config, splits, run, facts, backend, device, source, summaries) -> int:
+    """Evaluate the saved model once, write metrics.json once, hand the model in memory to the report."""
+    from fmnist_keras import training
+    from fmnist_keras.loading import ModelLoadError
+
+    name = config.model
+    try:
+        model, metrics = training.final_metrics(run, config, splits, facts)
+    except Interrupted as stop:
+        return _interrupted(stop, run)
+    except KeyboardInterrupt:
+        return _interrupted(Interrupted(signal.SIGINT), run)
+    except training.TrainingInterrupted as error:
+        return _fail(f"{name}: {error}")
+    except training.NonFiniteOutputs as error:
+        return _fail(f"{name}: {error}; it is not kept as a result. Try a lower --learning-rate.")
+    except ModelLoadError as error:
+        return _fail(f"{name}: {error}")
+    metrics.update(backend=backend, device=device, data_source=str(source))
+    write_json(run.metrics_file(name), metrics)
+    summaries[name] = metrics
+    if args.report:
+        from fmnist_keras.report import write_report
+
+        portable = splits.in_format("channels_last")  # the layout of the saved model
+        report = write_report(run.model_dir(name), portable.x_test, portable.y_test, model=model, metrics=metrics,
+                              x_train=portable.x_train, y_train=portable.y_train)
+        print(f"Report: {report}")
+    print(f"Saved {run.model_file(name)}; test accuracy {metrics['test']['accuracy']:.4f}")
+    if metrics.get("terminated_on_nan"):
+        return _fail(
+            f"{name}: the loss became NaN or infinite in epoch {metrics.get('nan_epoch')}; training stopped and the "
+            f"last good checkpoint {run.model_file(name)} (epoch {metrics['best_epoch']}) is kept and evaluated. "
+            f"Try a lower --learning-rate (was {config.resolved().learning_rate:g})."
+        )
+    return 0
+
+
+def _interrupted(stop: Interrupted, run: RunDir | None) -> int:
+    """One line: what stopped, that completed epochs are kept, and the command that continues."""
+    if run is None:
+        print(f"Interrupted ({stop}).", file=sys.stderr)
+    else:
+        print(f"Interrupted ({stop}); {run} keeps every completed epoch. Continue with: "
+              f"python -m fmnist_keras.train --resume {run}", file=sys.stderr)
+    return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""Train one model on prepared data and write its run directory.
+"""Fit one model with Keras's built-in callbacks, and evaluate a model.
+
+:func:`fit_model` builds, compiles and fits a model and returns it with its
+history; with a :class:`~fmnist_keras.rundir.RunDir` it also checkpoints the
+best model, logs the history, backs up every epoch and records the end of
+``fit``. The caller evaluates (:func:`evaluate`, :func:`final_metrics`) and
+writes the metrics once.
 
 Imports Keras at module level: import this only after
 :func:`fmnist_keras.backend.select_backend`.
@@ -8,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -20,24 +24,21 @@ from fmnist_keras import data as fdata
 from fmnist_keras import distributed, fastpath
 from fmnist_keras.backend import training_data_format
 from fmnist_keras.callbacks import (
-    BACKUP_DIR,
     AtomicModelCheckpoint,
-    CtrlC,
     NaNGuard,
-    backed_up_epochs,
+    RecordFitEnd,
     ResumableEarlyStopping,
+    StopOnSignal,
+    backed_up_epochs,
     read_history,
     resume_state,
 )
 from fmnist_keras.config import TrainConfig
+from fmnist_keras.interrupts import Interrupted
 from fmnist_keras.loading import load_model
 from fmnist_keras.metrics import classification_metrics
 from fmnist_keras.models import build_model
-
-MODEL_FILE = "model.keras"
-HISTORY_FILE = "history.csv"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
+from fmnist_keras.rundir import RunDir
 
 
 @dataclasses.dataclass
@@ -50,20 +51,15 @@ class Splits:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-
-    @property
-    def data_format(self) -> str:
-        """``channels_first`` for (N, 1, 28, 28) images, else ``channels_last``."""
-        return "channels_first" if self.x_train.shape[1] == 1 else "channels_last"
+    data_format: str  # the layout of the images: channels_last (N, 28, 28, 1) or channels_first (N, 1, 28, 28)
 
     def in_format(self, data_format: str) -> "Splits":
         """The same images in ``data_format`` (views, no copy)."""
         if data_format == self.data_format:
             return self
         source, target = (1, -1) if self.data_format == "channels_first" else (-1, 1)
-        return dataclasses.replace(
-            self, **{name: np.moveaxis(getattr(self, name), source, target) for name in ("x_train", "x_val", "x_test")}
-        )
+        moved = {name: np.moveaxis(getattr(self, name), source, target) for name in ("x_train", "x_val", "x_test")}
+        return dataclasses.replace(self, data_format=data_format, **moved)
 
 
 def data_format_of(config: TrainConfig) -> str:
@@ -83,6 +79,8 @@ def make_splits(raw, config: TrainConfig, data_format: str | None = None) -> Spl
         keep = fdata.stratified_subset(y_train, config.subset, config.seed)
         x_train, y_train = x_train[keep], y_train[keep]
     train_idx, val_idx = fdata.stratified_split(y_train, config.val_split, config.seed)
+    if len(y_test) == 0:
+        raise ValueError("the test set is empty; the data directory needs test images and labels (t10k-*)")
     return Splits(
         x_train=fdata.to_model_input(x_train[train_idx], data_format),
         y_train=y_train[train_idx].astype(np.int64),
@@ -90,6 +88,7 @@ def make_splits(raw, config: TrainConfig, data_format: str | None = None) -> Spl
         y_val=y_train[val_idx].astype(np.int64),
         x_test=fdata.to_model_input(x_test, data_format),
         y_test=y_test.astype(np.int64),
+        data_format=data_format,
     )
 
 
@@ -120,9 +119,19 @@ def predict_probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 5
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
 
 
+class NonFiniteOutputs(ValueError):
+    """The model's outputs are NaN or infinite: its weights are broken."""
+
+
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict:
-    """Metrics of ``model`` on (x, y); the loss is plain (unsmoothed) cross-entropy."""
+    """Metrics of ``model`` on (x, y); the loss is plain (unsmoothed) cross-entropy.
+
+    Raises:
+        NonFiniteOutputs: the model gives NaN or infinite probabilities.
+    """
     probabilities = predict_probabilities(model, x)
+    if not np.isfinite(probabilities).all():
+        raise NonFiniteOutputs(f"model {model.name} gives NaN or infinite outputs, so its weights are not finite")
     loss = float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y)), y], 1e-12, 1.0))))
     return classification_metrics(y, probabilities, fdata.CLASS_NAMES, loss=loss)
 
@@ -150,95 +159,119 @@ def portable_copy(config: TrainConfig):
     return convert
 
 
+
 class TrainingInterrupted(RuntimeError):
     """Training stopped before its end (NaN loss); the best checkpoint so far is kept."""
 
 
-def train(
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit_model` returns: the trained model, its history and the facts of the fit."""
+
+    model: keras.Model  # with the best epoch's weights (EarlyStopping restores them)
+    history: list[dict]  # one row per epoch, as history.csv holds it
+    facts: dict  # what fit.json records: epochs run, best epoch, train time, fast path, ...
+
+
+def fit_model(
     config: TrainConfig,
     splits: Splits,
-    run_dir: Path,
+    run: RunDir | None = None,
     resume: bool = False,
     verbose="auto",
     replicas: distributed.Replicas = distributed.SINGLE,
-) -> dict:
-    """Fit ``config.model`` with Keras's callbacks and write the run directory.
+) -> FitResult:
+    """Build, compile and fit ``config.model`` with Keras's built-in callbacks.
 
-    Callbacks: EarlyStopping (val_loss, best weights restored), an atomic
-    ModelCheckpoint (best model as ``model.keras``), CSVLogger,
-    TerminateOnNaN and BackupAndRestore (state after every epoch, so an
-    interrupted run resumes where it stopped). The best model is then loaded
-    back from disk and evaluated, so ``metrics.json`` describes exactly the
-    file a user gets.
-
-    The model trains in the layout of ``splits`` (by default the backend's
-    fast one, see :func:`fmnist_keras.backend.training_data_format`) and is
-    saved ``channels_last``, which every backend loads (:func:`portable_copy`).
+    Callbacks: EarlyStopping (val_loss, best weights restored), TerminateOnNaN
+    (which also keeps non-finite weights out of the checkpoint), and, with a
+    ``run`` directory, an atomic ModelCheckpoint (best model as
+    ``model.keras``, always ``channels_last``, see :func:`portable_copy`),
+    CSVLogger, BackupAndRestore (state after every epoch, so an interrupted
+    run resumes where it stopped) and ``fit.json`` when ``fit`` ends.
 
     Args:
         config: the run configuration.
-        splits: model-ready arrays from :func:`make_splits`.
-        run_dir: this model's run directory.
-        resume: continue from the backup in ``run_dir`` (optimizer state,
-            epoch counter, EarlyStopping state and history carry over).
+        splits: model-ready arrays from :func:`make_splits`; the model trains in their layout.
+        run: the run directory to write; None writes nothing (notebooks, and
+            every torchrun rank but 0).
+        resume: continue from the backup in ``run`` (optimizer state, epoch
+            counter, EarlyStopping state and history carry over).
         verbose: Keras's progress-bar setting.
-        replicas: the data-parallel replicas (:func:`fmnist_keras.distributed.setup`);
-            under torchrun every rank calls this, rank 0 alone writes files.
-
-    Returns:
-        The metrics (also written to ``metrics.json``); an empty dict on the
-        ranks other than 0.
+        replicas: the data-parallel replicas (:func:`fmnist_keras.distributed.setup`).
 
     Raises:
-        TrainingInterrupted: the loss became NaN or infinite; ``metrics.json``
-            is still written for the last good checkpoint.
+        callbacks.Interrupted: Ctrl-C or SIGTERM; every completed epoch is kept.
     """
     if config.data_format not in ("auto", splits.data_format):
         raise ValueError(
             f"the configuration asks to train in {config.data_format} but the splits are {splits.data_format}; "
             f"make them with make_splits(raw, config)."
         )
-    # Train in the splits' layout; config.json records it for --resume.
     config = dataclasses.replace(config.resolved(), data_format=splits.data_format)
-    chief = replicas.is_chief
     if resume and replicas.distributed:
         raise ValueError("--resume of a distributed run is not supported; resume it in one process.")
-    run_dir = Path(run_dir) if chief else None  # the other ranks write nothing
-    if chief:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / CONFIG_FILE)
-    model_file, history_file = (run_dir / MODEL_FILE, run_dir / HISTORY_FILE) if chief else (None, None)
+    name = config.model
+    if run is not None:
+        run.model_dir(name).mkdir(exist_ok=True)
+        config.save(run.config_file(name))
     # torchrun replicas draw their own dropout masks and augmentations (rank 0's
     # initial weights are broadcast to all); everything else uses config.seed.
     seed = config.seed + replicas.rank
     keras.utils.set_random_seed(seed)
     with dtype_policy(config.mixed_precision):
-        model = build_model(config.model, data_format=config.data_format, seed=seed)
-    steps_per_epoch = math.ceil(len(splits.x_train) / config.batch_size)
-    compile_model(model, config, steps_per_epoch)
+        model = build_model(name, data_format=config.data_format, seed=seed)
+    compile_model(model, config, steps_per_epoch=math.ceil(len(splits.x_train) / config.batch_size))
 
-    state = resume_state(run_dir, model_file, history_file) if resume else None
-    epochs_before = backed_up_epochs(run_dir) if resume else 0
+    state = resume_state(run.backup_dir(name), run.model_file(name), run.history_file(name)) if resume else None
+    epochs_before = backed_up_epochs(run.backup_dir(name)) if resume else 0
     early_stopping = ResumableEarlyStopping(
-        monitor="val_loss", patience=config.patience, restore_best_weights=True, verbose=int(chief),
+        monitor="val_loss", patience=config.patience, restore_best_weights=True, verbose=int(run is not None),
         initial_state=state,
     )
-    nan_guard = NaNGuard()
-    ctrl_c = CtrlC()
-    callbacks = [*distributed.callbacks(replicas), ctrl_c, nan_guard]
-    if chief:
+    nan_guard, stop_on_signal, history_log = NaNGuard(), StopOnSignal(), keras.callbacks.History()
+    replica_callbacks = distributed.callbacks(replicas)
+    timing = {}
+
+    def facts() -> dict:
+        """The facts of the fit so far; RecordFitEnd writes them as fit ends."""
+        history = read_history(run.history_file(name)) if run is not None else _rows(history_log)
+        seconds = time.perf_counter() - timing["start"]
+        facts = {
+            "epochs_run": len(history) if run is not None else epochs_before + len(history),
+            "best_epoch": _best_epoch(history),
+            "stopped_early": early_stopping.stopped_epoch > 0,
+            "terminated_on_nan": nan_guard.stopped,
+            "nan_epoch": nan_guard.epoch + 1 if nan_guard.stopped and nan_guard.epoch is not None else None,
+            "resumed": state is not None,
+            "train_time_s": round(seconds, 2),
+            "seconds_per_epoch": round(seconds / max(1, len(history_log.epoch)), 2),
+            "training_data_format": config.data_format,
+            "mixed_precision": dtype_policy_name(config.mixed_precision),
+            "fast_path": timing["fast_path"],
+            "keras_version": keras.__version__,
+        }
+        averaging = {c.gradient_averaging for c in replica_callbacks if hasattr(c, "gradient_averaging")}
+        if averaging:
+            facts["gradient_averaging"] = averaging.pop()
+        return facts
+
+    callbacks = [history_log, *replica_callbacks, stop_on_signal, nan_guard]
+    if run is not None:
         callbacks += [
             AtomicModelCheckpoint(
-                model_file, monitor="val_loss", save_best_only=True,
+                run.model_file(name), monitor="val_loss", save_best_only=True,
                 initial_value_threshold=state.best if state else None,
                 save_as=portable_copy(config) if config.data_format != "channels_last" else None,
             ),
-            keras.callbacks.CSVLogger(str(history_file), append=resume),
+            keras.callbacks.CSVLogger(str(run.history_file(name)), append=resume),
         ]
     callbacks.append(early_stopping)
-    if chief:
-        # Last, so a backup marks an epoch whose checkpoint and CSV row are written.
-        callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True))
+    if run is not None:
+        # fit.json before the backup, which Keras deletes when fit ends; the
+        # backup comes last, so it marks an epoch whose checkpoint and CSV row are written.
+        callbacks.append(RecordFitEnd(run.fit_file(name), facts))
+        callbacks.append(keras.callbacks.BackupAndRestore(str(run.backup_dir(name)), double_checkpoint=True))
     y_train = keras.utils.to_categorical(splits.y_train, fdata.NUM_CLASSES)
     y_val = keras.utils.to_categorical(splits.y_val, fdata.NUM_CLASSES)
     if replicas.mode == "torchrun":
@@ -248,7 +281,7 @@ def train(
     else:
         training_data = {"x": splits.x_train, "y": y_train, "batch_size": config.batch_size}
     with fastpath.training(model, model.optimizer, enabled=config.fast_path) as fast_path:
-        start = time.perf_counter()
+        timing.update(start=time.perf_counter(), fast_path=fast_path)
         try:
             model.fit(
                 **training_data,
@@ -256,59 +289,57 @@ def train(
                 validation_batch_size=config.batch_size,
                 epochs=config.epochs,
                 callbacks=callbacks,
-                verbose=verbose if chief else 0,
+                verbose=verbose if replicas.is_chief else 0,
             )
         finally:
-            ctrl_c.restore()
-        train_time = time.perf_counter() - start
-    if ctrl_c.requested:  # Ctrl-C after the last batch
-        raise KeyboardInterrupt
-    digests = distributed.replica_digests(model, replicas) if replicas.mode != "single" else None  # every rank
-    if not chief:
-        return {}
-    history = read_history(history_file)
+            stop_on_signal.restore()
+    if stop_on_signal.requested is not None:  # a signal after the last batch
+        raise Interrupted(stop_on_signal.requested)
+    return FitResult(model, read_history(run.history_file(name)) if run is not None else _rows(history_log), facts())
+
+
+def _rows(history: keras.callbacks.History) -> list[dict]:
+    return [{"epoch": epoch, **{k: float(v[i]) for k, v in history.history.items()}} for i, epoch in enumerate(history.epoch)]
+
+
+def _best_epoch(history: list[dict]) -> int | None:
+    """The 1-based epoch of the lowest finite val_loss (the one EarlyStopping restores), or None."""
+    finite = [row for row in history if math.isfinite(row.get("val_loss", math.nan))]
+    return min(finite, key=lambda row: row["val_loss"])["epoch"] + 1 if finite else None
+
+
+def final_metrics(run: RunDir, config: TrainConfig, splits: Splits, facts: dict) -> tuple[keras.Model, dict]:
+    """The saved best model of ``config.model``, loaded from ``run``, and its metrics.
+
+    The metrics describe exactly the file a user gets: ``model.keras`` is
+    loaded back and evaluated on the validation and test splits (in the
+    ``channels_last`` layout it is saved in).
+
+    Raises:
+        TrainingInterrupted: no model was saved (the loss was NaN from the start).
+        NonFiniteOutputs: the saved model gives NaN or infinite outputs.
+        loading.ModelLoadError: ``model.keras`` is damaged.
+    """
+    config = config.resolved()
+    model_file = run.model_file(config.model)
     if not model_file.exists():
         raise TrainingInterrupted(
-            f"the loss became NaN or infinite in epoch {(nan_guard.epoch or 0) + 1} before any model was "
+            f"the loss became NaN or infinite in epoch {facts.get('nan_epoch') or 1} before any model was "
             f"saved; try a lower --learning-rate (was {config.learning_rate:g})."
         )
     best = load_model(model_file)
-    portable = splits.in_format("channels_last")  # the layout of the saved model
-    finite = [row for row in history if math.isfinite(row["val_loss"])]
+    portable = splits.in_format("channels_last")
     metrics = {
         "model": config.model,
         "test": evaluate(best, portable.x_test, portable.y_test),
         "validation": evaluate(best, portable.x_val, portable.y_val),
-        "epochs_run": len(history),
-        "best_epoch": min(finite, key=lambda row: row["val_loss"])["epoch"] + 1 if finite else None,
-        "stopped_early": early_stopping.stopped_epoch > 0,
-        "terminated_on_nan": nan_guard.stopped,
-        "resumed": state is not None,
-        "train_time_s": round(train_time, 2),
-        "seconds_per_epoch": round(train_time / max(1, len(history) - epochs_before), 2),
-        "num_params": int(model.count_params()),
+        **facts,
+        "num_params": int(best.count_params()),
         "num_train": int(len(splits.x_train)),
         "num_val": int(len(splits.x_val)),
         "num_test": int(len(splits.x_test)),
-        "mixed_precision": dtype_policy_name(config.mixed_precision),
-        "training_data_format": config.data_format,
-        "fast_path": fast_path,
-        "keras_version": keras.__version__,
     }
-    if digests is not None:
-        metrics["distributed"] = {
-            **replicas.describe(config.batch_size),
-            "replica_weight_digests": digests,
-            "replicas_identical": len(set(digests)) == 1,
-        }
-    write_metrics(run_dir, metrics)
-    if nan_guard.stopped:
-        raise TrainingInterrupted(
-            f"the loss became NaN or infinite in epoch {nan_guard.epoch + 1}; training stopped and the last "
-            f"good checkpoint {model_file} (epoch {metrics['best_epoch']}) is kept and evaluated. "
-            f"Try a lower --learning-rate (was {config.learning_rate:g})."
-        )
-    return metrics
+    return best, metrics
 
 
 def dtype_policy_name(mixed_precision: bool) -> str:
@@ -331,5 +362,3 @@ def dtype_policy(mixed_precision: bool):
         keras.config.set_dtype_policy(previous)
 
 
-def write_metrics(run_dir: Path, metrics: dict) -> None:
-    (Path(run_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -230,18 +230,24 @@ def test_enable_names_what_it_switched_on_and_nothing_off_torch():
         enabled = fastpath.enable(model, model.optimizer)
     finally:
         fastpath.uninstall()
-    expected = ["channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam"]
-    assert enabled == (expected if TORCH else [])
+    if not TORCH:
+        assert enabled == {}
+        return
+    assert set(enabled) == set(fastpath.PIECES)
+    for piece in ("batched_affine_transform", "fused_batch_norm", "fused_adam"):
+        assert enabled[piece] == "on"  # on every Keras version this project supports
+    # Keras 3.15 copies around convolutions (the piece runs); 3.14 and 3.16 do not (it is not needed).
+    assert enabled["channels_last_views"] == str(fastpath.verdict("channels_last_views"))
+    assert enabled["channels_last_views"] == "on" or enabled["channels_last_views"].startswith("not needed: ")
 
 
 @torch_only
 def test_stock_keras_restores_kerass_functions_for_its_block(installed):
-    from keras.src.backend.torch import nn
-
-    assert nn._transpose_spatial_inputs is fastpath._transpose_spatial_inputs
+    image = fastpath._torch_backend_module("image")
+    assert image.affine_transform is fastpath._affine_transform
     with fastpath.stock_keras():
-        assert nn._transpose_spatial_inputs is not fastpath._transpose_spatial_inputs
-    assert nn._transpose_spatial_inputs is fastpath._transpose_spatial_inputs
+        assert image.affine_transform is not fastpath._affine_transform
+    assert image.affine_transform is fastpath._affine_transform
 
 
 def test_a_model_trained_on_the_fast_path_saves_as_plain_keras(tmp_path):
@@ -262,12 +268,96 @@ def test_a_model_trained_on_the_fast_path_saves_as_plain_keras(tmp_path):
 
 @torch_only
 def test_training_block_undoes_the_process_wide_changes_it_made():
-    from keras.src.backend.torch import image
-
+    image = fastpath._torch_backend_module("image")
     stock = image.affine_transform
     model = _bn_model()
     with fastpath.training(model) as enabled:
-        assert "batched_affine_transform" in enabled and image.affine_transform is not stock
+        assert enabled["batched_affine_transform"] == "on" and image.affine_transform is not stock
     assert image.affine_transform is stock
     with fastpath.training(_bn_model(), enabled=False) as enabled:
-        assert enabled == [] and image.affine_transform is stock
+        assert enabled == {} and image.affine_transform is stock
+
+
+# --- the fence: a changed or missing private target turns its piece off -----------------------
+
+
+@pytest.fixture
+def fresh_verdicts():
+    """Verdicts and warnings computed anew for the test, and again after it."""
+    fastpath.verdict.cache_clear()
+    fastpath._WARNED.clear()
+    yield
+    fastpath.uninstall()
+    fastpath.verdict.cache_clear()
+    fastpath._WARNED.clear()
+
+
+@torch_only
+def test_every_piece_is_on_or_not_needed_on_the_keras_versions_checked(fresh_verdicts):
+    assert keras.__version__ in fastpath.KERAS_CHECKED
+    for piece in fastpath.PIECES:
+        assert fastpath.verdict(piece).state in ("on", "not needed"), fastpath.verdict(piece)
+
+
+@torch_only
+def test_a_missing_target_turns_its_piece_off_with_one_warning_line(fresh_verdicts, monkeypatch, capsys):
+    real = fastpath._torch_backend_module
+    monkeypatch.setattr(fastpath, "_torch_backend_module", lambda name: None if name == "image" else real(name))
+    stock = real("image").affine_transform
+    model = _bn_model()
+    model.compile(optimizer=keras.optimizers.AdamW(), loss="categorical_crossentropy")
+    with fastpath.training(model, model.optimizer) as states:
+        assert real("image").affine_transform is stock  # Keras's own loop runs
+    assert states["batched_affine_transform"].startswith("off: keras ") and "image.affine_transform" in states[
+        "batched_affine_transform"]
+    assert states["fused_adam"] == "on"  # the other pieces are unaffected
+    fastpath.enable(_bn_model())  # asking again warns no more
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: fast path: batched_affine_transform is off")
+
+
+@torch_only
+def test_a_changed_optimizer_turns_fused_adam_off_whole_and_decay_is_applied_once(fresh_verdicts, monkeypatch, capsys):
+    # Simulate a Keras whose weight-decay pass is not the code the fused step was written against.
+    monkeypatch.setitem(fastpath._KNOWN["fused_adam"], "TorchOptimizer._apply_weight_decay", {})
+    plain = _train_steps(fuse=False)
+    fenced = _train_steps(fuse=True)  # asks for the fused step; the fence refuses it
+    assert "_parallel_update_step" not in vars(fenced.optimizer)
+    assert "_apply_weight_decay" not in vars(fenced.optimizer)  # neither half installed
+    for a, b in zip(plain.get_weights(), fenced.get_weights()):
+        np.testing.assert_array_equal(a, b)  # stock Keras exactly: decay neither lost nor doubled
+    assert "fused_adam is off" in capsys.readouterr().err
+    assert fastpath.verdicts()["fused_adam"].startswith("off: TorchOptimizer._apply_weight_decay of keras ")
+
+
+@torch_only
+def test_fused_adam_with_decay_matches_stock_keras_and_differs_without_decay():
+    # The decay is in the fused step exactly once: with it the weights match stock
+    # AdamW; a fused step that lost it would match AdamW(weight_decay=0) instead.
+    fused = _train_steps(fuse=True)
+    plain = _train_steps(fuse=False)
+    for a, b in zip(plain.get_weights(), fused.get_weights()):
+        np.testing.assert_allclose(b, a, atol=2e-5)
+    kernel = plain.get_weights()[0]
+    undecayed = _small_mlp()
+    optimizer = keras.optimizers.AdamW(learning_rate=1e-2, weight_decay=0.0)
+    undecayed.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    rng = _rng()
+    x = rng.random((64, 28, 28, 1), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 64), 10)
+    undecayed.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    undecayed.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0)
+    assert np.abs(undecayed.get_weights()[0] - kernel).max() > 1e-3  # the decay does show in the weights
+
+
+def test_no_module_of_the_project_but_the_fast_path_reaches_into_keras_src():
+    from pathlib import Path
+
+    import fmnist_keras
+
+    package = Path(fmnist_keras.__file__).parent
+    reaching = sorted(
+        str(path.relative_to(package)) for path in package.rglob("*.py")
+        if "keras.src" in path.read_text() and path.name != "fastpath.py"
+    )
+    assert reaching == []

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from fmnist_keras import train
+from fmnist_keras import config, train
 from fmnist_keras.callbacks import AtomicModelCheckpoint, read_history
 
 EPOCHS = 8
@@ -85,12 +85,24 @@ def test_ctrl_c_says_how_to_resume(tmp_path, tiny_data_dir):
     assert (tmp_path / "run" / "mlp" / "model.keras").exists()
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, tiny_data_dir, capsys):
-    # A learning rate this large drives the weights to inf within a few steps.
+def test_nan_loss_stops_with_a_clear_message_and_keeps_no_broken_model(tmp_path, tiny_data_dir, capsys, monkeypatch):
+    # A learning rate this large (beyond the flag's range, so the range is widened
+    # here) drives the weights to inf within a few steps.
+    monkeypatch.setitem(config.RANGES, "learning_rate", (float, 1e-7, 1e38))
     code = train.main(_argv(tmp_path, tiny_data_dir, "--epochs", "3", "--learning-rate", "1e38", "--batch-size", "32"))
     err = capsys.readouterr().err
     assert code == 1
-    assert "NaN or infinite" in err and "--learning-rate" in err
+    assert "NaN or infinite" in err and "--learning-rate" in err and err.count("\n") == 1
+    model_file = tmp_path / "run" / "mlp" / "model.keras"
+    if model_file.exists():  # a checkpoint from before the loss broke: finite weights only
+        weights = keras.saving.load_model(model_file).get_weights()
+        assert all(np.isfinite(w).all() for w in weights)
+        metrics = json.loads((tmp_path / "run" / "mlp" / "metrics.json").read_text(), parse_constant=_reject)
+        assert metrics["best_epoch"] is not None
+
+
+def _reject(name):
+    raise ValueError(f"{name} in JSON")
 
 
 def test_atomic_checkpoint_leaves_previous_model_when_a_write_fails(tmp_path):
@@ -125,13 +137,16 @@ def test_resume_rejects_other_flags_and_non_run_dirs(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         train.main(["--resume", str(tmp_path), "--no-fast-path", "--data-format", "channels_first"])
     assert info.value.code == 2 and "drop --data-format, --no-fast-path" in capsys.readouterr().err
+    # A flag given with its default value is still a flag given: refused, not silently ignored.
     with pytest.raises(SystemExit) as info:
-        train.main(["--resume", str(tmp_path)])
-    assert info.value.code == 2 and "not a run directory" in capsys.readouterr().err
+        train.main(["--resume", str(tmp_path), "--patience", "5"])
+    assert info.value.code == 2 and "drop --patience" in capsys.readouterr().err
+    assert train.main(["--resume", str(tmp_path)]) == 1
+    assert "not a run directory" in capsys.readouterr().err
 
 
 def test_ctrl_c_during_fit_stops_at_the_batch_end_and_restores_the_handler():
-    from fmnist_keras.callbacks import CtrlC
+    from fmnist_keras.callbacks import StopOnSignal
 
     before = signal.getsignal(signal.SIGINT)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
@@ -147,7 +162,7 @@ def test_ctrl_c_during_fit_stops_at_the_batch_end_and_restores_the_handler():
         def on_train_batch_end(self, batch, logs=None):
             ended.append(batch)
 
-    ctrl_c = CtrlC()
+    ctrl_c = StopOnSignal()
     with pytest.raises(KeyboardInterrupt):
         try:
             model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[SendCtrlC(), ctrl_c])
@@ -156,5 +171,5 @@ def test_ctrl_c_during_fit_stops_at_the_batch_end_and_restores_the_handler():
     assert ended == [0, 1, 2]  # batch 2 finished, nothing after it ran
     assert signal.getsignal(signal.SIGINT) is before
     # A fit that ends normally leaves the handler as it was, too.
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[CtrlC()])
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[StopOnSignal()])
     assert signal.getsignal(signal.SIGINT) is before

@@ -42,7 +42,7 @@ def test_cli_trains_both_models_and_writes_complete_run_dirs(tmp_path, tiny_data
     for model in ("mlp", "cnn"):
         run_dir = tmp_path / "runs" / "run" / model
         assert {p.name for p in run_dir.iterdir()} == {
-            "model.keras", "history.csv", "config.json", "metrics.json", "report.md", "figures"
+            "model.keras", "history.csv", "config.json", "fit.json", "metrics.json", "report.md", "figures"
         }
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["model"] == model and metrics["backend"] == keras.backend.backend()
@@ -84,25 +84,29 @@ def test_subset_trains_on_fewer_images(tmp_path, tiny_data_dir):
 
 
 def test_existing_run_dir_is_never_overwritten_silently(tmp_path, tiny_data_dir, capsys):
-    (tmp_path / "runs" / "run").mkdir(parents=True)
-    (tmp_path / "runs" / "run" / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit) as info:
-        run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1")
-    assert info.value.code == 2
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--no-report") == 0
+    (tmp_path / "runs" / "run" / "notes.txt").write_text("mine")
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1") == 2
     assert "already exists" in capsys.readouterr().err
-    assert (tmp_path / "runs" / "run" / "keep.txt").read_text() == "mine"
-    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--overwrite") == 0
-    assert not (tmp_path / "runs" / "run" / "keep.txt").exists()
+    assert (tmp_path / "runs" / "run" / "notes.txt").read_text() == "mine"
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--overwrite", "--no-report") == 0
+    assert not (tmp_path / "runs" / "run" / "notes.txt").exists()
+    assert (tmp_path / "runs" / "run" / "mlp" / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--epochs", "0"], "must be positive"),
-        (["--epochs", "-3"], "must be positive"),
+        (["--epochs", "0"], "must be from 1 to 10000, got 0"),
+        (["--epochs", "-3"], "must be from 1 to 10000"),
         (["--batch-size", "x"], "expected a whole number"),
-        (["--val-split", "1.5"], "strictly between 0 and 1"),
-        (["--learning-rate", "0"], "positive finite"),
+        (["--val-split", "1.5"], "must be from 0.001 to 0.999"),
+        (["--learning-rate", "0"], "must be from 1e-07 to 10"),
+        (["--learning-rate", "nan"], "must be finite"),
+        (["--label-smoothing", "5"], "must be from 0 to 0.99"),
+        (["--weight-decay", "-1"], "must be from 0 to 1"),
+        (["--seed", "-1"], "must be from 0 to 4.29497e+09"),
+        (["--batch-size", "1000000"], "must be from 1 to 60000"),
         (["--model", "resnet"], "invalid choice"),
         (["--backend", "theano"], "invalid choice"),
     ],
@@ -132,10 +136,9 @@ def test_too_small_subset_is_a_usage_error_and_creates_no_run_dir(tmp_path, tiny
 def test_unwritable_out_dir_is_a_usage_error(tmp_path, tiny_data_dir, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(SystemExit) as info:
-        train.main(["--data-dir", str(tiny_data_dir), "--no-verify", "--out-dir", str(blocker / "runs")])
-    assert info.value.code == 2
-    assert "cannot create run directory" in capsys.readouterr().err
+    assert train.main(["--data-dir", str(tiny_data_dir), "--no-verify", "--out-dir", str(blocker / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"{blocker} is a file, not a directory" in err and err.count("\n") == 1
 
 
 def test_mixed_precision_trains_with_float32_outputs(tmp_path, tiny_data_dir):
@@ -162,9 +165,12 @@ def test_cnn_trains_in_the_backends_fast_layout_and_is_saved_channels_last(tmp_p
     assert TrainConfig.from_json((run_dir / "config.json").read_text()).data_format == expected
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["training_data_format"] == expected
-    assert metrics["fast_path"] == (
-        ["channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam"] if torch and fast_path else []
-    )
+    from fmnist_keras import fastpath
+
+    expected_pieces = {piece: str(fastpath.verdict(piece)) for piece in fastpath.PIECES} if torch and fast_path else {}
+    assert metrics["fast_path"] == expected_pieces
+    if torch and fast_path:
+        assert metrics["fast_path"]["fused_adam"] == "on" and metrics["fast_path"]["fused_batch_norm"] == "on"
     model = load_model(run_dir / "model.keras")
     assert tuple(model.inputs[0].shape[1:]) == (28, 28, 1)  # portable whatever the training layout
     assert model.get_layer("block1_conv1").data_format == "channels_last"

@@ -1,0 +1,328 @@
+"""The run directory: its layout, its atomic writes, its lock and its marker.
+
+One module knows every file name in a run directory::
+
+    OUT_DIR/RUN_NAME/
+      .fmnist_keras-run       marker: fmnist_keras created this directory
+      .lock                   held while a process trains here; names the holder
+      run.json                the models this run trains
+      MODEL/                  one per model (mlp, cnn, ...)
+        config.json           the TrainConfig that rebuilds and reproduces it
+        model.keras           the best model (lowest validation loss)
+        history.csv           one row per epoch (CSVLogger)
+        backup/               BackupAndRestore's state while fit runs
+        fit.json              written when fit has ended: what evaluation needs
+        metrics.json          test and validation metrics, written once
+        report.md, figures/   the report
+    OUT_DIR/latest            symlink to the newest run
+
+Rules it keeps: a run name is one safe path component; ``--overwrite``
+removes only a directory that carries the marker (never a symlink, never the
+working directory or one above it), after every check has passed; every JSON
+file is written to a temporary sibling and renamed, so a kill leaves the old
+file or the new one; a second process is refused the lock in one line naming
+the holder. No Keras import here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+MARKER = ".fmnist_keras-run"
+LOCK = ".lock"
+RUN_FILE = "run.json"
+MODEL_FILE = "model.keras"
+HISTORY_FILE = "history.csv"
+CONFIG_FILE = "config.json"
+BACKUP_DIR = "backup"
+FIT_FILE = "fit.json"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+LATEST = "latest"
+
+# Letters, digits and . _ - + = @; not starting with a dot (hidden, ".", "..").
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_+=@-][A-Za-z0-9._+=@-]{0,99}")
+# The largest run file read back (run.json, config.json, fit.json, metrics.json).
+MAX_JSON_BYTES = 16 * 1024**2
+
+
+class RunDirError(ValueError):
+    """A run directory cannot be created, opened, locked or read as asked; one line says how to fix it."""
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is one safe path component, else :class:`RunDirError`."""
+    if not _SAFE_NAME.fullmatch(name or "") or name == LATEST:
+        raise RunDirError(
+            f"--run-name {name!r} is not a plain directory name; use 1-100 letters, digits and . _ - + = @, "
+            f"not starting with a dot, and not {LATEST!r} (e.g. --run-name cnn-try1)."
+        )
+    return name
+
+
+def write_json(path: Path, data) -> None:
+    """Write ``data`` as strict JSON (no NaN) to ``path`` atomically."""
+    write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling of ``path``, flush it to disk, then rename it over ``path``."""
+    path = Path(path)
+    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    try:
+        with open(temporary, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def read_json(path: Path, what: str, fix: str):
+    """The JSON in ``path``; a missing, huge or garbled file is one :class:`RunDirError` line."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise RunDirError(f"{path} is larger than {MAX_JSON_BYTES // 1024**2} MiB, too large for {what}; {fix}.")
+        return json.loads(path.read_text(), parse_constant=_no_constants)
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing ({what}); {fix}.") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        if isinstance(error, RunDirError):
+            raise
+        detail = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise RunDirError(f"{path} is damaged: not valid JSON for {what} ({detail}); {fix}.") from None
+    except OSError as error:
+        raise RunDirError(f"cannot read {path} ({error.strerror}); {fix}.") from None
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """A run directory and the paths in it."""
+
+    path: Path
+
+    # --- paths -------------------------------------------------------------------------------
+    def model_dir(self, model: str) -> Path:
+        return self.path / model
+
+    def model_file(self, model: str) -> Path:
+        return self.path / model / MODEL_FILE
+
+    def history_file(self, model: str) -> Path:
+        return self.path / model / HISTORY_FILE
+
+    def config_file(self, model: str) -> Path:
+        return self.path / model / CONFIG_FILE
+
+    def backup_dir(self, model: str) -> Path:
+        return self.path / model / BACKUP_DIR
+
+    def fit_file(self, model: str) -> Path:
+        return self.path / model / FIT_FILE
+
+    def metrics_file(self, model: str) -> Path:
+        return self.path / model / METRICS_FILE
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # --- creating and opening ----------------------------------------------------------------
+    @classmethod
+    def create(cls, out_dir: str, name: str | None, models: list[str], overwrite: bool = False) -> "RunDir":
+        """Make ``out_dir/name`` (or a fresh, unique date-time name), with its marker and ``run.json``.
+
+        With ``overwrite``, an existing run directory of that name is removed
+        first, only if fmnist_keras created it (its marker) and no process
+        trains in it; anything else is refused before anything is removed.
+        """
+        out = _check_out_dir(out_dir)
+        if name is None:
+            return cls._create_unique(out, models)
+        target = out / check_run_name(name)
+        if target.is_symlink():
+            raise RunDirError(
+                f"{target} is a symbolic link; a run directory must be a real directory. Remove the link or "
+                f"choose another --run-name."
+            )
+        if target.exists():
+            if not overwrite:
+                raise RunDirError(f"run directory {target} already exists; choose another --run-name or pass --overwrite.")
+            cls._remove_own(target)
+        return cls._make(target, models)
+
+    @classmethod
+    def _create_unique(cls, out: Path, models: list[str]) -> "RunDir":
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for attempt in range(1, 1000):
+            target = out / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+            try:
+                return cls._make(target, models)
+            except FileExistsError:
+                continue
+        raise RunDirError(f"could not find a free run name for {stamp} in {out}; pass --run-name.")
+
+    @classmethod
+    def _make(cls, target: Path, models: list[str]) -> "RunDir":
+        try:
+            target.mkdir()  # atomic: two processes never get the same directory
+        except FileExistsError:
+            raise
+        except OSError as error:
+            raise RunDirError(f"cannot create run directory {target} ({error.strerror}); choose another --out-dir.") from None
+        write_json(target / MARKER, {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
+                                     "host": socket.gethostname()})
+        run = cls(target)
+        write_json(target / RUN_FILE, {"models": list(models)})
+        return run
+
+    @staticmethod
+    def _remove_own(target: Path) -> None:
+        """Remove ``target`` if fmnist_keras made it and nobody trains in it; else refuse."""
+        if not target.is_dir():
+            raise RunDirError(f"{target} exists and is not a directory; --overwrite replaces run directories only. "
+                              f"Move it away or choose another --run-name.")
+        if not (target / MARKER).is_file():
+            raise RunDirError(
+                f"{target} was not created by fmnist_keras (it has no {MARKER} marker), so --overwrite leaves it "
+                f"alone; remove it yourself or choose another --run-name."
+            )
+        resolved, cwd = target.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents:
+            raise RunDirError(f"{target} holds the working directory; --overwrite will not remove it. cd elsewhere first.")
+        with _locked(target / LOCK, what=target):
+            doomed = target.with_name(f".removing-{target.name}-{os.getpid()}")
+            os.replace(target, doomed)
+        shutil.rmtree(doomed)
+
+    @classmethod
+    def open(cls, path: str) -> "RunDir":
+        """An existing run directory (for ``--resume``): a real directory holding ``run.json``."""
+        given = Path(path)
+        if not str(path).strip():
+            raise RunDirError("--resume needs a run directory, got an empty path; e.g. --resume runs/latest.")
+        if not given.is_dir():
+            what = "does not exist" if not given.exists() else "is not a directory"
+            raise RunDirError(f"--resume {given}: {what}; pass the run directory that train printed "
+                              f"(e.g. runs/latest).")
+        run = cls(given)
+        if not (given / RUN_FILE).is_file():
+            hint = f" (did you mean {given.parent}?)" if (given.parent / RUN_FILE).is_file() else ""
+            raise RunDirError(f"--resume {given}: no {RUN_FILE} there, so it is not a run directory of this tool{hint}.")
+        return run
+
+    def models(self) -> list[str]:
+        """The models ``run.json`` lists, checked."""
+        fix = f"it should be {{\"models\": [\"mlp\", \"cnn\"]}}; start a new run instead of --resume {self.path}"
+        data = read_json(self.path / RUN_FILE, "the run's list of models", fix)
+        models = data.get("models") if isinstance(data, dict) else None
+        if not (isinstance(models, list) and models and all(isinstance(m, str) for m in models)):
+            raise RunDirError(f"{self.path / RUN_FILE} is damaged: no list of model names; {fix}.")
+        for model in models:
+            if not _SAFE_NAME.fullmatch(model):
+                raise RunDirError(f"{self.path / RUN_FILE} is damaged: {model!r} is not a model name; {fix}.")
+        return models
+
+    # --- the lock ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold this run directory's lock while the block runs (one process trains here at a time)."""
+        with _locked(self.path / LOCK, what=self.path):
+            yield self
+
+    # --- run files ---------------------------------------------------------------------------
+    def point_latest_here(self) -> None:
+        """Make ``OUT_DIR/latest`` a symlink to this run (a real file or directory of that name is left alone)."""
+        latest = self.path.parent / LATEST
+        if latest.exists() and not latest.is_symlink():
+            return
+        temporary = self.path.parent / f".latest-{os.getpid()}.tmp"
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(self.path.name)
+        temporary.replace(latest)
+
+    def read_fit(self, model: str) -> dict | None:
+        """What ``fit.json`` recorded when ``model``'s fit ended, or None if it has not ended."""
+        path = self.fit_file(model)
+        if not path.exists():
+            return None
+        fix = f"delete {path} to train {model} again with --resume"
+        data = read_json(path, "the record of a finished fit", fix)
+        if not isinstance(data, dict) or not _finite(data.get("epochs_run")) or not _finite(data.get("train_time_s")):
+            raise RunDirError(f"{path} is damaged: no epochs_run/train_time_s numbers; {fix}.")
+        return data
+
+    def read_metrics(self, model: str) -> dict | None:
+        """``model``'s metrics, or None if it has none yet (then --resume evaluates it)."""
+        path = self.metrics_file(model)
+        if not path.exists():
+            return None
+        fix = f"delete {path} and run --resume {self.path} again to evaluate {model} anew"
+        data = read_json(path, "the model's test metrics", fix)
+        test = data.get("test") if isinstance(data, dict) else None
+        if not isinstance(test, dict) or not _finite(test.get("accuracy")):
+            raise RunDirError(f"{path} is damaged: no test accuracy; {fix}.")
+        return data
+
+
+def _check_out_dir(out_dir: str) -> Path:
+    if not str(out_dir).strip():
+        raise RunDirError("--out-dir is empty; pass a directory for the runs, e.g. --out-dir runs.")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out-dir {out} is a file, not a directory; choose another --out-dir.")
+    blocking = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RunDirError(f"--out-dir {out}: {blocking} is a file, not a directory; choose another --out-dir.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunDirError(f"cannot create --out-dir {out} ({error.strerror}); choose another --out-dir.") from None
+    return out
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path, what):
+    """An exclusive, non-blocking ``flock`` on ``lock_file``; the kernel frees it when the holder dies."""
+    try:
+        handle = open(lock_file, "a+")
+    except OSError as error:
+        raise RunDirError(f"cannot open the lock {lock_file} ({error.strerror}); check the permissions of {what}.") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read(200).strip() or "another process"
+            raise RunDirError(
+                f"{what} is in use by {holder}; wait for it to finish or stop it, then try again."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
