@@ -13,14 +13,18 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import keras
+import numpy as np
 import pytest
+from packaging.version import Version
 
 pytestmark = pytest.mark.slow
 
 TRAIN = ["-m", "fmnist_keras.train", "--model", "mlp", "--no-verify", "--no-report", "--epochs", "3",
          "--batch-size", "32", "--run-name", "run"]
-RUN_FILES = {"model.keras", "history.csv", "config.json", "metrics.json"}
+RUN_FILES = {"model.keras", "history.csv", "config.json", "fit.json", "metrics.json"}
 
 
 def _env(backend: str, **extra) -> dict:
@@ -51,6 +55,7 @@ def _metrics(out_dir):
 
 def _check_run_dir(out_dir):
     assert sorted(p.name for p in out_dir.iterdir()) == ["latest", "run"]  # one run directory, written once
+    assert not any(p.name.startswith(".partial") for p in (out_dir / "run").iterdir())
     files = {p.name for p in (out_dir / "run" / "mlp").iterdir()}
     assert RUN_FILES <= files and not any(name.startswith(".partial") for name in files)
 
@@ -69,12 +74,27 @@ def test_torchrun_two_processes_keep_identical_replicas_and_write_one_run(tmp_pa
     # Each replica saw half of every epoch: 360 images / 2 ranks / 16 per batch = 12 steps (ceil).
     assert "12/12" in ddp.stdout
 
-    single = _single("torch", *TRAIN, "--data-dir", str(tiny_data_dir), "--out-dir", str(tmp_path / "one"))
-    assert single.returncode == 0, single.stderr[-3000:]
-    alone = _metrics(tmp_path / "one")
-    assert "distributed" not in alone
-    assert abs(metrics["test"]["accuracy"] - alone["test"]["accuracy"]) <= 0.1
+    # Keras 3.16 wraps the model in DistributedDataParallel itself; older Keras leaves it to ReplicaSync's hooks.
+    keras_ddp = Version(keras.__version__) >= Version("3.16.0.dev0")
+    assert metrics["gradient_averaging"] == ("keras DistributedDataParallel" if keras_ddp else "gradient hooks")
     assert metrics["test"]["accuracy"] >= 0.5  # learned (10 classes: chance is 0.1)
+
+
+def test_one_step_of_two_ranks_by_16_gives_the_weights_of_one_process_by_32(tmp_path):
+    worker = str(Path(__file__).with_name("ddp_step_worker.py"))
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "one").mkdir()
+    ddp = _torchrun(worker, str(tmp_path / "ddp"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = _single("torch", worker, str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    for optimizer in ("sgd", "recipe"):
+        with np.load(tmp_path / "ddp" / f"{optimizer}.npz") as ddp_weights, \
+                np.load(tmp_path / "one" / f"{optimizer}.npz") as one_weights:
+            assert len(ddp_weights.files) == 4
+            for name in one_weights.files:
+                np.testing.assert_allclose(ddp_weights[name], one_weights[name], rtol=0, atol=1e-6,
+                                           err_msg=f"{optimizer}: weight {name}")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
