@@ -183,7 +183,7 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     run, configs = None, None
-    if args.resume:
+    if args.resume is not None:  # "--resume ''" is a mistake to report, not "no resume"
         try:
             run, configs = resume_configs(parser, args, argv)
         except (RunDirError, ValueError) as error:
@@ -334,6 +334,7 @@ def _finish(args, config, splits, run, facts, backend, device, source, summaries
     from fmnist_keras.loading import ModelLoadError
 
     name = config.model
+    start = time.perf_counter()
     try:
         model, metrics = training.final_metrics(run, config, splits, facts)
     except Interrupted as stop:
@@ -346,6 +347,8 @@ def _finish(args, config, splits, run, facts, backend, device, source, summaries
         return _fail(f"{name}: {error}; it is not kept as a result. Try a lower --learning-rate.")
     except ModelLoadError as error:
         return _fail(f"{name}: {error}")
+    # Fit (in this process, or train_time_s when an earlier one fitted) plus evaluation.
+    metrics["wall_time_s"] = round(facts.get("wall_time_s", facts["train_time_s"]) + time.perf_counter() - start, 2)
     metrics.update(backend=backend, device=device, data_source=str(source))
     write_json(run.metrics_file(name), metrics)
     summaries[name] = metrics

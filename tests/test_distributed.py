@@ -80,7 +80,7 @@ def test_torchrun_two_processes_keep_identical_replicas_and_write_one_run(tmp_pa
     assert metrics["test"]["accuracy"] >= 0.5  # learned (10 classes: chance is 0.1)
 
 
-def test_one_step_of_two_ranks_by_16_gives_the_weights_of_one_process_by_32(tmp_path):
+def test_torchrun_one_step_of_two_ranks_by_16_gives_the_weights_of_one_process_by_32(tmp_path):
     worker = str(Path(__file__).with_name("ddp_step_worker.py"))
     (tmp_path / "ddp").mkdir()
     (tmp_path / "one").mkdir()

@@ -1,0 +1,241 @@
+"""`train` against careless input: odd run names, foreign directories, damaged run files, signals, locks.
+
+Every case ends in one line on stderr and a non-zero exit code, and nothing
+that fmnist_keras did not create is ever removed.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fmnist_keras import train, training
+from fmnist_keras.rundir import MARKER, RunDir, RunDirError
+
+BASE = ["--model", "mlp", "--epochs", "2", "--batch-size", "32", "--no-report"]
+
+
+def _train(tmp_path, data_dir, *extra, out="runs"):
+    return train.main(["--data-dir", str(data_dir), "--no-verify", "--out-dir", str(tmp_path / out), *BASE, *extra])
+
+
+def _one_line_error(capsys, *fragments) -> str:
+    """The one error line on stderr (argparse's usage lines aside), checked for ``fragments``."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:") or ": error: " in line]
+    for fragment in fragments:
+        assert fragment in line, err
+    return line
+
+
+def _files(directory):
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+@pytest.fixture
+def finished_run(tmp_path, tiny_data_dir):
+    """A finished two-epoch MLP run: runs/run/mlp/..."""
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "run") == 0
+    return tmp_path / "runs" / "run"
+
+
+# --- data loss: run names and --overwrite ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/abs", ".hidden", "latest", "x" * 101, "a\nb"])
+def test_a_run_name_that_is_not_one_plain_component_is_refused(tmp_path, tiny_data_dir, capsys, name):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "older-run").mkdir()
+    (tmp_path / "precious.txt").write_text("keep")
+    before = _files(tmp_path)
+    assert _train(tmp_path, tiny_data_dir, "--run-name", name, "--overwrite") == 2
+    _one_line_error(capsys, "is not a plain directory name")
+    assert _files(tmp_path) == before
+
+
+def test_overwrite_leaves_a_directory_it_did_not_create(tmp_path, tiny_data_dir, capsys):
+    foreign = tmp_path / "runs" / "mine"
+    foreign.mkdir(parents=True)
+    (foreign / "thesis.tex").write_text("years of work")
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "mine", "--overwrite") == 2
+    _one_line_error(capsys, "was not created by fmnist_keras", MARKER)
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+
+
+def test_overwrite_never_follows_a_symlink(tmp_path, tiny_data_dir, capsys, finished_run):
+    link = tmp_path / "runs" / "alias"
+    link.symlink_to(finished_run, target_is_directory=True)
+    before = _files(finished_run)
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "alias", "--overwrite") == 2
+    _one_line_error(capsys, "is a symbolic link")
+    assert link.is_symlink() and _files(finished_run) == before
+
+
+def test_overwrite_refuses_a_file_where_the_run_directory_belongs(tmp_path, tiny_data_dir, capsys):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "notes").write_text("a file")
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "notes", "--overwrite") == 2
+    _one_line_error(capsys, "is not a directory")
+    assert (tmp_path / "runs" / "notes").read_text() == "a file"
+
+
+def test_overwrite_of_the_working_directory_is_refused(tmp_path, tiny_data_dir, capsys, finished_run, monkeypatch):
+    monkeypatch.chdir(finished_run / "mlp")
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "run", "--overwrite") == 2
+    _one_line_error(capsys, "holds the working directory")
+    assert (finished_run / "mlp" / "model.keras").is_file()
+
+
+def test_overwrite_happens_only_after_the_data_is_checked(tmp_path, tiny_data_dir, capsys, finished_run):
+    (tiny_data_dir / "t10k-labels-idx1-ubyte.gz").write_bytes(b"garbage")
+    before = _files(finished_run)
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "run", "--overwrite") == 1
+    _one_line_error(capsys)
+    assert _files(finished_run) == before
+
+
+@pytest.mark.parametrize("out_dir", ["", "blocker", "blocker/below"])
+def test_an_out_dir_that_cannot_hold_runs_is_one_line(tmp_path, tiny_data_dir, capsys, out_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file")
+    argv = ["--data-dir", str(tiny_data_dir), "--no-verify", "--out-dir", out_dir, *BASE]
+    assert train.main(argv) == 2
+    _one_line_error(capsys)
+    assert (tmp_path / "blocker").read_text() == "a file"
+
+
+def test_default_run_names_are_unique_within_one_second(tmp_path):
+    runs = [RunDir.create(str(tmp_path), None, ["mlp"]) for _ in range(3)]
+    assert len({run.path for run in runs}) == 3
+    assert all((run.path / MARKER).is_file() for run in runs)
+
+
+# --- --resume of damaged, odd or busy run directories ---------------------------------------
+
+
+@pytest.mark.parametrize("given", ["", ".", "..", "missing", "a-file"])
+def test_resume_of_a_path_that_is_no_run_directory_is_one_line(tmp_path, capsys, given, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    assert train.main(["--resume", given]) == 1
+    _one_line_error(capsys, "--resume")
+
+
+DAMAGE = {
+    "run.json": ["", "{", "[]", '{"models": "mlp"}', '{"models": ["../../etc"]}', "NaN"],
+    "mlp/config.json": ["", "{", '{"model": "mlp", "epochs": "many"}', '{"model": "mlp", "surprise": 1}',
+                        '{"model": "resnet"}', '{"model": "mlp", "batch_size": -5}'],
+    "mlp/history.csv": ["epoch,loss\nzero,x\n", "\x00\x01\x02", "epoch,val_loss\n3,0.5\n"],
+    "mlp/fit.json": ["", "{}", '{"epochs_run": "two"}'],
+    "mlp/metrics.json": ["", "[1, 2]", '{"test": {"accuracy": "high"}}'],
+}
+
+
+@pytest.mark.parametrize("file, content", [(f, c) for f, contents in DAMAGE.items() for c in contents])
+def test_resume_of_a_damaged_run_file_is_one_line_naming_it(finished_run, capsys, file, content):
+    (finished_run / "mlp" / "metrics.json").unlink()  # so --resume has work to do
+    if file != "mlp/fit.json":
+        (finished_run / "mlp" / "fit.json").unlink()
+    (finished_run / file).write_text(content)
+    assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, str(finished_run / file))
+
+
+def test_resume_with_damaged_backup_metadata_is_one_line(finished_run, capsys):
+    for name in ("metrics.json", "fit.json"):
+        (finished_run / "mlp" / name).unlink()
+    backup = finished_run / "mlp" / "backup"
+    backup.mkdir()
+    (backup / "training_metadata.json").write_text('{"epoch": "late"}')
+    assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, "training_metadata.json", "delete")
+
+
+def test_resume_with_a_truncated_model_file_is_one_line(finished_run, capsys):
+    (finished_run / "mlp" / "metrics.json").unlink()
+    model = finished_run / "mlp" / "model.keras"
+    model.write_bytes(model.read_bytes()[:300])
+    assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, "model.keras")
+
+
+def test_a_second_process_is_refused_a_run_directory_in_use(finished_run, capsys):
+    (finished_run / "mlp" / "metrics.json").unlink()
+    with RunDir(finished_run).lock():
+        assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, "is in use by pid", str(os.getpid()))
+    with RunDir(finished_run).lock():
+        with pytest.raises(RunDirError, match="in use by"):
+            with RunDir(finished_run).lock():
+                pass
+
+
+# --- a finished fit is never trained again ---------------------------------------------------
+
+
+def test_resume_after_the_last_epoch_goes_straight_to_the_final_evaluation(finished_run, capsys, monkeypatch):
+    mlp = finished_run / "mlp"
+    (mlp / "metrics.json").unlink()  # killed during the final evaluation
+    history, model = (mlp / "history.csv").read_bytes(), (mlp / "model.keras").read_bytes()
+    monkeypatch.setattr(training, "fit_model", lambda *a, **k: pytest.fail("a finished fit was trained again"))
+    assert train.main(["--resume", str(finished_run)]) == 0
+    assert "all its epochs are done; evaluating it" in capsys.readouterr().out
+    assert (mlp / "history.csv").read_bytes() == history and (mlp / "model.keras").read_bytes() == model
+    assert json.loads((mlp / "metrics.json").read_text())["epochs_run"] == 2
+
+
+def test_ctrl_c_during_the_final_evaluation_prints_a_resume_command_that_is_true(finished_run, capsys, monkeypatch):
+    mlp = finished_run / "mlp"
+    (mlp / "metrics.json").unlink()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "final_metrics", interrupted)
+        assert train.main(["--resume", str(finished_run)]) == 130
+    err = capsys.readouterr().err
+    assert f"python -m fmnist_keras.train --resume {finished_run}" in err and "Traceback" not in err
+    assert train.main(["--resume", str(finished_run)]) == 0  # the printed command works
+    assert (mlp / "metrics.json").is_file()
+
+
+def test_ctrl_c_before_training_starts_exits_130_quietly(tmp_path, tiny_data_dir, capsys, monkeypatch):
+    from fmnist_keras import data as fdata
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fdata, "load_data", interrupted)
+    assert _train(tmp_path, tiny_data_dir) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "--resume" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_batch_end_says_how_to_resume_and_exits_143(tmp_path, tiny_data_dir):
+    from fmnist_keras.callbacks import read_history
+
+    argv = ["--data-dir", str(tiny_data_dir), "--no-verify", "--out-dir", str(tmp_path), "--run-name", "run",
+            "--model", "mlp", "--epochs", "50", "--batch-size", "8", "--patience", "50", "--no-report"]
+    process = subprocess.Popen([sys.executable, "-m", "fmnist_keras.train", *argv], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    history = tmp_path / "run" / "mlp" / "history.csv"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None and len(read_history(history)) < 1:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and f"--resume {tmp_path / 'run'}" in err.strip().splitlines()[-1]
+    assert (tmp_path / "run" / "mlp" / "model.keras").is_file()
