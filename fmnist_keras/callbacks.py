@@ -29,6 +29,7 @@ import threading
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from fmnist_keras import rundir
 from fmnist_keras.interrupts import Interrupted
@@ -61,6 +62,20 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
     def set_model(self, model):
         self._trained = model
         super().set_model(self.save_as(model) if self.save_as is not None else model)
+
+    def replace_statistics(self, model) -> None:
+        """Give the saved model ``model``'s BatchNorm moving statistics, keeping everything else (atomically)."""
+        from fmnist_keras.models import all_layers
+
+        saved = load_model(self.final, compile=True)  # weights and optimizer state of the best epoch
+        for layer in all_layers(model):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                target = saved.get_layer(layer.name)
+                target.moving_mean.assign(layer.moving_mean.value)
+                target.moving_variance.assign(layer.moving_variance.value)
+        self.temporary.unlink(missing_ok=True)
+        saved.save(str(self.temporary))
+        os.replace(self.temporary, self.final)
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -163,10 +178,7 @@ class NaNGuard(keras.callbacks.TerminateOnNaN):
         if logs is None:
             return
         values_finite = all(math.isfinite(float(v)) for v in logs.values() if isinstance(v, (int, float)))
-        weights_finite = all(
-            bool(keras.ops.all(keras.ops.isfinite(w.value))) for w in self.model.weights if "float" in w.dtype
-        )
-        if not (values_finite and weights_finite):
+        if not (values_finite and _weights_finite(self.model)):
             logs[self.monitor] = float("nan")
             self.model.stop_training = True
             self.stopped, self.epoch = True, epoch
@@ -179,6 +191,67 @@ class NaNGuard(keras.callbacks.TerminateOnNaN):
         if self.model.stop_training and not self.stopped:
             loss = (logs or {}).get("loss")
             self.stopped = loss is not None and not math.isfinite(float(loss))
+
+
+def recalibrate_batch_norm(model, x, batch_size: int, max_batches: int = 100, seed: int = 0) -> int:
+    """Re-estimate every BatchNormalization layer's moving statistics with the weights as they are.
+
+    The moving statistics of a short run lag behind its weights (they start
+    at mean 0, variance 1 and follow the weights with ``momentum``), so its
+    inference does not match its training. This runs up to ``max_batches``
+    seeded training batches through ``model`` in training mode (as fit does:
+    augmentation and dropout on) with each layer's momentum set so that its
+    moving statistics become the plain average over those batches; no weight
+    is trained. Returns how many batches were used (0 when there is no
+    BatchNorm layer).
+    """
+    from fmnist_keras.models import all_layers
+
+    layers = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers or len(x) == 0:
+        return 0
+    order = np.random.default_rng(seed).permutation(len(x))
+    batches = max(1, min(max_batches, len(x) // batch_size))
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for k in range(batches):
+            for layer in layers:
+                layer.momentum = k / (k + 1)  # the k-th batch gets weight 1/(k+1): a running average
+            model(x[np.sort(order[k * batch_size: (k + 1) * batch_size])], training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    return batches
+
+
+class RecalibrateBatchNorm(keras.callbacks.Callback):
+    """When ``fit`` ends: :func:`recalibrate_batch_norm` on the restored best weights, then rewrite the checkpoint.
+
+    Put it after ``EarlyStopping`` (which restores the best weights as fit
+    ends) and before :class:`RecordFitEnd`. Skipped when a weight is not
+    finite. ``batches`` says how many batches were used. Data-parallel
+    replicas pass ``average``, which averages the new statistics over them.
+    """
+
+    def __init__(self, x, batch_size: int, checkpoint: AtomicModelCheckpoint | None = None, seed: int = 0,
+                 average=None):
+        super().__init__()
+        self.x, self.batch_size, self.checkpoint, self.seed = x, batch_size, checkpoint, seed
+        self.average = average
+        self.batches = 0
+
+    def on_train_end(self, logs=None):
+        if not _weights_finite(self.model):  # the same on every replica: their weights are equal
+            return
+        self.batches = recalibrate_batch_norm(self.model, self.x, self.batch_size, seed=self.seed)
+        if self.average is not None:
+            self.average()
+        if self.batches and self.checkpoint is not None and self.checkpoint.final.exists():
+            self.checkpoint.replace_statistics(self.model)
+
+
+def _weights_finite(model) -> bool:
+    return all(bool(keras.ops.all(keras.ops.isfinite(w.value))) for w in model.weights if "float" in w.dtype)
 
 
 class RecordFitEnd(keras.callbacks.Callback):

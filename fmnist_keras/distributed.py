@@ -271,13 +271,22 @@ class ReplicaSync(keras.callbacks.Callback):
 
         self._hooks = [w.value.register_post_accumulate_grad_hook(average_gradient) for w in self.model.trainable_weights]
 
+    def _statistics(self):
+        return [w.value.data for w in self.model.non_trainable_weights if w.value.is_floating_point()]
+
+    def average_statistics(self):
+        """Average BatchNorm's moving statistics over the replicas (a collective: every rank calls it)."""
+        import torch
+
+        with torch.no_grad():
+            self._average(self._statistics())
+
     def on_train_batch_end(self, batch, logs=None):
         import torch
 
-        statistics = [w.value.data for w in self.model.non_trainable_weights if w.value.is_floating_point()]
         loss = torch.tensor([float((logs or {}).get("loss", 0.0))], device=self._device())
         with torch.no_grad():
-            self._average([*statistics, loss])
+            self._average([*self._statistics(), loss])
         if logs is not None and "loss" in logs:
             logs["loss"] = float(loss[0])
 

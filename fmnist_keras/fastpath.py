@@ -423,21 +423,17 @@ def fuse_batch_norm(model) -> int:
     """
     import keras
 
+    from fmnist_keras.models import all_layers
+
     if not is_torch() or not _usable("fused_batch_norm"):
         return 0
     fused = 0
-    for layer in _all_layers(model):
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization) and not layer.renorm:
             if "call" not in vars(layer):  # not fused yet
                 layer.call = types.MethodType(_fused_batch_norm_call, layer)
             fused += 1
     return fused
-
-
-def _all_layers(model):
-    for layer in getattr(model, "layers", ()):
-        yield layer
-        yield from _all_layers(layer)
 
 
 def _fused_batch_norm_call(layer, inputs, training=None, mask=None):

@@ -3,7 +3,9 @@
 Everything here is backend-agnostic (``keras.ops``, numpy); the one
 backend-specific step, a gradient, lives in :mod:`fmnist_keras.gradients`.
 Functions take model-ready images (float32 with a channel axis, as made by
-``fmnist_keras.data.to_model_input``) and return numpy arrays; drawing is
+``fmnist_keras.data.to_model_input``) in the model's input layout, which
+they read from the model (``loading.input_data_format``), never from the
+images' shape; they return numpy arrays; drawing is
 :mod:`fmnist_keras.plots`' job. Tensors are turned into numpy with
 ``keras.ops.convert_to_numpy``, which also works for tensors on a GPU.
 
@@ -18,6 +20,7 @@ import keras
 import numpy as np
 
 from fmnist_keras.gradients import input_gradient
+from fmnist_keras.loading import input_data_format
 
 _CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 # Layers that only reshape, regularise or pool: not where a block's activations are read.
@@ -109,7 +112,7 @@ def feature_maps(model, images: np.ndarray, names: list[str] | None = None) -> d
 
     Args:
         model: a Keras model with at least one convolutional layer.
-        images: model-ready batch, shape (N, 28, 28, 1) or (N, 1, 28, 28).
+        images: model-ready batch in the model's layout, (N, 28, 28, 1) or (N, 1, 28, 28).
         names: layer names; any layer may be named, not only convolutions.
 
     Returns:
@@ -222,7 +225,7 @@ def saliency(model, images: np.ndarray, class_indices=None) -> np.ndarray:
     scorer = _score_model(model)
     targets = keras.ops.convert_to_tensor(_targets(scorer, images, class_indices))
     _, grads = input_gradient(_class_score(scorer, targets), images)
-    maps = np.abs(grads).max(axis=1 if _channels_first(images) else -1)
+    maps = np.abs(grads).max(axis=_channel_axis(model))
     return _normalise(maps)
 
 
@@ -259,15 +262,15 @@ def grad_cam(model, images: np.ndarray, layer_name: str | None = None, class_ind
         activations, grads = np.moveaxis(activations, 1, -1), np.moveaxis(grads, 1, -1)
     weights = grads.mean(axis=(1, 2), keepdims=True)
     cam = np.maximum((weights * activations).sum(axis=-1), 0.0)
-    size = images.shape[2:4] if _channels_first(images) else images.shape[1:3]
+    size = images.shape[2:4] if _channel_axis(model) == 1 else images.shape[1:3]
     resized = keras.ops.image.resize(cam[..., None].astype(np.float32), size, interpolation="bilinear",
                                      data_format="channels_last")
     return _normalise(keras.ops.convert_to_numpy(resized)[..., 0])
 
 
-def _channels_first(images: np.ndarray) -> bool:
-    """Fashion-MNIST has one channel, so (N, 1, H, W) is unambiguous."""
-    return images.shape[1] == 1 and images.shape[-1] != 1
+def _channel_axis(model) -> int:
+    """The channel axis of the model's input images: 1 (channels_first) or -1, read from the model."""
+    return 1 if input_data_format(model) == "channels_first" else -1
 
 
 def _normalise(maps: np.ndarray) -> np.ndarray:

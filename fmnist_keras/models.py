@@ -244,3 +244,10 @@ def build_model(name: str, data_format: str | None = None, seed: int | None = No
     if name in ("mlp", "cnn", "cnn-large"):
         kwargs["seed"] = seed
     return BUILDERS[name](**kwargs)
+
+
+def all_layers(model):
+    """Every layer of ``model``, nested models' layers included, depth first."""
+    for layer in getattr(model, "layers", ()):
+        yield layer
+        yield from all_layers(layer)

@@ -5,8 +5,9 @@ files or shows windows. Figures are made with ``matplotlib.figure.Figure``,
 not ``pyplot``, so they render with Agg on machines without a display, hold
 no global state (nothing to close, no leaks in long loops), and leave the
 user's pyplot backend alone (a notebook's inline display still works). Inputs are numpy
-arrays: images as (N, 28, 28) or model-ready (N, 28, 28, 1)/(N, 1, 28, 28)
-in [0, 1] or uint8.
+arrays: images as (N, 28, 28) or channels_last (N, 28, 28, 1), in [0, 1] or
+uint8; the layout is never guessed from the shape, so a channels_first batch
+is refused (the caller knows its layout and moves the channel axis).
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ _CMAP_DIVERGING = "RdBu_r"
 
 
 def _gray(images: np.ndarray) -> np.ndarray:
-    """(N, H, W) float images from any of the accepted layouts."""
+    """(N, H, W) float images from (N, H, W) or channels_last (N, H, W, 1) ones."""
     images = np.asarray(images)
-    if images.ndim == 4:
-        images = images[:, 0] if images.shape[1] == 1 and images.shape[-1] != 1 else images[..., 0]
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3:
+        raise ValueError(
+            f"images of shape {images.shape} cannot be drawn; expected (N, H, W) or channels_last (N, H, W, 1); "
+            f"move a channels_first batch's channel axis last with np.moveaxis(images, 1, -1)."
+        )
     return images.astype(np.float64) / (255.0 if images.dtype == np.uint8 else 1.0)
 
 

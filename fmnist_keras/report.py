@@ -1,8 +1,11 @@
 """Write a run's report: the figures as PNG files and ``report.md`` that embeds them.
 
 ``train`` calls :func:`write_report` at the end of each run and ``evaluate``
-calls it again for an existing run. Imports Keras (through
-:mod:`fmnist_keras.inspect`): import this only after the backend is chosen.
+calls it again for an existing run. Each figure is one small function that
+returns a :class:`Section`; :func:`render_markdown` turns the sections into
+the page. The image layout comes from the model's input, never from the
+shape of an array. Imports Keras (through :mod:`fmnist_keras.inspect`):
+import this only after the backend is chosen.
 
 Example:
     >>> write_report(run_dir, splits.x_test, splits.y_test, metrics=metrics,
@@ -12,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,9 +23,11 @@ import numpy as np
 
 from fmnist_keras import inspect as finspect
 from fmnist_keras import plots
-from fmnist_keras.callbacks import read_history as history_rows
+from fmnist_keras.callbacks import read_history
 from fmnist_keras.data import CLASS_NAMES
+from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics
+from fmnist_keras.rundir import RunDirError
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -29,19 +35,49 @@ FIGURES_DIR = "figures"
 # shows: enough to see a pattern, few enough to read at a glance.
 NUM_EXPLAINED = 4
 NUM_MISTAKES = 24
+# The facts of metrics.json shown under the title, in this order.
+FACT_KEYS = ("backend", "device", "epochs_run", "best_epoch", "train_time_s", "num_params")
 
 
-def read_history(path: str | Path) -> dict[str, np.ndarray]:
-    """The columns of a CSVLogger ``history.csv`` as float arrays (``epoch`` as int)."""
-    path = Path(path)
-    try:
-        if not path.exists():
-            raise FileNotFoundError(2, "No such file or directory")
-        rows = history_rows(path)
-    except OSError as error:
-        raise ValueError(f"cannot read training history {path}: {error.strerror}.") from None
-    if not rows or "epoch" not in rows[0]:
-        raise ValueError(f"{path} is not a CSVLogger history (expected a header with 'epoch' and at least one row).")
+@dataclasses.dataclass
+class Section:
+    """One figure of the report; ``figure`` None leaves it out and ``caption`` says why."""
+
+    heading: str
+    file: str  # the PNG's name in FIGURES_DIR
+    figure: object | None  # a matplotlib Figure
+    caption: str = ""
+
+
+@dataclasses.dataclass
+class Predictions:
+    """Model-ready images, their labels, and what the model makes of them."""
+
+    x: np.ndarray
+    y: np.ndarray
+    data_format: str  # the layout of ``x``: the model's input layout
+    probabilities: np.ndarray
+    features: np.ndarray  # penultimate-layer features, (N, D)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+    def gray(self, indices=slice(None)) -> np.ndarray:
+        """The images as (N, H, W), for drawing."""
+        return gray_images(self.x[indices], self.data_format)
+
+
+def gray_images(images: np.ndarray, data_format: str) -> np.ndarray:
+    """(N, H, W) from model-ready (N, H, W, 1) or (N, 1, H, W) images in the given layout."""
+    images = np.asarray(images)
+    return images[:, 0] if data_format == "channels_first" else images[..., 0]
+
+
+def history_columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    """The rows of :func:`fmnist_keras.callbacks.read_history` as columns, one array per key."""
+    if not rows:
+        return {}
     return {key: np.array([row[key] for row in rows]) for key in rows[0]}
 
 
@@ -50,13 +86,43 @@ def default_image_index(count: int, seed: int = 0) -> int:
     return int(np.random.default_rng(seed).integers(count))
 
 
-def _save(fig, directory: Path, name: str) -> str:
-    fig.savefig(directory / name, dpi=110)
-    return f"{FIGURES_DIR}/{name}"
+def explained_indices(count: int, seed: int = 0) -> np.ndarray:
+    """The seeded test images the saliency figure explains."""
+    return np.random.default_rng(seed).choice(count, size=min(NUM_EXPLAINED, count), replace=False)
 
 
-def _metrics_table(sections: dict) -> list[str]:
-    """Markdown: overall metrics per split, then per-class precision/recall/F1."""
+def read_metrics(run_dir: Path) -> dict:
+    """The run's ``metrics.json``, or {} when there is none."""
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def predict(model, x: np.ndarray, y: np.ndarray) -> Predictions:
+    """One pass of the model over the images: features and probabilities."""
+    features, probabilities = finspect.embeddings_and_probabilities(model, x)
+    return Predictions(x, np.asarray(y), input_data_format(model), probabilities, features)
+
+
+def best_epoch(metrics: dict, columns: dict) -> int | None:
+    """The 1-based epoch whose weights were kept: ``metrics.json``'s, else the
+    lowest ``val_loss`` (what EarlyStopping restores)."""
+    if metrics.get("best_epoch") is not None:
+        return metrics["best_epoch"]
+    if "val_loss" not in columns:
+        return None
+    return int(columns["epoch"][np.argmin(columns["val_loss"])]) + 1
+
+
+def metrics_sections(metrics: dict, computed: dict) -> dict:
+    """The table's splits: the run's test metrics (else those computed here), then validation if any."""
+    sections = {"test": metrics.get("test") or computed}
+    if metrics.get("validation"):
+        sections["validation"] = metrics["validation"]
+    return sections
+
+
+def metrics_table(sections: dict) -> list[str]:
+    """Markdown: overall metrics per split, then per-class precision/recall/F1 of the first split."""
     lines = ["| split | images | loss | accuracy | macro-F1 |", "|---|---:|---:|---:|---:|"]
     for split, values in sections.items():
         loss = "n/a" if values.get("loss") is None else f"{values['loss']:.4f}"
@@ -71,10 +137,105 @@ def _metrics_table(sections: dict) -> list[str]:
     return lines
 
 
+def curves_section(history_csv: Path, metrics: dict, title: str) -> Section | None:
+    """Loss and accuracy per epoch; None without a history, a note when it is damaged."""
+    heading = "Training curves"
+    try:
+        rows = read_history(history_csv)
+    except RunDirError as error:
+        return Section(heading, "curves.png", None, f"Left out: {error}")
+    if not rows:
+        return None
+    columns = history_columns(rows)
+    fig = plots.training_curves(columns, best_epoch(metrics, columns), title=f"{title}: training curves")
+    return Section(heading, "curves.png", fig, "Dashed line: the epoch whose weights EarlyStopping restored.")
+
+
+def confusion_section(matrix) -> Section:
+    return Section("Confusion matrix", "confusion_matrix.png", plots.confusion_matrix(np.asarray(matrix)),
+                   "Rows: true class; columns: predicted class.")
+
+
+def mistakes_section(test: Predictions) -> Section:
+    wrong = finspect.misclassified(test.y, test.probabilities, NUM_MISTAKES)
+    fig = plots.misclassified(test.gray(), test.y, test.probabilities, wrong)
+    caption = (f"{int((test.predicted != test.y).sum())} of {len(test.y)} test images are wrong; "
+               f"the {len(wrong)} most confident mistakes are shown.")
+    return Section("Misclassified test images", "misclassified.png", fig, caption)
+
+
+def samples_section(images: np.ndarray, labels: np.ndarray, seed: int) -> Section:
+    """A grid of (N, H, W) images per class."""
+    return Section("Sample images", "samples.png", plots.sample_grid(images, labels, seed=seed))
+
+
+def embedding_section(model, test: Predictions) -> Section:
+    points, explained = finspect.pca_2d(test.features)
+    caption = (f"Layer `{finspect.embedding_layer_name(model)}` projected on its two principal components; "
+               "overlapping colours are classes the model confuses.")
+    return Section("Embedding", "embedding.png", plots.embedding(points, test.y, explained=explained), caption)
+
+
+def filters_section(model) -> Section:
+    return Section("First-layer filters", "filters.png", plots.filters(finspect.first_layer_filters(model)))
+
+
+def feature_maps_section(model, test: Predictions, image_index: int, layers: list[str] | None) -> Section:
+    maps = finspect.feature_maps(model, test.x[image_index: image_index + 1], layers)
+    fig = plots.feature_maps(maps, image=test.gray([image_index])[0],
+                             channels_first=test.data_format == "channels_first",
+                             title=f"Feature maps of test image {image_index} ({CLASS_NAMES[test.y[image_index]]})")
+    return Section("Feature maps", "feature_maps.png", fig,
+                   f"Test image {image_index}; layers {', '.join(maps)}; first 8 channels each.")
+
+
+def saliency_section(model, test: Predictions, indices: np.ndarray) -> Section:
+    """Saliency for every model, and Grad-CAM for one with a convolution."""
+    predicted = test.predicted[indices]
+    heatmaps = {"saliency": finspect.saliency(model, test.x[indices], predicted)}
+    has_conv = bool(finspect.conv_layers(model))
+    if has_conv:
+        heatmaps["Grad-CAM"] = finspect.grad_cam(model, test.x[indices], class_indices=predicted)
+    fig = plots.saliency(test.gray(indices), heatmaps, test.y[indices], predicted)
+    caption = ("Where the score of the predicted class is most sensitive (saliency) "
+               + ("and which regions of the last convolution drive it (Grad-CAM)." if has_conv else "."))
+    return Section("Saliency", "saliency.png", fig, caption)
+
+
+def section_lines(section: Section) -> list[str]:
+    """Markdown of one section: heading, the figure if drawn, the caption."""
+    lines = [f"## {section.heading}", ""]
+    if section.figure is not None:
+        lines += [f"![{section.heading}]({FIGURES_DIR}/{section.file})", ""]
+    if section.caption:
+        lines += [section.caption, ""]
+    return lines
+
+
+def render_markdown(title: str, metrics: dict, table: dict, sections: list[Section]) -> str:
+    """The whole of ``report.md``: title, the run's facts, the metrics table, then each section."""
+    lines = [f"# Report: {title}", ""]
+    facts = [f"{key}: {metrics[key]}" for key in FACT_KEYS if key in metrics]
+    if facts:
+        lines += ["; ".join(facts), ""]
+    lines += ["## Metrics", "", *metrics_table(table), ""]
+    for section in sections:
+        lines += section_lines(section)
+    return "\n".join(lines)
+
+
+def save_figures(sections: list[Section], figures_dir: Path) -> None:
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    for section in sections:
+        if section.figure is not None:
+            section.figure.savefig(figures_dir / section.file, dpi=110)
+
+
 def write_report(
     run_dir: str | Path,
     x_test: np.ndarray,
     y_test: np.ndarray,
+    *,
     model=None,
     metrics: dict | None = None,
     history_csv: str | Path | None = None,
@@ -89,15 +250,18 @@ def write_report(
 
     Args:
         run_dir: the model's run directory (``model.keras``, ``history.csv``,
-            ``metrics.json``); missing files just leave their part out.
-        x_test: model-ready test images (``to_model_input``), in the model's data format.
+            ``metrics.json``); missing files just leave their part out, and a
+            damaged ``history.csv`` leaves the curves out with a note.
+        x_test: model-ready test images in the model's input layout
+            (``to_model_input(images, input_data_format(model))``).
         y_test: integer test labels.
         model: the trained model; default ``run_dir/model.keras``, loaded safely.
         metrics: the run's metrics (``metrics.json`` content); default read
             from ``run_dir``. Its ``test`` (and ``validation``) entries fill
             the table; without them the test metrics are computed here.
         history_csv: training history; default ``run_dir/history.csv``.
-        x_train, y_train: images for the sample grid; default the test set.
+        x_train, y_train: images for the sample grid, in the same layout as
+            ``x_test``; default the test set.
         out_dir: where ``report.md`` and ``figures/`` go; default ``run_dir``.
         image_index: the test image whose feature maps are drawn; default a
             seeded one (:func:`default_image_index`).
@@ -109,86 +273,33 @@ def write_report(
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
-    figures_dir = out_dir / FIGURES_DIR
-    figures_dir.mkdir(parents=True, exist_ok=True)
     if model is None:
         from fmnist_keras.loading import load_model
 
         model = load_model(run_dir)
-    if metrics is None and (run_dir / "metrics.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics = metrics or {}
-    history_csv = Path(history_csv) if history_csv is not None else run_dir / "history.csv"
-    y_test = np.asarray(y_test)
+    metrics = read_metrics(run_dir) if metrics is None else metrics
     has_conv = bool(finspect.conv_layers(model))
-    if image_index is None:
-        image_index = default_image_index(len(x_test), seed)
-    image_index = finspect.check_image_index(image_index, len(x_test))
+    image_index = finspect.check_image_index(
+        default_image_index(len(x_test), seed) if image_index is None else image_index, len(x_test))
     if layers is not None:
         finspect.check_feature_layers(model, layers)  # fail on a bad request before the slow part
 
-    features, probabilities = finspect.embeddings_and_probabilities(model, x_test)
-    predicted = probabilities.argmax(axis=1)
-    computed = classification_metrics(y_test, probabilities, CLASS_NAMES)
-    sections = {"test": metrics.get("test") or computed}
-    if metrics.get("validation"):
-        sections["validation"] = metrics["validation"]
-
+    test = predict(model, x_test, y_test)
+    computed = classification_metrics(test.y, test.probabilities, CLASS_NAMES)
     title = metrics.get("model") or model.name
-    lines = [f"# Report: {title}", ""]
-    facts = [f"{key}: {metrics[key]}" for key in ("backend", "device", "epochs_run", "best_epoch", "train_time_s",
-                                                   "num_params") if key in metrics]
-    if facts:
-        lines += ["; ".join(facts), ""]
-    lines += ["## Metrics", "", *_metrics_table(sections), ""]
-
-    figures = []
-    if history_csv.is_file():
-        history = read_history(history_csv)
-        best_epoch = metrics.get("best_epoch")
-        if best_epoch is None and "val_loss" in history:  # EarlyStopping restores the lowest val_loss
-            best_epoch = int(history["epoch"][np.argmin(history["val_loss"])]) + 1
-        fig = plots.training_curves(history, best_epoch, title=f"{title}: training curves")
-        figures.append(("Training curves", _save(fig, figures_dir, "curves.png"),
-                        "Dashed line: the epoch whose weights EarlyStopping restored."))
-    matrix = np.asarray(computed["confusion_matrix"])
-    figures.append(("Confusion matrix", _save(plots.confusion_matrix(matrix), figures_dir, "confusion_matrix.png"),
-                    "Rows: true class; columns: predicted class."))
-    wrong = finspect.misclassified(y_test, probabilities, NUM_MISTAKES)
-    figures.append(("Misclassified test images",
-                    _save(plots.misclassified(x_test, y_test, probabilities, wrong), figures_dir, "misclassified.png"),
-                    f"{int((predicted != y_test).sum())} of {len(y_test)} test images are wrong; "
-                    f"the {len(wrong)} most confident mistakes are shown."))
-    samples_x, samples_y = (x_train, y_train) if x_train is not None else (x_test, y_test)
-    figures.append(("Sample images", _save(plots.sample_grid(samples_x, samples_y, seed=seed), figures_dir,
-                                           "samples.png"), ""))
-    points, explained = finspect.pca_2d(features)
-    figures.append(("Embedding", _save(plots.embedding(points, y_test, explained=explained), figures_dir,
-                                       "embedding.png"),
-                    f"Layer `{finspect.embedding_layer_name(model)}` projected on its two principal components; "
-                    "overlapping colours are classes the model confuses."))
-
-    explained_idx = np.random.default_rng(seed).choice(len(x_test), size=min(NUM_EXPLAINED, len(x_test)), replace=False)
-    heatmaps = {"saliency": finspect.saliency(model, x_test[explained_idx], predicted[explained_idx])}
-    if has_conv:
-        heatmaps["Grad-CAM"] = finspect.grad_cam(model, x_test[explained_idx], class_indices=predicted[explained_idx])
-        kernel = finspect.first_layer_filters(model)
-        figures.append(("First-layer filters", _save(plots.filters(kernel), figures_dir, "filters.png"), ""))
-        maps = finspect.feature_maps(model, x_test[image_index: image_index + 1], layers)
-        channels_first = x_test.shape[1] == 1 and x_test.shape[-1] != 1
-        fig = plots.feature_maps(maps, image=x_test[image_index], channels_first=channels_first,
-                                 title=f"Feature maps of test image {image_index} ({CLASS_NAMES[y_test[image_index]]})")
-        figures.append(("Feature maps", _save(fig, figures_dir, "feature_maps.png"),
-                        f"Test image {image_index}; layers {', '.join(maps)}; first 8 channels each."))
-    fig = plots.saliency(x_test[explained_idx], heatmaps, y_test[explained_idx], predicted[explained_idx])
-    figures.append(("Saliency", _save(fig, figures_dir, "saliency.png"),
-                    "Where the score of the predicted class is most sensitive (saliency) "
-                    + ("and which regions of the last convolution drive it (Grad-CAM)." if has_conv else ".")))
-
-    for heading, path, caption in figures:
-        lines += [f"## {heading}", "", f"![{heading}]({path})", ""]
-        if caption:
-            lines += [caption, ""]
+    samples = (x_train, y_train) if x_train is not None else (x_test, test.y)
+    sections = [
+        curves_section(Path(history_csv) if history_csv is not None else run_dir / "history.csv", metrics, title),
+        confusion_section(computed["confusion_matrix"]),
+        mistakes_section(test),
+        samples_section(gray_images(samples[0], test.data_format), np.asarray(samples[1]), seed),
+        embedding_section(model, test),
+        filters_section(model) if has_conv else None,
+        feature_maps_section(model, test, image_index, layers) if has_conv else None,
+        saliency_section(model, test, explained_indices(len(x_test), seed)),
+    ]
+    sections = [section for section in sections if section is not None]
+    save_figures(sections, out_dir / FIGURES_DIR)
     report = out_dir / REPORT_FILE
-    report.write_text("\n".join(lines))
+    report.write_text(render_markdown(title, metrics, metrics_sections(metrics, computed), sections))
     return report

@@ -26,6 +26,7 @@ from fmnist_keras.backend import training_data_format
 from fmnist_keras.callbacks import (
     AtomicModelCheckpoint,
     NaNGuard,
+    RecalibrateBatchNorm,
     RecordFitEnd,
     ResumableEarlyStopping,
     StopOnSignal,
@@ -249,6 +250,7 @@ def fit_model(
             "training_data_format": config.data_format,
             "mixed_precision": dtype_policy_name(config.mixed_precision),
             "fast_path": timing["fast_path"],
+            "batch_norm_recalibrated_batches": recalibrate.batches,
             "keras_version": keras.__version__,
         }
         averaging = {c.gradient_averaging for c in replica_callbacks if hasattr(c, "gradient_averaging")}
@@ -267,6 +269,13 @@ def fit_model(
             keras.callbacks.CSVLogger(str(run.history_file(name)), append=resume),
         ]
     callbacks.append(early_stopping)
+    # After EarlyStopping restores the best weights: statistics that match them.
+    sync = next((c for c in replica_callbacks if hasattr(c, "average_statistics")), None)
+    recalibrate = RecalibrateBatchNorm(
+        splits.x_train, config.batch_size, checkpoint=next((c for c in callbacks if isinstance(c, AtomicModelCheckpoint)), None),
+        seed=config.seed, average=sync.average_statistics if sync is not None else None,
+    )
+    callbacks.append(recalibrate)
     if run is not None:
         # fit.json before the backup, which Keras deletes when fit ends; the
         # backup comes last, so it marks an epoch whose checkpoint and CSV row are written.

@@ -55,17 +55,26 @@ def test_outputs_are_float32_probabilities():
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_augmentation_is_inactive_at_inference():
+def test_augmentation_changes_images_in_training_and_is_inactive_at_inference():
     model = build_cnn(data_format="channels_last", seed=0)
-    x = np.random.default_rng(1).random((4, 28, 28, 1), dtype=np.float32)
+    x = np.random.default_rng(1).random((8, 28, 28, 1), dtype=np.float32)
     a = keras.ops.convert_to_numpy(model(x, training=False))
     b = keras.ops.convert_to_numpy(model(x, training=False))
     np.testing.assert_array_equal(a, b)
+    augmented = keras.Model(model.inputs, model.get_layer("augment_shift").output)  # the last augmentation step
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(augmented([x], training=False)), x)
+    trained = keras.ops.convert_to_numpy(augmented([x], training=True))
+    changed = [not np.array_equal(image, original) for image, original in zip(trained, x)]
+    assert sum(changed) >= len(x) // 2  # flips of half the images, shifts of up to 2 pixels of most
 
 
-@pytest.mark.parametrize("kwargs", [dict(units=()), dict(dropout=1.0)])
-def test_mlp_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(units=()), r"units must name at least one hidden layer width"),
+     (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0")],
+)
+def test_mlp_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         build_mlp(**kwargs)
 
 

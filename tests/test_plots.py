@@ -156,7 +156,12 @@ def test_embedding_colours_points_by_class(tmp_path):
     save_png(fig, tmp_path)
 
 
-@pytest.mark.parametrize("layout", [(28, 28), (28, 28, 1), (1, 28, 28)])
-def test_images_in_any_layout(layout):
+@pytest.mark.parametrize("layout", [(28, 28), (28, 28, 1)])
+def test_images_without_a_channel_or_channels_last(layout):
     images = np.random.default_rng(0).random((2, *layout))
-    assert plots._gray(images).shape == (2, 28, 28)
+    np.testing.assert_array_equal(plots._gray(images), images.reshape(2, 28, 28))
+
+
+def test_channels_first_images_are_refused_not_guessed():
+    with pytest.raises(ValueError, match=r"shape \(2, 1, 28, 28\) cannot be drawn.*np.moveaxis\(images, 1, -1\)"):
+        plots._gray(np.zeros((2, 1, 28, 28)))

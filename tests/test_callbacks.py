@@ -1,0 +1,283 @@
+"""The resumable callbacks against Keras's own: same saves, same stops, same weights, on a tiny real fit."""
+
+import math
+import os
+import signal
+
+import keras
+import numpy as np
+import pytest
+
+from fmnist_keras.callbacks import (
+    AtomicModelCheckpoint,
+    NaNGuard,
+    ResumableEarlyStopping,
+    StopOnSignal,
+    read_history,
+    resume_state,
+    truncate_history,
+)
+from fmnist_keras.interrupts import Interrupted
+from fmnist_keras.rundir import RunDirError
+
+NAN = float("nan")
+
+
+def tiny_model(seed=0):
+    """A Fashion-MNIST-shaped model (resume_state loads checkpoints with the project's checks)."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    return model
+
+
+def tiny_data(n=32):
+    rng = np.random.default_rng(0)
+    return rng.random((n, 28, 28, 1), dtype=np.float32), keras.utils.to_categorical(rng.integers(0, 10, n), 10)
+
+
+def fit(model, callbacks, epochs, x=None):
+    data_x, y = tiny_data()
+    x = data_x if x is None else x
+    return model.fit(x, y, validation_data=(data_x, y), epochs=epochs, batch_size=16, shuffle=False, verbose=0,
+                     callbacks=callbacks)
+
+
+class ScriptedValLoss(keras.callbacks.Callback):
+    """Replace the measured val_loss by a fixed sequence, so which epochs improve is known."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_loss"] = self.values[epoch]
+
+
+class RecordSaves(keras.callbacks.Callback):
+    """After each epoch: which checkpoint files hold this epoch's weights, and no partial file lying around."""
+
+    def __init__(self, paths):
+        super().__init__()
+        self.paths = paths
+        self.saved = {path: [] for path in paths}
+        self.weights = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = self.model.get_weights()
+        self.weights[epoch] = current
+        for path in self.paths:
+            assert not any(p.name.startswith(".partial-") for p in path.parent.iterdir())
+            if path.exists() and all(np.array_equal(a, b) for a, b in zip(load_weights(path), current)):
+                self.saved[path].append(epoch)
+
+
+def load_weights(path):
+    return keras.saving.load_model(path, compile=False).get_weights()
+
+
+def test_atomic_checkpoint_saves_the_epochs_and_weights_modelcheckpoint_saves(tmp_path):
+    stock, atomic = tmp_path / "stock.keras", tmp_path / "atomic.keras"
+    record = RecordSaves([stock, atomic])
+    callbacks = [
+        ScriptedValLoss([1.0, 0.8, 0.9, 0.5, 0.7, 0.4]),
+        keras.callbacks.ModelCheckpoint(str(stock), monitor="val_loss", save_best_only=True),
+        AtomicModelCheckpoint(atomic, monitor="val_loss", save_best_only=True),
+        record,
+    ]
+    fit(tiny_model(), callbacks, epochs=6)
+    assert record.saved[atomic] == record.saved[stock] == [0, 1, 3, 5]
+    for a, b in zip(load_weights(atomic), load_weights(stock)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_atomic_checkpoint_never_saves_an_epoch_whose_monitored_value_is_nan(tmp_path):
+    path = tmp_path / "model.keras"
+    record = RecordSaves([path])
+    callbacks = [ScriptedValLoss([NAN, 1.0, NAN, 0.8]),
+                 AtomicModelCheckpoint(path, monitor="val_loss", save_best_only=True), record]
+    fit(tiny_model(), callbacks, epochs=4)
+    assert record.saved[path] == [1, 3]  # stock ModelCheckpoint would save epoch 0, then nothing better than NaN
+
+
+class FailSavingFrom(keras.callbacks.Callback):
+    """From ``epoch`` on, model.save writes half a file and fails, like a process killed mid-write."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            def save(filepath, *args, **kwargs):
+                with open(filepath, "wb") as f:
+                    f.write(b"PK\x03\x04 half a zip")
+                raise OSError("No space left on device")
+
+            self.model.save = save
+
+
+def test_a_failed_write_leaves_the_previous_best_model_loadable(tmp_path):
+    path = tmp_path / "model.keras"
+    record = RecordSaves([path])
+    callbacks = [FailSavingFrom(1), ScriptedValLoss([1.0, 0.5]), record,
+                 AtomicModelCheckpoint(path, monitor="val_loss", save_best_only=True)]
+    with pytest.raises(OSError, match="No space left"):
+        fit(tiny_model(), callbacks, epochs=2)
+    for a, b in zip(load_weights(path), record.weights[0]):
+        np.testing.assert_array_equal(a, b)
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Kill the fit at the end of epoch ``epochs - 1``, after every other callback has run."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epochs:
+            raise Interrupted(signal.SIGTERM)
+
+
+VAL_LOSSES = [1.0, 0.6, 0.7, 0.5, 0.55, 0.65, 0.8, 0.9, 1.0, 1.1]  # best epoch 3; patience 2 stops at epoch 5
+
+
+def run_callbacks(tmp_path, early_stopping, state=None):
+    return [
+        ScriptedValLoss(VAL_LOSSES),
+        AtomicModelCheckpoint(tmp_path / "model.keras", monitor="val_loss", save_best_only=True,
+                              initial_value_threshold=state.best if state else None),
+        keras.callbacks.CSVLogger(str(tmp_path / "history.csv"), append=state is not None),
+        early_stopping,
+        keras.callbacks.BackupAndRestore(str(tmp_path / "backup")),
+    ]
+
+
+@pytest.mark.parametrize("interrupted_after", [2, 4])  # before and after the best epoch
+def test_resumed_early_stopping_stops_and_restores_like_an_uninterrupted_one(tmp_path, interrupted_after):
+    reference = tiny_model()
+    stock = keras.callbacks.EarlyStopping(monitor="val_loss", patience=2, restore_best_weights=True)
+    fit(reference, [ScriptedValLoss(VAL_LOSSES), stock], epochs=len(VAL_LOSSES))
+
+    first = ResumableEarlyStopping(monitor="val_loss", patience=2, restore_best_weights=True)
+    with pytest.raises(Interrupted):
+        fit(tiny_model(), [*run_callbacks(tmp_path, first), StopAfter(interrupted_after)], epochs=len(VAL_LOSSES))
+    state = resume_state(tmp_path / "backup", tmp_path / "model.keras", tmp_path / "history.csv")
+    resumed = ResumableEarlyStopping(monitor="val_loss", patience=2, restore_best_weights=True, initial_state=state)
+    model = tiny_model(seed=1)  # BackupAndRestore brings back the interrupted run's weights and optimizer
+    fit(model, run_callbacks(tmp_path, resumed, state), epochs=len(VAL_LOSSES))
+
+    assert stock.stopped_epoch == 5
+    assert (resumed.stopped_epoch, resumed.best_epoch) == (stock.stopped_epoch, stock.best_epoch)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
+    assert [row["val_loss"] for row in read_history(tmp_path / "history.csv")] == VAL_LOSSES[:6]
+
+
+class PoisonWeight(keras.callbacks.Callback):
+    """Make one kernel non-finite at the end of ``epoch``, as a diverging update would."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            kernel = self.model.layers[-1].kernel
+            kernel.assign(np.full(kernel.shape, np.nan, dtype="float32"))
+
+
+def test_nan_guard_stops_and_keeps_non_finite_weights_out_of_the_checkpoint(tmp_path):
+    path = tmp_path / "model.keras"
+    guard, record = NaNGuard(), RecordSaves([path])
+    model = tiny_model()
+    history = fit(model, [PoisonWeight(1), guard, AtomicModelCheckpoint(path, save_best_only=True), record], epochs=4)
+    assert guard.stopped and guard.epoch == 1 and len(history.epoch) == 2
+    assert math.isfinite(history.history["val_loss"][0]) and math.isnan(history.history["val_loss"][1])
+    assert record.saved[path] == [0]
+    assert all(np.isfinite(w).all() for w in load_weights(path))
+
+
+def test_nan_guard_stops_on_a_nan_loss_like_terminate_on_nan():
+    x, _ = tiny_data()
+    x[20] = np.nan  # the second batch
+    guard, stock = NaNGuard(), keras.callbacks.TerminateOnNaN()
+    history = fit(tiny_model(), [guard], epochs=3, x=x)
+    reference = fit(tiny_model(), [stock], epochs=3, x=x)
+    assert guard.stopped and guard.epoch == 0
+    assert len(history.epoch) == len(reference.epoch) == 1
+    assert math.isnan(history.history["val_loss"][0])
+
+
+def test_read_history_gives_back_what_csvlogger_wrote(tmp_path):
+    path = tmp_path / "history.csv"
+    history = fit(tiny_model(), [keras.callbacks.CSVLogger(str(path))], epochs=3)
+    rows = read_history(path)
+    assert [row["epoch"] for row in rows] == history.epoch == [0, 1, 2]
+    for key, values in history.history.items():
+        np.testing.assert_allclose([row[key] for row in rows], values, rtol=1e-6)
+    assert read_history(tmp_path / "missing.csv") == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"epoch,loss,val_loss\n0,0.5,oops\n",  # not a number
+        b"epoch,loss\n0,0.5\n",  # no val_loss
+        b"epoch,loss,val_loss\n0,0.5\n",  # a short row
+        b"epoch,loss,val_loss\n1,0.5,0.4\n",  # epochs not from 0
+        b"epoch,loss,val_loss\n0,0.5,0.4\n0,0.4,0.3\n",  # an epoch twice
+        b"\xff\xfe\x00\x81garbage",  # not text
+    ],
+)
+def test_a_damaged_history_is_a_run_dir_error(tmp_path, content):
+    path = tmp_path / "history.csv"
+    path.write_bytes(content)
+    with pytest.raises(RunDirError, match=r"history.csv is damaged: .*; move .* away"):
+        read_history(path)
+    with pytest.raises(RunDirError, match="is damaged"):
+        truncate_history(path, 0)
+
+
+def test_truncate_history_keeps_the_first_epochs(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss,val_loss\n0,0.9,0.8\n1,0.7,0.6\n2,0.5,0.65\n")
+    rows = read_history(path)
+    assert truncate_history(path, 5) == rows  # fewer epochs than asked: unchanged
+    assert truncate_history(path, 1) == rows[:1]
+    assert read_history(path) == rows[:1] and path.read_text() == "epoch,loss,val_loss\n0,0.9,0.8\n"
+
+
+class CountBatches(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+
+class SendSignal(CountBatches):
+    """Send ``signum`` to this process at the end of the first batch."""
+
+    def __init__(self, signum):
+        super().__init__()
+        self.signum = signum
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if batch == 0:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stop_on_signal_raises_at_the_batch_end_and_restores_the_handler(signum):
+    before = signal.getsignal(signum)
+    sender, after = SendSignal(signum), CountBatches()
+    with pytest.raises(Interrupted) as stopped:
+        fit(tiny_model(), [sender, StopOnSignal(), after], epochs=2)
+    assert stopped.value.signum == signum and stopped.value.exit_code == 128 + signum
+    assert (sender.batches, after.batches) == (1, 0)  # stopped at the first batch's end
+    assert signal.getsignal(signum) is before

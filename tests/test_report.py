@@ -1,0 +1,137 @@
+"""The report: its table against metrics computed by hand, its figures, and a damaged history."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import synthetic_images
+from fmnist_keras import report
+from fmnist_keras.callbacks import read_history
+from fmnist_keras.data import CLASS_NAMES
+from fmnist_keras.models import build_cnn, build_mlp
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HISTORY = "epoch,accuracy,loss,val_accuracy,val_loss\n0,0.5,1.2,0.55,1.1\n1,0.7,0.8,0.68,0.9\n2,0.8,0.6,0.7,0.95\n"
+CNN_FIGURES = {"curves", "confusion_matrix", "misclassified", "samples", "embedding", "filters", "feature_maps",
+               "saliency"}
+
+
+def make_images(count=30, data_format="channels_last"):
+    labels = np.tile(np.arange(10), count // 10)
+    x = synthetic_images(labels, seed=3)[..., None].astype(np.float32) / 255.0
+    return (np.moveaxis(x, -1, 1) if data_format == "channels_first" else x), labels
+
+
+def tiny_cnn(data_format="channels_last"):
+    keras.utils.set_random_seed(0)
+    return build_cnn(filters=(4, 8), convs_per_block=1, dense_units=16, augment=False, data_format=data_format)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """A tiny CNN's report, with a history and without test metrics, so the report computes them."""
+    run_dir = tmp_path_factory.mktemp("run")
+    (run_dir / "history.csv").write_text(HISTORY)
+    model = tiny_cnn()
+    x, y = make_images()
+    path = report.write_report(run_dir, x, y, model=model, metrics={"model": "tiny", "backend": "torch"})
+    return path, model, x, y
+
+
+def table_rows(markdown: str, header: str) -> list[list[str]]:
+    """The cells of the markdown table whose header line starts with ``header``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def reference_metrics(y_true, y_pred, num_classes=10):
+    """Precision, recall, F1 and support per class, counted with plain loops."""
+    counts = [[0] * num_classes for _ in range(num_classes)]
+    for true, pred in zip(y_true, y_pred):
+        counts[true][pred] += 1
+    rows = []
+    for c in range(num_classes):
+        hits = counts[c][c]
+        support = sum(counts[c])
+        predicted = sum(counts[r][c] for r in range(num_classes))
+        precision = hits / predicted if predicted else 0.0
+        recall = hits / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append((precision, recall, f1, support))
+    return rows
+
+
+def test_metrics_table_matches_a_confusion_matrix_counted_by_hand(written):
+    path, model, x, y = written
+    markdown = path.read_text()
+    y_pred = keras.ops.convert_to_numpy(model(x, training=False)).argmax(axis=1)
+    expected = reference_metrics(y.tolist(), y_pred.tolist())
+    per_class = table_rows(markdown, "| class |")
+    assert [row[0] for row in per_class] == list(CLASS_NAMES)
+    for row, reference in zip(per_class, expected):
+        np.testing.assert_allclose([float(v) for v in row[1:4]], reference[:3], atol=5e-5)
+        assert int(row[4]) == reference[3]
+    (overall,) = table_rows(markdown, "| split |")
+    assert overall[:3] == ["test", str(len(y)), "n/a"]
+    accuracy = sum(int(t == p) for t, p in zip(y, y_pred)) / len(y)
+    macro_f1 = sum(r[2] for r in expected) / len(expected)
+    np.testing.assert_allclose([float(overall[3]), float(overall[4])], [accuracy, macro_f1], atol=5e-5)
+
+
+def test_every_figure_is_written_and_referenced(written):
+    path, *_ = written
+    linked = re.findall(r"!\[[^\]]*\]\(figures/([^)]+)\.png\)", path.read_text())
+    assert sorted(linked) == sorted(CNN_FIGURES)
+    on_disk = {p.stem for p in (path.parent / report.FIGURES_DIR).iterdir()}
+    assert on_disk == CNN_FIGURES
+    for name in CNN_FIGURES:
+        assert (path.parent / report.FIGURES_DIR / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "backend: torch" in path.read_text()
+
+
+def test_damaged_history_leaves_the_curves_out_with_a_note(tmp_path):
+    (tmp_path / "history.csv").write_text("epoch,loss,val_loss\n0,0.5,oops\n")
+    keras.utils.set_random_seed(0)
+    model = build_mlp(units=(8,))
+    x, y = make_images(10)
+    markdown = report.write_report(tmp_path, x, y, model=model, metrics={}).read_text()
+    section = markdown.split("## Training curves", 1)[1].split("##", 1)[0]
+    assert "Left out:" in section and "history.csv is damaged" in section
+    assert "curves.png" not in markdown and not (tmp_path / "figures" / "curves.png").exists()
+    assert "figures/confusion_matrix.png" in markdown  # the rest of the report is there
+
+
+def test_history_columns_match_numpy_reading_the_csv(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text(HISTORY)
+    columns = report.history_columns(read_history(path))
+    reference = np.genfromtxt(path, delimiter=",", names=True)
+    assert list(columns) == list(reference.dtype.names)
+    for name in reference.dtype.names:
+        np.testing.assert_allclose(columns[name], reference[name], rtol=1e-12)
+    assert columns["epoch"].dtype.kind == "i"
+    assert report.history_columns([]) == {}
+
+
+def test_best_epoch_is_the_lowest_val_loss_unless_the_run_says(tmp_path):
+    (tmp_path / "history.csv").write_text(HISTORY)
+    columns = report.history_columns(read_history(tmp_path / "history.csv"))
+    assert report.best_epoch({}, columns) == 2  # 1-based epoch of val_loss 0.9
+    assert report.best_epoch({"best_epoch": 3}, columns) == 3
+
+
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="TensorFlow's CPU Conv2D is channels_last only")
+def test_channels_first_model_gets_its_layout_from_the_model(tmp_path):
+    x, y = make_images(10, "channels_first")
+    np.testing.assert_array_equal(report.gray_images(x, "channels_first"),
+                                  report.gray_images(np.moveaxis(x, 1, -1), "channels_last"))
+    markdown = report.write_report(tmp_path, x, y, model=tiny_cnn("channels_first"), metrics={}).read_text()
+    assert "figures/feature_maps.png" in markdown and "figures/saliency.png" in markdown
