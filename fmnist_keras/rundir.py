@@ -13,6 +13,7 @@ One module knows every file name in a run directory::
         backup/               BackupAndRestore's state while fit runs
         fit.json              written when fit has ended: what evaluation needs
         metrics.json          test and validation metrics, written once
+        tensorboard/          with --tensorboard: Keras's TensorBoard logs
         report.md, figures/   the report
     OUT_DIR/latest            symlink to the newest run
 
@@ -48,6 +49,7 @@ BACKUP_DIR = "backup"
 FIT_FILE = "fit.json"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
+TENSORBOARD_DIR = "tensorboard"
 LATEST = "latest"
 
 # Letters, digits and . _ - + = @; not starting with a dot (hidden, ".", "..").
@@ -136,6 +138,9 @@ class RunDir:
 
     def backup_dir(self, model: str) -> Path:
         return self.path / model / BACKUP_DIR
+
+    def tensorboard_dir(self, model: str) -> Path:
+        return self.path / model / TENSORBOARD_DIR
 
     def fit_file(self, model: str) -> Path:
         return self.path / model / FIT_FILE

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import signal
 import sys
 import time
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dist-timeout", type=positive_float, default=300, metavar="S",
                         help="distributed runs: seconds a process waits for the others (rendezvous and every "
                         "collective) before failing instead of hanging (default: 300)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also log every epoch for TensorBoard, through Keras's TensorBoard callback, to "
+                        "RUN_DIR/MODEL/tensorboard/ (needs the tensorboard and tensorflow packages: "
+                        "pip install 'fmnist_keras[tensorboard]'); view with: tensorboard --logdir RUN_DIR "
+                        "(default: off)")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="skip report.md and its figures in each model's run directory (default: write them)")
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -189,6 +195,12 @@ def _main(argv: list[str] | None) -> int:
         except (RunDirError, ValueError) as error:
             return _fail(error)
     requested_backend = args.backend or (configs[0].backend if configs else None)
+
+    if args.tensorboard:
+        missing = [name for name in ("tensorboard", "tensorflow") if importlib.util.find_spec(name) is None]
+        if missing:
+            parser.error(f"--tensorboard logs through Keras's TensorBoard callback, which needs {' and '.join(missing)}; "
+                         f"run: pip install 'fmnist_keras[tensorboard]', or drop --tensorboard.")
 
     from fmnist_keras.backend import BackendError, select_backend
 
@@ -294,7 +306,8 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
         )
         start = time.perf_counter()
         try:
-            result = training.fit_model(config, splits, run, resume=bool(args.resume), replicas=replicas)
+            result = training.fit_model(config, splits, run, resume=bool(args.resume), replicas=replicas,
+                                        tensorboard=args.tensorboard)
         except Interrupted as stop:
             return _interrupted(stop, run)
         except KeyboardInterrupt:

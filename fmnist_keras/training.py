@@ -181,6 +181,7 @@ def fit_model(
     resume: bool = False,
     verbose="auto",
     replicas: distributed.Replicas = distributed.SINGLE,
+    tensorboard: bool = False,
 ) -> FitResult:
     """Build, compile and fit ``config.model`` with Keras's built-in callbacks.
 
@@ -200,6 +201,8 @@ def fit_model(
             counter, EarlyStopping state and history carry over).
         verbose: Keras's progress-bar setting.
         replicas: the data-parallel replicas (:func:`fmnist_keras.distributed.setup`).
+        tensorboard: also log every epoch with Keras's ``TensorBoard`` callback
+            to ``run/<model>/tensorboard`` (needs a ``run``).
 
     Raises:
         callbacks.Interrupted: Ctrl-C or SIGTERM; every completed epoch is kept.
@@ -268,6 +271,8 @@ def fit_model(
             ),
             keras.callbacks.CSVLogger(str(run.history_file(name)), append=resume),
         ]
+        if tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(str(run.tensorboard_dir(name))))
     callbacks.append(early_stopping)
     # After EarlyStopping restores the best weights: statistics that match them.
     sync = next((c for c in replica_callbacks if hasattr(c, "average_statistics")), None)

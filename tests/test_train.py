@@ -176,3 +176,13 @@ def test_cnn_trains_in_the_backends_fast_layout_and_is_saved_channels_last(tmp_p
     assert model.get_layer("block1_conv1").data_format == "channels_last"
     compiled = keras.saving.load_model(run_dir / "model.keras", compile=True)
     assert int(keras.ops.convert_to_numpy(compiled.optimizer.iterations)) == 3  # 360 images / 128: state saved too
+
+
+def test_tensorboard_logs_every_epoch_under_the_model_directory(tmp_path, tiny_data_dir):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorflow")
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "2", "--no-report", "--tensorboard") == 0
+    logs = tmp_path / "runs" / "run" / "mlp" / "tensorboard"
+    for split in ("train", "validation"):
+        (events,) = (logs / split).glob("events.out.tfevents.*")
+        assert events.stat().st_size > 0
