@@ -83,7 +83,7 @@ def in_range(kind: type, low, high):
     def parse(text: str):
         value = _number(text, kind, "a whole number" if kind is int else "a number")
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages

@@ -116,7 +116,7 @@ class TrainConfig:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not number or (kind is int and not isinstance(value, int)) or not low <= value <= high:
                 raise ValueError(f"{name} is {value!r}; expected {'a whole number' if kind is int else 'a number'} "
-                                 f"from {low:g} to {high:g}")
+                                 f"from {low} to {high}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} is {getattr(self, name)!r}; expected one of {', '.join(allowed)}")

@@ -14,75 +14,36 @@ is chosen, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import add_data_arguments, int_between, non_negative_int
+from fmnist_keras.rundir import CONFIG_FILE, METRICS_FILE, RunDirError, read_json, write_json
 
 EVALUATION_FILE = "evaluation.json"
 # Run files are a few kB; anything much larger is not one, and is not read.
-MAX_RUN_FILE_BYTES = 16 * 1024**2
-# The JSON types each TrainConfig annotation allows (an int is a valid float; a bool is no int).
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
-
-
 class RunFileError(ValueError):
-    """A file of the run directory is damaged or not what train writes."""
-
-
-def read_json_file(path: Path, what: str):
-    """The JSON object in ``path``, or a :class:`RunFileError` naming the file and the problem."""
-    fix = f"rewrite it with train, or delete it (it is only {what})"
-    try:
-        if path.stat().st_size > MAX_RUN_FILE_BYTES:
-            raise RunFileError(f"{path} is {path.stat().st_size} bytes, far more than a run file; {fix}.")
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise RunFileError(f"cannot read {path} ({error.strerror}); check its permissions.") from None
-    except UnicodeDecodeError:
-        raise RunFileError(f"{path} is not UTF-8 text, so not the JSON train writes; {fix}.") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise RunFileError(f"{path} is not valid JSON ({error}); {fix}.") from None
-    except RecursionError:
-        raise RunFileError(f"{path} nests lists or objects too deeply to be a run file; {fix}.") from None
-    if not isinstance(value, dict):
-        raise RunFileError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}.")
-    return value
+    """A path given to evaluate cannot be used (an --out-dir blocked by a file)."""
 
 
 def read_run_config(path: Path):
-    """The run's :class:`~fmnist_keras.config.TrainConfig`, every key and type checked."""
-    from fmnist_keras.config import TrainConfig
+    """The run's :class:`~fmnist_keras.config.TrainConfig`, checked (:func:`fmnist_keras.config.load_config`)."""
+    from fmnist_keras.config import load_config
 
-    data = read_json_file(path, "needed by --validation, to rebuild the run's split")
-    fix = "rewrite it with train, or drop --validation"
-    fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise RunFileError(f"{path} has unknown keys {unknown}; expected some of {sorted(fields)}; {fix}.")
-    for key, value in data.items():
-        allowed = tuple(t for name in str(fields[key]).split("|") for t in _TYPES.get(name.strip(), (object,)))
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed) or (
-                isinstance(value, float) and not math.isfinite(value)):
-            raise RunFileError(f"{path}: {key} is {value!r} ({type(value).__name__}); expected {fields[key]}; {fix}.")
-    return TrainConfig(**data)
+    return load_config(path)
 
 
 def read_run_metrics(path: Path) -> dict:
     """The facts ``train`` wrote to ``metrics.json`` that the report shows, types checked."""
-    data = read_json_file(path, "read for the report's title and facts")
+    fix = "rewrite it with train, or delete it (it is only read for the report's title and facts)"
+    data = read_json(path, "the run's metrics", fix)
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path} is damaged: a JSON {type(data).__name__}, not an object; {fix}.")
     for key, allowed in (("model", (str,)), ("best_epoch", (int, type(None)))):
         if key in data and (not isinstance(data[key], allowed) or isinstance(data[key], bool)):
-            raise RunFileError(f"{path}: {key} is {data[key]!r}; expected {' or '.join(t.__name__ for t in allowed)}; "
-                               f"rewrite it with train, or delete it.")
+            raise RunDirError(f"{path} is damaged: {key} is {data[key]!r}; expected "
+                              f"{' or '.join(t.__name__ for t in allowed)}; {fix}.")
     return data
 
 
@@ -98,22 +59,6 @@ def check_out_dir(out_dir: Path) -> None:
     if not blocker.is_dir():
         where = "is" if blocker == out_dir else f"lies below {blocker}, which is"
         raise RunFileError(f"--out-dir {out_dir} {where} a file, not a directory; choose another --out-dir.")
-
-
-def write_json_atomically(path: Path, value) -> None:
-    """Write strict JSON (no NaN) to a temporary sibling and rename it over ``path``."""
-    text = json.dumps(value, indent=2, allow_nan=False) + "\n"
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(name, 0o666 & ~umask)
-        os.replace(name, path)
-    finally:
-        if os.path.exists(name):
-            os.unlink(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(error)
     run_dir = model_path.parent
     out_dir = Path(args.out_dir) if args.out_dir else run_dir
-    config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
+    config_path, metrics_path = run_dir / CONFIG_FILE, run_dir / METRICS_FILE
     try:  # damaged run files are reported before the data is read
         config = read_run_config(config_path) if args.validation and config_path.is_file() else None
         trained = read_run_metrics(metrics_path) if args.report and metrics_path.is_file() else {}
-    except RunFileError as error:
+    except RunDirError as error:
         return _fail(str(error))
 
     from fmnist_keras import inspect as finspect
@@ -236,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(out_dir / EVALUATION_FILE, result)
+        write_json(out_dir / EVALUATION_FILE, result)
     except OSError as error:
         return _fail(f"cannot write {out_dir / EVALUATION_FILE} ({error.strerror}); choose another --out-dir.")
     except ValueError as error:  # allow_nan=False: a NaN metric is no result to save

@@ -27,9 +27,10 @@ import os
 import zipfile
 from pathlib import Path
 
-MODEL_FILE = "model.keras"
+from fmnist_keras.data import NUM_CLASSES
+from fmnist_keras.rundir import MODEL_FILE
+
 IMAGE_SHAPES = {(28, 28, 1): "channels_last", (1, 28, 28): "channels_first"}
-NUM_CLASSES = 10
 
 _REQUIRED_MEMBERS = ("config.json", "metadata.json")
 _WEIGHT_MEMBERS = ("model.weights.h5", "model.weights.npz")

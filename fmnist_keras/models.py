@@ -15,7 +15,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-NUM_CLASSES = 10
+from fmnist_keras.data import NUM_CLASSES
+
 IMAGE_SIZE = 28
 
 # Moving-average momentum of every BatchNormalization. Keras's default, 0.99,

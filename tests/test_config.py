@@ -29,7 +29,7 @@ def test_both_ends_of_every_range_are_accepted(name):
 @pytest.mark.parametrize("name", RANGES)
 def test_just_outside_every_range_is_refused(name):
     kind, low, high = RANGES[name]
-    bounds = re.escape(f"from {low:g} to {high:g}")
+    bounds = re.escape(f"from {low} to {high}")
     for value in outside(kind, low, high):
         with pytest.raises(ValueError, match=f"^{name} is {re.escape(repr(value))}; expected .* {bounds}$"):
             TrainConfig.from_dict({name: value})

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from fmnist_keras import evaluate
+from fmnist_keras import evaluate, rundir
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.data import CLASS_NAMES, load_data, to_model_input
 from fmnist_keras.models import build_cnn, build_mlp
@@ -191,15 +191,15 @@ def _damage(run, case):
 @pytest.mark.parametrize(
     "case, pattern",
     [
-        ("config-not-json", r"config\.json is not valid JSON \(.*\); rewrite it with train, or delete it"),
-        ("config-wrong-type", r"config\.json: seed is 'forty-two' \(str\); expected int; rewrite it with train"),
-        ("config-bool-for-int", r"config\.json: val_split is True \(bool\); expected float"),
-        ("config-unknown-key", r"config\.json has unknown keys \['dropout'\]"),
-        ("config-a-list", r"config\.json holds a JSON list, not an object"),
-        ("config-deep", r"config\.json nests lists or objects too deeply"),
-        ("config-bad-value", r"config\.json does not rebuild a split of this data \(val_fraction must be in"),
-        ("metrics-garbage", r"metrics\.json is not (UTF-8 text|valid JSON)"),
-        ("metrics-wrong-type", r"metrics\.json: best_epoch is 'two'; expected int or NoneType"),
+        ("config-not-json", r"config\.json is damaged: not valid JSON for the run's configuration \(.*\); restore it"),
+        ("config-wrong-type", r"config\.json is damaged: seed is 'forty-two'; expected a whole number from 0 to"),
+        ("config-bool-for-int", r"config\.json is damaged: val_split is True; expected a number from 0\.001"),
+        ("config-unknown-key", r"config\.json is damaged: unknown configuration keys \['dropout'\]"),
+        ("config-a-list", r"config\.json is damaged: expected a JSON object of settings, got list"),
+        ("config-deep", r"config\.json is damaged: not valid JSON for the run's configuration \(.*recursion"),
+        ("config-bad-value", r"config\.json is damaged: val_split is 1\.5; expected a number from 0\.001 to 0\.999"),
+        ("metrics-garbage", r"metrics\.json is damaged: not valid JSON for the run's metrics"),
+        ("metrics-wrong-type", r"metrics\.json is damaged: best_epoch is 'two'; expected int or NoneType"),
         ("model-truncated", r"model\.keras is not a zip archive .* It may be truncated"),
     ],
 )
@@ -232,7 +232,7 @@ def test_evaluation_json_is_strict_and_replaced_atomically(cnn_run, tiny_data_di
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(evaluate.os, "replace", failing_replace)
+        patch.setattr(rundir.os, "replace", failing_replace)  # the one atomic writer
         assert run_cli(tiny_data_dir, cnn_run, "--no-report") == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write" in err and "No space left on device" in err
