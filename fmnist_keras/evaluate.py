@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import add_data_arguments, int_between, non_negative_int
+from fmnist_keras.cli import add_data_arguments, in_range
 from fmnist_keras.rundir import CONFIG_FILE, METRICS_FILE, RunDirError, read_json, write_json
 
 EVALUATION_FILE = "evaluation.json"
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(parser)
     parser.add_argument("--validation", action="store_true",
                         help="also evaluate on the run's validation split, rebuilt from its config.json (default: off)")
-    parser.add_argument("--image-index", type=non_negative_int, metavar="N",
+    parser.add_argument("--image-index", type=in_range(int, 0, 10**9), metavar="N",
                         help="test image whose feature maps the report shows (default: a fixed, seeded one)")
     parser.add_argument("--layers", nargs="+", metavar="LAYER",
                         help="layers whose feature maps to draw (default: each convolution's activated output)")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where evaluation.json, report.md and figures/ go (default: the model's directory)")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="only compute and write the metrics, draw no figures (default: write the report)")
-    parser.add_argument("--seed", type=int_between(0, 2**32 - 1, "numpy seeds"), default=0,
+    parser.add_argument("--seed", type=in_range(int, 0, 2**32 - 1, "numpy seeds"), default=0,
                         help="seed for the images the report samples and explains (default: 0)")
     add_backend_arguments(parser)
     return parser

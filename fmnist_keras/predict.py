@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import int_between
+from fmnist_keras.cli import in_range
 
 SIZE = 28
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text (default: text)")
     parser.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
                         help="make dark-on-light pictures light-on-dark: auto decides from the border (default: auto)")
-    parser.add_argument("--top-k", type=int_between(1, 10, "there are 10 classes"), default=3, metavar="K",
+    parser.add_argument("--top-k", type=in_range(int, 1, 10, "there are 10 classes"), default=3, metavar="K",
                         help="how many classes to show per image (default: 3)")
     add_backend_arguments(parser)
     return parser

@@ -19,7 +19,7 @@ import sys
 import time
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import add_data_arguments, in_range, positive_float
+from fmnist_keras.cli import add_data_arguments, in_range
 from fmnist_keras.config import DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, RANGES, TrainConfig, load_config
 from fmnist_keras.interrupts import Interrupted
 from fmnist_keras.rundir import RunDir, RunDirError, write_json
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distribute", action="store_true",
                         help="jax: data-parallel over all local devices (keras.distribution.DataParallel); on torch "
                         "launch with torchrun --nproc_per_node N instead (default: off)")
-    parser.add_argument("--dist-timeout", type=positive_float, default=300, metavar="S",
+    parser.add_argument("--dist-timeout", type=in_range(float, 1.0, 86400.0), default=300, metavar="S",
                         help="distributed runs: seconds a process waits for the others (rendezvous and every "
                         "collective) before failing instead of hanging (default: 300)")
     parser.add_argument("--tensorboard", action="store_true",
@@ -213,9 +213,8 @@ def _main(argv: list[str] | None) -> int:
     from fmnist_keras import distributed
 
     try:
-        if args.resume and distributed.launched_by_torchrun():
-            raise distributed.DistributedError("--resume of a distributed run is not supported; resume it in one process.")
-        replicas = distributed.setup(backend, args.distribute, configs[0].batch_size, args.dist_timeout)
+        replicas = distributed.setup(backend, args.distribute, configs[0].batch_size, args.dist_timeout,
+                                     resume=args.resume is not None)
     except distributed.DistributedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -213,8 +213,6 @@ def fit_model(
             f"make them with make_splits(raw, config)."
         )
     config = dataclasses.replace(config.resolved(), data_format=splits.data_format)
-    if resume and replicas.distributed:
-        raise ValueError("--resume of a distributed run is not supported; resume it in one process.")
     name = config.model
     if run is not None:
         run.model_dir(name).mkdir(exist_ok=True)

@@ -109,6 +109,14 @@ def test_an_out_dir_that_cannot_hold_runs_is_one_line(tmp_path, tiny_data_dir, c
     assert (tmp_path / "blocker").read_text() == "a file"
 
 
+def test_an_empty_data_dir_is_a_usage_error_not_the_current_directory(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(["--data-dir", "", "--out-dir", str(tmp_path)])
+    assert info.value.code == 2
+    _one_line_error(capsys, "argument --data-dir: expected a path, got an empty string")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_default_run_names_are_unique_within_one_second(tmp_path):
     runs = [RunDir.create(str(tmp_path), None, ["mlp"]) for _ in range(3)]
     assert len({run.path for run in runs}) == 3
