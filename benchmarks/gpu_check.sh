@@ -1,50 +1,108 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script (README, "GPU"): run from the repository root
-# on a machine with a CUDA GPU and a torch (and optionally jax) CUDA build.
+# The GPU checks, as one run of at most 8 minutes (docs/gpu.md): from the repository root,
+# on a machine with a CUDA GPU and a CUDA build of torch (and optionally of jax):
 #
-#   OUT=gpu-results bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh [OUT_DIR]          # OUT_DIR defaults to $OUT, else gpu-results
+#   bash benchmarks/gpu_check.sh --dry-run [OUT_DIR]  # on the CPU, tiny sizes: checks the script end to end
 #
-# 1. device selection on every installed backend (--device gpu / cpu);
-# 2. the speed benchmark (Keras path vs plain PyTorch) on the GPU, alone;
-# 3. accuracy runs, in parallel on the one GPU: the CNN with 3 seeds and
-#    cnn-large (their wall times are inflated by sharing the GPU);
-# working in $WORK and copying the few result files to $OUT at the end.
+# Steps, each under its own `timeout` (seconds in brackets, also capped so the whole run ends
+# within TOTAL=480 s):
+#   env       GPU model, driver, torch / CUDA / Keras / JAX versions                       [20]
+#   devices   --device gpu on torch and jax, --device cpu on torch, in parallel           [50]
+#             (--dry-run: --device auto instead of gpu)
+#   overhead  host ms/step at batch 8: stock Keras, fast path, PyTorch twin (overhead.py) [90]
+#   bench     s/epoch at batch 128 against the twin, baseline-cnn mlp cnn (bench.py)      [80]
+#   jax       the same models on KERAS_BACKEND=jax (the keras/jax row)                     [60]
+#   train     in parallel on the one GPU: the default `python -m fmnist_keras.train`
+#             (MLP and CNN, with reports) and `--model cnn-large`                         [150]
+# A sampler reads nvidia-smi every second; summary.md gets the peak GPU memory of each step
+# (the whole GPU's use during the step, and per process where nvidia-smi lists processes).
+# Parallel steps share the GPU: their wall times are inflated. Everything goes to OUT_DIR:
+# one log per step, the JSON of the benchmarks, the run directories and summary.md.
 set -u
-OUT=${OUT:-gpu-results}
-WORK=${WORK:-/tmp/fmnist-gpu}
-mkdir -p "$OUT" "$WORK"
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+DRY=0
+[ "${1:-}" = "--dry-run" ] && { DRY=1; shift; }
+OUT_DIR=${1:-${OUT:-gpu-results}}
+mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX: peak, not 75% of the GPU
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/*.py import the package from the checkout
+START=$(date +%s)
+if [ "$DRY" = 1 ]; then
+    TOTAL=${TOTAL:-900}  # a 2-core CPU needs longer even for the tiny sizes
+    GPU=auto            # --device of the device-selection runs: auto picks the CPU here
+    OVERHEAD_ARGS="--subset 200 --rounds 2 --threads 1"
+    BENCH_ARGS="--subset 1000 --epochs 2 --threads 1"
+    JAX_ARGS="--models mlp --subset 1000 --epochs 2"
+    TRAIN_ARGS="--subset 600 --epochs 1"
+    LARGE_ARGS="--subset 300 --epochs 1 --no-report"
+    export CUDA_VISIBLE_DEVICES=""
+else
+    TOTAL=${TOTAL:-480}
+    GPU=gpu
+    OVERHEAD_ARGS="--rounds 3 --subset 2000"  # 225 steps of 8 per epoch and path
+    BENCH_ARGS="--epochs 3 --subset 30000"
+    JAX_ARGS="--models baseline-cnn mlp cnn --subset 20000 --epochs 2"
+    TRAIN_ARGS=""
+    LARGE_ARGS="--no-report"
+fi
+: > "$OUT_DIR/steps.tsv"
+
 log() { echo "== $(date +%T) $*"; }
-LIMIT=${LIMIT:-330}  # seconds for the accuracy runs
+limit() {  # the step's own limit, cut to what is left of TOTAL (20 s kept: the kill grace and the summary)
+    local left=$(( TOTAL - ($(date +%s) - START) - 20 ))
+    [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"
+}
+step() {  # step NAME SECONDS COMMAND...: run under timeout, log to OUT_DIR/NAME.log, record the outcome
+    local name=$1 seconds; seconds=$(limit "$2"); shift 2
+    log "$name (limit ${seconds}s)"
+    local t0; t0=$(date +%s.%N)
+    timeout -k 10 "$seconds" "$@" > "$OUT_DIR/$name.log" 2>&1
+    local rc=$?
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$t0" "$(date +%s.%N)" "$seconds" "$rc" >> "$OUT_DIR/steps.tsv"
+    [ "$rc" = 124 ] && log "$name: stopped at its limit" || log "$name: exit $rc"
+}
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/nvidia-smi.txt"
-KERAS_BACKEND=torch python3 -c "import torch, keras; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'keras', keras.__version__)"
+if command -v nvidia-smi > /dev/null && [ "$DRY" = 0 ]; then
+    ( while :; do  # time, MiB used on the GPU, then one line per process: pid MiB command
+        echo "T $(date +%s.%N) $(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)"
+        nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null \
+            | while IFS=', ' read -r pid mib; do
+                echo "P $pid $mib $(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-300)"
+              done
+        sleep 1
+      done ) > "$OUT_DIR/gpu-memory.log" 2>&1 &
+    SAMPLER=$!
+    trap 'kill "$SAMPLER" 2>/dev/null' EXIT
+fi
 
-log "device selection"
-python3 -m fmnist_keras.train --backend torch --device gpu --model mlp --subset 6000 --epochs 2 \
-    --out-dir "$WORK/runs" --run-name torch-gpu --no-report 2>&1 | grep -E "^(Backend|Data|Saved|error)" 
-python3 -m fmnist_keras.train --backend torch --device cpu --model mlp --subset 6000 --epochs 1 \
-    --out-dir "$WORK/runs" --run-name torch-cpu --no-report 2>&1 | grep -E "^(Backend|Saved|error)"
-python3 -m fmnist_keras.train --backend jax --device gpu --model mlp --subset 6000 --epochs 2 \
-    --out-dir "$WORK/runs" --run-name jax-gpu --no-report 2>&1 | grep -E "^(Backend|Saved|error)"
-grep -h '"device"' "$WORK"/runs/*/mlp/metrics.json
+step env 20 bash -c '  # key: value lines, which summary.md turns into a table
+    IFS=, read -r name driver memory < <(nvidia-smi --query-gpu=name,driver_version,memory.total \
+        --format=csv,noheader 2>/dev/null | head -1)
+    echo "GPU: ${name:-none (nvidia-smi not available)}"; echo "driver:${driver:- -}"; echo "GPU memory:${memory:- -}"
+    KERAS_BACKEND=torch python3 -c "import torch, keras; print(\"torch:\", torch.__version__); print(\"CUDA (torch build):\", torch.version.cuda); print(\"keras:\", keras.__version__)"
+    KERAS_BACKEND=jax python3 -c "import jax; print(\"jax:\", jax.__version__, jax.devices())" 2>/dev/null || echo "jax: not installed"
+    echo "CPU: $(lscpu | sed -n "s/^Model name: *//p") ($(nproc) cores)"'
 
-log "benchmark (alone on the GPU)"
-python3 benchmarks/bench.py --models baseline-cnn mlp cnn --epochs 3 --json "$OUT/bench-gpu.json" 2>&1 \
-    | grep -v -E "^(I0000|WARNING)" | tail -12
-
-log "accuracy runs, in parallel (limit ${LIMIT}s)"
-export OMP_NUM_THREADS=3
-timeout "$LIMIT" python3 benchmarks/seeds.py --model cnn --seeds 42 1 2 --jobs 3 --out-dir "$WORK/seeds" \
-    --json "$OUT/seeds-cnn.json" > "$OUT/seeds-cnn.txt" 2>&1 &
-timeout "$LIMIT" python3 -m fmnist_keras.train --model cnn-large --out-dir "$WORK/runs" --run-name cnn-large \
-    > "$WORK/cnn-large.log" 2>&1 &
+log "devices"
+step devices-torch-$GPU 50 python3 -m fmnist_keras.train --backend torch --device "$GPU" --model mlp --subset 3000 \
+    --epochs 1 --out-dir "$OUT_DIR/runs" --run-name torch-$GPU --no-report --overwrite &
+step devices-torch-cpu 50 python3 -m fmnist_keras.train --backend torch --device cpu --model mlp --subset 3000 \
+    --epochs 1 --out-dir "$OUT_DIR/runs" --run-name torch-cpu --no-report --overwrite &
+step devices-jax-$GPU 50 python3 -m fmnist_keras.train --backend jax --device "$GPU" --model mlp --subset 3000 \
+    --epochs 1 --out-dir "$OUT_DIR/runs" --run-name jax-$GPU --no-report --overwrite &
 wait
-tail -8 "$OUT/seeds-cnn.txt"
-tail -4 "$WORK/cnn-large.log" | tr '\r' '\n' | tail -4
-cp "$WORK"/runs/cnn-large/cnn-large/metrics.json "$OUT/cnn-large-metrics.json" 2>/dev/null
-cp "$WORK"/runs/cnn-large/cnn-large/history.csv "$OUT/cnn-large-history.csv" 2>/dev/null
-cp "$WORK"/runs/torch-gpu/mlp/metrics.json "$OUT/torch-gpu-mlp-metrics.json" 2>/dev/null
-cp "$WORK/nvidia-smi.txt" "$OUT/" 2>/dev/null
-log "done"
+
+# shellcheck disable=SC2086  # the *_ARGS are word lists
+step overhead 90 python3 benchmarks/bench.py --overhead $OVERHEAD_ARGS --json "$OUT_DIR/overhead.json"
+step bench 80 python3 benchmarks/bench.py --models baseline-cnn mlp cnn $BENCH_ARGS --json "$OUT_DIR/bench.json"
+step jax 60 env KERAS_BACKEND=jax python3 benchmarks/bench.py $JAX_ARGS --json "$OUT_DIR/bench-jax.json"
+
+step train-default 150 python3 -m fmnist_keras.train $TRAIN_ARGS --out-dir "$OUT_DIR/runs" --run-name default \
+    --overwrite &
+step train-cnn-large 150 python3 -m fmnist_keras.train --model cnn-large $LARGE_ARGS --out-dir "$OUT_DIR/runs" \
+    --run-name cnn-large --overwrite &
+wait
+
+[ -n "${SAMPLER:-}" ] && kill "$SAMPLER" 2>/dev/null
+python3 benchmarks/gpu_summary.py "$OUT_DIR" | tee "$OUT_DIR/summary.md"
+log "done in $(( $(date +%s) - START ))s; results in $OUT_DIR"
