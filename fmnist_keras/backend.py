@@ -96,7 +96,7 @@ def select_backend(backend: str | None = None, device: str = "auto") -> str:
             )
     if backend != "tensorflow" and "tensorflow" not in sys.modules:
         # Keras would import all of TensorFlow (10 s, 1 GB) to ask whether tf.data is there.
-        from fmnist_keras.fastpath import keep_tensorflow_unloaded
+        from fmnist_keras.engine.fastpath import keep_tensorflow_unloaded
 
         keep_tensorflow_unloaded()
     return backend
@@ -110,7 +110,7 @@ def training_data_format(backend: str, requested: str = "auto", fast_path: bool 
     path. Stock Keras runs a torch ``channels_last`` convolution or pooling
     by copying every activation to NCHW and back, so there ``channels_first``
     is faster (1.4-1.6x per CNN step on CPU); the fast path
-    (:mod:`fmnist_keras.fastpath`) turns those copies into views and makes
+    (:mod:`fmnist_keras.engine.fastpath`) turns those copies into views and makes
     ``channels_last`` the fastest layout on torch too (README, "Speed").
     Saved models are always ``channels_last`` whatever the training layout
     (the weights do not depend on it), so every backend loads them.

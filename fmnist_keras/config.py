@@ -71,7 +71,7 @@ class TrainConfig:
     # saved models are channels_last either way.
     data_format: str = "auto"
     # On torch, run Keras's layers and optimizer through PyTorch's fused
-    # kernels (fmnist_keras.fastpath); no effect on tensorflow and jax.
+    # kernels (fmnist_keras.engine.fastpath); no effect on tensorflow and jax.
     fast_path: bool = True
 
     def resolved(self) -> "TrainConfig":

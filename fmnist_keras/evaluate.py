@@ -143,25 +143,25 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirError as error:
         return _fail(str(error))
 
-    from fmnist_keras import inspect as finspect
+    from fmnist_keras.inspection import internals
 
     try:
         if args.layers and args.report:
-            finspect.check_feature_layers(model, args.layers)
+            internals.check_feature_layers(model, args.layers)
         raw, source = fdata.load_data(args.data_dir, verify=args.verify, return_source=True)
         if args.image_index is not None:
-            finspect.check_image_index(args.image_index, len(raw[1][0]))
+            internals.check_image_index(args.image_index, len(raw[1][0]))
     except ValueError as error:  # DataError is a ValueError
         return _fail(str(error))
 
-    from fmnist_keras import training
+    from fmnist_keras.engine import evaluation, splits as engine_splits
 
     data_format = input_data_format(model)
     (x_train_raw, y_train_raw), (x_test_raw, y_test_raw) = raw
     x_test, y_test = fdata.to_model_input(x_test_raw, data_format), y_test_raw.astype("int64")
     try:
-        test = training.evaluate(model, x_test, y_test)
-    except training.NonFiniteOutputs:
+        test = evaluation.evaluate(model, x_test, y_test)
+    except evaluation.NonFiniteOutputs:
         return _fail(f"{model_path} gives NaN or infinite outputs on the test set; the model is damaged "
                      f"(NaN weights?); retrain it or use another model.")
     result = {"model_path": str(model_path), "backend": backend, "device": describe_device(),
@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--validation needs {config_path}, which rebuilds the run's split (seed, val_split, "
                          f"subset); pass a run directory written by train, or drop --validation.")
         try:
-            splits = training.make_splits(raw, config, data_format)
+            splits = engine_splits.make_splits(raw, config, data_format)
         except ValueError as error:
             return _fail(f"{config_path} does not rebuild a split of this data ({error}); rewrite it with train, "
                          f"or drop --validation.")
-        result["validation"] = training.evaluate(model, splits.x_val, splits.y_val)
+        result["validation"] = evaluation.evaluate(model, splits.x_val, splits.y_val)
         x_train, y_train = splits.x_train, splits.y_train
 
     try:
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Wrote {out_dir / EVALUATION_FILE}")
 
     if args.report:
-        from fmnist_keras.report import write_report
+        from fmnist_keras.inspection.report import write_report
 
         # The run's facts (training backend, best epoch, ...) with the metrics just computed.
         metrics = {**result, **trained, **{k: result[k] for k in ("test", "validation") if k in result}}

@@ -267,7 +267,7 @@ def load_model(path: str | os.PathLike, compile: bool = False, announce=None):
     Args:
         path: a ``.keras`` file, or a run directory holding ``model.keras``.
         compile: also restore the optimizer, loss and metrics. Prediction and
-            :func:`fmnist_keras.training.evaluate` do not need them.
+            :func:`fmnist_keras.engine.evaluation.evaluate` do not need them.
         announce: as in :func:`resolve_model_path`.
 
     Returns:

@@ -35,7 +35,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -151,6 +153,27 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
+    def check_model_dir(self, model: str) -> Path:
+        """``model``'s directory, made if missing; a link, or a file where a directory or run file belongs, is refused.
+
+        Everything train writes or deletes there (Keras deletes ``backup/``
+        when fit ends) must be the project's own, never a link to a user's file.
+        """
+        directory = self.model_dir(model)
+        fix = "move it away; a run directory holds only what train wrote (or start a new run)"
+        if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+            raise RunDirError(f"{directory} is {'a symbolic link' if directory.is_symlink() else 'not a directory'}; {fix}.")
+        directory.mkdir(exist_ok=True)
+        for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, FIT_FILE, METRICS_FILE, REPORT_FILE):
+            path = directory / name
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                raise RunDirError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not a regular file'}; {fix}.")
+        for name in (BACKUP_DIR, TENSORBOARD_DIR, "figures"):
+            path = directory / name
+            if path.is_symlink() or (path.exists() and not path.is_dir()):
+                raise RunDirError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not a directory'}; {fix}.")
+        return directory
+
     # --- creating and opening ----------------------------------------------------------------
     @classmethod
     def create(cls, out_dir: str, name: str | None, models: list[str], overwrite: bool = False) -> "RunDir":
@@ -173,7 +196,10 @@ class RunDir:
             if not overwrite:
                 raise RunDirError(f"run directory {target} already exists; choose another --run-name or pass --overwrite.")
             cls._remove_own(target)
-        return cls._make(target, models)
+        try:
+            return cls._make(target, models)
+        except FileExistsError:  # another process made it between the check and now
+            raise RunDirError(f"run directory {target} already exists; choose another --run-name.") from None
 
     @classmethod
     def _create_unique(cls, out: Path, models: list[str]) -> "RunDir":
@@ -214,10 +240,15 @@ class RunDir:
         resolved, cwd = target.resolve(), Path.cwd().resolve()
         if resolved == cwd or resolved in cwd.parents:
             raise RunDirError(f"{target} holds the working directory; --overwrite will not remove it. cd elsewhere first.")
-        with _locked(target / LOCK, what=target):
-            doomed = target.with_name(f".removing-{target.name}-{os.getpid()}")
-            os.replace(target, doomed)
-        shutil.rmtree(doomed)
+        # Ctrl-C or SIGTERM wait until the old run is gone: never half a run under a hidden name.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            with _locked(target / LOCK, what=target):
+                doomed = target.with_name(f".removing-{target.name}-{os.getpid()}")
+                os.replace(target, doomed)
+            shutil.rmtree(doomed)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     @classmethod
     def open(cls, path: str) -> "RunDir":
@@ -307,17 +338,24 @@ def _check_out_dir(out_dir: str) -> Path:
 
 @contextlib.contextmanager
 def _locked(lock_file: Path, what):
-    """An exclusive, non-blocking ``flock`` on ``lock_file``; the kernel frees it when the holder dies."""
+    """An exclusive, non-blocking ``flock`` on ``lock_file``; the kernel frees it when the holder dies.
+
+    The lock file is opened without following a symbolic link and must be a
+    regular file, so a planted link can never make the lock write elsewhere.
+    """
     try:
-        handle = open(lock_file, "a+")
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as error:
-        raise RunDirError(f"cannot open the lock {lock_file} ({error.strerror}); check the permissions of {what}.") from None
-    with handle:
+        why = "it is a symbolic link" if Path(lock_file).is_symlink() else error.strerror
+        raise RunDirError(f"cannot open the lock {lock_file} ({why}); remove it if nothing trains in {what}.") from None
+    with os.fdopen(fd, "r+") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RunDirError(f"the lock {lock_file} is not a regular file; remove it if nothing trains in {what}.")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
-            holder = handle.read(200).strip() or "another process"
+            holder = " ".join(handle.read(200).split()) or "another process"
             raise RunDirError(
                 f"{what} is in use by {holder}; wait for it to finish or stop it, then try again."
             ) from None

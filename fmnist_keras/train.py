@@ -12,8 +12,10 @@ arguments are parsed and the backend is chosen, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
+import shlex
 import signal
 import sys
 import time
@@ -188,40 +190,47 @@ def _stop_on_sigterm():
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    run, configs = None, None
-    if args.resume is not None:  # "--resume ''" is a mistake to report, not "no resume"
+    with contextlib.ExitStack() as held:
+        run, configs = None, None
+        if args.resume is not None:  # "--resume ''" is a mistake to report, not "no resume"
+            try:
+                run, configs = resume_configs(parser, args, argv)
+                held.enter_context(run.lock())  # from now on no other process changes it
+            except (RunDirError, ValueError) as error:
+                return _fail(error)
+        given = given_flags(parser, argv)
+        backend = args.backend if "backend" in given or configs is None else configs[0].backend
+        device = args.device if "device" in given or configs is None else configs[0].device
+
+        if args.tensorboard:
+            missing = [name for name in ("tensorboard", "tensorflow") if importlib.util.find_spec(name) is None]
+            if missing:
+                parser.error(f"--tensorboard logs through Keras's TensorBoard callback, which needs "
+                             f"{' and '.join(missing)}; run: pip install 'fmnist_keras[tensorboard]', or drop "
+                             f"--tensorboard.")
+
+        from fmnist_keras.backend import BackendError, select_backend
+
         try:
-            run, configs = resume_configs(parser, args, argv)
-        except (RunDirError, ValueError) as error:
-            return _fail(error)
-    requested_backend = args.backend or (configs[0].backend if configs else None)
+            backend = select_backend(backend, device)
+        except BackendError as error:
+            parser.error(str(error))
+        configs = configs or configs_from_args(args, backend)
 
-    if args.tensorboard:
-        missing = [name for name in ("tensorboard", "tensorflow") if importlib.util.find_spec(name) is None]
-        if missing:
-            parser.error(f"--tensorboard logs through Keras's TensorBoard callback, which needs {' and '.join(missing)}; "
-                         f"run: pip install 'fmnist_keras[tensorboard]', or drop --tensorboard.")
+        from fmnist_keras.engine import distributed
 
-    from fmnist_keras.backend import BackendError, select_backend
-
-    try:
-        backend = select_backend(requested_backend, args.device)
-    except BackendError as error:
-        parser.error(str(error))
-    configs = configs or configs_from_args(args, backend)
-
-    from fmnist_keras import distributed
-
-    try:
-        replicas = distributed.setup(backend, args.distribute, configs[0].batch_size, args.dist_timeout,
-                                     resume=args.resume is not None)
-    except distributed.DistributedError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        return _train_all(parser, args, configs, run, backend, replicas)
-    finally:
-        distributed.shutdown(replicas)
+        try:
+            replicas = distributed.setup(backend, args.distribute, configs[0].batch_size, args.dist_timeout,
+                                         resume=args.resume is not None)
+        except distributed.DistributedError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        code = 1
+        try:
+            code = _train_all(parser, args, configs, run, backend, replicas, held)
+            return code
+        finally:
+            distributed.shutdown(replicas, in_step=code == 0)
 
 
 def _fail(error: BaseException, code: int = 1) -> int:
@@ -229,43 +238,59 @@ def _fail(error: BaseException, code: int = 1) -> int:
     return code
 
 
-def _train_all(parser, args, configs, run, backend, replicas) -> int:
+def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.ExitStack) -> int:
     """Load the data, split it, open the run directory, train each model; rank 0 alone prints and writes."""
     from fmnist_keras import data as fdata
+    from fmnist_keras.engine import distributed, fit
 
     try:
         raw, source = fdata.load_data(configs[0].data_dir, verify=configs[0].verify, return_source=True)
     except fdata.DataError as error:
         return _fail(error)
 
-    from fmnist_keras import training
+    from fmnist_keras.engine import splits as engine_splits
 
     # Every model of a run shares the split (same seed, --val-split and --subset).
     try:
-        data_format = training.data_format_of(configs[0])
+        data_format = engine_splits.data_format_of(configs[0])
     except ValueError as error:
         parser.error(str(error))
     try:
-        splits = training.make_splits(raw, configs[0], data_format)
+        splits = engine_splits.make_splits(raw, configs[0], data_format)
     except ValueError as error:
         parser.error(f"--subset {configs[0].subset} / --val-split {configs[0].val_split}: {error}")
-    if not replicas.is_chief:
-        return _train_models(args, configs, splits, None, backend, replicas, source)
+    problem = None
+    if replicas.is_chief:
+        try:
+            if run is None:  # every check has passed: only now is anything created or removed
+                run = RunDir.create(args.out_dir, args.run_name, [c.model for c in configs], args.overwrite)
+                held.enter_context(run.lock())
+                run.point_latest_here()
+            for config in configs:  # written at once, so --resume works from the first moment
+                run.check_model_dir(config.model)
+                if not run.config_file(config.model).exists():
+                    fit.run_config(config, splits).save(run.config_file(config.model))
+        except RunDirError as error:
+            problem = error
+    # Under torchrun every rank learns whether rank 0 could open the run directory, and all stop together.
+    problem = distributed.same_on_every_rank(replicas, None if problem is None else str(problem))
+    if problem is not None:
+        return _fail(problem, 2 if args.resume is None else 1) if replicas.is_chief else 1
     try:
-        if run is None:  # every check has passed: only now is anything created or removed
-            run = RunDir.create(args.out_dir, args.run_name, [c.model for c in configs], args.overwrite)
-            run.point_latest_here()
-        with run.lock():
-            return _train_models(args, configs, splits, run, backend, replicas, source)
+        return _train_models(args, configs, splits, run, backend, replicas, source)
+    except Interrupted as stop:
+        return _interrupted(stop, run)
+    except KeyboardInterrupt:
+        return _interrupted(Interrupted(signal.SIGINT), run)
     except RunDirError as error:
-        return _fail(error, 2 if not args.resume else 1)
+        return _fail(error)
 
 
 def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
     """Fit every model (all ranks), then evaluate and report each (rank 0), after the process group is closed."""
     import keras
 
-    from fmnist_keras import distributed, training
+    from fmnist_keras.engine import distributed, fit
     from fmnist_keras.backend import describe_device, is_out_of_memory
     from fmnist_keras.loading import ModelLoadError
     from fmnist_keras.metrics import format_summary
@@ -305,7 +330,7 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
         )
         start = time.perf_counter()
         try:
-            result = training.fit_model(config, splits, run, resume=bool(args.resume), replicas=replicas,
+            result = fit.fit_model(config, splits, run, resume=bool(args.resume), replicas=replicas,
                                         tensorboard=args.tensorboard)
         except Interrupted as stop:
             return _interrupted(stop, run)
@@ -342,20 +367,20 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
 
 def _finish(args, config, splits, run, facts, backend, device, source, summaries) -> int:
     """Evaluate the saved model once, write metrics.json once, hand the model in memory to the report."""
-    from fmnist_keras import training
+    from fmnist_keras.engine import evaluation
     from fmnist_keras.loading import ModelLoadError
 
     name = config.model
     start = time.perf_counter()
     try:
-        model, metrics = training.final_metrics(run, config, splits, facts)
+        model, metrics = evaluation.final_metrics(run, config, splits, facts)
     except Interrupted as stop:
         return _interrupted(stop, run)
     except KeyboardInterrupt:
         return _interrupted(Interrupted(signal.SIGINT), run)
-    except training.TrainingInterrupted as error:
+    except evaluation.TrainingInterrupted as error:
         return _fail(f"{name}: {error}")
-    except training.NonFiniteOutputs as error:
+    except evaluation.NonFiniteOutputs as error:
         return _fail(f"{name}: {error}; it is not kept as a result. Try a lower --learning-rate.")
     except ModelLoadError as error:
         return _fail(f"{name}: {error}")
@@ -365,7 +390,7 @@ def _finish(args, config, splits, run, facts, backend, device, source, summaries
     write_json(run.metrics_file(name), metrics)
     summaries[name] = metrics
     if args.report:
-        from fmnist_keras.report import write_report
+        from fmnist_keras.inspection.report import write_report
 
         portable = splits.in_format("channels_last")  # the layout of the saved model
         report = write_report(run.model_dir(name), portable.x_test, portable.y_test, model=model, metrics=metrics,
@@ -387,7 +412,7 @@ def _interrupted(stop: Interrupted, run: RunDir | None) -> int:
         print(f"Interrupted ({stop}).", file=sys.stderr)
     else:
         print(f"Interrupted ({stop}); {run} keeps every completed epoch. Continue with: "
-              f"python -m fmnist_keras.train --resume {run}", file=sys.stderr)
+              f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}", file=sys.stderr)
     return stop.exit_code
 
 

@@ -1,7 +1,7 @@
 """One data-parallel training step, run by ``tests/test_distributed.py``.
 
 Under torchrun (2 processes) each rank takes 16 of the same 32 images per
-step through :func:`fmnist_keras.distributed.shard`; alone, one process takes
+step through :func:`fmnist_keras.engine.distributed.shard`; alone, one process takes
 all 32 in one batch. The weights after the step must be the same. Writes rank
 0's (or the lone process's) weights after one step of each optimizer to
 ``OUT/<optimizer>.npz``.
@@ -20,9 +20,9 @@ select_backend("torch", "cpu")
 
 import keras  # noqa: E402
 
-from fmnist_keras import distributed, fastpath  # noqa: E402
+from fmnist_keras.engine import distributed, fastpath  # noqa: E402
 from fmnist_keras.config import TrainConfig  # noqa: E402
-from fmnist_keras.training import compile_model  # noqa: E402
+from fmnist_keras.engine.recipe import compile_model  # noqa: E402
 
 GLOBAL_BATCH = 32
 
@@ -48,7 +48,7 @@ def one_step(optimizer: str, replicas) -> list[np.ndarray]:
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), loss="categorical_crossentropy")
     else:  # the project's recipe: fused AdamW with decoupled weight decay, label smoothing
         compile_model(model, TrainConfig(model="mlp", epochs=1, learning_rate=1e-2).resolved(), steps_per_epoch=1)
-    with fastpath.training(model, model.optimizer):
+    with fastpath.active(model, model.optimizer):
         if replicas.distributed:
             loader, set_epoch = distributed.shard(x, y, replicas, GLOBAL_BATCH, seed=0)
             model.fit(loader, epochs=1, shuffle=False, verbose=0,

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from fmnist_keras.callbacks import (
+from fmnist_keras.engine.callbacks import (
     AtomicModelCheckpoint,
     NaNGuard,
     ResumableEarlyStopping,

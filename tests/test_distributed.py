@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -153,3 +154,13 @@ def test_jax_batch_that_does_not_split_over_the_devices_is_refused(tmp_path, tin
     assert out.returncode == 2
     assert "error: --batch-size 33 does not split evenly over 2 JAX devices; use a multiple of 2" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_with_a_run_directory_rank_0_cannot_open_stops_every_rank_at_once(tmp_path, tiny_data_dir):
+    (tmp_path / "run").mkdir()  # not ours: rank 0 refuses it, and rank 1 must not wait in a collective
+    start = time.monotonic()
+    out = _torchrun(*TRAIN, "--data-dir", str(tiny_data_dir), "--out-dir", str(tmp_path), "--dist-timeout", "60")
+    assert out.returncode != 0
+    assert out.stderr.count("error: run directory") == 1  # rank 0's one line
+    assert "fmnist_keras/" not in out.stderr  # no traceback through the project's code (torchrun reports the exit)
+    assert time.monotonic() - start < 60  # no rank waited for the collective timeout

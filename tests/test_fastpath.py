@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from fmnist_keras import fastpath
+from fmnist_keras.engine import fastpath
 from fmnist_keras.models import build_cnn, build_mlp
 
 TORCH = keras.backend.backend() == "torch"
@@ -271,10 +271,10 @@ def test_training_block_undoes_the_process_wide_changes_it_made():
     image = fastpath._torch_backend_module("image")
     stock = image.affine_transform
     model = _bn_model()
-    with fastpath.training(model) as enabled:
+    with fastpath.active(model) as enabled:
         assert enabled["batched_affine_transform"] == "on" and image.affine_transform is not stock
     assert image.affine_transform is stock
-    with fastpath.training(_bn_model(), enabled=False) as enabled:
+    with fastpath.active(_bn_model(), enabled=False) as enabled:
         assert enabled == {} and image.affine_transform is stock
 
 
@@ -306,7 +306,7 @@ def test_a_missing_target_turns_its_piece_off_with_one_warning_line(fresh_verdic
     stock = real("image").affine_transform
     model = _bn_model()
     model.compile(optimizer=keras.optimizers.AdamW(), loss="categorical_crossentropy")
-    with fastpath.training(model, model.optimizer) as states:
+    with fastpath.active(model, model.optimizer) as states:
         assert real("image").affine_transform is stock  # Keras's own loop runs
     assert states["batched_affine_transform"].startswith("off: keras ") and "image.affine_transform" in states[
         "batched_affine_transform"]

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from fmnist_keras import inspect as finspect
+from fmnist_keras.inspection import internals
 from fmnist_keras.models import build_baseline_cnn, build_cnn, build_mlp
 
 
@@ -37,7 +37,7 @@ def test_feature_maps_equal_running_the_layers_one_by_one(builder, tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)  # a model from disk, as evaluate uses it
     x = images()
-    maps = finspect.feature_maps(loaded, x)
+    maps = internals.feature_maps(loaded, x)
     expected_names = (
         ["block1_relu1", "block1_relu2", "block2_relu1", "block2_relu2"]
         if builder == "cnn"
@@ -45,7 +45,7 @@ def test_feature_maps_equal_running_the_layers_one_by_one(builder, tmp_path):
     )
     assert list(maps) == expected_names
     for name in [*expected_names, "block1_pool"] if builder == "cnn" else expected_names:
-        got = maps[name] if name in maps else finspect.feature_maps(loaded, x, [name])[name]
+        got = maps[name] if name in maps else internals.feature_maps(loaded, x, [name])[name]
         np.testing.assert_allclose(got, layer_by_layer(loaded, x, name), atol=1e-5)
     assert maps[expected_names[0]].shape[:3] == (3, 28, 28) or maps[expected_names[0]].shape[:3] == (3, 26, 26)
 
@@ -60,7 +60,7 @@ channels_first_backend = pytest.mark.skipif(
 def test_feature_maps_channels_first():
     model = tiny_cnn(augment=False, data_format="channels_first")
     x = images(channels_first=True)
-    maps = finspect.feature_maps(model, x)
+    maps = internals.feature_maps(model, x)
     assert maps["block1_relu1"].shape == (3, 4, 28, 28)
     np.testing.assert_allclose(maps["block2_relu1"], layer_by_layer(model, x, "block2_relu1"), atol=1e-5)
 
@@ -68,22 +68,22 @@ def test_feature_maps_channels_first():
 def test_bad_requests_give_one_line_errors():
     model = tiny_cnn()
     with pytest.raises(ValueError, match=r"no layer named 'nope'; valid layer names: .*block1_conv1") as error:
-        finspect.feature_maps(model, images(1), ["nope"])
+        internals.feature_maps(model, images(1), ["nope"])
     assert "\n" not in str(error.value)
     mlp = build_mlp(units=(8,))
     with pytest.raises(ValueError, match="needs a convolutional layer.*has none") as error:
-        finspect.feature_maps(mlp, images(1))
+        internals.feature_maps(mlp, images(1))
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="needs a convolutional layer"):
-        finspect.grad_cam(mlp, images(1))
+        internals.grad_cam(mlp, images(1))
     with pytest.raises(ValueError, match=r"image index 10 is out of range for 10 test images; choose 0 to 9"):
-        finspect.check_image_index(10, 10)
-    assert finspect.check_image_index(-1, 10) == 9
+        internals.check_image_index(10, 10)
+    assert internals.check_image_index(-1, 10) == 9
 
 
 def test_first_layer_filters_are_the_kernel():
     model = tiny_cnn()
-    kernel = finspect.first_layer_filters(model)
+    kernel = internals.first_layer_filters(model)
     assert kernel.shape == (3, 3, 1, 4)
     np.testing.assert_array_equal(kernel, keras.ops.convert_to_numpy(model.get_layer("block1_conv1").kernel))
 
@@ -91,16 +91,16 @@ def test_first_layer_filters_are_the_kernel():
 def test_embeddings_probabilities_and_pca():
     model = tiny_cnn()
     x = images(5)
-    features, probabilities = finspect.embeddings_and_probabilities(model, x, batch_size=2)
+    features, probabilities = internals.embeddings_and_probabilities(model, x, batch_size=2)
     assert features.shape == (5, 16) and probabilities.shape == (5, 10)
     np.testing.assert_allclose(probabilities, keras.ops.convert_to_numpy(model(x, training=False)), atol=1e-5)
-    assert finspect.embedding_layer_name(build_mlp(units=(8, 6))) == "dense2_relu"
+    assert internals.embedding_layer_name(build_mlp(units=(8, 6))) == "dense2_relu"
     # PCA: a cloud stretched along one known direction comes back along the first axis.
     rng = np.random.default_rng(0)
     direction = rng.normal(size=6)
     direction /= np.linalg.norm(direction)
     cloud = np.outer(rng.normal(size=200) * 10, direction) + rng.normal(size=(200, 6)) * 0.1
-    points, explained = finspect.pca_2d(cloud)
+    points, explained = internals.pca_2d(cloud)
     assert points.shape == (200, 2) and explained[0] > 0.99 and explained[0] >= explained[1]
     np.testing.assert_allclose(np.abs(points[:, 0]), np.abs((cloud - cloud.mean(0)) @ direction), rtol=1e-2, atol=0.05)
 
@@ -108,8 +108,8 @@ def test_embeddings_probabilities_and_pca():
 def test_misclassified_are_wrong_and_sorted_by_confidence():
     y = np.array([0, 1, 2, 3])
     probabilities = np.array([[0.9, 0.1, 0, 0], [0.7, 0.3, 0, 0], [0, 0.4, 0.6, 0], [0, 0.95, 0, 0.05]])
-    assert finspect.misclassified(y, probabilities).tolist() == [3, 1]
-    assert finspect.misclassified(y, probabilities, limit=1).tolist() == [3]
+    assert internals.misclassified(y, probabilities).tolist() == [3, 1]
+    assert internals.misclassified(y, probabilities, limit=1).tolist() == [3]
 
 
 def numeric_gradient(fn, x, index, eps=1e-2):
@@ -125,7 +125,7 @@ def test_saliency_matches_finite_differences():
     x = images(2)
     logits = keras.Model(model.inputs, model.get_layer("logits").output)
     target = np.array([3, 7])
-    from fmnist_keras.gradients import input_gradient
+    from fmnist_keras.inspection.gradients import input_gradient
 
     def score(t):
         return keras.ops.take_along_axis(logits([t], training=False), keras.ops.convert_to_tensor(target)[:, None], 1)[:, 0]
@@ -135,7 +135,7 @@ def test_saliency_matches_finite_differences():
     for index in (100, 400, 784 + 300):
         numeric = numeric_gradient(lambda v: keras.ops.convert_to_numpy(score(keras.ops.convert_to_tensor(v))).sum(), x, index)
         np.testing.assert_allclose(grads.flat[index], numeric, rtol=2e-2, atol=1e-3)
-    maps = finspect.saliency(model, x, class_indices=target)
+    maps = internals.saliency(model, x, class_indices=target)
     assert maps.shape == (2, 28, 28) and maps.min() >= 0.0 and np.isclose(maps.max(), 1.0)
     np.testing.assert_allclose(maps[0], np.abs(grads[0, ..., 0]) / np.abs(grads[0]).max(), atol=1e-6)
 
@@ -143,15 +143,15 @@ def test_saliency_matches_finite_differences():
 def test_grad_cam_highlights_the_pixels_that_drive_the_score():
     model = tiny_cnn(augment=False)
     x = images(2)
-    heat = finspect.grad_cam(model, x)
+    heat = internals.grad_cam(model, x)
     assert heat.shape == (2, 28, 28) and np.isfinite(heat).all()
     assert heat.min() >= 0.0 and heat.max() <= 1.0
     # Same result with the class given explicitly as the predicted one.
     predicted = keras.ops.convert_to_numpy(model(x, training=False)).argmax(1)
-    np.testing.assert_allclose(finspect.grad_cam(model, x, class_indices=predicted), heat, atol=1e-6)
+    np.testing.assert_allclose(internals.grad_cam(model, x, class_indices=predicted), heat, atol=1e-6)
     # The split model (layer output -> logits) reproduces the full model's logits.
-    head = finspect.head_model(model, "block2_relu1")
-    activations = finspect.feature_maps(model, x, ["block2_relu1"])["block2_relu1"]
+    head = internals.head_model(model, "block2_relu1")
+    activations = internals.feature_maps(model, x, ["block2_relu1"])["block2_relu1"]
     logits = keras.Model(model.inputs, model.get_layer("logits").output)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(head([activations], training=False)),
@@ -164,5 +164,5 @@ def test_grad_cam_highlights_the_pixels_that_drive_the_score():
 def test_saliency_and_grad_cam_on_channels_first():
     model = tiny_cnn(augment=False, data_format="channels_first")
     x = images(2, channels_first=True)
-    assert finspect.saliency(model, x).shape == (2, 28, 28)
-    assert finspect.grad_cam(model, x).shape == (2, 28, 28)
+    assert internals.saliency(model, x).shape == (2, 28, 28)
+    assert internals.grad_cam(model, x).shape == (2, 28, 28)

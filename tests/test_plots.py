@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from fmnist_keras import plots
+from fmnist_keras.inspection import plots
 from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.metrics import confusion_matrix
 
@@ -72,7 +72,7 @@ def test_confusion_matrix_counts_sum_to_test_images_and_rows_normalise(tmp_path)
 
 
 def test_misclassified_shows_only_wrong_predictions(tmp_path):
-    from fmnist_keras.inspect import misclassified
+    from fmnist_keras.inspection.internals import misclassified
 
     images, y, probabilities = predictions()
     indices = misclassified(y, probabilities, limit=12)

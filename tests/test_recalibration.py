@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 
-from fmnist_keras.callbacks import recalibrate_batch_norm
+from fmnist_keras.engine.callbacks import recalibrate_batch_norm
 
 
 def test_moving_statistics_become_the_average_of_the_batch_statistics():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import synthetic_images
-from fmnist_keras import report
-from fmnist_keras.callbacks import read_history
+from fmnist_keras.inspection import report
+from fmnist_keras.engine.callbacks import read_history
 from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.models import build_cnn, build_mlp
 

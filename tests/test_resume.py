@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fmnist_keras import config, train
-from fmnist_keras.callbacks import AtomicModelCheckpoint, read_history
+from fmnist_keras.engine.callbacks import AtomicModelCheckpoint, read_history
 
 EPOCHS = 8
 
@@ -146,7 +146,7 @@ def test_resume_rejects_other_flags_and_non_run_dirs(tmp_path, capsys):
 
 
 def test_ctrl_c_during_fit_stops_at_the_batch_end_and_restores_the_handler():
-    from fmnist_keras.callbacks import StopOnSignal
+    from fmnist_keras.engine.callbacks import StopOnSignal
 
     before = signal.getsignal(signal.SIGINT)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])

@@ -165,7 +165,7 @@ def test_cnn_trains_in_the_backends_fast_layout_and_is_saved_channels_last(tmp_p
     assert TrainConfig.from_json((run_dir / "config.json").read_text()).data_format == expected
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["training_data_format"] == expected
-    from fmnist_keras import fastpath
+    from fmnist_keras.engine import fastpath
 
     expected_pieces = {piece: str(fastpath.verdict(piece)) for piece in fastpath.PIECES} if torch and fast_path else {}
     assert metrics["fast_path"] == expected_pieces

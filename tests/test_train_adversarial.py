@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from fmnist_keras import train, training
+from fmnist_keras import train
+from fmnist_keras.engine import evaluation, fit
 from fmnist_keras.rundir import MARKER, RunDir, RunDirError
 
 BASE = ["--model", "mlp", "--epochs", "2", "--batch-size", "32", "--no-report"]
@@ -190,7 +191,7 @@ def test_resume_after_the_last_epoch_goes_straight_to_the_final_evaluation(finis
     mlp = finished_run / "mlp"
     (mlp / "metrics.json").unlink()  # killed during the final evaluation
     history, model = (mlp / "history.csv").read_bytes(), (mlp / "model.keras").read_bytes()
-    monkeypatch.setattr(training, "fit_model", lambda *a, **k: pytest.fail("a finished fit was trained again"))
+    monkeypatch.setattr(fit, "fit_model", lambda *a, **k: pytest.fail("a finished fit was trained again"))
     assert train.main(["--resume", str(finished_run)]) == 0
     assert "all its epochs are done; evaluating it" in capsys.readouterr().out
     assert (mlp / "history.csv").read_bytes() == history and (mlp / "model.keras").read_bytes() == model
@@ -205,7 +206,7 @@ def test_ctrl_c_during_the_final_evaluation_prints_a_resume_command_that_is_true
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(training, "final_metrics", interrupted)
+        patch.setattr(evaluation, "final_metrics", interrupted)
         assert train.main(["--resume", str(finished_run)]) == 130
     err = capsys.readouterr().err
     assert f"python -m fmnist_keras.train --resume {finished_run}" in err and "Traceback" not in err
@@ -228,7 +229,7 @@ def test_ctrl_c_before_training_starts_exits_130_quietly(tmp_path, tiny_data_dir
 
 @pytest.mark.slow
 def test_sigterm_stops_at_a_batch_end_says_how_to_resume_and_exits_143(tmp_path, tiny_data_dir):
-    from fmnist_keras.callbacks import read_history
+    from fmnist_keras.engine.callbacks import read_history
 
     argv = ["--data-dir", str(tiny_data_dir), "--no-verify", "--out-dir", str(tmp_path), "--run-name", "run",
             "--model", "mlp", "--epochs", "50", "--batch-size", "8", "--patience", "50", "--no-report"]
@@ -247,3 +248,64 @@ def test_sigterm_stops_at_a_batch_end_says_how_to_resume_and_exits_143(tmp_path,
     assert process.returncode == 143, err[-3000:]
     assert "Traceback" not in err and f"--resume {tmp_path / 'run'}" in err.strip().splitlines()[-1]
     assert (tmp_path / "run" / "mlp" / "model.keras").is_file()
+
+
+# --- links planted inside a run directory are never followed -------------------------------
+
+
+def test_a_lock_that_is_a_symlink_never_touches_its_target(finished_run, tmp_path, capsys):
+    (finished_run / "mlp" / "metrics.json").unlink()
+    user_file = tmp_path / "user.txt"
+    user_file.write_text("DATA")
+    (finished_run / ".lock").unlink(missing_ok=True)
+    (finished_run / ".lock").symlink_to(user_file)
+    assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, "is a symbolic link")
+    assert user_file.read_text() == "DATA"
+
+
+@pytest.mark.parametrize("planted", ["mlp", "mlp/backup", "mlp/history.csv"])
+def test_a_linked_model_directory_or_run_file_is_refused_and_its_target_kept(finished_run, tmp_path, capsys, planted):
+    (finished_run / "mlp" / "metrics.json").unlink()
+    (finished_run / "mlp" / "fit.json").unlink()
+    target = tmp_path / "users-own"
+    if planted == "mlp":
+        (finished_run / "mlp").rename(target)
+    else:
+        target.mkdir() if planted.endswith("backup") else target.write_text("epoch,val_loss\n")
+        if (finished_run / planted).exists():
+            (finished_run / planted).unlink()
+    (finished_run / planted).symlink_to(target)
+    before = _files(target) if target.is_dir() else target.read_text()
+    assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, "is a symbolic link")
+    assert (_files(target) if target.is_dir() else target.read_text()) == before
+
+
+def test_an_interrupt_once_the_run_directory_exists_prints_a_true_resume_command(tmp_path, tiny_data_dir, capsys,
+                                                                                  monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit, "fit_model", interrupted)
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "run") == 130
+    err = capsys.readouterr().err
+    assert f"--resume {tmp_path / 'runs' / 'run'}" in err and "nothing was written" not in err
+    monkeypatch.undo()
+    assert train.main(["--resume", str(tmp_path / "runs" / "run")]) == 0  # config.json was written at once
+    assert (tmp_path / "runs" / "run" / "mlp" / "metrics.json").is_file()
+
+
+def test_resume_uses_the_runs_device_unless_asked_otherwise(finished_run, monkeypatch):
+    from fmnist_keras import backend
+
+    asked = []
+    real = backend.select_backend
+    monkeypatch.setattr(backend, "select_backend", lambda name, device: asked.append(device) or real(name, "cpu"))
+    config = json.loads((finished_run / "mlp" / "config.json").read_text())
+    (finished_run / "mlp" / "config.json").write_text(json.dumps({**config, "device": "cpu"}))
+    (finished_run / "mlp" / "metrics.json").unlink()
+    assert train.main(["--resume", str(finished_run)]) == 0
+    (finished_run / "mlp" / "metrics.json").unlink()
+    assert train.main(["--resume", str(finished_run), "--device", "auto"]) == 0
+    assert asked == ["cpu", "auto"]

@@ -176,14 +176,31 @@ def _spread_over_jax_devices(batch_size: int) -> Replicas:
     return Replicas("jax", 0, len(devices), tuple(f"{d.platform}:{d.id}" for d in devices))
 
 
-def shutdown(replicas: Replicas) -> None:
-    """Leave the torchrun process group (after a final barrier)."""
+def shutdown(replicas: Replicas, in_step: bool = True) -> None:
+    """Leave the torchrun process group: after a final barrier when every rank got here in step,
+    at once when this rank stops on an error (a barrier could wait for ranks still in a collective)."""
     if replicas.mode == "torchrun":
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.barrier()
+            if in_step:
+                dist.barrier()
             dist.destroy_process_group()
+
+
+def same_on_every_rank(replicas: Replicas, message: str | None) -> str | None:
+    """Rank 0's ``message`` on every torchrun rank (a collective); ``message`` itself otherwise.
+
+    For a decision that rank 0 alone can make, such as whether its run
+    directory could be opened, so that every rank goes on, or stops, together.
+    """
+    if replicas.mode != "torchrun":
+        return message
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # --- torch: data sharding and replica synchronisation ---------------------------------------
@@ -258,7 +275,7 @@ class ReplicaSync(keras.callbacks.Callback):
         import torch
         import torch.distributed as dist
 
-        from fmnist_keras.fastpath import keras_wraps_ddp
+        from fmnist_keras.engine.fastpath import keras_wraps_ddp
 
         if keras_wraps_ddp(self.model):
             self.gradient_averaging = "keras DistributedDataParallel"

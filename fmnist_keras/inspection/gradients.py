@@ -1,7 +1,7 @@
 """Gradients of a model output with respect to its input: the one backend-specific function.
 
 Keras 3 has no backend-neutral ``gradient`` op, so saliency and Grad-CAM
-(``fmnist_keras.inspect``) ask this module, which uses each backend's own
+(``fmnist_keras.inspection.internals``) ask this module, which uses each backend's own
 autodiff: ``torch.autograd``, ``tf.GradientTape`` or ``jax.grad``. Gradients
 with respect to an intermediate tensor are taken by splitting the model at
 that tensor (``inspect.head_model``) and differentiating the head with

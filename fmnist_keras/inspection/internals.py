@@ -1,12 +1,12 @@
 """Look inside a trained model: feature maps, filters, embeddings, saliency and Grad-CAM.
 
 Everything here is backend-agnostic (``keras.ops``, numpy); the one
-backend-specific step, a gradient, lives in :mod:`fmnist_keras.gradients`.
+backend-specific step, a gradient, lives in :mod:`fmnist_keras.inspection.gradients`.
 Functions take model-ready images (float32 with a channel axis, as made by
 ``fmnist_keras.data.to_model_input``) in the model's input layout, which
 they read from the model (``loading.input_data_format``), never from the
 images' shape; they return numpy arrays; drawing is
-:mod:`fmnist_keras.plots`' job. Tensors are turned into numpy with
+:mod:`fmnist_keras.inspection.plots`' job. Tensors are turned into numpy with
 ``keras.ops.convert_to_numpy``, which also works for tensors on a GPU.
 
 Example:
@@ -19,7 +19,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from fmnist_keras.gradients import input_gradient
+from fmnist_keras.inspection.gradients import input_gradient
 from fmnist_keras.loading import input_data_format
 
 _CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)

@@ -4,7 +4,7 @@
 calls it again for an existing run. Each figure is one small function that
 returns a :class:`Section`; :func:`render_markdown` turns the sections into
 the page. The image layout comes from the model's input, never from the
-shape of an array. Imports Keras (through :mod:`fmnist_keras.inspect`):
+shape of an array. Imports Keras (through :mod:`fmnist_keras.inspection.internals`):
 import this only after the backend is chosen.
 
 Example:
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_keras import inspect as finspect
-from fmnist_keras import plots
-from fmnist_keras.callbacks import read_history
+from fmnist_keras.inspection import internals
+from fmnist_keras.inspection import plots
+from fmnist_keras.engine.callbacks import read_history
 from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics
@@ -75,7 +75,7 @@ def gray_images(images: np.ndarray, data_format: str) -> np.ndarray:
 
 
 def history_columns(rows: list[dict]) -> dict[str, np.ndarray]:
-    """The rows of :func:`fmnist_keras.callbacks.read_history` as columns, one array per key."""
+    """The rows of :func:`fmnist_keras.engine.callbacks.read_history` as columns, one array per key."""
     if not rows:
         return {}
     return {key: np.array([row[key] for row in rows]) for key in rows[0]}
@@ -99,7 +99,7 @@ def read_metrics(run_dir: Path) -> dict:
 
 def predict(model, x: np.ndarray, y: np.ndarray) -> Predictions:
     """One pass of the model over the images: features and probabilities."""
-    features, probabilities = finspect.embeddings_and_probabilities(model, x)
+    features, probabilities = internals.embeddings_and_probabilities(model, x)
     return Predictions(x, np.asarray(y), input_data_format(model), probabilities, features)
 
 
@@ -157,7 +157,7 @@ def confusion_section(matrix) -> Section:
 
 
 def mistakes_section(test: Predictions) -> Section:
-    wrong = finspect.misclassified(test.y, test.probabilities, NUM_MISTAKES)
+    wrong = internals.misclassified(test.y, test.probabilities, NUM_MISTAKES)
     fig = plots.misclassified(test.gray(), test.y, test.probabilities, wrong)
     caption = (f"{int((test.predicted != test.y).sum())} of {len(test.y)} test images are wrong; "
                f"the {len(wrong)} most confident mistakes are shown.")
@@ -170,18 +170,18 @@ def samples_section(images: np.ndarray, labels: np.ndarray, seed: int) -> Sectio
 
 
 def embedding_section(model, test: Predictions) -> Section:
-    points, explained = finspect.pca_2d(test.features)
-    caption = (f"Layer `{finspect.embedding_layer_name(model)}` projected on its two principal components; "
+    points, explained = internals.pca_2d(test.features)
+    caption = (f"Layer `{internals.embedding_layer_name(model)}` projected on its two principal components; "
                "overlapping colours are classes the model confuses.")
     return Section("Embedding", "embedding.png", plots.embedding(points, test.y, explained=explained), caption)
 
 
 def filters_section(model) -> Section:
-    return Section("First-layer filters", "filters.png", plots.filters(finspect.first_layer_filters(model)))
+    return Section("First-layer filters", "filters.png", plots.filters(internals.first_layer_filters(model)))
 
 
 def feature_maps_section(model, test: Predictions, image_index: int, layers: list[str] | None) -> Section:
-    maps = finspect.feature_maps(model, test.x[image_index: image_index + 1], layers)
+    maps = internals.feature_maps(model, test.x[image_index: image_index + 1], layers)
     fig = plots.feature_maps(maps, image=test.gray([image_index])[0],
                              channels_first=test.data_format == "channels_first",
                              title=f"Feature maps of test image {image_index} ({CLASS_NAMES[test.y[image_index]]})")
@@ -192,10 +192,10 @@ def feature_maps_section(model, test: Predictions, image_index: int, layers: lis
 def saliency_section(model, test: Predictions, indices: np.ndarray) -> Section:
     """Saliency for every model, and Grad-CAM for one with a convolution."""
     predicted = test.predicted[indices]
-    heatmaps = {"saliency": finspect.saliency(model, test.x[indices], predicted)}
-    has_conv = bool(finspect.conv_layers(model))
+    heatmaps = {"saliency": internals.saliency(model, test.x[indices], predicted)}
+    has_conv = bool(internals.conv_layers(model))
     if has_conv:
-        heatmaps["Grad-CAM"] = finspect.grad_cam(model, test.x[indices], class_indices=predicted)
+        heatmaps["Grad-CAM"] = internals.grad_cam(model, test.x[indices], class_indices=predicted)
     fig = plots.saliency(test.gray(indices), heatmaps, test.y[indices], predicted)
     caption = ("Where the score of the predicted class is most sensitive (saliency) "
                + ("and which regions of the last convolution drive it (Grad-CAM)." if has_conv else "."))
@@ -278,11 +278,11 @@ def write_report(
 
         model = load_model(run_dir)
     metrics = read_metrics(run_dir) if metrics is None else metrics
-    has_conv = bool(finspect.conv_layers(model))
-    image_index = finspect.check_image_index(
+    has_conv = bool(internals.conv_layers(model))
+    image_index = internals.check_image_index(
         default_image_index(len(x_test), seed) if image_index is None else image_index, len(x_test))
     if layers is not None:
-        finspect.check_feature_layers(model, layers)  # fail on a bad request before the slow part
+        internals.check_feature_layers(model, layers)  # fail on a bad request before the slow part
 
     test = predict(model, x_test, y_test)
     computed = classification_metrics(test.y, test.probabilities, CLASS_NAMES)

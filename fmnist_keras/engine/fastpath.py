@@ -253,7 +253,7 @@ def enable(model, optimizer=None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def training(model, optimizer=None, enabled: bool = True):
+def active(model, optimizer=None, enabled: bool = True):
     """The fast path for the enclosed training, Keras's own functions after it.
 
     Yields what :func:`enable` returns; with ``enabled=False`` runs the block

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -47,7 +46,7 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         filepath: the model file to keep up to date.
         save_as: optional function from the model being trained to the model
             to write in its place, e.g. the same weights in the portable
-            ``channels_last`` layout (:func:`fmnist_keras.training.portable_copy`);
+            ``channels_last`` layout (:func:`fmnist_keras.engine.recipe.portable_copy`);
             it is called before every epoch end's check.
         **kwargs: as for ``keras.callbacks.ModelCheckpoint``.
     """
@@ -246,6 +245,9 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
         self.batches = recalibrate_batch_norm(self.model, self.x, self.batch_size, seed=self.seed)
         if self.average is not None:
             self.average()
+        if not _weights_finite(self.model):  # statistics of a batch that overflowed: keep the checkpoint's
+            self.batches = 0
+            return
         if self.batches and self.checkpoint is not None and self.checkpoint.final.exists():
             self.checkpoint.replace_statistics(self.model)
 

@@ -1,0 +1,80 @@
+"""The training recipe: optimizer, schedule and loss, the dtype policy, and the portable copy that is saved.
+
+Imports Keras: import this only after :func:`fmnist_keras.backend.select_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+
+from fmnist_keras.config import TrainConfig
+from fmnist_keras.models import build_model
+
+
+def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int) -> keras.Model:
+    """AdamW with linear warm-up then cosine decay, label-smoothed cross-entropy."""
+    total_steps = max(1, config.epochs * steps_per_epoch)
+    # Short runs (quick tests, --epochs 2) keep most of their steps for the decay.
+    warmup_steps = int(round(min(config.warmup_epochs * steps_per_epoch, 0.2 * total_steps)))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate * 0.05,
+        decay_steps=max(1, total_steps - warmup_steps),
+        warmup_target=config.learning_rate if warmup_steps > 0 else None,
+        warmup_steps=warmup_steps,
+        alpha=0.01,
+    )
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+    # Decay only the weight matrices, not biases or normalisation parameters.
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def portable_copy(config: TrainConfig):
+    """A function that returns the trained model's weights in a ``channels_last`` model.
+
+    Saved models are ``channels_last`` so that every backend runs them
+    (TensorFlow's CPU convolutions refuse ``channels_first``). Layer weights
+    do not depend on the layout, so the copy is the same network: the
+    registry builds it again and the weights are copied over. The copy is
+    built once and shares the optimizer, so saving it keeps the training state.
+    """
+    copy = None
+
+    def convert(trained: keras.Model) -> keras.Model:
+        nonlocal copy
+        if copy is None:
+            with dtype_policy(config.mixed_precision):
+                copy = build_model(config.model, data_format="channels_last", seed=config.seed)
+            copy.compile(optimizer=trained.optimizer, loss=trained.loss, metrics=["accuracy"])
+        copy.set_weights(trained.get_weights())
+        return copy
+
+    return convert
+
+
+
+def dtype_policy_name(mixed_precision: bool) -> str:
+    """``mixed_float16`` on a GPU, ``mixed_bfloat16`` on CPU, else ``float32``."""
+    if not mixed_precision:
+        return "float32"
+    from fmnist_keras.backend import has_gpu
+
+    return "mixed_float16" if has_gpu() else "mixed_bfloat16"
+
+
+@contextlib.contextmanager
+def dtype_policy(mixed_precision: bool):
+    """Build layers under a mixed-precision policy, then restore the global one."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype_policy_name(mixed_precision))
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)

@@ -1,0 +1,2 @@
+"""Looking inside trained models: feature maps, filters, saliency and Grad-CAM (``internals``),
+their gradients on each backend, the figures and the run's report. Import after the backend is chosen."""
