@@ -19,6 +19,7 @@ import keras
 
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
+from fmnist_keras.backend import has_gpu
 from fmnist_keras.engine import distributed, fastpath
 from fmnist_keras.engine.callbacks import (
     AtomicModelCheckpoint,
@@ -31,6 +32,7 @@ from fmnist_keras.engine.callbacks import (
     read_history,
     resume_state,
 )
+from fmnist_keras.engine.device_data import DeviceBatches
 from fmnist_keras.engine.recipe import compile_model, dtype_policy, dtype_policy_name, portable_copy
 from fmnist_keras.engine.splits import Splits
 from fmnist_keras.interrupts import Interrupted
@@ -65,6 +67,7 @@ def fit_model(
     verbose="auto",
     replicas: distributed.Replicas = distributed.SINGLE,
     tensorboard: bool = False,
+    data_on_device: bool | None = None,
 ) -> FitResult:
     """Build, compile and fit ``config.model`` with Keras's built-in callbacks.
 
@@ -86,6 +89,9 @@ def fit_model(
         replicas: the data-parallel replicas (:func:`fmnist_keras.engine.distributed.setup`).
         tensorboard: also log every epoch with Keras's ``TensorBoard`` callback
             to ``run/<model>/tensorboard`` (needs a ``run``).
+        data_on_device: keep the training split on the compute device
+            (:class:`~fmnist_keras.engine.device_data.DeviceBatches`); None:
+            on a GPU, in one process.
 
     Raises:
         callbacks.Interrupted: Ctrl-C or SIGTERM; every completed epoch is kept.
@@ -112,6 +118,10 @@ def fit_model(
         loader, set_epoch = distributed.shard(splits.x_train, y_train, replicas, config.batch_size, config.seed)
         training_data = {"x": loader, "shuffle": False}  # the sampler shuffles
         parts.ordered.insert(0, set_epoch)
+    elif data_on_device if data_on_device is not None else (has_gpu() and not replicas.distributed):
+        batches = DeviceBatches(splits.x_train, y_train, config.batch_size, seed=config.seed)
+        training_data = {"x": batches, "shuffle": False}  # it shuffles itself, on the device
+        parts.data_on_device = True
     else:
         training_data = {"x": splits.x_train, "y": y_train, "batch_size": config.batch_size}
     with fastpath.active(model, model.optimizer, enabled=config.fast_path) as fast_path:
@@ -149,6 +159,7 @@ class _Callbacks:
     replica_callbacks: list
     start: float = 0.0
     fast_path: dict = dataclasses.field(default_factory=dict)
+    data_on_device: bool = False
 
     @classmethod
     def make(cls, config, splits, run, resume, state, replicas, tensorboard) -> "_Callbacks":
@@ -213,6 +224,7 @@ class _Callbacks:
             "mixed_precision": dtype_policy_name(self.config.mixed_precision),
             "fast_path": self.fast_path,
             "batch_norm_recalibrated_batches": self.recalibrate.batches,
+            "training_data_on_device": self.data_on_device,
             "keras_version": keras.__version__,
         }
         averaging = {c.gradient_averaging for c in self.replica_callbacks if hasattr(c, "gradient_averaging")}
