@@ -51,6 +51,7 @@ BACKUP_DIR = "backup"
 FIT_FILE = "fit.json"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
+FIGURES_DIR = "figures"
 TENSORBOARD_DIR = "tensorboard"
 LATEST = "latest"
 
@@ -168,7 +169,7 @@ class RunDir:
             path = directory / name
             if path.is_symlink() or (path.exists() and not path.is_file()):
                 raise RunDirError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not a regular file'}; {fix}.")
-        for name in (BACKUP_DIR, TENSORBOARD_DIR, "figures"):
+        for name in (BACKUP_DIR, TENSORBOARD_DIR, FIGURES_DIR):
             path = directory / name
             if path.is_symlink() or (path.exists() and not path.is_dir()):
                 raise RunDirError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not a directory'}; {fix}.")

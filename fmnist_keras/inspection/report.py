@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +26,7 @@ from fmnist_keras.engine.callbacks import read_history
 from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics
-from fmnist_keras.rundir import RunDirError
-
-REPORT_FILE = "report.md"
-FIGURES_DIR = "figures"
+from fmnist_keras.rundir import FIGURES_DIR, HISTORY_FILE, METRICS_FILE, REPORT_FILE, RunDirError, read_json
 # How many test images the saliency figure explains and the mistakes grid
 # shows: enough to see a pattern, few enough to read at a glance.
 NUM_EXPLAINED = 4
@@ -93,8 +89,13 @@ def explained_indices(count: int, seed: int = 0) -> np.ndarray:
 
 def read_metrics(run_dir: Path) -> dict:
     """The run's ``metrics.json``, or {} when there is none."""
-    path = Path(run_dir) / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return {}
+    data = read_json(path, "the run's metrics", "rewrite it with train, or pass the metrics in")
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path} is damaged: a JSON {type(data).__name__}, not an object; rewrite it with train.")
+    return data
 
 
 def predict(model, x: np.ndarray, y: np.ndarray) -> Predictions:
@@ -289,7 +290,7 @@ def write_report(
     title = metrics.get("model") or model.name
     samples = (x_train, y_train) if x_train is not None else (x_test, test.y)
     sections = [
-        curves_section(Path(history_csv) if history_csv is not None else run_dir / "history.csv", metrics, title),
+        curves_section(Path(history_csv) if history_csv is not None else run_dir / HISTORY_FILE, metrics, title),
         confusion_section(computed["confusion_matrix"]),
         mistakes_section(test),
         samples_section(gray_images(samples[0], test.data_format), np.asarray(samples[1]), seed),
