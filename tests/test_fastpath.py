@@ -145,6 +145,27 @@ def test_fused_batch_norm_trains_like_keras(data_format):
 
 
 @torch_only
+def test_fused_batch_norm_takes_bfloat16_inputs_as_keras_does_in_float32():
+    # Keras casts bfloat16 inputs to float32 for BatchNorm; the fused kernel reads
+    # them as they are and accumulates in float32: the same numbers, to bfloat16 rounding.
+    import torch
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        stock, fused = _bn_model(), _bn_model()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    fastpath.fuse_batch_norm(fused)
+    x = torch.tensor(_rng().random((16, 28, 28, 1), dtype=np.float32) * 3 + 1)
+    outs = [model(x, training=True).detach().float().numpy() for model in (stock, fused)]
+    np.testing.assert_allclose(outs[1], outs[0], atol=2e-2)
+    for a, b in zip(stock.non_trainable_weights, fused.non_trainable_weights):
+        assert b.numpy().dtype == np.float32
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-2, atol=1e-3)
+    assert np.abs(stock.non_trainable_weights[0].numpy()).max() > 0.01
+
+
+@torch_only
 def test_fused_batch_norm_under_mixed_precision_returns_the_compute_dtype():
     import torch
 
@@ -165,10 +186,11 @@ def _small_mlp():
     return build_mlp(units=(32,), dropout=0.0)
 
 
-def _train_steps(fuse: bool, schedule=None):
+def _train_steps(fuse: bool, schedule=None, use_ema=False):
     model = _small_mlp()
     # Strong decay, so a decay applied wrongly (or to the excluded weights) shows.
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule or 1e-2, weight_decay=0.5)
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule or 1e-2, weight_decay=0.5, use_ema=use_ema,
+                                       ema_momentum=0.5)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     if fuse:
         fastpath.fuse_adam(optimizer)
@@ -191,6 +213,17 @@ def test_fused_adam_gives_the_weights_of_keras_adamw():
     assert int(fused.optimizer.iterations.numpy()) == 5
     moved = max(float(np.abs(a - b).max()) for a, b in zip(plain.get_weights(), _initial_weights()))
     assert moved > 1e-3  # the check below compares weights that did change
+    for weight, a, b in zip(plain.weights, plain.get_weights(), fused.get_weights()):
+        np.testing.assert_allclose(b, a, atol=2e-5, err_msg=weight.path)
+
+
+@torch_only
+def test_fused_adam_keeps_the_moving_average_keras_keeps():
+    plain, fused = _train_steps(fuse=False, use_ema=True), _train_steps(fuse=True, use_ema=True)
+    assert "_parallel_update_step" in vars(fused.optimizer)
+    # fit ends with the average in the model; it differs from the last weights of a fit without one.
+    last = _train_steps(fuse=False)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(plain.get_weights(), last.get_weights())) > 1e-3
     for weight, a, b in zip(plain.weights, plain.get_weights(), fused.get_weights()):
         np.testing.assert_allclose(b, a, atol=2e-5, err_msg=weight.path)
 

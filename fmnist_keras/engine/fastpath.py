@@ -442,18 +442,21 @@ def _fused_batch_norm_call(layer, inputs, training=None, mask=None):
 
     if mask is not None or not (training and layer.trainable):
         return type(layer).call(layer, inputs, training=training, mask=mask)
-    # Keras computes in at least float32 (float16 statistics overflow).
-    x = inputs if inputs.dtype == torch.float64 else inputs.to(torch.float32)
+    # Keras computes in at least float32 (float16 statistics overflow);
+    # PyTorch's kernel takes bfloat16 inputs with float32 parameters and
+    # accumulates the statistics in float32 itself.
+    x = inputs if inputs.dtype in (torch.float64, torch.bfloat16) else inputs.to(torch.float32)
     axis = layer.axis % x.ndim
     x_nc = x.movedim(axis, 1) if axis != 1 else x  # a view: NHWC becomes channels_last NCHW
-    gamma = layer.gamma.value.to(x.dtype) if layer.scale else None
-    beta = layer.beta.value.to(x.dtype) if layer.center else None
+    params = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gamma = layer.gamma.value.to(params) if layer.scale else None
+    beta = layer.beta.value.to(params) if layer.center else None
     outputs, mean, inverse_std = torch.native_batch_norm(x_nc, gamma, beta, None, None, True, 0.0, layer.epsilon)
     with torch.no_grad():
         variance = (inverse_std.pow(-2) - layer.epsilon).clamp_min(0.0)  # the biased batch variance
         momentum = layer.momentum
         for moving, batch in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
-            current = moving.value.to(x.dtype)
+            current = moving.value.to(params)
             moving.assign(current * momentum + batch * (1.0 - momentum))
     if axis != 1:
         outputs = outputs.movedim(1, axis)
@@ -489,8 +492,10 @@ def fuse_adam(optimizer):
     the kernel's step tensors and the learning rate stay on the device.
 
     The optimizer keeps its class, variables and config, so saved models are
-    unchanged. Other backends and optimizers, AMSGrad, EMA and gradient
-    accumulation: returned unchanged, as when the piece is off.
+    unchanged. With ``use_ema``, Keras's ``apply`` updates the moving average
+    after this step, as it does after its own. Other backends and
+    optimizers, AMSGrad and gradient accumulation: returned unchanged, as
+    when the piece is off.
     """
     import keras
 
@@ -498,7 +503,6 @@ def fuse_adam(optimizer):
         not is_torch()
         or not isinstance(optimizer, keras.optimizers.Adam)
         or optimizer.amsgrad
-        or optimizer.use_ema
         or optimizer.gradient_accumulation_steps
         or not _usable("fused_adam")
     ):
