@@ -51,3 +51,31 @@ def in_range(kind: type, low, high, why: str = ""):
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+TTA_CHOICES = ("run", "flip", "none")
+
+
+def add_tta_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tta``, shared by the commands that run a saved model."""
+    parser.add_argument("--tta", choices=TTA_CHOICES, default="run",
+                        help="test-time augmentation: 'flip' averages each image's probabilities with its mirror "
+                        "image's, 'none' does not, 'run' does what the model's run did (flip_tta in the "
+                        "config.json next to it; none for a model without one) (default: run)")
+
+
+def flip_tta(choice: str, model_dir) -> bool:
+    """Whether ``--tta choice`` averages over mirror images, for the model in ``model_dir``.
+
+    Raises:
+        rundir.RunDirError: ``choice`` is ``run`` and the run's config.json is damaged.
+    """
+    if choice != "run":
+        return choice == "flip"
+    from pathlib import Path
+
+    from fmnist_keras.config import load_config
+    from fmnist_keras.rundir import CONFIG_FILE
+
+    path = Path(model_dir) / CONFIG_FILE
+    return bool(load_config(path).resolved().flip_tta) if path.is_file() else False

@@ -15,17 +15,23 @@ DATA_FORMATS = ("auto", "channels_last", "channels_first")
 
 # Per-model defaults, used where the user gives no value. Each recipe was
 # measured on the full data (README, "Results").
+# "flip_tta": average the predictions of each image and its mirror image
+# (only for models trained with horizontal flips). "ema": momentum of the
+# moving average of the weights that is validated, checkpointed and saved
+# (0: the weights themselves). docs/results.md has the measurements.
 MODEL_DEFAULTS = {
     # The MLP is cheap per epoch, so it gets many; BatchNorm, dropout and
     # weight decay keep it from overfitting, and EarlyStopping keeps the best.
-    "mlp": {"epochs": 20, "learning_rate": 2e-3},
-    # About 28 s per epoch on two CPU cores with the torch fast path: 20
-    # epochs of the warm-up + cosine schedule take about 10 minutes (94.6%).
-    "cnn": {"epochs": 20, "learning_rate": 2e-3},
+    "mlp": {"epochs": 20, "learning_rate": 2e-3, "flip_tta": False, "ema": 0.0},
+    # About 28 s per epoch on a 2-core AMD EPYC with the torch fast path: 20
+    # epochs of the warm-up + cosine schedule take about 10 minutes.
+    "cnn": {"epochs": 20, "learning_rate": 2e-3, "flip_tta": True, "ema": 0.999},
     # Opt-in: about 6x the CNN's multiply-adds, for a GPU or a long CPU run.
-    "cnn-large": {"epochs": 30, "learning_rate": 2e-3},
-    "baseline-cnn": {"epochs": 15, "learning_rate": 1e-3},
+    "cnn-large": {"epochs": 30, "learning_rate": 2e-3, "flip_tta": True, "ema": 0.999},
+    "baseline-cnn": {"epochs": 15, "learning_rate": 1e-3, "flip_tta": False, "ema": 0.0},
 }
+# Fields whose None means "the model's default" (MODEL_DEFAULTS).
+PER_MODEL = ("epochs", "learning_rate", "flip_tta", "ema")
 
 
 # The valid range of every number in a TrainConfig: (type, lowest, highest).
@@ -41,9 +47,10 @@ RANGES = {
     "val_split": (float, 0.001, 0.999),
     "seed": (int, 0, 2**32 - 1),  # numpy's seed range
     "subset": (int, 1, 60_000),
+    "ema": (float, 0.0, 0.99999),  # 0 turns the average off; 1 would never move
 }
 CHOICES = {"model": MODEL_NAMES, "backend": BACKENDS, "data_format": DATA_FORMATS, "device": ("auto", "cpu", "gpu")}
-FLAGS = ("verify", "mixed_precision", "fast_path")
+FLAGS = ("verify", "mixed_precision", "fast_path", "flip_tta")
 
 
 @dataclasses.dataclass
@@ -73,14 +80,19 @@ class TrainConfig:
     # On torch, run Keras's layers and optimizer through PyTorch's fused
     # kernels (fmnist_keras.engine.fastpath); no effect on tensorflow and jax.
     fast_path: bool = True
+    # Evaluate and predict with the mean of each image's and its mirror
+    # image's probabilities; None: the model's default (MODEL_DEFAULTS).
+    flip_tta: bool | None = None
+    # Keep an exponential moving average of the weights with this momentum
+    # (Keras's optimizer use_ema), validate, checkpoint and save it; 0: off;
+    # None: the model's default.
+    ema: float | None = None
 
     def resolved(self) -> "TrainConfig":
         """A copy with the per-model defaults filled in."""
         defaults = MODEL_DEFAULTS[self.model]
         return dataclasses.replace(
-            self,
-            epochs=self.epochs if self.epochs is not None else defaults["epochs"],
-            learning_rate=self.learning_rate if self.learning_rate is not None else defaults["learning_rate"],
+            self, **{name: defaults[name] for name in PER_MODEL if getattr(self, name) is None}
         )
 
     def to_json(self) -> str:
@@ -111,7 +123,7 @@ class TrainConfig:
         """``self`` if every field has the right type and lies in its range (RANGES, CHOICES), else ValueError."""
         for name, (kind, low, high) in RANGES.items():
             value = getattr(self, name)
-            if value is None and name in ("epochs", "learning_rate", "subset"):
+            if value is None and name in (*PER_MODEL, "subset"):
                 continue
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not number or (kind is int and not isinstance(value, int)) or not low <= value <= high:
@@ -121,6 +133,8 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} is {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
         for name in FLAGS:
+            if getattr(self, name) is None and name in PER_MODEL:
+                continue
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} is {getattr(self, name)!r}; expected true or false")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
@@ -139,6 +153,9 @@ def load_config(path: Path) -> TrainConfig:
 
     fix = "restore it from a copy, or start a new run"
     data = read_json(path, "the run's configuration", fix)
+    if isinstance(data, dict):
+        # A configuration without these keys describes a run that used neither.
+        data = {"flip_tta": False, "ema": 0.0, **data}
     try:
         return TrainConfig.from_dict(data)
     except (TypeError, ValueError) as error:

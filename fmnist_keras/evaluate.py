@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import add_data_arguments, in_range
+from fmnist_keras.cli import add_data_arguments, add_tta_argument, flip_tta, in_range
 from fmnist_keras.rundir import CONFIG_FILE, METRICS_FILE, RunDirError, read_json, write_json
 
 EVALUATION_FILE = "evaluation.json"
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only compute and write the metrics, draw no figures (default: write the report)")
     parser.add_argument("--seed", type=in_range(int, 0, 2**32 - 1, "numpy seeds"), default=0,
                         help="seed for the images the report samples and explains (default: 0)")
+    add_tta_argument(parser)
     add_backend_arguments(parser)
     return parser
 
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # damaged run files are reported before the data is read
         config = read_run_config(config_path) if args.validation and config_path.is_file() else None
         trained = read_run_metrics(metrics_path) if args.report and metrics_path.is_file() else {}
+        tta = flip_tta(args.tta, run_dir)
     except RunDirError as error:
         return _fail(str(error))
 
@@ -160,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     (x_train_raw, y_train_raw), (x_test_raw, y_test_raw) = raw
     x_test, y_test = fdata.to_model_input(x_test_raw, data_format), y_test_raw.astype("int64")
     try:
-        test = evaluation.evaluate(model, x_test, y_test)
+        test = evaluation.evaluate(model, x_test, y_test, flip_tta=tta)
     except evaluation.NonFiniteOutputs:
         return _fail(f"{model_path} gives NaN or infinite outputs on the test set; the model is damaged "
                      f"(NaN weights?); retrain it or use another model.")
     result = {"model_path": str(model_path), "backend": backend, "device": describe_device(),
-              "data_source": str(source), "test": test}
+              "data_source": str(source), "test_time_augmentation": evaluation.TTA_NAMES[tta], "test": test}
     x_train, y_train = fdata.to_model_input(x_train_raw, data_format), y_train_raw
     if args.validation:
         if config is None:
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             return _fail(f"{config_path} does not rebuild a split of this data ({error}); rewrite it with train, "
                          f"or drop --validation.")
-        result["validation"] = evaluation.evaluate(model, splits.x_val, splits.y_val)
+        result["validation"] = evaluation.evaluate(model, splits.x_val, splits.y_val, flip_tta=tta)
         x_train, y_train = splits.x_train, splits.y_train
 
     try:
@@ -188,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"the metrics of {model_path} are not finite ({error}); the model is damaged; retrain it.")
     print(f"Model: {model_path} (backend {backend} on {result['device']})")
     print(f"Data: {source}{'' if args.verify else ', digests NOT checked (--no-verify)'}")
+    print(f"Test-time augmentation: {result['test_time_augmentation']}")
     print(format_metrics("test", result["test"]))
     if "validation" in result:
         print(format_metrics("validation", result["validation"]))

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import in_range
+from fmnist_keras.cli import add_tta_argument, flip_tta, in_range
 
 SIZE = 28
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="make dark-on-light pictures light-on-dark: auto decides from the border (default: auto)")
     parser.add_argument("--top-k", type=in_range(int, 1, 10, "there are 10 classes"), default=3, metavar="K",
                         help="how many classes to show per image (default: 3)")
+    add_tta_argument(parser)
     add_backend_arguments(parser)
     return parser
 
@@ -344,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     from fmnist_keras.data import CLASS_NAMES, to_model_input
-    from fmnist_keras.loading import ModelLoadError, exit_code, input_data_format, load_model
+    from fmnist_keras.engine.evaluation import TTA_NAMES, predict_probabilities
+    from fmnist_keras.loading import ModelLoadError, exit_code, input_data_format, load_model, resolve_model_path
+    from fmnist_keras.rundir import RunDirError
 
     errors, items = [], []
     for path in args.images:
@@ -354,15 +357,20 @@ def main(argv: list[str] | None = None) -> int:
             errors.append({"file": path, "error": str(error)})
             print(f"error: {error}", file=sys.stderr)
     try:
-        model = load_model(args.model, announce=lambda note: print(note, file=sys.stderr))
+        model_path = resolve_model_path(args.model, announce=lambda note: print(note, file=sys.stderr))
+        tta = flip_tta(args.tta, model_path.parent)
+        model = load_model(model_path)
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_code(error)
+    except RunDirError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
     results = []
     if items:
         x = to_model_input(np.stack([item.pixels for item in items]), input_data_format(model))
-        probabilities = np.asarray(model.predict(x, batch_size=256, verbose=0), dtype=np.float64)
+        probabilities = predict_probabilities(model, x, flip_tta=tta, batch_size=256)
         try:
             check_probabilities(probabilities, args.model, [_item_name(item) for item in items])
         except InputError as error:
@@ -373,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                             "top": top_k(row, args.top_k, CLASS_NAMES)})
     if args.json:
         # allow_nan=False: the output is strict JSON that every parser reads.
-        print(json.dumps({"model": str(args.model), "predictions": results, "errors": errors}, indent=2,
-                         allow_nan=False))
+        print(json.dumps({"model": str(args.model), "test_time_augmentation": TTA_NAMES[tta],
+                          "predictions": results, "errors": errors}, indent=2, allow_nan=False))
     else:
         for item, result in zip(items, results):
             ranked = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])

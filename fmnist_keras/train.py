@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"AdamW weight decay (default: {DEFAULTS.weight_decay:g})")
     parser.add_argument("--label-smoothing", type=_checked("label_smoothing"), default=DEFAULTS.label_smoothing, metavar="E",
                         help=f"label smoothing of the cross-entropy loss (default: {DEFAULTS.label_smoothing:g})")
+    per_model_ema = ", ".join(f"{m}: {d['ema']:g}" for m, d in MODEL_DEFAULTS.items())
+    flipped = ", ".join(m for m, d in MODEL_DEFAULTS.items() if d["flip_tta"])
+    parser.add_argument("--ema", type=_checked("ema"), metavar="M",
+                        help="keep a moving average of the weights with momentum M (capped so that it spans at "
+                        "most a tenth of the run) and validate, checkpoint and save the average; 0 turns it off "
+                        f"(default per model: {per_model_ema})")
+    parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
+                        help="evaluate with the mean of the probabilities of each image and its mirror image "
+                        f"(test-time augmentation; default: on for {flipped}, trained with flips; off for the others)")
     parser.add_argument("--patience", type=_checked("patience"), default=DEFAULTS.patience, metavar="N",
                         help=f"EarlyStopping patience in epochs, on validation loss (default: {DEFAULTS.patience})")
     parser.add_argument("--val-split", type=_checked("val_split"), default=DEFAULTS.val_split, metavar="F",
@@ -122,7 +131,7 @@ def configs_from_args(args: argparse.Namespace, backend: str) -> list[TrainConfi
 # Flags that describe a run; --resume takes them from the run directory instead.
 _RUN_FLAGS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "label_smoothing", "patience",
               "val_split", "seed", "subset", "data_dir", "verify", "out_dir", "run_name", "overwrite",
-              "mixed_precision", "data_format", "fast_path", "distribute")
+              "mixed_precision", "data_format", "fast_path", "distribute", "ema", "flip_tta")
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
@@ -327,6 +336,8 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
             f"\n== {name}: {len(splits.x_train)} train / {len(splits.x_val)} validation / "
             f"{len(splits.x_test)} test images, up to {resolved.epochs} epochs, batch {resolved.batch_size}, "
             f"peak learning rate {resolved.learning_rate:g}"
+            + (f", moving average of the weights (momentum up to {resolved.ema:g})" if resolved.ema else "")
+            + (", evaluated with mirror images (flip TTA)" if resolved.flip_tta else "")
         )
         start = time.perf_counter()
         try:

@@ -9,7 +9,7 @@ import pytest
 from fmnist_keras.config import CHOICES, FLAGS, MODEL_DEFAULTS, MODEL_NAMES, RANGES, TrainConfig, load_config
 from fmnist_keras.rundir import RunDirError
 
-OPTIONAL = ("epochs", "learning_rate", "subset")  # None means the model's default or all the data
+OPTIONAL = ("epochs", "learning_rate", "subset", "ema")  # None means the model's default or all the data
 
 
 def outside(kind, low, high):
@@ -47,8 +47,8 @@ def test_wrong_types_are_refused(name):
 
 
 def test_optional_numbers_may_be_null():
-    config = TrainConfig.from_dict({name: None for name in OPTIONAL})
-    assert (config.epochs, config.learning_rate, config.subset) == (None, None, None)
+    config = TrainConfig.from_dict({name: None for name in (*OPTIONAL, "flip_tta")})
+    assert (config.epochs, config.learning_rate, config.subset, config.ema, config.flip_tta) == (None,) * 5
 
 
 @pytest.mark.parametrize("name", CHOICES)
@@ -63,7 +63,7 @@ def test_every_choice_is_accepted_and_others_refused(name):
 def test_flags_must_be_booleans(name):
     for value in (True, False):
         assert getattr(TrainConfig.from_dict({name: value}), name) is value
-    for value in (1, "true", None):
+    for value in (1, "true") if name == "flip_tta" else (1, "true", None):  # flip_tta None: the model's
         with pytest.raises(ValueError, match=rf"^{name} is .*; expected true or false$"):
             TrainConfig.from_dict({name: value})
 
@@ -98,11 +98,13 @@ def test_json_round_trip_is_the_identity(config):
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_resolved_fills_the_model_defaults_only_where_unset(model):
     resolved = TrainConfig(model=model).resolved()
-    assert (resolved.epochs, resolved.learning_rate) == (MODEL_DEFAULTS[model]["epochs"],
-                                                         MODEL_DEFAULTS[model]["learning_rate"])
-    explicit = TrainConfig(model=model, epochs=2, learning_rate=0.01)
+    defaults = MODEL_DEFAULTS[model]
+    assert (resolved.epochs, resolved.learning_rate, resolved.flip_tta, resolved.ema) == (
+        defaults["epochs"], defaults["learning_rate"], defaults["flip_tta"], defaults["ema"])
+    explicit = TrainConfig(model=model, epochs=2, learning_rate=0.01, flip_tta=not defaults["flip_tta"], ema=0.5)
     assert explicit.resolved() == explicit
-    assert dataclasses.replace(resolved, epochs=None, learning_rate=None) == TrainConfig(model=model)
+    assert dataclasses.replace(resolved, epochs=None, learning_rate=None, flip_tta=None,
+                               ema=None) == TrainConfig(model=model)
 
 
 def test_load_config_reads_what_save_wrote(tmp_path):

@@ -53,16 +53,46 @@ def test_help_is_fast_and_imports_no_keras():
     assert time.perf_counter() - start < 5
 
 
+def test_tta_follows_the_run_unless_told(cnn_run, tiny_data_dir, tmp_path):
+    (_, _), (x_test, y_test) = load_data(tiny_data_dir, verify=False)
+    model = keras.saving.load_model(cnn_run / "model.keras")
+    x = to_model_input(x_test)
+    plain, mirrored = model.predict(x, verbose=0), model.predict(x[:, :, ::-1], verbose=0)
+    expected = {"flip": float(((plain + mirrored).argmax(1) == y_test).mean()),
+                "none": float((plain.argmax(1) == y_test).mean())}
+
+    def evaluated(path, *flags):
+        assert run_cli(tiny_data_dir, path, "--no-report", *flags) == 0
+        result = json.loads((path.parent if path.suffix else path).joinpath("evaluation.json").read_text())
+        return result["test_time_augmentation"], result["test"]["loss"], result["test"]["accuracy"]
+
+    flip, none = evaluated(cnn_run), evaluated(cnn_run, "--tta", "none")
+    assert (flip[0], none[0]) == ("mean over the image and its mirror image", "none")
+    assert (flip[2], none[2]) == (pytest.approx(expected["flip"]), pytest.approx(expected["none"]))
+    assert flip[1] != none[1]  # the probabilities differ, so the two settings are told apart
+    TrainConfig(model="cnn", flip_tta=False).save(cnn_run / "config.json")
+    assert evaluated(cnn_run)[1:] == none[1:] and evaluated(cnn_run, "--tta", "flip")[1:] == flip[1:]
+    bare = tmp_path / "bare" / "cnn.keras"  # no config.json next to it: no TTA unless asked
+    bare.parent.mkdir()
+    model.save(bare)
+    assert evaluated(bare)[1:] == none[1:]
+    (cnn_run / "config.json").write_text("{garbled")
+    assert run_cli(tiny_data_dir, cnn_run, "--no-report") == 1
+
+
 def test_evaluate_run_dir_writes_metrics_and_full_report(cnn_run, tiny_data_dir, capsys):
     assert run_cli(tiny_data_dir, cnn_run, "--validation", "--image-index", "3") == 0
     out = capsys.readouterr().out
     assert "test: 100 images" in out and "validation: 40 images" in out and "Trouser" in out
     result = json.loads((cnn_run / "evaluation.json").read_text())
-    # The metrics are those of the model's own predictions on the test set.
+    # The metrics are those of the model's own predictions on the test set, averaged
+    # with the mirror images' as the run's configuration says (a CNN: flip_tta).
     (_, _), (x_test, y_test) = load_data(tiny_data_dir, verify=False)
     model = keras.saving.load_model(cnn_run / "model.keras")
-    predicted = model.predict(to_model_input(x_test), verbose=0).argmax(1)
+    x = to_model_input(x_test)
+    predicted = (model.predict(x, verbose=0) + model.predict(x[:, :, ::-1], verbose=0)).argmax(1)
     assert result["test"]["accuracy"] == pytest.approx(float((predicted == y_test).mean()))
+    assert result["test_time_augmentation"] == "mean over the image and its mirror image"
     matrix = np.array(result["test"]["confusion_matrix"])
     assert matrix.sum() == 100 and list(result["test"]["per_class"]) == list(CLASS_NAMES)
     assert result["validation"]["num_examples"] == 40

@@ -394,3 +394,33 @@ def test_cli_accepts_the_run_directory_train_prints(trained, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err == f"error: {run} holds several models (cnn, mlp); pass one of {run / 'cnn'}, {run / 'mlp'}.\n"
+
+
+def test_cli_tta_averages_the_mirror_image_as_the_run_says(trained, tmp_path, capsys):
+    from fmnist_keras.config import TrainConfig
+
+    model_path, x_test, _ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(model_path.read_bytes())
+    images = tmp_path / "images.npy"
+    np.save(images, x_test[:4])
+    model = keras.saving.load_model(model_path)
+    x = fdata.to_model_input(x_test[:4])
+    plain, mirrored = model.predict(x, verbose=0), model.predict(x[:, :, ::-1], verbose=0)
+
+    def top(*flags):
+        assert predict.main([str(run), str(images), "--json", "--top-k", "1", *flags]) == 0
+        report = json.loads(capsys.readouterr().out)
+        return report["test_time_augmentation"], [p["top"][0]["probability"] for p in report["predictions"]]
+
+    assert top() == ("none", pytest.approx(plain.max(1).tolist(), abs=1e-6))  # no config.json: none
+    TrainConfig(model="cnn").save(run / "config.json")  # a CNN's run: flip TTA
+    flipped = top()
+    assert flipped[0] == "mean over the image and its mirror image"
+    expected = (plain + mirrored) / 2
+    assert flipped[1] == pytest.approx(expected.max(1).tolist(), abs=1e-6)
+    assert top("--tta", "none")[1] == pytest.approx(plain.max(1).tolist(), abs=1e-6)
+    (run / "config.json").write_text("[]")
+    assert predict.main([str(run), str(images)]) == 1
+    assert "config.json" in capsys.readouterr().err

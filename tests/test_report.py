@@ -135,3 +135,21 @@ def test_channels_first_model_gets_its_layout_from_the_model(tmp_path):
                                   report.gray_images(np.moveaxis(x, 1, -1), "channels_last"))
     markdown = report.write_report(tmp_path, x, y, model=tiny_cnn("channels_first"), metrics={}).read_text()
     assert "figures/feature_maps.png" in markdown and "figures/saliency.png" in markdown
+
+
+def test_a_run_with_flip_tta_gets_figures_of_the_averaged_predictions(tmp_path):
+    model = tiny_cnn()
+    x, y = make_images()
+    plain = keras.ops.convert_to_numpy(model(x, training=False))
+    mirrored = keras.ops.convert_to_numpy(model(x[:, :, ::-1], training=False))
+    assert (plain.argmax(1) != (plain + mirrored).argmax(1)).any()  # the two tell the predictions apart
+    for tta, expected in (("none", plain), ("mean over the image and its mirror image", (plain + mirrored) / 2)):
+        predictions = report.predict(model, x, y, flip_tta=tta != "none")
+        np.testing.assert_allclose(predictions.probabilities, expected, atol=1e-6)
+        (tmp_path / tta[:4]).mkdir()
+        path = report.write_report(tmp_path / tta[:4], x, y, model=model,
+                                   metrics={"model": "tiny", "test_time_augmentation": tta})
+        rows = table_rows(path.read_text(), "| class |")
+        reference = reference_metrics(y.tolist(), expected.argmax(1).tolist())
+        np.testing.assert_allclose([float(row[3]) for row in rows], [r[2] for r in reference], atol=5e-5)
+        assert f"test_time_augmentation: {tta}" in path.read_text()

@@ -192,6 +192,30 @@ class NaNGuard(keras.callbacks.TerminateOnNaN):
             self.stopped = loss is not None and not math.isfinite(float(loss))
 
 
+def averaged_weights() -> tuple[keras.callbacks.Callback, keras.callbacks.Callback]:
+    """Two callbacks that make the optimizer's moving average of the weights (``use_ema``) the model that counts.
+
+    The first is Keras's ``SwapEMAWeights(swap_on_epoch=True)``: the average
+    is validated, and it is in the model for the callbacks after it at each
+    epoch's end, so ``ModelCheckpoint`` saves it and ``EarlyStopping``
+    restores it. The second, put just before ``BackupAndRestore``, puts the
+    trained weights back (what ``SwapEMAWeights`` does as the next epoch
+    begins): the backup then holds the trained weights and the average where
+    an uninterrupted fit has them, and a resumed fit continues exactly.
+    """
+    swap = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
+    return swap, _TrainedWeightsBack(swap)
+
+
+class _TrainedWeightsBack(keras.callbacks.Callback):
+    def __init__(self, swap: keras.callbacks.SwapEMAWeights):
+        super().__init__()
+        self.swap = swap
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.swap.on_epoch_begin(epoch + 1)
+
+
 def recalibrate_batch_norm(model, x, batch_size: int, max_batches: int = 100, seed: int = 0) -> int:
     """Re-estimate every BatchNormalization layer's moving statistics with the weights as they are.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 
 import keras
 
@@ -27,6 +28,7 @@ from fmnist_keras.engine.callbacks import (
     RecalibrateBatchNorm,
     RecordFitEnd,
     ResumableEarlyStopping,
+    averaged_weights,
     StopOnSignal,
     backed_up_epochs,
     read_history,
@@ -68,6 +70,7 @@ def fit_model(
     replicas: distributed.Replicas = distributed.SINGLE,
     tensorboard: bool = False,
     data_on_device: bool | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> FitResult:
     """Build, compile and fit ``config.model`` with Keras's built-in callbacks.
 
@@ -92,6 +95,9 @@ def fit_model(
         data_on_device: keep the training split on the compute device
             (:class:`~fmnist_keras.engine.device_data.DeviceBatches`); None:
             on a GPU, in one process.
+        callbacks: more callbacks, called after all of the above (at each
+            epoch's end the model then holds the trained weights, not their
+            average).
 
     Raises:
         callbacks.Interrupted: Ctrl-C or SIGTERM; every completed epoch is kept.
@@ -132,7 +138,7 @@ def fit_model(
                 validation_data=(splits.x_val, y_val),
                 validation_batch_size=config.batch_size,
                 epochs=config.epochs,
-                callbacks=parts.ordered,
+                callbacks=[*parts.ordered, *callbacks],
                 verbose=verbose if replicas.is_chief else 0,
             )
         finally:
@@ -171,6 +177,9 @@ class _Callbacks:
         replica_callbacks = distributed.callbacks(replicas)
         history_log, stop_on_signal, nan_guard = keras.callbacks.History(), StopOnSignal(), NaNGuard()
         ordered = [history_log, *replica_callbacks, stop_on_signal, nan_guard]  # NaNGuard before the checkpoint
+        swap_in, swap_back = averaged_weights() if config.ema else (None, None)
+        if swap_in is not None:  # the average is validated, checkpointed and restored
+            ordered.append(swap_in)
         checkpoint = None
         if run is not None:
             checkpoint = AtomicModelCheckpoint(
@@ -193,6 +202,9 @@ class _Callbacks:
             # fit.json before the backup, which Keras deletes when fit ends; the
             # backup comes last, so it marks an epoch whose checkpoint and CSV row are written.
             ordered.append(RecordFitEnd(run.fit_file(name), parts.facts))
+        if swap_back is not None:  # the backup keeps the trained weights and their average apart
+            ordered.append(swap_back)
+        if run is not None:
             ordered.append(keras.callbacks.BackupAndRestore(str(run.backup_dir(name)), double_checkpoint=True))
         return parts
 
@@ -224,6 +236,7 @@ class _Callbacks:
             "mixed_precision": dtype_policy_name(self.config.mixed_precision),
             "fast_path": self.fast_path,
             "batch_norm_recalibrated_batches": self.recalibrate.batches,
+            "weights_average_momentum": _averaging_momentum(self.history_log.model),
             "training_data_on_device": self.data_on_device,
             "keras_version": keras.__version__,
         }
@@ -231,6 +244,12 @@ class _Callbacks:
         if averaging:
             facts["gradient_averaging"] = averaging.pop()
         return facts
+
+
+def _averaging_momentum(model) -> float:
+    """The momentum of the optimizer's moving average of the weights; 0 when it keeps none."""
+    optimizer = getattr(model, "optimizer", None)
+    return round(float(optimizer.ema_momentum), 6) if getattr(optimizer, "use_ema", False) else 0.0
 
 
 def _best_epoch(history: list[dict]) -> int | None:

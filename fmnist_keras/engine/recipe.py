@@ -14,7 +14,13 @@ from fmnist_keras.models import build_model
 
 
 def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int) -> keras.Model:
-    """AdamW with linear warm-up then cosine decay, label-smoothed cross-entropy."""
+    """AdamW with linear warm-up then cosine decay, label-smoothed cross-entropy.
+
+    With ``config.ema`` > 0 the optimizer also keeps an exponential moving
+    average of the weights (Keras's ``use_ema``); :func:`fit_model` validates,
+    checkpoints and keeps that average.
+    """
+    config = config.resolved()
     total_steps = max(1, config.epochs * steps_per_epoch)
     # Short runs (quick tests, --epochs 2) keep most of their steps for the decay.
     warmup_steps = int(round(min(config.warmup_epochs * steps_per_epoch, 0.2 * total_steps)))
@@ -25,7 +31,11 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
         warmup_steps=warmup_steps,
         alpha=0.01,
     )
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+    momentum = averaging_momentum(config.ema, total_steps)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule, weight_decay=config.weight_decay,
+        use_ema=config.ema > 0, ema_momentum=momentum if config.ema > 0 else 0.99,
+    )
     # Decay only the weight matrices, not biases or normalisation parameters.
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     model.compile(
@@ -34,6 +44,17 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
         metrics=["accuracy"],
     )
     return model
+
+
+def averaging_momentum(momentum: float, total_steps: int) -> float:
+    """The moving average's momentum for a run of ``total_steps``: ``momentum``, or less in short runs.
+
+    An average with momentum m spans about 1 / (1 - m) steps, and Keras's
+    starts at the initial weights; in a run of a few hundred steps an
+    average over 1,000 would still be mostly the initial weights. So the
+    average spans at most a tenth of the run: m <= 1 - 10 / total_steps.
+    """
+    return max(0.0, min(momentum, 1.0 - 10.0 / max(1, total_steps)))
 
 
 def portable_copy(config: TrainConfig):

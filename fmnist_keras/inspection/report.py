@@ -23,7 +23,7 @@ import numpy as np
 from fmnist_keras.inspection import internals
 from fmnist_keras.inspection import plots
 from fmnist_keras.engine.callbacks import read_history
-from fmnist_keras.data import CLASS_NAMES
+from fmnist_keras.data import CLASS_NAMES, mirror_images
 from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics
 from fmnist_keras.rundir import FIGURES_DIR, HISTORY_FILE, METRICS_FILE, REPORT_FILE, RunDirError, read_json
@@ -32,7 +32,8 @@ from fmnist_keras.rundir import FIGURES_DIR, HISTORY_FILE, METRICS_FILE, REPORT_
 NUM_EXPLAINED = 4
 NUM_MISTAKES = 24
 # The facts of metrics.json shown under the title, in this order.
-FACT_KEYS = ("backend", "device", "epochs_run", "best_epoch", "train_time_s", "num_params")
+FACT_KEYS = ("backend", "device", "epochs_run", "best_epoch", "train_time_s", "num_params", "weights_average_momentum",
+             "test_time_augmentation")
 
 
 @dataclasses.dataclass
@@ -98,10 +99,18 @@ def read_metrics(run_dir: Path) -> dict:
     return data
 
 
-def predict(model, x: np.ndarray, y: np.ndarray) -> Predictions:
-    """One pass of the model over the images: features and probabilities."""
+def predict(model, x: np.ndarray, y: np.ndarray, flip_tta: bool = False) -> Predictions:
+    """One pass of the model over the images: features and probabilities.
+
+    With ``flip_tta`` the probabilities are averaged with the mirror images'
+    (a second pass), as the run's metrics were; the features are the images' own.
+    """
+    data_format = input_data_format(model)
     features, probabilities = internals.embeddings_and_probabilities(model, x)
-    return Predictions(x, np.asarray(y), input_data_format(model), probabilities, features)
+    if flip_tta:
+        _, mirrored = internals.embeddings_and_probabilities(model, mirror_images(x, data_format))
+        probabilities = (probabilities + mirrored) / 2
+    return Predictions(x, np.asarray(y), data_format, probabilities, features)
 
 
 def best_epoch(metrics: dict, columns: dict) -> int | None:
@@ -285,7 +294,7 @@ def write_report(
     if layers is not None:
         internals.check_feature_layers(model, layers)  # fail on a bad request before the slow part
 
-    test = predict(model, x_test, y_test)
+    test = predict(model, x_test, y_test, flip_tta=metrics.get("test_time_augmentation", "none") != "none")
     computed = classification_metrics(test.y, test.probabilities, CLASS_NAMES)
     title = metrics.get("model") or model.name
     samples = (x_train, y_train) if x_train is not None else (x_test, test.y)
