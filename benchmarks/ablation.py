@@ -1,0 +1,138 @@
+"""Ablation over seeds: what the weights' moving average and flip test-time augmentation add.
+
+For each seed the script trains a model exactly as ``python -m
+fmnist_keras.train --model MODEL --seed S`` does (the same configuration,
+``fit_model`` with its callbacks, a run directory under ``--out-dir``, the
+saved model loaded back), and also keeps the trained weights of the last
+epoch. It then evaluates four variants on the validation and the test
+split:
+
+* ``average + flip``: the saved model (the moving average of the weights,
+  best epoch, BatchNorm statistics re-estimated) with flip TTA: the default;
+* ``average``: the same model, no TTA;
+* ``trained + flip`` and ``trained``: the trained weights of the last epoch,
+  their BatchNorm statistics re-estimated the same way.
+
+The moving average only watches the trained weights, so the ``trained``
+rows are what ``--ema 0`` trains, except that such a run keeps its best
+epoch by validation loss rather than its last. Choose on the validation
+columns; the test columns are read once per run, after training.
+
+Prints one row per variant: mean ± sample standard deviation over the seeds,
+and per seed; writes everything as JSON with ``--json``. Each seed's run
+directory holds its ``metrics.json`` as ``train`` writes it.
+
+Usage:
+    python benchmarks/ablation.py --seeds 42 1 2 --out-dir runs/ablation --json ablation.json
+    python benchmarks/ablation.py --seeds 42 1 2 --label-smoothing 0 --out-dir runs/ablation-ls0
+    python benchmarks/ablation.py --seeds 0 --subset 3000 --epochs 2     # a quick check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+VARIANTS = ("average + flip", "average", "trained + flip", "trained")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cnn", choices=["cnn", "cnn-large"], help="model (default: cnn)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="seeds (default: 42 1 2)")
+    parser.add_argument("--epochs", type=int, help="epochs (default: the model's)")
+    parser.add_argument("--subset", type=int, help="train on N images (default: all)")
+    parser.add_argument("--ema", type=float, help="momentum of the average (default: the model's)")
+    parser.add_argument("--label-smoothing", type=float, help="label smoothing (default: train's)")
+    parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    return parser.parse_args(argv)
+
+
+def run_seed(args, seed: int, raw) -> dict:
+    import keras
+
+    from fmnist_keras.config import TrainConfig
+    from fmnist_keras.engine import evaluation, fit
+    from fmnist_keras.engine.callbacks import recalibrate_batch_norm
+    from fmnist_keras.engine.splits import make_splits
+    from fmnist_keras.rundir import RunDir, write_json
+
+    class LastTrainedWeights(keras.callbacks.Callback):
+        """The weights at the end of the last epoch, before the average replaces them."""
+
+        weights = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.weights = self.model.get_weights()
+
+    given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing}
+    config = TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
+    splits = make_splits(raw, config)
+    run = RunDir.create(args.out_dir, f"{args.model}-seed{seed}", [args.model], overwrite=True)
+    last = LastTrainedWeights()
+    start = time.perf_counter()
+    result = fit.fit_model(config, splits, run, verbose=2, callbacks=[last])
+    average, metrics = evaluation.final_metrics(run, config, splits, result.facts)
+    seconds = time.perf_counter() - start
+    write_json(run.metrics_file(args.model), metrics)
+
+    trained = result.model
+    trained.set_weights(last.weights)
+    recalibrate_batch_norm(trained, splits.x_train, config.batch_size, seed=config.seed)
+    portable = splits.in_format("channels_last")
+    if splits.data_format != "channels_last":
+        raise SystemExit("this script evaluates channels_last models only; run it with the torch fast path")
+    models = {"average": average, "trained": trained}
+    row = {"seed": seed, "seconds": round(seconds, 1), "best_epoch": metrics["best_epoch"],
+           "epochs_run": metrics["epochs_run"], "momentum": metrics["weights_average_momentum"]}
+    for variant in VARIANTS:
+        weights, _, tta = variant.partition(" + ")
+        model = models[weights]
+        for split, x, y in (("validation", portable.x_val, portable.y_val), ("test", portable.x_test, portable.y_test)):
+            row[f"{variant}/{split}"] = evaluation.evaluate(model, x, y, flip_tta=bool(tta))["accuracy"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def summary(rows: list[dict]) -> str:
+    lines = ["| variant | validation accuracy | test accuracy | test per seed |", "| --- | ---: | ---: | --- |"]
+    for variant in VARIANTS:
+        cells = []
+        for split in ("validation", "test"):
+            values = [100 * row[f"{variant}/{split}"] for row in rows]
+            spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):.2f}%{spread}")
+        per_seed = ", ".join(f"{100 * row[f'{variant}/test']:.2f}" for row in rows)
+        lines.append(f"| {variant} | {cells[0]} | {cells[1]} | {per_seed} |")
+    seconds = ", ".join(f"{row['seconds']:.0f}" for row in rows)
+    lines.append(f"\nseeds {', '.join(str(row['seed']) for row in rows)}; fit + evaluation seconds: {seconds}; "
+                 f"best epochs: {', '.join(str(row['best_epoch']) for row in rows)}; "
+                 f"momentum {rows[0]['momentum']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from fmnist_keras.backend import select_backend
+
+    select_backend("torch", "auto")
+    from fmnist_keras import data as fdata
+
+    raw = fdata.load_data(None)
+    rows = [run_seed(args, seed, raw) for seed in args.seeds]
+    print(summary(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"model": args.model, "rows": rows}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
