@@ -65,7 +65,7 @@ def run_seed(args, seed: int, raw) -> dict:
     from fmnist_keras.rundir import RunDir, write_json
 
     class LastTrainedWeights(keras.callbacks.Callback):
-        """The weights at the end of the last epoch, before the average replaces them."""
+        """The trained weights at the end of the last epoch (fit_model's callbacks see those, not the average)."""
 
         weights = None
 
@@ -75,6 +75,8 @@ def run_seed(args, seed: int, raw) -> dict:
     given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing}
     config = TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
     splits = make_splits(raw, config)
+    if splits.data_format != "channels_last":
+        raise SystemExit("this script evaluates channels_last models only; run it with the torch fast path")
     run = RunDir.create(args.out_dir, f"{args.model}-seed{seed}", [args.model], overwrite=True)
     last = LastTrainedWeights()
     start = time.perf_counter()
@@ -87,8 +89,6 @@ def run_seed(args, seed: int, raw) -> dict:
     trained.set_weights(last.weights)
     recalibrate_batch_norm(trained, splits.x_train, config.batch_size, seed=config.seed)
     portable = splits.in_format("channels_last")
-    if splits.data_format != "channels_last":
-        raise SystemExit("this script evaluates channels_last models only; run it with the torch fast path")
     models = {"average": average, "trained": trained}
     row = {"seed": seed, "seconds": round(seconds, 1), "best_epoch": metrics["best_epoch"],
            "epochs_run": metrics["epochs_run"], "momentum": metrics["weights_average_momentum"]}

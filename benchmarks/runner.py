@@ -95,7 +95,8 @@ def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool):
     from fmnist_keras.models import build_model
     from fmnist_keras.engine.recipe import compile_model
 
-    config = TrainConfig(model=name, epochs=epochs, batch_size=batch_size, fast_path=fast).resolved()
+    # No moving average of the weights: the twins keep none, and each fit(epochs=1) would end on it.
+    config = TrainConfig(model=name, epochs=epochs, batch_size=batch_size, fast_path=fast, ema=0.0).resolved()
     keras.utils.set_random_seed(0)
     model = build_model(name, data_format=splits.data_format, seed=0)
     initial_weights = [np.array(w) for w in model.get_weights()]

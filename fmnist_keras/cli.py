@@ -75,7 +75,13 @@ def flip_tta(choice: str, model_dir) -> bool:
     from pathlib import Path
 
     from fmnist_keras.config import load_config
-    from fmnist_keras.rundir import CONFIG_FILE
+    from fmnist_keras.rundir import CONFIG_FILE, RunDirError
 
     path = Path(model_dir) / CONFIG_FILE
-    return bool(load_config(path).resolved().flip_tta) if path.is_file() else False
+    if not path.is_file():
+        return False
+    try:
+        return bool(load_config(path).resolved().flip_tta)
+    except RunDirError as error:
+        raise RunDirError(f"{error} (--tta run reads it for the run's test-time augmentation; "
+                          f"--tta flip or --tta none does without it)") from None

@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(error))
 
     from fmnist_keras.engine import evaluation, splits as engine_splits
+    from fmnist_keras.metrics import TTA_NAMES
 
     data_format = input_data_format(model)
     (x_train_raw, y_train_raw), (x_test_raw, y_test_raw) = raw
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{model_path} gives NaN or infinite outputs on the test set; the model is damaged "
                      f"(NaN weights?); retrain it or use another model.")
     result = {"model_path": str(model_path), "backend": backend, "device": describe_device(),
-              "data_source": str(source), "test_time_augmentation": evaluation.TTA_NAMES[tta], "test": test}
+              "data_source": str(source), "test_time_augmentation": TTA_NAMES[tta], "test": test}
     x_train, y_train = fdata.to_model_input(x_train_raw, data_format), y_train_raw
     if args.validation:
         if config is None:
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         from fmnist_keras.inspection.report import write_report
 
         # The run's facts (training backend, best epoch, ...) with the metrics just computed.
-        metrics = {**result, **trained, **{k: result[k] for k in ("test", "validation") if k in result}}
+        computed = ("test", "validation", "test_time_augmentation")
+        metrics = {**result, **trained, **{k: result[k] for k in computed if k in result}}
         report = write_report(run_dir, x_test, y_test, model=model, metrics=metrics, x_train=x_train,
                               y_train=y_train, out_dir=out_dir, image_index=args.image_index, layers=args.layers,
                               seed=args.seed)

@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     from fmnist_keras.data import CLASS_NAMES, to_model_input
-    from fmnist_keras.engine.evaluation import TTA_NAMES, predict_probabilities
+    from fmnist_keras.engine.evaluation import predict_probabilities
+    from fmnist_keras.metrics import TTA_NAMES
     from fmnist_keras.loading import ModelLoadError, exit_code, input_data_format, load_model, resolve_model_path
     from fmnist_keras.rundir import RunDirError
 

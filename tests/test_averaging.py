@@ -77,11 +77,11 @@ def run_callbacks(tmp_path, state=None):
                                             initial_state=state)
     checkpoint = AtomicModelCheckpoint(tmp_path / "model.keras", monitor="val_loss", save_best_only=True,
                                        initial_value_threshold=state.best if state else None)
-    seen = StepWeights()
+    seen, after = StepWeights(), StepWeights()
     callbacks = [swap_in, seen, checkpoint, keras.callbacks.CSVLogger(str(tmp_path / "history.csv"),
                                                                         append=state is not None),
-                 early_stopping, swap_back, keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))]
-    return callbacks, seen
+                 early_stopping, swap_back, keras.callbacks.BackupAndRestore(str(tmp_path / "backup")), after]
+    return callbacks, (seen, after)
 
 
 class TrainedWeights(keras.callbacks.Callback):
@@ -95,9 +95,13 @@ class TrainedWeights(keras.callbacks.Callback):
 
 def test_the_average_is_what_is_checkpointed_and_kept(tmp_path):
     model = tiny_model()
-    callbacks, seen = run_callbacks(tmp_path)
+    callbacks, (seen, after) = run_callbacks(tmp_path)
     trained = TrainedWeights()
     fit(model, [trained, *callbacks], epochs=3)
+    # After the swap back, at every epoch's end, the last epoch's included: the trained weights.
+    for epoch, weights in enumerate(after.epoch_ends):
+        for a, b in zip(weights, trained.steps[3 * (epoch + 1) - 1]):
+            np.testing.assert_array_equal(a, b)
 
     assert len(trained.steps) == 9
     for epoch, weights in enumerate(seen.epoch_ends):  # what the checkpoint and EarlyStopping see

@@ -53,7 +53,7 @@ def test_help_is_fast_and_imports_no_keras():
     assert time.perf_counter() - start < 5
 
 
-def test_tta_follows_the_run_unless_told(cnn_run, tiny_data_dir, tmp_path):
+def test_tta_follows_the_run_unless_told(cnn_run, tiny_data_dir, tmp_path, capsys):
     (_, _), (x_test, y_test) = load_data(tiny_data_dir, verify=False)
     model = keras.saving.load_model(cnn_run / "model.keras")
     x = to_model_input(x_test)
@@ -76,8 +76,22 @@ def test_tta_follows_the_run_unless_told(cnn_run, tiny_data_dir, tmp_path):
     bare.parent.mkdir()
     model.save(bare)
     assert evaluated(bare)[1:] == none[1:]
-    (cnn_run / "config.json").write_text("{garbled")
+    (cnn_run / "config.json").write_text('{"notes": "not a run configuration"}')
     assert run_cli(tiny_data_dir, cnn_run, "--no-report") == 1
+    assert "--tta flip or --tta none" in capsys.readouterr().err
+    assert evaluated(cnn_run, "--tta", "none")[1:] == none[1:]
+
+
+def test_the_report_follows_the_tta_it_was_given_not_the_runs(cnn_run, tiny_data_dir):
+    metrics = json.loads((cnn_run / "metrics.json").read_text())
+    (cnn_run / "metrics.json").write_text(json.dumps({**metrics, "test_time_augmentation":
+                                                      "mean over the image and its mirror image"}))
+    assert run_cli(tiny_data_dir, cnn_run, "--tta", "none", "--layers", "block1_conv1") == 0
+    report = (cnn_run / "report.md").read_text()
+    assert "test_time_augmentation: none" in report
+    result = json.loads((cnn_run / "evaluation.json").read_text())
+    (overall, *_) = [line for line in report.splitlines() if line.startswith("| test |")]
+    assert f"{result['test']['accuracy']:.4f}" in overall
 
 
 def test_evaluate_run_dir_writes_metrics_and_full_report(cnn_run, tiny_data_dir, capsys):

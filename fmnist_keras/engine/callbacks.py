@@ -199,21 +199,42 @@ def averaged_weights() -> tuple[keras.callbacks.Callback, keras.callbacks.Callba
     is validated, and it is in the model for the callbacks after it at each
     epoch's end, so ``ModelCheckpoint`` saves it and ``EarlyStopping``
     restores it. The second, put just before ``BackupAndRestore``, puts the
-    trained weights back (what ``SwapEMAWeights`` does as the next epoch
-    begins): the backup then holds the trained weights and the average where
-    an uninterrupted fit has them, and a resumed fit continues exactly.
+    trained weights back in the model and the average back in the optimizer:
+    the backup then holds both where an uninterrupted fit has them, a resumed
+    fit continues exactly, and callbacks after it see the trained weights.
+    When ``fit`` ends, Keras puts the average in the model
+    (``finalize_variable_values``).
     """
-    swap = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
+    swap = _AverageAtEpochEnd(swap_on_epoch=True)
     return swap, _TrainedWeightsBack(swap)
 
 
+class _AverageAtEpochEnd(keras.callbacks.SwapEMAWeights):
+    """``SwapEMAWeights`` that also keeps a copy of the trained weights it swaps out at each epoch's end.
+
+    (At the last epoch Keras's callback copies the average over the trained
+    weights it swapped out, for ``finalize_variable_values``; the copy here
+    lets :class:`_TrainedWeightsBack` put them back all the same.)
+    """
+
+    def __init__(self, swap_on_epoch: bool = True):
+        super().__init__(swap_on_epoch=swap_on_epoch)
+        self.trained = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.trained = [keras.ops.copy(variable.value) for variable in self.model.trainable_variables]
+        super().on_epoch_end(epoch, logs)
+
+
 class _TrainedWeightsBack(keras.callbacks.Callback):
-    def __init__(self, swap: keras.callbacks.SwapEMAWeights):
+    def __init__(self, swap: _AverageAtEpochEnd):
         super().__init__()
         self.swap = swap
 
     def on_epoch_end(self, epoch, logs=None):
-        self.swap.on_epoch_begin(epoch + 1)
+        self.swap.on_epoch_begin(epoch + 1)  # what the next epoch's start does: the average to the optimizer
+        for variable, value in zip(self.model.trainable_variables, self.swap.trained):
+            variable.assign(value)  # (the same weights, but at the last epoch, where Keras kept only the average)
 
 
 def recalibrate_batch_norm(model, x, batch_size: int, max_batches: int = 100, seed: int = 0) -> int:

@@ -12,12 +12,8 @@ from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.engine.splits import Splits
 from fmnist_keras.loading import input_data_format, load_model
-from fmnist_keras.metrics import classification_metrics
+from fmnist_keras.metrics import TTA_NAMES, classification_metrics
 from fmnist_keras.rundir import RunDir
-
-
-# What metrics.json and evaluation.json say about test-time augmentation.
-TTA_NAMES = {True: "mean over the image and its mirror image", False: "none"}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -30,8 +26,8 @@ def predict_probabilities(model: keras.Model, x: np.ndarray, flip_tta: bool = Fa
 
     With ``flip_tta``, the mean of the probabilities of each image and of its
     mirror image (flipped left to right): test-time augmentation for models
-    trained with horizontal flips. The flip is a numpy view, the same on
-    every backend.
+    trained with horizontal flips. The images are flipped in numpy
+    (:func:`fmnist_keras.data.mirror_images`), the same on every backend.
     """
     probabilities = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
     if flip_tta:

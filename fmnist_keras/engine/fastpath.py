@@ -444,7 +444,8 @@ def _fused_batch_norm_call(layer, inputs, training=None, mask=None):
         return type(layer).call(layer, inputs, training=training, mask=mask)
     # Keras computes in at least float32 (float16 statistics overflow);
     # PyTorch's kernel takes bfloat16 inputs with float32 parameters and
-    # accumulates the statistics in float32 itself.
+    # accumulates in float32 (its statistics come back in bfloat16 when there
+    # are no parameters, hence the cast of the statistics below).
     x = inputs if inputs.dtype in (torch.float64, torch.bfloat16) else inputs.to(torch.float32)
     axis = layer.axis % x.ndim
     x_nc = x.movedim(axis, 1) if axis != 1 else x  # a view: NHWC becomes channels_last NCHW
@@ -457,7 +458,7 @@ def _fused_batch_norm_call(layer, inputs, training=None, mask=None):
         momentum = layer.momentum
         for moving, batch in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
             current = moving.value.to(params)
-            moving.assign(current * momentum + batch * (1.0 - momentum))
+            moving.assign(current * momentum + batch.to(params) * (1.0 - momentum))
     if axis != 1:
         outputs = outputs.movedim(1, axis)
     return keras.ops.cast(outputs, layer.compute_dtype)

@@ -28,8 +28,8 @@ from fmnist_keras.engine.callbacks import (
     RecalibrateBatchNorm,
     RecordFitEnd,
     ResumableEarlyStopping,
-    averaged_weights,
     StopOnSignal,
+    averaged_weights,
     backed_up_epochs,
     read_history,
     resume_state,
@@ -96,8 +96,7 @@ def fit_model(
             (:class:`~fmnist_keras.engine.device_data.DeviceBatches`); None:
             on a GPU, in one process.
         callbacks: more callbacks, called after all of the above (at each
-            epoch's end the model then holds the trained weights, not their
-            average).
+            epoch's end they see the trained weights, not their average).
 
     Raises:
         callbacks.Interrupted: Ctrl-C or SIGTERM; every completed epoch is kept.
@@ -249,6 +248,7 @@ class _Callbacks:
 def _averaging_momentum(model) -> float:
     """The momentum of the optimizer's moving average of the weights; 0 when it keeps none."""
     optimizer = getattr(model, "optimizer", None)
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # inside a LossScaleOptimizer (float16)
     return round(float(optimizer.ema_momentum), 6) if getattr(optimizer, "use_ema", False) else 0.0
 
 

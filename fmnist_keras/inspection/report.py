@@ -25,7 +25,7 @@ from fmnist_keras.inspection import plots
 from fmnist_keras.engine.callbacks import read_history
 from fmnist_keras.data import CLASS_NAMES, mirror_images
 from fmnist_keras.loading import input_data_format
-from fmnist_keras.metrics import classification_metrics
+from fmnist_keras.metrics import classification_metrics, uses_flip_tta
 from fmnist_keras.rundir import FIGURES_DIR, HISTORY_FILE, METRICS_FILE, REPORT_FILE, RunDirError, read_json
 # How many test images the saliency figure explains and the mistakes grid
 # shows: enough to see a pattern, few enough to read at a glance.
@@ -294,7 +294,7 @@ def write_report(
     if layers is not None:
         internals.check_feature_layers(model, layers)  # fail on a bad request before the slow part
 
-    test = predict(model, x_test, y_test, flip_tta=metrics.get("test_time_augmentation", "none") != "none")
+    test = predict(model, x_test, y_test, flip_tta=uses_flip_tta(metrics))
     computed = classification_metrics(test.y, test.probabilities, CLASS_NAMES)
     title = metrics.get("model") or model.name
     samples = (x_train, y_train) if x_train is not None else (x_test, test.y)
