@@ -67,12 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"AdamW weight decay (default: {DEFAULTS.weight_decay:g})")
     parser.add_argument("--label-smoothing", type=_checked("label_smoothing"), default=DEFAULTS.label_smoothing, metavar="E",
                         help=f"label smoothing of the cross-entropy loss (default: {DEFAULTS.label_smoothing:g})")
-    per_model_ema = ", ".join(f"{m}: {d['ema']:g}" for m, d in MODEL_DEFAULTS.items())
+    emas = {d["ema"] for d in MODEL_DEFAULTS.values()}
+    per_model_ema = (f"{emas.pop():g}" if len(emas) == 1 else
+                     "per model: " + ", ".join(f"{m}: {d['ema']:g}" for m, d in MODEL_DEFAULTS.items()))
     flipped = ", ".join(m for m, d in MODEL_DEFAULTS.items() if d["flip_tta"])
     parser.add_argument("--ema", type=_checked("ema"), metavar="M",
                         help="keep a moving average of the weights with momentum M (capped so that it spans at "
-                        "most a tenth of the run) and validate, checkpoint and save the average; 0 turns it off "
-                        f"(default per model: {per_model_ema})")
+                        "most a tenth of the run) and validate, checkpoint and save the average, e.g. 0.999; 0 "
+                        f"turns it off (default: {per_model_ema})")
     parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
                         help="evaluate with the mean of the probabilities of each image and its mirror image "
                         f"(test-time augmentation; default: on for {flipped}, trained with flips; off for the others)")

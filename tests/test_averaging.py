@@ -174,7 +174,7 @@ def test_the_momentum_shrinks_so_the_average_spans_at_most_a_tenth_of_the_run():
 
 
 def test_model_defaults_and_a_config_without_the_keys(tmp_path):
-    assert (TrainConfig(model="cnn").resolved().ema, TrainConfig(model="cnn").resolved().flip_tta) == (0.999, True)
+    assert (TrainConfig(model="cnn").resolved().ema, TrainConfig(model="cnn").resolved().flip_tta) == (0.0, True)
     assert (TrainConfig(model="mlp").resolved().ema, TrainConfig(model="mlp").resolved().flip_tta) == (0.0, False)
     assert TrainConfig(model="cnn", ema=0.0, flip_tta=False).resolved().ema == 0.0
     # A saved configuration without the keys describes a run that used neither.
