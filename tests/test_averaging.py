@@ -24,6 +24,7 @@ from fmnist_keras.engine.callbacks import (
 from fmnist_keras.engine.evaluation import predict_probabilities
 from fmnist_keras.engine.recipe import averaging_momentum
 from fmnist_keras.interrupts import Interrupted
+from test_callbacks import StopAfter
 
 MOMENTUM = 0.8
 
@@ -84,19 +85,10 @@ def run_callbacks(tmp_path, state=None):
     return callbacks, (seen, after)
 
 
-class TrainedWeights(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.steps = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps.append(self.model.get_weights())
-
-
 def test_the_average_is_what_is_checkpointed_and_kept(tmp_path):
     model = tiny_model()
     callbacks, (seen, after) = run_callbacks(tmp_path)
-    trained = TrainedWeights()
+    trained = StepWeights()
     fit(model, [trained, *callbacks], epochs=3)
     # After the swap back, at every epoch's end, the last epoch's included: the trained weights.
     for epoch, weights in enumerate(after.epoch_ends):
@@ -122,30 +114,20 @@ def test_the_trained_weights_go_on_training_after_each_epoch(tmp_path):
     # The average watches: the trained weights' path is the one a fit without it takes.
     model = tiny_model()
     callbacks, _ = run_callbacks(tmp_path)
-    with_average = TrainedWeights()
+    with_average = StepWeights()
     fit(model, [with_average, *callbacks], epochs=2)
     plain = tiny_model()
     plain.compile(optimizer=keras.optimizers.AdamW(1e-2), loss="categorical_crossentropy")
-    without = TrainedWeights()
+    without = StepWeights()
     fit(plain, [without], epochs=2)
     for a, b in zip(with_average.steps[-1], without.steps[-1]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
-class StopAfter(keras.callbacks.Callback):
-    def __init__(self, epochs):
-        super().__init__()
-        self.epochs = epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epochs:
-            raise Interrupted(15)
-
-
 def test_a_resumed_fit_ends_where_an_uninterrupted_one_ends(tmp_path):
     reference = tiny_model()
     callbacks, _ = run_callbacks(tmp_path / "reference")
-    reference_steps = TrainedWeights()
+    reference_steps = StepWeights()
     fit(reference, [reference_steps, *callbacks], epochs=4)
 
     run = tmp_path / "run"
@@ -155,7 +137,7 @@ def test_a_resumed_fit_ends_where_an_uninterrupted_one_ends(tmp_path):
     state = resume_state(run / "backup", run / "model.keras", run / "history.csv")
     resumed = tiny_model(seed=1)  # BackupAndRestore brings back the weights, the average and the step
     callbacks, _ = run_callbacks(run, state)
-    resumed_steps = TrainedWeights()
+    resumed_steps = StepWeights()
     fit(resumed, [resumed_steps, *callbacks], epochs=4)
 
     assert len(resumed_steps.steps) == 6
