@@ -22,7 +22,7 @@ import time
 
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import add_data_arguments, in_range
-from fmnist_keras.config import DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig, load_config
+from fmnist_keras.config import DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, RANGES, TrainConfig, load_config
 from fmnist_keras.interrupts import Interrupted
 from fmnist_keras.rundir import RunDir, RunDirError, write_json
 
@@ -165,8 +165,9 @@ def resume_configs(parser, args, argv) -> tuple[RunDir, list[TrainConfig]]:
         raise RunDirError(f"{run} has no config.json for any of its models ({', '.join(models)}), so there is "
                           f"nothing to resume; start a new run.")
     first = next(iter(configs.values()))
-    unset = {name: None for name in PER_MODEL}  # a model without a config.json gets its own defaults
-    return run, [configs.get(model) or dataclasses.replace(first, model=model, **unset) for model in models]
+    # A model without a config.json takes the run's settings, but its own TTA and average defaults.
+    own = {"flip_tta": None, "ema": None}
+    return run, [configs.get(model) or dataclasses.replace(first, model=model, **own) for model in models]
 
 
 def main(argv: list[str] | None = None) -> int:

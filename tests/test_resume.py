@@ -176,3 +176,19 @@ def test_ctrl_c_during_fit_stops_at_the_batch_end_and_restores_the_handler():
     # A fit that ends normally leaves the handler as it was, too.
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[StopOnSignal()])
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_model_without_config_json_resumes_with_the_runs_settings_and_its_own_tta(tmp_path):
+    from fmnist_keras.config import TrainConfig
+    from fmnist_keras.rundir import RunDir
+
+    run = RunDir.create(str(tmp_path), "run", ["mlp", "cnn"])
+    run.model_dir("mlp").mkdir()
+    TrainConfig(model="mlp", epochs=3, seed=7).resolved().save(run.config_file("mlp"))
+    assert not run.config_file("cnn").exists()
+    parser = train.build_parser()
+    argv = ["--resume", str(run.path)]
+    _, configs = train.resume_configs(parser, parser.parse_args(argv), argv)
+    mlp, cnn = sorted(configs, key=lambda config: config.model != "mlp")
+    assert (cnn.model, cnn.epochs, cnn.seed) == ("cnn", 3, 7)  # the run's settings
+    assert (mlp.resolved().flip_tta, cnn.resolved().flip_tta) == (False, True)  # each model's own TTA
