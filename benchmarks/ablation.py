@@ -8,10 +8,12 @@ epoch. It then evaluates four variants on the validation and the test
 split:
 
 * ``average + flip``: the saved model (the moving average of the weights,
-  best epoch, BatchNorm statistics re-estimated) with flip TTA: the default;
+  best epoch, BatchNorm statistics re-estimated) with flip TTA;
 * ``average``: the same model, no TTA;
 * ``trained + flip`` and ``trained``: the trained weights of the last epoch,
-  their BatchNorm statistics re-estimated the same way.
+  their BatchNorm statistics re-estimated the same way (``trained + flip``
+  is what the default CNN, without the average, keeps when its last epoch
+  is its best).
 
 The moving average only watches the trained weights, so the ``trained``
 rows are what ``--ema 0`` trains, except that such a run keeps its best
@@ -48,7 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="seeds (default: 42 1 2)")
     parser.add_argument("--epochs", type=int, help="epochs (default: the model's)")
     parser.add_argument("--subset", type=int, help="train on N images (default: all)")
-    parser.add_argument("--ema", type=float, help="momentum of the average (default: the model's)")
+    parser.add_argument("--ema", type=float, default=0.999,
+                        help="momentum of the average that is compared (default: 0.999)")
     parser.add_argument("--label-smoothing", type=float, help="label smoothing (default: train's)")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
