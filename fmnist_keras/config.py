@@ -33,6 +33,9 @@ MODEL_DEFAULTS = {
 }
 # Fields whose None means "the model's default" (MODEL_DEFAULTS).
 PER_MODEL = ("epochs", "learning_rate", "flip_tta", "ema")
+# Fields whose None means "decided by the hardware when the run starts"
+# (fmnist_keras.engine.fit.run_config); config.json records the decision.
+PER_MACHINE = ("mixed_precision",)
 
 
 # The valid range of every number in a TrainConfig: (type, lowest, highest).
@@ -73,7 +76,9 @@ class TrainConfig:
     verify: bool = True  # SHA-256 check of the data files
     backend: str = "torch"
     device: str = "auto"  # "auto": GPU if present; "cpu": force CPU; "gpu": fail without one
-    mixed_precision: bool = False  # bfloat16 (CPU) / float16 (GPU) compute, float32 weights and outputs
+    # bfloat16 (CPU) / float16 (GPU) compute, float32 weights and outputs;
+    # None: on where measured to pay (fmnist_keras.backend.default_mixed_precision).
+    mixed_precision: bool | None = None
     # Image layout while training: "auto" picks the backend's fast one
     # (channels_last, or channels_first on torch without the fast path);
     # saved models are channels_last either way.
@@ -134,7 +139,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} is {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
         for name in FLAGS:
-            if getattr(self, name) is None and name in PER_MODEL:
+            if getattr(self, name) is None and name in (*PER_MODEL, *PER_MACHINE):
                 continue
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} is {getattr(self, name)!r}; expected true or false")

@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run directory of the same name (default: refuse)")
     add_backend_arguments(parser)
-    parser.add_argument("--mixed-precision", action="store_true",
+    parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
                         help="compute in bfloat16 (CPU) or float16 (GPU), keep float32 weights and outputs "
-                        "(default: off)")
+                        "(default: on with the torch backend on a CPU with AMX bfloat16, where it trains the CNN "
+                        "2.2x faster at the same accuracy; off elsewhere)")
     parser.add_argument("--data-format", choices=DATA_FORMATS, default=DEFAULTS.data_format,
                         help="image layout while training; 'auto' is channels_last (channels_first on torch with "
                         "--no-fast-path); the saved model is channels_last either way (default: auto)")
@@ -151,7 +152,11 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
 
 def resume_configs(parser, args, argv) -> tuple[RunDir, list[TrainConfig]]:
     """The run directory and saved per-model configurations of ``--resume RUN_DIR``."""
-    option = {action.dest: action.option_strings[-1] for action in parser._actions if action.option_strings}
+    written = {arg.partition("=")[0] for arg in argv or sys.argv[1:]}
+    option = {  # each flag as written (--flip-tta or --no-flip-tta), else its last spelling
+        action.dest: next((o for o in action.option_strings if o in written), action.option_strings[-1])
+        for action in parser._actions if action.option_strings
+    }
     given = [option[name] for name in _RUN_FLAGS if name in given_flags(parser, argv)]
     if given:
         parser.error(
@@ -304,13 +309,16 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
     import keras
 
     from fmnist_keras.engine import distributed, fit
-    from fmnist_keras.backend import describe_device, is_out_of_memory
+    from fmnist_keras.backend import default_mixed_precision, describe_device, is_out_of_memory
+    from fmnist_keras.engine.recipe import dtype_policy_name
     from fmnist_keras.loading import ModelLoadError
     from fmnist_keras.metrics import format_summary
 
     say = print if replicas.is_chief else (lambda *_, **__: None)
     device = describe_device()
-    say(f"Backend: {backend} (keras {keras.__version__}), device: {device}")
+    chosen = configs[0].mixed_precision
+    precision = dtype_policy_name(default_mixed_precision(backend) if chosen is None else chosen)
+    say(f"Backend: {backend} (keras {keras.__version__}), device: {device}, precision: {precision}")
     if replicas.mode != "single":
         say(
             f"Data parallel ({replicas.mode}): {replicas.world_size} replicas {', '.join(replicas.devices)}; "

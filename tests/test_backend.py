@@ -110,3 +110,28 @@ def test_training_layout_is_channels_last_unless_stock_keras_on_torch_and_explic
     assert fbackend.training_data_format("torch", "channels_last") == "channels_last"
     with pytest.raises(ValueError, match="choose one of auto, channels_last, channels_first"):
         fbackend.training_data_format("torch", "nhwc")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n", True),
+        ("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n", False),  # AVX512-BF16 alone: not measured
+        ("flags\t\t: amx_bf16_not_a_flag\nbugs\t\t: amx_bf16\n", False),  # whole words of the flags line only
+        ("", False),
+        (b"flags\t: \xff\xfe amx_bf16\n", True),  # stray bytes
+    ],
+)
+def test_cpu_has_amx_reads_the_flags_line(tmp_path, text, expected):
+    from fmnist_keras.backend import cpu_has_amx
+
+    path = tmp_path / "cpuinfo"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert cpu_has_amx(str(path)) is expected
+
+
+def test_cpu_has_amx_is_false_where_cpuinfo_cannot_be_read(tmp_path):
+    from fmnist_keras.backend import cpu_has_amx
+
+    assert cpu_has_amx(str(tmp_path / "missing")) is False
+    assert cpu_has_amx(str(tmp_path)) is False  # a directory

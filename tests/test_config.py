@@ -63,7 +63,8 @@ def test_every_choice_is_accepted_and_others_refused(name):
 def test_flags_must_be_booleans(name):
     for value in (True, False):
         assert getattr(TrainConfig.from_dict({name: value}), name) is value
-    for value in (1, "true") if name == "flip_tta" else (1, "true", None):  # flip_tta None: the model's
+    # None: the model's default (flip_tta) or the machine's (mixed_precision, fmnist_keras.backend).
+    for value in (1, "true") if name in ("flip_tta", "mixed_precision") else (1, "true", None):
         with pytest.raises(ValueError, match=rf"^{name} is .*; expected true or false$"):
             TrainConfig.from_dict({name: value})
 

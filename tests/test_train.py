@@ -171,6 +171,28 @@ def test_mixed_precision_trains_with_float32_outputs(tmp_path, tiny_data_dir):
     assert keras.ops.convert_to_numpy(out).dtype == np.float32
 
 
+@pytest.mark.parametrize(
+    "amx, flag, expected",
+    [(True, None, True), (False, None, False), (True, "--no-mixed-precision", False), (False, "--mixed-precision", True)],
+    ids=["amx", "no-amx", "amx-turned-off", "asked-for"],
+)
+def test_precision_left_open_is_bfloat16_only_on_torch_with_amx(tmp_path, tiny_data_dir, monkeypatch, capsys,
+                                                                 amx, flag, expected):
+    from fmnist_keras import backend
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f " + ("amx_bf16 amx_tile" if amx else "") + "\n")
+    monkeypatch.setattr(backend, "CPUINFO", str(cpuinfo))
+    extra = [flag] if flag else []
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--no-report", *extra) == 0
+    expected &= keras.backend.backend() == "torch" or flag == "--mixed-precision"
+    policy = ("mixed_float16" if backend.has_gpu() else "mixed_bfloat16") if expected else "float32"
+    run = tmp_path / "runs" / "run" / "mlp"
+    assert json.loads((run / "config.json").read_text())["mixed_precision"] is expected  # the decision is recorded
+    assert json.loads((run / "metrics.json").read_text())["mixed_precision"] == policy
+    assert f"precision: {policy}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "stock-keras"])
 def test_cnn_trains_in_the_backends_fast_layout_and_is_saved_channels_last(tmp_path, tiny_data_dir, fast_path):
     from fmnist_keras.loading import load_model

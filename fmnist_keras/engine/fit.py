@@ -20,7 +20,7 @@ import keras
 
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
-from fmnist_keras.backend import has_gpu
+from fmnist_keras.backend import default_mixed_precision, has_gpu
 from fmnist_keras.engine import distributed, fastpath
 from fmnist_keras.engine.callbacks import (
     AtomicModelCheckpoint,
@@ -52,13 +52,19 @@ class FitResult:
 
 
 def run_config(config: TrainConfig, splits: Splits) -> TrainConfig:
-    """What ``config.json`` records: ``config`` with the model's defaults filled in and the splits' layout."""
+    """What ``config.json`` records: ``config`` with the model's defaults filled in, the splits' layout,
+    and the precision this machine gets when the configuration leaves it open."""
     if config.data_format not in ("auto", splits.data_format):
         raise ValueError(
             f"the configuration asks to train in {config.data_format} but the splits are {splits.data_format}; "
             f"make them with make_splits(raw, config)."
         )
-    return dataclasses.replace(config.resolved(), data_format=splits.data_format)
+    mixed = config.mixed_precision
+    return dataclasses.replace(
+        config.resolved(),
+        data_format=splits.data_format,
+        mixed_precision=default_mixed_precision(keras.backend.backend()) if mixed is None else mixed,
+    )
 
 
 def fit_model(
