@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 
-from fmnist_keras.config import BACKENDS, DATA_FORMATS
+from fmnist_keras.config import BACKENDS, BFLOAT16_ON_AMX, DATA_FORMATS
 
 # The pip extra that brings each backend's package.
 _PACKAGES = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
@@ -146,15 +146,16 @@ def cpu_has_amx(cpuinfo: str | None = None) -> bool:
     return False
 
 
-def default_mixed_precision(backend: str) -> bool:
-    """Whether a run that does not choose (``mixed_precision`` None) computes in bfloat16 here.
+def default_mixed_precision(backend: str, model: str) -> bool:
+    """Whether a run of ``model`` that does not choose (``mixed_precision`` None) computes in bfloat16 here.
 
     Only where it was measured to pay: the torch backend on a CPU with AMX
-    trains the default CNN 2.2x faster in bfloat16 at the same test accuracy
-    (docs/backends.md, "Mixed precision"). Elsewhere (GPUs, other CPUs,
-    TensorFlow and JAX) float32, until measured.
+    trains the default CNN about twice as fast in bfloat16 at the same test
+    accuracy (``config.BFLOAT16_ON_AMX``; docs/backends.md, "Mixed
+    precision"). Elsewhere (other models, GPUs, other CPUs, TensorFlow and
+    JAX) float32, until measured.
     """
-    return backend == "torch" and not has_gpu() and cpu_has_amx()
+    return model in BFLOAT16_ON_AMX and backend == "torch" and not has_gpu() and cpu_has_amx()
 
 
 def has_gpu() -> bool:

@@ -316,9 +316,7 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
 
     say = print if replicas.is_chief else (lambda *_, **__: None)
     device = describe_device()
-    chosen = configs[0].mixed_precision
-    precision = dtype_policy_name(default_mixed_precision(backend) if chosen is None else chosen)
-    say(f"Backend: {backend} (keras {keras.__version__}), device: {device}, precision: {precision}")
+    say(f"Backend: {backend} (keras {keras.__version__}), device: {device}")
     if replicas.mode != "single":
         say(
             f"Data parallel ({replicas.mode}): {replicas.world_size} replicas {', '.join(replicas.devices)}; "
@@ -344,10 +342,11 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
             facts[name] = fitted
             continue
         resolved = config.resolved()
+        mixed = default_mixed_precision(backend, name) if config.mixed_precision is None else config.mixed_precision
         say(
             f"\n== {name}: {len(splits.x_train)} train / {len(splits.x_val)} validation / "
             f"{len(splits.x_test)} test images, up to {resolved.epochs} epochs, batch {resolved.batch_size}, "
-            f"peak learning rate {resolved.learning_rate:g}"
+            f"peak learning rate {resolved.learning_rate:g}, {dtype_policy_name(mixed)}"
             + (f", moving average of the weights (momentum up to {resolved.ema:g})" if resolved.ema else "")
             + (", evaluated with mirror images (flip TTA)" if resolved.flip_tta else "")
         )

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -184,13 +185,17 @@ def test_precision_left_open_is_bfloat16_only_on_torch_with_amx(tmp_path, tiny_d
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f " + ("amx_bf16 amx_tile" if amx else "") + "\n")
     monkeypatch.setattr(backend, "CPUINFO", str(cpuinfo))
     extra = [flag] if flag else []
-    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--no-report", *extra) == 0
-    expected &= keras.backend.backend() == "torch" or flag == "--mixed-precision"
-    policy = ("mixed_float16" if backend.has_gpu() else "mixed_bfloat16") if expected else "float32"
-    run = tmp_path / "runs" / "run" / "mlp"
-    assert json.loads((run / "config.json").read_text())["mixed_precision"] is expected  # the decision is recorded
-    assert json.loads((run / "metrics.json").read_text())["mixed_precision"] == policy
-    assert f"precision: {policy}" in capsys.readouterr().out
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "all", "--epochs", "1", "--no-report", *extra) == 0
+    out = capsys.readouterr().out
+    for model, measured in (("cnn", True), ("mlp", False)):  # bfloat16 by default only where it was measured to pay
+        on = flag == "--mixed-precision" or (
+            expected and measured and keras.backend.backend() == "torch" and not backend.has_gpu()
+        )
+        policy = ("mixed_float16" if backend.has_gpu() else "mixed_bfloat16") if on else "float32"
+        run = tmp_path / "runs" / "run" / model
+        assert json.loads((run / "config.json").read_text())["mixed_precision"] is on  # the decision is recorded
+        assert json.loads((run / "metrics.json").read_text())["mixed_precision"] == policy
+        assert re.search(rf"== {model}: .*, {policy}", out)
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "stock-keras"])

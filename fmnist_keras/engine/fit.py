@@ -63,7 +63,7 @@ def run_config(config: TrainConfig, splits: Splits) -> TrainConfig:
     return dataclasses.replace(
         config.resolved(),
         data_format=splits.data_format,
-        mixed_precision=default_mixed_precision(keras.backend.backend()) if mixed is None else mixed,
+        mixed_precision=default_mixed_precision(keras.backend.backend(), config.model) if mixed is None else mixed,
     )
 
 
