@@ -267,7 +267,7 @@ def test_enable_names_what_it_switched_on_and_nothing_off_torch():
         assert enabled == {}
         return
     assert set(enabled) == set(fastpath.PIECES)
-    for piece in ("batched_affine_transform", "fused_batch_norm", "fused_adam"):
+    for piece in ("batched_affine_transform", "fused_batch_norm", "fused_adam", "direct_layer_calls"):
         assert enabled[piece] == "on"  # on every Keras version this project supports
     # Keras 3.15 copies around convolutions (the piece runs); 3.14 and 3.16 do not (it is not needed).
     assert enabled["channels_last_views"] == str(fastpath.verdict("channels_last_views"))
@@ -309,6 +309,105 @@ def test_training_block_undoes_the_process_wide_changes_it_made():
     assert image.affine_transform is stock
     with fastpath.active(_bn_model(), enabled=False) as enabled:
         assert enabled == {} and image.affine_transform is stock
+
+
+# --- direct layer calls ---------------------------------------------------------------------
+
+
+def _twin_models(name):
+    """Two copies of a registered model with equal variables (weights and seed states), compiled with
+    fused BatchNorm and AdamW; the second also calls its layers directly."""
+    from fmnist_keras.config import TrainConfig
+    from fmnist_keras.engine.recipe import compile_model
+    from fmnist_keras.models import build_model
+
+    models = []
+    for _ in range(2):
+        keras.utils.set_random_seed(0)
+        model = build_model(name, data_format="channels_last", seed=0)
+        compile_model(model, TrainConfig(model=name, ema=0.0, mixed_precision=False), steps_per_epoch=4)
+        fastpath.fuse_batch_norm(model)
+        fastpath.fuse_adam(model.optimizer)
+        models.append(model)
+    for a, b in zip(models[0].variables, models[1].variables):
+        b.assign(a)
+    assert fastpath.call_layers_directly(models[1]) is None and "call" in vars(models[1])
+    return models
+
+
+@torch_only
+@pytest.mark.parametrize("name", ["cnn", "mlp", "baseline-cnn"])
+def test_direct_layer_calls_train_and_predict_exactly_as_kerass_layer_calls(name):
+    import torch
+
+    rng = _rng()
+    x = rng.random((24, 28, 28, 1), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 24), 10)
+    keras_calls, direct = _twin_models(name)
+    for step in range(3):  # flips, shifts, dropout and BatchNorm statistics included
+        losses = []
+        for model in (keras_calls, direct):
+            torch.manual_seed(step)  # dropout without a seed draws from torch's global generator
+            losses.append(model.train_on_batch(x[8 * step: 8 * step + 8], y[8 * step: 8 * step + 8]))
+        assert losses[0] == losses[1]
+    for a, b in zip(keras_calls.variables, direct.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    np.testing.assert_array_equal(keras_calls.predict(x, verbose=0), direct.predict(x, verbose=0))
+
+
+@torch_only
+def test_calls_direct_layer_calls_cannot_take_go_through_keras():
+    keras_calls, direct = _twin_models("cnn")
+    x = _rng().random((4, 28, 28, 1), dtype=np.float32)
+    for given in (x[..., 0], x.astype(np.float64)):  # another rank (Keras adds the channel), another dtype
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(direct(given, training=False)),
+                                      keras.ops.convert_to_numpy(keras_calls(given, training=False)))
+    features = keras.Model(direct.inputs, direct.get_layer("block1_conv1").output)  # symbolic: Keras's graph
+    assert features(x).shape == (4, 28, 28, 32)
+
+
+def _shared_layer_model():
+    inputs = keras.Input((8,))
+    shared = keras.layers.Dense(8)
+    return keras.Model(inputs, shared(shared(inputs)))
+
+
+def _two_output_model():
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(3)(inputs)
+    return keras.Model(inputs, [keras.layers.Dense(2)(hidden), keras.layers.Dense(1)(hidden)])
+
+
+class _MyDense(keras.layers.Dense):
+    pass
+
+
+@torch_only
+@pytest.mark.parametrize(
+    "build, why",
+    [
+        (_shared_layer_model, "the model is not a chain of layers"),
+        (lambda: keras.Sequential([keras.Input((4,)), _MyDense(2)]), "is a _MyDense layer, not one of"),
+        (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, dtype="mixed_bfloat16")]),
+         "computes under mixed_bfloat16, not float32"),
+        (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activity_regularizer="l2")]),
+         "has an activity regulariser"),
+        (_two_output_model, "more than one input or output"),
+    ],
+    ids=["shared-layer", "unknown-layer", "mixed-precision", "activity-regulariser", "two-outputs"],
+)
+def test_models_direct_calls_would_change_keep_kerass_call(build, why):
+    model = build()
+    assert why in fastpath.call_layers_directly(model)
+    assert "call" not in vars(model)
+
+
+@torch_only
+def test_a_changed_layer_call_turns_direct_layer_calls_off(fresh_verdicts, monkeypatch, capsys):
+    monkeypatch.setitem(fastpath._KNOWN["direct_layer_calls"], "Layer.__call__", {})
+    model = _bn_model()
+    assert fastpath.call_layers_directly(model) == "off" and "call" not in vars(model)
+    assert capsys.readouterr().err.startswith("warning: fast path: direct_layer_calls is off")
 
 
 # --- the fence: a changed or missing private target turns its piece off -----------------------

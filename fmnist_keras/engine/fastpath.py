@@ -1,6 +1,6 @@
 """The torch fast path, and the one module that reaches past Keras's public API.
 
-Keras's torch backend is correct but loses time in four places that a
+Keras's torch backend is correct but loses time in five places that a
 profile of ``model.fit`` shows (``docs/speed.md``):
 
 1. **Layout copies** (``channels_last_views``). Keras 3.15 permutes a
@@ -17,6 +17,11 @@ profile of ``model.fit`` shows (``docs/speed.md``):
 4. **AdamW** (``fused_adam``). Keras's update is a chain of
    ``torch._foreach_*`` calls plus a separate weight-decay pass; the
    replacement runs ``torch.optim.adamw(fused=True)`` with the decay inside.
+5. **Layer calls** (``direct_layer_calls``). ``Layer.__call__`` costs more
+   than most of these layers' ``call()`` (input conversion, argument binding,
+   masks, scopes) and the functional graph walk adds more. For a float32
+   model that is a plain chain of known layers, the model's ``call`` runs
+   each layer's ``call()`` in order instead.
 
 Each replacement computes what Keras computes (the tests compare outputs,
 gradients, moving statistics and updates with stock Keras). Models keep their
@@ -49,6 +54,8 @@ fused_adam                 torch ``Adam._parallel_update_step``,            all 
                            ``TorchParallelOptimizer._backend_update_step``,
                            ``_get_variable_index``, ``_use_weight_decay``,
                            ``_momentums``, ``_velocities``
+direct_layer_calls         ``Layer.__call__``, ``Operation.__call__``,        all three
+                           ``Functional.call``, ``Sequential.call``
 tensorflow_unloaded        ``utils.module_utils.tensorflow._available``     all three
 keras_ddp                  torch ``Trainer._initialize_ddp``, ``ddp_model``  3.16.0.dev2026102704 (Keras
                                                                             wraps DDP); 3.14.0, 3.15.1
@@ -102,8 +109,21 @@ _KNOWN = {
         },
         "TorchParallelOptimizer._backend_update_step": {"039e46a21176": "on"},
     },
+    "direct_layer_calls": {
+        # What these do for a float32 tensor, no mask, no remat and no
+        # quantization is the same in the three: convert nothing, resolve
+        # `training`, call `call()`.
+        "Layer.__call__": {"4fb7e42e4ffd": "on", "fa98a1c02050": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
+        "Operation.__call__": {
+            "ee119129373f": "on",  # 3.14.0
+            "54fc9fcb8839": "on",  # 3.15.1
+            "7d0ccf920271": "on",  # 3.16.0.dev: remat and quantization moved into _dispatch_call
+        },
+        "Functional.call": {"efd7243f579a": "on", "0cb7a551d785": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
+        "Sequential.call": {"8c623d4db11a": "on", "4f633be04f45": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
+    },
 }
-PIECES = ("channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam")
+PIECES = ("channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam", "direct_layer_calls")
 
 # What install() replaced: (module, name) -> Keras's original function.
 _ORIGINALS: dict = {}
@@ -190,6 +210,20 @@ def _targets(piece: str) -> dict:
             "BaseOptimizer._get_variable_index": _attribute(optimizers["BaseOptimizer"], "_get_variable_index"),
             "BaseOptimizer._use_weight_decay": _attribute(optimizers["BaseOptimizer"], "_use_weight_decay"),
         }
+    if piece == "direct_layer_calls":
+        import keras
+
+        try:
+            from keras.src.models.functional import Functional
+            from keras.src.ops.operation import Operation
+        except ImportError:
+            Functional = Operation = None
+        return {
+            "Layer.__call__": keras.layers.Layer.__call__,
+            "Operation.__call__": _attribute(Operation, "__call__"),
+            "Functional.call": _attribute(Functional, "call"),
+            "Sequential.call": keras.Sequential.call,
+        }
     raise ValueError(f"unknown fast-path piece {piece!r}; expected one of {', '.join(PIECES)}.")
 
 
@@ -249,6 +283,10 @@ def enable(model, optimizer=None) -> dict[str, str]:
         states["fused_batch_norm"] = "not needed: the model has no BatchNormalization layer"
     if states["fused_adam"] == "on" and (optimizer is None or not _is_fused(fuse_adam(optimizer))):
         states["fused_adam"] = "not needed: the optimizer is not a plain Adam or AdamW"
+    if states["direct_layer_calls"] == "on":
+        why = call_layers_directly(model)
+        if why:
+            states["direct_layer_calls"] = f"not needed: {why}"
     return states
 
 
@@ -557,6 +595,80 @@ def fuse_adam(optimizer):
 
 def _decay_in_the_fused_step(variables):
     """Keras's weight-decay pass, replaced: the fused step applies the decay."""
+
+
+# --- 5. layer calls ------------------------------------------------------------------------
+
+# Layers whose __call__, for a float32 tensor without a mask, only calls call().
+_DIRECT_LAYERS = (
+    "Activation", "BatchNormalization", "Conv2D", "Dense", "Dropout", "Flatten", "MaxPooling2D",
+    "RandomErasing", "RandomFlip", "RandomTranslation",
+)
+
+
+def call_layers_directly(model) -> str | None:
+    """Make ``model``'s ``call`` run its layers' ``call()`` one after the other.
+
+    Applies to a model that is a chain (each layer's input is the previous
+    layer's output, one input, one output) of the layer types in
+    ``_DIRECT_LAYERS``, all float32, without activity regularisers,
+    rematerialisation or quantization. For such layers ``Layer.__call__``
+    converts nothing and adds nothing: it binds the arguments, resolves
+    ``training`` and calls ``call()``; the direct call passes ``training`` on
+    itself. The model keeps Keras's ``call`` for anything else: symbolic
+    tensors, masks, ``training=None``, inputs of another dtype or rank.
+    Returns None when the model now calls its layers directly (again: the
+    call is idempotent), else why not.
+    """
+    import keras
+    import torch
+
+    if not is_torch() or not _usable("direct_layer_calls"):
+        return "off"
+    if "call" in vars(model):
+        return None
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        return "the model has no inputs yet (build it from keras.Input)"
+    if len(inputs) != 1 or len(outputs) != 1:
+        return "the model has more than one input or output"
+    chain, previous = [], inputs[0]
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        kind = type(layer).__name__
+        if type(layer) is not getattr(keras.layers, kind, None) or kind not in _DIRECT_LAYERS:
+            return f"{layer.name} is a {kind} layer, not one of {', '.join(_DIRECT_LAYERS)}"
+        if layer.dtype_policy.name != "float32":
+            return f"{layer.name} computes under {layer.dtype_policy.name}, not float32"
+        if (getattr(layer, "activity_regularizer", None) is not None or getattr(layer, "_remat_mode", None)
+                or getattr(layer, "quantization_mode", None) is not None):
+            return f"{layer.name} has an activity regulariser, rematerialisation or quantization"
+        try:
+            chained = layer.input is previous
+            previous = layer.output
+        except (AttributeError, ValueError):  # a layer called more than once
+            chained = False
+        if not chained:
+            return f"the model is not a chain of layers (at {layer.name})"
+        chain.append((layer, "training" in inspect.signature(layer.call).parameters))
+    if previous is not outputs[0]:
+        return "the model is not a chain of layers (its output)"
+    keras_call = model.call
+    rank = len(inputs[0].shape)
+
+    def call(inputs, training=None, mask=None, **kwargs):
+        if (training is None or mask is not None or kwargs or not isinstance(inputs, torch.Tensor)
+                or inputs.dtype != torch.float32 or inputs.ndim != rank):
+            return keras_call(inputs, training=training, mask=mask, **kwargs)
+        x = inputs
+        for layer, takes_training in chain:
+            x = layer.call(x, training=training) if takes_training else layer.call(x)
+        return x
+
+    model.call = call
+    return None
 
 
 # --- other private reaches ------------------------------------------------------------------
