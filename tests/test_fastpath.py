@@ -314,18 +314,19 @@ def test_training_block_undoes_the_process_wide_changes_it_made():
 # --- direct layer calls ---------------------------------------------------------------------
 
 
-def _twin_models(name):
+def _twin_models(name, mixed=False):
     """Two copies of a registered model with equal variables (weights and seed states), compiled with
     fused BatchNorm and AdamW; the second also calls its layers directly."""
     from fmnist_keras.config import TrainConfig
-    from fmnist_keras.engine.recipe import compile_model
+    from fmnist_keras.engine.recipe import compile_model, dtype_policy
     from fmnist_keras.models import build_model
 
     models = []
     for _ in range(2):
         keras.utils.set_random_seed(0)
-        model = build_model(name, data_format="channels_last", seed=0)
-        compile_model(model, TrainConfig(model=name, ema=0.0, mixed_precision=False), steps_per_epoch=4)
+        with dtype_policy(mixed):
+            model = build_model(name, data_format="channels_last", seed=0)
+        compile_model(model, TrainConfig(model=name, ema=0.0, mixed_precision=mixed), steps_per_epoch=4)
         fastpath.fuse_batch_norm(model)
         fastpath.fuse_adam(model.optimizer)
         models.append(model)
@@ -336,14 +337,17 @@ def _twin_models(name):
 
 
 @torch_only
-@pytest.mark.parametrize("name", ["cnn", "mlp", "baseline-cnn"])
-def test_direct_layer_calls_train_and_predict_exactly_as_kerass_layer_calls(name):
+@pytest.mark.parametrize("name, mixed", [("cnn", False), ("mlp", False), ("baseline-cnn", False), ("cnn", True)],
+                         ids=["cnn", "mlp", "baseline-cnn", "cnn-mixed-precision"])
+def test_direct_layer_calls_train_and_predict_exactly_as_kerass_layer_calls(name, mixed):
     import torch
 
     rng = _rng()
     x = rng.random((24, 28, 28, 1), dtype=np.float32)
     y = keras.utils.to_categorical(rng.integers(0, 10, 24), 10)
-    keras_calls, direct = _twin_models(name)
+    keras_calls, direct = _twin_models(name, mixed)
+    if mixed:  # the layers compute in bfloat16 (float16 on a GPU), the softmax in float32
+        assert direct.get_layer("block1_conv1").compute_dtype != "float32"
     for step in range(3):  # flips, shifts, dropout and BatchNorm statistics included
         losses = []
         for model in (keras_calls, direct):
@@ -388,13 +392,13 @@ class _MyDense(keras.layers.Dense):
     [
         (_shared_layer_model, "the model is not a chain of layers"),
         (lambda: keras.Sequential([keras.Input((4,)), _MyDense(2)]), "is a _MyDense layer, not one of"),
-        (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, dtype="mixed_bfloat16")]),
-         "computes under mixed_bfloat16, not float32"),
+        (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, dtype="int8_from_float32")]),
+         "has the dtype policy int8_from_float32, not a float one"),
         (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activity_regularizer="l2")]),
          "has an activity regulariser"),
         (_two_output_model, "more than one input or output"),
     ],
-    ids=["shared-layer", "unknown-layer", "mixed-precision", "activity-regulariser", "two-outputs"],
+    ids=["shared-layer", "unknown-layer", "quantized", "activity-regulariser", "two-outputs"],
 )
 def test_models_direct_calls_would_change_keep_kerass_call(build, why):
     model = build()

@@ -19,9 +19,10 @@ profile of ``model.fit`` shows (``docs/speed.md``):
    replacement runs ``torch.optim.adamw(fused=True)`` with the decay inside.
 5. **Layer calls** (``direct_layer_calls``). ``Layer.__call__`` costs more
    than most of these layers' ``call()`` (input conversion, argument binding,
-   masks, scopes) and the functional graph walk adds more. For a float32
-   model that is a plain chain of known layers, the model's ``call`` runs
-   each layer's ``call()`` in order instead.
+   masks, scopes) and the functional graph walk adds more. For a model that
+   is a plain chain of known layers, the model's ``call`` runs each layer's
+   ``call()`` in order instead, with the casts and autocast scopes of
+   mixed precision that ``Layer.__call__`` would add.
 
 Each replacement computes what Keras computes (the tests compare outputs,
 gradients, moving statistics and updates with stock Keras). Models keep their
@@ -55,7 +56,9 @@ fused_adam                 torch ``Adam._parallel_update_step``,            all 
                            ``_get_variable_index``, ``_use_weight_decay``,
                            ``_momentums``, ``_velocities``
 direct_layer_calls         ``Layer.__call__``, ``Operation.__call__``,        all three
-                           ``Functional.call``, ``Sequential.call``
+                           ``Functional.call``, ``Sequential.call``,
+                           ``AutocastScope``, ``get_autocast_scope``,
+                           ``DTypePolicy.convert_input``
 tensorflow_unloaded        ``utils.module_utils.tensorflow._available``     all three
 keras_ddp                  torch ``Trainer._initialize_ddp``, ``ddp_model``  3.16.0.dev2026102704 (Keras
                                                                             wraps DDP); 3.14.0, 3.15.1
@@ -110,9 +113,9 @@ _KNOWN = {
         "TorchParallelOptimizer._backend_update_step": {"039e46a21176": "on"},
     },
     "direct_layer_calls": {
-        # What these do for a float32 tensor, no mask, no remat and no
-        # quantization is the same in the three: convert nothing, resolve
-        # `training`, call `call()`.
+        # What these do for a tensor without a mask, remat or quantization is
+        # the same in the three: cast a float input to the layer's input
+        # dtype, enter the autocast scope, resolve `training`, call `call()`.
         "Layer.__call__": {"4fb7e42e4ffd": "on", "fa98a1c02050": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
         "Operation.__call__": {
             "ee119129373f": "on",  # 3.14.0
@@ -121,6 +124,9 @@ _KNOWN = {
         },
         "Functional.call": {"efd7243f579a": "on", "0cb7a551d785": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
         "Sequential.call": {"8c623d4db11a": "on", "4f633be04f45": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
+        "AutocastScope": {"41c96933fcde": "on", "93ff582ba7d3": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
+        "get_autocast_scope": {"73d3f94846bb": "on"},
+        "DTypePolicy.convert_input": {"b80cd0725391": "on", "0546800f3da9": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
     },
 }
 PIECES = ("channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam", "direct_layer_calls")
@@ -214,15 +220,19 @@ def _targets(piece: str) -> dict:
         import keras
 
         try:
+            from keras.src.backend.common import variables
             from keras.src.models.functional import Functional
             from keras.src.ops.operation import Operation
         except ImportError:
-            Functional = Operation = None
+            Functional = Operation = variables = None
         return {
             "Layer.__call__": keras.layers.Layer.__call__,
             "Operation.__call__": _attribute(Operation, "__call__"),
             "Functional.call": _attribute(Functional, "call"),
             "Sequential.call": keras.Sequential.call,
+            "AutocastScope": _attribute(variables, "AutocastScope"),
+            "get_autocast_scope": _attribute(variables, "get_autocast_scope"),
+            "DTypePolicy.convert_input": keras.dtype_policies.DTypePolicy.convert_input,
         }
     raise ValueError(f"unknown fast-path piece {piece!r}; expected one of {', '.join(PIECES)}.")
 
@@ -599,7 +609,8 @@ def _decay_in_the_fused_step(variables):
 
 # --- 5. layer calls ------------------------------------------------------------------------
 
-# Layers whose __call__, for a float32 tensor without a mask, only calls call().
+# Layers whose __call__, for a tensor without a mask, only converts the input's
+# float dtype, enters an autocast scope and calls call().
 _DIRECT_LAYERS = (
     "Activation", "BatchNormalization", "Conv2D", "Dense", "Dropout", "Flatten", "MaxPooling2D",
     "RandomErasing", "RandomFlip", "RandomTranslation",
@@ -611,14 +622,17 @@ def call_layers_directly(model) -> str | None:
 
     Applies to a model that is a chain (each layer's input is the previous
     layer's output, one input, one output) of the layer types in
-    ``_DIRECT_LAYERS``, all float32, without activity regularisers,
-    rematerialisation or quantization. For such layers ``Layer.__call__``
-    converts nothing and adds nothing: it binds the arguments, resolves
-    ``training`` and calls ``call()``; the direct call passes ``training`` on
-    itself. The model keeps Keras's ``call`` for anything else: symbolic
-    tensors, masks, ``training=None``, inputs of another dtype or rank.
-    Returns None when the model now calls its layers directly (again: the
-    call is idempotent), else why not.
+    ``_DIRECT_LAYERS`` with float dtype policies (float32 or mixed), without
+    activity regularisers, rematerialisation or quantization. For such
+    layers ``Layer.__call__`` does three things before ``call()``: it casts
+    a float input to the layer's input dtype (under mixed precision),
+    enters the autocast scope that casts the layer's float32 weights to its
+    compute dtype, and resolves ``training``. The direct call does the same
+    three, with Keras's own ``convert_input`` and ``AutocastScope``. The
+    model keeps Keras's ``call`` for anything else: symbolic tensors, masks,
+    ``training=None``, inputs of another dtype or rank. Returns None when
+    the model now calls its layers directly (again: the call is idempotent),
+    else why not.
     """
     import keras
     import torch
@@ -633,6 +647,7 @@ def call_layers_directly(model) -> str | None:
         return "the model has no inputs yet (build it from keras.Input)"
     if len(inputs) != 1 or len(outputs) != 1:
         return "the model has more than one input or output"
+    float_policies = (keras.dtype_policies.DTypePolicy, keras.dtype_policies.FloatDTypePolicy)
     chain, previous = [], inputs[0]
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
@@ -640,8 +655,8 @@ def call_layers_directly(model) -> str | None:
         kind = type(layer).__name__
         if type(layer) is not getattr(keras.layers, kind, None) or kind not in _DIRECT_LAYERS:
             return f"{layer.name} is a {kind} layer, not one of {', '.join(_DIRECT_LAYERS)}"
-        if layer.dtype_policy.name != "float32":
-            return f"{layer.name} computes under {layer.dtype_policy.name}, not float32"
+        if type(layer.dtype_policy) not in float_policies or not hasattr(layer, "_convert_input_args"):
+            return f"{layer.name} has the dtype policy {layer.dtype_policy.name}, not a float one"
         if (getattr(layer, "activity_regularizer", None) is not None or getattr(layer, "_remat_mode", None)
                 or getattr(layer, "quantization_mode", None) is not None):
             return f"{layer.name} has an activity regulariser, rematerialisation or quantization"
@@ -652,23 +667,74 @@ def call_layers_directly(model) -> str | None:
             chained = False
         if not chained:
             return f"the model is not a chain of layers (at {layer.name})"
-        chain.append((layer, "training" in inspect.signature(layer.call).parameters))
+        chain.append(_DirectCall(layer))
     if previous is not outputs[0]:
         return "the model is not a chain of layers (its output)"
     keras_call = model.call
     rank = len(inputs[0].shape)
+    input_dtype = getattr(torch, keras.backend.standardize_dtype(inputs[0].dtype))
+    scopes = {}  # the autocast scope around the model -> the scope each layer enters
 
     def call(inputs, training=None, mask=None, **kwargs):
         if (training is None or mask is not None or kwargs or not isinstance(inputs, torch.Tensor)
-                or inputs.dtype != torch.float32 or inputs.ndim != rank):
+                or inputs.dtype != input_dtype or inputs.ndim != rank):
             return keras_call(inputs, training=training, mask=mask, **kwargs)
+        around = _autocast_scope()
+        key = "no scope" if around is None else around.dtype
+        if key not in scopes:
+            scopes[key] = [step.scope(around) for step in chain]
         x = inputs
-        for layer, takes_training in chain:
-            x = layer.call(x, training=training) if takes_training else layer.call(x)
+        for step, scope in zip(chain, scopes[key]):
+            x = step(x, training, scope)
         return x
 
     model.call = call
     return None
+
+
+class _DirectCall:
+    """One layer of a chain, called as ``Layer.__call__`` calls it (see :func:`call_layers_directly`)."""
+
+    def __init__(self, layer):
+        import keras
+        import torch
+
+        self.layer = layer
+        self.takes_training = "training" in inspect.signature(layer.call).parameters
+        self.converts = bool(layer._convert_input_args)
+        self.input_dtype = getattr(torch, keras.backend.standardize_dtype(layer.input_dtype))
+
+    def scope(self, around):
+        """The dtype of the autocast scope ``Layer.__call__`` enters under ``around``; False: none."""
+        import keras
+
+        layer = self.layer
+        if around is not None:
+            if not layer.autocast or not keras.backend.is_float_dtype(layer.compute_dtype):
+                return None
+            return layer.compute_dtype if around.dtype != layer.compute_dtype else False
+        return layer.compute_dtype if layer.compute_dtype != layer.variable_dtype else False
+
+    def __call__(self, x, training, scope):
+        layer = self.layer
+        if self.converts and x.dtype != self.input_dtype:
+            x = layer.dtype_policy.convert_input(x, layer.autocast, layer.input_dtype)
+        if scope is False:
+            return layer.call(x, training=training) if self.takes_training else layer.call(x)
+        with _autocast(scope):
+            return layer.call(x, training=training) if self.takes_training else layer.call(x)
+
+
+def _autocast_scope():
+    from keras.src.backend.common.variables import get_autocast_scope
+
+    return get_autocast_scope()
+
+
+def _autocast(dtype):
+    from keras.src.backend.common.variables import AutocastScope
+
+    return AutocastScope(dtype)
 
 
 # --- other private reaches ------------------------------------------------------------------
