@@ -27,6 +27,7 @@ directory holds its ``metrics.json`` as ``train`` writes it.
 Usage:
     python benchmarks/ablation.py --seeds 42 1 2 --out-dir runs/ablation --json ablation.json
     python benchmarks/ablation.py --seeds 42 1 2 --label-smoothing 0 --out-dir runs/ablation-ls0
+    python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --erase 0.25 --out-dir runs/ablation-erase
     python benchmarks/ablation.py --seeds 0 --subset 3000 --epochs 2     # a quick check of the script
 """
 
@@ -53,6 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--ema", type=float, default=0.999,
                         help="momentum of the average that is compared (default: 0.999)")
     parser.add_argument("--label-smoothing", type=float, help="label smoothing (default: train's)")
+    parser.add_argument("--erase", type=float, metavar="F",
+                        help="cnn: also erase a random patch of up to this fraction of each training image "
+                        "(random erasing; default: the model's own, none for cnn)")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser.parse_args(argv)
@@ -129,11 +133,19 @@ def main(argv=None) -> int:
     from fmnist_keras import data as fdata
 
     raw = fdata.load_data(None)
+    if args.erase is not None:
+        import functools
+
+        from fmnist_keras import models
+
+        if args.model != "cnn":
+            raise SystemExit("--erase applies to the cnn (cnn-large has its own)")
+        models.BUILDERS["cnn"] = functools.partial(models.build_cnn, erase=args.erase)
     rows = [run_seed(args, seed, raw) for seed in args.seeds]
     print(summary(rows))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"model": args.model, "rows": rows}, handle, indent=2)
+            json.dump({"model": args.model, "erase": args.erase, "ema": args.ema, "rows": rows}, handle, indent=2)
     return 0
 
 
