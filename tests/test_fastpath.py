@@ -407,6 +407,18 @@ def test_models_direct_calls_would_change_keep_kerass_call(build, why):
 
 
 @torch_only
+def test_direct_layer_calls_are_installed_once_and_leave_a_models_own_call_alone():
+    model = _bn_model()
+    assert fastpath.call_layers_directly(model) is None
+    installed = vars(model)["call"]
+    assert fastpath.call_layers_directly(model) is None and vars(model)["call"] is installed
+    other = _bn_model()
+    own = other.call
+    other.call = lambda *args, **kwargs: own(*args, **kwargs)
+    assert fastpath.call_layers_directly(other) == "the model has its own call"
+
+
+@torch_only
 def test_a_changed_layer_call_turns_direct_layer_calls_off(fresh_verdicts, monkeypatch, capsys):
     monkeypatch.setitem(fastpath._KNOWN["direct_layer_calls"], "Layer.__call__", {})
     model = _bn_model()

@@ -640,7 +640,7 @@ def call_layers_directly(model) -> str | None:
     if not is_torch() or not _usable("direct_layer_calls"):
         return "off"
     if "call" in vars(model):
-        return None
+        return None if getattr(vars(model)["call"], "calls_layers_directly", False) else "the model has its own call"
     try:
         inputs, outputs = model.inputs, model.outputs
     except (AttributeError, ValueError):
@@ -688,6 +688,7 @@ def call_layers_directly(model) -> str | None:
             x = step(x, training, scope)
         return x
 
+    call.calls_layers_directly = True
     model.call = call
     return None
 
