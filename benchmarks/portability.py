@@ -1,7 +1,8 @@
 """Portability on real data: train under each backend, predict under every backend, compare.
 
 For each backend, ``python -m fmnist_keras.train`` trains the default CNN in
-a fresh process; then one fresh process per backend loads all three
+float32 (``--no-mixed-precision``; ``tests/test_portability.py`` checks
+mixed-precision files) in a fresh process; then one fresh process per backend loads all three
 ``model.keras`` files and predicts the 10,000 test images. For a model
 trained under backend A, the reference is A's own predictions from the saved
 file; the table shows the max absolute difference of the softmax outputs
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     for backend in args.backends:
         command = [sys.executable, "-m", "fmnist_keras.train", "--model", args.model, "--epochs", str(args.epochs),
                    "--seed", str(args.seed), "--backend", backend, "--device", args.device,
-                   "--out-dir", str(out_dir), "--run-name", f"trained-{backend}", "--overwrite"]
+                   "--out-dir", str(out_dir), "--run-name", f"trained-{backend}", "--overwrite",
+                   "--no-mixed-precision"]  # float32 under every backend: the 1e-4 tolerance is for float32
         command += ["--subset", str(args.subset)] if args.subset else []
         command += ["--data-dir", args.data_dir] if args.data_dir else []
         print(f"training {args.model} under {backend} ...", flush=True)

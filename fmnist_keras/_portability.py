@@ -32,16 +32,21 @@ REFERENCE_FILE = "reference.npz"
 
 
 def tiny_models() -> dict:
-    """Small versions of both architectures, with the same layer types as the real ones.
+    """Small versions of both architectures, with the same layer types as the real ones, and the CNN under
+    mixed precision.
 
     The CNN keeps its training-only augmentation layers and its BatchNorm
     layers, whose moving statistics must survive the trip between backends.
     """
+    from fmnist_keras.engine.recipe import dtype_policy
     from fmnist_keras.models import build_cnn, build_mlp
 
+    with dtype_policy(True):  # as train builds the CNN on a CPU with AMX: bfloat16 (float16 on a GPU)
+        mixed = build_cnn(filters=(4, 8), convs_per_block=1, dense_units=16, seed=0, name="cnn_mixed")
     return {
         "cnn": build_cnn(filters=(4, 8), convs_per_block=1, dense_units=16, seed=0),
         "mlp": build_mlp(units=(32, 16), augment=True, seed=0),
+        "cnn-mixed": mixed,
     }
 
 

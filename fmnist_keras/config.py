@@ -37,7 +37,7 @@ PER_MODEL = ("epochs", "learning_rate", "flip_tta", "ema")
 # starts" (fmnist_keras.engine.fit.run_config); config.json records the decision.
 PER_MACHINE = ("mixed_precision",)
 # Models that compute in bfloat16 by default on a CPU with AMX (torch backend):
-# the CNN trains 1.9-2.2x faster there at the same test accuracy. The MLP
+# the CNN trains 2.2x faster there at the same test accuracy. The MLP
 # gains no speed and lost 0.2 points (docs/backends.md, "Mixed precision").
 BFLOAT16_ON_AMX = ("cnn",)
 

@@ -19,8 +19,11 @@ import pytest
 from conftest import synthetic_images
 from fmnist_keras.config import BACKENDS
 
-TOLERANCE = 1e-4  # max absolute difference of softmax outputs (issue 4)
-MODELS = ("cnn", "mlp")
+TOLERANCE = 1e-4  # max absolute difference of softmax outputs
+# A mixed-precision model computes in bfloat16 (8 bits of mantissa), and each
+# backend rounds and accumulates in its own order.
+MIXED_TOLERANCE = 5e-3
+MODELS = ("cnn", "mlp", "cnn-mixed")
 
 pytestmark = [
     pytest.mark.slow,
@@ -80,6 +83,7 @@ def test_models_saved_under_each_backend_load_under_the_others_with_same_outputs
     print("\nmax |softmax difference| of a model saved under one backend and loaded under another:")
     for (m, a, b), diff in sorted(diffs.items()):
         print(f"  {m}: {a:>10} -> {b:<10} {diff:.2e}")
-    assert len(diffs) == len(MODELS) * len(list(itertools.permutations(BACKENDS, 2))) == 12
-    worst = max(diffs, key=diffs.get)
-    assert diffs[worst] <= TOLERANCE, f"{worst}: {diffs[worst]:.2e} > {TOLERANCE}"
+    assert len(diffs) == len(MODELS) * len(list(itertools.permutations(BACKENDS, 2))) == 18
+    for key, diff in diffs.items():
+        tolerance = MIXED_TOLERANCE if key[0] == "cnn-mixed" else TOLERANCE
+        assert diff <= tolerance, f"{key}: {diff:.2e} > {tolerance}"
