@@ -25,7 +25,7 @@ and per seed; writes everything as JSON with ``--json``. Each seed's run
 directory holds its ``metrics.json`` as ``train`` writes it.
 
 Usage:
-    python benchmarks/ablation.py --seeds 42 1 2 --out-dir runs/ablation --json ablation.json
+    python benchmarks/ablation.py --seeds 42 1 2 --no-mixed-precision --out-dir runs/ablation --json ablation.json
     python benchmarks/ablation.py --seeds 42 1 2 --label-smoothing 0 --out-dir runs/ablation-ls0
     python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --erase 0.25 --out-dir runs/ablation-erase
     python benchmarks/ablation.py --seeds 0 --subset 3000 --epochs 2     # a quick check of the script
@@ -54,6 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--ema", type=float, default=0.999,
                         help="momentum of the average that is compared (default: 0.999)")
     parser.add_argument("--label-smoothing", type=float, help="label smoothing (default: train's)")
+    parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
+                        help="bfloat16 (CPU) or float16 (GPU) compute (default: train's, which is bfloat16 for the "
+                        "cnn on a CPU with AMX)")
     parser.add_argument("--erase", type=float, metavar="F",
                         help="cnn: also erase a random patch of up to this fraction of each training image "
                         "(random erasing; default: the model's own, none for cnn)")
@@ -79,7 +82,8 @@ def run_seed(args, seed: int, raw) -> dict:
         def on_epoch_end(self, epoch, logs=None):
             self.weights = self.model.get_weights()
 
-    given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing}
+    given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing,
+             "mixed_precision": args.mixed_precision}
     config = TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
     splits = make_splits(raw, config)
     if splits.data_format != "channels_last":

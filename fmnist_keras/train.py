@@ -171,8 +171,8 @@ def resume_configs(parser, args, argv) -> tuple[RunDir, list[TrainConfig]]:
         raise RunDirError(f"{run} has no config.json for any of its models ({', '.join(models)}), so there is "
                           f"nothing to resume; start a new run.")
     first = next(iter(configs.values()))
-    # A model without a config.json takes the run's settings, but its own TTA and average defaults.
-    own = {"flip_tta": None, "ema": None}
+    # A model without a config.json takes the run's settings, but its own TTA, average and precision defaults.
+    own = {"flip_tta": None, "ema": None, "mixed_precision": None}
     return run, [configs.get(model) or dataclasses.replace(first, model=model, **own) for model in models]
 
 

@@ -406,6 +406,43 @@ def test_models_direct_calls_would_change_keep_kerass_call(build, why):
     assert "call" not in vars(model)
 
 
+class _Doubling(keras.Model):
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs * 2, training=training, mask=mask)
+
+
+@torch_only
+def test_a_model_class_with_its_own_call_keeps_it():
+    inputs = keras.Input((2,))
+    model = _Doubling(inputs, keras.layers.Dense(2, kernel_initializer="ones")(inputs))
+    assert fastpath.call_layers_directly(model) == "_Doubling has its own call"
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(np.ones((1, 2), "float32"), training=False)),
+                                  [[4.0, 4.0]])
+
+
+@torch_only
+def test_inputs_on_another_device_than_kerass_go_through_keras_which_moves_them(monkeypatch):
+    import torch
+
+    model = _bn_model()
+    x = torch.rand(4, 28, 28, 1)
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    # Install the direct calls as if Keras computed on another device than the inputs'.
+    with monkeypatch.context() as patch:
+        patch.setattr(keras.ops, "zeros", lambda *args, **kwargs: torch.zeros((), device="meta"))
+        assert fastpath.call_layers_directly(model) is None
+    layer_calls = []
+    keras_layer_call = keras.layers.Layer.__call__
+
+    def counted(self, *args, **kwargs):
+        layer_calls.append(self.name)
+        return keras_layer_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.Layer, "__call__", counted)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x, training=False)), expected)
+    assert "block1_conv1" in layer_calls  # the layers went through Layer.__call__: Keras's path
+
+
 @torch_only
 def test_direct_layer_calls_are_installed_once_and_leave_a_models_own_call_alone():
     model = _bn_model()

@@ -187,7 +187,7 @@ def test_a_model_without_config_json_resumes_with_the_runs_settings_and_its_own_
 
     run = RunDir.create(str(tmp_path), "run", ["mlp", "cnn"])
     run.model_dir("mlp").mkdir()
-    TrainConfig(model="mlp", epochs=3, seed=7).resolved().save(run.config_file("mlp"))
+    TrainConfig(model="mlp", epochs=3, seed=7, mixed_precision=False).resolved().save(run.config_file("mlp"))
     assert not run.config_file("cnn").exists()
     parser = train.build_parser()
     argv = ["--resume", str(run.path)]
@@ -195,3 +195,4 @@ def test_a_model_without_config_json_resumes_with_the_runs_settings_and_its_own_
     mlp, cnn = sorted(configs, key=lambda config: config.model != "mlp")
     assert (cnn.model, cnn.epochs, cnn.seed) == ("cnn", 3, 7)  # the run's settings
     assert (mlp.resolved().flip_tta, cnn.resolved().flip_tta) == (False, True)  # each model's own TTA
+    assert (mlp.mixed_precision, cnn.mixed_precision) == (False, None)  # the CNN's precision decided anew

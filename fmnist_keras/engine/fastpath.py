@@ -307,7 +307,8 @@ def active(model, optimizer=None, enabled: bool = True):
     Yields what :func:`enable` returns; with ``enabled=False`` runs the block
     on stock Keras and yields ``{}``. The process-wide replacements are undone
     on exit unless they were installed before, so code after training (export,
-    other models) sees Keras as shipped.
+    other models) sees Keras as shipped. The model itself keeps its fused
+    BatchNorm layers and direct layer calls, which compute what Keras's do.
     """
     if not enabled:
         with stock_keras():
@@ -630,7 +631,8 @@ def call_layers_directly(model) -> str | None:
     compute dtype, and resolves ``training``. The direct call does the same
     three, with Keras's own ``convert_input`` and ``AutocastScope``. The
     model keeps Keras's ``call`` for anything else: symbolic tensors, masks,
-    ``training=None``, inputs of another dtype or rank. Returns None when
+    ``training=None``, inputs of another dtype, rank or device (Keras moves
+    them), models whose class has a ``call`` of its own. Returns None when
     the model now calls its layers directly (again: the call is idempotent),
     else why not.
     """
@@ -641,6 +643,9 @@ def call_layers_directly(model) -> str | None:
         return "off"
     if "call" in vars(model):
         return None if getattr(vars(model)["call"], "calls_layers_directly", False) else "the model has its own call"
+    targets = _targets("direct_layer_calls")
+    if type(model).call not in (targets["Functional.call"], targets["Sequential.call"]):
+        return f"{type(model).__name__} has its own call"
     try:
         inputs, outputs = model.inputs, model.outputs
     except (AttributeError, ValueError):
@@ -673,11 +678,12 @@ def call_layers_directly(model) -> str | None:
     keras_call = model.call
     rank = len(inputs[0].shape)
     input_dtype = getattr(torch, keras.backend.standardize_dtype(inputs[0].dtype))
+    device = keras.ops.zeros(()).device  # where Keras puts tensors, and moves inputs to
     scopes = {}  # the autocast scope around the model -> the scope each layer enters
 
     def call(inputs, training=None, mask=None, **kwargs):
         if (training is None or mask is not None or kwargs or not isinstance(inputs, torch.Tensor)
-                or inputs.dtype != input_dtype or inputs.ndim != rank):
+                or inputs.dtype != input_dtype or inputs.ndim != rank or inputs.device != device):
             return keras_call(inputs, training=training, mask=mask, **kwargs)
         around = _autocast_scope()
         key = "no scope" if around is None else around.dtype
