@@ -62,7 +62,11 @@ def parse_args(argv=None):
                         "(random erasing; default: the model's own, none for cnn)")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.erase is not None and not (0.0 < args.erase < 1.0 and args.model == "cnn"):
+        parser.error(f"--erase takes a fraction between 0 and 1, for the cnn (cnn-large has its own); got "
+                     f"{args.erase} for {args.model}")
+    return args
 
 
 def run_seed(args, seed: int, raw) -> dict:
@@ -142,14 +146,13 @@ def main(argv=None) -> int:
 
         from fmnist_keras import models
 
-        if args.model != "cnn":
-            raise SystemExit("--erase applies to the cnn (cnn-large has its own)")
         models.BUILDERS["cnn"] = functools.partial(models.build_cnn, erase=args.erase)
     rows = [run_seed(args, seed, raw) for seed in args.seeds]
     print(summary(rows))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"model": args.model, "erase": args.erase, "ema": args.ema, "rows": rows}, handle, indent=2)
+            json.dump({"model": args.model, "erase": args.erase, "ema": args.ema,
+                       "mixed_precision": args.mixed_precision, "rows": rows}, handle, indent=2)
     return 0
 
 
