@@ -310,7 +310,7 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
     import keras
 
     from fmnist_keras.engine import distributed, fit
-    from fmnist_keras.backend import default_mixed_precision, describe_device, is_out_of_memory
+    from fmnist_keras.backend import describe_device, is_out_of_memory
     from fmnist_keras.engine.recipe import dtype_policy_name
     from fmnist_keras.loading import ModelLoadError
     from fmnist_keras.metrics import format_summary
@@ -342,12 +342,11 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
             say(f"\n== {name}: all its epochs are done; evaluating it")
             facts[name] = fitted
             continue
-        resolved = config.resolved()
-        mixed = default_mixed_precision(backend, name) if config.mixed_precision is None else config.mixed_precision
+        resolved = fit.run_config(config, splits)  # what config.json will record, precision included
         say(
             f"\n== {name}: {len(splits.x_train)} train / {len(splits.x_val)} validation / "
             f"{len(splits.x_test)} test images, up to {resolved.epochs} epochs, batch {resolved.batch_size}, "
-            f"peak learning rate {resolved.learning_rate:g}, {dtype_policy_name(mixed)}"
+            f"peak learning rate {resolved.learning_rate:g}, {dtype_policy_name(resolved.mixed_precision)}"
             + (f", moving average of the weights (momentum up to {resolved.ema:g})" if resolved.ema else "")
             + (", evaluated with mirror images (flip TTA)" if resolved.flip_tta else "")
         )
