@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
+from fmnist_keras.backend import compile_steps_on_jax
 from fmnist_keras.data import NUM_CLASSES
 from fmnist_keras.rundir import MODEL_FILE
 
@@ -285,8 +287,11 @@ def load_model(path: str | os.PathLike, compile: bool = False, announce=None):
     import keras  # deferred: importing keras fixes the backend
 
     try:
-        # safe_mode=True is the default; spelt out because it is the point.
-        model = keras.saving.load_model(model_path, compile=compile, safe_mode=True)
+        with warnings.catch_warnings():
+            # Compiling a CNN on JAX, Keras refuses XLA for RandomTranslation; compile_steps_on_jax, below, allows it.
+            warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
+            # safe_mode=True is the default; spelt out because it is the point.
+            model = keras.saving.load_model(model_path, compile=compile, safe_mode=True)
     except Exception as error:  # Keras raises many types; the user needs one line
         detail = " ".join(str(error).split())
         if len(detail) > 300:
@@ -298,4 +303,5 @@ def load_model(path: str | os.PathLike, compile: bool = False, announce=None):
     if not isinstance(model, keras.Model):
         raise ModelLoadError(f"{model_path} holds a {type(model).__name__}, not a model; {_FIX}.")
     check_model_shapes(model, model_path)
+    compile_steps_on_jax(model)
     return model

@@ -135,3 +135,38 @@ def test_cpu_has_amx_is_false_where_cpuinfo_cannot_be_read(tmp_path):
 
     assert cpu_has_amx(str(tmp_path / "missing")) is False
     assert cpu_has_amx(str(tmp_path)) is False  # a directory
+
+
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")  # saved before its first step
+def test_the_cnn_compiles_with_xla_on_jax_and_its_saved_file_is_unchanged(tmp_path):
+    from fmnist_keras.config import TrainConfig
+    from fmnist_keras.engine.recipe import compile_model
+    from fmnist_keras.loading import load_model
+    from fmnist_keras.models import all_layers, build_cnn
+
+    model = compile_model(build_cnn(seed=0), TrainConfig(model="cnn"), steps_per_epoch=10)
+    # Keras's own choice for the other backends: eager torch, TensorFlow graphs without XLA.
+    assert model.jit_compile is (BACKEND == "jax")
+    model.save(tmp_path / "cnn.keras")
+    assert load_model(tmp_path / "cnn.keras").jit_compile is (BACKEND == "jax")
+    assert load_model(tmp_path / "cnn.keras", compile=True).jit_compile is (BACKEND == "jax")
+    # The file still holds stock Keras layers, which say what Keras says.
+    fresh = keras.saving.load_model(tmp_path / "cnn.keras", compile=False)
+    shifts = [layer for layer in all_layers(fresh) if isinstance(layer, keras.layers.RandomTranslation)]
+    assert shifts and all(layer.supports_jit is False for layer in shifts)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="XLA is allowed for RandomTranslation on jax only")
+def test_random_translation_under_jax_jit_draws_and_shifts_as_it_does_eagerly():
+    # What compile_steps_on_jax rests on: the layer compiles and gives the eager output for the same seed.
+    import jax
+    import numpy as np
+
+    images = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
+    eager_layer, jit_layer = (keras.layers.RandomTranslation(0.1, 0.1, seed=3) for _ in range(2))
+    eager = np.asarray(eager_layer(images, training=True))
+    jit_layer.build(images.shape)
+    state = [variable.value for variable in jit_layer.non_trainable_variables]
+    compiled, _ = jax.jit(lambda state, x: jit_layer.stateless_call([], state, x, training=True))(state, images)
+    assert np.abs(eager - images).max() > 0.1  # it did shift
+    np.testing.assert_array_equal(np.asarray(compiled), eager)

@@ -9,6 +9,7 @@ import contextlib
 
 import keras
 
+from fmnist_keras.backend import compile_steps_on_jax
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.models import build_model
 
@@ -38,6 +39,7 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
     )
     # Decay only the weight matrices, not biases or normalisation parameters.
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    compile_steps_on_jax(model)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
