@@ -181,6 +181,8 @@ def test_precision_left_open_is_bfloat16_only_on_torch_with_amx(tmp_path, tiny_d
                                                                  amx, flag, expected):
     from fmnist_keras import backend
 
+    if keras.backend.backend() != "torch" and flag != "--mixed-precision" and not (amx and flag is None):
+        pytest.skip("off the torch backend the 'amx' case already shows float32 (each case here trains two models)")
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f " + ("amx_bf16 amx_tile" if amx else "") + "\n")
     monkeypatch.setattr(backend, "CPUINFO", str(cpuinfo))
