@@ -28,6 +28,7 @@ Usage:
     python benchmarks/ablation.py --seeds 42 1 2 --no-mixed-precision --out-dir runs/ablation --json ablation.json
     python benchmarks/ablation.py --seeds 42 1 2 --label-smoothing 0 --out-dir runs/ablation-ls0
     python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --erase 0.25 --out-dir runs/ablation-erase
+    python benchmarks/ablation.py --seeds 42 --ema 0 --filters 48 96 --out-dir runs/ablation-wide
     python benchmarks/ablation.py --seeds 0 --subset 3000 --epochs 2     # a quick check of the script
 """
 
@@ -60,12 +61,20 @@ def parse_args(argv=None):
     parser.add_argument("--erase", type=float, metavar="F",
                         help="cnn: also erase a random patch of up to this fraction of each training image "
                         "(random erasing; default: the model's own, none for cnn)")
+    parser.add_argument("--filters", type=int, nargs="+", metavar="N",
+                        help="cnn: filters of each block's convolutions (default: the model's, 32 64)")
+    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's)")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.erase is not None and not (0.0 < args.erase < 1.0 and args.model == "cnn"):
         parser.error(f"--erase takes a fraction between 0 and 1, for the cnn (cnn-large has its own); got "
                      f"{args.erase} for {args.model}")
+    if args.filters is not None and not (all(n > 0 for n in args.filters) and args.model == "cnn"):
+        parser.error(f"--filters takes positive numbers, for the cnn (cnn-large has its own); got "
+                     f"{args.filters} for {args.model}")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        parser.error(f"--learning-rate must be positive; got {args.learning_rate}")
     return args
 
 
@@ -87,7 +96,7 @@ def run_seed(args, seed: int, raw) -> dict:
             self.weights = self.model.get_weights()
 
     given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing,
-             "mixed_precision": args.mixed_precision}
+             "mixed_precision": args.mixed_precision, "learning_rate": args.learning_rate}
     config = TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
     splits = make_splits(raw, config)
     if splits.data_format != "channels_last":
@@ -141,18 +150,21 @@ def main(argv=None) -> int:
     from fmnist_keras import data as fdata
 
     raw = fdata.load_data(None)
-    if args.erase is not None:
+    changed = {"erase": args.erase, "filters": None if args.filters is None else tuple(args.filters)}
+    changed = {name: value for name, value in changed.items() if value is not None}
+    if changed:
         import functools
 
         from fmnist_keras import models
 
-        models.BUILDERS["cnn"] = functools.partial(models.build_cnn, erase=args.erase)
+        models.BUILDERS["cnn"] = functools.partial(models.build_cnn, **changed)
     rows = [run_seed(args, seed, raw) for seed in args.seeds]
     print(summary(rows))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"model": args.model, "erase": args.erase, "ema": args.ema,
-                       "mixed_precision": args.mixed_precision, "rows": rows}, handle, indent=2)
+            json.dump({"model": args.model, "erase": args.erase, "filters": args.filters, "ema": args.ema,
+                       "learning_rate": args.learning_rate, "mixed_precision": args.mixed_precision, "rows": rows},
+                      handle, indent=2)
     return 0
 
 
