@@ -29,6 +29,7 @@ Usage:
     python benchmarks/ablation.py --seeds 42 1 2 --label-smoothing 0 --out-dir runs/ablation-ls0
     python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --erase 0.25 --out-dir runs/ablation-erase
     python benchmarks/ablation.py --seeds 42 --ema 0 --filters 48 96 --out-dir runs/ablation-wide
+    python benchmarks/ablation.py --seeds 42 --ema 0 --filters 32 64 128 --convs 1 2 2 --out-dir runs/ablation-deep
     python benchmarks/ablation.py --seeds 0 --subset 3000 --epochs 2     # a quick check of the script
 """
 
@@ -63,6 +64,10 @@ def parse_args(argv=None):
                         "(random erasing; default: the model's own, none for cnn)")
     parser.add_argument("--filters", type=int, nargs="+", metavar="N",
                         help="cnn: filters of each block's convolutions (default: the model's, 32 64)")
+    parser.add_argument("--convs", type=int, nargs="+", metavar="N",
+                        help="cnn: convolutions per block, one number or one per block (default: the model's, 2)")
+    parser.add_argument("--dense-units", type=int, metavar="N",
+                        help="cnn: width of the Dense embedding (default: the model's, 256)")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's)")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -73,6 +78,13 @@ def parse_args(argv=None):
     if args.filters is not None and not (all(n > 0 for n in args.filters) and args.model == "cnn"):
         parser.error(f"--filters takes positive numbers, for the cnn (cnn-large has its own); got "
                      f"{args.filters} for {args.model}")
+    blocks = len(args.filters) if args.filters else 2
+    if args.convs is not None and not (all(n > 0 for n in args.convs) and len(args.convs) in (1, blocks)
+                                       and args.model == "cnn"):
+        parser.error(f"--convs takes one positive number or one per block ({blocks}), for the cnn; got "
+                     f"{args.convs} for {args.model}")
+    if args.dense_units is not None and not (args.dense_units > 0 and args.model == "cnn"):
+        parser.error(f"--dense-units takes a positive number, for the cnn; got {args.dense_units} for {args.model}")
     if args.learning_rate is not None and not args.learning_rate > 0:
         parser.error(f"--learning-rate must be positive; got {args.learning_rate}")
     return args
@@ -150,7 +162,9 @@ def main(argv=None) -> int:
     from fmnist_keras import data as fdata
 
     raw = fdata.load_data(None)
-    changed = {"erase": args.erase, "filters": None if args.filters is None else tuple(args.filters)}
+    changed = {"erase": args.erase, "filters": None if args.filters is None else tuple(args.filters),
+               "convs_per_block": None if args.convs is None else tuple(args.convs) if len(args.convs) > 1
+               else args.convs[0], "dense_units": args.dense_units}
     changed = {name: value for name, value in changed.items() if value is not None}
     if changed:
         import functools
@@ -162,7 +176,8 @@ def main(argv=None) -> int:
     print(summary(rows))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"model": args.model, "erase": args.erase, "filters": args.filters, "ema": args.ema,
+            json.dump({"model": args.model, "erase": args.erase, "filters": args.filters, "convs": args.convs,
+                       "dense_units": args.dense_units, "ema": args.ema,
                        "learning_rate": args.learning_rate, "mixed_precision": args.mixed_precision, "rows": rows},
                       handle, indent=2)
     return 0

@@ -546,3 +546,111 @@ def test_no_module_of_the_project_but_the_fast_path_reaches_into_keras_src():
         if "keras.src" in path.read_text() and path.name != "fastpath.py"
     )
     assert reaching == []
+
+
+# --- the schedule: no host read per step ------------------------------------------------------
+
+def _warmup_cosine():
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=1e-4, decay_steps=7, warmup_target=2e-3, warmup_steps=3, alpha=0.01
+    )
+
+
+@torch_only
+def test_the_sync_free_schedule_gives_kerass_learning_rate_at_every_step():
+    schedule = _warmup_cosine()
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule)
+    assert fastpath.schedule_without_sync(optimizer) is optimizer
+    assert "_get_current_learning_rate" in vars(optimizer)
+    rates = []
+    for step in range(14):  # warm-up, decay, and past the end (held at the last value)
+        optimizer.iterations.assign(step)
+        rate = optimizer.learning_rate
+        assert keras.ops.shape(rate) == () and rate.dtype == keras.ops.convert_to_tensor(1.0).dtype
+        expected = schedule(optimizer.iterations)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(rate), keras.ops.convert_to_numpy(expected))
+        rates.append(float(rate))
+    assert rates[0] == pytest.approx(1e-4) and rates[3] == pytest.approx(2e-3) and rates[-1] == pytest.approx(2e-5)
+    assert rates.index(max(rates)) == 3  # the schedule does rise, then fall
+
+
+def test_the_sync_free_schedule_leaves_other_schedules_and_backends_alone():
+    for rate in (1e-3, keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=10),  # no warm-up: no cond
+                 keras.optimizers.schedules.ExponentialDecay(1e-3, 10, 0.9)):
+        optimizer = keras.optimizers.AdamW(learning_rate=rate)
+        fastpath.schedule_without_sync(optimizer)
+        assert "_get_current_learning_rate" not in vars(optimizer)
+    optimizer = fastpath.schedule_without_sync(keras.optimizers.AdamW(learning_rate=_warmup_cosine()))
+    assert ("_get_current_learning_rate" in vars(optimizer)) == TORCH
+
+
+def _host_reads_per_step(fast: bool, augment: bool = False) -> dict:
+    """Python-level reads of a tensor's value (``if t:``, ``int(t)``, ``np.array(t)``...) per step of a fit.
+
+    Keyed by the read and the innermost Keras function outside the backend
+    that made it. On a GPU each is a synchronisation.
+    """
+    import collections
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    from fmnist_keras.config import TrainConfig
+    from fmnist_keras.engine import recipe
+
+    reads = collections.Counter()
+    names = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "__array__", "cpu"}
+
+    class Reads(TorchFunctionMode):
+        counting = False
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if self.counting and getattr(func, "__name__", "") in names:
+                stack = traceback.extract_stack()
+                # torch's DataLoader draws a seed from a new host tensor once per iterator, not per step.
+                if not any("/torch/utils/data/" in frame.filename for frame in stack):
+                    keras_frames = [f for f in stack if "/keras/src/" in f.filename and "/backend/" not in f.filename]
+                    reads[f"{func.__name__} in {keras_frames[-1].name if keras_frames else '?'}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    mode = Reads()
+
+    class CountFromTheThirdStep(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            mode.counting = batch >= 2
+
+        def on_train_end(self, logs=None):
+            mode.counting = False
+
+    keras.utils.set_random_seed(0)
+    model = build_cnn(filters=(8,), dense_units=16, augment=augment)
+    recipe.compile_model(model, TrainConfig(model="cnn", epochs=2, warmup_epochs=1), steps_per_epoch=6)
+    rng = _rng()
+    x = rng.random((96, 28, 28, 1), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 96), 10)
+    with fastpath.active(model, model.optimizer, enabled=fast) as states, mode:
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[CountFromTheThirdStep()])
+    assert not fast or states["sync_free_schedule"] == "on"
+    return {where: count / 4 for where, count in reads.items()}  # steps 3 to 6
+
+
+@torch_only
+def test_the_fast_path_leaves_only_kerass_own_reads_of_the_step_logs_and_the_augmentation_seeds():
+    stock = _host_reads_per_step(fast=False)
+    # Keras's ops.cond in the warm-up schedule (`if pred:`) reads the step: the counter sees it.
+    assert sum(count for where, count in stock.items() if where.startswith("__bool__ in ")) >= 1, stock
+    # Keras's torch fit converts the step's logs to floats for the callbacks (`pythonify_logs`).
+    assert _host_reads_per_step(fast=True) == {"__array__ in pythonify_logs": 1.0}
+    # Keras's torch random ops read their seed (`int(seed)`): one per random op of the flips and shifts.
+    assert _host_reads_per_step(fast=True, augment=True) == {
+        "__array__ in pythonify_logs": 1.0, "__int__ in get_random_transformation": 3.0}
+
+
+@torch_only
+def test_a_changed_cosine_decay_turns_the_sync_free_schedule_off(fresh_verdicts, monkeypatch, capsys):
+    monkeypatch.setitem(fastpath._KNOWN["sync_free_schedule"], "CosineDecay._decay_function", {})
+    optimizer = fastpath.schedule_without_sync(keras.optimizers.AdamW(learning_rate=_warmup_cosine()))
+    assert "_get_current_learning_rate" not in vars(optimizer)  # Keras's own schedule runs
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: fast path: sync_free_schedule is off")
+    assert fastpath.verdicts()["sync_free_schedule"].startswith("off: CosineDecay._decay_function of keras ")

@@ -1,7 +1,8 @@
 """The torch fast path, and the one module that reaches past Keras's public API.
 
 Keras's torch backend is correct but loses time in five places that a
-profile of ``model.fit`` shows (``docs/speed.md``):
+profile of ``model.fit`` shows (``docs/speed.md``), and reads a value back
+to the host in a sixth:
 
 1. **Layout copies** (``channels_last_views``). Keras 3.15 permutes a
    ``channels_last`` convolution or pooling input to NCHW and forces a
@@ -23,6 +24,11 @@ profile of ``model.fit`` shows (``docs/speed.md``):
    is a plain chain of known layers, the model's ``call`` runs each layer's
    ``call()`` in order instead, with the casts and autocast scopes of
    mixed precision that ``Layer.__call__`` would add.
+6. **Learning-rate schedule** (``sync_free_schedule``). ``CosineDecay`` with
+   a warm-up picks its branch with ``ops.cond``, which on torch is a Python
+   ``if`` on a device tensor: one host read per step, a synchronisation on a
+   GPU. The replacement computes both branches with the same ops and keeps
+   one with ``ops.where``.
 
 Each replacement computes what Keras computes (the tests compare outputs,
 gradients, moving statistics and updates with stock Keras). Models keep their
@@ -59,6 +65,10 @@ direct_layer_calls         ``Layer.__call__``, ``Operation.__call__``,        al
                            ``Functional.call``, ``Sequential.call``,
                            ``AutocastScope``, ``get_autocast_scope``,
                            ``DTypePolicy.convert_input``
+sync_free_schedule         ``CosineDecay.__call__``, ``_warmup_function``,  all three
+                           ``_decay_function`` (their formula),
+                           ``BaseOptimizer._get_current_learning_rate``,
+                           ``_learning_rate``
 tensorflow_unloaded        ``utils.module_utils.tensorflow._available``     all three
 keras_ddp                  torch ``Trainer._initialize_ddp``, ``ddp_model``  3.16.0.dev2026102704 (Keras
                                                                             wraps DDP); 3.14.0, 3.15.1
@@ -78,6 +88,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import math
 import sys
 import types
 
@@ -112,6 +123,13 @@ _KNOWN = {
         },
         "TorchParallelOptimizer._backend_update_step": {"039e46a21176": "on"},
     },
+    "sync_free_schedule": {
+        # The same formula in the three; 3.16.0.dev calls backend.ops instead of keras.ops.
+        "CosineDecay.__call__": {"1f20975963bf": "on", "f7909309c708": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
+        "CosineDecay._warmup_function": {"7ca0939311e6": "on", "10e77cca5d10": "on"},
+        "CosineDecay._decay_function": {"d9be2e4bbc6a": "on", "318642ce44e4": "on"},
+        "BaseOptimizer._get_current_learning_rate": {"fa62361e2086": "on"},
+    },
     "direct_layer_calls": {
         # What these do for a tensor without a mask, remat or quantization is
         # the same in the three: cast a float input to the layer's input
@@ -129,7 +147,10 @@ _KNOWN = {
         "DTypePolicy.convert_input": {"b80cd0725391": "on", "0546800f3da9": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
     },
 }
-PIECES = ("channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam", "direct_layer_calls")
+PIECES = (
+    "channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam", "direct_layer_calls",
+    "sync_free_schedule",
+)
 
 # What install() replaced: (module, name) -> Keras's original function.
 _ORIGINALS: dict = {}
@@ -216,6 +237,20 @@ def _targets(piece: str) -> dict:
             "BaseOptimizer._get_variable_index": _attribute(optimizers["BaseOptimizer"], "_get_variable_index"),
             "BaseOptimizer._use_weight_decay": _attribute(optimizers["BaseOptimizer"], "_use_weight_decay"),
         }
+    if piece == "sync_free_schedule":
+        import keras
+
+        try:
+            from keras.src.optimizers.base_optimizer import BaseOptimizer
+        except ImportError:
+            BaseOptimizer = None
+        cosine = keras.optimizers.schedules.CosineDecay
+        return {
+            "CosineDecay.__call__": cosine.__call__,
+            "CosineDecay._warmup_function": _attribute(cosine, "_warmup_function"),
+            "CosineDecay._decay_function": _attribute(cosine, "_decay_function"),
+            "BaseOptimizer._get_current_learning_rate": _attribute(BaseOptimizer, "_get_current_learning_rate"),
+        }
     if piece == "direct_layer_calls":
         import keras
 
@@ -293,6 +328,9 @@ def enable(model, optimizer=None) -> dict[str, str]:
         states["fused_batch_norm"] = "not needed: the model has no BatchNormalization layer"
     if states["fused_adam"] == "on" and (optimizer is None or not _is_fused(fuse_adam(optimizer))):
         states["fused_adam"] = "not needed: the optimizer is not a plain Adam or AdamW"
+    if states["sync_free_schedule"] == "on" and (optimizer is None or not _schedule_is_sync_free(
+            schedule_without_sync(optimizer))):
+        states["sync_free_schedule"] = "not needed: the learning rate is not a CosineDecay with a warm-up"
     if states["direct_layer_calls"] == "on":
         why = call_layers_directly(model)
         if why:
@@ -606,6 +644,56 @@ def fuse_adam(optimizer):
 
 def _decay_in_the_fused_step(variables):
     """Keras's weight-decay pass, replaced: the fused step applies the decay."""
+
+
+def _schedule_is_sync_free(optimizer) -> bool:
+    """Whether :func:`schedule_without_sync` gave ``optimizer`` its own learning rate."""
+    return "_get_current_learning_rate" in vars(optimizer)
+
+
+def schedule_without_sync(optimizer):
+    """On torch, evaluate a Keras ``CosineDecay`` with a warm-up without reading the step back to the host.
+
+    Keras's ``CosineDecay.__call__`` chooses between the warm-up and the
+    decay with ``ops.cond``; on torch that is ``if pred:``, a read of a
+    device tensor at every step, which on a GPU waits for all the work queued
+    before it (the whole backward pass, as the optimizer runs last). This
+    gives the optimizer instance its own ``_get_current_learning_rate``: the
+    same ops on the same float32 values for both branches, one kept with
+    ``ops.where`` (equal to Keras's value at every step, tested). The
+    schedule and the optimizer keep their classes and configs, so saved
+    files are unchanged. Another schedule, a constant rate, no warm-up (no
+    ``cond`` then) or another backend: returned unchanged.
+    """
+    import keras
+
+    schedule = getattr(optimizer, "_learning_rate", None)
+    if (
+        not is_torch()
+        or type(schedule) is not keras.optimizers.schedules.CosineDecay
+        or schedule.warmup_target is None
+        or not _usable("sync_free_schedule")
+    ):
+        return optimizer
+    optimizer._get_current_learning_rate = functools.partial(_cosine_decay_with_where, schedule, optimizer)
+    return optimizer
+
+
+def _cosine_decay_with_where(schedule, optimizer):
+    """``schedule(optimizer.iterations)`` for a ``CosineDecay`` with a warm-up, both branches computed."""
+    from keras import ops
+
+    initial = ops.convert_to_tensor(schedule.initial_learning_rate)
+    dtype = initial.dtype
+    decay_steps = ops.cast(schedule.decay_steps, dtype)
+    warmup_target = ops.cast(schedule.warmup_target, dtype)
+    warmup_steps = ops.cast(schedule.warmup_steps, dtype)
+    step = ops.minimum(ops.cast(optimizer.iterations, dtype), decay_steps + warmup_steps)
+    warm = (warmup_target - initial) * (step / warmup_steps) + initial
+    fraction = ops.divide(step - warmup_steps, decay_steps)
+    cosine = 0.5 * (1.0 + ops.cos(ops.multiply(ops.array(math.pi, dtype=dtype), fraction)))
+    decayed = ops.multiply(warmup_target, (1 - schedule.alpha) * cosine + schedule.alpha)
+    return ops.where(step < warmup_steps, warm, decayed)
 
 
 # --- 5. layer calls ------------------------------------------------------------------------
