@@ -572,6 +572,13 @@ def test_the_sync_free_schedule_gives_kerass_learning_rate_at_every_step():
         rates.append(float(rate))
     assert rates[0] == pytest.approx(1e-4) and rates[3] == pytest.approx(2e-3) and rates[-1] == pytest.approx(2e-5)
     assert rates.index(max(rates)) == 3  # the schedule does rise, then fall
+    # A schedule set afterwards is the one that counts.
+    for later in (keras.optimizers.schedules.CosineDecay(1e-3, 10, warmup_target=3e-3, warmup_steps=2),
+                  keras.optimizers.schedules.ExponentialDecay(1e-3, 10, 0.5)):
+        optimizer.learning_rate = later
+        optimizer.iterations.assign(5)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(optimizer.learning_rate),
+                                      keras.ops.convert_to_numpy(later(optimizer.iterations)))
 
 
 def test_the_sync_free_schedule_leaves_other_schedules_and_backends_alone():

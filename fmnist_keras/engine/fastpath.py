@@ -660,23 +660,31 @@ def schedule_without_sync(optimizer):
     before it (the whole backward pass, as the optimizer runs last). This
     gives the optimizer instance its own ``_get_current_learning_rate``: the
     same ops on the same float32 values for both branches, one kept with
-    ``ops.where`` (equal to Keras's value at every step, tested). The
-    schedule and the optimizer keep their classes and configs, so saved
-    files are unchanged. Another schedule, a constant rate, no warm-up (no
-    ``cond`` then) or another backend: returned unchanged.
+    ``ops.where`` (equal to Keras's value at every step, tested); a schedule
+    set on the optimizer later is followed, and one of another kind goes to
+    Keras's method. The schedule and the optimizer keep their classes and
+    configs, so saved files are unchanged. Another schedule, a constant
+    rate, no warm-up (no ``cond`` then) or another backend: returned
+    unchanged.
     """
+    if not is_torch() or not _has_warmup_cosine(optimizer) or not _usable("sync_free_schedule"):
+        return optimizer
+    keras_learning_rate = optimizer._get_current_learning_rate
+
+    def current_learning_rate():
+        if _has_warmup_cosine(optimizer):  # a schedule set later may be another
+            return _cosine_decay_with_where(optimizer._learning_rate, optimizer)
+        return keras_learning_rate()
+
+    optimizer._get_current_learning_rate = current_learning_rate
+    return optimizer
+
+
+def _has_warmup_cosine(optimizer) -> bool:
     import keras
 
     schedule = getattr(optimizer, "_learning_rate", None)
-    if (
-        not is_torch()
-        or type(schedule) is not keras.optimizers.schedules.CosineDecay
-        or schedule.warmup_target is None
-        or not _usable("sync_free_schedule")
-    ):
-        return optimizer
-    optimizer._get_current_learning_rate = functools.partial(_cosine_decay_with_where, schedule, optimizer)
-    return optimizer
+    return type(schedule) is keras.optimizers.schedules.CosineDecay and schedule.warmup_target is not None
 
 
 def _cosine_decay_with_where(schedule, optimizer):
