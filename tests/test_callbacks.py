@@ -273,11 +273,11 @@ class SendSignal(CountBatches):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_stop_on_signal_raises_at_the_batch_end_and_restores_the_handler(signum):
+def test_stop_on_signal_raises_before_the_next_batch_and_restores_the_handler(signum):
     before = signal.getsignal(signum)
     sender, after = SendSignal(signum), CountBatches()
     with pytest.raises(Interrupted) as stopped:
         fit(tiny_model(), [sender, StopOnSignal(), after], epochs=2)
     assert stopped.value.signum == signum and stopped.value.exit_code == 128 + signum
-    assert (sender.batches, after.batches) == (1, 0)  # stopped at the first batch's end
+    assert (sender.batches, after.batches) == (1, 1)  # the first batch ended everywhere; no second one ran
     assert signal.getsignal(signum) is before

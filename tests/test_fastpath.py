@@ -589,68 +589,124 @@ def test_the_sync_free_schedule_leaves_other_schedules_and_backends_alone():
         assert "_get_current_learning_rate" not in vars(optimizer)
     optimizer = fastpath.schedule_without_sync(keras.optimizers.AdamW(learning_rate=_warmup_cosine()))
     assert ("_get_current_learning_rate" in vars(optimizer)) == TORCH
-
-
-def _host_reads_per_step(fast: bool, augment: bool = False) -> dict:
-    """Python-level reads of a tensor's value (``if t:``, ``int(t)``, ``np.array(t)``...) per step of a fit.
-
-    Keyed by the read and the innermost Keras function outside the backend
-    that made it. On a GPU each is a synchronisation.
-    """
-    import collections
-    import traceback
-
-    from torch.overrides import TorchFunctionMode
-
-    from fmnist_keras.config import TrainConfig
-    from fmnist_keras.engine import recipe
-
-    reads = collections.Counter()
-    names = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "__array__", "cpu"}
-
-    class Reads(TorchFunctionMode):
-        counting = False
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if self.counting and getattr(func, "__name__", "") in names:
-                stack = traceback.extract_stack()
-                # torch's DataLoader draws a seed from a new host tensor once per iterator, not per step.
-                if not any("/torch/utils/data/" in frame.filename for frame in stack):
-                    keras_frames = [f for f in stack if "/keras/src/" in f.filename and "/backend/" not in f.filename]
-                    reads[f"{func.__name__} in {keras_frames[-1].name if keras_frames else '?'}"] += 1
-            return func(*args, **(kwargs or {}))
-
-    mode = Reads()
-
-    class CountFromTheThirdStep(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            mode.counting = batch >= 2
-
-        def on_train_end(self, logs=None):
-            mode.counting = False
-
-    keras.utils.set_random_seed(0)
-    model = build_cnn(filters=(8,), dense_units=16, augment=augment)
-    recipe.compile_model(model, TrainConfig(model="cnn", epochs=2, warmup_epochs=1), steps_per_epoch=6)
-    rng = _rng()
-    x = rng.random((96, 28, 28, 1), dtype=np.float32)
-    y = keras.utils.to_categorical(rng.integers(0, 10, 96), 10)
-    with fastpath.active(model, model.optimizer, enabled=fast) as states, mode:
-        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[CountFromTheThirdStep()])
-    assert not fast or states["sync_free_schedule"] == "on"
-    return {where: count / 4 for where, count in reads.items()}  # steps 3 to 6
+    # Gradient accumulation: Keras evaluates the schedule at the raw step count, not `iterations`.
+    accumulating = keras.optimizers.AdamW(learning_rate=_warmup_cosine(), gradient_accumulation_steps=4)
+    assert "_get_current_learning_rate" not in vars(fastpath.schedule_without_sync(accumulating))
 
 
 @torch_only
-def test_the_fast_path_leaves_only_kerass_own_reads_of_the_step_logs_and_the_augmentation_seeds():
+def test_the_sync_free_schedule_serves_the_optimizer_a_loss_scale_optimizer_wraps_once():
+    schedule = _warmup_cosine()
+    wrapped = keras.optimizers.LossScaleOptimizer(keras.optimizers.AdamW(learning_rate=schedule))
+    assert fastpath.schedule_without_sync(wrapped) is wrapped
+    inner = wrapped.inner_optimizer
+    method = vars(inner)["_get_current_learning_rate"]
+    fastpath.schedule_without_sync(wrapped)
+    assert vars(inner)["_get_current_learning_rate"] is method  # not wrapped twice
+    inner.iterations.assign(5)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(wrapped.learning_rate),
+                                  keras.ops.convert_to_numpy(schedule(inner.iterations)))
+
+
+class _HostReads:
+    """Python-level reads of a tensor's value on the main thread (``if t:``, ``int(t)``, ``np.array(t)``...).
+
+    Keyed by the read and the innermost Keras function outside the backend
+    that made it. On a GPU each is a synchronisation: the host waits for the
+    work queued before it. Reads on Keras's callback worker thread (the
+    step's logs, when every batch-end hook is ``async_safe``) do not hold up
+    the main thread and are not counted. ``window`` is a callback that counts
+    from the third batch's beginning to the seventh's: four whole steps.
+    """
+
+    NAMES = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "__array__", "cpu"}
+
+    def __init__(self):
+        import collections
+
+        from torch.overrides import TorchFunctionMode
+
+        self.reads = collections.Counter()
+        reads, names = self.reads, self.NAMES
+
+        class Mode(TorchFunctionMode):
+            counting = False
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if self.counting and getattr(func, "__name__", "") in names:
+                    import traceback
+
+                    stack = traceback.extract_stack()
+                    # torch's DataLoader draws a seed from a new host tensor once per iterator, not per step.
+                    if not any("/torch/utils/data/" in frame.filename for frame in stack):
+                        keras_frames = [f for f in stack if "/keras/src/" in f.filename and "/backend/" not in f.filename]
+                        reads[f"{func.__name__} in {keras_frames[-1].name if keras_frames else '?'}"] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        mode = self.mode
+
+        class Window(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                mode.counting = 2 <= batch < 6
+
+        self.window = Window()
+
+    def per_step(self) -> dict:
+        return {where: count / 4 for where, count in self.reads.items()}
+
+
+def _host_reads_per_step(fast: bool, augment: bool = False, callbacks=()) -> dict:
+    """The main thread's host reads per step of ``fit`` with the recipe's optimizer and schedule (:class:`_HostReads`)."""
+    from fmnist_keras.config import TrainConfig
+    from fmnist_keras.engine import recipe
+
+    keras.utils.set_random_seed(0)
+    model = build_cnn(filters=(8,), dense_units=16, augment=augment)
+    recipe.compile_model(model, TrainConfig(model="cnn", epochs=2, warmup_epochs=1), steps_per_epoch=7)
+    rng = _rng()
+    x = rng.random((112, 28, 28, 1), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 112), 10)
+    counter = _HostReads()
+    with fastpath.active(model, model.optimizer, enabled=fast) as states, counter.mode:
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[*callbacks, counter.window])
+    assert not fast or states["sync_free_schedule"] == "on"
+    return counter.per_step()
+
+
+class _BatchEndHook(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+
+@torch_only
+def test_the_fast_path_step_reads_only_the_augmentation_seeds_back_to_the_host():
     stock = _host_reads_per_step(fast=False)
     # Keras's ops.cond in the warm-up schedule (`if pred:`) reads the step: the counter sees it.
     assert sum(count for where, count in stock.items() if where.startswith("__bool__ in ")) >= 1, stock
-    # Keras's torch fit converts the step's logs to floats for the callbacks (`pythonify_logs`).
-    assert _host_reads_per_step(fast=True) == {"__array__ in pythonify_logs": 1.0}
+    assert _host_reads_per_step(fast=True) == {}
     # Keras's torch random ops read their seed (`int(seed)`): one per random op of the flips and shifts.
-    assert _host_reads_per_step(fast=True, augment=True) == {
-        "__array__ in pythonify_logs": 1.0, "__int__ in get_random_transformation": 3.0}
+    assert _host_reads_per_step(fast=True, augment=True) == {"__int__ in get_random_transformation": 3.0}
+    # A batch-end hook that is not async_safe makes Keras convert the logs (loss, accuracy) on the main thread.
+    assert _host_reads_per_step(fast=True, callbacks=[_BatchEndHook()]) == {"__array__ in pythonify_logs": 2.0}
+
+
+@torch_only
+def test_trains_callbacks_leave_the_steps_logs_on_the_device(tiny_data_dir, tmp_path):
+    from fmnist_keras import data as fdata
+    from fmnist_keras.config import TrainConfig
+    from fmnist_keras.engine import fit
+    from fmnist_keras.engine.splits import make_splits
+    from fmnist_keras.rundir import RunDir
+
+    config = TrainConfig(model="mlp", epochs=1, batch_size=32, data_dir=str(tiny_data_dir), verify=False)
+    splits = make_splits(fdata.load_data(str(tiny_data_dir), verify=False), config)
+    run = RunDir.create(str(tmp_path), "run", ["mlp"])
+    counter = _HostReads()
+    with counter.mode:  # the checkpoint, the CSV log, the backup, NaNGuard and StopOnSignal, as train has them
+        result = fit.fit_model(config, splits, run, verbose=2, callbacks=[counter.window])
+    assert result.facts["fast_path"]["sync_free_schedule"] == "on" and len(result.history) == 1
+    assert counter.per_step() == {}
 
 
 @torch_only

@@ -51,6 +51,11 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         **kwargs: as for ``keras.callbacks.ModelCheckpoint``.
     """
 
+    @property
+    def async_safe(self) -> bool:
+        """Keras may run the batch-end hook on a worker thread: saving once per epoch, it does nothing."""
+        return self.save_freq == "epoch"
+
     def __init__(self, filepath, save_as=None, **kwargs):
         self.final = Path(filepath)
         self.temporary = self.final.with_name(f".partial-{self.final.name}")
@@ -89,16 +94,21 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
 
 class StopOnSignal(keras.callbacks.Callback):
-    """Turn Ctrl-C (SIGINT) or SIGTERM during ``fit`` into :class:`Interrupted` at the next batch end.
+    """Turn Ctrl-C (SIGINT) or SIGTERM during ``fit`` into :class:`Interrupted` before the next batch.
 
     Keras's per-step code has bare ``except:`` clauses (matching the loss to
     the targets, for one) that swallow a ``KeyboardInterrupt`` raised inside
     them, and training carries on. While ``fit`` runs, the signal only sets a
-    flag; :class:`Interrupted` is raised from the next ``on_train_batch_end``
-    (or validation batch end), outside Keras's code; a signal after the last
+    flag; :class:`Interrupted` is raised from the next ``on_train_batch_begin``
+    (or validation batch begin), outside Keras's code; a signal after the last
     batch is raised by the caller when ``fit`` returns (see ``requested``). A
     second signal raises at once. Call :meth:`restore` when ``fit`` ends,
     however it ends. Does nothing outside the main thread.
+
+    The check is at a batch's beginning, not its end: Keras reads a step's
+    logs back to the host on the main thread when any callback has a
+    batch-end hook that is not ``async_safe``, and on a GPU that read waits
+    for the step.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -123,7 +133,7 @@ class StopOnSignal(keras.callbacks.Callback):
             raise Interrupted(self.requested)
 
     # Not at epoch end: the checkpoint, CSV row and backup of a finished epoch come first.
-    on_train_batch_end = on_test_batch_end = _check
+    on_train_batch_begin = on_test_batch_begin = _check
 
     def restore(self):
         """Put the previous handlers back (call it however ``fit`` ended)."""
@@ -165,7 +175,14 @@ class NaNGuard(keras.callbacks.TerminateOnNaN):
     monitored value (``val_loss``) is set to NaN, which ``ModelCheckpoint``
     never saves, and training stops: a model with non-finite weights is
     never checkpointed. Put it before the checkpoint in ``fit``'s list.
+
+    ``async_safe``: Keras may run the batch-end check on a worker thread (it
+    reads logs already converted there and sets flags), so the step's loss is
+    not read back to the host on the main thread; a NaN loss then stops
+    training a step or two later at most.
     """
+
+    async_safe = True
 
     def __init__(self, monitor: str = "val_loss"):
         super().__init__()

@@ -647,8 +647,8 @@ def _decay_in_the_fused_step(variables):
 
 
 def _schedule_is_sync_free(optimizer) -> bool:
-    """Whether :func:`schedule_without_sync` gave ``optimizer`` its own learning rate."""
-    return "_get_current_learning_rate" in vars(optimizer)
+    """Whether :func:`schedule_without_sync` gave ``optimizer`` (or the one it wraps) its own learning rate."""
+    return "_get_current_learning_rate" in vars(getattr(optimizer, "inner_optimizer", optimizer))
 
 
 def schedule_without_sync(optimizer):
@@ -663,28 +663,43 @@ def schedule_without_sync(optimizer):
     ``ops.where`` (equal to Keras's value at every step, tested); a schedule
     set on the optimizer later is followed, and one of another kind goes to
     Keras's method. The schedule and the optimizer keep their classes and
-    configs, so saved files are unchanged. Another schedule, a constant
-    rate, no warm-up (no ``cond`` then) or another backend: returned
+    configs, so saved files are unchanged. A ``LossScaleOptimizer`` (float16
+    mixed precision) gets it for the optimizer it wraps (its own loss-scale
+    update still reads the device). Another schedule, a constant rate, no
+    warm-up (no ``cond`` then), gradient accumulation (Keras evaluates the
+    schedule at the raw step count then) or another backend: returned
     unchanged.
     """
-    if not is_torch() or not _has_warmup_cosine(optimizer) or not _usable("sync_free_schedule"):
+    # Under float16 mixed precision the schedule is the wrapped optimizer's.
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if (
+        not is_torch()
+        or _schedule_is_sync_free(inner)  # already
+        or not _has_warmup_cosine(inner)
+        or not _usable("sync_free_schedule")
+    ):
         return optimizer
-    keras_learning_rate = optimizer._get_current_learning_rate
+    keras_learning_rate = inner._get_current_learning_rate
 
     def current_learning_rate():
-        if _has_warmup_cosine(optimizer):  # a schedule set later may be another
-            return _cosine_decay_with_where(optimizer._learning_rate, optimizer)
+        if _has_warmup_cosine(inner):  # a schedule set later may be another
+            return _cosine_decay_with_where(inner._learning_rate, inner)
         return keras_learning_rate()
 
-    optimizer._get_current_learning_rate = current_learning_rate
+    inner._get_current_learning_rate = current_learning_rate
     return optimizer
 
 
 def _has_warmup_cosine(optimizer) -> bool:
+    """A ``CosineDecay`` with a warm-up, evaluated at ``iterations`` (not so with gradient accumulation)."""
     import keras
 
     schedule = getattr(optimizer, "_learning_rate", None)
-    return type(schedule) is keras.optimizers.schedules.CosineDecay and schedule.warmup_target is not None
+    return (
+        type(schedule) is keras.optimizers.schedules.CosineDecay
+        and schedule.warmup_target is not None
+        and not getattr(optimizer, "gradient_accumulation_steps", None)
+    )
 
 
 def _cosine_decay_with_where(schedule, optimizer):

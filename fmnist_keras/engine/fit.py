@@ -210,7 +210,9 @@ class _Callbacks:
         if swap_back is not None:  # the backup keeps the trained weights and their average apart
             ordered.append(swap_back)
         if run is not None:
-            ordered.append(keras.callbacks.BackupAndRestore(str(run.backup_dir(name)), double_checkpoint=True))
+            backup = keras.callbacks.BackupAndRestore(str(run.backup_dir(name)), double_checkpoint=True)
+            backup.async_safe = True  # saving once per epoch, its batch-end hook does nothing
+            ordered.append(backup)
         return parts
 
     def started(self, fast_path: dict) -> None:
