@@ -35,6 +35,17 @@ from fmnist_keras.interrupts import Interrupted
 from fmnist_keras.loading import load_model
 
 
+def logs_off_the_main_thread() -> bool:
+    """Whether ``train``'s callbacks let Keras convert each step's logs on its callback thread (``async_safe``).
+
+    On torch only: there the main thread's read of the logs is a
+    synchronisation on a GPU. On JAX, Keras's worker thread reading the logs
+    races with the next step under the distribution API (the buffers are
+    donated: a crash), and TensorFlow never dispatches callbacks that way.
+    """
+    return keras.backend.backend() == "torch"
+
+
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
     """``ModelCheckpoint`` that never leaves a half-written model file.
 
@@ -53,8 +64,8 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     @property
     def async_safe(self) -> bool:
-        """Keras may run the batch-end hook on a worker thread: saving once per epoch, it does nothing."""
-        return self.save_freq == "epoch"
+        """Keras may run the batch-end hook on a worker thread (on torch): saving once per epoch, it does nothing."""
+        return self.save_freq == "epoch" and logs_off_the_main_thread()
 
     def __init__(self, filepath, save_as=None, **kwargs):
         self.final = Path(filepath)
@@ -176,13 +187,15 @@ class NaNGuard(keras.callbacks.TerminateOnNaN):
     never saves, and training stops: a model with non-finite weights is
     never checkpointed. Put it before the checkpoint in ``fit``'s list.
 
-    ``async_safe``: Keras may run the batch-end check on a worker thread (it
-    reads logs already converted there and sets flags), so the step's loss is
-    not read back to the host on the main thread; a NaN loss then stops
-    training a step or two later at most.
+    ``async_safe`` on torch: Keras may run the batch-end check on a worker
+    thread (it reads logs already converted there and sets flags), so the
+    step's loss is not read back to the host on the main thread; a NaN loss
+    then stops training a step or two later at most.
     """
 
-    async_safe = True
+    @property
+    def async_safe(self) -> bool:
+        return logs_off_the_main_thread()
 
     def __init__(self, monitor: str = "val_loss"):
         super().__init__()

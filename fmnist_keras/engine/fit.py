@@ -31,6 +31,7 @@ from fmnist_keras.engine.callbacks import (
     StopOnSignal,
     averaged_weights,
     backed_up_epochs,
+    logs_off_the_main_thread,
     read_history,
     resume_state,
 )
@@ -211,7 +212,7 @@ class _Callbacks:
             ordered.append(swap_back)
         if run is not None:
             backup = keras.callbacks.BackupAndRestore(str(run.backup_dir(name)), double_checkpoint=True)
-            backup.async_safe = True  # saving once per epoch, its batch-end hook does nothing
+            backup.async_safe = logs_off_the_main_thread()  # saving once per epoch, its batch-end hook does nothing
             ordered.append(backup)
         return parts
 
