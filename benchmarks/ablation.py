@@ -137,14 +137,17 @@ def run_seed(args, seed: int, raw) -> dict:
     return row
 
 
+def mean_and_spread(fractions: list[float]) -> str:
+    """Accuracies as a table cell: the mean in percent, ± the sample standard deviation when there are several."""
+    values = [100 * fraction for fraction in fractions]
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}%{spread}"
+
+
 def summary(rows: list[dict]) -> str:
     lines = ["| variant | validation accuracy | test accuracy | test per seed |", "| --- | ---: | ---: | --- |"]
     for variant in VARIANTS:
-        cells = []
-        for split in ("validation", "test"):
-            values = [100 * row[f"{variant}/{split}"] for row in rows]
-            spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-            cells.append(f"{statistics.mean(values):.2f}%{spread}")
+        cells = [mean_and_spread([row[f"{variant}/{split}"] for row in rows]) for split in ("validation", "test")]
         per_seed = ", ".join(f"{100 * row[f'{variant}/test']:.2f}" for row in rows)
         lines.append(f"| {variant} | {cells[0]} | {cells[1]} | {per_seed} |")
     seconds = ", ".join(f"{row['seconds']:.0f}" for row in rows)

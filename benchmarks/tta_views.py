@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -70,6 +69,7 @@ def main(argv=None) -> int:
     missing = [str(run) for run in args.runs if not (run / "cnn" / "model.keras").is_file()]
     if missing:
         parser.error(f"no cnn/model.keras in {', '.join(missing)}; give run directories of the cnn")
+    from ablation import mean_and_spread
     from fmnist_keras.backend import select_backend
 
     select_backend("torch", "auto")
@@ -79,11 +79,7 @@ def main(argv=None) -> int:
     rows = [evaluate_run(run, raw) for run in args.runs]
     print("| views | validation accuracy | test accuracy | test per run |\n| --- | ---: | ---: | --- |")
     for name in VIEWS:
-        cells = []
-        for split in ("validation", "test"):
-            values = [100 * row[f"{name}/{split}"] for row in rows]
-            spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-            cells.append(f"{statistics.mean(values):.2f}%{spread}")
+        cells = [mean_and_spread([row[f"{name}/{split}"] for row in rows]) for split in ("validation", "test")]
         per_run = ", ".join(f"{100 * row[f'{name}/test']:.2f}" for row in rows)
         print(f"| {name} ({len(VIEWS[name])}) | {cells[0]} | {cells[1]} | {per_run} |")
     return 0
