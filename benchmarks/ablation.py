@@ -69,6 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--dense-units", type=int, metavar="N",
                         help="cnn: width of the Dense embedding (default: the model's, 256)")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's)")
+    parser.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default: train's, 1e-4)")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -87,6 +88,8 @@ def parse_args(argv=None):
         parser.error(f"--dense-units takes a positive number, for the cnn; got {args.dense_units} for {args.model}")
     if args.learning_rate is not None and not args.learning_rate > 0:
         parser.error(f"--learning-rate must be positive; got {args.learning_rate}")
+    if args.weight_decay is not None and not 0.0 <= args.weight_decay <= 1.0:
+        parser.error(f"--weight-decay takes a number from 0 to 1; got {args.weight_decay}")
     return args
 
 
@@ -108,7 +111,7 @@ def run_seed(args, seed: int, raw) -> dict:
             self.weights = self.model.get_weights()
 
     given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing,
-             "mixed_precision": args.mixed_precision, "learning_rate": args.learning_rate}
+             "mixed_precision": args.mixed_precision, "learning_rate": args.learning_rate, "weight_decay": args.weight_decay}
     config = TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
     splits = make_splits(raw, config)
     if splits.data_format != "channels_last":
@@ -181,7 +184,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as handle:
             json.dump({"model": args.model, "erase": args.erase, "filters": args.filters, "convs": args.convs,
                        "dense_units": args.dense_units, "ema": args.ema,
-                       "learning_rate": args.learning_rate, "mixed_precision": args.mixed_precision, "rows": rows},
+                       "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
+                       "mixed_precision": args.mixed_precision, "rows": rows},
                       handle, indent=2)
     return 0
 
