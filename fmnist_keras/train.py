@@ -252,6 +252,12 @@ def _main(argv: list[str] | None) -> int:
             distributed.shutdown(replicas, in_step=code == 0)
 
 
+def _progress_display() -> int | str:
+    """Keras's ``verbose``: a live progress bar on a terminal, one line per epoch in a log file or a pipe
+    (a bar there writes every step's update into the file)."""
+    return "auto" if sys.stdout.isatty() else 2
+
+
 def _fail(error: BaseException, code: int = 1) -> int:
     print(f"error: {error}", file=sys.stderr)
     return code

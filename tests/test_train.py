@@ -39,6 +39,9 @@ def test_cli_trains_both_models_and_writes_complete_run_dirs(tmp_path, tiny_data
     assert "Backend: " + keras.backend.backend() in out and "device: " in out
     assert "Data: data-dir" in out and "NOT checked" in out
     assert "test acc" in out  # the closing summary table
+    # Captured output is not a terminal: one line per epoch (2 epochs, 2 models), no progress bar.
+    assert "━" not in out and "\x1b[" not in out
+    assert len(re.findall(r"^\d+/\d+ - .* - val_accuracy: ", out, flags=re.MULTILINE)) == 4
     assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "runs" / "run").resolve()
     for model in ("mlp", "cnn"):
         run_dir = tmp_path / "runs" / "run" / model
