@@ -253,9 +253,12 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _progress_display() -> int | str:
-    """Keras's ``verbose``: a live progress bar on a terminal, one line per epoch in a log file or a pipe
-    (a bar there writes every step's update into the file)."""
-    return "auto" if sys.stdout.isatty() else 2
+    """Keras's ``verbose``: a live progress bar on a terminal or in a notebook, one line per epoch in a
+    log file or a pipe (Keras draws its bar on every POSIX system, which writes each step's update into
+    the file)."""
+    stream = sys.stdout
+    live = "ipykernel" in sys.modules or (stream is not None and hasattr(stream, "isatty") and stream.isatty())
+    return "auto" if live else 2
 
 
 def _fail(error: BaseException, code: int = 1) -> int:

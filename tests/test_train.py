@@ -60,6 +60,25 @@ def test_cli_trains_both_models_and_writes_complete_run_dirs(tmp_path, tiny_data
         assert config.model == model and config.epochs == 2 and config.verify is False
 
 
+class _Terminal:
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        return len(text)
+
+
+def test_progress_bar_only_on_a_terminal_or_in_a_notebook(monkeypatch):
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.setattr(sys, "stdout", _Terminal())
+    assert train._progress_display() == "auto"
+    for stream in (None, object()):  # no stdout at all, or one without isatty
+        monkeypatch.setattr(sys, "stdout", stream)
+        assert train._progress_display() == 2
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    assert train._progress_display() == "auto"
+
+
 def test_training_learns_and_saved_model_reloads_with_same_accuracy(tmp_path, tiny_data_dir):
     assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "6") == 0
     run_dir = tmp_path / "runs" / "run" / "mlp"
