@@ -257,8 +257,9 @@ def _progress_display() -> int | str:
     log file or a pipe (Keras draws its bar on every POSIX system, which writes each step's update into
     the file)."""
     stream = sys.stdout
-    live = "ipykernel" in sys.modules or (stream is not None and hasattr(stream, "isatty") and stream.isatty())
-    return "auto" if live else 2
+    notebook = type(stream).__module__.startswith("ipykernel")  # a Jupyter kernel's OutStream
+    terminal = hasattr(stream, "isatty") and stream.isatty()
+    return "auto" if notebook or terminal else 2
 
 
 def _fail(error: BaseException, code: int = 1) -> int:
@@ -362,7 +363,7 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
         start = time.perf_counter()
         try:
             result = fit.fit_model(config, splits, run, resume=bool(args.resume), replicas=replicas,
-                                        tensorboard=args.tensorboard)
+                                        tensorboard=args.tensorboard, verbose=_progress_display())
         except Interrupted as stop:
             return _interrupted(stop, run)
         except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 """The training command, called in-process on tiny synthetic IDX files."""
 
+import io
 import json
 import os
 import re
@@ -69,13 +70,13 @@ class _Terminal:
 
 
 def test_progress_bar_only_on_a_terminal_or_in_a_notebook(monkeypatch):
-    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     monkeypatch.setattr(sys, "stdout", _Terminal())
     assert train._progress_display() == "auto"
-    for stream in (None, object()):  # no stdout at all, or one without isatty
+    for stream in (None, object(), io.StringIO()):  # no stdout, one without isatty, a file-like one
         monkeypatch.setattr(sys, "stdout", stream)
         assert train._progress_display() == 2
-    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    kernel_stream = type("OutStream", (io.StringIO,), {"__module__": "ipykernel.iostream"})()
+    monkeypatch.setattr(sys, "stdout", kernel_stream)  # a notebook's stdout is not a terminal either
     assert train._progress_display() == "auto"
 
 
