@@ -42,6 +42,9 @@ import statistics
 import sys
 import time
 
+from fmnist_keras.cli import in_range
+from fmnist_keras.config import RANGES, TrainConfig
+
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 VARIANTS = ("average + flip", "average", "trained + flip", "trained")
@@ -69,7 +72,8 @@ def parse_args(argv=None):
     parser.add_argument("--dense-units", type=int, metavar="N",
                         help="cnn: width of the Dense embedding (default: the model's, 256)")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's)")
-    parser.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default: train's, 1e-4)")
+    parser.add_argument("--weight-decay", type=in_range(*RANGES["weight_decay"]), metavar="WD",
+                        help=f"AdamW decoupled weight decay (default: train's, {TrainConfig().weight_decay:g})")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -88,8 +92,6 @@ def parse_args(argv=None):
         parser.error(f"--dense-units takes a positive number, for the cnn; got {args.dense_units} for {args.model}")
     if args.learning_rate is not None and not args.learning_rate > 0:
         parser.error(f"--learning-rate must be positive; got {args.learning_rate}")
-    if args.weight_decay is not None and not 0.0 <= args.weight_decay <= 1.0:
-        parser.error(f"--weight-decay takes a number from 0 to 1; got {args.weight_decay}")
     return args
 
 

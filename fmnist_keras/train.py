@@ -253,13 +253,18 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _progress_display() -> int | str:
-    """Keras's ``verbose``: a live progress bar on a terminal or in a notebook, one line per epoch in a
-    log file or a pipe (Keras draws its bar on every POSIX system, which writes each step's update into
-    the file)."""
+    """Keras's ``verbose``: a live progress bar on a terminal or in a notebook (headless notebook runs
+    too), one line per epoch in a log file or a pipe (Keras draws its bar on every POSIX system, which
+    writes each step's update into the file), nothing without a stdout."""
     stream = sys.stdout
-    notebook = type(stream).__module__.startswith("ipykernel")  # a Jupyter kernel's OutStream
-    terminal = hasattr(stream, "isatty") and stream.isatty()
-    return "auto" if notebook or terminal else 2
+    if not hasattr(stream, "write"):  # None under pythonw or after `>&-`: Keras would fail to print its lines
+        return 0
+    if any(kind.__module__.startswith("ipykernel") for kind in type(stream).__mro__):  # a Jupyter kernel
+        return "auto"
+    try:
+        return "auto" if stream.isatty() else 2
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return 2
 
 
 def _fail(error: BaseException, code: int = 1) -> int:

@@ -72,7 +72,12 @@ class _Terminal:
 def test_progress_bar_only_on_a_terminal_or_in_a_notebook(monkeypatch):
     monkeypatch.setattr(sys, "stdout", _Terminal())
     assert train._progress_display() == "auto"
-    for stream in (None, object(), io.StringIO()):  # no stdout, one without isatty, a file-like one
+    for stream in (None, object()):  # no stdout, or one that cannot be written to
+        monkeypatch.setattr(sys, "stdout", stream)
+        assert train._progress_display() == 0
+    closed = io.StringIO()
+    closed.close()
+    for stream in (io.StringIO(), closed):  # a file, one whose isatty raises
         monkeypatch.setattr(sys, "stdout", stream)
         assert train._progress_display() == 2
     kernel_stream = type("OutStream", (io.StringIO,), {"__module__": "ipykernel.iostream"})()
