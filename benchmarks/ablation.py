@@ -113,7 +113,8 @@ def run_seed(args, seed: int, raw) -> dict:
             self.weights = self.model.get_weights()
 
     given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing,
-             "mixed_precision": args.mixed_precision, "learning_rate": args.learning_rate, "weight_decay": args.weight_decay}
+             "mixed_precision": args.mixed_precision, "learning_rate": args.learning_rate,
+             "weight_decay": args.weight_decay}
     config = TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
     splits = make_splits(raw, config)
     if splits.data_format != "channels_last":
