@@ -43,7 +43,7 @@ import sys
 import time
 
 from fmnist_keras.cli import in_range
-from fmnist_keras.config import RANGES, TrainConfig
+from fmnist_keras.config import RANGES
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -73,7 +73,7 @@ def parse_args(argv=None):
                         help="cnn: width of the Dense embedding (default: the model's, 256)")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's)")
     parser.add_argument("--weight-decay", type=in_range(*RANGES["weight_decay"]), metavar="WD",
-                        help=f"AdamW decoupled weight decay (default: train's, {TrainConfig().weight_decay:g})")
+                        help="AdamW decoupled weight decay (default: the model's)")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)

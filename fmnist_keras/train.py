@@ -22,7 +22,8 @@ import time
 
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import add_data_arguments, in_range
-from fmnist_keras.config import BFLOAT16_ON_AMX, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, RANGES, TrainConfig, load_config
+from fmnist_keras.config import (BFLOAT16_ON_AMX, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig,
+                                 load_config)
 from fmnist_keras.interrupts import Interrupted
 from fmnist_keras.rundir import RunDir, RunDirError, write_json
 
@@ -37,6 +38,7 @@ def _checked(field: str):
 def build_parser() -> argparse.ArgumentParser:
     per_model = ", ".join(f"{m}: {d['epochs']}" for m, d in MODEL_DEFAULTS.items())
     per_model_lr = ", ".join(f"{m}: {d['learning_rate']:g}" for m, d in MODEL_DEFAULTS.items())
+    per_model_wd = ", ".join(f"{m}: {d['weight_decay']:g}" for m, d in MODEL_DEFAULTS.items())
     parser = argparse.ArgumentParser(
         prog="python -m fmnist_keras.train",
         description="Train Keras models on Fashion-MNIST and save them, evaluated on the official test set.",
@@ -63,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"training batch size (default: {DEFAULTS.batch_size})")
     parser.add_argument("--learning-rate", type=_checked("learning_rate"), metavar="LR",
                         help=f"peak AdamW learning rate of the warm-up + cosine schedule (default per model: {per_model_lr})")
-    parser.add_argument("--weight-decay", type=_checked("weight_decay"), default=DEFAULTS.weight_decay, metavar="WD",
-                        help=f"AdamW weight decay (default: {DEFAULTS.weight_decay:g})")
+    parser.add_argument("--weight-decay", type=_checked("weight_decay"), metavar="WD",
+                        help=f"AdamW decoupled weight decay (default per model: {per_model_wd})")
     parser.add_argument("--label-smoothing", type=_checked("label_smoothing"), default=DEFAULTS.label_smoothing, metavar="E",
                         help=f"label smoothing of the cross-entropy loss (default: {DEFAULTS.label_smoothing:g})")
     emas = {d["ema"] for d in MODEL_DEFAULTS.values()}
@@ -171,8 +173,12 @@ def resume_configs(parser, args, argv) -> tuple[RunDir, list[TrainConfig]]:
         raise RunDirError(f"{run} has no config.json for any of its models ({', '.join(models)}), so there is "
                           f"nothing to resume; start a new run.")
     first = next(iter(configs.values()))
-    # A model without a config.json takes the run's settings, but its own TTA, average and precision defaults.
-    own = {"flip_tta": None, "ema": None, "mixed_precision": None}
+    # A model without a config.json takes the run's settings, but its own TTA, average and precision defaults,
+    # and its own epochs, learning rate and weight decay where the saved model has its model's defaults.
+    saved_defaults = MODEL_DEFAULTS[first.model]
+    own = {name: None for name in PER_MODEL
+           if name in ("flip_tta", "ema") or getattr(first, name) == saved_defaults[name]}
+    own["mixed_precision"] = None
     return run, [configs.get(model) or dataclasses.replace(first, model=model, **own) for model in models]
 
 

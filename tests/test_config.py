@@ -9,7 +9,7 @@ import pytest
 from fmnist_keras.config import CHOICES, FLAGS, MODEL_DEFAULTS, MODEL_NAMES, RANGES, TrainConfig, load_config
 from fmnist_keras.rundir import RunDirError
 
-OPTIONAL = ("epochs", "learning_rate", "subset", "ema")  # None means the model's default or all the data
+OPTIONAL = ("epochs", "learning_rate", "weight_decay", "subset", "ema")  # None means the model's default or all the data
 
 
 def outside(kind, low, high):
@@ -48,7 +48,8 @@ def test_wrong_types_are_refused(name):
 
 def test_optional_numbers_may_be_null():
     config = TrainConfig.from_dict({name: None for name in (*OPTIONAL, "flip_tta")})
-    assert (config.epochs, config.learning_rate, config.subset, config.ema, config.flip_tta) == (None,) * 5
+    assert (config.epochs, config.learning_rate, config.weight_decay, config.subset, config.ema,
+            config.flip_tta) == (None,) * 6
 
 
 @pytest.mark.parametrize("name", CHOICES)
@@ -100,11 +101,12 @@ def test_json_round_trip_is_the_identity(config):
 def test_resolved_fills_the_model_defaults_only_where_unset(model):
     resolved = TrainConfig(model=model).resolved()
     defaults = MODEL_DEFAULTS[model]
-    assert (resolved.epochs, resolved.learning_rate, resolved.flip_tta, resolved.ema) == (
-        defaults["epochs"], defaults["learning_rate"], defaults["flip_tta"], defaults["ema"])
-    explicit = TrainConfig(model=model, epochs=2, learning_rate=0.01, flip_tta=not defaults["flip_tta"], ema=0.5)
+    assert (resolved.epochs, resolved.learning_rate, resolved.weight_decay, resolved.flip_tta, resolved.ema) == (
+        defaults["epochs"], defaults["learning_rate"], defaults["weight_decay"], defaults["flip_tta"], defaults["ema"])
+    explicit = TrainConfig(model=model, epochs=2, learning_rate=0.01, weight_decay=0.0,
+                           flip_tta=not defaults["flip_tta"], ema=0.5)
     assert explicit.resolved() == explicit
-    assert dataclasses.replace(resolved, epochs=None, learning_rate=None, flip_tta=None,
+    assert dataclasses.replace(resolved, epochs=None, learning_rate=None, weight_decay=None, flip_tta=None,
                                ema=None) == TrainConfig(model=model)
 
 

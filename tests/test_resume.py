@@ -196,3 +196,19 @@ def test_a_model_without_config_json_resumes_with_the_runs_settings_and_its_own_
     assert (cnn.model, cnn.epochs, cnn.seed) == ("cnn", 3, 7)  # the run's settings
     assert (mlp.resolved().flip_tta, cnn.resolved().flip_tta) == (False, True)  # each model's own TTA
     assert (mlp.mixed_precision, cnn.mixed_precision) == (False, None)  # the CNN's precision decided anew
+
+
+def test_a_model_without_config_json_takes_its_own_defaults_where_the_saved_model_has_its_own(tmp_path):
+    from fmnist_keras.config import MODEL_DEFAULTS, TrainConfig
+    from fmnist_keras.rundir import RunDir
+
+    run = RunDir.create(str(tmp_path), "run", ["mlp", "cnn"])
+    run.model_dir("mlp").mkdir()
+    TrainConfig(model="mlp", learning_rate=0.01).resolved().save(run.config_file("mlp"))
+    parser = train.build_parser()
+    argv = ["--resume", str(run.path)]
+    _, configs = train.resume_configs(parser, parser.parse_args(argv), argv)
+    cnn = next(config for config in configs if config.model == "cnn").resolved()
+    assert MODEL_DEFAULTS["cnn"]["epochs"] != MODEL_DEFAULTS["mlp"]["epochs"]  # else this test shows nothing
+    assert (cnn.epochs, cnn.weight_decay) == (MODEL_DEFAULTS["cnn"]["epochs"], MODEL_DEFAULTS["cnn"]["weight_decay"])
+    assert cnn.learning_rate == 0.01  # set for the run, not a default
