@@ -22,8 +22,9 @@ import time
 
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import add_data_arguments, in_range
-from fmnist_keras.config import (BFLOAT16_ON_AMX, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig,
-                                 load_config)
+from fmnist_keras.config import (
+    BFLOAT16_ON_AMX, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig, load_config,
+)
 from fmnist_keras.interrupts import Interrupted
 from fmnist_keras.rundir import RunDir, RunDirError, write_json
 
