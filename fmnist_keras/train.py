@@ -36,10 +36,12 @@ def _checked(field: str):
     return in_range(*RANGES[field])
 
 
+def _per_model(field: str) -> str:
+    """Each model's default of ``field``, for --help: "mlp: 20, cnn: 24, ..."."""
+    return ", ".join(f"{model}: {defaults[field]:g}" for model, defaults in MODEL_DEFAULTS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    per_model = ", ".join(f"{m}: {d['epochs']}" for m, d in MODEL_DEFAULTS.items())
-    per_model_lr = ", ".join(f"{m}: {d['learning_rate']:g}" for m, d in MODEL_DEFAULTS.items())
-    per_model_wd = ", ".join(f"{m}: {d['weight_decay']:g}" for m, d in MODEL_DEFAULTS.items())
     parser = argparse.ArgumentParser(
         prog="python -m fmnist_keras.train",
         description="Train Keras models on Fashion-MNIST and save them, evaluated on the official test set.",
@@ -61,18 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(the MLP adds a few minutes) (default: all)",
     )
     parser.add_argument("--epochs", type=_checked("epochs"), metavar="N",
-                        help=f"maximum epochs; EarlyStopping may stop sooner (default per model: {per_model})")
+                        help="maximum epochs; EarlyStopping may stop sooner (default per model: "
+                        f"{_per_model('epochs')})")
     parser.add_argument("--batch-size", type=_checked("batch_size"), default=DEFAULTS.batch_size, metavar="N",
                         help=f"training batch size (default: {DEFAULTS.batch_size})")
     parser.add_argument("--learning-rate", type=_checked("learning_rate"), metavar="LR",
-                        help=f"peak AdamW learning rate of the warm-up + cosine schedule (default per model: {per_model_lr})")
+                        help="peak AdamW learning rate of the warm-up + cosine schedule (default per model: "
+                        f"{_per_model('learning_rate')})")
     parser.add_argument("--weight-decay", type=_checked("weight_decay"), metavar="WD",
-                        help=f"AdamW decoupled weight decay (default per model: {per_model_wd})")
+                        help=f"AdamW decoupled weight decay (default per model: {_per_model('weight_decay')})")
     parser.add_argument("--label-smoothing", type=_checked("label_smoothing"), default=DEFAULTS.label_smoothing, metavar="E",
                         help=f"label smoothing of the cross-entropy loss (default: {DEFAULTS.label_smoothing:g})")
     emas = {d["ema"] for d in MODEL_DEFAULTS.values()}
-    per_model_ema = (f"{emas.pop():g}" if len(emas) == 1 else
-                     "per model: " + ", ".join(f"{m}: {d['ema']:g}" for m, d in MODEL_DEFAULTS.items()))
+    per_model_ema = f"{emas.pop():g}" if len(emas) == 1 else "per model: " + _per_model("ema")
     flipped = ", ".join(m for m, d in MODEL_DEFAULTS.items() if d["flip_tta"])
     parser.add_argument("--ema", type=_checked("ema"), metavar="M",
                         help="keep a moving average of the weights with momentum M (capped so that it spans at "
