@@ -250,6 +250,24 @@ def test_truncate_history_keeps_the_first_epochs(tmp_path):
     assert read_history(path) == rows[:1] and path.read_text() == "epoch,loss,val_loss\n0,0.9,0.8\n"
 
 
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])  # CSVLogger writes "\r\n"
+def test_truncate_history_drops_a_row_cut_short_by_a_kill(tmp_path, line_end):
+    path = tmp_path / "history.csv"
+    whole = line_end.join(["epoch,loss,val_loss", "0,0.9,0.8", "1,0.7,0.6", ""])
+    path.write_bytes((whole + "2,0.5").encode())
+    with pytest.raises(RunDirError, match="is damaged"):  # reading alone does not guess
+        read_history(path)
+    assert [row["epoch"] for row in truncate_history(path, 2)] == [0, 1]
+    assert path.read_bytes() == whole.encode()
+
+
+def test_truncate_history_drops_a_header_cut_short_by_a_kill(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,lo")
+    assert truncate_history(path, 0) == []
+    assert path.read_text() == ""  # CSVLogger writes the header again
+
+
 class CountBatches(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()

@@ -357,12 +357,28 @@ def read_history(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    fix = f"move {path} away to start that model's history afresh"
+    return _parse_history(_history_lines(path), path)
+
+
+def _history_lines(path: Path) -> list[str]:
     try:
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+            return f.read().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as error:
+        raise rundir.RunDirError(f"{path} is damaged: not a CSVLogger history ({type(error).__name__}); "
+                                 f"{_history_fix(path)}.") from None
+
+
+def _history_fix(path: Path) -> str:
+    return f"move {path} away to start that model's history afresh"
+
+
+def _parse_history(lines: list[str], path: Path) -> list[dict]:
+    fix = _history_fix(path)
+    try:
+        rows = list(csv.DictReader(lines))
         history = [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in rows]
-    except (OSError, ValueError, TypeError, csv.Error, UnicodeDecodeError) as error:
+    except (ValueError, TypeError, csv.Error) as error:
         raise rundir.RunDirError(f"{path} is damaged: not a CSVLogger history ({type(error).__name__}); {fix}.") from None
     if any("epoch" not in row or "val_loss" not in row for row in history):
         raise rundir.RunDirError(f"{path} is damaged: rows without epoch and val_loss; {fix}.")
@@ -392,15 +408,20 @@ def truncate_history(path: Path, epochs: int) -> list[dict]:
     """Keep the header and the first ``epochs`` epochs of a CSVLogger file.
 
     An epoch logged after the last backup will be trained again on resume,
-    so its row must go, or the history would hold it twice.
+    so its row must go, or the history would hold it twice. A last line
+    without its line end is a row that a kill cut short while CSVLogger
+    wrote it (before the backup of that epoch, which comes later in
+    ``fit``'s callbacks); it goes too.
     """
     path = Path(path)
-    history = read_history(path)
-    if len(history) <= epochs:
-        return history
-    lines = path.read_text().splitlines(keepends=True)
-    rundir.write_text(path, "".join(lines[: 1 + epochs]))
-    return read_history(path)
+    if not path.exists():
+        return []
+    lines = _history_lines(path)
+    complete = lines[:-1] if lines and not lines[-1].endswith("\n") else lines
+    history = _parse_history(complete, path)
+    if len(history) > epochs or len(complete) < len(lines):
+        rundir.write_text(path, "".join(complete[: 1 + epochs]))
+    return history[:epochs]
 
 
 def resume_state(backup_dir: Path, model_file: Path, history_file: Path) -> EarlyStoppingState | None:
