@@ -30,6 +30,7 @@ Usage:
     python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --erase 0.25 --out-dir runs/ablation-erase
     python benchmarks/ablation.py --seeds 42 --ema 0 --filters 48 96 --out-dir runs/ablation-wide
     python benchmarks/ablation.py --seeds 42 --ema 0 --filters 32 64 128 --convs 1 2 2 --out-dir runs/ablation-deep
+    python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --dropout 0.1 --out-dir runs/ablation-dropout
     python benchmarks/ablation.py --seeds 0 --subset 3000 --epochs 2     # a quick check of the script
 """
 
@@ -71,6 +72,8 @@ def parse_args(argv=None):
                         help="cnn: convolutions per block, one number or one per block (default: the model's, 2)")
     parser.add_argument("--dense-units", type=int, metavar="N",
                         help="cnn: width of the Dense embedding (default: the model's, 256)")
+    parser.add_argument("--dropout", type=float, metavar="F",
+                        help="cnn: dropout rate after the embedding (default: the model's, 0.3)")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's)")
     parser.add_argument("--weight-decay", type=in_range(*RANGES["weight_decay"]), metavar="WD",
                         help="AdamW decoupled weight decay (default: the model's)")
@@ -90,6 +93,8 @@ def parse_args(argv=None):
                      f"{args.convs} for {args.model}")
     if args.dense_units is not None and not (args.dense_units > 0 and args.model == "cnn"):
         parser.error(f"--dense-units takes a positive number, for the cnn; got {args.dense_units} for {args.model}")
+    if args.dropout is not None and not (0.0 <= args.dropout < 1.0 and args.model == "cnn"):
+        parser.error(f"--dropout takes a rate from 0 up to 1, for the cnn; got {args.dropout} for {args.model}")
     if args.learning_rate is not None and not args.learning_rate > 0:
         parser.error(f"--learning-rate must be positive; got {args.learning_rate}")
     return args
@@ -173,7 +178,7 @@ def main(argv=None) -> int:
     raw = fdata.load_data(None)
     changed = {"erase": args.erase, "filters": None if args.filters is None else tuple(args.filters),
                "convs_per_block": None if args.convs is None else tuple(args.convs) if len(args.convs) > 1
-               else args.convs[0], "dense_units": args.dense_units}
+               else args.convs[0], "dense_units": args.dense_units, "dropout": args.dropout}
     changed = {name: value for name, value in changed.items() if value is not None}
     if changed:
         import functools
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"model": args.model, "erase": args.erase, "filters": args.filters, "convs": args.convs,
-                       "dense_units": args.dense_units, "ema": args.ema,
+                       "dense_units": args.dense_units, "dropout": args.dropout, "ema": args.ema,
                        "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
                        "mixed_precision": args.mixed_precision, "rows": rows},
                       handle, indent=2)
