@@ -30,7 +30,7 @@ Usage:
     python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --erase 0.25 --out-dir runs/ablation-erase
     python benchmarks/ablation.py --seeds 42 --ema 0 --filters 48 96 --out-dir runs/ablation-wide
     python benchmarks/ablation.py --seeds 42 --ema 0 --filters 32 64 128 --convs 1 2 2 --out-dir runs/ablation-deep
-    python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --dropout 0.1 --out-dir runs/ablation-dropout
+    python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --dropout 0.3 --out-dir runs/ablation-dropout
     python benchmarks/ablation.py --seeds 0 --subset 3000 --epochs 2     # a quick check of the script
 """
 
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     parser.add_argument("--dense-units", type=int, metavar="N",
                         help="cnn: width of the Dense embedding (default: the model's, 256)")
     parser.add_argument("--dropout", type=float, metavar="F",
-                        help="cnn: dropout rate after the embedding (default: the model's, 0.3)")
+                        help="cnn: dropout rate after the embedding (default: the model's, 0.1)")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's)")
     parser.add_argument("--weight-decay", type=in_range(*RANGES["weight_decay"]), metavar="WD",
                         help="AdamW decoupled weight decay (default: the model's)")

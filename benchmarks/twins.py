@@ -100,7 +100,7 @@ def torch_twin(name: str, weights):
                 i += 5
             layers.append(nn.MaxPool2d(2))
         perm = torch.arange(7 * 7 * 64).reshape(7, 7, 64).permute(2, 0, 1).reshape(-1)
-        layers += [nn.Flatten(), dense(w[i], in_perm=perm), batch_norm(*w[i + 1: i + 5]), nn.ReLU(), nn.Dropout(0.3)]
+        layers += [nn.Flatten(), dense(w[i], in_perm=perm), batch_norm(*w[i + 1: i + 5]), nn.ReLU(), nn.Dropout(0.1)]
         layers.append(dense(w[i + 5], w[i + 6]))
         return nn.Sequential(*layers)
     return None

@@ -126,7 +126,7 @@ def build_cnn(
     filters: tuple[int, ...] = (32, 64),
     convs_per_block: int | tuple[int, ...] = 2,
     dense_units: int = 256,
-    dropout: float = 0.3,
+    dropout: float = 0.1,
     augment: bool = True,
     erase: float = 0.0,
     num_classes: int = NUM_CLASSES,
