@@ -82,11 +82,20 @@ def write_json(path: Path, data) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary sibling of ``path``, flush it to disk, then rename it over ``path``."""
+    _write_atomically(path, "w", text)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """:func:`write_text` for bytes."""
+    _write_atomically(path, "wb", data)
+
+
+def _write_atomically(path: Path, mode: str, content) -> None:
     path = Path(path)
     temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
     try:
-        with open(temporary, "w") as f:
-            f.write(text)
+        with open(temporary, mode) as f:
+            f.write(content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)

@@ -1,5 +1,6 @@
 """The resumable callbacks against Keras's own: same saves, same stops, same weights, on a tiny real fit."""
 
+import json
 import math
 import os
 import signal
@@ -13,6 +14,7 @@ from fmnist_keras.engine.callbacks import (
     NaNGuard,
     ResumableEarlyStopping,
     StopOnSignal,
+    backed_up_epochs,
     read_history,
     resume_state,
     truncate_history,
@@ -261,11 +263,50 @@ def test_truncate_history_drops_a_row_cut_short_by_a_kill(tmp_path, line_end):
     assert path.read_bytes() == whole.encode()
 
 
-def test_truncate_history_drops_a_header_cut_short_by_a_kill(tmp_path):
+def test_truncate_history_keeps_a_lone_line_for_the_damage_check(tmp_path):
     path = tmp_path / "history.csv"
-    path.write_text("epoch,lo")
-    assert truncate_history(path, 0) == []
-    assert path.read_text() == ""  # CSVLogger writes the header again
+    path.write_bytes(b"\x00\x01\x02")  # no header before it: nothing says it is a cut row
+    truncate_history(path, 0)
+    assert path.read_bytes() == b"\x00\x01\x02"
+
+
+def _backup(tmp_path, metadata: str, previous: str | None):
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    (backup / "latest.weights.h5").write_bytes(b"epoch 3")
+    (backup / "training_metadata.json").write_text(metadata)
+    if previous is not None:
+        (backup / "latest.weights.h5.bkp").write_bytes(b"epoch 2")
+        (backup / "training_metadata.json.bkp").write_text(previous)
+    return backup
+
+
+@pytest.mark.parametrize("metadata", ["", '{"epoch": 3, "ba'])  # a kill while Keras wrote it
+def test_backup_metadata_cut_short_by_a_kill_falls_back_to_the_previous_backup(tmp_path, metadata):
+    backup = _backup(tmp_path, metadata, '{"epoch": 2, "batch": 0}')
+    assert backed_up_epochs(backup) == 2
+    assert (backup / "latest.weights.h5").read_bytes() == b"epoch 2"
+    assert json.loads((backup / "training_metadata.json").read_text()) == {"epoch": 2, "batch": 0}
+    assert backed_up_epochs(backup) == 2  # and stays consistent
+
+
+@pytest.mark.parametrize("previous", [None, "", '{"epoch": -1}'])
+def test_damaged_backup_metadata_without_a_whole_previous_backup_is_a_run_dir_error(tmp_path, previous):
+    backup = _backup(tmp_path, "", previous)
+    with pytest.raises(RunDirError, match=r"is damaged: .*; delete .*backup"):
+        backed_up_epochs(backup)
+    assert (backup / "latest.weights.h5").read_bytes() == b"epoch 3"  # nothing changed
+
+
+def test_a_symlinked_previous_backup_is_not_followed(tmp_path):
+    outside = tmp_path / "outside.h5"
+    outside.write_bytes(b"not ours")
+    backup = _backup(tmp_path, "", '{"epoch": 2, "batch": 0}')
+    (backup / "latest.weights.h5.bkp").unlink()
+    (backup / "latest.weights.h5.bkp").symlink_to(outside)
+    with pytest.raises(RunDirError, match="is damaged"):
+        backed_up_epochs(backup)
+    assert (backup / "latest.weights.h5").read_bytes() == b"epoch 3" and outside.read_bytes() == b"not ours"
 
 
 class CountBatches(keras.callbacks.Callback):

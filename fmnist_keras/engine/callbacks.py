@@ -391,12 +391,35 @@ def backed_up_epochs(backup_dir: Path) -> int:
     """How many epochs ``BackupAndRestore``'s last backup holds (0 when none).
 
     Reads the ``training_metadata.json`` that Keras's ``BackupAndRestore``
-    writes in its ``backup_dir`` (keys ``epoch`` and ``batch``).
+    writes in its ``backup_dir`` (keys ``epoch`` and ``batch``). Keras writes
+    it in place, after the weights, so a kill in between leaves it empty or
+    cut short. With ``double_checkpoint`` Keras first copies the previous
+    backup to ``*.bkp``; when the metadata is damaged and that previous pair
+    is whole, it is put back (its last epoch is trained again), as Keras
+    itself does when the weights file is damaged.
     """
-    metadata = Path(backup_dir) / "training_metadata.json"
+    backup_dir = Path(backup_dir)
+    metadata = backup_dir / BACKUP_METADATA
     if not metadata.exists():
         return 0
-    fix = f"delete {Path(backup_dir)} to resume from the last checkpoint without the optimizer state"
+    try:
+        return _backup_epoch(metadata, backup_dir)
+    except rundir.RunDirError:
+        previous = {name: backup_dir / f"{name}.bkp" for name in (BACKUP_WEIGHTS, BACKUP_METADATA)}  # weights first
+        if not all(path.is_file() and not path.is_symlink() for path in previous.values()):
+            raise
+        epoch = _backup_epoch(previous[BACKUP_METADATA], backup_dir)
+        for name, path in previous.items():
+            rundir.write_bytes(backup_dir / name, path.read_bytes())
+        return epoch
+
+
+BACKUP_METADATA = "training_metadata.json"  # the names Keras's BackupAndRestore gives its files
+BACKUP_WEIGHTS = "latest.weights.h5"
+
+
+def _backup_epoch(metadata: Path, backup_dir: Path) -> int:
+    fix = f"delete {backup_dir} to resume from the last checkpoint without the optimizer state"
     data = rundir.read_json(metadata, "Keras's BackupAndRestore metadata", fix)
     epoch = data.get("epoch") if isinstance(data, dict) else None
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
@@ -411,13 +434,15 @@ def truncate_history(path: Path, epochs: int) -> list[dict]:
     so its row must go, or the history would hold it twice. A last line
     without its line end is a row that a kill cut short while CSVLogger
     wrote it (before the backup of that epoch, which comes later in
-    ``fit``'s callbacks); it goes too.
+    ``fit``'s callbacks); it goes too, when a whole header line comes
+    before it.
     """
     path = Path(path)
     if not path.exists():
         return []
     lines = _history_lines(path)
-    complete = lines[:-1] if lines and not lines[-1].endswith("\n") else lines
+    cut_short = len(lines) > 1 and not lines[-1].endswith("\n")
+    complete = lines[:-1] if cut_short else lines
     history = _parse_history(complete, path)
     if len(history) > epochs or len(complete) < len(lines):
         rundir.write_text(path, "".join(complete[: 1 + epochs]))
