@@ -387,6 +387,10 @@ def _parse_history(lines: list[str], path: Path) -> list[dict]:
     return history
 
 
+BACKUP_METADATA = "training_metadata.json"  # the names Keras's BackupAndRestore gives its files
+BACKUP_WEIGHTS = "latest.weights.h5"
+
+
 def backed_up_epochs(backup_dir: Path) -> int:
     """How many epochs ``BackupAndRestore``'s last backup holds (0 when none).
 
@@ -412,10 +416,6 @@ def backed_up_epochs(backup_dir: Path) -> int:
         for name, path in previous.items():
             rundir.write_bytes(backup_dir / name, path.read_bytes())
         return epoch
-
-
-BACKUP_METADATA = "training_metadata.json"  # the names Keras's BackupAndRestore gives its files
-BACKUP_WEIGHTS = "latest.weights.h5"
 
 
 def _backup_epoch(metadata: Path, backup_dir: Path) -> int:
