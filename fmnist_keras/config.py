@@ -17,9 +17,9 @@ DATA_FORMATS = ("auto", "channels_last", "channels_first")
 # measured on the full data (README, "Results").
 # "flip_tta": average the predictions of each image and its mirror image
 # (for models trained with horizontal flips: for the CNN over 3 seeds, +0.34
-# points of validation accuracy in float32 with 20 epochs, +0.05 of validation
-# and +0.16 of test accuracy with its default recipe in bfloat16, every seed's
-# test accuracy higher). "ema": momentum of the moving average of
+# points of validation accuracy in float32 with 20 epochs, +0.27 of validation
+# and +0.15 of test accuracy with its default recipe in bfloat16, every seed's
+# accuracy higher). "ema": momentum of the moving average of
 # the weights that is validated, checkpointed and saved; 0 keeps the trained
 # weights, which scored higher on validation (docs/results.md, "Ablation").
 MODEL_DEFAULTS = {
