@@ -24,6 +24,7 @@ the ratio of each Keras path to plain PyTorch.
 Usage:
     KERAS_BACKEND=torch python benchmarks/bench.py --models baseline-cnn mlp --epochs 4
     python benchmarks/bench.py --subset 10000 --epochs 2 --json bench.json   # quicker
+    python benchmarks/bench.py --models cnn --mixed-precision   # bfloat16 on a CPU, as train runs the CNN there
     python benchmarks/bench.py --overhead     # host ms/step at batch 8 instead (overhead.py)
 
 Prints a table and writes it as JSON (``--json``). Numbers depend on the
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (default: torch's, one per core; use 1 on a shared machine)")
     parser.add_argument("--no-twin", action="store_true", help="skip the plain-PyTorch twin")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="every path in bfloat16 (CPU) or float16 (GPU): the Keras paths under train's mixed "
+                             "policy, the twin under torch.autocast (default: float32)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--overhead", action="store_true",
                         help="time host ms/step at a tiny batch instead (benchmarks/overhead.py; "
@@ -90,15 +94,17 @@ def main(argv=None) -> int:
     for name in args.models:
         paths = []
         if torch_backend:
-            stock, _, _ = keras_runner(name, splits, args.epochs, args.batch_size, fast=False)
+            stock, _, _ = keras_runner(name, splits, args.epochs, args.batch_size, fast=False,
+                                       mixed_precision=args.mixed_precision)
             paths.append(stock)
-        fast, _, weights = keras_runner(name, splits, args.epochs, args.batch_size, fast=True)
+        fast, _, weights = keras_runner(name, splits, args.epochs, args.batch_size, fast=True,
+                                        mixed_precision=args.mixed_precision)
         paths.append(fast)
         twin = None
         if torch_backend and not args.no_twin:
             from twins import twin_runner
 
-            twin = twin_runner(name, weights, splits, args.batch_size)
+            twin = twin_runner(name, weights, splits, args.batch_size, args.mixed_precision)
         if twin:
             paths.append(twin)
         for round_ in range(args.epochs):  # the paths take turns, epoch by epoch
@@ -111,7 +117,8 @@ def main(argv=None) -> int:
             for r in results[:-1]:
                 r["keras_over_torch"] = r["s_per_epoch"] / results[-1]["s_per_epoch"]
         rows += results
-    print(f"\n{len(splits.x_train)} training images ({splits.data_format}), batch {args.batch_size}, {args.epochs} rounds "
+    precision = "mixed precision" if args.mixed_precision else "float32"
+    print(f"\n{len(splits.x_train)} training images ({splits.data_format}, {precision}), batch {args.batch_size}, {args.epochs} rounds "
           f"(median after 1 warm-up), device {device}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs ({threads} threads), keras {keras.__version__}, peak resident memory {peak_rss_mb():.0f} MB")
     header = f"{'model':<14}{'path':<14}{'s/epoch':>9}{'train img/s':>13}{'infer img/s':>13}{'peak MB':>9}{'test acc':>10}{'keras/torch':>13}"
@@ -124,7 +131,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "backend": keras.backend.backend(), "num_train": len(splits.x_train),
-                       "data_format": splits.data_format, "batch_size": args.batch_size, "rounds": args.epochs,
+                       "data_format": splits.data_format, "mixed_precision": args.mixed_precision, "batch_size": args.batch_size, "rounds": args.epochs,
                        "cpus": os.cpu_count(), "threads": threads, "keras": keras.__version__, "peak_rss_mb": peak_rss_mb(), "rows": rows}, f, indent=2)
     return 0
 

@@ -82,8 +82,11 @@ class Runner:
         }
 
 
-def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool):
+def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool, mixed_precision: bool = False):
     """A Keras model trained with ``model.fit``; ``fast`` as ``train`` does it, else stock Keras.
+
+    ``mixed_precision`` builds it under ``train``'s mixed policy (bfloat16 on a
+    CPU, float16 on a GPU) instead of float32.
 
     Returns the :class:`Runner`, the model and its initial weights (for a twin).
     """
@@ -93,12 +96,14 @@ def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool):
     from fmnist_keras.engine import fastpath
     from fmnist_keras.config import TrainConfig
     from fmnist_keras.models import build_model
-    from fmnist_keras.engine.recipe import compile_model
+    from fmnist_keras.engine.recipe import compile_model, dtype_policy
 
     # No moving average of the weights: the twins keep none, and each fit(epochs=1) would end on it.
-    config = TrainConfig(model=name, epochs=epochs, batch_size=batch_size, fast_path=fast, ema=0.0).resolved()
+    config = TrainConfig(model=name, epochs=epochs, batch_size=batch_size, fast_path=fast, ema=0.0,
+                         mixed_precision=mixed_precision).resolved()
     keras.utils.set_random_seed(0)
-    model = build_model(name, data_format=splits.data_format, seed=0)
+    with dtype_policy(mixed_precision):
+        model = build_model(name, data_format=splits.data_format, seed=0)
     initial_weights = [np.array(w) for w in model.get_weights()]
     compile_model(model, config, -(-len(splits.x_train) // batch_size))
     if fast:

@@ -106,12 +106,23 @@ def torch_twin(name: str, weights):
     return None
 
 
-def twin_runner(name, weights, splits, batch_size: int):
-    """The plain-PyTorch twin of ``name`` as a :class:`Runner`, or None for a model without one."""
+def twin_runner(name, weights, splits, batch_size: int, mixed_precision: bool = False):
+    """The plain-PyTorch twin of ``name`` as a :class:`Runner`, or None for a model without one.
+
+    ``mixed_precision`` runs it under ``torch.autocast`` (bfloat16 on a CPU; on
+    a GPU float16 with a ``GradScaler``, as Keras scales the loss), the loss in
+    float32, as Keras's mixed policies do.
+    """
     net = torch_twin(name, weights)
     if net is None:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    half = (torch.float16 if device.type == "cuda" else torch.bfloat16) if mixed_precision else None
+    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
+
+    def forward(batch):
+        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+            return net(batch).float()
     nchw = splits.in_format("channels_first")
     x = torch.tensor(nchw.x_train).to(device).contiguous(memory_format=torch.channels_last)
     y = torch.tensor(splits.y_train).to(device)
@@ -129,9 +140,10 @@ def twin_runner(name, weights, splits, batch_size: int):
         for i in range(0, len(x), batch_size):
             idx = order[i: i + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x[idx]), y[idx])
-            loss.backward()
-            optimizer.step()
+            loss = loss_fn(forward(x[idx]), y[idx])
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -139,6 +151,6 @@ def twin_runner(name, weights, splits, batch_size: int):
         x_test = torch.tensor(nchw.x_test).to(device).contiguous(memory_format=torch.channels_last)
         net.eval()
         with torch.no_grad():
-            return torch.cat([net(x_test[i: i + 512]).argmax(1) for i in range(0, len(x_test), 512)]).cpu().numpy()
+            return torch.cat([forward(x_test[i: i + 512]).argmax(1) for i in range(0, len(x_test), 512)]).cpu().numpy()
 
     return Runner(name, "plain torch", epoch, infer)
