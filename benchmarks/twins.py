@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fmnist_keras.engine.recipe import dtype_policy_name
 from runner import Runner  # benchmarks/ is on sys.path when a script there runs
 
 TWINS = ("mlp", "baseline-cnn", "cnn")
@@ -117,7 +118,8 @@ def twin_runner(name, weights, splits, batch_size: int, mixed_precision: bool = 
     if net is None:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    half = (torch.float16 if device.type == "cuda" else torch.bfloat16) if mixed_precision else None
+    # The compute dtype of train's mixed policy: mixed_float16 on a GPU, mixed_bfloat16 on a CPU.
+    half = getattr(torch, dtype_policy_name(True).removeprefix("mixed_")) if mixed_precision else None
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
 
     def forward(batch):
