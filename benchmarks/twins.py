@@ -111,8 +111,9 @@ def twin_runner(name, weights, splits, batch_size: int, mixed_precision: bool = 
     """The plain-PyTorch twin of ``name`` as a :class:`Runner`, or None for a model without one.
 
     ``mixed_precision`` runs it under ``torch.autocast`` (bfloat16 on a CPU; on
-    a GPU float16 with a ``GradScaler``, as Keras scales the loss), the loss in
-    float32, as Keras's mixed policies do.
+    a GPU float16 with a ``GradScaler``, as Keras scales the loss, whose check
+    for inf reads the GPU once a step), the loss in float32, as Keras's mixed
+    policies do.
     """
     net = torch_twin(name, weights)
     if net is None:
