@@ -5,7 +5,7 @@ initialised with the Keras model's weights (``model.get_weights()`` order), so
 the two start from the same point. :func:`twin_runner` trains it the way a
 PyTorch user would: the whole data set as one tensor in ``channels_last``
 memory format, AdamW (weight decay on the weight matrices only), label-smoothed
-cross-entropy, no per-step host synchronisation.
+cross-entropy, no per-step host synchronisation (but for the float16 loss scaler).
 
 Twins exist for ``mlp``, ``baseline-cnn`` and ``cnn`` (the default CNN, with
 its training-only flips and shifts done batched on the device).
