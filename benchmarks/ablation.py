@@ -31,6 +31,7 @@ Usage:
     python benchmarks/ablation.py --seeds 42 --ema 0 --filters 48 96 --out-dir runs/ablation-wide
     python benchmarks/ablation.py --seeds 42 --ema 0 --filters 32 64 128 --convs 1 2 2 --out-dir runs/ablation-deep
     python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --dropout 0.3 --out-dir runs/ablation-dropout
+    python benchmarks/ablation.py --model cnn-large --seeds 42 --ema 0 --mixed-precision --dropout 0.2
     python benchmarks/ablation.py --seeds 0 --subset 3000 --epochs 2     # a quick check of the script
 """
 
@@ -64,37 +65,34 @@ def parse_args(argv=None):
                         help="bfloat16 (CPU) or float16 (GPU) compute (default: train's, which is bfloat16 for the "
                         "cnn on a CPU with AMX)")
     parser.add_argument("--erase", type=float, metavar="F",
-                        help="cnn: also erase a random patch of up to this fraction of each training image "
-                        "(random erasing; default: the model's own, none for cnn)")
+                        help="erase a random patch of up to this fraction of each training image, 0 for none "
+                        "(random erasing; default: the model's, none for cnn, 0.25 for cnn-large)")
     parser.add_argument("--filters", type=int, nargs="+", metavar="N",
-                        help="cnn: filters of each block's convolutions (default: the model's, 32 64)")
+                        help="filters of each block's convolutions (default: the model's, cnn 32 64, "
+                        "cnn-large 64 128 256)")
     parser.add_argument("--convs", type=int, nargs="+", metavar="N",
-                        help="cnn: convolutions per block, one number or one per block (default: the model's, 2)")
+                        help="convolutions per block, one number or one per block (default: the model's, 2)")
     parser.add_argument("--dense-units", type=int, metavar="N",
-                        help="cnn: width of the Dense embedding (default: the model's, 256)")
+                        help="width of the Dense embedding (default: the model's, cnn 256, cnn-large 512)")
     parser.add_argument("--dropout", type=float, metavar="F",
-                        help="cnn: dropout rate after the embedding (default: the model's, 0.1)")
+                        help="dropout rate after the embedding (default: the model's, cnn 0.1, cnn-large 0.4)")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's)")
     parser.add_argument("--weight-decay", type=in_range(*RANGES["weight_decay"]), metavar="WD",
                         help="AdamW decoupled weight decay (default: the model's)")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    if args.erase is not None and not (0.0 < args.erase < 1.0 and args.model == "cnn"):
-        parser.error(f"--erase takes a fraction between 0 and 1, for the cnn (cnn-large has its own); got "
-                     f"{args.erase} for {args.model}")
-    if args.filters is not None and not (all(n > 0 for n in args.filters) and args.model == "cnn"):
-        parser.error(f"--filters takes positive numbers, for the cnn (cnn-large has its own); got "
-                     f"{args.filters} for {args.model}")
-    blocks = len(args.filters) if args.filters else 2
-    if args.convs is not None and not (all(n > 0 for n in args.convs) and len(args.convs) in (1, blocks)
-                                       and args.model == "cnn"):
-        parser.error(f"--convs takes one positive number or one per block ({blocks}), for the cnn; got "
-                     f"{args.convs} for {args.model}")
-    if args.dense_units is not None and not (args.dense_units > 0 and args.model == "cnn"):
-        parser.error(f"--dense-units takes a positive number, for the cnn; got {args.dense_units} for {args.model}")
-    if args.dropout is not None and not (0.0 <= args.dropout < 1.0 and args.model == "cnn"):
-        parser.error(f"--dropout takes a rate from 0 up to 1, for the cnn; got {args.dropout} for {args.model}")
+    if args.erase is not None and not 0.0 <= args.erase < 1.0:
+        parser.error(f"--erase takes a fraction from 0 up to 1; got {args.erase}")
+    if args.filters is not None and not all(n > 0 for n in args.filters):
+        parser.error(f"--filters takes positive numbers; got {args.filters}")
+    blocks = len(args.filters) if args.filters else 3 if args.model == "cnn-large" else 2
+    if args.convs is not None and not (all(n > 0 for n in args.convs) and len(args.convs) in (1, blocks)):
+        parser.error(f"--convs takes one positive number or one per block ({blocks}); got {args.convs}")
+    if args.dense_units is not None and not args.dense_units > 0:
+        parser.error(f"--dense-units takes a positive number; got {args.dense_units}")
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout takes a rate from 0 up to 1; got {args.dropout}")
     if args.learning_rate is not None and not args.learning_rate > 0:
         parser.error(f"--learning-rate must be positive; got {args.learning_rate}")
     return args
@@ -185,7 +183,7 @@ def main(argv=None) -> int:
 
         from fmnist_keras import models
 
-        models.BUILDERS["cnn"] = functools.partial(models.build_cnn, **changed)
+        models.BUILDERS[args.model] = functools.partial(models.BUILDERS[args.model], **changed)
     rows = [run_seed(args, seed, raw) for seed in args.seeds]
     print(summary(rows))
     if args.json:

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from fmnist_keras.models import BUILDERS, build_baseline_cnn, build_cnn, build_mlp, build_model
+from fmnist_keras.models import BUILDERS, build_baseline_cnn, build_cnn, build_cnn_large, build_mlp, build_model
 from fmnist_keras.config import MODEL_NAMES
 
 
@@ -37,6 +37,20 @@ def test_cnn_channels_first_has_the_same_weights_shapes():
     first = build_cnn(augment=False, data_format="channels_first")
     assert first.get_layer("block1_conv1").output.shape == (None, 32, 28, 28)
     assert [w.shape for w in last.weights] == [w.shape for w in first.weights]
+
+
+def test_cnn_large_is_the_cnn_builder_with_its_own_arguments_and_takes_changes():
+    large = build_cnn_large(data_format="channels_last")
+    assert large.get_layer("block3_conv2").output.shape == (None, 7, 7, 256)
+    assert large.get_layer("embedding").output.shape == (None, 512)
+    assert large.get_layer("dropout").rate == 0.4
+    assert "augment_erase" in [layer.name for layer in large.layers]
+    changed = build_cnn_large(data_format="channels_last", dropout=0.2, erase=0.0)
+    assert changed.get_layer("dropout").rate == 0.2
+    assert "augment_erase" not in [layer.name for layer in changed.layers]
+    assert [w.shape for w in changed.weights] == [w.shape for w in large.weights]
+    with pytest.raises(TypeError):
+        build_cnn_large(widths=(8,))
 
 
 def test_baseline_cnn_is_the_fixed_textbook_network():
