@@ -128,6 +128,7 @@ def build_cnn(
     dense_units: int = 256,
     dropout: float = 0.1,
     augment: bool = True,
+    shift: float = 0.08,
     erase: float = 0.0,
     num_classes: int = NUM_CLASSES,
     data_format: str | None = None,
@@ -151,6 +152,8 @@ def build_cnn(
         dense_units: width of the Dense embedding layer before the logits.
         dropout: dropout rate after the embedding.
         augment: add training-only flips and shifts after the input.
+        shift: with ``augment``, the largest shift as a fraction of the
+            image size (0.08: about 2 pixels).
         erase: with ``augment``, also erase a random patch of up to this
             fraction of the image (0 disables it).
         num_classes: number of output classes.
@@ -176,7 +179,7 @@ def build_cnn(
     channel_axis = -1 if data_format == "channels_last" else 1
     inputs = keras.Input(shape=input_shape(data_format), name="image")
     x = inputs
-    for layer in augmentation(erase=erase, seed=seed, data_format=data_format) if augment else ():
+    for layer in augmentation(shift=shift, erase=erase, seed=seed, data_format=data_format) if augment else ():
         x = layer(x)
     for b, (width, convs) in enumerate(zip(filters, convs_per_block), start=1):
         for i in range(1, convs + 1):

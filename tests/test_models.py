@@ -53,6 +53,15 @@ def test_cnn_large_is_the_cnn_builder_with_its_own_arguments_and_takes_changes()
         build_cnn_large(widths=(8,))
 
 
+def test_cnn_shift_sets_the_translation_range_and_zero_removes_it():
+    default = build_cnn(data_format="channels_last")
+    assert default.get_layer("augment_shift").get_config()["height_factor"] == 0.08
+    wider = build_cnn(data_format="channels_last", shift=0.12)
+    assert wider.get_layer("augment_shift").get_config()["width_factor"] == 0.12
+    names = [layer.name for layer in build_cnn(data_format="channels_last", shift=0.0).layers]
+    assert "augment_shift" not in names and "augment_flip" in names
+
+
 def test_baseline_cnn_is_the_fixed_textbook_network():
     model = build_baseline_cnn(data_format="channels_last")
     assert model.get_layer("block1_conv1").output.shape == (None, 26, 26, 32)

@@ -23,18 +23,9 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
     """
     config = config.resolved()
     total_steps = max(1, config.epochs * steps_per_epoch)
-    # Short runs (quick tests, --epochs 2) keep most of their steps for the decay.
-    warmup_steps = int(round(min(config.warmup_epochs * steps_per_epoch, 0.2 * total_steps)))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=config.learning_rate * 0.05,
-        decay_steps=max(1, total_steps - warmup_steps),
-        warmup_target=config.learning_rate if warmup_steps > 0 else None,
-        warmup_steps=warmup_steps,
-        alpha=0.01,
-    )
     momentum = averaging_momentum(config.ema, total_steps)
     optimizer = keras.optimizers.AdamW(
-        learning_rate=schedule, weight_decay=config.weight_decay,
+        learning_rate=learning_rate_schedule(config, steps_per_epoch), weight_decay=config.weight_decay,
         use_ema=config.ema > 0, ema_momentum=momentum if config.ema > 0 else 0.99,
     )
     # Decay only the weight matrices, not biases or normalisation parameters.
@@ -46,6 +37,21 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
         metrics=["accuracy"],
     )
     return model
+
+
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int):
+    """Linear warm-up from 5% of ``config.learning_rate`` to it, then cosine decay to 1% of it."""
+    config = config.resolved()
+    total_steps = max(1, config.epochs * steps_per_epoch)
+    # Short runs (quick tests, --epochs 2) keep most of their steps for the decay.
+    warmup_steps = int(round(min(config.warmup_epochs * steps_per_epoch, 0.2 * total_steps)))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate * 0.05,
+        decay_steps=max(1, total_steps - warmup_steps),
+        warmup_target=config.learning_rate if warmup_steps > 0 else None,
+        warmup_steps=warmup_steps,
+        alpha=0.01,
+    )
 
 
 def averaging_momentum(momentum: float, total_steps: int) -> float:
