@@ -28,10 +28,13 @@ Usage:
     python benchmarks/ablation.py --seeds 42 1 2 --no-mixed-precision --out-dir runs/ablation --json ablation.json
     python benchmarks/ablation.py --seeds 42 1 2 --label-smoothing 0 --out-dir runs/ablation-ls0
     python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --erase 0.25 --out-dir runs/ablation-erase
+    python benchmarks/ablation.py --seeds 42 --ema 0 --shift 0.12 --out-dir runs/ablation-shift
     python benchmarks/ablation.py --seeds 42 --ema 0 --filters 48 96 --out-dir runs/ablation-wide
     python benchmarks/ablation.py --seeds 42 --ema 0 --filters 32 64 128 --convs 1 2 2 --out-dir runs/ablation-deep
     python benchmarks/ablation.py --seeds 42 1 2 --ema 0 --dropout 0.3 --out-dir runs/ablation-dropout
     python benchmarks/ablation.py --model cnn-large --seeds 42 --ema 0 --mixed-precision --dropout 0.2
+    python benchmarks/ablation.py --seeds 42 --ema 0 --optimizer sgd --learning-rate 0.1 --weight-decay 0.005
+    python benchmarks/ablation.py --seeds 42 --ema 0 --schedule linear
     python benchmarks/ablation.py --seeds 0 --subset 3000 --epochs 2     # a quick check of the script
 """
 
@@ -64,6 +67,9 @@ def parse_args(argv=None):
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
                         help="bfloat16 (CPU) or float16 (GPU) compute (default: train's, which is bfloat16 for the "
                         "cnn on a CPU with AMX)")
+    parser.add_argument("--shift", type=float, metavar="F",
+                        help="largest training shift as a fraction of the image size, 0 for none "
+                        "(default: the model's, 0.08, about 2 pixels)")
     parser.add_argument("--erase", type=float, metavar="F",
                         help="erase a random patch of up to this fraction of each training image, 0 for none "
                         "(random erasing; default: the model's, none for cnn, 0.25 for cnn-large)")
@@ -79,9 +85,18 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's)")
     parser.add_argument("--weight-decay", type=in_range(*RANGES["weight_decay"]), metavar="WD",
                         help="AdamW decoupled weight decay (default: the model's)")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                        help="adamw: train's; sgd: SGD with Nesterov momentum 0.9 on train's schedule, with "
+                        "Keras's decoupled weight decay (give --learning-rate and --weight-decay for it) "
+                        "(default: adamw)")
+    parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine",
+                        help="cosine: train's warm-up then cosine decay; linear: the same warm-up, then a linear "
+                        "decay to the same end (1%% of the peak) (default: cosine)")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.shift is not None and not 0.0 <= args.shift < 1.0:
+        parser.error(f"--shift takes a fraction from 0 up to 1; got {args.shift}")
     if args.erase is not None and not 0.0 <= args.erase < 1.0:
         parser.error(f"--erase takes a fraction from 0 up to 1; got {args.erase}")
     if args.filters is not None and not all(n > 0 for n in args.filters):
@@ -166,6 +181,62 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def use_sgd(momentum: float = 0.9) -> None:
+    """Make ``fit_model`` compile with Keras's SGD (Nesterov) in place of AdamW, everything else as ``train``."""
+    import keras
+
+    from fmnist_keras.engine import fit, recipe
+
+    def compile_with_sgd(model, config, steps_per_epoch):
+        config = config.resolved()
+        optimizer = keras.optimizers.SGD(learning_rate=recipe.learning_rate_schedule(config, steps_per_epoch),
+                                         momentum=momentum, nesterov=True, weight_decay=config.weight_decay)
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        model.compile(optimizer=optimizer,
+                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+                      metrics=["accuracy"])
+        return model
+
+    fit.compile_model = compile_with_sgd
+
+
+def use_linear_decay() -> None:
+    """Make ``train``'s recipe decay the learning rate linearly after its warm-up, instead of along a cosine.
+
+    Keras has no built-in schedule of that shape, so this is one of the script's own (registered, so
+    that the run's checkpoints load back here; outside this script they load with ``compile=False``).
+    """
+    import keras
+    from keras import ops
+
+    from fmnist_keras.engine import recipe
+
+    @keras.saving.register_keras_serializable(package="fmnist_keras_ablation")
+    class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self, peak, warmup_steps, decay_steps, start=0.05, end=0.01):
+            self.peak, self.warmup_steps, self.decay_steps = peak, warmup_steps, decay_steps
+            self.start, self.end = start, end
+
+        def __call__(self, step):
+            step = ops.cast(step, "float32")
+            warm = self.peak * (self.start + (1 - self.start) * step / max(1, self.warmup_steps))
+            done = ops.minimum((step - self.warmup_steps) / self.decay_steps, 1.0)
+            return ops.where(step < self.warmup_steps, warm, self.peak * (1 - (1 - self.end) * done))
+
+        def get_config(self):
+            return {"peak": self.peak, "warmup_steps": self.warmup_steps, "decay_steps": self.decay_steps,
+                    "start": self.start, "end": self.end}
+
+    cosine = recipe.learning_rate_schedule
+
+    def linear(config, steps_per_epoch):
+        schedule = cosine(config, steps_per_epoch)  # the same warm-up, peak and length
+        return WarmupLinearDecay(schedule.warmup_target or schedule.initial_learning_rate, schedule.warmup_steps,
+                                 schedule.decay_steps)
+
+    recipe.learning_rate_schedule = linear
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from fmnist_keras.backend import select_backend
@@ -174,10 +245,15 @@ def main(argv=None) -> int:
     from fmnist_keras import data as fdata
 
     raw = fdata.load_data(None)
-    changed = {"erase": args.erase, "filters": None if args.filters is None else tuple(args.filters),
+    changed = {"shift": args.shift, "erase": args.erase,
+               "filters": None if args.filters is None else tuple(args.filters),
                "convs_per_block": None if args.convs is None else tuple(args.convs) if len(args.convs) > 1
                else args.convs[0], "dense_units": args.dense_units, "dropout": args.dropout}
     changed = {name: value for name, value in changed.items() if value is not None}
+    if args.optimizer == "sgd":
+        use_sgd()
+    if args.schedule == "linear":
+        use_linear_decay()
     if changed:
         import functools
 
@@ -188,9 +264,10 @@ def main(argv=None) -> int:
     print(summary(rows))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"model": args.model, "erase": args.erase, "filters": args.filters, "convs": args.convs,
-                       "dense_units": args.dense_units, "dropout": args.dropout, "ema": args.ema,
+            json.dump({"model": args.model, "shift": args.shift, "erase": args.erase, "filters": args.filters,
+                       "convs": args.convs, "dense_units": args.dense_units, "dropout": args.dropout, "ema": args.ema,
                        "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
+                       "optimizer": args.optimizer, "schedule": args.schedule,
                        "mixed_precision": args.mixed_precision, "rows": rows},
                       handle, indent=2)
     return 0
