@@ -182,22 +182,16 @@ def summary(rows: list[dict]) -> str:
 
 
 def use_sgd(momentum: float = 0.9) -> None:
-    """Make ``fit_model`` compile with Keras's SGD (Nesterov) in place of AdamW, everything else as ``train``."""
+    """Make ``train``'s recipe use Keras's SGD (Nesterov) in place of AdamW, everything else as ``train``."""
     import keras
 
-    from fmnist_keras.engine import fit, recipe
+    from fmnist_keras.engine import recipe
 
-    def compile_with_sgd(model, config, steps_per_epoch):
-        config = config.resolved()
-        optimizer = keras.optimizers.SGD(learning_rate=recipe.learning_rate_schedule(config, steps_per_epoch),
-                                         momentum=momentum, nesterov=True, weight_decay=config.weight_decay)
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-        model.compile(optimizer=optimizer,
-                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-                      metrics=["accuracy"])
-        return model
+    def sgd(config, steps_per_epoch):
+        return keras.optimizers.SGD(learning_rate=recipe.learning_rate_schedule(config, steps_per_epoch),
+                                    momentum=momentum, nesterov=True, weight_decay=config.weight_decay)
 
-    fit.compile_model = compile_with_sgd
+    recipe.make_optimizer = sgd
 
 
 def use_linear_decay() -> None:

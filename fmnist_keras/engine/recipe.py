@@ -22,12 +22,7 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
     checkpoints and keeps that average.
     """
     config = config.resolved()
-    total_steps = max(1, config.epochs * steps_per_epoch)
-    momentum = averaging_momentum(config.ema, total_steps)
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=learning_rate_schedule(config, steps_per_epoch), weight_decay=config.weight_decay,
-        use_ema=config.ema > 0, ema_momentum=momentum if config.ema > 0 else 0.99,
-    )
+    optimizer = make_optimizer(config, steps_per_epoch)
     # Decay only the weight matrices, not biases or normalisation parameters.
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     compile_steps_on_jax(model)
@@ -37,6 +32,16 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
         metrics=["accuracy"],
     )
     return model
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """AdamW on :func:`learning_rate_schedule`, with ``config.ema``'s moving average of the weights when > 0."""
+    config = config.resolved()
+    momentum = averaging_momentum(config.ema, max(1, config.epochs * steps_per_epoch))
+    return keras.optimizers.AdamW(
+        learning_rate=learning_rate_schedule(config, steps_per_epoch), weight_decay=config.weight_decay,
+        use_ema=config.ema > 0, ema_momentum=momentum if config.ema > 0 else 0.99,
+    )
 
 
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int):
