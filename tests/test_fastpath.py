@@ -680,13 +680,15 @@ class _BatchEndHook(keras.callbacks.Callback):
 
 
 @torch_only
-def test_the_fast_path_step_reads_only_the_augmentation_seeds_back_to_the_host():
+def test_the_fast_path_step_reads_nothing_back_to_the_host():
     stock = _host_reads_per_step(fast=False)
     # Keras's ops.cond in the warm-up schedule (`if pred:`) reads the step: the counter sees it.
     assert sum(count for where, count in stock.items() if where.startswith("__bool__ in ")) >= 1, stock
     assert _host_reads_per_step(fast=True) == {}
     # Keras's torch random ops read their seed (`int(seed)`): one per random op of the flips and shifts.
-    assert _host_reads_per_step(fast=True, augment=True) == {"__int__ in get_random_transformation": 3.0}
+    stock = _host_reads_per_step(fast=False, augment=True)
+    assert stock.get("__int__ in get_random_transformation") == 3.0, stock
+    assert _host_reads_per_step(fast=True, augment=True) == {}
     # A batch-end hook that is not async_safe makes Keras convert the logs (loss, accuracy) on the main thread.
     assert _host_reads_per_step(fast=True, callbacks=[_BatchEndHook()]) == {"__array__ in pythonify_logs": 2.0}
 
@@ -717,3 +719,75 @@ def test_a_changed_cosine_decay_turns_the_sync_free_schedule_off(fresh_verdicts,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: fast path: sync_free_schedule is off")
     assert fastpath.verdicts()["sync_free_schedule"].startswith("off: CosineDecay._decay_function of keras ")
+
+
+# --- the augmentation's seeds: drawn on the host ----------------------------------------------
+
+def _draws(state_changes=()):
+    """Five calls of seeded flips, shifts and dropout (outputs), then the three generators' states.
+
+    ``state_changes``: (call, layer index, state) pairs, assigned after that call.
+    """
+    keras.utils.set_random_seed(3)
+    layers = [keras.layers.RandomFlip("horizontal", seed=5), keras.layers.RandomTranslation(0.1, 0.1, seed=6),
+              keras.layers.Dropout(0.5, seed=7)]
+    generators = [layers[0].generator, layers[1].generator, layers[2].seed_generator]
+    x = _rng().random((4, 8, 8, 1), dtype=np.float32)
+    outputs = []
+    for call in range(5):
+        y = x
+        for layer in layers:
+            y = layer(y, training=True)
+        outputs.append(keras.ops.convert_to_numpy(y))
+        for when, index, state in state_changes:
+            if when == call:
+                generators[index].state.assign(state)
+    return outputs, [keras.ops.convert_to_numpy(g.state).tolist() for g in generators]
+
+
+@torch_only
+@pytest.mark.parametrize("state_changes", [(), ((2, 1, [11, 4]), (2, 2, [2**31 - 1, 2**31 - 2]))],
+                         ids=["kerass-states", "states-set-between-calls"])
+def test_host_seeds_draw_kerass_random_numbers_and_advance_kerass_state(state_changes):
+    (stock, stock_states), (fast, fast_states) = _stock_then_fast(lambda: _draws(state_changes))
+    assert len(set(a.tobytes() for a in stock)) == 5  # each call draws anew
+    for a, b in zip(stock, fast):
+        np.testing.assert_array_equal(a, b)
+    assert fast_states == stock_states
+    if state_changes:  # an assigned state is followed (two draws per shift, one per dropout), and wraps as int32
+        assert fast_states[1] == [11, 8] and fast_states[2] == [2**31 - 1, -(2**31)]
+
+
+@torch_only
+def test_host_seeds_follow_a_stateless_scope_and_leave_the_variable_alone():
+    def draws():
+        keras.utils.set_random_seed(3)
+        layer = keras.layers.RandomFlip("horizontal", seed=5)
+        x = _rng().random((6, 4, 4, 1), dtype=np.float32)
+        before = keras.ops.convert_to_numpy(layer(x, training=True))  # the variable's state, then advanced
+        state = layer.generator.state
+        mapping = [(state, keras.ops.convert_to_tensor([5, 0], dtype="int32"))]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            inside = [keras.ops.convert_to_numpy(layer(x, training=True)) for _ in range(2)]
+            scoped = keras.ops.convert_to_numpy(scope.get_current_value(state)).tolist()
+        after = keras.ops.convert_to_numpy(layer(x, training=True))
+        return before, inside, scoped, after, keras.ops.convert_to_numpy(state).tolist()
+
+    stock, fast = _stock_then_fast(draws)
+    np.testing.assert_array_equal(stock[0], fast[0])
+    np.testing.assert_array_equal(stock[1][0], fast[1][0])
+    np.testing.assert_array_equal(fast[1][0], fast[0])  # the scope starts from the seed's first state again
+    np.testing.assert_array_equal(stock[1][1], fast[1][1])
+    np.testing.assert_array_equal(stock[3], fast[3])
+    assert fast[2] == stock[2] == [5, 2] and fast[4] == stock[4] == [5, 2]
+
+
+@torch_only
+def test_a_changed_seed_generator_turns_host_seeds_off(fresh_verdicts, monkeypatch, capsys):
+    monkeypatch.setitem(fastpath._KNOWN["host_seeds"], "SeedGenerator.next", {})
+    random = fastpath._torch_backend_module("random")
+    stock = random.torch_seed_generator
+    assert "host_seeds" not in fastpath.install() and random.torch_seed_generator is stock
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: fast path: host_seeds is off")
+    assert fastpath.verdicts()["host_seeds"].startswith("off: SeedGenerator.next of keras ")

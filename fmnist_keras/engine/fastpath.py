@@ -29,6 +29,12 @@ to the host in a sixth:
    ``if`` on a device tensor: one host read per step, a synchronisation on a
    GPU. The replacement computes both branches with the same ops and keeps
    one with ``ops.where``.
+7. **Augmentation seeds** (``host_seeds``). Keras's torch random ops read the
+   seed of a ``SeedGenerator`` with ``int()`` at every call (three per step of
+   the CNN's flips and shifts), and advance its state with an increment made
+   from a numpy array (a copy to the device). The replacement keeps a host
+   copy of each generator's state, draws the same seeds from it, and advances
+   the state on the device with an increment made there once.
 
 Each replacement computes what Keras computes (the tests compare outputs,
 gradients, moving statistics and updates with stock Keras). Models keep their
@@ -70,6 +76,8 @@ sync_free_schedule         ``CosineDecay.__call__``, ``_warmup_function``,  all 
                            ``BaseOptimizer._get_current_learning_rate``,
                            ``_learning_rate``
 tensorflow_unloaded        ``utils.module_utils.tensorflow._available``     all three
+host_seeds                 torch backend ``random.torch_seed_generator``,   all three
+                           ``random.get_device``, ``SeedGenerator.next``
 keras_ddp                  torch ``Trainer._initialize_ddp``, ``ddp_model``  3.16.0.dev2026102704 (Keras
                                                                             wraps DDP); 3.14.0, 3.15.1
                                                                             (it does not)
@@ -91,6 +99,7 @@ import inspect
 import math
 import sys
 import types
+import weakref
 
 # The Keras releases the fingerprints below were taken from.
 KERAS_CHECKED = ("3.14.0", "3.15.1", "3.16.0.dev2026102704")
@@ -130,6 +139,11 @@ _KNOWN = {
         "CosineDecay._decay_function": {"d9be2e4bbc6a": "on", "318642ce44e4": "on"},
         "BaseOptimizer._get_current_learning_rate": {"fa62361e2086": "on"},
     },
+    "host_seeds": {
+        "random.torch_seed_generator": {"55531ead76bc": "on"},  # the same in the three
+        # 3.16.0.dev reaches the backend's ops as backend.ops; the same update.
+        "SeedGenerator.next": {"d2174a08ab35": "on", "dde0d5bf4584": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
+    },
     "direct_layer_calls": {
         # What these do for a tensor without a mask, remat or quantization is
         # the same in the three: cast a float input to the layer's input
@@ -149,7 +163,7 @@ _KNOWN = {
 }
 PIECES = (
     "channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam", "direct_layer_calls",
-    "sync_free_schedule",
+    "sync_free_schedule", "host_seeds",
 )
 
 # What install() replaced: (module, name) -> Keras's original function.
@@ -269,6 +283,17 @@ def _targets(piece: str) -> dict:
             "get_autocast_scope": _attribute(variables, "get_autocast_scope"),
             "DTypePolicy.convert_input": keras.dtype_policies.DTypePolicy.convert_input,
         }
+    if piece == "host_seeds":
+        try:
+            from keras.src.random.seed_generator import SeedGenerator
+        except ImportError:
+            SeedGenerator = None
+        random = _torch_backend_module("random")
+        return {
+            "random.torch_seed_generator": _attribute(random, "torch_seed_generator"),
+            "random.get_device": _attribute(random, "get_device"),
+            "SeedGenerator.next": _attribute(SeedGenerator, "next"),
+        }
     raise ValueError(f"unknown fast-path piece {piece!r}; expected one of {', '.join(PIECES)}.")
 
 
@@ -376,6 +401,9 @@ def install() -> list[str]:
     if _usable("batched_affine_transform"):
         _replace(_torch_backend_module("image"), "affine_transform", _affine_transform)
         installed.append("batched_affine_transform")
+    if _usable("host_seeds"):
+        _replace(_torch_backend_module("random"), "torch_seed_generator", _torch_seed_generator)
+        installed.append("host_seeds")
     return installed
 
 
@@ -853,6 +881,75 @@ def _autocast(dtype):
     from keras.src.backend.common.variables import AutocastScope
 
     return AutocastScope(dtype)
+
+
+# --- 7. augmentation seeds ----------------------------------------------------------------
+
+# SeedGenerator -> (the device tensor of its state, that tensor's version counter, [first, second]
+# on the host) after the last seed drawn here.
+_HOST_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# (device, dtype) -> the tensor [0, 1] that advances a state, made once.
+_INCREMENTS: dict = {}
+
+
+def _torch_seed_generator(seed):
+    """Keras's ``torch_seed_generator``, drawing a ``SeedGenerator``'s seed from a host copy of its state.
+
+    Keras seeds a ``torch.Generator`` with ``int(first + second) & 0xFFFFFFFF``
+    of the state ``SeedGenerator.next()`` returns, and ``next()`` adds ``[0,
+    1]`` to the state. Here the same integers come from :func:`_next_seed`,
+    so the generator and the state after it are Keras's, without a read of
+    the device. Other seeds (an integer, None) go to Keras's function.
+    """
+    random = _torch_backend_module("random")
+    device = random.get_device()
+    if device == "meta" or not _is_seed_generator(seed):
+        return _original("random", "torch_seed_generator")(seed)
+    import torch
+
+    first, second = _next_seed(seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed((first + second) & 0xFFFFFFFF)
+    return generator
+
+
+def _is_seed_generator(seed) -> bool:
+    from keras.src.random.seed_generator import SeedGenerator
+
+    return isinstance(seed, SeedGenerator)
+
+
+def _next_seed(generator) -> tuple[int, int]:
+    """What ``generator.next()`` returns, as two Python integers, and its state advanced as ``next()`` does.
+
+    The host copy is trusted while the state is the same tensor, unchanged
+    since this function last advanced it (torch counts in-place writes in
+    ``_version``). A state set elsewhere (restored weights, an ``assign``, a
+    stateless scope) is read once, then followed on the host again.
+    """
+    import torch
+
+    state = generator.state
+    value = state.value
+    known = _HOST_STATES.get(generator)
+    if known is not None and known[0] is value and known[1] == value._version:
+        first, second = known[2]
+    else:
+        first, second = (int(v) for v in value.tolist())
+    key = (value.device, value.dtype)
+    if key not in _INCREMENTS:
+        _INCREMENTS[key] = torch.tensor([0, 1], dtype=value.dtype, device=value.device)
+    state.assign(value + _INCREMENTS[key])
+    bits = torch.iinfo(value.dtype).bits  # the state's integers wrap as the device's do
+    after = state.value
+    _HOST_STATES[generator] = (after, after._version, (first, _wrap(second + 1, bits)))
+    return first, second
+
+
+def _wrap(number: int, bits: int) -> int:
+    """``number`` as a signed integer of ``bits`` bits holds it (two's complement)."""
+    half = 1 << (bits - 1)
+    return (number + half) % (1 << bits) - half
 
 
 # --- other private reaches ------------------------------------------------------------------
