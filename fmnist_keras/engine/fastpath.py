@@ -1,8 +1,8 @@
 """The torch fast path, and the one module that reaches past Keras's public API.
 
 Keras's torch backend is correct but loses time in five places that a
-profile of ``model.fit`` shows (``docs/speed.md``), and reads a value back
-to the host in a sixth:
+profile of ``model.fit`` shows (``docs/speed.md``), and reads values back to
+the host in two more:
 
 1. **Layout copies** (``channels_last_views``). Keras 3.15 permutes a
    ``channels_last`` convolution or pooling input to NCHW and forces a
