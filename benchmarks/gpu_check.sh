@@ -9,7 +9,8 @@
 # within TOTAL=480 s):
 #   env       GPU model, driver, torch / CUDA / Keras / JAX versions                       [20]
 #   devices   --device gpu on torch and jax, --device cpu on torch, in parallel           [50]
-#             (--dry-run: --device auto instead of gpu)
+#             (--dry-run: --device auto instead of gpu), and alongside them
+#   syncs     synchronisations per step, stock Keras and the fast path, the CNN (syncs.py)  [50]
 #   overhead  host ms/step at batch 8: stock Keras, fast path, PyTorch twin (overhead.py) [90]
 #   bench     s/epoch at batch 128 against the twin, baseline-cnn mlp cnn (bench.py)      [80]
 #   jax       the same models on KERAS_BACKEND=jax (the keras/jax row)                     [60]
@@ -90,6 +91,7 @@ step devices-torch-cpu 50 python3 -m fmnist_keras.train --backend torch --device
     --epochs 1 --out-dir "$OUT_DIR/runs" --run-name torch-cpu --no-report --overwrite &
 step devices-jax-$GPU 50 python3 -m fmnist_keras.train --backend jax --device "$GPU" --model mlp --subset 3000 \
     --epochs 1 --out-dir "$OUT_DIR/runs" --run-name jax-$GPU --no-report --overwrite &
+step syncs 50 python3 benchmarks/syncs.py --json "$OUT_DIR/syncs.json" &  # counts, not times: sharing is harmless
 wait
 
 # shellcheck disable=SC2086  # the *_ARGS are word lists

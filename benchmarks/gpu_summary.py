@@ -17,7 +17,7 @@ import sys
 
 # Step -> a piece of its command line, to find its processes in nvidia-smi's list.
 PROCESS_KEYS = {
-    "overhead": "overhead.json", "bench": "bench.json", "jax": "bench-jax.json",
+    "overhead": "overhead.json", "bench": "bench.json", "syncs": "syncs.json", "jax": "bench-jax.json",
     "train-default": "--run-name default", "train-cnn-large": "--run-name cnn-large",
 }
 
@@ -102,6 +102,16 @@ def main(argv=None) -> int:
             ratio = f"{r['keras_over_torch']:.2f}x" if "keras_over_torch" in r else ""
             print(f"| {r['model']} | {r['path']} | {r['s_per_epoch']:.2f} | {r['train_img_s']:.0f} | "
                   f"{fmt(r['peak_mb'], '.0f')} | {r['test_acc']:.4f} | {ratio} |")
+
+    syncs = out / "syncs.json"
+    if syncs.exists():
+        data = json.loads(syncs.read_text())
+        print(f"\n## Synchronisations per training step ({data['device']}, keras {data['keras']})\n")
+        print("| model | path | per step | where (per step) |")
+        print("| --- | --- | ---: | --- |")
+        for r in data["rows"]:
+            where = "; ".join(f"{place} {n:g}" for place, n in r["where"].items())
+            print(f"| {r['model']} | {r['path']} | {r['per_step']:g} | {where or '-'} |")
 
     print("\n## Training runs\n")
     print("| run | model | device | epochs run | s/epoch | test acc | report files |")

@@ -85,14 +85,18 @@ class Runner:
 def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool, mixed_precision: bool = False):
     """A Keras model trained with ``model.fit``; ``fast`` as ``train`` does it, else stock Keras.
 
+    ``fast`` also fits as ``train`` does on a GPU: from the training split kept
+    on the device (``DeviceBatches``); stock Keras fits from numpy arrays.
     ``mixed_precision`` builds it under ``train``'s mixed policy (bfloat16 on a
     CPU, float16 on a GPU) instead of float32.
 
     Returns the :class:`Runner`, the model and its initial weights (for a twin).
+    The runner's ``fit(callbacks)`` is one untimed epoch with more callbacks.
     """
     import keras
     import numpy as np
 
+    from fmnist_keras.backend import has_gpu
     from fmnist_keras.engine import fastpath
     from fmnist_keras.config import TrainConfig
     from fmnist_keras.models import build_model
@@ -109,13 +113,19 @@ def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool, mixed_p
     if fast:
         fastpath.enable(model, model.optimizer)
     y = keras.utils.to_categorical(splits.y_train, 10)
+    if fast and has_gpu():
+        from fmnist_keras.engine.device_data import DeviceBatches
+
+        data = {"x": DeviceBatches(splits.x_train, y, batch_size), "shuffle": False}
+    else:
+        data = {"x": splits.x_train, "y": y, "batch_size": batch_size}
 
     def scope():
         return contextlib.nullcontext() if fast else fastpath.stock_keras()
 
-    def epoch():
+    def epoch(callbacks=()):
         with scope():
-            model.fit(splits.x_train, y, batch_size=batch_size, epochs=1, verbose=0)
+            model.fit(**data, epochs=1, verbose=0, callbacks=list(callbacks))
 
     def infer(x):
         with scope():
@@ -123,4 +133,6 @@ def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool, mixed_p
 
     backend = keras.backend.backend()
     label = f"keras {'fast' if fast else 'stock'}" if backend == "torch" else f"keras/{backend}"
-    return Runner(name, label, epoch, infer), model, initial_weights
+    runner = Runner(name, label, epoch, infer)
+    runner.fit = epoch
+    return runner, model, initial_weights
