@@ -705,6 +705,8 @@ def test_the_fast_path_step_reads_nothing_back_to_the_host():
     stock = _host_reads_per_step(fast=False, augment=True)
     assert stock.get("__int__ in get_random_transformation") == 3.0, stock
     assert _host_reads_per_step(fast=True, augment=True) == {}
+    # A batch-end hook that is not async_safe makes Keras convert the logs (loss, accuracy) on the main thread.
+    assert _host_reads_per_step(fast=True, callbacks=[_BatchEndHook()]) == {"__array__ in pythonify_logs": 2.0}
 
 
 @torch_only
@@ -716,8 +718,6 @@ def test_the_fast_path_step_copies_no_array_and_fewer_numbers_to_the_device_than
     assert "ndarray" not in fast and sum(fast.values()) < sum(stock.values()), (fast, stock)
     # What is left: Python numbers in Keras's ops and layers (casts, the flip's 0.5, the metrics' counts).
     assert set(fast) <= {"float", "int", "bool", "tuple"}, fast
-    # A batch-end hook that is not async_safe makes Keras convert the logs (loss, accuracy) on the main thread.
-    assert _host_reads_per_step(fast=True, callbacks=[_BatchEndHook()]) == {"__array__ in pythonify_logs": 2.0}
 
 
 @torch_only
@@ -781,7 +781,7 @@ def test_host_seeds_draw_kerass_random_numbers_and_advance_kerass_state(state_ch
     for a, b in zip(stock, fast):
         np.testing.assert_array_equal(a, b)
     assert fast_states == stock_states
-    if state_changes:  # an assigned state is followed (two draws per shift, one per dropout), and wraps as int32
+    if state_changes:  # an assigned state is followed (two draws per shift, one per dropout)
         assert fast_states[1] == [11, 8] and fast_states[2] == [2**31 - 1, -(2**31)]
 
 
@@ -818,3 +818,71 @@ def test_a_changed_seed_generator_turns_host_seeds_off(fresh_verdicts, monkeypat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: fast path: host_seeds is off")
     assert fastpath.verdicts()["host_seeds"].startswith("off: SeedGenerator.next of keras ")
+
+
+@torch_only
+def test_host_seeds_follow_draws_keras_makes_itself_and_a_reinstall():
+    def draws(between):
+        keras.utils.set_random_seed(3)
+        generator = keras.random.SeedGenerator(9)
+        values = [keras.random.uniform((3,), seed=generator)]
+        between(generator, values)
+        values.append(keras.random.uniform((3,), seed=generator))
+        return [keras.ops.convert_to_numpy(v) for v in values] + [keras.ops.convert_to_numpy(generator.state)]
+
+    def keras_draws(generator, values):  # gamma calls draw_seed, so SeedGenerator.next, itself
+        values.append(keras.random.gamma((3,), alpha=2.0, seed=generator))
+        generator.next()
+
+    def reinstalled(generator, values):
+        with fastpath.stock_keras():
+            values.append(keras.random.normal((3,), seed=generator))
+        values.append(keras.random.normal((3,), seed=generator))
+
+    for between in (keras_draws, reinstalled):
+        stock, fast = _stock_then_fast(lambda: draws(between))
+        for a, b in zip(stock, fast):
+            np.testing.assert_array_equal(a, b)
+    # Integer and absent seeds stay Keras's: the same numbers for the same integer.
+    integer, same = _stock_then_fast(lambda: keras.ops.convert_to_numpy(keras.random.uniform((3,), seed=7)))
+    np.testing.assert_array_equal(integer, same)
+    fastpath.install()
+    try:
+        assert keras.ops.shape(keras.random.uniform((3,), seed=None)) == (3,)
+    finally:
+        fastpath.uninstall()
+
+
+@torch_only
+def test_host_seeds_read_the_state_again_after_a_write_between_their_read_and_their_own(installed, monkeypatch):
+    random = fastpath._torch_backend_module("random")
+    generator = keras.random.SeedGenerator(5)
+    random.torch_seed_generator(generator)  # the host copy exists from here
+
+    class Interrupted(dict):
+        def __getitem__(self, key):  # as another thread's draw would, between this draw's read and its write
+            monkeypatch.setattr(fastpath, "_INCREMENTS", dict(self))
+            generator.next()
+            return dict.__getitem__(self, key)
+
+    monkeypatch.setattr(fastpath, "_INCREMENTS", Interrupted(fastpath._INCREMENTS))
+    random.torch_seed_generator(generator)
+    first, second = keras.ops.convert_to_numpy(generator.state).tolist()
+    assert second == 3  # three draws (two here, one by Keras), each advanced it once
+    assert random.torch_seed_generator(generator).initial_seed() == (first + second) & 0xFFFFFFFF
+    assert keras.ops.convert_to_numpy(generator.state).tolist() == [first, second + 1]
+
+
+@torch_only
+def test_host_seeds_leave_a_generator_with_its_own_next_to_keras(installed):
+    class Counting(keras.random.SeedGenerator):
+        calls = 0
+
+        def next(self, ordered=True):
+            Counting.calls += 1
+            return super().next(ordered)
+
+    generator = Counting(1)
+    keras.random.uniform((2,), seed=generator)
+    keras.random.uniform((2,), seed=generator)
+    assert Counting.calls == 2

@@ -77,7 +77,8 @@ sync_free_schedule         ``CosineDecay.__call__``, ``_warmup_function``,  all 
                            ``_learning_rate``
 tensorflow_unloaded        ``utils.module_utils.tensorflow._available``     all three
 host_seeds                 torch backend ``random.torch_seed_generator``,   all three
-                           ``random.get_device``, ``SeedGenerator.next``
+                           ``random.get_device``, ``Variable._direct_assign``;
+                           ``SeedGenerator.next``, ``draw_seed``
 keras_ddp                  torch ``Trainer._initialize_ddp``, ``ddp_model``  3.16.0.dev2026102704 (Keras
                                                                             wraps DDP); 3.14.0, 3.15.1
                                                                             (it does not)
@@ -143,6 +144,9 @@ _KNOWN = {
         "random.torch_seed_generator": {"55531ead76bc": "on"},  # the same in the three
         # 3.16.0.dev reaches the backend's ops as backend.ops; the same update.
         "SeedGenerator.next": {"d2174a08ab35": "on", "dde0d5bf4584": "on"},  # 3.14.0 and 3.15.1; 3.16.0.dev
+        "draw_seed": {"fa9c160c92e8": "on", "b714a392df87": "on"},  # a SeedGenerator's seed is its next()
+        # An in-place copy_, which torch's version counter sees (the host copy relies on it).
+        "Variable._direct_assign": {"312ccee23201": "on", "e59b35c2e79e": "on"},
     },
     "direct_layer_calls": {
         # What these do for a tensor without a mask, remat or quantization is
@@ -285,14 +289,17 @@ def _targets(piece: str) -> dict:
         }
     if piece == "host_seeds":
         try:
-            from keras.src.random.seed_generator import SeedGenerator
+            from keras.src.random import seed_generator
         except ImportError:
-            SeedGenerator = None
+            seed_generator = None
         random = _torch_backend_module("random")
         return {
             "random.torch_seed_generator": _attribute(random, "torch_seed_generator"),
             "random.get_device": _attribute(random, "get_device"),
-            "SeedGenerator.next": _attribute(SeedGenerator, "next"),
+            "SeedGenerator.next": _attribute(_attribute(seed_generator, "SeedGenerator"), "next"),
+            "draw_seed": _attribute(seed_generator, "draw_seed"),
+            "Variable._direct_assign": _attribute(_attribute(_torch_backend_module("core"), "Variable"),
+                                                  "_direct_assign"),
         }
     raise ValueError(f"unknown fast-path piece {piece!r}; expected one of {', '.join(PIECES)}.")
 
@@ -388,9 +395,10 @@ def active(model, optimizer=None, enabled: bool = True):
 def install() -> list[str]:
     """Put the process-wide pieces in place, those whose targets check out.
 
-    ``channels_last_views`` (a view instead of a copy) and
-    ``batched_affine_transform``. Both return the same values as Keras's;
-    :func:`uninstall` puts Keras's back. Returns the names installed.
+    ``channels_last_views`` (a view instead of a copy),
+    ``batched_affine_transform`` and ``host_seeds``. Each returns the same
+    values as Keras's; :func:`uninstall` puts Keras's back. Returns the names
+    installed.
     """
     if not is_torch():
         return []
@@ -402,7 +410,9 @@ def install() -> list[str]:
         _replace(_torch_backend_module("image"), "affine_transform", _affine_transform)
         installed.append("batched_affine_transform")
     if _usable("host_seeds"):
-        _replace(_torch_backend_module("random"), "torch_seed_generator", _torch_seed_generator)
+        random = _torch_backend_module("random")
+        if (random, "torch_seed_generator") not in _ORIGINALS:
+            _replace(random, "torch_seed_generator", _host_seed_generator(random))
         installed.append("host_seeds")
     return installed
 
@@ -885,64 +895,75 @@ def _autocast(dtype):
 
 # --- 7. augmentation seeds ----------------------------------------------------------------
 
-# SeedGenerator -> (the device tensor of its state, that tensor's version counter, [first, second]
-# on the host) after the last seed drawn here.
+# SeedGenerator -> (the device tensor of its state, its storage address, its version counter,
+# (first, second) on the host) after the last seed drawn here.
 _HOST_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # (device, dtype) -> the tensor [0, 1] that advances a state, made once.
 _INCREMENTS: dict = {}
 
 
-def _torch_seed_generator(seed):
-    """Keras's ``torch_seed_generator``, drawing a ``SeedGenerator``'s seed from a host copy of its state.
+def _host_seed_generator(random):
+    """Keras's ``random.torch_seed_generator``, drawing a ``SeedGenerator``'s seed from a host copy of its state.
 
     Keras seeds a ``torch.Generator`` with ``int(first + second) & 0xFFFFFFFF``
     of the state ``SeedGenerator.next()`` returns, and ``next()`` adds ``[0,
-    1]`` to the state. Here the same integers come from :func:`_next_seed`,
-    so the generator and the state after it are Keras's, without a read of
-    the device. Other seeds (an integer, None) go to Keras's function.
+    1]`` to the state. The function returned takes the same integers from
+    :func:`_next_seed`, so the generator and the state after it are Keras's,
+    without a read of the device. Other seeds (an integer, None, a subclass
+    with its own ``next``, a state that is not a torch tensor) go to Keras's
+    function. Like Keras's, torch.compile does not trace it.
     """
-    random = _torch_backend_module("random")
-    device = random.get_device()
-    if device == "meta" or not _is_seed_generator(seed):
-        return _original("random", "torch_seed_generator")(seed)
     import torch
-
-    first, second = _next_seed(seed)
-    generator = torch.Generator(device=device)
-    generator.manual_seed((first + second) & 0xFFFFFFFF)
-    return generator
-
-
-def _is_seed_generator(seed) -> bool:
     from keras.src.random.seed_generator import SeedGenerator
 
-    return isinstance(seed, SeedGenerator)
+    keras_function, get_device = random.torch_seed_generator, random.get_device
+
+    @torch.compiler.disable
+    def torch_seed_generator(seed):
+        device = get_device()
+        if (device == "meta" or not isinstance(seed, SeedGenerator) or type(seed).next is not SeedGenerator.next
+                or not isinstance(seed.state.value, torch.Tensor)):
+            return keras_function(seed)
+        first, second = _next_seed(seed)
+        generator = torch.Generator(device=device)
+        generator.manual_seed((first + second) & 0xFFFFFFFF)
+        return generator
+
+    return torch_seed_generator
 
 
 def _next_seed(generator) -> tuple[int, int]:
     """What ``generator.next()`` returns, as two Python integers, and its state advanced as ``next()`` does.
 
-    The host copy is trusted while the state is the same tensor, unchanged
-    since this function last advanced it (torch counts in-place writes in
-    ``_version``). A state set elsewhere (restored weights, an ``assign``, a
-    stateless scope) is read once, then followed on the host again.
+    The host copy is trusted while the state is the same tensor with the same
+    storage, unchanged since this function last advanced it (torch counts
+    in-place writes in ``_version``; Keras's ``assign`` is an in-place
+    ``copy_``). A state set elsewhere (an ``assign``, a stateless scope) is
+    read once, then followed on the host again. A write that torch does not
+    count (through ``.data``, or a collective) would go unseen: nothing in
+    this project writes a seed state that way.
     """
     import torch
 
     state = generator.state
     value = state.value
+    version = value._version
     known = _HOST_STATES.get(generator)
-    if known is not None and known[0] is value and known[1] == value._version:
-        first, second = known[2]
+    if known is not None and known[0] is value and known[1] == value.data_ptr() and known[2] == version:
+        first, second = known[3]
     else:
         first, second = (int(v) for v in value.tolist())
     key = (value.device, value.dtype)
     if key not in _INCREMENTS:
         _INCREMENTS[key] = torch.tensor([0, 1], dtype=value.dtype, device=value.device)
     state.assign(value + _INCREMENTS[key])
-    bits = torch.iinfo(value.dtype).bits  # the state's integers wrap as the device's do
     after = state.value
-    _HOST_STATES[generator] = (after, after._version, (first, _wrap(second + 1, bits)))
+    if after is not value or after._version == version + 1:
+        # The counter wraps as the device's integers do.
+        _HOST_STATES[generator] = (after, after.data_ptr(), after._version,
+                                   (first, _wrap(second + 1, torch.iinfo(value.dtype).bits)))
+    else:  # another thread advanced the state between the read and the write: read it again next time
+        _HOST_STATES.pop(generator, None)
     return first, second
 
 
