@@ -619,8 +619,9 @@ class _HostReads:
     from the third batch's beginning to the seventh's: four whole steps.
 
     ``copies`` counts, by the type of the data and the same Keras function,
-    the tensors made from host data (``torch.as_tensor(0.5, device=...)`` and the like): on a GPU each is
-    a copy to the device, and torch waits for it (a synchronisation too).
+    the tensors made from host data (``torch.as_tensor(0.5, device=...)``
+    and the like): on a GPU each is a copy to the device, and torch waits
+    for it (a synchronisation too).
     """
 
     NAMES = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "__array__", "cpu"}
@@ -674,7 +675,7 @@ class _HostReads:
 
 def _host_reads_per_step(fast: bool, augment: bool = False, callbacks=(), copies=False) -> dict:
     """The main thread's host reads per step of ``fit`` with the recipe's optimizer and schedule (:class:`_HostReads`),
-    or with ``copies`` the tensors it makes from host data, by type."""
+    or with ``copies`` the tensors it makes from host data, by type and Keras function."""
     from fmnist_keras.config import TrainConfig
     from fmnist_keras.engine import recipe
 
