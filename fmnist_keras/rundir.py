@@ -274,6 +274,10 @@ class RunDir:
         if not (given / RUN_FILE).is_file():
             hint = f" (did you mean {given.parent}?)" if (given.parent / RUN_FILE).is_file() else ""
             raise RunDirError(f"--resume {given}: no {RUN_FILE} there, so it is not a run directory of this tool{hint}.")
+        marker = given / MARKER
+        if marker.is_symlink() or not marker.is_file():
+            raise RunDirError(f"--resume {given}: it has no {MARKER} marker, so train did not create it and will not "
+                              f"write into it; start a new run (train without --resume).")
         return run
 
     def models(self) -> list[str]:
@@ -283,9 +287,14 @@ class RunDir:
         models = data.get("models") if isinstance(data, dict) else None
         if not (isinstance(models, list) and models and all(isinstance(m, str) for m in models)):
             raise RunDirError(f"{self.path / RUN_FILE} is damaged: no list of model names; {fix}.")
+        from fmnist_keras.config import MODEL_NAMES
+
         for model in models:
-            if not _SAFE_NAME.fullmatch(model):
-                raise RunDirError(f"{self.path / RUN_FILE} is damaged: {model!r} is not a model name; {fix}.")
+            if model not in MODEL_NAMES:
+                raise RunDirError(f"{self.path / RUN_FILE} is damaged: {model[:100]!r} is not one of "
+                                  f"{', '.join(MODEL_NAMES)}; {fix}.")
+        if len(set(models)) != len(models):
+            raise RunDirError(f"{self.path / RUN_FILE} is damaged: a model is listed twice; {fix}.")
         return models
 
     # --- the lock ----------------------------------------------------------------------------
@@ -297,9 +306,17 @@ class RunDir:
 
     # --- run files ---------------------------------------------------------------------------
     def point_latest_here(self) -> None:
-        """Make ``OUT_DIR/latest`` a symlink to this run (a real file or directory of that name is left alone)."""
+        """Make ``OUT_DIR/latest`` a symlink to this run.
+
+        Only a link that train made (one to a sibling directory, a name
+        without ``/``) is replaced: a real file or directory of that name, or
+        a link of the user's own, is left alone.
+        """
         latest = self.path.parent / LATEST
-        if latest.exists() and not latest.is_symlink():
+        if latest.is_symlink():
+            if "/" in os.readlink(latest):
+                return
+        elif latest.exists():
             return
         temporary = self.path.parent / f".latest-{os.getpid()}.tmp"
         temporary.unlink(missing_ok=True)

@@ -135,8 +135,32 @@ def test_resume_of_a_path_that_is_no_run_directory_is_one_line(tmp_path, capsys,
     _one_line_error(capsys, "--resume")
 
 
+def test_resume_never_writes_into_a_directory_train_did_not_create(finished_run, capsys):
+    (finished_run / MARKER).unlink()
+    (finished_run / "mlp" / "metrics.json").unlink()  # so --resume would have work to do
+    (finished_run / "mlp" / "report.md").write_text("my notes")
+    before = _files(finished_run)
+    assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, "has no .fmnist_keras-run marker", "start a new run")
+    assert _files(finished_run) == before and (finished_run / "mlp" / "report.md").read_text() == "my notes"
+
+
+def test_a_latest_link_of_the_users_own_is_left_alone(tmp_path, tiny_data_dir):
+    runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    runs.mkdir()
+    elsewhere.mkdir()
+    (runs / "latest").symlink_to(elsewhere)
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "a", "--epochs", "1") == 0
+    assert os.readlink(runs / "latest") == str(elsewhere)
+    (runs / "latest").unlink()
+    (runs / "latest").symlink_to("a")  # train's own kind of link: replaced by the next run
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "b", "--epochs", "1") == 0
+    assert os.readlink(runs / "latest") == "b"
+
+
 DAMAGE = {
-    "run.json": ["", "{", "[]", '{"models": "mlp"}', '{"models": ["../../etc"]}', "NaN"],
+    "run.json": ["", "{", "[]", '{"models": "mlp"}', '{"models": ["../../etc"]}', "NaN", '{"models": ["mlp", "evil"]}',
+                 '{"models": ["mlp", "mlp"]}'],
     "mlp/config.json": ["", "{", '{"model": "mlp", "epochs": "many"}', '{"model": "mlp", "surprise": 1}',
                         '{"model": "resnet"}', '{"model": "mlp", "batch_size": -5}'],
     "mlp/history.csv": ["epoch,loss\nzero,x\n", "\x00\x01\x02", "epoch,val_loss\n3,0.5\n"],
