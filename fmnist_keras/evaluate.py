@@ -19,9 +19,14 @@ from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import add_data_arguments, add_tta_argument, flip_tta, in_range
-from fmnist_keras.rundir import CONFIG_FILE, METRICS_FILE, RunDirError, read_json, write_json
+from fmnist_keras.rundir import (CONFIG_FILE, FIGURES_DIR, MARKER, METRICS_FILE, REPORT_FILE, RunDirError, read_json,
+                                 write_json)
 
 EVALUATION_FILE = "evaluation.json"
+# Written into an --out-dir that evaluate writes to (a run's model directory
+# has the run's marker one level up instead): existing outputs are replaced
+# only in a directory that carries one of the two.
+OUTPUT_MARKER = ".fmnist_keras-evaluation"
 # Run files are a few kB; anything much larger is not one, and is not read.
 class RunFileError(ValueError):
     """A path given to evaluate cannot be used (an --out-dir blocked by a file)."""
@@ -92,6 +97,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_outputs(out_dir: Path) -> None:
+    """Refuse to write where evaluate would replace or follow what is not its own, before anything is computed.
+
+    ``evaluation.json``, ``report.md`` and ``figures/`` (and each entry of
+    ``figures/``) must not be links; where they exist, ``out_dir`` must be
+    a run's model directory (the run's marker one level up) or a directory
+    evaluate wrote before (:data:`OUTPUT_MARKER`).
+
+    Raises:
+        RunFileError: naming the path and how to fix it.
+    """
+    ours = (out_dir / OUTPUT_MARKER).is_file() or (out_dir.parent / MARKER).is_file()
+    fix = "move it away or choose another --out-dir (a new or empty directory)"
+    figures = out_dir / FIGURES_DIR
+    paths = [out_dir / EVALUATION_FILE, out_dir / REPORT_FILE, figures]
+    if figures.is_dir() and not figures.is_symlink():
+        paths += sorted(figures.iterdir())
+    for path in paths:
+        if path.is_symlink():
+            raise RunFileError(f"{path} is a symbolic link; evaluate writes only real files and never follows a "
+                               f"link; {fix}.")
+        if not path.exists():
+            continue
+        if (path == figures) != path.is_dir():
+            raise RunFileError(f"{path} is {'not ' if path == figures else ''}a directory, in the way of the "
+                               f"report; {fix}.")
+        if not ours:
+            raise RunFileError(f"{path} exists, and {out_dir} is neither a run's model directory nor one that "
+                               f"evaluate wrote, so evaluate will not replace it; {fix}.")
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 1
@@ -138,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = model_path.parent
     out_dir = Path(args.out_dir) if args.out_dir else run_dir
     config_path, metrics_path = run_dir / CONFIG_FILE, run_dir / METRICS_FILE
+    try:
+        check_outputs(out_dir)
+    except RunFileError as error:
+        return _fail(str(error))
     try:  # damaged run files are reported before the data is read
         config = read_run_config(config_path) if args.validation and config_path.is_file() else None
         trained = read_run_metrics(metrics_path) if args.report and metrics_path.is_file() else {}
@@ -184,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir.parent / MARKER).is_file():
+            write_json(out_dir / OUTPUT_MARKER, {"written_by": "fmnist_keras.evaluate"})
         write_json(out_dir / EVALUATION_FILE, result)
     except OSError as error:
         return _fail(f"cannot write {out_dir / EVALUATION_FILE} ({error.strerror}); choose another --out-dir.")
@@ -211,4 +253,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fmnist_keras.interrupts import run_command
+
+    sys.exit(run_command(main, "evaluate"))

@@ -20,8 +20,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def make_run_dir(directory, model, best_epoch=2):
-    """A run directory as train writes it, for a tiny untrained model."""
+    """A run directory as train writes it (the run's marker one level up), for a tiny untrained model."""
     directory.mkdir(parents=True)
+    (directory.parent / rundir.MARKER).write_text("{}")
     model.save(directory / "model.keras")
     (directory / "history.csv").write_text(
         "epoch,accuracy,learning_rate,loss,val_accuracy,val_loss\n"
@@ -313,3 +314,39 @@ def test_seed_out_of_numpy_range_is_a_usage_error(seed, cnn_run, tiny_data_dir, 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(tiny_data_dir, cnn_run, "--seed", seed)
     assert exit_info.value.code == 2 and "argument --seed" in capsys.readouterr().err
+
+
+# --- what evaluate writes: never through a link, never over what it did not write -----------
+
+
+@pytest.mark.parametrize("planted", ["report.md", "figures", "figures/curves.png", "evaluation.json"])
+def test_evaluate_never_writes_through_a_link(cnn_run, tiny_data_dir, tmp_path, capsys, planted):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "curves.png").write_text("mine")
+    target = victim if planted == "figures" else victim / "curves.png"
+    if planted.startswith("figures/"):
+        (cnn_run / "figures").mkdir()
+    (cnn_run / planted).symlink_to(target)
+    assert run_cli(tiny_data_dir, cnn_run) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "is a symbolic link" in err, err
+    assert [p.name for p in victim.iterdir()] == ["curves.png"] and (victim / "curves.png").read_text() == "mine"
+    assert not (cnn_run / "evaluation.json").exists() or planted == "evaluation.json"
+
+
+def test_evaluate_never_replaces_files_in_a_directory_it_did_not_write(cnn_run, tiny_data_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "figures").mkdir(parents=True)
+    (mine / "report.md").write_text("my report")
+    (mine / "figures" / "curves.png").write_text("my figure")
+    before = sorted(p.name for p in mine.rglob("*"))
+    assert run_cli(tiny_data_dir, cnn_run, "--out-dir", mine) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "will not replace it" in err, err
+    assert sorted(p.name for p in mine.rglob("*")) == before and (mine / "report.md").read_text() == "my report"
+    # A directory evaluate wrote itself is its own to write again.
+    fresh = tmp_path / "fresh"
+    assert run_cli(tiny_data_dir, cnn_run, "--out-dir", fresh, "--no-report") == 0
+    assert run_cli(tiny_data_dir, cnn_run, "--out-dir", fresh) == 0
+    assert (fresh / evaluate.OUTPUT_MARKER).is_file() and (fresh / "report.md").is_file()
