@@ -91,6 +91,9 @@ def check_output(text: str, format: str, overwrite: bool, model: Path | None = N
             raise ExportError(f"--output {output} is a directory; an ONNX export is one file; pass {what}.")
         if not output.is_file():
             raise ExportError(f"--output {output} exists and is not a regular file; pass {what}.")
+        if overwrite and not _is_onnx_model(output):
+            raise ExportError(f"--output {output} is not an ONNX model, so it is never replaced, even with "
+                              f"--overwrite; pass {what}.")
     else:
         if not output.is_dir():
             raise ExportError(f"--output {output} exists and is not a directory; a SavedModel is a directory, "
@@ -103,6 +106,17 @@ def check_output(text: str, format: str, overwrite: bool, model: Path | None = N
     if not overwrite:
         raise ExportError(f"{output} already exists; choose another --output or pass --overwrite.")
     return output
+
+
+def _is_onnx_model(path: Path) -> bool:
+    """Whether ``path`` holds an ONNX model with a graph (what an earlier export wrote), checked without onnx's extras."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not protobuf, not ONNX, or onnx missing: not provably an export
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0
 
 
 def missing_packages(format: str, backend: str) -> list[str]:
@@ -324,4 +338,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fmnist_keras.interrupts import run_command
+
+    sys.exit(run_command(main, "export"))

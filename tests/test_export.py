@@ -225,7 +225,7 @@ def test_onnx_output_that_is_a_directory_symlink_or_below_a_file_is_refused(tiny
     _refused([*args, directory], capsys, "is a directory; an ONNX export is one file")
     _refused([*args, tmp_path / "link.onnx"], capsys, "is a symlink")
     _refused([*args, tmp_path / "afile" / "x.onnx"], capsys, "which is a file, not a directory")
-    _refused([*args, tiny_model_file], capsys, "is the model being exported")
+    _refused([*args, tiny_model_file], capsys, "is not an ONNX model")
     assert (directory / "inner").is_dir() and (tmp_path / "target.onnx").read_text() == "keep me"
     assert (tmp_path / "link.onnx").is_symlink() and (tmp_path / "afile").read_text() == "keep me"
     assert tiny_model_file.stat().st_size > 100
@@ -234,7 +234,8 @@ def test_onnx_output_that_is_a_directory_symlink_or_below_a_file_is_refused(tiny
 @_needs("onnx", "onnxruntime")
 def test_overwrite_replaces_an_onnx_file_only_after_a_good_export(tiny_model_file, tmp_path, monkeypatch, capsys):
     output = tmp_path / "model.onnx"
-    output.write_text("old export")
+    assert export.main([str(tiny_model_file), "--format", "onnx", "--output", str(output)]) == 0
+    old_export = output.read_bytes()
 
     def broken(*args, **kwargs):
         raise RuntimeError("exporter crashed")
@@ -244,11 +245,20 @@ def test_overwrite_replaces_an_onnx_file_only_after_a_good_export(tiny_model_fil
         assert export.main([str(tiny_model_file), "--format", "onnx", "--output", str(output), "--overwrite"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "is unchanged" in err
-    assert output.read_text() == "old export"
+    assert output.read_bytes() == old_export
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "models"]  # no temporary left
+    before = output.stat().st_ino
     assert export.main([str(tiny_model_file), "--format", "onnx", "--output", str(output), "--overwrite"]) == 0
-    assert output.read_bytes() != b"old export" and output.stat().st_mode & 0o044  # an ordinary readable file
+    assert output.stat().st_ino != before and output.stat().st_mode & 0o044  # replaced, an ordinary readable file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "models"]
+
+
+@pytest.mark.parametrize("content", [b"my notes", b'{"epochs": 3}', b"", bytes(range(256))])
+def test_overwrite_never_replaces_a_file_that_is_not_an_onnx_model(content, tiny_model_file, tmp_path, capsys):
+    notes = tmp_path / "notes.onnx"
+    notes.write_bytes(content)
+    _refused([tiny_model_file, "--format", "onnx", "--output", notes, "--overwrite"], capsys, "is not an ONNX model")
+    assert notes.read_bytes() == content
 
 
 def _fake_saved_model(model, output, format):
