@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 
 
 class Interrupted(KeyboardInterrupt):
@@ -15,3 +16,24 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def run_command(main, name: str) -> int:
+    """Run a short command's ``main``: SIGTERM becomes :class:`Interrupted`, so its clean-ups run.
+
+    Ctrl-C or SIGTERM then end the command with one line on stderr and exit
+    code 128 + the signal's number, instead of a traceback.
+    """
+
+    def on_sigterm(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return main()
+    except KeyboardInterrupt as error:
+        signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
+        print(f"{name}: interrupted ({signal.Signals(signum).name}) before it finished; run it again.", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -392,4 +392,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fmnist_keras.interrupts import run_command
+
+    sys.exit(run_command(main, "predict"))
