@@ -14,6 +14,7 @@ is chosen, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -49,7 +50,20 @@ def read_run_metrics(path: Path) -> dict:
         if key in data and (not isinstance(data[key], allowed) or isinstance(data[key], bool)):
             raise RunDirError(f"{path} is damaged: {key} is {data[key]!r}; expected "
                               f"{' or '.join(t.__name__ for t in allowed)}; {fix}.")
+    if "validation" in data and not _split_metrics(data["validation"]):
+        raise RunDirError(f"{path} is damaged: validation is {repr(data['validation'])[:60]}, not the metrics of a "
+                          f"split; {fix}.")
     return data
+
+
+def _split_metrics(value) -> bool:
+    """Whether ``value`` has the numbers of one split that the report's table shows."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    return (isinstance(value, dict) and isinstance(value.get("num_examples"), int)
+            and number(value.get("accuracy")) and number(value.get("macro_f1"))
+            and (value.get("loss") is None or number(value.get("loss"))))
 
 
 def check_out_dir(out_dir: Path) -> None:

@@ -332,6 +332,9 @@ class RunDir:
         data = read_json(path, "the record of a finished fit", fix)
         if not isinstance(data, dict) or not _finite(data.get("epochs_run")) or not _finite(data.get("train_time_s")):
             raise RunDirError(f"{path} is damaged: no epochs_run/train_time_s numbers; {fix}.")
+        _check_fields(path, data, _FIT_FIELDS, fix)
+        if "wall_time_s" in data:
+            _check_fields(path, data, {"wall_time_s": _finite}, fix)
         return data
 
     def read_metrics(self, model: str) -> dict | None:
@@ -344,7 +347,35 @@ class RunDir:
         test = data.get("test") if isinstance(data, dict) else None
         if not isinstance(test, dict) or not _finite(test.get("accuracy")):
             raise RunDirError(f"{path} is damaged: no test accuracy; {fix}.")
+        _check_fields(path, data, {**_FIT_FIELDS, "model": _is_str, "wall_time_s": _finite}, fix)
+        _check_fields(path, test, {"macro_f1": _finite, "loss": _finite}, fix, prefix="test.")
         return data
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+# What train reads back from fit.json (and metrics.json) on --resume, with its check.
+_FIT_FIELDS = {
+    "epochs_run": _is_int,
+    "best_epoch": lambda value: value is None or _is_int(value),
+    "terminated_on_nan": lambda value: isinstance(value, bool),
+    "nan_epoch": lambda value: value is None or _is_int(value),
+    "train_time_s": _finite,
+}
+
+
+def _check_fields(path: Path, data: dict, fields: dict, fix: str, prefix: str = "") -> None:
+    """Refuse ``data`` unless each of ``fields`` is present and passes its check."""
+    for key, valid in fields.items():
+        if key not in data or not valid(data[key]):
+            shown = repr(data[key])[:60] if key in data else "missing"
+            raise RunDirError(f"{path} is damaged: {prefix}{key} is {shown}; {fix}.")
 
 
 def _check_out_dir(out_dir: str) -> Path:

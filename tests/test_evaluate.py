@@ -228,6 +228,8 @@ def _damage(run, case):
         (run / "metrics.json").write_bytes(b"\x00\xff garbage")
     elif case == "metrics-wrong-type":
         (run / "metrics.json").write_text(json.dumps({"model": "cnn", "best_epoch": "two"}))
+    elif case == "metrics-wrong-validation":
+        (run / "metrics.json").write_text(json.dumps({"model": "cnn", "validation": {"x": 1}}))
     elif case == "model-truncated":
         data = (run / "model.keras").read_bytes()
         (run / "model.keras").write_bytes(data[: len(data) // 2])
@@ -245,6 +247,7 @@ def _damage(run, case):
         ("config-bad-value", r"config\.json is damaged: val_split is 1\.5; expected a number from 0\.001 to 0\.999"),
         ("metrics-garbage", r"metrics\.json is damaged: not valid JSON for the run's metrics"),
         ("metrics-wrong-type", r"metrics\.json is damaged: best_epoch is 'two'; expected int or NoneType"),
+        ("metrics-wrong-validation", r"metrics\.json is damaged: validation is \{'x': 1\}, not the metrics of a split"),
         ("model-truncated", r"model\.keras is not a zip archive .* It may be truncated"),
     ],
 )

@@ -164,8 +164,13 @@ DAMAGE = {
     "mlp/config.json": ["", "{", '{"model": "mlp", "epochs": "many"}', '{"model": "mlp", "surprise": 1}',
                         '{"model": "resnet"}', '{"model": "mlp", "batch_size": -5}'],
     "mlp/history.csv": ["epoch,loss\nzero,x\n", "\x00\x01\x02", "epoch,val_loss\n3,0.5\n"],
-    "mlp/fit.json": ["", "{}", '{"epochs_run": "two"}'],
-    "mlp/metrics.json": ["", "[1, 2]", '{"test": {"accuracy": "high"}}'],
+    "mlp/fit.json": ["", "{}", '{"epochs_run": "two"}', '{"epochs_run": 2, "train_time_s": 1, "terminated_on_nan": true}',
+                     '{"epochs_run": 2, "train_time_s": 1, "terminated_on_nan": false, "nan_epoch": null, '
+                     '"best_epoch": [1, 2]}',
+                     '{"epochs_run": 2, "train_time_s": 1, "terminated_on_nan": false, "nan_epoch": null, '
+                     '"best_epoch": 2, "wall_time_s": "x"}'],
+    "mlp/metrics.json": ["", "[1, 2]", '{"test": {"accuracy": "high"}}', '{"test": {"accuracy": 0.5}}',
+                         '{"test": {"accuracy": 0.5, "macro_f1": "x", "loss": 1}, "model": 5}'],
 }
 
 
@@ -214,12 +219,17 @@ def test_a_second_process_is_refused_a_run_directory_in_use(finished_run, capsys
 def test_resume_after_the_last_epoch_goes_straight_to_the_final_evaluation(finished_run, capsys, monkeypatch):
     mlp = finished_run / "mlp"
     (mlp / "metrics.json").unlink()  # killed during the final evaluation
+    record = json.loads((mlp / "fit.json").read_text())
+    # Keys of fit.json never stand in for what the evaluation computes.
+    (mlp / "fit.json").write_text(json.dumps({**record, "test": "x", "model": 5, "num_params": "many"}))
     history, model = (mlp / "history.csv").read_bytes(), (mlp / "model.keras").read_bytes()
     monkeypatch.setattr(fit, "fit_model", lambda *a, **k: pytest.fail("a finished fit was trained again"))
     assert train.main(["--resume", str(finished_run)]) == 0
     assert "all its epochs are done; evaluating it" in capsys.readouterr().out
     assert (mlp / "history.csv").read_bytes() == history and (mlp / "model.keras").read_bytes() == model
-    assert json.loads((mlp / "metrics.json").read_text())["epochs_run"] == 2
+    metrics = json.loads((mlp / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["model"] == "mlp" and isinstance(metrics["num_params"], int)
+    assert 0 <= metrics["test"]["accuracy"] <= 1
 
 
 def test_ctrl_c_during_the_final_evaluation_prints_a_resume_command_that_is_true(finished_run, capsys, monkeypatch):

@@ -80,11 +80,11 @@ def final_metrics(run: RunDir, config: TrainConfig, splits: Splits, facts: dict)
     best = load_model(model_file)
     portable = splits.in_format("channels_last")
     metrics = {
+        **facts,  # what fit recorded; what is computed here comes after it and wins
         "model": config.model,
         "test": evaluate(best, portable.x_test, portable.y_test, config.flip_tta),
         "validation": evaluate(best, portable.x_val, portable.y_val, config.flip_tta),
         "test_time_augmentation": TTA_NAMES[config.flip_tta],
-        **facts,
         "num_params": int(best.count_params()),
         "num_train": int(len(splits.x_train)),
         "num_val": int(len(splits.x_val)),
