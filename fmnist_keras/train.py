@@ -26,7 +26,7 @@ from fmnist_keras.config import (
     BFLOAT16_ON_AMX, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig, load_config,
 )
 from fmnist_keras.interrupts import Interrupted
-from fmnist_keras.rundir import RunDir, RunDirError, write_json
+from fmnist_keras.rundir import REPORT_FILE, RunDir, RunDirError, write_json
 
 DEFAULTS = TrainConfig()
 
@@ -361,6 +361,9 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
             return _fail(error)
         if finished is not None:
             say(f"\n== {name}: already finished, kept as it is")
+            if not (run.model_dir(name) / REPORT_FILE).is_file():
+                say(f"   it has no {REPORT_FILE} (--no-report, or stopped while writing it); write one with: "
+                    f"python -m fmnist_keras.evaluate {shlex.quote(str(run.model_dir(name)))}")
             summaries[name] = finished
             continue
         if fitted is not None:

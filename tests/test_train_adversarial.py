@@ -145,6 +145,13 @@ def test_resume_never_writes_into_a_directory_train_did_not_create(finished_run,
     assert _files(finished_run) == before and (finished_run / "mlp" / "report.md").read_text() == "my notes"
 
 
+def test_resume_of_a_finished_run_without_its_report_says_how_to_write_it(finished_run, capsys):
+    assert train.main(["--resume", str(finished_run)]) == 0  # trained with --no-report
+    out = capsys.readouterr().out
+    assert "already finished, kept as it is" in out
+    assert f"write one with: python -m fmnist_keras.evaluate {finished_run / 'mlp'}" in out
+
+
 def test_a_latest_link_of_the_users_own_is_left_alone(tmp_path, tiny_data_dir):
     runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
     runs.mkdir()
