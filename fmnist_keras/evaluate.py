@@ -14,14 +14,13 @@ is chosen, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import add_data_arguments, add_tta_argument, flip_tta, in_range
-from fmnist_keras.rundir import (CONFIG_FILE, FIGURES_DIR, MARKER, METRICS_FILE, REPORT_FILE, RunDirError, read_json,
-                                 write_json)
+from fmnist_keras.rundir import (CONFIG_FILE, FIGURES_DIR, MARKER, METRICS_FILE, REPORT_FILE, RunDirError,
+                                 is_finite_number, read_json, write_json)
 
 EVALUATION_FILE = "evaluation.json"
 # Written into an --out-dir that evaluate writes to (a run's model directory
@@ -58,12 +57,9 @@ def read_run_metrics(path: Path) -> dict:
 
 def _split_metrics(value) -> bool:
     """Whether ``value`` has the numbers of one split that the report's table shows."""
-    def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
     return (isinstance(value, dict) and isinstance(value.get("num_examples"), int)
-            and number(value.get("accuracy")) and number(value.get("macro_f1"))
-            and (value.get("loss") is None or number(value.get("loss"))))
+            and is_finite_number(value.get("accuracy")) and is_finite_number(value.get("macro_f1"))
+            and (value.get("loss") is None or is_finite_number(value.get("loss"))))
 
 
 def check_out_dir(out_dir: Path) -> None:

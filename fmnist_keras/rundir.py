@@ -125,7 +125,7 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _finite(value) -> bool:
+def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -330,11 +330,11 @@ class RunDir:
             return None
         fix = f"delete {path} to train {model} again with --resume"
         data = read_json(path, "the record of a finished fit", fix)
-        if not isinstance(data, dict) or not _finite(data.get("epochs_run")) or not _finite(data.get("train_time_s")):
+        if not isinstance(data, dict) or not is_finite_number(data.get("epochs_run")) or not is_finite_number(data.get("train_time_s")):
             raise RunDirError(f"{path} is damaged: no epochs_run/train_time_s numbers; {fix}.")
         _check_fields(path, data, _FIT_FIELDS, fix)
         if "wall_time_s" in data:
-            _check_fields(path, data, {"wall_time_s": _finite}, fix)
+            _check_fields(path, data, {"wall_time_s": is_finite_number}, fix)
         return data
 
     def read_metrics(self, model: str) -> dict | None:
@@ -345,10 +345,10 @@ class RunDir:
         fix = f"delete {path} and run --resume {self.path} again to evaluate {model} anew"
         data = read_json(path, "the model's test metrics", fix)
         test = data.get("test") if isinstance(data, dict) else None
-        if not isinstance(test, dict) or not _finite(test.get("accuracy")):
+        if not isinstance(test, dict) or not is_finite_number(test.get("accuracy")):
             raise RunDirError(f"{path} is damaged: no test accuracy; {fix}.")
-        _check_fields(path, data, {**_FIT_FIELDS, "model": _is_str, "wall_time_s": _finite}, fix)
-        _check_fields(path, test, {"macro_f1": _finite, "loss": _finite}, fix, prefix="test.")
+        _check_fields(path, data, {**_FIT_FIELDS, "model": _is_str, "wall_time_s": is_finite_number}, fix)
+        _check_fields(path, test, {"macro_f1": is_finite_number, "loss": is_finite_number}, fix, prefix="test.")
         return data
 
 
@@ -366,7 +366,7 @@ _FIT_FIELDS = {
     "best_epoch": lambda value: value is None or _is_int(value),
     "terminated_on_nan": lambda value: isinstance(value, bool),
     "nan_epoch": lambda value: value is None or _is_int(value),
-    "train_time_s": _finite,
+    "train_time_s": is_finite_number,
 }
 
 
