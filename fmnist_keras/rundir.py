@@ -41,6 +41,8 @@ import stat
 import time
 from pathlib import Path
 
+from fmnist_keras.config import MODEL_NAMES
+
 MARKER = ".fmnist_keras-run"
 LOCK = ".lock"
 RUN_FILE = "run.json"
@@ -287,8 +289,6 @@ class RunDir:
         models = data.get("models") if isinstance(data, dict) else None
         if not (isinstance(models, list) and models and all(isinstance(m, str) for m in models)):
             raise RunDirError(f"{self.path / RUN_FILE} is damaged: no list of model names; {fix}.")
-        from fmnist_keras.config import MODEL_NAMES
-
         for model in models:
             if model not in MODEL_NAMES:
                 raise RunDirError(f"{self.path / RUN_FILE} is damaged: {model[:100]!r} is not one of "
