@@ -201,6 +201,23 @@ def test_resume_with_damaged_backup_metadata_is_one_line(finished_run, capsys):
     _one_line_error(capsys, "training_metadata.json", "delete")
 
 
+@pytest.mark.parametrize("backed_up, history_kept, logged", [(7, True, 2), (1, False, 0)])
+def test_resume_with_a_backup_ahead_of_the_history_is_refused_before_training(finished_run, capsys, monkeypatch,
+                                                                              backed_up, history_kept, logged):
+    for name in ("metrics.json", "fit.json", *(() if history_kept else ("history.csv",))):
+        (finished_run / "mlp" / name).unlink()
+    backup = finished_run / "mlp" / "backup"
+    backup.mkdir()
+    (backup / "training_metadata.json").write_text(f'{{"epoch": {backed_up}, "batch": -1}}')
+    before = {path: path.read_bytes() for path in (finished_run / "mlp").rglob("*") if path.is_file()}
+    monkeypatch.setattr(fit.keras.Model, "fit", lambda *args, **kwargs: pytest.fail("fit ran"))
+    assert train.main(["--resume", str(finished_run)]) == 1
+    line = _one_line_error(capsys, "training_metadata.json does not match", "history.csv",
+                           f"holds {backed_up} epochs", f"logs {logged}", "delete")
+    assert "from its first epoch" in line
+    assert {path: path.read_bytes() for path in (finished_run / "mlp").rglob("*") if path.is_file()} == before
+
+
 def test_resume_with_a_truncated_model_file_is_one_line(finished_run, capsys):
     (finished_run / "mlp" / "metrics.json").unlink()
     model = finished_run / "mlp" / "model.keras"

@@ -418,8 +418,12 @@ def backed_up_epochs(backup_dir: Path) -> int:
         return epoch
 
 
+def _backup_fix(backup_dir: Path) -> str:
+    return f"delete {backup_dir} to train that model again from its first epoch"
+
+
 def _backup_epoch(metadata: Path, backup_dir: Path) -> int:
-    fix = f"delete {backup_dir} to resume from the last checkpoint without the optimizer state"
+    fix = _backup_fix(backup_dir)
     data = rundir.read_json(metadata, "Keras's BackupAndRestore metadata", fix)
     epoch = data.get("epoch") if isinstance(data, dict) else None
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
@@ -450,9 +454,19 @@ def truncate_history(path: Path, epochs: int) -> list[dict]:
 
 
 def resume_state(backup_dir: Path, model_file: Path, history_file: Path) -> EarlyStoppingState | None:
-    """The EarlyStopping state after the last backed-up epoch, or None to start afresh."""
+    """The EarlyStopping state after the last backed-up epoch, or None to start afresh.
+
+    Raises:
+        rundir.RunDirError: the backup holds more epochs than ``history_file``
+            logs (``CSVLogger`` writes each epoch's row before the backup of
+            that epoch), so one of the two is damaged or out of place.
+    """
     epochs = backed_up_epochs(backup_dir)
     history = truncate_history(history_file, epochs)
+    if len(history) < epochs:
+        raise rundir.RunDirError(
+            f"{Path(backup_dir) / BACKUP_METADATA} does not match {history_file}: the backup holds {epochs} epochs, "
+            f"the history logs {len(history)}; {_backup_fix(backup_dir)}.")
     if not history or not Path(model_file).exists():
         return None
     best_row = min(history, key=lambda row: row["val_loss"] if math.isfinite(row["val_loss"]) else math.inf)
