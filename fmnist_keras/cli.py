@@ -1,13 +1,49 @@
-"""Arguments shared by the commands, and number types checked at parse time.
+"""What the commands share: arguments, number types checked at parse time, one-line messages.
 
-Each raises ``argparse.ArgumentTypeError``, so a bad value is an argparse
-error (one line, exit code 2) naming what was given and what was expected.
+Each type raises ``argparse.ArgumentTypeError``, so a bad value is an
+argparse error (one line, exit code 2) naming what was given and what was
+expected. File names reach messages as the user gave them; :func:`one_line`
+escapes what a terminal would not print as itself, so a message stays one
+line and prints under any encoding.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+
+
+def one_line(text) -> str:
+    """``str(text)`` with every character that does not print as itself written as its escape code.
+
+    Line breaks, tabs and other control characters become ``\\n``, ``\\t``,
+    ``\\x1b``; bytes of a file name that are not UTF-8 (which Python holds
+    as surrogates) become ``\\udcff``. Printable text, accented letters
+    included, is kept as it is.
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
+def print_error(message) -> None:
+    """``error: message`` on stderr, as one line."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+
+
+def escape_unencodable_output() -> None:
+    """Make stdout and stderr write what their encoding lacks as escape codes instead of failing.
+
+    A file name with bytes that are not UTF-8 then prints (escaped) rather
+    than ending a command that has done its work with a UnicodeEncodeError.
+    Streams that cannot be reconfigured (a notebook's) are left as they are.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import add_data_arguments, add_tta_argument, flip_tta, in_range
+from fmnist_keras.cli import (add_data_arguments, add_tta_argument, escape_unencodable_output, flip_tta, in_range,
+                              one_line, print_error)
 from fmnist_keras.rundir import (CONFIG_FILE, FIGURES_DIR, MARKER, METRICS_FILE, REPORT_FILE, RunDirError,
                                  is_finite_number, read_json, write_json)
 
@@ -139,7 +140,7 @@ def check_outputs(out_dir: Path) -> None:
 
 
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print_error(message)
     return 1
 
 
@@ -156,6 +157,7 @@ def format_metrics(name: str, metrics: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    escape_unencodable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -164,13 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backend = select_backend(args.backend, args.device)
     except BackendError as error:
-        parser.error(str(error))
+        parser.error(one_line(error))
 
     if args.out_dir:
         try:
             check_out_dir(Path(args.out_dir))
         except RunFileError as error:
-            parser.error(str(error))
+            parser.error(one_line(error))
 
     from fmnist_keras import data as fdata
     from fmnist_keras.loading import ModelLoadError, exit_code, input_data_format, load_model, resolve_model_path
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         model_path = resolve_model_path(args.model, lambda note: print(note, file=sys.stderr))
         model = load_model(model_path)
     except ModelLoadError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(error)
         return exit_code(error)
     run_dir = model_path.parent
     out_dir = Path(args.out_dir) if args.out_dir else run_dir

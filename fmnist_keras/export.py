@@ -26,6 +26,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from fmnist_keras.cli import escape_unencodable_output, one_line, print_error
+
 FORMATS = ("onnx", "tf_saved_model")
 # What Keras needs, beyond the backend's own package, to export each format
 # on each backend (keras/src/export/*.py), in order of preference: on the
@@ -40,21 +42,25 @@ EXPORT_NEEDS = {
 # a directory only when it carries this file, so it never deletes one that
 # export did not write.
 EXPORT_MARKER = ".fmnist_keras-export"
+# Protocol Buffers serialise at most 2 GiB, so a single-file ONNX model is no
+# larger; a larger file is never read to find out whether it is one.
+MAX_ONNX_BYTES = 2**31 - 1
 
 
 class ExportError(ValueError):
     """The export cannot be done as asked here; the message says how to fix it."""
 
 
-def check_output(text: str, format: str, overwrite: bool, model: Path | None = None) -> Path:
+def check_output(text: str, format: str, overwrite: bool) -> Path:
     """The ``--output`` path, once it is known that writing it puts nothing else at risk.
 
     Refused: an empty path, ``.``/``..``, the current directory, one of its
     ancestors, the home directory or ``/``; a symlink; a path below a regular
-    file; for ONNX an existing directory or ``model`` itself; for a
-    SavedModel an existing directory that export did not write (no
-    :data:`EXPORT_MARKER`) or a file. An existing output that export may
-    replace needs ``overwrite``. Nothing is touched here.
+    file; for ONNX an existing directory, or a file that is not an ONNX model
+    of at most :data:`MAX_ONNX_BYTES`; for a SavedModel an existing directory
+    that export did not write (no :data:`EXPORT_MARKER`) or a file. An
+    existing output that export may replace needs ``overwrite``. Nothing is
+    touched here.
 
     Raises:
         ExportError: with what is wrong and how to fix it.
@@ -82,8 +88,6 @@ def check_output(text: str, format: str, overwrite: bool, model: Path | None = N
         raise ExportError(f"--output {output} lies below {parent}, a symlink to nothing; fix the link or pass {what}.")
     if not parent.is_dir():
         raise ExportError(f"--output {output} lies below {parent}, which is a file, not a directory; pass {what}.")
-    if format == "onnx" and model is not None and output.exists() and output.resolve() == Path(model).resolve():
-        raise ExportError(f"--output {output} is the model being exported; pass {what}.")
     if not output.exists():
         return output
     if format == "onnx":
@@ -108,9 +112,25 @@ def check_output(text: str, format: str, overwrite: bool, model: Path | None = N
     return output
 
 
+def check_not_the_model(output: Path, model: Path) -> None:
+    """Refuse an ``--output`` that is the ``.keras`` file being exported.
+
+    Raises:
+        ExportError: ``output`` exists and is ``model`` (by any path).
+    """
+    if output.exists() and output.resolve() == Path(model).resolve():
+        raise ExportError(f"--output {output} is the model being exported; pass a new path for the export.")
+
+
 def _is_onnx_model(path: Path) -> bool:
-    """Whether ``path`` holds an ONNX model with a graph (what an earlier export wrote), checked without onnx's extras."""
+    """Whether ``path`` holds an ONNX model with a graph (what an earlier export wrote), checked without onnx's extras.
+
+    A file over :data:`MAX_ONNX_BYTES` is not read: a single-file ONNX model
+    cannot be that large.
+    """
     try:
+        if path.stat().st_size > MAX_ONNX_BYTES:
+            return False
         import onnx
 
         model = onnx.load(str(path), load_external_data=False)
@@ -287,12 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    escape_unencodable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         output = check_output(args.output, args.format, args.overwrite)
     except ExportError as error:
-        parser.error(str(error))
+        parser.error(one_line(error))
 
     from fmnist_keras.loading import ModelLoadError, check_archive, exit_code, load_model, resolve_model_path
 
@@ -300,28 +321,28 @@ def main(argv: list[str] | None = None) -> int:
         model_path = resolve_model_path(args.model, lambda note: print(note, file=sys.stderr))
         check_archive(model_path)  # a bad file is reported before the slow backend import
     except ModelLoadError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(error)
         return exit_code(error)
     try:
-        check_output(args.output, args.format, args.overwrite, model_path)
+        check_not_the_model(output, model_path)
     except ExportError as error:
-        parser.error(str(error))
+        parser.error(one_line(error))
 
     from fmnist_keras.backend import BackendError, select_backend
 
     try:
         backend = select_backend(choose_backend(args.format, args.backend), "cpu")
     except (ExportError, BackendError) as error:
-        parser.error(str(error))
+        parser.error(one_line(error))
     try:
         model = load_model(model_path)
     except ModelLoadError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(error)
         return 1
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        print(f"error: cannot create {output.parent} ({error.strerror}); choose another --output.", file=sys.stderr)
+        print_error(f"cannot create {output.parent} ({error.strerror}); choose another --output.")
         return 1
     try:
         write_export(model, output, args.format)
@@ -330,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         others = [b for b in EXPORT_NEEDS[args.format] if b != backend and not missing_packages(args.format, b)]
         hint = f"; try --backend {others[0]}" if others else ""
         kept = f"; {output} is unchanged" if output.exists() else ""
-        print(f"error: exporting {args.model} to {args.format} on {backend} failed ({type(error).__name__}: "
-              f"{detail}){kept}{hint}.", file=sys.stderr)
+        print_error(f"exporting {args.model} to {args.format} on {backend} failed ({type(error).__name__}: "
+                    f"{detail}){kept}{hint}.")
         return 1
     print(f"Exported {args.model} ({model.name}) to {args.format} on the {backend} backend: {output}")
     return 0

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import add_tta_argument, flip_tta, in_range
+from fmnist_keras.cli import add_tta_argument, escape_unencodable_output, flip_tta, in_range, one_line, print_error
 
 SIZE = 28
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -277,6 +277,9 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
     Raises:
         InputError: with a one-line reason naming the file.
     """
+    if not str(path).strip():
+        raise InputError(f"{str(path)!r}: an empty file name (an unset variable?); expected an image file (PNG, "
+                         f"JPEG, ...) or a .npy file.")
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file.")
@@ -334,6 +337,7 @@ def _item_name(item: Item) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    escape_unencodable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -342,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         select_backend(args.backend, args.device)
     except BackendError as error:
-        parser.error(str(error))
+        parser.error(one_line(error))
 
     from fmnist_keras.data import CLASS_NAMES, to_model_input
     from fmnist_keras.engine.evaluation import predict_probabilities
@@ -356,16 +360,16 @@ def main(argv: list[str] | None = None) -> int:
             items.extend(read_input(path, args.invert))
         except InputError as error:
             errors.append({"file": path, "error": str(error)})
-            print(f"error: {error}", file=sys.stderr)
+            print_error(error)
     try:
         model_path = resolve_model_path(args.model, announce=lambda note: print(note, file=sys.stderr))
         tta = flip_tta(args.tta, model_path.parent)
         model = load_model(model_path)
     except ModelLoadError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(error)
         return exit_code(error)
     except RunDirError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(error)
         return 1
 
     results = []
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_probabilities(probabilities, args.model, [_item_name(item) for item in items])
         except InputError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print_error(error)
             return 1
         for item, row in zip(items, probabilities):
             results.append({"file": item.file, "index": item.index, "inverted": item.inverted,
@@ -387,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for item, result in zip(items, results):
             ranked = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
-            print(f"{_item_name(item)}: {ranked}{'  (inverted)' if item.inverted else ''}")
+            print(f"{one_line(_item_name(item))}: {ranked}{'  (inverted)' if item.inverted else ''}")
     return 1 if errors else 0
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import add_data_arguments, in_range
+from fmnist_keras.cli import add_data_arguments, escape_unencodable_output, in_range, one_line, print_error
 from fmnist_keras.config import (
     BFLOAT16_ON_AMX, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig, load_config,
 )
@@ -217,6 +217,7 @@ def _stop_on_sigterm():
 
 
 def _main(argv: list[str] | None) -> int:
+    escape_unencodable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as held:
@@ -243,7 +244,7 @@ def _main(argv: list[str] | None) -> int:
         try:
             backend = select_backend(backend, device)
         except BackendError as error:
-            parser.error(str(error))
+            parser.error(one_line(error))
         configs = configs or configs_from_args(args, backend)
 
         from fmnist_keras.engine import distributed
@@ -252,7 +253,7 @@ def _main(argv: list[str] | None) -> int:
             replicas = distributed.setup(backend, args.distribute, configs[0].batch_size, args.dist_timeout,
                                          resume=args.resume is not None)
         except distributed.DistributedError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print_error(error)
             return 2
         code = 1
         try:
@@ -278,7 +279,7 @@ def _progress_display() -> int | str:
 
 
 def _fail(error: BaseException, code: int = 1) -> int:
-    print(f"error: {error}", file=sys.stderr)
+    print_error(error)
     return code
 
 
@@ -298,7 +299,7 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
     try:
         data_format = engine_splits.data_format_of(configs[0])
     except ValueError as error:
-        parser.error(str(error))
+        parser.error(one_line(error))
     try:
         splits = engine_splits.make_splits(raw, configs[0], data_format)
     except ValueError as error:

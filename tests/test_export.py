@@ -261,6 +261,38 @@ def test_overwrite_never_replaces_a_file_that_is_not_an_onnx_model(content, tiny
     assert notes.read_bytes() == content
 
 
+def test_an_existing_onnx_file_is_read_once_and_not_at_all_when_too_large(tiny_model_file, tmp_path, monkeypatch,
+                                                                          capsys):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    value = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "earlier_export", value[:1], value[1:])
+    earlier = tmp_path / "earlier.onnx"
+    onnx.save(helper.make_model(graph), earlier)
+    reads, real_load = [], onnx.load
+    monkeypatch.setattr(onnx, "load", lambda path, **kwargs: reads.append(path) or real_load(path, **kwargs))
+
+    def broken(*args):
+        raise RuntimeError("stopped before writing")
+
+    monkeypatch.setattr(export, "write_export", broken)
+    assert export.main([str(tiny_model_file), "--format", "onnx", "--output", str(earlier), "--overwrite"]) == 1
+    assert reads == [str(earlier)] and "stopped before writing" in capsys.readouterr().err
+    huge = tmp_path / "huge.onnx"
+    with open(huge, "wb") as sparse:
+        sparse.truncate(export.MAX_ONNX_BYTES + 1)  # takes no disk space
+    _refused([tiny_model_file, "--format", "onnx", "--output", huge, "--overwrite"], capsys, "is not an ONNX model")
+    assert reads == [str(earlier)] and huge.stat().st_size == export.MAX_ONNX_BYTES + 1
+
+
+def test_the_model_being_exported_is_never_its_output(tiny_model_file, tmp_path):
+    (tmp_path / "alias").symlink_to(tiny_model_file.parent, target_is_directory=True)
+    with pytest.raises(export.ExportError, match="is the model being exported"):
+        export.check_not_the_model(tmp_path / "alias" / tiny_model_file.name, tiny_model_file)
+    export.check_not_the_model(tmp_path / "model.onnx", tiny_model_file)  # a new file is fine
+
+
 def _fake_saved_model(model, output, format):
     (Path(output) / "saved_model.pb").write_text(f"export of {model}")
     return output

@@ -262,6 +262,44 @@ def test_cli_bad_model_is_one_line_exit_1(tmp_path, capsys):
     assert err.count("\n") == 1 and "legacy HDF5" in err
 
 
+def test_cli_odd_file_names_give_one_line_each_and_print_under_strict_utf8(trained, tmp_path, monkeypatch):
+    """A newline or bytes that are not UTF-8 in a name are escaped; an empty name is not the current directory."""
+    import io
+    import os
+
+    model_path, _, _ = trained
+    good = [tmp_path / "two\nlines.png", tmp_path / os.fsdecode(b"caf\xe9.png")]  # Latin-1, not UTF-8
+    for path in good:
+        _shape_picture((30, 30), 0, 255).save(path)
+    (tmp_path / "bad\nname.png").write_bytes(b"not an image")
+    monkeypatch.chdir(tmp_path)
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")  # a terminal without UTF-8 mode
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr("sys.stderr", err)
+    assert predict.main([str(model_path), *map(str, good), str(tmp_path / "bad\nname.png"), ""]) == 1
+    out.flush(), err.flush()
+    out_lines, err_lines = (stream.buffer.getvalue().decode("ascii").splitlines() for stream in (out, err))
+    assert [line.split(": ")[0] for line in out_lines] == [str(tmp_path / "two\\nlines.png"),
+                                                             str(tmp_path / "caf\\udce9.png")]
+    assert len(err_lines) == 2
+    assert err_lines[0].startswith(f"error: {tmp_path}/bad\\nname.png: not an image")
+    assert err_lines[1] == ("error: '': an empty file name (an unset variable?); expected an image file (PNG, JPEG, "
+                            "...) or a .npy file.")
+
+
+def test_cli_an_empty_model_path_is_refused_not_read_as_the_current_directory(trained, tmp_path, monkeypatch, capsys):
+    model_path, _, _ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(model_path.read_bytes())  # what "." would find
+    _shape_picture((30, 30), 0, 255).save(run / "a.png")
+    monkeypatch.chdir(run)
+    assert predict.main(["", "a.png"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "error: the model path is empty (an unset variable?)" in err
+
+
 @pytest.mark.parametrize(
     "argv",
     [["m.keras"], ["m.keras", "a.png", "--top-k", "0"], ["m.keras", "a.png", "--top-k", "11"],

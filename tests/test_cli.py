@@ -1,0 +1,59 @@
+"""What the commands share: one-line messages whatever the file names hold, and output under any encoding."""
+
+import io
+import os
+import sys
+
+import pytest
+
+from fmnist_keras import cli, evaluate, export, predict, train
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("runs/latest/cnn", "runs/latest/cnn"),
+    ("caf\u00e9 \u9774.png", "caf\u00e9 \u9774.png"),  # printable letters stay as they are
+    ("two\nlines", "two\\nlines"),
+    ("tab\tand\rreturn", "tab\\tand\\rreturn"),
+    ("\x1b[31mred", "\\x1b[31mred"),  # no terminal escape sequence gets through
+    (os.fsdecode(b"caf\xe9"), "caf\\udce9"),  # a byte that is not UTF-8
+    ("\u2028", "\\u2028"),  # a Unicode line separator
+])
+def test_one_line_escapes_what_does_not_print_as_itself(text, shown):
+    assert cli.one_line(text) == shown
+    assert len(cli.one_line(text).splitlines()) == 1
+
+
+def test_print_error_is_one_line_on_stderr(capsys):
+    cli.print_error(ValueError("no\nsuch file"))
+    assert capsys.readouterr() == ("", "error: no\\nsuch file\n")
+
+
+def test_output_escapes_what_its_encoding_lacks_instead_of_failing(monkeypatch):
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stream)
+    with pytest.raises(UnicodeEncodeError):
+        print(os.fsdecode(b"\xff.png"))
+    cli.escape_unencodable_output()
+    print(os.fsdecode(b"\xff.png"), "\u00e9")
+    stream.flush()
+    assert stream.buffer.getvalue().endswith(b"\\udcff.png \\xe9\n")
+
+
+@pytest.mark.parametrize("command, argv", [
+    (evaluate, ["{missing}"]),
+    (predict, ["{missing}", "{missing}"]),
+    (export, ["{missing}", "--format", "onnx", "--output", "{dir}/out.onnx"]),
+    (train, ["--data-dir", "{missing}", "--no-verify", "--out-dir", "{dir}/runs", "--epochs", "1", "--no-report"]),
+])
+def test_every_command_reports_a_name_with_a_newline_in_one_line(command, argv, tmp_path, capsys):
+    missing = str(tmp_path / "no\nsuch")
+    argv = [arg.format(missing=missing, dir=tmp_path) for arg in argv]
+    try:
+        code = command.main(argv)
+    except SystemExit as exit_info:  # an argparse error
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code != 0
+    errors = [line for line in err.splitlines() if "error: " in line]
+    assert len(errors) >= 1 and all("no\\nsuch" in line for line in errors), err
+    assert not any(line.startswith("such") for line in err.splitlines()), err
