@@ -145,7 +145,10 @@ _DIRECT_LOADS_PENDING: set[str] = set()
 
 
 def _package_sources():
-    return {path.name: path.read_text() for path in sorted(PACKAGE.glob("*.py"))}
+    """Every module of the package, sub-packages included, by its path inside the package."""
+    sources = {str(path.relative_to(PACKAGE)): path.read_text() for path in sorted(PACKAGE.rglob("*.py"))}
+    assert "engine/callbacks.py" in sources and "inspection/report.py" in sources
+    return sources
 
 
 @pytest.mark.parametrize(

@@ -127,14 +127,41 @@ def test_function_from_foreign_module_is_refused(tmp_path, good_model_file):
         load_model(path)
 
 
-def test_torch_module_wrapper_is_refused(tmp_path, good_model_file):
+def _pickled_payload(marker) -> str:
+    """What Keras's ``TorchModuleWrapper`` config holds (a base64 ``torch.save``), here a pickle that writes ``marker``."""
+    import base64
+    import io
+
+    torch = pytest.importorskip("torch")
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('pwned')",)
+
+    buffer = io.BytesIO()
+    torch.save(Payload(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_torch_module_wrapper_is_refused_without_unpickling_it(tmp_path, good_model_file):
+    import base64
+    import io
+
+    import torch
+
+    marker = tmp_path / "pwned.txt"
+    payload = _pickled_payload(marker)
+    torch.load(io.BytesIO(base64.b64decode(payload)), weights_only=False)  # the control: the payload is real
+    assert marker.read_text() == "pwned"
+    marker.unlink()
     config = json.loads(zipfile.ZipFile(good_model_file).read("config.json"))
     config["config"]["layers"].append(
-        {"module": "keras.layers", "class_name": "TorchModuleWrapper", "config": {"module": "gASV..."}}
+        {"module": "keras.layers", "class_name": "TorchModuleWrapper", "config": {"module": payload}}
     )
     path = _rewrite_archive(good_model_file, tmp_path / "torchwrap.keras", config=config)
     with pytest.raises(ModelLoadError, match="unpickles a torch module"):
         load_model(path)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".hdf5", ".H5"])
