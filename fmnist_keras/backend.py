@@ -16,13 +16,18 @@ from fmnist_keras.config import BACKENDS, BFLOAT16_ON_AMX, DATA_FORMATS
 _PACKAGES = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
 
 
-def add_backend_arguments(parser) -> None:
-    """The ``--backend`` and ``--device`` flags every command shares."""
-    parser.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: $KERAS_BACKEND, else torch)")
+def add_backend_arguments(parser, resumable: bool = False) -> None:
+    """The ``--backend`` and ``--device`` flags every command shares.
+
+    ``resumable``: the command has ``--resume``, which takes both from the run when they are not given.
+    """
+    resumed = "; with --resume, the run's" if resumable else ""
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help=f"Keras backend (default: $KERAS_BACKEND, else torch{resumed})")
     parser.add_argument(
         "--device", choices=DEVICES, default="auto",
         help="'auto' uses a GPU when present, 'cpu' forces the CPU, 'gpu' fails unless the backend sees a GPU "
-        "(default: auto)",
+        f"(default: auto{resumed})",
     )
 
 
@@ -111,7 +116,7 @@ def training_data_format(backend: str, requested: str = "auto", fast_path: bool 
     by copying every activation to NCHW and back, so there ``channels_first``
     is faster (1.4-1.6x per CNN step on CPU); the fast path
     (:mod:`fmnist_keras.engine.fastpath`) turns those copies into views and makes
-    ``channels_last`` the fastest layout on torch too (README, "Speed").
+    ``channels_last`` the fastest layout on torch too (docs/speed.md).
     Saved models are always ``channels_last`` whatever the training layout
     (the weights do not depend on it), so every backend loads them.
     """

@@ -89,6 +89,9 @@ def in_range(kind: type, low, high, why: str = ""):
     return parse
 
 
+# What the commands that run a saved model take (fmnist_keras.loading.resolve_model_path).
+MODEL_HELP = "a .keras file, a model's run directory (runs/NAME/cnn), or a run directory with one model (runs/latest)"
+
 TTA_CHOICES = ("run", "flip", "none")
 
 

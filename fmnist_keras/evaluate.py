@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import (add_data_arguments, add_tta_argument, escape_unencodable_output, flip_tta, in_range,
-                              one_line, print_error)
+from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_tta_argument, escape_unencodable_output, flip_tta,
+                              in_range, one_line, print_error)
 from fmnist_keras.rundir import (CONFIG_FILE, FIGURES_DIR, MARKER, METRICS_FILE, REPORT_FILE, RunDirError,
                                  is_finite_number, read_json, write_json)
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="RUN_DIR_OR_MODEL", help="a run directory holding model.keras, or a .keras file")
+    parser.add_argument("model", metavar="RUN_DIR_OR_MODEL", help=MODEL_HELP)
     add_data_arguments(parser)
     parser.add_argument("--validation", action="store_true",
                         help="also evaluate on the run's validation split, rebuilt from its config.json (default: off)")

@@ -26,7 +26,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from fmnist_keras.cli import escape_unencodable_output, one_line, print_error
+from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, print_error
 
 FORMATS = ("onnx", "tf_saved_model")
 # What Keras needs, beyond the backend's own package, to export each format
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="a .keras file, or a run directory holding model.keras")
+    parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("--format", required=True, choices=FORMATS, help="export format")
     parser.add_argument("--output", required=True, metavar="PATH",
                         help="the .onnx file, or the SavedModel directory, to write")

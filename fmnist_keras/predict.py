@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import add_tta_argument, escape_unencodable_output, flip_tta, in_range, one_line, print_error
+from fmnist_keras.cli import (MODEL_HELP, add_tta_argument, escape_unencodable_output, flip_tta, in_range, one_line,
+                              print_error)
 
 SIZE = 28
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -320,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  python -m fmnist_keras.predict runs/latest/cnn shoe.jpg shirt.png batch.npy --top-k 3",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL_OR_RUN_DIR", help="a .keras file or a run directory holding model.keras")
+    parser.add_argument("model", metavar="MODEL_OR_RUN_DIR", help=MODEL_HELP)
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="picture files or .npy arrays to classify")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text (default: text)")
     parser.add_argument("--invert", choices=INVERT_CHOICES, default="auto",

@@ -1,7 +1,7 @@
 """Train the MLP and/or the CNN on Fashion-MNIST and save evaluated models.
 
 Usage:
-    KERAS_BACKEND=torch python -m fmnist_keras.train [--model {mlp,cnn,baseline-cnn,all}] ...
+    KERAS_BACKEND=torch python -m fmnist_keras.train [--model {mlp,cnn,cnn-large,baseline-cnn,all}] ...
 
 Each invocation writes one run directory, ``OUT_DIR/RUN_NAME/``, with one
 sub-directory per model holding ``model.keras``, ``history.csv``,
@@ -91,14 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_checked("seed"), default=DEFAULTS.seed,
                         help=f"seed for the split, weights, shuffling and augmentation (default: {DEFAULTS.seed})")
     parser.add_argument("--subset", type=_checked("subset"), metavar="N",
-                        help="train on a stratified subset of N training images, for quick runs (default: all 60000)")
+                        help="use a stratified subset of N of the 60000 training images, split into training and "
+                        "validation by --val-split, for quick runs (default: all 60000)")
     add_data_arguments(parser)
     parser.add_argument("--out-dir", default="runs", metavar="DIR", help="where run directories go (default: runs)")
     parser.add_argument("--run-name", metavar="NAME",
                         help="name of this run's directory under --out-dir (default: date and time, e.g. 20261129-143000)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run directory of the same name (default: refuse)")
-    add_backend_arguments(parser)
+    add_backend_arguments(parser, resumable=True)
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
                         help="compute in bfloat16 (CPU) or float16 (GPU), keep float32 weights and outputs "
                         f"(default: on for {', '.join(BFLOAT16_ON_AMX)} with the torch backend on a CPU with AMX "
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-fast-path); the saved model is channels_last either way (default: auto)")
     parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                         help="torch: train with stock Keras instead of the fast path (zero-copy layouts, batched "
-                        "augmentation, fused BatchNorm and AdamW; same results, see README 'Speed'); for "
+                        "augmentation, fused BatchNorm and AdamW; same results, see docs/speed.md); for "
                         "comparisons and debugging (default: fast path on)")
     parser.add_argument("--distribute", action="store_true",
                         help="jax: data-parallel over all local devices (keras.distribution.DataParallel); on torch "
@@ -126,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip report.md and its figures in each model's run directory (default: write them)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue an interrupted run from its last completed epoch, with its saved "
-                        "configuration (other training flags are not allowed with it)")
+                        "configuration: the flags that describe a run (model, epochs, rates, split, data, output, "
+                        "precision, ...) are refused with it; --backend, --device, --no-report, --tensorboard and "
+                        "--dist-timeout may be given")
     return parser
 
 
