@@ -98,7 +98,7 @@ def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
         ModelLoadError: the path is empty or does not exist, is a directory without a
             model, or is not a ``.keras`` file.
     """
-    if not str(path).strip():  # Path("") is ".", the current directory
+    if str(path) == "":  # Path("") is ".", the current directory
         raise ModelLoadError(f"the model path is empty (an unset variable?); {_FIX}.")
     given = Path(path).expanduser()
     if given.is_dir():

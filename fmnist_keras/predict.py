@@ -278,7 +278,7 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
     Raises:
         InputError: with a one-line reason naming the file.
     """
-    if not str(path).strip():
+    if str(path) == "":  # Path("") is ".", the current directory
         raise InputError(f"{str(path)!r}: an empty file name (an unset variable?); expected an image file (PNG, "
                          f"JPEG, ...) or a .npy file.")
     path = Path(path)
