@@ -151,7 +151,7 @@ class TrainConfig:
                 continue
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} is {getattr(self, name)!r}; expected true or false")
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
+        if self.data_dir is not None and not (isinstance(self.data_dir, str) and self.data_dir.strip()):
             raise ValueError(f"data_dir is {self.data_dir!r}; expected a path or null")
         return self
 

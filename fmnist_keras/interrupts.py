@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+import threading
 
 
 class Interrupted(KeyboardInterrupt):
@@ -37,3 +39,30 @@ def run_command(main, name: str) -> int:
         return 128 + signum
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Hold Ctrl-C (SIGINT) and SIGTERM back while the block runs, then deliver the first that came.
+
+    For work that must not stop halfway, such as removing an old run: a
+    signal that arrives inside takes effect, through the handler in place
+    before, when the block ends. Only the main thread can set handlers; in
+    another thread the block runs as it is. Blocks nest.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def hold(signum, frame):
+        received.append(signum)
+
+    previous = {number: signal.signal(number, hold) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if received:
+            signal.raise_signal(received[0])

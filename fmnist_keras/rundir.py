@@ -35,13 +35,13 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import time
 from pathlib import Path
 
-from fmnist_keras.config import MODEL_NAMES
+from fmnist_keras import interrupts
+from fmnist_keras.config import MODEL_NAMES, RANGES
 
 MARKER = ".fmnist_keras-run"
 LOCK = ".lock"
@@ -128,7 +128,27 @@ def _no_constants(name: str):
 
 
 def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """Whether a JSON value is a number a float holds (JSON integers may be any size)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond a float's range
+        return False
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` (links resolved) is a model directory of a run train created.
+
+    Its parent holds the run's marker and lists its name in ``run.json``.
+    """
+    real = Path(path).resolve()
+    if not real.is_dir() or not (real.parent / MARKER).is_file():
+        return False
+    try:
+        return real.name in RunDir(real.parent).models()
+    except RunDirError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +189,9 @@ class RunDir:
         """``model``'s directory, made if missing; a link, or a file where a directory or run file belongs, is refused.
 
         Everything train writes or deletes there (Keras deletes ``backup/``
-        when fit ends) must be the project's own, never a link to a user's file.
+        when fit ends) must be the project's own, never a link to a user's
+        file: that holds for everything inside ``backup/``, ``tensorboard/``
+        and ``figures/`` too, which Keras and the report write into.
         """
         directory = self.model_dir(model)
         fix = "move it away; a run directory holds only what train wrote (or start a new run)"
@@ -184,6 +206,10 @@ class RunDir:
             path = directory / name
             if path.is_symlink() or (path.exists() and not path.is_dir()):
                 raise RunDirError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not a directory'}; {fix}.")
+            for inside in _entries(path):
+                if inside.is_symlink() or not (inside.is_file() or inside.is_dir()):
+                    what = "a symbolic link" if inside.is_symlink() else "neither a file nor a directory"
+                    raise RunDirError(f"{inside} is {what}; {fix}.")
         return directory
 
     # --- creating and opening ----------------------------------------------------------------
@@ -194,8 +220,10 @@ class RunDir:
         With ``overwrite``, an existing run directory of that name is removed
         first, only if fmnist_keras created it (its marker) and no process
         trains in it; anything else is refused before anything is removed.
+        What a killed removal left in ``out_dir`` is removed first.
         """
         out = _check_out_dir(out_dir)
+        _finish_removals(out)
         if name is None:
             return cls._create_unique(out, models)
         target = out / check_run_name(name)
@@ -253,14 +281,11 @@ class RunDir:
         if resolved == cwd or resolved in cwd.parents:
             raise RunDirError(f"{target} holds the working directory; --overwrite will not remove it. cd elsewhere first.")
         # Ctrl-C or SIGTERM wait until the old run is gone: never half a run under a hidden name.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
+        with interrupts.deferred():
             with _locked(target / LOCK, what=target):
-                doomed = target.with_name(f".removing-{target.name}-{os.getpid()}")
+                doomed = target.with_name(f"{_REMOVING}{target.name}-{os.getpid()}")
                 os.replace(target, doomed)
-            shutil.rmtree(doomed)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            _remove_marked(doomed)
 
     @classmethod
     def open(cls, path: str) -> "RunDir":
@@ -308,13 +333,15 @@ class RunDir:
     def point_latest_here(self) -> None:
         """Make ``OUT_DIR/latest`` a symlink to this run.
 
-        Only a link that train made (one to a sibling directory, a name
-        without ``/``) is replaced: a real file or directory of that name, or
-        a link of the user's own, is left alone.
+        Only a link that train made (one to a sibling run directory, a name
+        without ``/``, or to a sibling that no longer exists) is replaced: a
+        real file or directory of that name, or a link of the user's own, is
+        left alone.
         """
         latest = self.path.parent / LATEST
         if latest.is_symlink():
-            if "/" in os.readlink(latest):
+            target = os.readlink(latest)
+            if "/" in target or (latest.exists() and not (latest / MARKER).is_file()):
                 return
         elif latest.exists():
             return
@@ -352,8 +379,19 @@ class RunDir:
         return data
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _entries(directory: Path) -> list[Path]:
+    """Everything below ``directory``, not following links; [] when it is not a directory."""
+    if directory.is_symlink() or not directory.is_dir():
+        return []
+    found = []
+    for root, dirs, files in os.walk(directory):  # os.walk lists a link to a directory but does not enter it
+        found += [Path(root) / name for name in dirs + files]
+    return found
+
+
+def is_epoch_count(value) -> bool:
+    """An epoch number or count: a whole number from 0 to the largest ``--epochs``."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= RANGES["epochs"][2]
 
 
 def _is_str(value) -> bool:
@@ -362,10 +400,10 @@ def _is_str(value) -> bool:
 
 # What train reads back from fit.json (and metrics.json) on --resume, with its check.
 _FIT_FIELDS = {
-    "epochs_run": _is_int,
-    "best_epoch": lambda value: value is None or _is_int(value),
+    "epochs_run": is_epoch_count,
+    "best_epoch": lambda value: value is None or is_epoch_count(value),
     "terminated_on_nan": lambda value: isinstance(value, bool),
-    "nan_epoch": lambda value: value is None or _is_int(value),
+    "nan_epoch": lambda value: value is None or is_epoch_count(value),
     "train_time_s": is_finite_number,
 }
 
@@ -376,6 +414,52 @@ def _check_fields(path: Path, data: dict, fields: dict, fix: str, prefix: str = 
         if key not in data or not valid(data[key]):
             shown = repr(data[key])[:60] if key in data else "missing"
             raise RunDirError(f"{path} is damaged: {prefix}{key} is {shown}; {fix}.")
+
+
+# The hidden name a run directory takes while --overwrite removes it: .removing-NAME-PID.
+_REMOVING = ".removing-"
+
+
+def _remove_marked(directory: Path) -> None:
+    """Remove a run directory, its marker last: a kill halfway leaves a directory still marked as the project's."""
+    for entry in directory.iterdir():
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (directory / MARKER).unlink(missing_ok=True)
+    directory.rmdir()
+
+
+def _finish_removals(out: Path) -> None:
+    """Remove what a killed ``--overwrite`` left in ``out``: a hidden ``.removing-NAME-PID`` run directory.
+
+    Only a real directory that still holds the marker, and whose process is
+    gone, is removed; anything else of that name is left alone.
+    """
+    for leftover in out.glob(f"{_REMOVING}*"):
+        pid = leftover.name.rpartition("-")[2]
+        if leftover.is_symlink() or not leftover.is_dir() or not (leftover / MARKER).is_file() or not pid.isdigit():
+            continue
+        if _alive(int(pid)):
+            continue
+        with interrupts.deferred():
+            _remove_marked(leftover)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (another user's counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_out_dir(out_dir: str) -> Path:

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
+import os
 import shlex
 import signal
 import sys
@@ -25,6 +26,7 @@ from fmnist_keras.cli import add_data_arguments, escape_unencodable_output, in_r
 from fmnist_keras.config import (
     BFLOAT16_ON_AMX, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig, load_config,
 )
+from fmnist_keras import interrupts
 from fmnist_keras.interrupts import Interrupted
 from fmnist_keras.rundir import REPORT_FILE, RunDir, RunDirError, write_json
 
@@ -137,6 +139,8 @@ def configs_from_args(args: argparse.Namespace, backend: str) -> list[TrainConfi
     """One TrainConfig per model to train; CLI flags map one to one onto fields."""
     models = ("mlp", "cnn") if args.model == "all" else (args.model,)
     shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if shared.get("data_dir"):  # saved as an absolute path, so --resume finds the data from any directory
+        shared["data_dir"] = os.path.abspath(os.path.expanduser(shared["data_dir"]))
     shared.update(backend=backend)
     return [TrainConfig(**{**shared, "model": name}) for name in models]
 
@@ -176,6 +180,10 @@ def resume_configs(parser, args, argv) -> tuple[RunDir, list[TrainConfig]]:
     run = RunDir.open(args.resume)
     models = run.models()
     configs = {model: load_config(run.config_file(model)) for model in models if run.config_file(model).exists()}
+    for model, config in configs.items():
+        if config.model != model:
+            raise RunDirError(f"{run.config_file(model)} is damaged: it configures {config.model!r}, but it lies in "
+                              f"the directory of {model!r}; restore it from a copy, or start a new run.")
     if not configs:
         raise RunDirError(f"{run} has no config.json for any of its models ({', '.join(models)}), so there is "
                           f"nothing to resume; start a new run.")
@@ -310,16 +318,22 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
     problem = None
     if replicas.is_chief:
         try:
-            if run is None:  # every check has passed: only now is anything created or removed
-                run = RunDir.create(args.out_dir, args.run_name, [c.model for c in configs], args.overwrite)
-                held.enter_context(run.lock())
-                run.point_latest_here()
-            for config in configs:  # written at once, so --resume works from the first moment
-                run.check_model_dir(config.model)
-                if not run.config_file(config.model).exists():
-                    fit.run_config(config, splits).save(run.config_file(config.model))
+            # A signal in here takes effect once the run directory is whole, so --resume can continue it.
+            with interrupts.deferred():
+                if run is None:  # every check has passed: only now is anything created or removed
+                    run = RunDir.create(args.out_dir, args.run_name, [c.model for c in configs], args.overwrite)
+                    held.enter_context(run.lock())
+                    run.point_latest_here()
+                for config in configs:  # written at once, so --resume works from the first moment
+                    run.check_model_dir(config.model)
+                    if not run.config_file(config.model).exists():
+                        fit.run_config(config, splits).save(run.config_file(config.model))
         except RunDirError as error:
             problem = error
+        except Interrupted as stop:
+            return _interrupted(stop, run)
+        except KeyboardInterrupt:
+            return _interrupted(Interrupted(signal.SIGINT), run)
     # Under torchrun every rank learns whether rank 0 could open the run directory, and all stop together.
     problem = distributed.same_on_every_rank(replicas, None if problem is None else str(problem))
     if problem is not None:

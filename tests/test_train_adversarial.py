@@ -100,6 +100,98 @@ def test_overwrite_happens_only_after_the_data_is_checked(tmp_path, tiny_data_di
     assert _files(finished_run) == before
 
 
+def test_sigterm_while_overwrite_removes_the_old_run_waits_for_a_whole_new_run(tmp_path, tiny_data_dir, capsys,
+                                                                              finished_run, monkeypatch):
+    """The signal comes halfway through the removal; it takes effect once the new run directory is whole."""
+    from fmnist_keras import rundir
+
+    (finished_run / "mlp" / "many").mkdir()
+    real_rmtree = rundir.shutil.rmtree
+
+    def rmtree_then_sigterm(path, *args, **kwargs):
+        real_rmtree(path, *args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)  # delivered in the middle of the removal
+
+    monkeypatch.setattr(rundir.shutil, "rmtree", rmtree_then_sigterm)
+    monkeypatch.setattr(fit.keras.Model, "fit", lambda *args, **kwargs: pytest.fail("fit ran"))
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "run", "--overwrite") == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "Interrupted (SIGTERM)" in err and f"--resume {finished_run}" in err and "nothing was written" not in err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["latest", "run"]  # no .removing-* left
+    assert (finished_run / MARKER).is_file() and (finished_run / "mlp" / "config.json").is_file()
+    assert not (finished_run / "mlp" / "model.keras").exists()  # the old run is gone, the new one is resumable
+
+
+def test_what_a_killed_overwrite_left_is_removed_only_when_it_is_the_projects(tmp_path):
+    out = tmp_path / "runs"
+    out.mkdir()
+    leftover = out / ".removing-old-999999999"  # no such pid
+    (leftover / "mlp").mkdir(parents=True)
+    (leftover / MARKER).write_text("{}")
+    (leftover / "mlp" / "model.keras").write_text("half of an old run")
+    unmarked = out / ".removing-mine-999999999"
+    unmarked.mkdir()
+    (unmarked / "notes.txt").write_text("keep")
+    live = out / f".removing-busy-{os.getpid()}"
+    live.mkdir()
+    (live / MARKER).write_text("{}")
+    RunDir.create(str(out), "new", ["mlp"])
+    assert sorted(p.name for p in out.iterdir()) == [live.name, unmarked.name, "new"]
+    assert (unmarked / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("inside", ["figures/curves.png", "backup/latest.weights.h5.bkp", "tensorboard/train"])
+def test_resume_never_writes_through_a_link_inside_the_models_directories(finished_run, tmp_path, capsys, inside):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (finished_run / "mlp" / "metrics.json").unlink()
+    link = finished_run / "mlp" / inside
+    link.parent.mkdir(exist_ok=True)
+    link.symlink_to(victim)
+    assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, str(link), "is a symbolic link")
+    assert victim.read_text() == "mine"
+
+
+@pytest.mark.parametrize("file, field, value", [
+    ("fit.json", "best_epoch", 10**400), ("fit.json", "train_time_s", 10**400), ("fit.json", "epochs_run", 10**6),
+    ("metrics.json", "wall_time_s", 10**400),
+])
+def test_resume_of_a_run_file_with_a_number_no_float_holds_is_one_line(finished_run, capsys, file, field, value):
+    if file == "fit.json":
+        (finished_run / "mlp" / "metrics.json").unlink()
+    path = finished_run / "mlp" / file
+    data = json.loads(path.read_text())
+    data[field] = value
+    path.write_text(json.dumps(data))
+    assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, str(path), "is damaged")
+
+
+def test_resume_refuses_a_config_json_of_another_model(finished_run, capsys, monkeypatch):
+    for name in ("metrics.json", "fit.json"):
+        (finished_run / "mlp" / name).unlink()
+    config = finished_run / "mlp" / "config.json"
+    config.write_text(config.read_text().replace('"model": "mlp"', '"model": "baseline-cnn"'))
+    monkeypatch.setattr(fit.keras.Model, "fit", lambda *args, **kwargs: pytest.fail("fit ran"))
+    assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, str(config), "configures 'baseline-cnn'", "directory of 'mlp'")
+    assert not (finished_run / "baseline-cnn").exists()
+
+
+def test_a_relative_data_dir_is_saved_absolute_so_resume_works_from_anywhere(tmp_path, tiny_data_dir, monkeypatch):
+    monkeypatch.chdir(tiny_data_dir.parent)
+    assert train.main(["--data-dir", tiny_data_dir.name, "--no-verify", "--out-dir", str(tmp_path / "runs"),
+                       "--run-name", "rel", *BASE]) == 0
+    config = json.loads((tmp_path / "runs" / "rel" / "mlp" / "config.json").read_text())
+    assert config["data_dir"] == str(tiny_data_dir)
+    (tmp_path / "runs" / "rel" / "mlp" / "metrics.json").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert train.main(["--resume", str(tmp_path / "runs" / "rel")]) == 0
+
+
 @pytest.mark.parametrize("out_dir", ["", "blocker", "blocker/below"])
 def test_an_out_dir_that_cannot_hold_runs_is_one_line(tmp_path, tiny_data_dir, capsys, out_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -160,9 +252,18 @@ def test_a_latest_link_of_the_users_own_is_left_alone(tmp_path, tiny_data_dir):
     assert _train(tmp_path, tiny_data_dir, "--run-name", "a", "--epochs", "1") == 0
     assert os.readlink(runs / "latest") == str(elsewhere)
     (runs / "latest").unlink()
-    (runs / "latest").symlink_to("a")  # train's own kind of link: replaced by the next run
+    (runs / "notes.txt").write_text("mine")
+    (runs / "latest").symlink_to("notes.txt")  # a sibling, but not a run: the user's own
     assert _train(tmp_path, tiny_data_dir, "--run-name", "b", "--epochs", "1") == 0
-    assert os.readlink(runs / "latest") == "b"
+    assert os.readlink(runs / "latest") == "notes.txt"
+    (runs / "latest").unlink()
+    (runs / "latest").symlink_to("a")  # train's own kind of link: replaced by the next run
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "c", "--epochs", "1") == 0
+    assert os.readlink(runs / "latest") == "c"
+    (runs / "latest").unlink()
+    (runs / "latest").symlink_to("gone")  # to a run since removed: replaced too
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "d", "--epochs", "1") == 0
+    assert os.readlink(runs / "latest") == "d"
 
 
 DAMAGE = {
