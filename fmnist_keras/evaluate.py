@@ -20,8 +20,8 @@ from pathlib import Path
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_tta_argument, escape_unencodable_output, flip_tta,
                               in_range, one_line, print_error)
-from fmnist_keras.rundir import (CONFIG_FILE, FIGURES_DIR, MARKER, METRICS_FILE, REPORT_FILE, RunDirError,
-                                 is_finite_number, read_json, write_json)
+from fmnist_keras.rundir import (CONFIG_FILE, FIGURES_DIR, METRICS_FILE, REPORT_FILE, RunDirError,
+                                 is_epoch_count, is_finite_number, is_model_dir, read_json, write_json)
 
 EVALUATION_FILE = "evaluation.json"
 # Written into an --out-dir that evaluate writes to (a run's model directory
@@ -46,10 +46,11 @@ def read_run_metrics(path: Path) -> dict:
     data = read_json(path, "the run's metrics", fix)
     if not isinstance(data, dict):
         raise RunDirError(f"{path} is damaged: a JSON {type(data).__name__}, not an object; {fix}.")
-    for key, allowed in (("model", (str,)), ("best_epoch", (int, type(None)))):
-        if key in data and (not isinstance(data[key], allowed) or isinstance(data[key], bool)):
-            raise RunDirError(f"{path} is damaged: {key} is {data[key]!r}; expected "
-                              f"{' or '.join(t.__name__ for t in allowed)}; {fix}.")
+    if "model" in data and not isinstance(data["model"], str):
+        raise RunDirError(f"{path} is damaged: model is {repr(data['model'])[:60]}; expected a str; {fix}.")
+    if "best_epoch" in data and not (data["best_epoch"] is None or is_epoch_count(data["best_epoch"])):
+        raise RunDirError(f"{path} is damaged: best_epoch is {repr(data['best_epoch'])[:60]}; expected an epoch "
+                          f"number or null; {fix}.")
     if "validation" in data and not _split_metrics(data["validation"]):
         raise RunDirError(f"{path} is damaged: validation is {repr(data['validation'])[:60]}, not the metrics of a "
                           f"split; {fix}.")
@@ -112,14 +113,15 @@ def check_outputs(out_dir: Path) -> None:
     """Refuse to write where evaluate would replace or follow what is not its own, before anything is computed.
 
     ``evaluation.json``, ``report.md`` and ``figures/`` (and each entry of
-    ``figures/``) must not be links; where they exist, ``out_dir`` must be
-    a run's model directory (the run's marker one level up) or a directory
+    ``figures/``) must not be links; where they exist, ``out_dir`` (links
+    resolved) must be a model directory of a run train created (the run's
+    marker one level up, the name listed in its ``run.json``) or a directory
     evaluate wrote before (:data:`OUTPUT_MARKER`).
 
     Raises:
         RunFileError: naming the path and how to fix it.
     """
-    ours = (out_dir / OUTPUT_MARKER).is_file() or (out_dir.parent / MARKER).is_file()
+    ours = (out_dir.resolve() / OUTPUT_MARKER).is_file() or is_model_dir(out_dir)
     fix = "move it away or choose another --out-dir (a new or empty directory)"
     figures = out_dir / FIGURES_DIR
     paths = [out_dir / EVALUATION_FILE, out_dir / REPORT_FILE, figures]
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not (out_dir.parent / MARKER).is_file():
+        if not is_model_dir(out_dir):
             write_json(out_dir / OUTPUT_MARKER, {"written_by": "fmnist_keras.evaluate"})
         write_json(out_dir / EVALUATION_FILE, result)
     except OSError as error:

@@ -20,9 +20,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def make_run_dir(directory, model, best_epoch=2):
-    """A run directory as train writes it (the run's marker one level up), for a tiny untrained model."""
+    """A run directory as train writes it (the run's marker and run.json one level up), for a tiny untrained model."""
     directory.mkdir(parents=True)
     (directory.parent / rundir.MARKER).write_text("{}")
+    (directory.parent / rundir.RUN_FILE).write_text(json.dumps({"models": [directory.name]}))
     model.save(directory / "model.keras")
     (directory / "history.csv").write_text(
         "epoch,accuracy,learning_rate,loss,val_accuracy,val_loss\n"
@@ -230,6 +231,11 @@ def _damage(run, case):
         (run / "metrics.json").write_text(json.dumps({"model": "cnn", "best_epoch": "two"}))
     elif case == "metrics-wrong-validation":
         (run / "metrics.json").write_text(json.dumps({"model": "cnn", "validation": {"x": 1}}))
+    elif case == "metrics-huge-numbers":  # JSON integers of any size; no float holds these
+        (run / "metrics.json").write_text(json.dumps({"model": "cnn", "best_epoch": 10**400}))
+    elif case == "metrics-huge-accuracy":
+        validation = {"num_examples": 6000, "accuracy": 10**400, "macro_f1": 0.9, "loss": 0.3}
+        (run / "metrics.json").write_text(json.dumps({"model": "cnn", "validation": validation}))
     elif case == "model-truncated":
         data = (run / "model.keras").read_bytes()
         (run / "model.keras").write_bytes(data[: len(data) // 2])
@@ -246,8 +252,10 @@ def _damage(run, case):
         ("config-deep", r"config\.json is damaged: not valid JSON for the run's configuration \(.*recursion"),
         ("config-bad-value", r"config\.json is damaged: val_split is 1\.5; expected a number from 0\.001 to 0\.999"),
         ("metrics-garbage", r"metrics\.json is damaged: not valid JSON for the run's metrics"),
-        ("metrics-wrong-type", r"metrics\.json is damaged: best_epoch is 'two'; expected int or NoneType"),
+        ("metrics-wrong-type", r"metrics\.json is damaged: best_epoch is 'two'; expected an epoch number or null"),
         ("metrics-wrong-validation", r"metrics\.json is damaged: validation is \{'x': 1\}, not the metrics of a split"),
+        ("metrics-huge-numbers", r"metrics\.json is damaged: best_epoch is 1000000000.*; expected an epoch number"),
+        ("metrics-huge-accuracy", r"metrics\.json is damaged: validation is .*, not the metrics of a split"),
         ("model-truncated", r"model\.keras is not a zip archive .* It may be truncated"),
     ],
 )
@@ -353,3 +361,19 @@ def test_evaluate_never_replaces_files_in_a_directory_it_did_not_write(cnn_run, 
     assert run_cli(tiny_data_dir, cnn_run, "--out-dir", fresh, "--no-report") == 0
     assert run_cli(tiny_data_dir, cnn_run, "--out-dir", fresh) == 0
     assert (fresh / evaluate.OUTPUT_MARKER).is_file() and (fresh / "report.md").is_file()
+
+
+def test_only_a_model_directory_of_a_run_counts_as_the_runs_own(tmp_path):
+    from fmnist_keras.rundir import RunDir
+
+    run = RunDir.create(str(tmp_path / "runs"), "r", ["mlp"])
+    user = tmp_path / "user"
+    for directory in (run.check_model_dir("mlp"), run.path / "notes", user):
+        directory.mkdir(exist_ok=True)
+        (directory / "report.md").write_text("a report")
+    (run.path / "shared").symlink_to(user, target_is_directory=True)
+    evaluate.check_outputs(run.path / "mlp")  # the run's model directory: evaluate may replace its report
+    for out_dir in (run.path / "notes", run.path / "shared"):  # not listed in run.json; a link to the user's
+        with pytest.raises(evaluate.RunFileError, match="will not replace it"):
+            evaluate.check_outputs(out_dir)
+    assert (user / "report.md").read_text() == "a report"
