@@ -21,6 +21,7 @@ import dataclasses
 import gzip
 import hashlib
 import os
+import tempfile
 import urllib.parse
 import urllib.request
 import zlib
@@ -368,18 +369,22 @@ def download(directory: Path | None = None, fetch=https_get) -> Path:
             continue
         url = check_url(MIRROR + f"{name}.gz")
         payload = fetch(url)
-        partial = directory / f"{name}.gz.part"
-        partial.write_bytes(payload)
+        # A new file of a name no one else has (O_EXCL, no link followed), renamed into place once checked.
+        handle, partial = tempfile.mkstemp(prefix=f".{name}.gz.", suffix=".part", dir=directory)
+        partial = Path(partial)
         try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(payload)
             digest = hashlib.sha256(read_bytes(partial, FILE_BYTES[name])).hexdigest()
             if digest != SHA256[name]:
                 raise DataError(
                     f"{url}: SHA-256 of the downloaded data is {digest}, expected {SHA256[name]}."
                 )
+            os.replace(partial, directory / f"{name}.gz")
         except DataError as error:
-            partial.unlink(missing_ok=True)
             raise DataError(f"{error} The download was deleted, nothing was cached; try again later.") from None
-        os.replace(partial, directory / f"{name}.gz")
+        finally:
+            partial.unlink(missing_ok=True)
     return directory
 
 

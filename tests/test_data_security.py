@@ -106,6 +106,23 @@ def test_good_download_lands_in_the_cache_and_loads(isolated_env):
     fdata.download(fetch=lambda url: pytest.fail("cached files must not be fetched again"))
 
 
+@requires_real_data
+def test_a_download_never_writes_through_a_link_in_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    name = "t10k-labels-idx1-ubyte"
+    for planted in (f"{name}.gz.part", f".{name}.gz.part"):  # names a download's temporary file might take
+        (cache / planted).symlink_to(victim)
+    fdata.download(cache, fetch=lambda url: fdata._file_in(REAL_DATA_DIR, url.rsplit("/", 1)[1][:-3]).read_bytes())
+    assert victim.read_text() == "mine"
+    for file in fdata.FILES:
+        path = cache / f"{file}.gz"
+        assert path.is_file() and not path.is_symlink()
+    assert sorted(p.name for p in cache.iterdir() if p.is_symlink()) == [f".{name}.gz.part", f"{name}.gz.part"]
+
+
 @pytest.mark.parametrize(
     "url",
     [
