@@ -42,6 +42,8 @@ EXPORT_NEEDS = {
 # a directory only when it carries this file, so it never deletes one that
 # export did not write.
 EXPORT_MARKER = ".fmnist_keras-export"
+# The metadata entry every ONNX file export writes carries; --overwrite replaces no other ONNX file.
+ONNX_STAMP = ("written_by", "fmnist_keras.export")
 # Protocol Buffers serialise at most 2 GiB, so a single-file ONNX model is no
 # larger; a larger file is never read to find out whether it is one.
 MAX_ONNX_BYTES = 2**31 - 1
@@ -57,10 +59,10 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
     Refused: an empty path, ``.``/``..``, the current directory, one of its
     ancestors, the home directory or ``/``; a symlink; a path below a regular
     file; for ONNX an existing directory, or a file that is not an ONNX model
-    of at most :data:`MAX_ONNX_BYTES`; for a SavedModel an existing directory
-    that export did not write (no :data:`EXPORT_MARKER`) or a file. An
-    existing output that export may replace needs ``overwrite``. Nothing is
-    touched here.
+    export wrote (:data:`ONNX_STAMP`) of at most :data:`MAX_ONNX_BYTES`; for
+    a SavedModel an existing directory that export did not write (no
+    :data:`EXPORT_MARKER`) or a file. An existing output that export may
+    replace needs ``overwrite``. Nothing is touched here.
 
     Raises:
         ExportError: with what is wrong and how to fix it.
@@ -95,9 +97,10 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
             raise ExportError(f"--output {output} is a directory; an ONNX export is one file; pass {what}.")
         if not output.is_file():
             raise ExportError(f"--output {output} exists and is not a regular file; pass {what}.")
-        if overwrite and not _is_onnx_model(output):
-            raise ExportError(f"--output {output} is not an ONNX model, so it is never replaced, even with "
-                              f"--overwrite; pass {what}.")
+        if overwrite and not _is_own_onnx_export(output):
+            raise ExportError(f"--output {output} is not an ONNX model that export wrote (no {ONNX_STAMP[0]} "
+                              f"{ONNX_STAMP[1]} in its metadata), so it is never replaced, even with --overwrite; "
+                              f"pass {what}.")
     else:
         if not output.is_dir():
             raise ExportError(f"--output {output} exists and is not a directory; a SavedModel is a directory, "
@@ -122,11 +125,11 @@ def check_not_the_model(output: Path, model: Path) -> None:
         raise ExportError(f"--output {output} is the model being exported; pass a new path for the export.")
 
 
-def _is_onnx_model(path: Path) -> bool:
-    """Whether ``path`` holds an ONNX model with a graph (what an earlier export wrote), checked without onnx's extras.
+def _is_own_onnx_export(path: Path) -> bool:
+    """Whether ``path`` holds an ONNX model with a graph that export wrote (its :data:`ONNX_STAMP`).
 
-    A file over :data:`MAX_ONNX_BYTES` is not read: a single-file ONNX model
-    cannot be that large.
+    Read without onnx's extras (external data). A file over
+    :data:`MAX_ONNX_BYTES` is not read: a single-file ONNX model cannot be that large.
     """
     try:
         if path.stat().st_size > MAX_ONNX_BYTES:
@@ -136,7 +139,18 @@ def _is_onnx_model(path: Path) -> bool:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # not protobuf, not ONNX, or onnx missing: not provably an export
         return False
-    return model.ir_version > 0 and len(model.graph.node) > 0
+    stamped = any((entry.key, entry.value) == ONNX_STAMP for entry in model.metadata_props)
+    return model.ir_version > 0 and len(model.graph.node) > 0 and stamped
+
+
+def _stamp_onnx(path: Path) -> None:
+    """Add :data:`ONNX_STAMP` to the metadata of the ONNX file at ``path``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = ONNX_STAMP
+    onnx.save(model, str(path))
 
 
 def missing_packages(format: str, backend: str) -> list[str]:
@@ -212,6 +226,7 @@ def write_export(model, output: Path, format: str) -> Path:
         temporary = Path(name)
         try:
             export_model(model, temporary, format)
+            _stamp_onnx(temporary)
             os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; the export is an ordinary file
             if output.is_symlink() or output.is_dir():
                 raise ExportError(f"{output} became a symlink or directory during the export; left alone.")

@@ -58,6 +58,7 @@ def test_onnx_export_predicts_like_keras_in_onnxruntime(saved_model, images, tmp
     assert export.main([str(path), "--format", "onnx", "--output", str(output)]) == 0
     assert f"to onnx on the {BACKEND} backend" in capsys.readouterr().out
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map == dict([export.ONNX_STAMP])  # what --overwrite looks for
     (onnx_input,) = session.get_inputs()
     assert onnx_input.shape[1:] == [28, 28, 1]
     (probabilities,) = session.run(None, {onnx_input.name: images})
@@ -261,15 +262,22 @@ def test_overwrite_never_replaces_a_file_that_is_not_an_onnx_model(content, tiny
     assert notes.read_bytes() == content
 
 
-def test_an_existing_onnx_file_is_read_once_and_not_at_all_when_too_large(tiny_model_file, tmp_path, monkeypatch,
-                                                                          capsys):
+def test_only_an_onnx_file_export_wrote_is_replaced_read_once_and_never_when_too_large(
+        tiny_model_file, tmp_path, monkeypatch, capsys):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     value = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in ("x", "y")]
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "earlier_export", value[:1], value[1:])
     earlier = tmp_path / "earlier.onnx"
-    onnx.save(helper.make_model(graph), earlier)
+    stamped = helper.make_model(graph)
+    helper.set_model_props(stamped, dict([export.ONNX_STAMP]))
+    onnx.save(stamped, earlier)
+    vendor = tmp_path / "vendor.onnx"
+    onnx.save(helper.make_model(graph, producer_name="someone-else"), vendor)  # an ONNX model export did not write
+    _refused([tiny_model_file, "--format", "onnx", "--output", vendor, "--overwrite"], capsys,
+             "is not an ONNX model that export wrote")
+    assert onnx.load(str(vendor)).producer_name == "someone-else"
     reads, real_load = [], onnx.load
     monkeypatch.setattr(onnx, "load", lambda path, **kwargs: reads.append(path) or real_load(path, **kwargs))
 
