@@ -304,7 +304,16 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()  # decode now: truncated files fail here, not later
-                pixels, inverted = prepare_image(image, invert, str(path))
+                try:
+                    pixels, inverted = prepare_image(image, invert, str(path))
+                except (OSError, ValueError) as error:
+                    if isinstance(error, InputError):
+                        raise
+                    raise InputError(f"{path}: a picture in colour mode {image.mode}, which cannot be turned into "
+                                     f"grayscale here ({' '.join(str(error).split())}); save it as RGB or "
+                                     f"grayscale.") from None
+    except InputError:
+        raise
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP, ...).") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:

@@ -288,6 +288,13 @@ def test_cli_odd_file_names_give_one_line_each_and_print_under_strict_utf8(train
                             "...) or a .npy file.")
 
 
+def test_a_picture_in_a_colour_mode_without_grayscale_is_not_called_damaged(tmp_path):
+    path = tmp_path / "lab.tif"
+    Image.new("LAB", (30, 30), (50, 0, 0)).save(path)
+    with pytest.raises(predict.InputError, match="a picture in colour mode LAB, which cannot be turned into grayscale"):
+        predict.read_input(path)
+
+
 def test_cli_an_empty_model_path_is_refused_not_read_as_the_current_directory(trained, tmp_path, monkeypatch, capsys):
     model_path, _, _ = trained
     run = tmp_path / "run"
