@@ -48,6 +48,7 @@ import sys
 import time
 
 from fmnist_keras.cli import in_range
+import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.config import RANGES
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -93,7 +94,8 @@ def parse_args(argv=None):
                         help="cosine: train's warm-up then cosine decay; linear: the same warm-up, then a linear "
                         "decay to the same end (1%% of the peak) (default: cosine)")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
+                        help="also write the results as JSON (a new file, or an earlier result, which is replaced)")
     args = parser.parse_args(argv)
     if args.shift is not None and not 0.0 <= args.shift < 1.0:
         parser.error(f"--shift takes a fraction from 0 up to 1; got {args.shift}")
@@ -254,16 +256,20 @@ def main(argv=None) -> int:
         from fmnist_keras import models
 
         models.BUILDERS[args.model] = functools.partial(models.BUILDERS[args.model], **changed)
-    rows = [run_seed(args, seed, raw) for seed in args.seeds]
+    from fmnist_keras.rundir import RunDirError
+
+    try:
+        rows = [run_seed(args, seed, raw) for seed in args.seeds]
+    except RunDirError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(summary(rows))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"model": args.model, "shift": args.shift, "erase": args.erase, "filters": args.filters,
-                       "convs": args.convs, "dense_units": args.dense_units, "dropout": args.dropout, "ema": args.ema,
-                       "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
-                       "optimizer": args.optimizer, "schedule": args.schedule,
-                       "mixed_precision": args.mixed_precision, "rows": rows},
-                      handle, indent=2)
+        outputs.write_json(args.json, {
+            "model": args.model, "shift": args.shift, "erase": args.erase, "filters": args.filters,
+            "convs": args.convs, "dense_units": args.dense_units, "dropout": args.dropout, "ema": args.ema,
+            "learning_rate": args.learning_rate, "weight_decay": args.weight_decay, "optimizer": args.optimizer,
+            "schedule": args.schedule, "mixed_precision": args.mixed_precision, "rows": rows})
     return 0
 
 

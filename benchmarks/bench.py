@@ -34,10 +34,11 @@ machine: the README says which one produced its table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
+
+import outputs  # benchmarks/ is on sys.path when a script there runs
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 if os.environ["KERAS_BACKEND"] == "tensorflow":
@@ -61,7 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--mixed-precision", action="store_true",
                         help="every path in bfloat16 (CPU) or float16 (GPU): the Keras paths under train's mixed "
                              "policy, the twin under torch.autocast (default: float32)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
+                        help="also write the results as JSON (a new file, or an earlier result, which is replaced)")
     parser.add_argument("--overhead", action="store_true",
                         help="time host ms/step at a tiny batch instead (benchmarks/overhead.py; "
                              "takes that script's flags)")
@@ -129,10 +131,11 @@ def main(argv=None) -> int:
         print(f"{r['model']:<14}{r['path']:<14}{r['s_per_epoch']:>9.2f}{r['train_img_s']:>13.0f}"
               f"{r['infer_img_s']:>13.0f}{peak:>9}{r['test_acc']:>10.4f}{ratio:>13}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "backend": keras.backend.backend(), "num_train": len(splits.x_train),
-                       "data_format": splits.data_format, "mixed_precision": args.mixed_precision, "batch_size": args.batch_size, "rounds": args.epochs,
-                       "cpus": os.cpu_count(), "threads": threads, "keras": keras.__version__, "peak_rss_mb": peak_rss_mb(), "rows": rows}, f, indent=2)
+        outputs.write_json(args.json, {
+            "device": device, "backend": keras.backend.backend(), "num_train": len(splits.x_train),
+            "data_format": splits.data_format, "mixed_precision": args.mixed_precision, "batch_size": args.batch_size,
+            "rounds": args.epochs, "cpus": os.cpu_count(), "threads": threads, "keras": keras.__version__,
+            "peak_rss_mb": peak_rss_mb(), "rows": rows})
     return 0
 
 

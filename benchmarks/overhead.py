@@ -21,10 +21,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
+
+import outputs  # benchmarks/ is on sys.path when a script there runs
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -43,7 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (default: torch's, one per core; use 1 on a shared machine)")
     parser.add_argument("--no-stock", action="store_true", help="skip stock Keras")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
+                        help="also write the results as JSON (a new file, or an earlier result, which is replaced)")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.rounds < 1:
         parser.error(f"--batch-size and --rounds must be at least 1, got {args.batch_size} and {args.rounds}")
@@ -109,10 +111,9 @@ def main(argv=None) -> int:
         print(f"{r['model']:<14}{r['images']:>7}{stock:>15}{r['fast_ms']:>14.2f}{r['torch_ms']:>15.2f}"
               f"{r['fast_over_torch']:>11.2f}x{stock_ratio:>13}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "keras": keras.__version__, "batch_size": args.batch_size,
-                       "rounds": args.rounds, "cpus": os.cpu_count(), "threads": threads, "peak_rss_mb": peak_rss_mb(), "rows": rows},
-                      f, indent=2)
+        outputs.write_json(args.json, {"device": device, "keras": keras.__version__, "batch_size": args.batch_size,
+                               "rounds": args.rounds, "cpus": os.cpu_count(), "threads": threads,
+                               "peak_rss_mb": peak_rss_mb(), "rows": rows})
     return 0
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_keras import data as fdata
+import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import DEVICES
 from fmnist_keras.config import BACKENDS
 
@@ -49,7 +50,9 @@ def parse_args(argv=None):
                         help="device of training and prediction (default: cpu)")
     parser.add_argument("--data-dir", help="Fashion-MNIST directory (default: the train command's lookup)")
     parser.add_argument("--out-dir", help="where the runs go (default: a new temporary directory)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
+                        help="also write the results to this JSON file (a new file, or an earlier result, which is "
+                        "replaced)")
     return parser.parse_args(argv)
 
 
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
         "predict_wall_s": {b: round(s, 1) for b, s in predict_s.items()}, "out_dir": str(out_dir),
     }
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        outputs.write_json(args.json, report)
     print(json.dumps(report))
     return 0 if worst <= TOLERANCE else 1
 

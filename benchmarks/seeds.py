@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import outputs  # benchmarks/ is on sys.path when a script there runs
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,7 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="seeds (default: 42 1 2)")
     parser.add_argument("--out-dir", default="runs/seeds", help="where the runs go (default: runs/seeds)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
-    parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
+                        help="also write the table as JSON (a new file, or an earlier result, which is replaced)")
     parser.add_argument("train_args", nargs="*", help="arguments passed on to train (after --)")
     return parser.parse_args(argv)
 
@@ -49,7 +52,7 @@ def launch(args, seed: int) -> subprocess.Popen:
         "--out-dir", str(out), "--run-name", run_name(args.model, seed), "--overwrite",
         *args.train_args,
     ]
-    log = open(out / f"{run_name(args.model, seed)}.log", "w")
+    log = outputs.open_log(out / f"{run_name(args.model, seed)}.log")
     print("$", " ".join(command), flush=True)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
@@ -61,7 +64,11 @@ def main(argv=None) -> int:
     while pending or running:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
-            running[seed], started[seed] = launch(args, seed), time.perf_counter()
+            try:
+                running[seed], started[seed] = launch(args, seed), time.perf_counter()
+            except OSError as error:  # its log cannot be written
+                failed.append(seed)
+                print(f"seed {seed}: not started: {error}", file=sys.stderr)
         time.sleep(1)
         for seed, process in list(running.items()):
             if process.poll() is not None:
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
         }
         print(f"mean {summary['mean']:.4f}  std {summary['std']:.4f}  range {summary['min']:.4f}-{summary['max']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows, "summary": summary}, indent=2))
+        outputs.write_json(args.json, {"model": args.model, "rows": rows, "summary": summary})
     return 1 if failed else 0
 
 

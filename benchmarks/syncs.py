@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 import warnings
+
+import outputs  # benchmarks/ is on sys.path when a script there runs
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 FIRST, LAST = 2, 6  # the batches counted: 2, 3, 4, 5 (after the first steps' one-off work)
@@ -35,7 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--models", nargs="+", default=["cnn"], choices=["baseline-cnn", "cnn", "mlp"],
                         help="models to count (default: cnn)")
     parser.add_argument("--batch-size", type=int, metavar="N", default=128, help="batch size (default: 128)")
-    parser.add_argument("--json", metavar="PATH", help="also write the counts as JSON")
+    parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
+                        help="also write the counts as JSON (a new file, or an earlier result, which is replaced)")
     return parser.parse_args(argv)
 
 
@@ -99,8 +101,7 @@ def main(argv=None) -> int:
     print(f"\nbatch {args.batch_size}, steps {FIRST + 1}-{LAST} of an epoch, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, keras {keras.__version__}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "keras": keras.__version__, "rows": rows}, f, indent=2)
+        outputs.write_json(args.json, {"device": torch.cuda.get_device_name(), "keras": keras.__version__, "rows": rows})
     return 0
 
 

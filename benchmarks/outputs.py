@@ -1,0 +1,74 @@
+"""Where the benchmarks write: ``--json`` files and logs, checked before any work and never through a link.
+
+``--json PATH`` is checked when the arguments are parsed, so a bad path is
+one argparse line before minutes of benchmarking, not a traceback after
+them. It may name a new file, or an existing one that holds JSON (an
+earlier result, which is replaced); a link, a directory, a file of other
+content, or a path below a file is refused. Results are written to a
+temporary sibling and renamed over ``PATH``. Importing this does not import
+Keras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+# An earlier result is small; a larger file is not read to find out whether it is one.
+MAX_RESULT_BYTES = 64 * 1024**2
+
+
+def json_path(text: str) -> Path:
+    """An argparse type for ``--json PATH``: a path the benchmark may write its results to."""
+    path = Path(text)
+    if not text.strip() or path.name in ("", ".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name; pass a file such as results.json")
+    if path.is_symlink():
+        raise argparse.ArgumentTypeError(f"{path} is a symbolic link; results are never written through one; "
+                                         f"pass another file")
+    if path.exists():
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"{path} exists and is not a regular file; pass another file")
+        if not _holds_json(path):
+            raise argparse.ArgumentTypeError(f"{path} exists and does not hold JSON, so it is not an earlier result "
+                                             f"and is left alone; pass another file")
+    elif not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} is not a directory; pass a file in an existing directory")
+    return path
+
+
+def _holds_json(path: Path) -> bool:
+    try:
+        if path.stat().st_size > MAX_RESULT_BYTES:
+            return False
+        json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return False
+    return True
+
+
+def write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON to a temporary sibling of ``path``, then rename it over ``path``."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def open_log(path: Path):
+    """``path`` opened for writing, emptied if it exists.
+
+    Raises:
+        OSError: ``path`` is a link, or exists and is not a regular file.
+    """
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OSError(f"{path} is a symbolic link or not a regular file; a log is written only to a file of its own; "
+                      f"move it away")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "w")
