@@ -262,6 +262,7 @@ def test_overwrite_never_replaces_a_file_that_is_not_an_onnx_model(content, tiny
     assert notes.read_bytes() == content
 
 
+@_needs("onnx")  # the export itself is stubbed, but this backend must be one that can export ONNX
 def test_only_an_onnx_file_export_wrote_is_replaced_read_once_and_never_when_too_large(
         tiny_model_file, tmp_path, monkeypatch, capsys):
     onnx = pytest.importorskip("onnx")
