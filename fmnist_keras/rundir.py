@@ -37,6 +37,7 @@ import re
 import shutil
 import socket
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,14 +93,22 @@ def write_bytes(path: Path, data: bytes) -> None:
     _write_atomically(path, "wb", data)
 
 
+# The process's umask, read once at import (reading it sets it, which threads must not race).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _write_atomically(path: Path, mode: str, content) -> None:
     path = Path(path)
-    temporary = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    # A new file of a name no one else has (mkstemp: O_EXCL, so never through a planted link).
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".partial-{path.name}.")
+    temporary = Path(name)
     try:
-        with open(temporary, mode) as f:
+        with os.fdopen(handle, mode) as f:
             f.write(content)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes it private; run files are ordinary files
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -109,7 +118,10 @@ def read_json(path: Path, what: str, fix: str):
     """The JSON in ``path``; a missing, huge or garbled file is one :class:`RunDirError` line."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the read
+            raise RunDirError(f"{path} is not a regular file, so not {what}; {fix}.")
+        if status.st_size > MAX_JSON_BYTES:
             raise RunDirError(f"{path} is larger than {MAX_JSON_BYTES // 1024**2} MiB, too large for {what}; {fix}.")
         return json.loads(path.read_text(), parse_constant=_no_constants)
     except FileNotFoundError:
@@ -281,11 +293,15 @@ class RunDir:
         if resolved == cwd or resolved in cwd.parents:
             raise RunDirError(f"{target} holds the working directory; --overwrite will not remove it. cd elsewhere first.")
         # Ctrl-C or SIGTERM wait until the old run is gone: never half a run under a hidden name.
-        with interrupts.deferred():
-            with _locked(target / LOCK, what=target):
-                doomed = target.with_name(f"{_REMOVING}{target.name}-{os.getpid()}")
-                os.replace(target, doomed)
-            _remove_marked(doomed)
+        # The lock is held until the removal ends, so no other process removes it at the same time.
+        with interrupts.deferred(), _locked(target / LOCK, what=target):
+            doomed = target.with_name(f"{_REMOVING}{target.name}-{os.getpid()}")
+            os.replace(target, doomed)
+            try:
+                _remove_marked(doomed)
+            except OSError as error:
+                raise RunDirError(f"could not remove all of the old run, now {doomed} ({error.strerror}: "
+                                  f"{error.filename}); remove it yourself, then run again.") from None
 
     @classmethod
     def open(cls, path: str) -> "RunDir":
@@ -421,32 +437,45 @@ _REMOVING = ".removing-"
 
 
 def _remove_marked(directory: Path) -> None:
-    """Remove a run directory, its marker last: a kill halfway leaves a directory still marked as the project's."""
+    """Remove a run directory whose lock the caller holds, its marker and lock last.
+
+    A kill halfway leaves a directory still marked as the project's. What
+    is already gone is skipped.
+    """
+    def skip_gone(function, path, error):
+        if not isinstance(error[1], FileNotFoundError):
+            raise error[1]
+
     for entry in directory.iterdir():
-        if entry.name == MARKER:
+        if entry.name in (MARKER, LOCK):
             continue
         if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
+            shutil.rmtree(entry, onerror=skip_gone)
         else:
-            entry.unlink()
-    (directory / MARKER).unlink(missing_ok=True)
+            entry.unlink(missing_ok=True)
+    for name in (MARKER, LOCK):
+        (directory / name).unlink(missing_ok=True)
     directory.rmdir()
 
 
 def _finish_removals(out: Path) -> None:
     """Remove what a killed ``--overwrite`` left in ``out``: a hidden ``.removing-NAME-PID`` run directory.
 
-    Only a real directory that still holds the marker, and whose process is
-    gone, is removed; anything else of that name is left alone.
+    Only a real directory that still holds the marker (a file, not a link),
+    whose process is gone and whose lock no one holds, is removed; anything
+    else of that name, or a leftover that cannot be removed here, is left alone.
     """
-    for leftover in out.glob(f"{_REMOVING}*"):
-        pid = leftover.name.rpartition("-")[2]
-        if leftover.is_symlink() or not leftover.is_dir() or not (leftover / MARKER).is_file() or not pid.isdigit():
+    for leftover in sorted(out.glob(f"{_REMOVING}*")):
+        pid, marker = leftover.name.rpartition("-")[2], leftover / MARKER
+        if not (pid.isascii() and pid.isdigit() and len(pid) <= 10) or _alive(int(pid)):
             continue
-        if _alive(int(pid)):
+        if leftover.is_symlink() or not leftover.is_dir() or marker.is_symlink() or not marker.is_file():
             continue
-        with interrupts.deferred():
-            _remove_marked(leftover)
+        try:
+            with interrupts.deferred(), _locked(leftover / LOCK, what=leftover):
+                _remove_marked(leftover)
+        except (RunDirError, OSError):  # another process removes it now, or it is not ours to remove
+            continue
 
 
 def _alive(pid: int) -> bool:
@@ -455,7 +484,7 @@ def _alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True

@@ -377,3 +377,17 @@ def test_only_a_model_directory_of_a_run_counts_as_the_runs_own(tmp_path):
         with pytest.raises(evaluate.RunFileError, match="will not replace it"):
             evaluate.check_outputs(out_dir)
     assert (user / "report.md").read_text() == "a report"
+
+
+def test_a_run_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    import os
+
+    from fmnist_keras.rundir import MARKER, RUN_FILE, is_model_dir, read_json
+
+    run = tmp_path / "run"
+    (run / "mlp").mkdir(parents=True)
+    (run / MARKER).write_text("{}")
+    os.mkfifo(run / RUN_FILE)  # reading it would block until someone writes
+    with pytest.raises(rundir.RunDirError, match="is not a regular file"):
+        read_json(run / RUN_FILE, "the run's list of models", "start a new run")
+    assert not is_model_dir(run / "mlp")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -135,9 +136,51 @@ def test_what_a_killed_overwrite_left_is_removed_only_when_it_is_the_projects(tm
     live = out / f".removing-busy-{os.getpid()}"
     live.mkdir()
     (live / MARKER).write_text("{}")
+    odd = []
+    for name in (".removing-x-99999999999999999999", ".removing-x-\u00b2", ".removing-linked-999999999"):
+        odd.append(out / name)  # a pid no process can have, digits that are not ASCII, a marker that is a link
+        odd[-1].mkdir()
+        (odd[-1] / "notes.txt").write_text("keep")
+    (odd[0] / MARKER).write_text("{}")
+    (odd[1] / MARKER).write_text("{}")
+    (odd[2] / MARKER).symlink_to(leftover / MARKER)
     RunDir.create(str(out), "new", ["mlp"])
-    assert sorted(p.name for p in out.iterdir()) == [live.name, unmarked.name, "new"]
-    assert (unmarked / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in out.iterdir()) == sorted([live.name, unmarked.name, "new", *(p.name for p in odd)])
+    assert (unmarked / "notes.txt").read_text() == "keep" and all((p / "notes.txt").is_file() for p in odd)
+
+
+def test_a_leftover_another_process_removes_or_that_cannot_be_removed_is_left_alone(tmp_path, monkeypatch):
+    from fmnist_keras import rundir
+
+    out = tmp_path / "runs"
+    held, stuck = out / ".removing-held-999999999", out / ".removing-stuck-999999998"
+    for leftover in (held, stuck):
+        (leftover / "mlp").mkdir(parents=True)
+        (leftover / MARKER).write_text("{}")
+    real_rmtree = rundir.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if stuck in Path(path).parents:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir.shutil, "rmtree", rmtree)
+    with rundir._locked(held / rundir.LOCK, what=held):  # as a second process removing it would hold it
+        RunDir.create(str(out), "new", ["mlp"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([held.name, stuck.name, "new"])
+    assert (held / MARKER).is_file() and (stuck / MARKER).is_file()
+
+
+def test_an_overwrite_that_cannot_remove_the_old_run_is_one_line(tmp_path, tiny_data_dir, capsys, finished_run,
+                                                                monkeypatch):
+    from fmnist_keras import rundir
+
+    def rmtree(path, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(rundir.shutil, "rmtree", rmtree)
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "run", "--overwrite") == 2
+    _one_line_error(capsys, "could not remove all of the old run", ".removing-run-", "remove it yourself")
 
 
 @pytest.mark.parametrize("inside", ["figures/curves.png", "backup/latest.weights.h5.bkp", "tensorboard/train"])
