@@ -153,3 +153,24 @@ def test_a_run_with_flip_tta_gets_figures_of_the_averaged_predictions(tmp_path):
         reference = reference_metrics(y.tolist(), expected.argmax(1).tolist())
         np.testing.assert_allclose([float(row[3]) for row in rows], [r[2] for r in reference], atol=5e-5)
         assert f"test_time_augmentation: {tta}" in path.read_text()
+
+
+def test_figures_replace_a_link_planted_among_them_and_never_write_through_it(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "curves.png").symlink_to(victim)  # planted while the run trained
+    figure = plt.figure()
+    report.save_figures([report.Section("Curves", "curves.png", figure)], figures)
+    plt.close(figure)
+    assert victim.read_text() == "mine"
+    assert not (figures / "curves.png").is_symlink() and (figures / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "linked").symlink_to(figures, target_is_directory=True)
+    with pytest.raises(report.RunDirError, match="is a symbolic link"):
+        report.save_figures([], tmp_path / "linked")

@@ -26,7 +26,8 @@ from fmnist_keras.engine.callbacks import read_history
 from fmnist_keras.data import CLASS_NAMES, mirror_images
 from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics, uses_flip_tta
-from fmnist_keras.rundir import FIGURES_DIR, HISTORY_FILE, METRICS_FILE, REPORT_FILE, RunDirError, read_json
+from fmnist_keras.rundir import (FIGURES_DIR, HISTORY_FILE, METRICS_FILE, REPORT_FILE, RunDirError, read_json,
+                                 write_bytes, write_text)
 # How many test images the saliency figure explains and the mistakes grid
 # shows: enough to see a pattern, few enough to read at a glance.
 NUM_EXPLAINED = 4
@@ -235,10 +236,18 @@ def render_markdown(title: str, metrics: dict, table: dict, sections: list[Secti
 
 
 def save_figures(sections: list[Section], figures_dir: Path) -> None:
+    """Each figure as a PNG in ``figures_dir``, written to a new file and renamed into place (never through a link)."""
+    import io
+
+    if figures_dir.is_symlink():
+        raise RunDirError(f"{figures_dir} is a symbolic link; the report writes only into a directory of its own; "
+                          f"move it away.")
     figures_dir.mkdir(parents=True, exist_ok=True)
     for section in sections:
         if section.figure is not None:
-            section.figure.savefig(figures_dir / section.file, dpi=110)
+            png = io.BytesIO()
+            section.figure.savefig(png, format="png", dpi=110)
+            write_bytes(figures_dir / section.file, png.getvalue())
 
 
 def write_report(
@@ -311,5 +320,5 @@ def write_report(
     sections = [section for section in sections if section is not None]
     save_figures(sections, out_dir / FIGURES_DIR)
     report = out_dir / REPORT_FILE
-    report.write_text(render_markdown(title, metrics, metrics_sections(metrics, computed), sections))
+    write_text(report, render_markdown(title, metrics, metrics_sections(metrics, computed), sections))
     return report
