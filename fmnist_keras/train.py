@@ -479,8 +479,8 @@ def _interrupted(stop: Interrupted, run: RunDir | None) -> int:
     if run is None:
         print(f"Interrupted ({stop}).", file=sys.stderr)
     else:
-        print(f"Interrupted ({stop}); {run} keeps every completed epoch. Continue with: "
-              f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}", file=sys.stderr)
+        print(one_line(f"Interrupted ({stop}); {run} keeps every completed epoch. Continue with: "
+                       f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}"), file=sys.stderr)
     return stop.exit_code
 
 

@@ -57,3 +57,14 @@ def test_every_command_reports_a_name_with_a_newline_in_one_line(command, argv, 
     errors = [line for line in err.splitlines() if "error: " in line]
     assert len(errors) >= 1 and all("no\\nsuch" in line for line in errors), err
     assert not any(line.startswith("such") for line in err.splitlines()), err
+
+
+def test_the_interrupted_line_of_train_is_one_line_whatever_the_run_is_called(capsys):
+    from pathlib import Path
+
+    from fmnist_keras.interrupts import Interrupted
+    from fmnist_keras.rundir import RunDir
+
+    assert train._interrupted(Interrupted(15), RunDir(Path("runs/two\nlines"))) == 143
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "runs/two\\nlines keeps every completed epoch" in err
