@@ -2,6 +2,7 @@
 and nothing in the package unpickles user data. No network: downloads come from a local source."""
 
 import gzip
+import os
 import re
 import shutil
 import urllib.request
@@ -117,9 +118,11 @@ def test_a_download_never_writes_through_a_link_in_the_cache(tmp_path):
         (cache / planted).symlink_to(victim)
     fdata.download(cache, fetch=lambda url: fdata._file_in(REAL_DATA_DIR, url.rsplit("/", 1)[1][:-3]).read_bytes())
     assert victim.read_text() == "mine"
+    umask = os.umask(0)
+    os.umask(umask)
     for file in fdata.FILES:
         path = cache / f"{file}.gz"
-        assert path.is_file() and not path.is_symlink()
+        assert path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert sorted(p.name for p in cache.iterdir() if p.is_symlink()) == [f".{name}.gz.part", f"{name}.gz.part"]
 
 
