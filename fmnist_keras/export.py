@@ -97,6 +97,10 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
             raise ExportError(f"--output {output} is a directory; an ONNX export is one file; pass {what}.")
         if not output.is_file():
             raise ExportError(f"--output {output} exists and is not a regular file; pass {what}.")
+        if overwrite and output.stat().st_size > MAX_ONNX_BYTES:
+            raise ExportError(f"--output {output} is larger than {MAX_ONNX_BYTES} bytes, more than one ONNX file "
+                              f"holds, so it is not an export and is never replaced, even with --overwrite; "
+                              f"pass {what}.")
         if overwrite and not _is_own_onnx_export(output):
             raise ExportError(f"--output {output} is not an ONNX model that export wrote (no {ONNX_STAMP[0]} "
                               f"{ONNX_STAMP[1]} in its metadata), so it is never replaced, even with --overwrite; "

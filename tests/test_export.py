@@ -291,7 +291,7 @@ def test_only_an_onnx_file_export_wrote_is_replaced_read_once_and_never_when_too
     huge = tmp_path / "huge.onnx"
     with open(huge, "wb") as sparse:
         sparse.truncate(export.MAX_ONNX_BYTES + 1)  # takes no disk space
-    _refused([tiny_model_file, "--format", "onnx", "--output", huge, "--overwrite"], capsys, "is not an ONNX model")
+    _refused([tiny_model_file, "--format", "onnx", "--output", huge, "--overwrite"], capsys, "more than one ONNX file holds")
     assert reads == [str(earlier)] and huge.stat().st_size == export.MAX_ONNX_BYTES + 1
 
 
