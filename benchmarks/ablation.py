@@ -47,7 +47,7 @@ import statistics
 import sys
 import time
 
-from fmnist_keras.cli import in_range
+from fmnist_keras.cli import in_range, print_error
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.config import RANGES
 
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     try:
         rows = [run_seed(args, seed, raw) for seed in args.seeds]
     except RunDirError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(error)
         return 1
     print(summary(rows))
     if args.json:

@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from pathlib import Path
+
+from fmnist_keras.cli import one_line
 
 # An earlier result is small; a larger file is not read to find out whether it is one.
 MAX_RESULT_BYTES = 64 * 1024**2
@@ -22,6 +25,13 @@ MAX_RESULT_BYTES = 64 * 1024**2
 
 def json_path(text: str) -> Path:
     """An argparse type for ``--json PATH``: a path the benchmark may write its results to."""
+    try:
+        return _checked_json_path(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(one_line(error)) from None
+
+
+def _checked_json_path(text: str) -> Path:
     path = Path(text)
     if not text.strip() or path.name in ("", ".", ".."):
         raise argparse.ArgumentTypeError(f"{text!r} is not a file name; pass a file such as results.json")
@@ -52,9 +62,14 @@ def _holds_json(path: Path) -> bool:
 def write_json(path: Path, data) -> None:
     """Write ``data`` as JSON to a temporary sibling of ``path``, then rename it over ``path``."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")  # O_EXCL
+    temporary = Path(name)
     try:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        with os.fdopen(handle, "w") as out:
+            out.write(json.dumps(data, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
