@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from fmnist_keras.cli import one_line
+from fmnist_keras.rundir import write_text
 
 # An earlier result is small; a larger file is not read to find out whether it is one.
 MAX_RESULT_BYTES = 64 * 1024**2
@@ -60,19 +60,8 @@ def _holds_json(path: Path) -> bool:
 
 
 def write_json(path: Path, data) -> None:
-    """Write ``data`` as JSON to a temporary sibling of ``path``, then rename it over ``path``."""
-    path = Path(path)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")  # O_EXCL
-    temporary = Path(name)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(json.dumps(data, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write ``data`` as JSON to a new temporary sibling of ``path``, then rename it over ``path``."""
+    write_text(Path(path), json.dumps(data, indent=2) + "\n")  # the project's atomic writer (rundir)
 
 
 def open_log(path: Path):
