@@ -306,9 +306,9 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
                 image.load()  # decode now: truncated files fail here, not later
                 try:
                     pixels, inverted = prepare_image(image, invert, str(path))
+                except InputError:
+                    raise
                 except (OSError, ValueError) as error:
-                    if isinstance(error, InputError):
-                        raise
                     raise InputError(f"{path}: a picture in colour mode {image.mode}, which cannot be turned into "
                                      f"grayscale here ({' '.join(str(error).split())}); save it as RGB or "
                                      f"grayscale.") from None
