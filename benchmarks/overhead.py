@@ -112,8 +112,8 @@ def main(argv=None) -> int:
               f"{r['fast_over_torch']:>11.2f}x{stock_ratio:>13}")
     if args.json:
         outputs.write_json(args.json, {"device": device, "keras": keras.__version__, "batch_size": args.batch_size,
-                               "rounds": args.rounds, "cpus": os.cpu_count(), "threads": threads,
-                               "peak_rss_mb": peak_rss_mb(), "rows": rows})
+                                       "rounds": args.rounds, "cpus": os.cpu_count(), "threads": threads,
+                                       "peak_rss_mb": peak_rss_mb(), "rows": rows})
     return 0
 
 
