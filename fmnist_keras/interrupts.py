@@ -19,6 +19,11 @@ class Interrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         return 128 + self.signum
 
+    @classmethod
+    def of(cls, error: KeyboardInterrupt) -> Interrupted:
+        """The signal a ``KeyboardInterrupt`` stands for: its own if it is an :class:`Interrupted`, else Ctrl-C."""
+        return error if isinstance(error, cls) else cls(signal.SIGINT)
+
 
 def run_command(main, name: str) -> int:
     """Run a short command's ``main``: SIGTERM becomes :class:`Interrupted`, so its clean-ups run.
@@ -34,9 +39,9 @@ def run_command(main, name: str) -> int:
     try:
         return main()
     except KeyboardInterrupt as error:
-        signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
-        print(f"{name}: interrupted ({signal.Signals(signum).name}) before it finished; run it again.", file=sys.stderr)
-        return 128 + signum
+        stop = Interrupted.of(error)
+        print(f"{name}: interrupted ({stop}) before it finished; run it again.", file=sys.stderr)
+        return stop.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)
 

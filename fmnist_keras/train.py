@@ -202,13 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = _stop_on_sigterm()
     try:
         return _main(argv)
-    except Interrupted as stop:
+    except KeyboardInterrupt as error:
         # Before a run directory exists (see _train_all for the message during training).
+        stop = Interrupted.of(error)
         print(f"Interrupted ({stop}) before training started; nothing was written.", file=sys.stderr)
         return stop.exit_code
-    except KeyboardInterrupt:
-        print("Interrupted before training started; nothing was written.", file=sys.stderr)
-        return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -330,20 +328,16 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
                         fit.run_config(config, splits).save(run.config_file(config.model))
         except RunDirError as error:
             problem = error
-        except Interrupted as stop:
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
             return _interrupted(stop, run)
-        except KeyboardInterrupt:
-            return _interrupted(Interrupted(signal.SIGINT), run)
     # Under torchrun every rank learns whether rank 0 could open the run directory, and all stop together.
     problem = distributed.same_on_every_rank(replicas, None if problem is None else str(problem))
     if problem is not None:
         return _fail(problem, 2 if args.resume is None else 1) if replicas.is_chief else 1
     try:
         return _train_models(args, configs, splits, run, backend, replicas, source)
-    except Interrupted as stop:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
         return _interrupted(stop, run)
-    except KeyboardInterrupt:
-        return _interrupted(Interrupted(signal.SIGINT), run)
     except RunDirError as error:
         return _fail(error)
 
@@ -400,10 +394,8 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
         try:
             result = fit.fit_model(config, splits, run, resume=bool(args.resume), replicas=replicas,
                                         tensorboard=args.tensorboard, verbose=_progress_display())
-        except Interrupted as stop:
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
             return _interrupted(stop, run)
-        except KeyboardInterrupt:
-            return _interrupted(Interrupted(signal.SIGINT), run)
         except (RunDirError, ModelLoadError) as error:
             return _fail(error)
         except Exception as error:
@@ -442,10 +434,8 @@ def _finish(args, config, splits, run, facts, backend, device, source, summaries
     start = time.perf_counter()
     try:
         model, metrics = evaluation.final_metrics(run, config, splits, facts)
-    except Interrupted as stop:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
         return _interrupted(stop, run)
-    except KeyboardInterrupt:
-        return _interrupted(Interrupted(signal.SIGINT), run)
     except evaluation.TrainingInterrupted as error:
         return _fail(f"{name}: {error}")
     except evaluation.NonFiniteOutputs as error:
@@ -474,8 +464,9 @@ def _finish(args, config, splits, run, facts, backend, device, source, summaries
     return 0
 
 
-def _interrupted(stop: Interrupted, run: RunDir | None) -> int:
+def _interrupted(error: KeyboardInterrupt, run: RunDir | None) -> int:
     """One line: what stopped, that completed epochs are kept, and the command that continues."""
+    stop = Interrupted.of(error)
     if run is None:
         print(f"Interrupted ({stop}).", file=sys.stderr)
     else:

@@ -35,3 +35,16 @@ def test_sigterm_runs_the_clean_ups_and_exits_143(capsys):
 
 def test_a_finished_command_keeps_its_exit_code():
     assert run_command(lambda: 3, "predict") == 3
+
+
+def test_train_stopped_before_training_starts_says_so_in_one_line(monkeypatch, capsys):
+    from fmnist_keras import train
+    from fmnist_keras.interrupts import Interrupted
+
+    for error, code, name in ((KeyboardInterrupt(), 130, "SIGINT"), (Interrupted(signal.SIGTERM), 143, "SIGTERM")):
+        def interrupted(argv, error=error):
+            raise error
+
+        monkeypatch.setattr(train, "_main", interrupted)
+        assert train.main([]) == code
+        assert capsys.readouterr().err == f"Interrupted ({name}) before training started; nothing was written.\n"
