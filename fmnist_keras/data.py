@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist_keras.rundir import make_ordinary
+
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -375,9 +377,7 @@ def download(directory: Path | None = None, fetch=https_get) -> Path:
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(payload)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(partial, 0o666 & ~umask)  # mkstemp makes it private; the cache is read as ordinary files
+            make_ordinary(partial)  # the cache is read as ordinary files
             digest = hashlib.sha256(read_bytes(partial, FILE_BYTES[name])).hexdigest()
             if digest != SHA256[name]:
                 raise DataError(

@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, print_error
+from fmnist_keras.rundir import make_ordinary
 
 FORMATS = ("onnx", "tf_saved_model")
 # What Keras needs, beyond the backend's own package, to export each format
@@ -222,8 +223,6 @@ def write_export(model, output: Path, format: str) -> Path:
     carry :data:`EXPORT_MARKER` (checked again just before removal).
     """
     parent = output.parent
-    umask = os.umask(0)
-    os.umask(umask)
     if format == "onnx":
         handle, name = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.", suffix=".partial.onnx")
         os.close(handle)
@@ -231,7 +230,7 @@ def write_export(model, output: Path, format: str) -> Path:
         try:
             export_model(model, temporary, format)
             _stamp_onnx(temporary)
-            os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; the export is an ordinary file
+            make_ordinary(temporary)  # the export is an ordinary file
             if output.is_symlink() or output.is_dir():
                 raise ExportError(f"{output} became a symlink or directory during the export; left alone.")
             os.replace(temporary, output)
@@ -242,7 +241,7 @@ def write_export(model, output: Path, format: str) -> Path:
     try:
         export_model(model, temporary, format)
         (temporary / EXPORT_MARKER).write_text("written by python -m fmnist_keras.export\n")
-        os.chmod(temporary, 0o777 & ~umask)
+        make_ordinary(temporary)
         old = None
         if output.exists() or output.is_symlink():
             if output.is_symlink() or not (output / EXPORT_MARKER).is_file():

@@ -98,6 +98,11 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def make_ordinary(path: Path) -> None:
+    """Give a file or directory that ``mkstemp``/``mkdtemp`` made private the permissions the umask gives."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_UMASK)
+
+
 def _write_atomically(path: Path, mode: str, content) -> None:
     path = Path(path)
     # A new file of a name no one else has (mkstemp: O_EXCL, so never through a planted link).
@@ -108,7 +113,7 @@ def _write_atomically(path: Path, mode: str, content) -> None:
             f.write(content)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes it private; run files are ordinary files
+        make_ordinary(temporary)  # run files are ordinary files
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
