@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_outputs(out_dir: Path) -> None:
+def check_outputs(out_dir: Path) -> bool:
     """Refuse to write where evaluate would replace or follow what is not its own, before anything is computed.
 
     ``evaluation.json``, ``report.md`` and ``figures/`` (and each entry of
@@ -118,10 +118,14 @@ def check_outputs(out_dir: Path) -> None:
     marker one level up, the name listed in its ``run.json``) or a directory
     evaluate wrote before (:data:`OUTPUT_MARKER`).
 
+    Returns:
+        Whether ``out_dir`` is a run's model directory (which needs no :data:`OUTPUT_MARKER`).
+
     Raises:
         RunFileError: naming the path and how to fix it.
     """
-    ours = (out_dir.resolve() / OUTPUT_MARKER).is_file() or is_model_dir(out_dir)
+    in_run = is_model_dir(out_dir)
+    ours = in_run or (out_dir.resolve() / OUTPUT_MARKER).is_file()
     fix = "move it away or choose another --out-dir (a new or empty directory)"
     figures = out_dir / FIGURES_DIR
     paths = [out_dir / EVALUATION_FILE, out_dir / REPORT_FILE, figures]
@@ -139,6 +143,7 @@ def check_outputs(out_dir: Path) -> None:
         if not ours:
             raise RunFileError(f"{path} exists, and {out_dir} is neither a run's model directory nor one that "
                                f"evaluate wrote, so evaluate will not replace it; {fix}.")
+    return in_run
 
 
 def _fail(message: str) -> int:
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else run_dir
     config_path, metrics_path = run_dir / CONFIG_FILE, run_dir / METRICS_FILE
     try:
-        check_outputs(out_dir)
+        out_dir_in_run = check_outputs(out_dir)
     except RunFileError as error:
         return _fail(str(error))
     try:  # damaged run files are reported before the data is read
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not is_model_dir(out_dir):
+        if not out_dir_in_run:
             write_json(out_dir / OUTPUT_MARKER, {"written_by": "fmnist_keras.evaluate"})
         write_json(out_dir / EVALUATION_FILE, result)
     except OSError as error:

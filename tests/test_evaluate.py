@@ -372,10 +372,11 @@ def test_only_a_model_directory_of_a_run_counts_as_the_runs_own(tmp_path):
         directory.mkdir(exist_ok=True)
         (directory / "report.md").write_text("a report")
     (run.path / "shared").symlink_to(user, target_is_directory=True)
-    evaluate.check_outputs(run.path / "mlp")  # the run's model directory: evaluate may replace its report
+    assert evaluate.check_outputs(run.path / "mlp")  # the run's model directory: evaluate may replace its report
     for out_dir in (run.path / "notes", run.path / "shared"):  # not listed in run.json; a link to the user's
         with pytest.raises(evaluate.RunFileError, match="will not replace it"):
             evaluate.check_outputs(out_dir)
+    assert not evaluate.check_outputs(tmp_path / "new")  # not a run's: evaluate marks it as its own
     assert (user / "report.md").read_text() == "a report"
 
 
