@@ -718,10 +718,11 @@ def schedule_without_sync(optimizer):
     ):
         return optimizer
     keras_learning_rate = inner._get_current_learning_rate
+    constants = {}  # the schedule's numbers as tensors, made once: on a GPU each made per step is a copy torch waits for
 
     def current_learning_rate():
         if _has_warmup_cosine(inner):  # a schedule set later may be another
-            return _cosine_decay_with_where(inner._learning_rate, inner)
+            return _cosine_decay_with_where(inner._learning_rate, inner.iterations, constants)
         return keras_learning_rate()
 
     inner._get_current_learning_rate = current_learning_rate
@@ -740,19 +741,28 @@ def _has_warmup_cosine(optimizer) -> bool:
     )
 
 
-def _cosine_decay_with_where(schedule, optimizer):
-    """``schedule(optimizer.iterations)`` for a ``CosineDecay`` with a warm-up, both branches computed."""
+def _cosine_decay_with_where(schedule, iterations, constants: dict):
+    """``schedule(iterations)`` for a ``CosineDecay`` with a warm-up, both branches computed.
+
+    ``constants`` keeps the schedule's numbers as tensors between calls; they
+    are made again when the numbers or the step's device change.
+    """
     from keras import ops
 
-    initial = ops.convert_to_tensor(schedule.initial_learning_rate)
-    dtype = initial.dtype
-    decay_steps = ops.cast(schedule.decay_steps, dtype)
-    warmup_target = ops.cast(schedule.warmup_target, dtype)
-    warmup_steps = ops.cast(schedule.warmup_steps, dtype)
-    step = ops.minimum(ops.cast(optimizer.iterations, dtype), decay_steps + warmup_steps)
+    iterations = ops.convert_to_tensor(iterations)
+    numbers = (schedule.initial_learning_rate, schedule.decay_steps, schedule.warmup_target, schedule.warmup_steps,
+               iterations.device)
+    if constants.get("numbers") != numbers:
+        initial = ops.convert_to_tensor(schedule.initial_learning_rate)
+        dtype = initial.dtype
+        constants["numbers"] = numbers
+        constants["tensors"] = (initial, *(ops.cast(number, dtype) for number in numbers[1:4]),
+                                ops.array(math.pi, dtype=dtype))
+    initial, decay_steps, warmup_target, warmup_steps, pi = constants["tensors"]
+    step = ops.minimum(ops.cast(iterations, initial.dtype), decay_steps + warmup_steps)
     warm = (warmup_target - initial) * (step / warmup_steps) + initial
     fraction = ops.divide(step - warmup_steps, decay_steps)
-    cosine = 0.5 * (1.0 + ops.cos(ops.multiply(ops.array(math.pi, dtype=dtype), fraction)))
+    cosine = 0.5 * (1.0 + ops.cos(ops.multiply(pi, fraction)))
     decayed = ops.multiply(warmup_target, (1 - schedule.alpha) * cosine + schedule.alpha)
     return ops.where(step < warmup_steps, warm, decayed)
 
