@@ -377,7 +377,7 @@ def download(directory: Path | None = None, fetch=https_get) -> Path:
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(payload)
-            make_ordinary(partial)  # the cache is read as ordinary files
+                make_ordinary(out.fileno())  # the cache is read as ordinary files
             digest = hashlib.sha256(read_bytes(partial, FILE_BYTES[name])).hexdigest()
             if digest != SHA256[name]:
                 raise DataError(

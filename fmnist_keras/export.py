@@ -225,12 +225,12 @@ def write_export(model, output: Path, format: str) -> Path:
     parent = output.parent
     if format == "onnx":
         handle, name = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.", suffix=".partial.onnx")
+        make_ordinary(handle)  # the export is an ordinary file
         os.close(handle)
         temporary = Path(name)
         try:
             export_model(model, temporary, format)
             _stamp_onnx(temporary)
-            make_ordinary(temporary)  # the export is an ordinary file
             if output.is_symlink() or output.is_dir():
                 raise ExportError(f"{output} became a symlink or directory during the export; left alone.")
             os.replace(temporary, output)
@@ -239,9 +239,13 @@ def write_export(model, output: Path, format: str) -> Path:
         return output
     temporary = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.", suffix=".partial"))
     try:
+        handle = os.open(temporary, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            make_ordinary(handle, directory=True)
+        finally:
+            os.close(handle)
         export_model(model, temporary, format)
         (temporary / EXPORT_MARKER).write_text("written by python -m fmnist_keras.export\n")
-        make_ordinary(temporary)
         old = None
         if output.exists() or output.is_symlink():
             if output.is_symlink() or not (output / EXPORT_MARKER).is_file():

@@ -98,9 +98,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def make_ordinary(path: Path) -> None:
-    """Give a file or directory that ``mkstemp``/``mkdtemp`` made private the permissions the umask gives."""
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_UMASK)
+def make_ordinary(fd: int, directory: bool = False) -> None:
+    """Give the file or directory open as ``fd``, which ``mkstemp``/``mkdtemp`` made private, the umask's permissions.
+
+    By descriptor, not by name, so a link put in its place meanwhile is never followed.
+    """
+    os.fchmod(fd, (0o777 if directory else 0o666) & ~_UMASK)
 
 
 def _write_atomically(path: Path, mode: str, content) -> None:
@@ -113,7 +116,7 @@ def _write_atomically(path: Path, mode: str, content) -> None:
             f.write(content)
             f.flush()
             os.fsync(f.fileno())
-        make_ordinary(temporary)  # run files are ordinary files
+            make_ordinary(f.fileno())  # run files are ordinary files
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

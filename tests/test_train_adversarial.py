@@ -511,3 +511,28 @@ def test_resume_uses_the_runs_device_unless_asked_otherwise(finished_run, monkey
     (finished_run / "mlp" / "metrics.json").unlink()
     assert train.main(["--resume", str(finished_run), "--device", "auto"]) == 0
     assert asked == ["cpu", "auto"]
+
+
+def test_private_temporary_files_are_made_ordinary_by_descriptor_never_through_a_link(tmp_path):
+    import stat
+    import tempfile
+
+    from fmnist_keras import rundir
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    victim.chmod(0o600)
+    handle, name = tempfile.mkstemp(dir=tmp_path)
+    os.unlink(name)
+    os.symlink(victim, name)  # a link put in the temporary file's place
+    try:
+        rundir.make_ordinary(handle)
+    finally:
+        os.close(handle)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+    os.chmod(name, 0o644)  # the control: a change of mode by name follows the link
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    umask = os.umask(0)
+    os.umask(umask)
+    rundir.write_text(tmp_path / "run.json", "{}")
+    assert stat.S_IMODE((tmp_path / "run.json").stat().st_mode) == 0o666 & ~umask
