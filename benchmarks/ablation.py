@@ -123,6 +123,7 @@ def run_seed(args, seed: int, raw) -> dict:
     from fmnist_keras.engine.callbacks import recalibrate_batch_norm
     from fmnist_keras.engine.splits import make_splits
     from fmnist_keras.rundir import RunDir, write_json
+    from fmnist_keras.tta import TTA
 
     class LastTrainedWeights(keras.callbacks.Callback):
         """The trained weights at the end of the last epoch (fit_model's callbacks see those, not the average)."""
@@ -158,7 +159,7 @@ def run_seed(args, seed: int, raw) -> dict:
         weights, _, tta = variant.partition(" + ")
         model = models[weights]
         for split, x, y in (("validation", portable.x_val, portable.y_val), ("test", portable.x_test, portable.y_test)):
-            row[f"{variant}/{split}"] = evaluation.evaluate(model, x, y, flip_tta=bool(tta))["accuracy"]
+            row[f"{variant}/{split}"] = evaluation.evaluate(model, x, y, TTA(flip=bool(tta)))["accuracy"]
     print(json.dumps(row), flush=True)
     return row
 

@@ -30,13 +30,10 @@ VIEWS.update({f"flip + shifts {name}": [(dy, dx, f) for dy, dx in SHIFTS[name] f
 
 def shifted(x, dy: int, dx: int, flip: bool):
     """NHWC images moved by (dy, dx) pixels with zero fill, then mirrored left to right if ``flip``."""
-    import numpy as np
+    from fmnist_keras.tta import mirror_images, shift_images
 
-    out = np.zeros_like(x)
-    h, w = x.shape[1:3]
-    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = x[:, max(-dy, 0):h - max(dy, 0),
-                                                                      max(-dx, 0):w - max(dx, 0)]
-    return np.ascontiguousarray(out[:, :, ::-1] if flip else out)
+    moved = shift_images(x, dy, dx)
+    return mirror_images(moved) if flip else moved
 
 
 def evaluate_run(run: Path, raw) -> dict:

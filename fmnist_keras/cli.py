@@ -92,35 +92,38 @@ def in_range(kind: type, low, high, why: str = ""):
 # What the commands that run a saved model take (fmnist_keras.loading.resolve_model_path).
 MODEL_HELP = "a .keras file, a model's run directory (runs/NAME/cnn), or a run directory with one model (runs/latest)"
 
-TTA_CHOICES = ("run", "flip", "none")
-
-
 def add_tta_argument(parser: argparse.ArgumentParser) -> None:
     """``--tta``, shared by the commands that run a saved model."""
-    parser.add_argument("--tta", choices=TTA_CHOICES, default="run",
+    from fmnist_keras.tta import CHOICES
+
+    parser.add_argument("--tta", choices=("run", *CHOICES), default="run",
                         help="test-time augmentation: 'flip' averages each image's probabilities with its mirror "
-                        "image's, 'none' does not, 'run' does what the model's run did (flip_tta in the "
-                        "config.json next to it; none for a model without one) (default: run)")
+                        "image's, 'shifts' with its copies shifted by one pixel up, down, left and right, "
+                        "'flip-shifts' over all ten, 'none' does not average, 'run' does what the model's run did "
+                        "(flip_tta and shift_tta in the config.json next to it; none for a model without one) "
+                        "(default: run)")
 
 
-def flip_tta(choice: str, model_dir) -> bool:
-    """Whether ``--tta choice`` averages over mirror images, for the model in ``model_dir``.
+def run_tta(choice: str, model_dir):
+    """The :class:`fmnist_keras.tta.TTA` that ``--tta choice`` means for the model in ``model_dir``.
 
     Raises:
         rundir.RunDirError: ``choice`` is ``run`` and the run's config.json is damaged.
     """
-    if choice != "run":
-        return choice == "flip"
     from pathlib import Path
 
     from fmnist_keras.config import load_config
     from fmnist_keras.rundir import CONFIG_FILE, RunDirError
+    from fmnist_keras.tta import CHOICES, TTA
 
+    if choice != "run":
+        return CHOICES[choice]
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
-        return False
+        return TTA()
     try:
-        return bool(load_config(path).resolved().flip_tta)
+        config = load_config(path).resolved()
     except RunDirError as error:
         raise RunDirError(f"{error} (--tta run reads it for the run's test-time augmentation; "
                           f"--tta flip or --tta none does without it)") from None
+    return TTA(flip=config.flip_tta, shift=config.shift_tta)

@@ -474,9 +474,3 @@ def to_model_input(images: np.ndarray, data_format: str = "channels_last") -> np
         raise ValueError(f"expected images of shape (N, 28, 28), got {images.shape}.")
     axis = -1 if data_format == "channels_last" else 1
     return np.expand_dims(images.astype(np.float32) / 255.0, axis)
-
-
-def mirror_images(x: np.ndarray, data_format: str = "channels_last") -> np.ndarray:
-    """Model-ready images (:func:`to_model_input`) flipped left to right, as a contiguous copy."""
-    width = -2 if data_format == "channels_last" else -1
-    return np.ascontiguousarray(np.flip(x, axis=width))

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_tta_argument, escape_unencodable_output, flip_tta,
-                              in_range, one_line, print_error)
+from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_tta_argument, escape_unencodable_output,
+                              in_range, one_line, print_error, run_tta)
 from fmnist_keras.rundir import (CONFIG_FILE, FIGURES_DIR, METRICS_FILE, REPORT_FILE, RunDirError,
                                  is_epoch_count, is_finite_number, is_model_dir, read_json, write_json)
 
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # damaged run files are reported before the data is read
         config = read_run_config(config_path) if args.validation and config_path.is_file() else None
         trained = read_run_metrics(metrics_path) if args.report and metrics_path.is_file() else {}
-        tta = flip_tta(args.tta, run_dir)
+        tta = run_tta(args.tta, run_dir)
     except RunDirError as error:
         return _fail(str(error))
 
@@ -216,18 +216,17 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(error))
 
     from fmnist_keras.engine import evaluation, splits as engine_splits
-    from fmnist_keras.metrics import TTA_NAMES
 
     data_format = input_data_format(model)
     (x_train_raw, y_train_raw), (x_test_raw, y_test_raw) = raw
     x_test, y_test = fdata.to_model_input(x_test_raw, data_format), y_test_raw.astype("int64")
     try:
-        test = evaluation.evaluate(model, x_test, y_test, flip_tta=tta)
+        test = evaluation.evaluate(model, x_test, y_test, tta)
     except evaluation.NonFiniteOutputs:
         return _fail(f"{model_path} gives NaN or infinite outputs on the test set; the model is damaged "
                      f"(NaN weights?); retrain it or use another model.")
     result = {"model_path": str(model_path), "backend": backend, "device": describe_device(),
-              "data_source": str(source), "test_time_augmentation": TTA_NAMES[tta], "test": test}
+              "data_source": str(source), "test_time_augmentation": tta.name, "test": test}
     x_train, y_train = fdata.to_model_input(x_train_raw, data_format), y_train_raw
     if args.validation:
         if config is None:
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             return _fail(f"{config_path} does not rebuild a split of this data ({error}); rewrite it with train, "
                          f"or drop --validation.")
-        result["validation"] = evaluation.evaluate(model, splits.x_val, splits.y_val, flip_tta=tta)
+        result["validation"] = evaluation.evaluate(model, splits.x_val, splits.y_val, tta)
         x_train, y_train = splits.x_train, splits.y_train
 
     try:

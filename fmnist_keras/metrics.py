@@ -5,15 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 
-# What metrics.json and evaluation.json say about test-time augmentation.
-TTA_NAMES = {True: "mean over the image and its mirror image", False: "none"}
-
-
-def uses_flip_tta(metrics: dict) -> bool:
-    """Whether the metrics were computed with flip test-time augmentation (``test_time_augmentation``)."""
-    return metrics.get("test_time_augmentation") == TTA_NAMES[True]
-
-
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts, rows = true class, columns = predicted class."""
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import (MODEL_HELP, add_tta_argument, escape_unencodable_output, flip_tta, in_range, one_line,
-                              print_error)
+from fmnist_keras.cli import (MODEL_HELP, add_tta_argument, escape_unencodable_output, in_range, one_line,
+                              print_error, run_tta)
 
 SIZE = 28
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -360,7 +360,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from fmnist_keras.data import CLASS_NAMES, to_model_input
     from fmnist_keras.engine.evaluation import predict_probabilities
-    from fmnist_keras.metrics import TTA_NAMES
     from fmnist_keras.loading import ModelLoadError, exit_code, input_data_format, load_model, resolve_model_path
     from fmnist_keras.rundir import RunDirError
 
@@ -373,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             print_error(error)
     try:
         model_path = resolve_model_path(args.model, announce=lambda note: print(note, file=sys.stderr))
-        tta = flip_tta(args.tta, model_path.parent)
+        tta = run_tta(args.tta, model_path.parent)
         model = load_model(model_path)
     except ModelLoadError as error:
         print_error(error)
@@ -385,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     if items:
         x = to_model_input(np.stack([item.pixels for item in items]), input_data_format(model))
-        probabilities = predict_probabilities(model, x, flip_tta=tta, batch_size=256)
+        probabilities = predict_probabilities(model, x, tta, batch_size=256)
         try:
             check_probabilities(probabilities, args.model, [_item_name(item) for item in items])
         except InputError as error:
@@ -396,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                             "top": top_k(row, args.top_k, CLASS_NAMES)})
     if args.json:
         # allow_nan=False: the output is strict JSON that every parser reads.
-        print(json.dumps({"model": str(args.model), "test_time_augmentation": TTA_NAMES[tta],
+        print(json.dumps({"model": str(args.model), "test_time_augmentation": tta.name,
                           "predictions": results, "errors": errors}, indent=2, allow_nan=False))
     else:
         for item, result in zip(items, results):

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     emas = {d["ema"] for d in MODEL_DEFAULTS.values()}
     per_model_ema = f"{emas.pop():g}" if len(emas) == 1 else "per model: " + _per_model("ema")
     flipped = ", ".join(m for m, d in MODEL_DEFAULTS.items() if d["flip_tta"])
+    shifted = ", ".join(m for m, d in MODEL_DEFAULTS.items() if d["shift_tta"])
     parser.add_argument("--ema", type=_checked("ema"), metavar="M",
                         help="keep a moving average of the weights with momentum M (capped so that it spans at "
                         "most a tenth of the run) and validate, checkpoint and save the average, e.g. 0.999; 0 "
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
                         help="evaluate with the mean of the probabilities of each image and its mirror image "
                         f"(test-time augmentation; default: on for {flipped}, trained with flips; off for the others)")
+    parser.add_argument("--shift-tta", action=argparse.BooleanOptionalAction,
+                        help="evaluate with the mean over each image's copies shifted by one pixel up, down, left "
+                        "and right too: 5 views, 10 with --flip-tta (test-time augmentation; evaluation makes 5 "
+                        f"times the passes; default: on for {shifted}; off for the others)")
     parser.add_argument("--patience", type=_checked("patience"), default=DEFAULTS.patience, metavar="N",
                         help=f"EarlyStopping patience in epochs, on validation loss (default: {DEFAULTS.patience})")
     parser.add_argument("--val-split", type=_checked("val_split"), default=DEFAULTS.val_split, metavar="F",
@@ -148,7 +153,7 @@ def configs_from_args(args: argparse.Namespace, backend: str) -> list[TrainConfi
 # Flags that describe a run; --resume takes them from the run directory instead.
 _RUN_FLAGS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "label_smoothing", "patience",
               "val_split", "seed", "subset", "data_dir", "verify", "out_dir", "run_name", "overwrite",
-              "mixed_precision", "data_format", "fast_path", "distribute", "ema", "flip_tta")
+              "mixed_precision", "data_format", "fast_path", "distribute", "ema", "flip_tta", "shift_tta")
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
@@ -192,7 +197,7 @@ def resume_configs(parser, args, argv) -> tuple[RunDir, list[TrainConfig]]:
     # and its own epochs, learning rate and weight decay where the saved model has its model's defaults.
     saved_defaults = MODEL_DEFAULTS[first.model]
     own = {name: None for name in PER_MODEL
-           if name in ("flip_tta", "ema") or getattr(first, name) == saved_defaults[name]}
+           if name in ("flip_tta", "shift_tta", "ema") or getattr(first, name) == saved_defaults[name]}
     own["mixed_precision"] = None
     return run, [configs.get(model) or dataclasses.replace(first, model=model, **own) for model in models]
 
@@ -383,12 +388,15 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
             facts[name] = fitted
             continue
         resolved = fit.run_config(config, splits)  # what config.json will record, precision included
+        from fmnist_keras.tta import TTA
+
+        tta = TTA(flip=resolved.flip_tta, shift=resolved.shift_tta)
         say(
             f"\n== {name}: {len(splits.x_train)} train / {len(splits.x_val)} validation / "
             f"{len(splits.x_test)} test images, up to {resolved.epochs} epochs, batch {resolved.batch_size}, "
             f"peak learning rate {resolved.learning_rate:g}, {dtype_policy_name(resolved.mixed_precision)}"
             + (f", moving average of the weights (momentum up to {resolved.ema:g})" if resolved.ema else "")
-            + (", evaluated with mirror images (flip TTA)" if resolved.flip_tta else "")
+            + (f", evaluated with the {tta.name} (test-time augmentation)" if tta != TTA() else "")
         )
         start = time.perf_counter()
         try:

@@ -24,6 +24,7 @@ from fmnist_keras.engine.callbacks import (
 from fmnist_keras.engine.evaluation import predict_probabilities
 from fmnist_keras.engine.recipe import averaging_momentum
 from fmnist_keras.interrupts import Interrupted
+from fmnist_keras.tta import TTA
 from test_callbacks import StopAfter
 
 MOMENTUM = 0.8
@@ -157,16 +158,17 @@ def test_the_momentum_shrinks_so_the_average_spans_at_most_a_tenth_of_the_run():
 
 
 def test_model_defaults_and_a_config_without_the_keys(tmp_path):
-    assert (TrainConfig(model="cnn").resolved().ema, TrainConfig(model="cnn").resolved().flip_tta) == (0.0, True)
-    assert (TrainConfig(model="mlp").resolved().ema, TrainConfig(model="mlp").resolved().flip_tta) == (0.0, False)
+    cnn, mlp = TrainConfig(model="cnn").resolved(), TrainConfig(model="mlp").resolved()
+    assert (cnn.ema, cnn.flip_tta, cnn.shift_tta) == (0.0, True, True)
+    assert (mlp.ema, mlp.flip_tta, mlp.shift_tta) == (0.0, False, False)
     assert TrainConfig(model="cnn", ema=0.0, flip_tta=False).resolved().ema == 0.0
-    # A saved configuration without the keys describes a run that used neither.
+    # A saved configuration without the keys describes a run that used none of them.
     data = json.loads(TrainConfig(model="cnn").to_json())
-    del data["ema"], data["flip_tta"]
+    del data["ema"], data["flip_tta"], data["shift_tta"]
     (tmp_path / "config.json").write_text(json.dumps(data))
     loaded = load_config(tmp_path / "config.json").resolved()
-    assert (loaded.ema, loaded.flip_tta) == (0.0, False)
-    for bad in ({"ema": 1.0}, {"ema": -0.1}, {"ema": "0.9"}, {"flip_tta": "yes"}):
+    assert (loaded.ema, loaded.flip_tta, loaded.shift_tta) == (0.0, False, False)
+    for bad in ({"ema": 1.0}, {"ema": -0.1}, {"ema": "0.9"}, {"flip_tta": "yes"}, {"shift_tta": 1}):
         with pytest.raises(ValueError):
             TrainConfig.from_dict({**data, **bad})
 
@@ -185,9 +187,9 @@ def test_flip_tta_is_the_mean_over_the_images_and_their_mirror_images(data_forma
     plain = np.asarray(model.predict(x, verbose=0), dtype=np.float64)
     flipped = np.asarray(model.predict(np.ascontiguousarray(mirrored), verbose=0), dtype=np.float64)
     assert np.abs(plain - flipped).max() > 1e-3  # a model that tells an image from its mirror image
-    np.testing.assert_allclose(predict_probabilities(model, x, flip_tta=True), (plain + flipped) / 2, atol=1e-6)
+    np.testing.assert_allclose(predict_probabilities(model, x, TTA(flip=True)), (plain + flipped) / 2, atol=1e-6)
     np.testing.assert_allclose(predict_probabilities(model, x), plain, atol=1e-7)
     # An image that is its own mirror image gets the plain prediction.
     symmetric = (x + np.flip(x, axis=width)) / 2
-    np.testing.assert_allclose(predict_probabilities(model, symmetric, flip_tta=True),
+    np.testing.assert_allclose(predict_probabilities(model, symmetric, TTA(flip=True)),
                                predict_probabilities(model, symmetric), atol=1e-6)

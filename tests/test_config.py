@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from fmnist_keras.config import CHOICES, FLAGS, MODEL_DEFAULTS, MODEL_NAMES, RANGES, TrainConfig, load_config
+from fmnist_keras.config import (CHOICES, FLAGS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig,
+                                 load_config)
 from fmnist_keras.rundir import RunDirError
 
 OPTIONAL = ("epochs", "learning_rate", "weight_decay", "subset", "ema")  # None means the model's default or all the data
@@ -47,9 +48,9 @@ def test_wrong_types_are_refused(name):
 
 
 def test_optional_numbers_may_be_null():
-    config = TrainConfig.from_dict({name: None for name in (*OPTIONAL, "flip_tta")})
+    config = TrainConfig.from_dict({name: None for name in (*OPTIONAL, "flip_tta", "shift_tta")})
     assert (config.epochs, config.learning_rate, config.weight_decay, config.subset, config.ema,
-            config.flip_tta) == (None,) * 6
+            config.flip_tta, config.shift_tta) == (None,) * 7
 
 
 @pytest.mark.parametrize("name", CHOICES)
@@ -64,8 +65,8 @@ def test_every_choice_is_accepted_and_others_refused(name):
 def test_flags_must_be_booleans(name):
     for value in (True, False):
         assert getattr(TrainConfig.from_dict({name: value}), name) is value
-    # None: the model's default (flip_tta) or the machine's (mixed_precision, fmnist_keras.backend).
-    for value in (1, "true") if name in ("flip_tta", "mixed_precision") else (1, "true", None):
+    # None: the model's default (flip_tta, shift_tta) or the machine's (mixed_precision, fmnist_keras.backend).
+    for value in (1, "true") if name in ("flip_tta", "shift_tta", "mixed_precision") else (1, "true", None):
         with pytest.raises(ValueError, match=rf"^{name} is .*; expected true or false$"):
             TrainConfig.from_dict({name: value})
 
@@ -101,13 +102,11 @@ def test_json_round_trip_is_the_identity(config):
 def test_resolved_fills_the_model_defaults_only_where_unset(model):
     resolved = TrainConfig(model=model).resolved()
     defaults = MODEL_DEFAULTS[model]
-    assert (resolved.epochs, resolved.learning_rate, resolved.weight_decay, resolved.flip_tta, resolved.ema) == (
-        defaults["epochs"], defaults["learning_rate"], defaults["weight_decay"], defaults["flip_tta"], defaults["ema"])
+    assert {name: getattr(resolved, name) for name in PER_MODEL} == {name: defaults[name] for name in PER_MODEL}
     explicit = TrainConfig(model=model, epochs=2, learning_rate=0.01, weight_decay=0.0,
-                           flip_tta=not defaults["flip_tta"], ema=0.5)
+                           flip_tta=not defaults["flip_tta"], shift_tta=not defaults["shift_tta"], ema=0.5)
     assert explicit.resolved() == explicit
-    assert dataclasses.replace(resolved, epochs=None, learning_rate=None, weight_decay=None, flip_tta=None,
-                               ema=None) == TrainConfig(model=model)
+    assert dataclasses.replace(resolved, **{name: None for name in PER_MODEL}) == TrainConfig(model=model)
 
 
 def test_load_config_reads_what_save_wrote(tmp_path):

@@ -55,12 +55,25 @@ def test_help_is_fast_and_imports_no_keras():
     assert time.perf_counter() - start < 5
 
 
+def _ten_views(x):
+    """The image, its copies moved by one pixel down, up, right and left, each with its mirror image: made by
+    padding with a pixel of zeros and cropping, independently of fmnist_keras.tta."""
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    views = []
+    for rows, columns in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)):
+        moved = np.ascontiguousarray(padded[:, 1 - rows:29 - rows, 1 - columns:29 - columns])
+        views += [moved, np.ascontiguousarray(moved[:, :, ::-1])]
+    return views
+
+
 def test_tta_follows_the_run_unless_told(cnn_run, tiny_data_dir, tmp_path, capsys):
     (_, _), (x_test, y_test) = load_data(tiny_data_dir, verify=False)
     model = keras.saving.load_model(cnn_run / "model.keras")
     x = to_model_input(x_test)
-    plain, mirrored = model.predict(x, verbose=0), model.predict(x[:, :, ::-1], verbose=0)
-    expected = {"flip": float(((plain + mirrored).argmax(1) == y_test).mean()),
+    views = [model.predict(view, verbose=0) for view in _ten_views(x)]
+    plain, mirrored = views[:2]
+    expected = {"flip-shifts": float((np.mean(views, axis=0).argmax(1) == y_test).mean()),
+                "flip": float(((plain + mirrored).argmax(1) == y_test).mean()),
                 "none": float((plain.argmax(1) == y_test).mean())}
 
     def evaluated(path, *flags):
@@ -68,11 +81,19 @@ def test_tta_follows_the_run_unless_told(cnn_run, tiny_data_dir, tmp_path, capsy
         result = json.loads((path.parent if path.suffix else path).joinpath("evaluation.json").read_text())
         return result["test_time_augmentation"], result["test"]["loss"], result["test"]["accuracy"]
 
-    flip, none = evaluated(cnn_run), evaluated(cnn_run, "--tta", "none")
+    # The CNN's run: flip and shifts (its defaults).
+    both, flip, none = evaluated(cnn_run), evaluated(cnn_run, "--tta", "flip"), evaluated(cnn_run, "--tta", "none")
+    assert both[0] == ("mean over the image, its copies shifted by one pixel up, down, left and right, "
+                       "and the mirror images of all five")
     assert (flip[0], none[0]) == ("mean over the image and its mirror image", "none")
-    assert (flip[2], none[2]) == (pytest.approx(expected["flip"]), pytest.approx(expected["none"]))
-    assert flip[1] != none[1]  # the probabilities differ, so the two settings are told apart
-    TrainConfig(model="cnn", flip_tta=False).save(cnn_run / "config.json")
+    assert (both[2], flip[2], none[2]) == tuple(pytest.approx(expected[k]) for k in ("flip-shifts", "flip", "none"))
+    assert len({both[1], flip[1], none[1]}) == 3  # the probabilities differ, so the settings are told apart
+    assert evaluated(cnn_run, "--tta", "flip-shifts")[1:] == both[1:]
+    assert evaluated(cnn_run, "--tta", "shifts")[0] == (
+        "mean over the image and its copies shifted by one pixel up, down, left and right")
+    TrainConfig(model="cnn", shift_tta=False).save(cnn_run / "config.json")
+    assert evaluated(cnn_run)[1:] == flip[1:]
+    TrainConfig(model="cnn", flip_tta=False, shift_tta=False).save(cnn_run / "config.json")
     assert evaluated(cnn_run)[1:] == none[1:] and evaluated(cnn_run, "--tta", "flip")[1:] == flip[1:]
     bare = tmp_path / "bare" / "cnn.keras"  # no config.json next to it: no TTA unless asked
     bare.parent.mkdir()
@@ -101,14 +122,13 @@ def test_evaluate_run_dir_writes_metrics_and_full_report(cnn_run, tiny_data_dir,
     out = capsys.readouterr().out
     assert "test: 100 images" in out and "validation: 40 images" in out and "Trouser" in out
     result = json.loads((cnn_run / "evaluation.json").read_text())
-    # The metrics are those of the model's own predictions on the test set, averaged
-    # with the mirror images' as the run's configuration says (a CNN: flip_tta).
+    # The metrics are those of the model's own predictions on the test set, averaged over the
+    # shifted and mirror images as the run's configuration says (a CNN: flip_tta and shift_tta).
     (_, _), (x_test, y_test) = load_data(tiny_data_dir, verify=False)
     model = keras.saving.load_model(cnn_run / "model.keras")
-    x = to_model_input(x_test)
-    predicted = (model.predict(x, verbose=0) + model.predict(x[:, :, ::-1], verbose=0)).argmax(1)
-    assert result["test"]["accuracy"] == pytest.approx(float((predicted == y_test).mean()))
-    assert result["test_time_augmentation"] == "mean over the image and its mirror image"
+    predicted = np.mean([model.predict(view, verbose=0) for view in _ten_views(to_model_input(x_test))], axis=0)
+    assert result["test"]["accuracy"] == pytest.approx(float((predicted.argmax(1) == y_test).mean()))
+    assert result["test_time_augmentation"].startswith("mean over the image, its copies shifted by one pixel")
     matrix = np.array(result["test"]["confusion_matrix"])
     assert matrix.sum() == 100 and list(result["test"]["per_class"]) == list(CLASS_NAMES)
     assert result["validation"]["num_examples"] == 40

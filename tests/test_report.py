@@ -11,6 +11,7 @@ from fmnist_keras.inspection import report
 from fmnist_keras.engine.callbacks import read_history
 from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.models import build_cnn, build_mlp
+from fmnist_keras.tta import TTA
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HISTORY = "epoch,accuracy,loss,val_accuracy,val_loss\n0,0.5,1.2,0.55,1.1\n1,0.7,0.8,0.68,0.9\n2,0.8,0.6,0.7,0.95\n"
@@ -144,7 +145,7 @@ def test_a_run_with_flip_tta_gets_figures_of_the_averaged_predictions(tmp_path):
     mirrored = keras.ops.convert_to_numpy(model(x[:, :, ::-1], training=False))
     assert (plain.argmax(1) != (plain + mirrored).argmax(1)).any()  # the two tell the predictions apart
     for tta, expected in (("none", plain), ("mean over the image and its mirror image", (plain + mirrored) / 2)):
-        predictions = report.predict(model, x, y, flip_tta=tta != "none")
+        predictions = report.predict(model, x, y, TTA.named(tta))
         np.testing.assert_allclose(predictions.probabilities, expected, atol=1e-6)
         (tmp_path / tta[:4]).mkdir()
         path = report.write_report(tmp_path / tta[:4], x, y, model=model,

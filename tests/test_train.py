@@ -106,20 +106,27 @@ def test_same_seed_gives_same_metrics(tmp_path, tiny_data_dir):
     assert a["test"] == b["test"] and a["validation"] == b["validation"]
 
 
-def test_the_moving_average_and_flip_tta_flags_reach_the_run(tmp_path, tiny_data_dir):
+def test_the_moving_average_and_tta_flags_reach_the_run(tmp_path, tiny_data_dir):
     # 360 training images in batches of 16: 23 steps an epoch, 46 in all, so the
     # momentum asked for (0.9) is capped at 1 - 10/46 (the average spans a tenth of the run).
     assert run_cli(tmp_path, tiny_data_dir, "--model", "cnn", "--epochs", "2", "--batch-size", "16", "--ema", "0.9",
                    "--no-report", name="a") == 0
     assert run_cli(tmp_path, tiny_data_dir, "--model", "cnn", "--epochs", "2", "--batch-size", "16",
                    "--no-flip-tta", "--no-report", name="b") == 0
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "cnn", "--epochs", "1", "--batch-size", "16",
+                   "--no-shift-tta", "--no-report", name="c") == 0
     (with_average, config_a), (plain, config_b) = [
         [json.loads((tmp_path / "runs" / n / "cnn" / f).read_text()) for f in ("metrics.json", "config.json")]
         for n in "ab"]
     assert (config_a["ema"], config_a["flip_tta"], config_b["ema"], config_b["flip_tta"]) == (0.9, True, 0.0, False)
+    assert config_a["shift_tta"] is config_b["shift_tta"] is True  # the CNN's default
     assert with_average["weights_average_momentum"] == pytest.approx(1 - 10 / 46, abs=1e-6)
-    assert with_average["test_time_augmentation"] == "mean over the image and its mirror image"
-    assert (plain["weights_average_momentum"], plain["test_time_augmentation"]) == (0.0, "none")
+    assert with_average["test_time_augmentation"] == ("mean over the image, its copies shifted by one pixel up, down, "
+                                                      "left and right, and the mirror images of all five")
+    assert plain["weights_average_momentum"] == 0.0
+    assert plain["test_time_augmentation"] == "mean over the image and its copies shifted by one pixel up, down, left and right"
+    flip_only = json.loads((tmp_path / "runs" / "c" / "cnn" / "metrics.json").read_text())
+    assert flip_only["test_time_augmentation"] == "mean over the image and its mirror image"
 
 
 def test_subset_trains_on_fewer_images(tmp_path, tiny_data_dir):

@@ -12,45 +12,40 @@ from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.engine.splits import Splits
 from fmnist_keras.loading import input_data_format, load_model
-from fmnist_keras.metrics import TTA_NAMES, classification_metrics
+from fmnist_keras.metrics import classification_metrics
 from fmnist_keras.rundir import RunDir
+from fmnist_keras.tta import TTA
 
 
 class TrainingInterrupted(RuntimeError):
     """Training stopped before any model was saved (NaN loss from the start)."""
 
 
-def predict_probabilities(model: keras.Model, x: np.ndarray, flip_tta: bool = False,
-                          batch_size: int = 512) -> np.ndarray:
+def predict_probabilities(model: keras.Model, x: np.ndarray, tta: TTA = TTA(), batch_size: int = 512) -> np.ndarray:
     """The model's class probabilities for the images ``x`` (in the model's layout), as float64.
 
-    With ``flip_tta``, the mean of the probabilities of each image and of its
-    mirror image (flipped left to right): test-time augmentation for models
-    trained with horizontal flips. The images are flipped in numpy
-    (:func:`fmnist_keras.data.mirror_images`), the same on every backend.
+    With test-time augmentation ``tta``, the mean of the probabilities of the
+    views of each image (its mirror image for models trained with horizontal
+    flips, its copies shifted by a pixel for models trained with shifts),
+    made in numpy (:mod:`fmnist_keras.tta`), the same on every backend.
     """
-    probabilities = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
-    if flip_tta:
-        mirrored = fdata.mirror_images(x, input_data_format(model))
-        probabilities = (probabilities + np.asarray(model.predict(mirrored, batch_size=batch_size, verbose=0),
-                                                    dtype=np.float64)) / 2
-    return probabilities
+    return tta.mean(lambda view: model.predict(view, batch_size=batch_size, verbose=0), x, input_data_format(model))
 
 
 class NonFiniteOutputs(ValueError):
     """The model's outputs are NaN or infinite: its weights are broken."""
 
 
-def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, flip_tta: bool = False) -> dict:
+def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA()) -> dict:
     """Metrics of ``model`` on (x, y); the loss is plain (unsmoothed) cross-entropy.
 
-    ``flip_tta``: of the probabilities averaged with the mirror images'
+    ``tta``: of the probabilities averaged over the views of each image
     (:func:`predict_probabilities`).
 
     Raises:
         NonFiniteOutputs: the model gives NaN or infinite probabilities.
     """
-    probabilities = predict_probabilities(model, x, flip_tta)
+    probabilities = predict_probabilities(model, x, tta)
     if not np.isfinite(probabilities).all():
         raise NonFiniteOutputs(f"model {model.name} gives NaN or infinite outputs, so its weights are not finite")
     loss = float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y)), y], 1e-12, 1.0))))
@@ -63,7 +58,7 @@ def final_metrics(run: RunDir, config: TrainConfig, splits: Splits, facts: dict)
     The metrics describe exactly the file a user gets: ``model.keras`` is
     loaded back and evaluated on the validation and test splits (in the
     ``channels_last`` layout it is saved in), with the run's test-time
-    augmentation (``config.flip_tta``).
+    augmentation (``config.flip_tta`` and ``config.shift_tta``).
 
     Raises:
         TrainingInterrupted: no model was saved (the loss was NaN from the start).
@@ -79,12 +74,13 @@ def final_metrics(run: RunDir, config: TrainConfig, splits: Splits, facts: dict)
         )
     best = load_model(model_file)
     portable = splits.in_format("channels_last")
+    tta = TTA(flip=config.flip_tta, shift=config.shift_tta)
     metrics = {
         **facts,  # what fit recorded; what is computed here comes after it and wins
         "model": config.model,
-        "test": evaluate(best, portable.x_test, portable.y_test, config.flip_tta),
-        "validation": evaluate(best, portable.x_val, portable.y_val, config.flip_tta),
-        "test_time_augmentation": TTA_NAMES[config.flip_tta],
+        "test": evaluate(best, portable.x_test, portable.y_test, tta),
+        "validation": evaluate(best, portable.x_val, portable.y_val, tta),
+        "test_time_augmentation": tta.name,
         "num_params": int(best.count_params()),
         "num_train": int(len(splits.x_train)),
         "num_val": int(len(splits.x_val)),

@@ -23,11 +23,12 @@ import numpy as np
 from fmnist_keras.inspection import internals
 from fmnist_keras.inspection import plots
 from fmnist_keras.engine.callbacks import read_history
-from fmnist_keras.data import CLASS_NAMES, mirror_images
+from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.loading import input_data_format
-from fmnist_keras.metrics import classification_metrics, uses_flip_tta
+from fmnist_keras.metrics import classification_metrics
 from fmnist_keras.rundir import (FIGURES_DIR, HISTORY_FILE, METRICS_FILE, REPORT_FILE, RunDirError, read_json,
                                  write_bytes, write_text)
+from fmnist_keras.tta import TTA
 # How many test images the saliency figure explains and the mistakes grid
 # shows: enough to see a pattern, few enough to read at a glance.
 NUM_EXPLAINED = 4
@@ -100,17 +101,17 @@ def read_metrics(run_dir: Path) -> dict:
     return data
 
 
-def predict(model, x: np.ndarray, y: np.ndarray, flip_tta: bool = False) -> Predictions:
+def predict(model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA()) -> Predictions:
     """One pass of the model over the images: features and probabilities.
 
-    With ``flip_tta`` the probabilities are averaged with the mirror images'
-    (a second pass), as the run's metrics were; the features are the images' own.
+    With test-time augmentation ``tta`` the probabilities are averaged over the
+    views of each image (a pass per view), as the run's metrics were; the
+    features are the images' own.
     """
     data_format = input_data_format(model)
     features, probabilities = internals.embeddings_and_probabilities(model, x)
-    if flip_tta:
-        _, mirrored = internals.embeddings_and_probabilities(model, mirror_images(x, data_format))
-        probabilities = (probabilities + mirrored) / 2
+    probabilities = tta.mean(lambda view: internals.embeddings_and_probabilities(model, view)[1], x, data_format,
+                             own=probabilities)
     return Predictions(x, np.asarray(y), data_format, probabilities, features)
 
 
@@ -303,7 +304,7 @@ def write_report(
     if layers is not None:
         internals.check_feature_layers(model, layers)  # fail on a bad request before the slow part
 
-    test = predict(model, x_test, y_test, flip_tta=uses_flip_tta(metrics))
+    test = predict(model, x_test, y_test, TTA.named(metrics.get("test_time_augmentation")) or TTA())
     computed = classification_metrics(test.y, test.probabilities, CLASS_NAMES)
     title = metrics.get("model") or model.name
     samples = (x_train, y_train) if x_train is not None else (x_test, test.y)
