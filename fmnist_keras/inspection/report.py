@@ -23,6 +23,7 @@ import numpy as np
 from fmnist_keras.inspection import internals
 from fmnist_keras.inspection import plots
 from fmnist_keras.engine.callbacks import read_history
+from fmnist_keras.engine.evaluation import predict_probabilities
 from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics
@@ -110,8 +111,7 @@ def predict(model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA()) -> Prediction
     """
     data_format = input_data_format(model)
     features, probabilities = internals.embeddings_and_probabilities(model, x)
-    probabilities = tta.mean(lambda view: internals.embeddings_and_probabilities(model, view)[1], x, data_format,
-                             own=probabilities)
+    probabilities = tta.mean(lambda view: predict_probabilities(model, view), x, data_format, own=probabilities)
     return Predictions(x, np.asarray(y), data_format, probabilities, features)
 
 
