@@ -13,7 +13,8 @@ split:
 * ``trained + flip`` and ``trained``: the trained weights of the last epoch,
   their BatchNorm statistics re-estimated the same way (``trained + flip``
   is what the default CNN, without the average, keeps when its last epoch
-  is its best).
+  is its best, evaluated with flip TTA alone; each run's ``metrics.json``
+  has the model's own test-time augmentation, flips and shifts for the CNN).
 
 The moving average only watches the trained weights, so the ``trained``
 rows are what ``--ema 0`` trains, except that such a run keeps its best

@@ -4,8 +4,9 @@ For each run directory (one per seed, as ``benchmarks/ablation.py`` or
 ``train`` writes them) the saved ``cnn/model.keras`` is evaluated on its
 run's validation split and on the test set with the probabilities averaged
 over several views of each image: the image alone, with its mirror image
-(``train``'s flip TTA), and with copies shifted by one pixel (zero fill, as
-the training shifts fill). Choose on the validation column.
+(flip TTA), and with copies shifted by one pixel (zero fill, as the training
+shifts fill; "flip + shifts x and y" is the CNN's default, ``train``'s).
+Choose on the validation column.
 
 Usage:
     python benchmarks/tta_views.py runs/ablation-default/cnn-seed42 runs/ablation-default/cnn-seed1 ...
@@ -23,7 +24,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 SHIFTS = {"none": [(0, 0)], "x": [(0, 0), (0, 1), (0, -1)], "x and y": [(0, 0), (0, 1), (0, -1), (1, 0), (-1, 0)],
           "3x3": [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]}
-VIEWS = {"image": [(0, 0, False)], "flip (train's)": [(0, 0, False), (0, 0, True)]}
+VIEWS = {"image": [(0, 0, False)], "flip": [(0, 0, False), (0, 0, True)]}
 VIEWS.update({f"flip + shifts {name}": [(dy, dx, f) for dy, dx in SHIFTS[name] for f in (False, True)]
               for name in ("x", "x and y", "3x3")})
 
