@@ -126,4 +126,4 @@ def run_tta(choice: str, model_dir):
     except RunDirError as error:
         raise RunDirError(f"{error} (--tta run reads it for the run's test-time augmentation; "
                           f"--tta flip or --tta none does without it)") from None
-    return TTA(flip=config.flip_tta, shift=config.shift_tta)
+    return TTA.of(config)

@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     if items:
         x = to_model_input(np.stack([item.pixels for item in items]), input_data_format(model))
-        probabilities = predict_probabilities(model, x, tta, batch_size=256)
+        probabilities = predict_probabilities(model, x, tta)
         try:
             check_probabilities(probabilities, args.model, [_item_name(item) for item in items])
         except InputError as error:

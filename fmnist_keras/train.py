@@ -390,7 +390,7 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
         resolved = fit.run_config(config, splits)  # what config.json will record, precision included
         from fmnist_keras.tta import TTA
 
-        tta = TTA(flip=resolved.flip_tta, shift=resolved.shift_tta)
+        tta = TTA.of(resolved)
         say(
             f"\n== {name}: {len(splits.x_train)} train / {len(splits.x_val)} validation / "
             f"{len(splits.x_test)} test images, up to {resolved.epochs} epochs, batch {resolved.batch_size}, "

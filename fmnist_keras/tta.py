@@ -28,6 +28,11 @@ class TTA:
         return NAMES[self]
 
     @classmethod
+    def of(cls, config) -> TTA:
+        """The TTA a resolved :class:`fmnist_keras.config.TrainConfig` asks for (its ``flip_tta`` and ``shift_tta``)."""
+        return cls(flip=config.flip_tta, shift=config.shift_tta)
+
+    @classmethod
     def named(cls, name) -> TTA | None:
         """The TTA of a :attr:`name`; None for a name no TTA has."""
         return next((tta for tta, its_name in NAMES.items() if its_name == name), None)

@@ -69,3 +69,12 @@ def test_every_tta_has_one_name_and_one_choice():
     for tta in NAMES:
         assert TTA.named(tta.name) == tta
     assert TTA.named("mean over whatever") is None and TTA.named(None) is None
+
+
+def test_a_runs_configuration_names_its_tta():
+    from fmnist_keras.config import TrainConfig
+
+    assert TTA.of(TrainConfig(model="cnn").resolved()) == TTA(flip=True, shift=True)
+    assert TTA.of(TrainConfig(model="cnn-large").resolved()) == TTA(flip=True)
+    assert TTA.of(TrainConfig(model="mlp").resolved()) == TTA()
+    assert TTA.of(TrainConfig(model="mlp", shift_tta=True).resolved()) == TTA(shift=True)

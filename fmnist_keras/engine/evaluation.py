@@ -81,7 +81,7 @@ def final_metrics(run: RunDir, config: TrainConfig, splits: Splits, facts: dict)
         )
     best = load_model(model_file)
     portable = splits.in_format("channels_last")
-    tta = TTA(flip=config.flip_tta, shift=config.shift_tta)
+    tta = TTA.of(config)
     metrics = {
         **facts,  # what fit recorded; what is computed here comes after it and wins
         "model": config.model,
