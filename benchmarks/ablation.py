@@ -14,7 +14,9 @@ split:
   their BatchNorm statistics re-estimated the same way (``trained + flip``
   is what the default CNN, without the average, keeps when its last epoch
   is its best, evaluated with flip TTA alone; each run's ``metrics.json``
-  has the model's own test-time augmentation, flips and shifts for the CNN).
+  has the model's own test-time augmentation, flips and shifts for the CNN,
+  so for the CNN the "seconds" of fit and evaluation include a 10-view
+  evaluation of the saved model).
 
 The moving average only watches the trained weights, so the ``trained``
 rows are what ``--ema 0`` trains, except that such a run keeps its best
