@@ -29,7 +29,9 @@ class TTA:
 
     @classmethod
     def of(cls, config) -> TTA:
-        """The TTA a resolved :class:`fmnist_keras.config.TrainConfig` asks for (its ``flip_tta`` and ``shift_tta``)."""
+        """The TTA a :class:`fmnist_keras.config.TrainConfig` asks for (its ``flip_tta`` and ``shift_tta``,
+        the model's defaults where unset)."""
+        config = config.resolved()
         return cls(flip=config.flip_tta, shift=config.shift_tta)
 
     @classmethod

@@ -138,17 +138,22 @@ def test_channels_first_model_gets_its_layout_from_the_model(tmp_path):
     assert "figures/feature_maps.png" in markdown and "figures/saliency.png" in markdown
 
 
-def test_a_run_with_flip_tta_gets_figures_of_the_averaged_predictions(tmp_path):
+def test_a_run_with_tta_gets_figures_of_the_averaged_predictions(tmp_path):
     model = tiny_cnn()
     x, y = make_images()
     plain = keras.ops.convert_to_numpy(model(x, training=False))
     mirrored = keras.ops.convert_to_numpy(model(x[:, :, ::-1], training=False))
     assert (plain.argmax(1) != (plain + mirrored).argmax(1)).any()  # the two tell the predictions apart
-    for tta, expected in (("none", plain), ("mean over the image and its mirror image", (plain + mirrored) / 2)):
+    views = [keras.ops.convert_to_numpy(model(view, training=False))
+             for view in TTA(flip=True, shift=True).views(np.asarray(x))]
+    np.testing.assert_allclose(views[1], mirrored, atol=1e-6)
+    cases = (("none", plain), ("mean over the image and its mirror image", (plain + mirrored) / 2),
+             (TTA(flip=True, shift=True).name, np.mean(views, axis=0)))
+    for number, (tta, expected) in enumerate(cases):
         predictions = report.predict(model, x, y, TTA.named(tta))
         np.testing.assert_allclose(predictions.probabilities, expected, atol=1e-6)
-        (tmp_path / tta[:4]).mkdir()
-        path = report.write_report(tmp_path / tta[:4], x, y, model=model,
+        (tmp_path / str(number)).mkdir()
+        path = report.write_report(tmp_path / str(number), x, y, model=model,
                                    metrics={"model": "tiny", "test_time_augmentation": tta})
         rows = table_rows(path.read_text(), "| class |")
         reference = reference_metrics(y.tolist(), expected.argmax(1).tolist())

@@ -204,6 +204,7 @@ def test_a_model_without_config_json_resumes_with_the_runs_settings_and_its_own_
     mlp, cnn = sorted(configs, key=lambda config: config.model != "mlp")
     assert (cnn.model, cnn.epochs, cnn.seed) == ("cnn", 3, 7)  # the run's settings
     assert (mlp.resolved().flip_tta, cnn.resolved().flip_tta) == (False, True)  # each model's own TTA
+    assert (mlp.resolved().shift_tta, cnn.resolved().shift_tta) == (False, True)
     assert (mlp.mixed_precision, cnn.mixed_precision) == (False, None)  # the CNN's precision decided anew
 
 

@@ -21,7 +21,7 @@ class TrainingInterrupted(RuntimeError):
     """Training stopped before any model was saved (NaN loss from the start)."""
 
 
-# Images per predict call: on a 2-core CPU, 256 runs the CNN about 1.3x faster than 512, whose
+# Images per predict call: on a 2-core CPU, 256 runs the CNN 1.2-1.3x faster than 512, whose
 # activations are allocated afresh (and page-faulted) at every batch (docs/results.md, "Test-time
 # augmentation with shifts").
 PREDICT_BATCH = 256
