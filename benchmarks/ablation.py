@@ -147,7 +147,7 @@ def run_seed(args, seed: int, raw) -> dict:
     last = LastTrainedWeights()
     start = time.perf_counter()
     result = fit.fit_model(config, splits, run, verbose=2, callbacks=[last])
-    average, metrics = evaluation.final_metrics(run, config, splits, result.facts)
+    average, metrics, _ = evaluation.final_metrics(run, config, splits, result.facts)
     seconds = time.perf_counter() - start
     write_json(run.metrics_file(args.model), metrics)
 

@@ -125,5 +125,5 @@ def run_tta(choice: str, model_dir):
         config = load_config(path).resolved()
     except RunDirError as error:
         raise RunDirError(f"{error} (--tta run reads it for the run's test-time augmentation; "
-                          f"--tta flip or --tta none does without it)") from None
+                          f"--tta {', '.join(list(CHOICES)[:-1])} or {list(CHOICES)[-1]} does without it)") from None
     return TTA.of(config)

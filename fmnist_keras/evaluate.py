@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     (x_train_raw, y_train_raw), (x_test_raw, y_test_raw) = raw
     x_test, y_test = fdata.to_model_input(x_test_raw, data_format), y_test_raw.astype("int64")
     try:
-        test = evaluation.evaluate(model, x_test, y_test, tta)
+        test_probabilities = evaluation.predict_probabilities(model, x_test, tta)
+        test = evaluation.score(test_probabilities, y_test, model.name)
     except evaluation.NonFiniteOutputs:
         return _fail(f"{model_path} gives NaN or infinite outputs on the test set; the model is damaged "
                      f"(NaN weights?); retrain it or use another model.")
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = {**result, **trained, **{k: result[k] for k in computed if k in result}}
         report = write_report(run_dir, x_test, y_test, model=model, metrics=metrics, x_train=x_train,
                               y_train=y_train, out_dir=out_dir, image_index=args.image_index, layers=args.layers,
-                              seed=args.seed)
+                              seed=args.seed, test_probabilities=test_probabilities)
         print(f"Wrote {report} and its figures in {report.parent / 'figures'}")
     return 0
 

@@ -441,7 +441,7 @@ def _finish(args, config, splits, run, facts, backend, device, source, summaries
     name = config.model
     start = time.perf_counter()
     try:
-        model, metrics = evaluation.final_metrics(run, config, splits, facts)
+        model, metrics, test_probabilities = evaluation.final_metrics(run, config, splits, facts)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
         return _interrupted(stop, run)
     except evaluation.TrainingInterrupted as error:
@@ -460,7 +460,8 @@ def _finish(args, config, splits, run, facts, backend, device, source, summaries
 
         portable = splits.in_format("channels_last")  # the layout of the saved model
         report = write_report(run.model_dir(name), portable.x_test, portable.y_test, model=model, metrics=metrics,
-                              x_train=portable.x_train, y_train=portable.y_train)
+                              x_train=portable.x_train, y_train=portable.y_train,
+                              test_probabilities=test_probabilities)
         print(f"Report: {report}")
     print(f"Saved {run.model_file(name)}; test accuracy {metrics['test']['accuracy']:.4f}")
     if metrics.get("terminated_on_nan"):

@@ -161,6 +161,33 @@ def test_a_run_with_tta_gets_figures_of_the_averaged_predictions(tmp_path):
         assert f"test_time_augmentation: {tta}" in path.read_text()
 
 
+def test_the_runs_own_test_probabilities_are_used_without_predicting_the_views_again(tmp_path, monkeypatch):
+    model = tiny_cnn()
+    x, y = make_images()
+    tta = TTA(flip=True, shift=True)
+    metrics = {"model": "tiny", "test_time_augmentation": tta.name}
+    for name in ("predicted", "given", "one-hot"):
+        (tmp_path / name).mkdir()
+    predicted = report.write_report(tmp_path / "predicted", x, y, model=model, metrics=metrics).read_text()
+    probabilities = report.predict(model, x, y, tta).probabilities
+
+    def no_views(*_args, **_kwargs):
+        raise AssertionError("the views were predicted again")
+
+    monkeypatch.setattr(report, "predict_probabilities", no_views)
+    given = report.write_report(tmp_path / "given", x, y, model=model, metrics=metrics,
+                                test_probabilities=probabilities).read_text()
+    assert given == predicted
+    # The figures and the table follow the probabilities given: here every image right.
+    one_hot = np.eye(10)[y]
+    markdown = report.write_report(tmp_path / "one-hot", x, y, model=model, metrics=metrics,
+                                   test_probabilities=one_hot).read_text()
+    assert [row[1:4] for row in table_rows(markdown, "| class |")] == [["1.0000"] * 3] * 10
+    assert [row[1:4] for row in table_rows(given, "| class |")] != [["1.0000"] * 3] * 10
+    with pytest.raises(ValueError, match=r"shape \(29, 10\), not \(30, 10\)"):
+        report.write_report(tmp_path / "one-hot", x, y, model=model, metrics=metrics, test_probabilities=one_hot[1:])
+
+
 def test_figures_replace_a_link_planted_among_them_and_never_write_through_it(tmp_path):
     import matplotlib
 

@@ -99,11 +99,21 @@ def test_training_learns_and_saved_model_reloads_with_same_accuracy(tmp_path, ti
     assert np.mean(probs.argmax(1) == y_test) == pytest.approx(metrics["test"]["accuracy"])
 
 
-def test_same_seed_gives_same_metrics(tmp_path, tiny_data_dir):
+def test_same_seed_gives_same_metrics_and_the_report_reuses_the_test_predictions(tmp_path, tiny_data_dir,
+                                                                                  monkeypatch):
+    from fmnist_keras.inspection import report
+
+    def no_views(*_args, **_kwargs):
+        raise AssertionError("the report predicted the test-time augmentation's views again")
+
     for name in ("a", "b"):
         assert run_cli(tmp_path, tiny_data_dir, "--model", "cnn", "--epochs", "2", "--seed", "7", name=name) == 0
+        monkeypatch.setattr(report, "predict_probabilities", no_views)  # run b: only evaluation's own
     a, b = (json.loads((tmp_path / "runs" / n / "cnn" / "metrics.json").read_text()) for n in "ab")
     assert a["test"] == b["test"] and a["validation"] == b["validation"]
+    assert a["test_time_augmentation"].startswith("mean over the image, its copies shifted")
+    reports = [re.sub(r"\w+_s: [\d.]+", "", (tmp_path / "runs" / n / "cnn" / "report.md").read_text()) for n in "ab"]
+    assert reports[0] == reports[1]  # all but the times
 
 
 def test_the_moving_average_and_tta_flags_reach_the_run(tmp_path, tiny_data_dir):

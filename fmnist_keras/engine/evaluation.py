@@ -5,6 +5,8 @@ Imports Keras: import this only after :func:`fmnist_keras.backend.select_backend
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import keras
 import numpy as np
 
@@ -43,8 +45,21 @@ class NonFiniteOutputs(ValueError):
     """The model's outputs are NaN or infinite: its weights are broken."""
 
 
+def score(probabilities: np.ndarray, y: np.ndarray, name: str) -> dict:
+    """Metrics of the class ``probabilities`` of model ``name`` against the
+    labels ``y``; the loss is plain (unsmoothed) cross-entropy.
+
+    Raises:
+        NonFiniteOutputs: some probabilities are NaN or infinite.
+    """
+    if not np.isfinite(probabilities).all():
+        raise NonFiniteOutputs(f"model {name} gives NaN or infinite outputs, so its weights are not finite")
+    loss = float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y)), y], 1e-12, 1.0))))
+    return classification_metrics(y, probabilities, fdata.CLASS_NAMES, loss=loss)
+
+
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA()) -> dict:
-    """Metrics of ``model`` on (x, y); the loss is plain (unsmoothed) cross-entropy.
+    """Metrics of ``model`` on (x, y) (:func:`score`).
 
     ``tta``: of the probabilities averaged over the views of each image
     (:func:`predict_probabilities`).
@@ -52,15 +67,21 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA())
     Raises:
         NonFiniteOutputs: the model gives NaN or infinite probabilities.
     """
-    probabilities = predict_probabilities(model, x, tta)
-    if not np.isfinite(probabilities).all():
-        raise NonFiniteOutputs(f"model {model.name} gives NaN or infinite outputs, so its weights are not finite")
-    loss = float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y)), y], 1e-12, 1.0))))
-    return classification_metrics(y, probabilities, fdata.CLASS_NAMES, loss=loss)
+    return score(predict_probabilities(model, x, tta), y, model.name)
 
 
-def final_metrics(run: RunDir, config: TrainConfig, splits: Splits, facts: dict) -> tuple[keras.Model, dict]:
-    """The saved best model of ``config.model``, loaded from ``run``, and its metrics.
+class FinalResult(NamedTuple):
+    """The saved best model, its metrics, and its test-set probabilities (with the run's TTA)."""
+
+    model: keras.Model
+    metrics: dict
+    test_probabilities: np.ndarray
+
+
+def final_metrics(run: RunDir, config: TrainConfig, splits: Splits, facts: dict) -> FinalResult:
+    """The saved best model of ``config.model``, loaded from ``run``, its
+    metrics, and its test-set probabilities (for the report, which then does
+    not predict the views again).
 
     The metrics describe exactly the file a user gets: ``model.keras`` is
     loaded back and evaluated on the validation and test splits (in the
@@ -82,10 +103,11 @@ def final_metrics(run: RunDir, config: TrainConfig, splits: Splits, facts: dict)
     best = load_model(model_file)
     portable = splits.in_format("channels_last")
     tta = TTA.of(config)
+    test_probabilities = predict_probabilities(best, portable.x_test, tta)
     metrics = {
         **facts,  # what fit recorded; what is computed here comes after it and wins
         "model": config.model,
-        "test": evaluate(best, portable.x_test, portable.y_test, tta),
+        "test": score(test_probabilities, portable.y_test, best.name),
         "validation": evaluate(best, portable.x_val, portable.y_val, tta),
         "test_time_augmentation": tta.name,
         "num_params": int(best.count_params()),
@@ -93,4 +115,4 @@ def final_metrics(run: RunDir, config: TrainConfig, splits: Splits, facts: dict)
         "num_val": int(len(splits.x_val)),
         "num_test": int(len(splits.x_test)),
     }
-    return best, metrics
+    return FinalResult(best, metrics, test_probabilities)

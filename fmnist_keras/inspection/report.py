@@ -102,17 +102,26 @@ def read_metrics(run_dir: Path) -> dict:
     return data
 
 
-def predict(model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA()) -> Predictions:
+def predict(model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA(), probabilities: np.ndarray | None = None) -> Predictions:
     """One pass of the model over the images: features and probabilities.
 
     With test-time augmentation ``tta`` the probabilities are averaged over the
     views of each image (a pass per view), as the run's metrics were; the
-    features are the images' own.
+    features are the images' own. ``probabilities`` already averaged that way
+    (the run's own, from its evaluation) are used as they are, without the
+    passes over the views.
+
+    Raises:
+        ValueError: ``probabilities`` is not one row of class probabilities per image.
     """
     data_format = input_data_format(model)
-    features, probabilities = internals.embeddings_and_probabilities(model, x)
-    probabilities = tta.mean(lambda view: predict_probabilities(model, view), x, data_format, own=probabilities)
-    return Predictions(x, np.asarray(y), data_format, probabilities, features)
+    features, own = internals.embeddings_and_probabilities(model, x)
+    if probabilities is None:
+        probabilities = tta.mean(lambda view: predict_probabilities(model, view), x, data_format, own=own)
+    elif np.shape(probabilities) != own.shape:
+        raise ValueError(f"the test probabilities have shape {np.shape(probabilities)}, not {own.shape}: pass one "
+                         f"row of class probabilities per test image, or none to predict them here.")
+    return Predictions(x, np.asarray(y), data_format, np.asarray(probabilities, dtype=np.float64), features)
 
 
 def best_epoch(metrics: dict, columns: dict) -> int | None:
@@ -265,6 +274,7 @@ def write_report(
     image_index: int | None = None,
     layers: list[str] | None = None,
     seed: int = 0,
+    test_probabilities: np.ndarray | None = None,
 ) -> Path:
     """Draw every figure for one trained model and write ``report.md`` embedding them.
 
@@ -287,6 +297,10 @@ def write_report(
             seeded one (:func:`default_image_index`).
         layers: layers for the feature maps; default each convolution's output.
         seed: seeds the choice of sample and explained images.
+        test_probabilities: the model's class probabilities for ``x_test``,
+            with the test-time augmentation named in ``metrics`` (what
+            :func:`fmnist_keras.engine.evaluation.final_metrics` returns);
+            default predicted here.
 
     Returns:
         The path of ``report.md``.
@@ -304,7 +318,8 @@ def write_report(
     if layers is not None:
         internals.check_feature_layers(model, layers)  # fail on a bad request before the slow part
 
-    test = predict(model, x_test, y_test, TTA.named(metrics.get("test_time_augmentation")) or TTA())
+    test = predict(model, x_test, y_test, TTA.named(metrics.get("test_time_augmentation")) or TTA(),
+                   test_probabilities)
     computed = classification_metrics(test.y, test.probabilities, CLASS_NAMES)
     title = metrics.get("model") or model.name
     samples = (x_train, y_train) if x_train is not None else (x_test, test.y)
