@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate with the mean over each image's copies shifted by one pixel up, down, left "
                         "and right too: 5 views, 10 with --flip-tta (test-time augmentation; evaluation makes 5 "
                         f"times the passes; default: on for {shifted}; off for the others)")
-    parser.add_argument("--patience", type=_checked("patience"), default=DEFAULTS.patience, metavar="N",
-                        help=f"EarlyStopping patience in epochs, on validation loss (default: {DEFAULTS.patience})")
+    parser.add_argument("--patience", type=_checked("patience"), metavar="N",
+                        help=f"EarlyStopping patience in epochs, on validation loss (default per model: "
+                        f"{_per_model('patience')})")
     parser.add_argument("--val-split", type=_checked("val_split"), default=DEFAULTS.val_split, metavar="F",
                         help=f"stratified fraction of the training set used for validation (default: {DEFAULTS.val_split:g})")
     parser.add_argument("--seed", type=_checked("seed"), default=DEFAULTS.seed,

@@ -10,7 +10,7 @@ from fmnist_keras.config import (CHOICES, FLAGS, MODEL_DEFAULTS, MODEL_NAMES, PE
                                  load_config)
 from fmnist_keras.rundir import RunDirError
 
-OPTIONAL = ("epochs", "learning_rate", "weight_decay", "subset", "ema")  # None means the model's default or all the data
+OPTIONAL = ("epochs", "learning_rate", "weight_decay", "subset", "ema", "patience")  # None means the model's default or all the data
 
 
 def outside(kind, low, high):
@@ -49,8 +49,8 @@ def test_wrong_types_are_refused(name):
 
 def test_optional_numbers_may_be_null():
     config = TrainConfig.from_dict({name: None for name in (*OPTIONAL, "flip_tta", "shift_tta")})
-    assert (config.epochs, config.learning_rate, config.weight_decay, config.subset, config.ema,
-            config.flip_tta, config.shift_tta) == (None,) * 7
+    assert (config.epochs, config.learning_rate, config.weight_decay, config.subset, config.ema, config.patience,
+            config.flip_tta, config.shift_tta) == (None,) * 8
 
 
 @pytest.mark.parametrize("name", CHOICES)
@@ -104,7 +104,7 @@ def test_resolved_fills_the_model_defaults_only_where_unset(model):
     defaults = MODEL_DEFAULTS[model]
     assert {name: getattr(resolved, name) for name in PER_MODEL} == {name: defaults[name] for name in PER_MODEL}
     explicit = TrainConfig(model=model, epochs=2, learning_rate=0.01, weight_decay=0.0,
-                           flip_tta=not defaults["flip_tta"], shift_tta=not defaults["shift_tta"], ema=0.5)
+                           flip_tta=not defaults["flip_tta"], shift_tta=not defaults["shift_tta"], ema=0.5, patience=3)
     assert explicit.resolved() == explicit
     assert dataclasses.replace(resolved, **{name: None for name in PER_MODEL}) == TrainConfig(model=model)
 
