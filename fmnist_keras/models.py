@@ -212,8 +212,9 @@ def build_cnn_large(
     filters), a wider embedding, and random erasing on top of flips and
     shifts. About 6x the multiply-adds of :func:`build_cnn`: 95.73% test
     accuracy in 40 epochs (one seed, bfloat16, flip and shift test-time
-    augmentation), 38 minutes on two CPU cores (README, "Results"). ``changes`` are more arguments of
-    :func:`build_cnn`, which replace :data:`CNN_LARGE`'s (for ablations: ``dropout=0.2``).
+    augmentation), 38 minutes on two CPU cores (README, "Results").
+    ``changes`` are more arguments of :func:`build_cnn`, which replace
+    :data:`CNN_LARGE`'s (for ablations: ``dropout=0.2``).
     """
     return build_cnn(
         **{**CNN_LARGE, **changes}, num_classes=num_classes, data_format=data_format, seed=seed, name=name

@@ -102,7 +102,8 @@ def read_metrics(run_dir: Path) -> dict:
     return data
 
 
-def predict(model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA(), probabilities: np.ndarray | None = None) -> Predictions:
+def predict(model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA(),
+            probabilities: np.ndarray | None = None) -> Predictions:
     """One pass of the model over the images: features and probabilities.
 
     With test-time augmentation ``tta`` the probabilities are averaged over the
