@@ -122,7 +122,7 @@ def run_tta(choice: str, model_dir):
     if not path.is_file():
         return TTA()
     try:
-        config = load_config(path).resolved()
+        config = load_config(path)
     except RunDirError as error:
         raise RunDirError(f"{error} (--tta run reads it for the run's test-time augmentation; "
                           f"--tta {', '.join(list(CHOICES)[:-1])} or {list(CHOICES)[-1]} does without it)") from None
