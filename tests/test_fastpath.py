@@ -619,7 +619,7 @@ class _HostReads:
     from the third batch's beginning to the seventh's: four whole steps.
 
     ``copies`` counts, by the type of the data and the same Keras function
-    (or ``fmnist_keras.``\ *function* for the project's own code),
+    (or ``fmnist_keras.<function>`` for the project's own code),
     the tensors made from host data (``torch.as_tensor(0.5, device=...)``
     and the like): on a GPU each is a copy to the device, and torch waits
     for it (a synchronisation too).
