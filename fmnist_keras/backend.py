@@ -157,9 +157,10 @@ def default_mixed_precision(backend: str, model: str) -> bool:
     Only where it was measured to pay: the torch backend on a CPU with AMX
     trains the default CNN about twice as fast in bfloat16 at the same test
     accuracy, and ``cnn-large`` 1.7x as fast (``config.BFLOAT16_ON_AMX``;
-    docs/backends.md, "Mixed precision"). Elsewhere float32: on a CPU without AMX, which emulates
-    bfloat16, the CNN trained 2.2x slower in bfloat16, and the MLP gained
-    nothing even with AMX; GPUs, TensorFlow and JAX until measured.
+    docs/backends.md, "Mixed precision"). Elsewhere float32: on a CPU
+    without AMX, which emulates bfloat16, the CNN trained 2.2x slower in
+    bfloat16, and the MLP gained nothing even with AMX; GPUs, TensorFlow and
+    JAX until measured.
     """
     return model in BFLOAT16_ON_AMX and backend == "torch" and not has_gpu() and cpu_has_amx()
 

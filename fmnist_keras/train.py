@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
                         help="compute in bfloat16 (CPU) or float16 (GPU), keep float32 weights and outputs "
                         f"(default: on for {' and '.join(BFLOAT16_ON_AMX)} with the torch backend on a CPU with AMX "
-                        "bfloat16, where it trains the CNN 2.2x faster at the same accuracy; off elsewhere; the "
+                        "bfloat16, where they train 1.7-2.2x faster (the CNN at the same accuracy); off elsewhere; the "
                         "decision is saved in config.json)")
     parser.add_argument("--data-format", choices=DATA_FORMATS, default=DEFAULTS.data_format,
                         help="image layout while training; 'auto' is channels_last (channels_first on torch with "
