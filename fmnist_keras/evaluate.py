@@ -20,8 +20,8 @@ from pathlib import Path
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_tta_argument, escape_unencodable_output,
                               in_range, one_line, print_error, run_tta)
-from fmnist_keras.rundir import (CONFIG_FILE, FIGURES_DIR, METRICS_FILE, REPORT_FILE, RunDirError,
-                                 is_epoch_count, is_finite_number, is_model_dir, read_json, write_json)
+from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, FIGURES_DIR, METRICS_FILE, REPORT_FILE, TEXT,
+                                 RunDirError, check_fields, is_finite_number, is_model_dir, read_json, write_json)
 
 EVALUATION_FILE = "evaluation.json"
 # Written into an --out-dir that evaluate writes to (a run's model directory
@@ -46,14 +46,8 @@ def read_run_metrics(path: Path) -> dict:
     data = read_json(path, "the run's metrics", fix)
     if not isinstance(data, dict):
         raise RunDirError(f"{path} is damaged: a JSON {type(data).__name__}, not an object; {fix}.")
-    if "model" in data and not isinstance(data["model"], str):
-        raise RunDirError(f"{path} is damaged: model is {repr(data['model'])[:60]}; expected a str; {fix}.")
-    if "best_epoch" in data and not (data["best_epoch"] is None or is_epoch_count(data["best_epoch"])):
-        raise RunDirError(f"{path} is damaged: best_epoch is {repr(data['best_epoch'])[:60]}; expected an epoch "
-                          f"number or null; {fix}.")
-    if "validation" in data and not _split_metrics(data["validation"]):
-        raise RunDirError(f"{path} is damaged: validation is {repr(data['validation'])[:60]}, not the metrics of a "
-                          f"split; {fix}.")
+    check_fields(path, data, {"model": TEXT, "best_epoch": EPOCH_OR_NONE,
+                              "validation": (_split_metrics, "the metrics of a split")}, fix, required=False)
     return data
 
 

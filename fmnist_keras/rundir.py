@@ -383,9 +383,8 @@ class RunDir:
         data = read_json(path, "the record of a finished fit", fix)
         if not isinstance(data, dict) or not is_finite_number(data.get("epochs_run")) or not is_finite_number(data.get("train_time_s")):
             raise RunDirError(f"{path} is damaged: no epochs_run/train_time_s numbers; {fix}.")
-        _check_fields(path, data, _FIT_FIELDS, fix)
-        if "wall_time_s" in data:
-            _check_fields(path, data, {"wall_time_s": is_finite_number}, fix)
+        check_fields(path, data, _FIT_FIELDS, fix)
+        check_fields(path, data, {"wall_time_s": _SECONDS}, fix, required=False)
         return data
 
     def read_metrics(self, model: str) -> dict | None:
@@ -398,8 +397,8 @@ class RunDir:
         test = data.get("test") if isinstance(data, dict) else None
         if not isinstance(test, dict) or not is_finite_number(test.get("accuracy")):
             raise RunDirError(f"{path} is damaged: no test accuracy; {fix}.")
-        _check_fields(path, data, {**_FIT_FIELDS, "model": _is_str, "wall_time_s": is_finite_number}, fix)
-        _check_fields(path, test, {"macro_f1": is_finite_number, "loss": is_finite_number}, fix, prefix="test.")
+        check_fields(path, data, {**_FIT_FIELDS, "model": TEXT, "wall_time_s": _SECONDS}, fix)
+        check_fields(path, test, {"macro_f1": _NUMBER, "loss": _NUMBER}, fix, prefix="test.")
         return data
 
 
@@ -418,26 +417,45 @@ def is_epoch_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= RANGES["epochs"][2]
 
 
-def _is_str(value) -> bool:
-    return isinstance(value, str)
+def is_epoch_or_none(value) -> bool:
+    """An epoch number, or None where there is none (``best_epoch``, ``nan_epoch``)."""
+    return value is None or is_epoch_count(value)
 
 
-# What train reads back from fit.json (and metrics.json) on --resume, with its check.
+# A run file's field, for check_fields: its check, and what the check expects.
+TEXT = (lambda value: isinstance(value, str), "a string")
+EPOCH_OR_NONE = (is_epoch_or_none, "an epoch number or null")
+_NUMBER = (is_finite_number, "a number")
+_SECONDS = (is_finite_number, "a number of seconds")
+
+# What train reads back from fit.json (and metrics.json) on --resume.
 _FIT_FIELDS = {
-    "epochs_run": is_epoch_count,
-    "best_epoch": lambda value: value is None or is_epoch_count(value),
-    "terminated_on_nan": lambda value: isinstance(value, bool),
-    "nan_epoch": lambda value: value is None or is_epoch_count(value),
-    "train_time_s": is_finite_number,
+    "epochs_run": (is_epoch_count, "an epoch count"),
+    "best_epoch": EPOCH_OR_NONE,
+    "terminated_on_nan": (lambda value: isinstance(value, bool), "true or false"),
+    "nan_epoch": EPOCH_OR_NONE,
+    "train_time_s": _SECONDS,
 }
 
 
-def _check_fields(path: Path, data: dict, fields: dict, fix: str, prefix: str = "") -> None:
-    """Refuse ``data`` unless each of ``fields`` is present and passes its check."""
-    for key, valid in fields.items():
-        if key not in data or not valid(data[key]):
-            shown = repr(data[key])[:60] if key in data else "missing"
-            raise RunDirError(f"{path} is damaged: {prefix}{key} is {shown}; {fix}.")
+def check_fields(path: Path, data: dict, fields: dict, fix: str, *, prefix: str = "", required: bool = True) -> None:
+    """Refuse ``data`` unless each of ``fields`` passes its check.
+
+    Args:
+        fields: name -> (check, what it expects), e.g. ``(is_epoch_count, "an epoch count")``.
+        fix: how to repair the file, the end of the error.
+        prefix: put before each name in the error (``"test."`` for a nested object).
+        required: whether a missing field is damage; if not, only present fields are checked.
+
+    Raises:
+        RunDirError: ``PATH is damaged: NAME is VALUE; expected WHAT; FIX.``
+    """
+    for key, (valid, expected) in fields.items():
+        if key not in data:
+            if required:
+                raise RunDirError(f"{path} is damaged: {prefix}{key} is missing; expected {expected}; {fix}.")
+        elif not valid(data[key]):
+            raise RunDirError(f"{path} is damaged: {prefix}{key} is {repr(data[key])[:60]}; expected {expected}; {fix}.")
 
 
 # The hidden name a run directory takes while --overwrite removes it: .removing-NAME-PID.

@@ -273,9 +273,9 @@ def _damage(run, case):
         ("config-bad-value", r"config\.json is damaged: val_split is 1\.5; expected a number from 0\.001 to 0\.999"),
         ("metrics-garbage", r"metrics\.json is damaged: not valid JSON for the run's metrics"),
         ("metrics-wrong-type", r"metrics\.json is damaged: best_epoch is 'two'; expected an epoch number or null"),
-        ("metrics-wrong-validation", r"metrics\.json is damaged: validation is \{'x': 1\}, not the metrics of a split"),
+        ("metrics-wrong-validation", r"metrics\.json is damaged: validation is \{'x': 1\}; expected the metrics of a split"),
         ("metrics-huge-numbers", r"metrics\.json is damaged: best_epoch is 1000000000.*; expected an epoch number"),
-        ("metrics-huge-accuracy", r"metrics\.json is damaged: validation is .*, not the metrics of a split"),
+        ("metrics-huge-accuracy", r"metrics\.json is damaged: validation is .*; expected the metrics of a split"),
         ("model-truncated", r"model\.keras is not a zip archive .* It may be truncated"),
     ],
 )

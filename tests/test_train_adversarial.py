@@ -335,6 +335,28 @@ def test_resume_of_a_damaged_run_file_is_one_line_naming_it(finished_run, capsys
     _one_line_error(capsys, str(finished_run / file))
 
 
+_FIT = '{"epochs_run": 2, "train_time_s": 1, "terminated_on_nan": false, "nan_epoch": null, '
+
+
+@pytest.mark.parametrize("file, content, says", [
+    ("fit.json", '{"epochs_run": 2, "train_time_s": 1, "terminated_on_nan": true}',
+     "best_epoch is missing; expected an epoch number or null"),
+    ("fit.json", _FIT + '"best_epoch": [1, 2]}', "best_epoch is [1, 2]; expected an epoch number or null"),
+    ("fit.json", _FIT + '"best_epoch": 2, "wall_time_s": "x"}', "wall_time_s is 'x'; expected a number of seconds"),
+    ("metrics.json", '{"test": {"accuracy": 0.5, "macro_f1": 1, "loss": 1}, "model": 5}',
+     "epochs_run is missing; expected an epoch count"),
+    ("metrics.json", '{"test": {"accuracy": 0.5, "macro_f1": "x", "loss": 1}, "model": "mlp", ' + _FIT[1:]
+     + '"best_epoch": 2, "wall_time_s": 3}', "test.macro_f1 is 'x'; expected a number"),
+])
+def test_a_damaged_fit_or_metrics_field_is_named_with_what_it_should_be(finished_run, capsys, file, content, says):
+    (finished_run / "mlp" / "metrics.json").unlink()
+    if file == "metrics.json":
+        (finished_run / "mlp" / "fit.json").unlink()
+    (finished_run / "mlp" / file).write_text(content)
+    assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, f"{finished_run / 'mlp' / file} is damaged: {says}; delete")
+
+
 def test_resume_with_damaged_backup_metadata_is_one_line(finished_run, capsys):
     for name in ("metrics.json", "fit.json"):
         (finished_run / "mlp" / name).unlink()
