@@ -381,8 +381,8 @@ class RunDir:
             return None
         fix = f"delete {path} to train {model} again with --resume"
         data = read_json(path, "the record of a finished fit", fix)
-        if not isinstance(data, dict) or not is_finite_number(data.get("epochs_run")) or not is_finite_number(data.get("train_time_s")):
-            raise RunDirError(f"{path} is damaged: no epochs_run/train_time_s numbers; {fix}.")
+        if not isinstance(data, dict):
+            raise RunDirError(f"{path} is damaged: a JSON {type(data).__name__}, not an object; {fix}.")
         check_fields(path, data, _FIT_FIELDS, fix)
         check_fields(path, data, {"wall_time_s": _SECONDS}, fix, required=False)
         return data

@@ -339,6 +339,8 @@ _FIT = '{"epochs_run": 2, "train_time_s": 1, "terminated_on_nan": false, "nan_ep
 
 
 @pytest.mark.parametrize("file, content, says", [
+    ("fit.json", "[1, 2]", "a JSON list, not an object"),
+    ("fit.json", "{}", "epochs_run is missing; expected an epoch count"),
     ("fit.json", '{"epochs_run": 2, "train_time_s": 1, "terminated_on_nan": true}',
      "best_epoch is missing; expected an epoch number or null"),
     ("fit.json", _FIT + '"best_epoch": [1, 2]}', "best_epoch is [1, 2]; expected an epoch number or null"),
