@@ -21,7 +21,8 @@ from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_tta_argument, escape_unencodable_output,
                               in_range, one_line, print_error, run_tta)
 from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, FIGURES_DIR, METRICS_FILE, REPORT_FILE, TEXT,
-                                 RunDirError, check_fields, is_finite_number, is_model_dir, read_json, write_json)
+                                 RunDirError, check_fields, is_finite_number, is_model_dir, read_json_object,
+                                 write_json)
 
 EVALUATION_FILE = "evaluation.json"
 # Written into an --out-dir that evaluate writes to (a run's model directory
@@ -43,9 +44,7 @@ def read_run_config(path: Path):
 def read_run_metrics(path: Path) -> dict:
     """The facts ``train`` wrote to ``metrics.json`` that the report shows, types checked."""
     fix = "rewrite it with train, or delete it (it is only read for the report's title and facts)"
-    data = read_json(path, "the run's metrics", fix)
-    if not isinstance(data, dict):
-        raise RunDirError(f"{path} is damaged: a JSON {type(data).__name__}, not an object; {fix}.")
+    data = read_json_object(path, "the run's metrics", fix)
     check_fields(path, data, {"model": TEXT, "best_epoch": EPOCH_OR_NONE,
                               "validation": (_split_metrics, "the metrics of a split")}, fix, required=False)
     return data

@@ -143,6 +143,14 @@ def read_json(path: Path, what: str, fix: str):
         raise RunDirError(f"cannot read {path} ({error.strerror}); {fix}.") from None
 
 
+def read_json_object(path: Path, what: str, fix: str) -> dict:
+    """:func:`read_json` for a file that holds one JSON object; anything else is one RunDirError line."""
+    data = read_json(path, what, fix)
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path} is damaged: a JSON {type(data).__name__}, not an object; {fix}.")
+    return data
+
+
 def _no_constants(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -380,9 +388,7 @@ class RunDir:
         if not path.exists():
             return None
         fix = f"delete {path} to train {model} again with --resume"
-        data = read_json(path, "the record of a finished fit", fix)
-        if not isinstance(data, dict):
-            raise RunDirError(f"{path} is damaged: a JSON {type(data).__name__}, not an object; {fix}.")
+        data = read_json_object(path, "the record of a finished fit", fix)
         check_fields(path, data, _FIT_FIELDS, fix)
         check_fields(path, data, {"wall_time_s": _SECONDS}, fix, required=False)
         return data

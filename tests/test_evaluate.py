@@ -247,6 +247,8 @@ def _damage(run, case):
         (run / "config.json").write_text(json.dumps({**config, "val_split": 1.5}))
     elif case == "metrics-garbage":
         (run / "metrics.json").write_bytes(b"\x00\xff garbage")
+    elif case == "metrics-a-list":
+        (run / "metrics.json").write_text("[1, 2]")
     elif case == "metrics-wrong-type":
         (run / "metrics.json").write_text(json.dumps({"model": "cnn", "best_epoch": "two"}))
     elif case == "metrics-wrong-validation":
@@ -272,6 +274,7 @@ def _damage(run, case):
         ("config-deep", r"config\.json is damaged: not valid JSON for the run's configuration \(.*recursion"),
         ("config-bad-value", r"config\.json is damaged: val_split is 1\.5; expected a number from 0\.001 to 0\.999"),
         ("metrics-garbage", r"metrics\.json is damaged: not valid JSON for the run's metrics"),
+        ("metrics-a-list", r"metrics\.json is damaged: a JSON list, not an object; rewrite it with train"),
         ("metrics-wrong-type", r"metrics\.json is damaged: best_epoch is 'two'; expected an epoch number or null"),
         ("metrics-wrong-validation", r"metrics\.json is damaged: validation is \{'x': 1\}; expected the metrics of a split"),
         ("metrics-huge-numbers", r"metrics\.json is damaged: best_epoch is 1000000000.*; expected an epoch number"),

@@ -27,7 +27,7 @@ from fmnist_keras.engine.evaluation import predict_probabilities
 from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics
-from fmnist_keras.rundir import (FIGURES_DIR, HISTORY_FILE, METRICS_FILE, REPORT_FILE, RunDirError, read_json,
+from fmnist_keras.rundir import (FIGURES_DIR, HISTORY_FILE, METRICS_FILE, REPORT_FILE, RunDirError, read_json_object,
                                  write_bytes, write_text)
 from fmnist_keras.tta import TTA
 # How many test images the saliency figure explains and the mistakes grid
@@ -96,10 +96,7 @@ def read_metrics(run_dir: Path) -> dict:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return {}
-    data = read_json(path, "the run's metrics", "rewrite it with train, or pass the metrics in")
-    if not isinstance(data, dict):
-        raise RunDirError(f"{path} is damaged: a JSON {type(data).__name__}, not an object; rewrite it with train.")
-    return data
+    return read_json_object(path, "the run's metrics", "rewrite it with train, or pass the metrics in")
 
 
 def predict(model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA(),
