@@ -22,6 +22,7 @@ import sys
 import time
 
 from fmnist_keras.backend import add_backend_arguments
+from fmnist_keras.allocator import keep_freed_memory
 from fmnist_keras.cli import add_data_arguments, escape_unencodable_output, in_range, one_line, print_error
 from fmnist_keras.config import (
     BFLOAT16_ON_AMX, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig, load_config,
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image layout while training; 'auto' is channels_last (channels_first on torch with "
                         "--no-fast-path); the saved model is channels_last either way (default: auto)")
     parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
-                        help="torch: train with stock Keras instead of the fast path (zero-copy layouts, batched "
+                        help="torch: train and evaluate with stock Keras instead of the fast path (zero-copy layouts, batched "
                         "augmentation, fused BatchNorm and AdamW; same results, see docs/speed.md); for "
                         "comparisons and debugging (default: fast path on)")
     parser.add_argument("--distribute", action="store_true",
@@ -235,6 +236,7 @@ def _main(argv: list[str] | None) -> int:
     escape_unencodable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     with contextlib.ExitStack() as held:
         run, configs = None, None
         if args.resume is not None:  # "--resume ''" is a mistake to report, not "no resume"

@@ -12,6 +12,7 @@ import numpy as np
 
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
+from fmnist_keras.engine import fastpath
 from fmnist_keras.engine.splits import Splits
 from fmnist_keras.loading import input_data_format, load_model
 from fmnist_keras.metrics import classification_metrics
@@ -23,22 +24,27 @@ class TrainingInterrupted(RuntimeError):
     """Training stopped before any model was saved (NaN loss from the start)."""
 
 
-# Images per predict call: on a 2-core CPU, 256 runs the CNN 1.2-1.3x faster than 512, whose
-# activations are allocated afresh (and page-faulted) at every batch (docs/results.md, "Test-time
-# augmentation with shifts").
+# Images per predict call: 128-256 predict the CNN at the same speed, and 512 more slowly (docs/speed.md,
+# "Inference"); 256 gives the probabilities that the documented accuracies were measured with.
 PREDICT_BATCH = 256
 
 
 def predict_probabilities(model: keras.Model, x: np.ndarray, tta: TTA = TTA(),
-                          batch_size: int = PREDICT_BATCH) -> np.ndarray:
+                          batch_size: int = PREDICT_BATCH, fast_path: bool = True) -> np.ndarray:
     """The model's class probabilities for the images ``x`` (in the model's layout), as float64.
 
     With test-time augmentation ``tta``, the mean of the probabilities of the
     views of each image (its mirror image for models trained with horizontal
     flips, its copies shifted by a pixel for models trained with shifts),
     made in numpy (:mod:`fmnist_keras.tta`), the same on every backend.
+
+    ``fast_path``: on torch, predict with :func:`fmnist_keras.engine.fastpath.active`
+    (the same probabilities as stock Keras, 1.5-2 times as fast on a CPU); the model
+    keeps its direct layer calls, and Keras gets its own functions back.
     """
-    return tta.mean(lambda view: model.predict(view, batch_size=batch_size, verbose=0), x, input_data_format(model))
+    with fastpath.active(model, enabled=fast_path):
+        return tta.mean(lambda view: model.predict(view, batch_size=batch_size, verbose=0), x,
+                        input_data_format(model))
 
 
 class NonFiniteOutputs(ValueError):
@@ -58,16 +64,15 @@ def score(probabilities: np.ndarray, y: np.ndarray, name: str) -> dict:
     return classification_metrics(y, probabilities, fdata.CLASS_NAMES, loss=loss)
 
 
-def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA()) -> dict:
+def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA(), fast_path: bool = True) -> dict:
     """Metrics of ``model`` on (x, y) (:func:`score`).
 
-    ``tta``: of the probabilities averaged over the views of each image
-    (:func:`predict_probabilities`).
+    ``tta`` and ``fast_path``: as :func:`predict_probabilities` takes them.
 
     Raises:
         NonFiniteOutputs: the model gives NaN or infinite probabilities.
     """
-    return score(predict_probabilities(model, x, tta), y, model.name)
+    return score(predict_probabilities(model, x, tta, fast_path=fast_path), y, model.name)
 
 
 class FinalResult(NamedTuple):
@@ -103,12 +108,12 @@ def final_metrics(run: RunDir, config: TrainConfig, splits: Splits, facts: dict)
     best = load_model(model_file)
     portable = splits.in_format("channels_last")
     tta = TTA.of(config)
-    test_probabilities = predict_probabilities(best, portable.x_test, tta)
+    test_probabilities = predict_probabilities(best, portable.x_test, tta, fast_path=config.fast_path)
     metrics = {
         **facts,  # what fit recorded; what is computed here comes after it and wins
         "model": config.model,
         "test": score(test_probabilities, portable.y_test, best.name),
-        "validation": evaluate(best, portable.x_val, portable.y_val, tta),
+        "validation": evaluate(best, portable.x_val, portable.y_val, tta, fast_path=config.fast_path),
         "test_time_augmentation": tta.name,
         "num_params": int(best.count_params()),
         "num_train": int(len(splits.x_train)),
