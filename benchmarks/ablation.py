@@ -239,8 +239,10 @@ def use_linear_decay() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from fmnist_keras.allocator import keep_freed_memory
     from fmnist_keras.backend import select_backend
 
+    keep_freed_memory()  # as train does
     select_backend("torch", "auto")
     from fmnist_keras import data as fdata
 
