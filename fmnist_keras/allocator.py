@@ -4,9 +4,9 @@ PyTorch on a CPU allocates every batch's activations with the C library's
 ``malloc``. glibc serves large blocks with fresh ``mmap`` calls, above a
 threshold that it moves on its own, and hands the free memory at the top of its
 heap back to the system. A batch's activations can then land on new pages that
-the kernel must fault in, one by one, at every batch: the CNN's 10-view
-evaluation ran at 3,600 images/s instead of 6,400-7,000, depending on what the
-process had allocated before (docs/speed.md, "Inference"). Fixed thresholds,
+the kernel must fault in, one by one, at every batch: on the fast path the
+CNN's 10-view evaluation predicted 2,700-3,800 images/s with glibc's own
+thresholds and 5,400-6,200 with these (docs/speed.md, "Inference"). Fixed thresholds,
 set with glibc's documented ``mallopt``, keep those blocks in the heap for
 reuse. The commands call :func:`keep_freed_memory` once at start; importing
 this module changes nothing. Other C libraries (macOS, musl) are left as they

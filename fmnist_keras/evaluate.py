@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.allocator import keep_freed_memory
+from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_tta_argument, escape_unencodable_output,
                               in_range, one_line, print_error, run_tta)
 from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, FIGURES_DIR, METRICS_FILE, REPORT_FILE, TEXT,

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.allocator import keep_freed_memory
+from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_tta_argument, escape_unencodable_output, in_range, one_line,
                               print_error, run_tta)
 

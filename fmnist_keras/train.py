@@ -21,8 +21,8 @@ import signal
 import sys
 import time
 
-from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.allocator import keep_freed_memory
+from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import add_data_arguments, escape_unencodable_output, in_range, one_line, print_error
 from fmnist_keras.config import (
     BFLOAT16_ON_AMX, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig, load_config,

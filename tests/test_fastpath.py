@@ -895,3 +895,27 @@ def test_host_seeds_leave_a_generator_with_its_own_next_to_keras(installed):
     keras.random.uniform((2,), seed=generator)
     keras.random.uniform((2,), seed=generator)
     assert Counting.calls == 2
+
+
+# --- inference ------------------------------------------------------------------------------
+
+
+@torch_only
+@pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed-precision"])
+def test_evaluation_predicts_on_the_fast_path_exactly_what_stock_keras_predicts(tmp_path, mixed):
+    from fmnist_keras.engine.evaluation import predict_probabilities
+    from fmnist_keras.engine.recipe import dtype_policy
+    from fmnist_keras.loading import load_model
+    from fmnist_keras.models import build_model
+    from fmnist_keras.tta import TTA
+
+    keras.utils.set_random_seed(0)
+    with dtype_policy(mixed):
+        build_model("cnn", data_format="channels_last", seed=0).save(tmp_path / "model.keras")
+    stock, fast = load_model(tmp_path / "model.keras"), load_model(tmp_path / "model.keras")
+    x = _rng().random((40, 28, 28, 1), dtype=np.float32)
+    tta = TTA(flip=True, shift=True)
+    expected = predict_probabilities(stock, x, tta, fast_path=False)
+    np.testing.assert_array_equal(predict_probabilities(fast, x, tta), expected)
+    assert "call" in vars(fast) and "call" not in vars(stock)  # the fast model called its layers directly
+    assert fastpath._ORIGINALS == {}  # and Keras has its own functions back

@@ -24,7 +24,7 @@ class TrainingInterrupted(RuntimeError):
     """Training stopped before any model was saved (NaN loss from the start)."""
 
 
-# Images per predict call: 128-256 predict the CNN at the same speed, and 512 more slowly (docs/speed.md,
+# Images per predict call: 128-256 predict the CNN at about the same speed, and 512 more slowly (docs/speed.md,
 # "Inference"); 256 gives the probabilities that the documented accuracies were measured with.
 PREDICT_BATCH = 256
 
@@ -39,7 +39,7 @@ def predict_probabilities(model: keras.Model, x: np.ndarray, tta: TTA = TTA(),
     made in numpy (:mod:`fmnist_keras.tta`), the same on every backend.
 
     ``fast_path``: on torch, predict with :func:`fmnist_keras.engine.fastpath.active`
-    (the same probabilities as stock Keras, 1.5-2 times as fast on a CPU); the model
+    (the same probabilities as stock Keras, 1.3-2 times as fast on a CPU); the model
     keeps its direct layer calls, and Keras gets its own functions back.
     """
     with fastpath.active(model, enabled=fast_path):
