@@ -919,3 +919,17 @@ def test_evaluation_predicts_on_the_fast_path_exactly_what_stock_keras_predicts(
     np.testing.assert_array_equal(predict_probabilities(fast, x, tta), expected)
     assert "call" in vars(fast) and "call" not in vars(stock)  # the fast model called its layers directly
     assert fastpath._ORIGINALS == {}  # and Keras has its own functions back
+
+
+@torch_only
+def test_a_prediction_inside_a_stock_keras_block_runs_stock_keras(tmp_path):
+    from fmnist_keras.engine.evaluation import predict_probabilities
+
+    model = build_cnn()
+    x = _rng().random((4, 28, 28, 1), dtype=np.float32)
+    with fastpath.stock_keras():
+        predict_probabilities(model, x)
+        assert fastpath._ORIGINALS == {}
+    assert "call" not in vars(model)  # no direct layer calls either
+    predict_probabilities(model, x)
+    assert "call" in vars(model)

@@ -173,6 +173,8 @@ PIECES = (
 # What install() replaced: (module, name) -> Keras's original function.
 _ORIGINALS: dict = {}
 _WARNED: set = set()
+# How many stock_keras() blocks are open: active() inside one runs stock Keras.
+_STOCK_BLOCKS = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,15 +374,16 @@ def enable(model, optimizer=None) -> dict[str, str]:
 
 @contextlib.contextmanager
 def active(model, optimizer=None, enabled: bool = True):
-    """The fast path for the enclosed training, Keras's own functions after it.
+    """The fast path for the enclosed training or prediction, Keras's own functions after it.
 
-    Yields what :func:`enable` returns; with ``enabled=False`` runs the block
-    on stock Keras and yields ``{}``. The process-wide replacements are undone
+    Yields what :func:`enable` returns; with ``enabled=False``, or inside a
+    :func:`stock_keras` block, runs the block on stock Keras and yields ``{}``
+    (and leaves the model as it is). The process-wide replacements are undone
     on exit unless they were installed before, so code after training (export,
     other models) sees Keras as shipped. The model itself keeps its fused
     BatchNorm layers and direct layer calls, which compute what Keras's do.
     """
-    if not enabled:
+    if not enabled or _STOCK_BLOCKS:
         with stock_keras():
             yield {}
         return
@@ -426,12 +429,15 @@ def uninstall() -> None:
 
 @contextlib.contextmanager
 def stock_keras():
-    """Run the enclosed code with Keras's own backend functions."""
+    """Run the enclosed code with Keras's own backend functions (an :func:`active` block in it too)."""
+    global _STOCK_BLOCKS
     installed = bool(_ORIGINALS)
     uninstall()
+    _STOCK_BLOCKS += 1
     try:
         yield
     finally:
+        _STOCK_BLOCKS -= 1
         if installed:
             install()
 
