@@ -104,6 +104,13 @@ def add_tta_argument(parser: argparse.ArgumentParser) -> None:
                         "(default: run)")
 
 
+def add_fast_path_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-fast-path`` of the commands that run a saved model (train has its own, for training too)."""
+    parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                        help="torch: predict with stock Keras instead of the fast path (the same probabilities, "
+                        "more slowly; see docs/speed.md); for comparisons and debugging (default: fast path on)")
+
+
 def run_tta(choice: str, model_dir):
     """The :class:`fmnist_keras.tta.TTA` that ``--tta choice`` means for the model in ``model_dir``.
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from fmnist_keras.allocator import keep_freed_memory
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_tta_argument, escape_unencodable_output,
-                              in_range, one_line, print_error, run_tta)
+from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_fast_path_argument, add_tta_argument,
+                              escape_unencodable_output, in_range, one_line, print_error, run_tta)
 from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, FIGURES_DIR, METRICS_FILE, REPORT_FILE, TEXT,
                                  RunDirError, check_fields, is_finite_number, is_model_dir, read_json_object,
                                  write_json)
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=in_range(int, 0, 2**32 - 1, "numpy seeds"), default=0,
                         help="seed for the images the report samples and explains (default: 0)")
     add_tta_argument(parser)
+    add_fast_path_argument(parser)
     add_backend_arguments(parser)
     return parser
 
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     (x_train_raw, y_train_raw), (x_test_raw, y_test_raw) = raw
     x_test, y_test = fdata.to_model_input(x_test_raw, data_format), y_test_raw.astype("int64")
     try:
-        test_probabilities = evaluation.predict_probabilities(model, x_test, tta)
+        test_probabilities = evaluation.predict_probabilities(model, x_test, tta, fast_path=args.fast_path)
         test = evaluation.score(test_probabilities, y_test, model.name)
     except evaluation.NonFiniteOutputs:
         return _fail(f"{model_path} gives NaN or infinite outputs on the test set; the model is damaged "
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             return _fail(f"{config_path} does not rebuild a split of this data ({error}); rewrite it with train, "
                          f"or drop --validation.")
-        result["validation"] = evaluation.evaluate(model, splits.x_val, splits.y_val, tta)
+        result["validation"] = evaluation.evaluate(model, splits.x_val, splits.y_val, tta, fast_path=args.fast_path)
         x_train, y_train = splits.x_train, splits.y_train
 
     try:

@@ -31,8 +31,8 @@ import numpy as np
 
 from fmnist_keras.allocator import keep_freed_memory
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import (MODEL_HELP, add_tta_argument, escape_unencodable_output, in_range, one_line,
-                              print_error, run_tta)
+from fmnist_keras.cli import (MODEL_HELP, add_fast_path_argument, add_tta_argument, escape_unencodable_output,
+                              in_range, one_line, print_error, run_tta)
 
 SIZE = 28
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -339,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=in_range(int, 1, 10, "there are 10 classes"), default=3, metavar="K",
                         help="how many classes to show per image (default: 3)")
     add_tta_argument(parser)
+    add_fast_path_argument(parser)
     add_backend_arguments(parser)
     return parser
 
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     if items:
         x = to_model_input(np.stack([item.pixels for item in items]), input_data_format(model))
-        probabilities = predict_probabilities(model, x, tta)
+        probabilities = predict_probabilities(model, x, tta, fast_path=args.fast_path)
         try:
             check_probabilities(probabilities, args.model, [_item_name(item) for item in items])
         except InputError as error:

@@ -85,6 +85,21 @@ def isolated_env(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture
+def fast_path_requests(monkeypatch):
+    """What each ``fastpath.active`` block is asked for (its ``enabled``), in order; the blocks run as asked."""
+    from fmnist_keras.engine import fastpath
+
+    asked, active = [], fastpath.active
+
+    def recorded(model, optimizer=None, enabled=True):
+        asked.append(enabled)
+        return active(model, optimizer, enabled)
+
+    monkeypatch.setattr(fastpath, "active", recorded)
+    return asked
+
+
 def real_data_available() -> bool:
     return all(
         (REAL_DATA_DIR / f"{name}.gz").is_file() or (REAL_DATA_DIR / name).is_file() for name in fdata.FILES

@@ -415,3 +415,12 @@ def test_a_run_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     with pytest.raises(rundir.RunDirError, match="is not a regular file"):
         read_json(run / RUN_FILE, "the run's list of models", "start a new run")
     assert not is_model_dir(run / "mlp")
+
+
+@pytest.mark.parametrize("flags, fast", [([], True), (["--no-fast-path"], False)], ids=["default", "no-fast-path"])
+def test_evaluation_follows_the_fast_path_flag_and_keeps_freed_memory(
+        cnn_run, tiny_data_dir, monkeypatch, flags, fast, fast_path_requests):
+    kept = []
+    monkeypatch.setattr(evaluate, "keep_freed_memory", lambda: kept.append(True))
+    assert run_cli(tiny_data_dir, cnn_run, "--no-report", "--validation", *flags) == 0
+    assert fast_path_requests == [fast] * 2 and kept == [True]  # the test and validation predictions

@@ -469,3 +469,15 @@ def test_cli_tta_averages_the_mirror_image_as_the_run_says(trained, tmp_path, ca
     (run / "config.json").write_text("[]")
     assert predict.main([str(run), str(images)]) == 1
     assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, fast", [([], True), (["--no-fast-path"], False)], ids=["default", "no-fast-path"])
+def test_cli_predicts_on_the_fast_path_unless_told_not_to_and_keeps_freed_memory(
+        trained, tmp_path, monkeypatch, capsys, flags, fast, fast_path_requests):
+    kept = []
+    monkeypatch.setattr(predict, "keep_freed_memory", lambda: kept.append(True))
+    model_path, x_test, _ = trained
+    np.save(tmp_path / "images.npy", x_test[:3])
+    assert predict.main([str(model_path), str(tmp_path / "images.npy"), *flags]) == 0
+    assert fast_path_requests == [fast] and kept == [True]
+    assert capsys.readouterr().out.count("images.npy") == 3

@@ -139,6 +139,15 @@ def test_the_moving_average_and_tta_flags_reach_the_run(tmp_path, tiny_data_dir)
     assert flip_only["test_time_augmentation"] == "mean over the image and its mirror image"
 
 
+@pytest.mark.parametrize("flags, fast", [([], True), (["--no-fast-path"], False)], ids=["default", "no-fast-path"])
+def test_fit_and_evaluation_follow_the_fast_path_flag_and_train_keeps_freed_memory(
+        tmp_path, tiny_data_dir, monkeypatch, flags, fast, fast_path_requests):
+    kept = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda: kept.append(True))
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--no-report", *flags) == 0
+    assert fast_path_requests == [fast] * 3 and kept == [True]  # fit, then the test and validation predictions
+
+
 def test_subset_trains_on_fewer_images(tmp_path, tiny_data_dir):
     assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--subset", "200") == 0
     metrics = json.loads((tmp_path / "runs" / "run" / "mlp" / "metrics.json").read_text())
