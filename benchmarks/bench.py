@@ -82,12 +82,10 @@ def main(argv=None) -> int:
     from runner import keras_runner, peak_rss_mb, set_threads
 
     from fmnist_keras import data as fdata
-    from fmnist_keras.allocator import keep_freed_memory
     from fmnist_keras.backend import describe_device, select_backend
     from fmnist_keras.config import TrainConfig
     from fmnist_keras.engine.splits import make_splits
 
-    keep_freed_memory()  # as train does, for every path
     select_backend(keras.backend.backend())
     threads = set_threads(args.threads)
     torch_backend = keras.backend.backend() == "torch"

@@ -66,8 +66,16 @@ def worker(args) -> int:
     from fmnist_keras.loading import load_model
     from fmnist_keras.tta import TTA
 
-    model = load_model(model_file)
-    x = np.random.default_rng(0).random((args.images, 28, 28, 1), dtype=np.float32)
+    from fmnist_keras.cli import one_line
+    from fmnist_keras.loading import ModelLoadError, input_data_format
+
+    try:
+        model = load_model(model_file)
+    except ModelLoadError as error:
+        print(one_line(error), file=sys.stderr)
+        return 1
+    shape = (args.images, 28, 28, 1) if input_data_format(model) == "channels_last" else (args.images, 1, 28, 28)
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
     tta = TTA(flip=True, shift=True)
     rows = []
     for batch_size in args.batch_sizes:
@@ -107,7 +115,7 @@ def main(argv=None) -> int:
     if args.model is not None and not os.path.isfile(args.model):
         sys.exit(f"error: --model {args.model!r} is not a file; give a saved .keras model, or leave --model out.")
     with tempfile.TemporaryDirectory() as directory:
-        model_file = args.model or default_model(directory)
+        model_file = os.path.abspath(args.model) if args.model else default_model(directory)
         rows = []
         for allocator in ALLOCATORS:
             for path in PATHS:
@@ -117,7 +125,7 @@ def main(argv=None) -> int:
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode:
                     last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                    sys.exit(f"error: the {allocator} / {path} process failed: {last}")
+                    sys.exit(f"error: the {allocator} / {path} process failed: {last}")  # its own line says why
                 rows += json.loads(done.stdout.strip().splitlines()[-1])
     digests = {row["batch_size"]: set() for row in rows}
     for row in rows:
@@ -127,11 +135,14 @@ def main(argv=None) -> int:
     print("| --- | --- | ---: | ---: | ---: |")
     for row in rows:
         allocator = row["allocator"] if row["settings_set"] or row["allocator"] == ALLOCATORS[0] else \
-            f"{row['allocator']}, not set (not glibc)"
+            f"{row['allocator']}, not set here"
         print(f"| {allocator} | {row['path']} | {row['batch_size']} | {row['images_per_s']:,} "
               f"| {row['page_faults_per_round']:,} |")
     same = all(len(found) == 1 for found in digests.values())
     print("same probabilities on every row of a batch size:", "yes" if same else "NO")
+    if not same:
+        print("error: the paths or allocator settings gave different probabilities at one batch size; the fast "
+              "path no longer computes what Keras computes: run tests/test_fastpath.py.", file=sys.stderr)
     if args.json:
         outputs.write_json(args.json, rows)
     return 0 if same else 1

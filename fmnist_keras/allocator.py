@@ -40,6 +40,8 @@ def keep_freed_memory() -> bool:
 
     try:
         libc = ctypes.CDLL("libc.so.6")
+        # The mmap threshold first: where glibc refuses it (32-bit systems take at most 16 MiB),
+        # nothing is set.
         return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
             libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     except (OSError, AttributeError):

@@ -39,7 +39,7 @@ def predict_probabilities(model: keras.Model, x: np.ndarray, tta: TTA = TTA(),
     made in numpy (:mod:`fmnist_keras.tta`), the same on every backend.
 
     ``fast_path``: on torch, predict with :func:`fmnist_keras.engine.fastpath.active`
-    (the same probabilities as stock Keras, 1.3-2 times as fast on a CPU); the model
+    (the same probabilities as stock Keras, 1.2-2 times as fast on a CPU); the model
     keeps its direct layer calls, and Keras gets its own functions back.
     """
     with fastpath.active(model, enabled=fast_path):
