@@ -118,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image layout while training; 'auto' is channels_last (channels_first on torch with "
                         "--no-fast-path); the saved model is channels_last either way (default: auto)")
     parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
-                        help="torch: train and evaluate with stock Keras instead of the fast path (zero-copy layouts, batched "
-                        "augmentation, fused BatchNorm and AdamW; same results, see docs/speed.md); for "
-                        "comparisons and debugging (default: fast path on)")
+                        help="torch: train and evaluate with stock Keras instead of the fast path (zero-copy "
+                        "layouts, batched augmentation, fused BatchNorm and AdamW; same results, see docs/speed.md); "
+                        "for comparisons and debugging (default: fast path on)")
     parser.add_argument("--distribute", action="store_true",
                         help="jax: data-parallel over all local devices (keras.distribution.DataParallel); on torch "
                         "launch with torchrun --nproc_per_node N instead (default: off)")
