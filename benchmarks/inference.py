@@ -62,12 +62,10 @@ def worker(args) -> int:
     select_backend("torch")
     import numpy as np
 
-    from fmnist_keras.engine.evaluation import predict_probabilities
-    from fmnist_keras.loading import load_model
-    from fmnist_keras.tta import TTA
-
     from fmnist_keras.cli import one_line
-    from fmnist_keras.loading import ModelLoadError, input_data_format
+    from fmnist_keras.engine.evaluation import predict_probabilities
+    from fmnist_keras.loading import ModelLoadError, input_data_format, load_model
+    from fmnist_keras.tta import TTA
 
     try:
         model = load_model(model_file)
