@@ -10,13 +10,17 @@ thresholds and 5,400-6,200 with these (docs/speed.md, "Inference"). Fixed thresh
 set with glibc's documented ``mallopt``, keep those blocks in the heap for
 reuse. The commands call :func:`keep_freed_memory` once at start; importing
 this module changes nothing. Other C libraries (macOS, musl) are left as they
-are. Standard library only.
+are, and so is glibc where ``FMNIST_KEEP_FREED_MEMORY=0`` is set. Standard
+library only.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 
+# FMNIST_KEEP_FREED_MEMORY=0 leaves glibc's own thresholds (for comparisons).
+OPT_OUT = "FMNIST_KEEP_FREED_MEMORY"
 # mallopt's parameter numbers, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -32,9 +36,10 @@ def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds for the rest of the process; whether they are set.
 
     False (and nothing changes) where the C library is not glibc or refuses
-    the values. The values change only where memory comes from, never a result.
+    the values, or where the environment sets ``FMNIST_KEEP_FREED_MEMORY=0``.
+    The values change only where memory comes from, never a result.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if os.environ.get(OPT_OUT) == "0" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     import ctypes
 
