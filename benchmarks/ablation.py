@@ -97,10 +97,10 @@ def parse_args(argv=None):
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine",
                         help="cosine: train's warm-up then cosine decay; linear: the same warm-up, then a linear "
                         "decay to the same end (1%% of the peak) (default: cosine)")
-    parser.add_argument("--cutmix", type=float, default=0.0, metavar="P",
+    parser.add_argument("--cutmix", type=in_range(*RANGES["cutmix"]), metavar="P",
                         help="CutMix (Yun et al. 2019) on this fraction of the training batches: a random box of "
                         "each image is pasted from another image of the batch, and the labels are mixed by the "
-                        "box's area (mixing ratio drawn from Beta(1, 1)); 0 for none (default: 0)")
+                        "box's area; 0 for none (default: train's, 0)")
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
                         help="also write the results as JSON (a new file, or an earlier result, which is replaced)")
@@ -118,8 +118,6 @@ def parse_args(argv=None):
         parser.error(f"--dense-units takes a positive number; got {args.dense_units}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout takes a rate from 0 up to 1; got {args.dropout}")
-    if not 0.0 <= args.cutmix <= 1.0:
-        parser.error(f"--cutmix takes a fraction of the batches from 0 to 1; got {args.cutmix}")
     if args.learning_rate is not None and not args.learning_rate > 0:
         parser.error(f"--learning-rate must be positive; got {args.learning_rate}")
     return args
@@ -145,7 +143,7 @@ def run_seed(args, seed: int, raw) -> dict:
 
     given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing,
              "mixed_precision": args.mixed_precision, "learning_rate": args.learning_rate,
-             "weight_decay": args.weight_decay}
+             "weight_decay": args.weight_decay, "cutmix": args.cutmix}
     config = TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
     splits = make_splits(raw, config)
     if splits.data_format != "channels_last":
@@ -153,7 +151,7 @@ def run_seed(args, seed: int, raw) -> dict:
     run = RunDir.create(args.out_dir, f"{args.model}-seed{seed}", [args.model], overwrite=True)
     last = LastTrainedWeights()
     start = time.perf_counter()
-    result = fit.fit_model(config, splits, run, verbose=2, callbacks=[last], data_on_device=args.cutmix > 0 or None)
+    result = fit.fit_model(config, splits, run, verbose=2, callbacks=[last])
     average, metrics, _ = evaluation.final_metrics(run, config, splits, result.facts)
     seconds = time.perf_counter() - start
     write_json(run.metrics_file(args.model), metrics)
@@ -244,50 +242,6 @@ def use_linear_decay() -> None:
     recipe.learning_rate_schedule = linear
 
 
-def use_cutmix(probability: float, alpha: float = 1.0) -> None:
-    """Make ``fit_model``'s on-device batches CutMix batches (Yun et al. 2019, "CutMix").
-
-    With ``probability``, a batch gets one box, of ``1 - lam`` of the image's area with ``lam`` drawn
-    from Beta(``alpha``, ``alpha``) and its centre uniform (clipped at the edges), pasted in each image
-    from the image at the same place of a shuffled copy of the batch; the one-hot labels are mixed by
-    the area the box really covers. Run with ``data_on_device=True``: the batches are Keras tensors,
-    on any backend, in either image layout.
-    """
-    import keras
-    import numpy as np
-
-    from fmnist_keras.engine import device_data, fit
-
-    class CutMixBatches(device_data.DeviceBatches):
-        def __init__(self, x, y, batch_size, shuffle=True, seed=0):
-            super().__init__(x, y, batch_size, shuffle=shuffle, seed=seed)
-            self._mix_rng = np.random.default_rng([seed, 1])
-            self._channels_last = x.shape[-1] == 1
-
-        def __getitem__(self, index):
-            x, y = super().__getitem__(index)
-            rng = self._mix_rng
-            if rng.random() >= probability:
-                return x, y
-            height, width = (x.shape[1], x.shape[2]) if self._channels_last else (x.shape[2], x.shape[3])
-            side = np.sqrt(1.0 - rng.beta(alpha, alpha))
-            cy, cx = rng.integers(height), rng.integers(width)
-            h, w = int(height * side), int(width * side)
-            top, bottom = np.clip([cy - h // 2, cy + h // 2], 0, height)
-            left, right = np.clip([cx - w // 2, cx + w // 2], 0, width)
-            box = np.zeros((height, width), "float32")
-            box[top:bottom, left:right] = 1.0
-            box = box[None, :, :, None] if self._channels_last else box[None, None]
-            kept = 1.0 - float(box.sum()) / (height * width)
-            partner = keras.ops.convert_to_tensor(rng.permutation(len(y)).astype("int32"))
-            box = keras.ops.convert_to_tensor(box, dtype=x.dtype)
-            x = x * (1.0 - box) + keras.ops.take(x, partner, axis=0) * box
-            y = y * kept + keras.ops.take(y, partner, axis=0) * (1.0 - kept)
-            return x, y
-
-    fit.DeviceBatches = CutMixBatches
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from fmnist_keras.allocator import keep_freed_memory
@@ -307,8 +261,6 @@ def main(argv=None) -> int:
         use_sgd()
     if args.schedule == "linear":
         use_linear_decay()
-    if args.cutmix:
-        use_cutmix(args.cutmix)
     if changed:
         import functools
 

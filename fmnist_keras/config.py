@@ -73,6 +73,7 @@ RANGES = {
     "seed": (int, 0, 2**32 - 1),  # numpy's seed range
     "subset": (int, 1, 60_000),
     "ema": (float, 0.0, 0.99999),  # 0 turns the average off; 1 would never move
+    "cutmix": (float, 0.0, 1.0),  # a fraction of the training batches
 }
 CHOICES = {"model": MODEL_NAMES, "backend": BACKENDS, "data_format": DATA_FORMATS, "device": ("auto", "cpu", "gpu")}
 FLAGS = ("verify", "mixed_precision", "fast_path", "flip_tta", "shift_tta")
@@ -118,6 +119,11 @@ class TrainConfig:
     # (Keras's optimizer use_ema), validate, checkpoint and save it; 0: off;
     # None: the model's default.
     ema: float | None = None
+    # Mix this fraction of the training batches with CutMix: a box of each
+    # image pasted from another image of the batch, the labels mixed by its
+    # area (fmnist_keras.engine.device_data); 0: off. Opt-in: on cnn-large it
+    # gained no validation accuracy (docs/results.md, "Results on the 2-core CPU").
+    cutmix: float = 0.0
 
     def resolved(self) -> "TrainConfig":
         """A copy with the per-model defaults filled in."""

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep a moving average of the weights with momentum M (capped so that it spans at "
                         "most a tenth of the run) and validate, checkpoint and save the average, e.g. 0.999; 0 "
                         f"turns it off (default: {per_model_ema})")
+    parser.add_argument("--cutmix", type=_checked("cutmix"), default=DEFAULTS.cutmix, metavar="P",
+                        help="mix a fraction P of the training batches with CutMix: a random box of each image is "
+                        "pasted from another image of the batch and the labels are mixed by the box's area, e.g. "
+                        "0.5 (default: 0, off)")
     parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
                         help="evaluate with the mean of the probabilities of each image and its mirror image "
                         f"(test-time augmentation; default: on for {flipped}, trained with flips; off for the others)")
@@ -155,7 +159,7 @@ def configs_from_args(args: argparse.Namespace, backend: str) -> list[TrainConfi
 # Flags that describe a run; --resume takes them from the run directory instead.
 _RUN_FLAGS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "label_smoothing", "patience",
               "val_split", "seed", "subset", "data_dir", "verify", "out_dir", "run_name", "overwrite",
-              "mixed_precision", "data_format", "fast_path", "distribute", "ema", "flip_tta", "shift_tta")
+              "mixed_precision", "data_format", "fast_path", "distribute", "ema", "cutmix", "flip_tta", "shift_tta")
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
@@ -399,6 +403,7 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
             f"{len(splits.x_test)} test images, up to {resolved.epochs} epochs, batch {resolved.batch_size}, "
             f"peak learning rate {resolved.learning_rate:g}, {dtype_policy_name(resolved.mixed_precision)}"
             + (f", moving average of the weights (momentum up to {resolved.ema:g})" if resolved.ema else "")
+            + (f", CutMix on {resolved.cutmix:.0%} of the batches" if resolved.cutmix else "")
             + (f", evaluated with the {tta.name} (test-time augmentation)" if tta != TTA() else "")
         )
         start = time.perf_counter()

@@ -1,6 +1,7 @@
 """TrainConfig: every range in config.RANGES held at both ends, types and keys checked, JSON round trips."""
 
 import dataclasses
+import json
 import math
 import re
 
@@ -130,3 +131,13 @@ def test_a_damaged_config_file_is_one_run_dir_error(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(RunDirError, match=message):
         load_config(path)
+
+
+def test_a_saved_configuration_without_cutmix_loads_as_a_run_without_it(tmp_path):
+    data = json.loads(TrainConfig(model="cnn-large").to_json())
+    del data["cutmix"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert load_config(tmp_path / "config.json").cutmix == 0.0
+    (tmp_path / "config.json").write_text(json.dumps({**data, "cutmix": 2}))
+    with pytest.raises(RunDirError, match="cutmix is 2; expected a number from 0.0 to 1.0"):
+        load_config(tmp_path / "config.json")

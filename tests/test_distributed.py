@@ -101,6 +101,21 @@ def test_torchrun_two_processes_keep_identical_replicas_and_write_one_run(tmp_pa
     assert metrics["test"]["accuracy"] >= 0.5  # learned (10 classes: chance is 0.1)
 
 
+@pytest.mark.parametrize("launch", ["torchrun", "jax"])
+def test_cutmix_trains_data_parallel_with_identical_replicas(launch, tmp_path, tiny_data_dir):
+    args = [*TRAIN, "--epochs", "1", "--cutmix", "1", "--data-dir", str(tiny_data_dir), "--out-dir", str(tmp_path)]
+    if launch == "torchrun":
+        out = _torchrun(*args)
+    else:
+        out = _single("jax", *args, "--distribute",
+                      env=_env("jax", XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "mlp" / "config.json").read_text())["cutmix"] == 1.0
+    replicas = _metrics(tmp_path)["distributed"]
+    assert replicas["mode"] == launch and replicas["replicas_identical"]
+    assert "CutMix on 100% of the batches" in out.stdout
+
+
 def test_torchrun_one_step_of_two_ranks_by_16_gives_the_weights_of_one_process_by_32(tmp_path):
     worker = str(Path(__file__).with_name("ddp_step_worker.py"))
     (tmp_path / "ddp").mkdir()

@@ -44,6 +44,8 @@ import os
 import keras
 import numpy as np
 
+from fmnist_keras.engine import device_data
+
 DEFAULT_TIMEOUT_S = 300
 
 
@@ -207,29 +209,36 @@ def same_on_every_rank(replicas: Replicas, message: str | None) -> str | None:
 
 
 class _Batches:
-    """A map-style dataset whose items are whole batches (one numpy fancy index each)."""
+    """A map-style dataset whose items are whole batches (one numpy fancy index each), ``cutmix`` of
+    them mixed with CutMix (:func:`~fmnist_keras.engine.device_data.cutmix`) within the batch."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray):
-        self.x, self.y = x, y
+    def __init__(self, x: np.ndarray, y: np.ndarray, cutmix: float = 0.0, seed: int = 0, channels_last: bool = True):
+        self.x, self.y, self.cutmix, self.channels_last = x, y, cutmix, channels_last
+        self._rng = np.random.default_rng([seed, 1])
 
     def __len__(self):
         return len(self.x)
 
     def __getitem__(self, indices):
-        return self.x[indices], self.y[indices]
+        x, y = self.x[indices], self.y[indices]
+        if self.cutmix and self._rng.random() < self.cutmix:
+            x, y = device_data.cutmix(x, y, self._rng, self.channels_last)
+        return x, y
 
 
-def shard(x: np.ndarray, y: np.ndarray, replicas: Replicas, batch_size: int, seed: int):
+def shard(x: np.ndarray, y: np.ndarray, replicas: Replicas, batch_size: int, seed: int, cutmix: float = 0.0,
+          channels_last: bool = True):
     """This rank's batches of every epoch: a ``DataLoader`` over a
     ``DistributedSampler`` (a new disjoint split each epoch, the same number
-    of batches on every rank), and the callback that advances its epoch."""
+    of batches on every rank), ``cutmix`` of them mixed (each rank draws its
+    own boxes), and the callback that advances its epoch."""
     from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
     sampler = DistributedSampler(
         range(len(x)), num_replicas=replicas.world_size, rank=replicas.rank, shuffle=True, seed=seed
     )
     batches = BatchSampler(sampler, batch_size=batch_size // replicas.world_size, drop_last=False)
-    loader = DataLoader(_Batches(x, y), sampler=batches, batch_size=None)
+    loader = DataLoader(_Batches(x, y, cutmix, seed + replicas.rank, channels_last), sampler=batches, batch_size=None)
 
     class SetEpoch(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):

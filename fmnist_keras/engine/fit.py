@@ -127,11 +127,14 @@ def fit_model(
     y_train = keras.utils.to_categorical(splits.y_train, fdata.NUM_CLASSES)
     y_val = keras.utils.to_categorical(splits.y_val, fdata.NUM_CLASSES)
     if replicas.mode == "torchrun":
-        loader, set_epoch = distributed.shard(splits.x_train, y_train, replicas, config.batch_size, config.seed)
+        loader, set_epoch = distributed.shard(splits.x_train, y_train, replicas, config.batch_size, config.seed,
+                                              cutmix=config.cutmix, channels_last=splits.data_format == "channels_last")
         training_data = {"x": loader, "shuffle": False}  # the sampler shuffles
         parts.ordered.insert(0, set_epoch)
-    elif data_on_device if data_on_device is not None else (has_gpu() and not replicas.distributed):
-        batches = DeviceBatches(splits.x_train, y_train, config.batch_size, seed=config.seed)
+    elif config.cutmix or (data_on_device if data_on_device is not None else has_gpu() and not replicas.distributed):
+        # CutMix mixes images and labels together, so it needs batches of its own (on a CPU too).
+        batches = DeviceBatches(splits.x_train, y_train, config.batch_size, seed=config.seed, cutmix=config.cutmix,
+                                data_format=splits.data_format)
         training_data = {"x": batches, "shuffle": False}  # it shuffles itself, on the device
         parts.data_on_device = True
     else:
