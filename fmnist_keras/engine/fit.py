@@ -101,7 +101,8 @@ def fit_model(
             to ``run/<model>/tensorboard`` (needs a ``run``).
         data_on_device: keep the training split on the compute device
             (:class:`~fmnist_keras.engine.device_data.DeviceBatches`); None:
-            on a GPU, in one process.
+            on a GPU, in one process. ``config.cutmix`` > 0 uses those
+            batches on any device (they do the mixing), except under torchrun.
         callbacks: more callbacks, called after all of the above (at each
             epoch's end they see the trained weights, not their average).
 
