@@ -403,7 +403,7 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
             f"{len(splits.x_test)} test images, up to {resolved.epochs} epochs, batch {resolved.batch_size}, "
             f"peak learning rate {resolved.learning_rate:g}, {dtype_policy_name(resolved.mixed_precision)}"
             + (f", moving average of the weights (momentum up to {resolved.ema:g})" if resolved.ema else "")
-            + (f", CutMix on {resolved.cutmix:.0%} of the batches" if resolved.cutmix else "")
+            + (f", CutMix on {100 * resolved.cutmix:g}% of the batches" if resolved.cutmix else "")
             + (f", evaluated with the {tta.name} (test-time augmentation)" if tta != TTA() else "")
         )
         start = time.perf_counter()

@@ -80,12 +80,12 @@ def test_cutmix_pastes_one_box_from_another_image_and_mixes_the_labels_by_its_ar
             values, counts = np.unique(mixed_x[row], return_counts=True)
             assert set(values) <= {row, *np.flatnonzero(mixed_y[row])}  # its own pixels and its partner's
             partner_area = counts[values != row].sum() / (28 * 28)
-            np.testing.assert_allclose(1.0 - mixed_y[row, row] if partner_area else 0.0, partner_area, atol=1e-6)
+            np.testing.assert_allclose(1.0 - mixed_y[row, row], partner_area, atol=1e-6)  # 0 when paired with itself
         pasted = mixed_x != (x if channels_last else x.transpose(0, 2, 3, 1))
         box = pasted.any(axis=(0, 3))  # the same box in every image (a row paired with itself keeps its pixels)
         rows, cols = np.flatnonzero(box.any(axis=1)), np.flatnonzero(box.any(axis=0))
-        if box.any():
-            assert box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # one rectangle
+        assert box.any() and not box.all()  # these draws paste a box, never the whole image
+        assert box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # one rectangle
 
 
 def test_cutmix_batches_keep_the_order_and_mix_the_given_fraction():
@@ -128,5 +128,9 @@ def test_torchrun_batches_are_mixed_on_each_rank_as_well():
     again = [keras.ops.convert_to_numpy(t) for t in _Batches(x, y, cutmix=1.0, seed=3)[np.arange(8)]]
     np.testing.assert_array_equal(first[1], again[1])  # seeded
     assert ((first[1] > 0) & (first[1] < 1)).any() and np.allclose(first[1].sum(axis=1), 1.0)
+    other_rank = [keras.ops.convert_to_numpy(t) for t in _Batches(x, y, cutmix=1.0, seed=3, rank=1)[np.arange(8)]]
+    assert not np.array_equal(other_rank[1], first[1])  # each rank draws its own boxes
     plain = _Batches(x, y)[np.arange(8)]
     np.testing.assert_array_equal(plain[1], y)
+    with pytest.raises(ValueError, match="cutmix is the fraction of batches"):
+        _Batches(x, y, cutmix=float("nan"))

@@ -212,9 +212,12 @@ class _Batches:
     """A map-style dataset whose items are whole batches (one numpy fancy index each), ``cutmix`` of
     them mixed with CutMix (:func:`~fmnist_keras.engine.device_data.cutmix`) within the batch."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, cutmix: float = 0.0, seed: int = 0, channels_last: bool = True):
+    def __init__(self, x: np.ndarray, y: np.ndarray, cutmix: float = 0.0, seed: int = 0, rank: int = 0,
+                 channels_last: bool = True):
+        if not 0.0 <= cutmix <= 1.0:
+            raise ValueError(f"cutmix is the fraction of batches to mix, from 0 to 1; got {cutmix}")
         self.x, self.y, self.cutmix, self.channels_last = x, y, cutmix, channels_last
-        self._rng = np.random.default_rng([seed, 1])
+        self._rng = np.random.default_rng([seed, 1, rank])  # each rank its own boxes
 
     def __len__(self):
         return len(self.x)
@@ -238,7 +241,7 @@ def shard(x: np.ndarray, y: np.ndarray, replicas: Replicas, batch_size: int, see
         range(len(x)), num_replicas=replicas.world_size, rank=replicas.rank, shuffle=True, seed=seed
     )
     batches = BatchSampler(sampler, batch_size=batch_size // replicas.world_size, drop_last=False)
-    loader = DataLoader(_Batches(x, y, cutmix, seed + replicas.rank, channels_last), sampler=batches, batch_size=None)
+    loader = DataLoader(_Batches(x, y, cutmix, seed, replicas.rank, channels_last), sampler=batches, batch_size=None)
 
     class SetEpoch(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
