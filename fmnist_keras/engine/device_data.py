@@ -41,10 +41,8 @@ class DeviceBatches(keras.utils.PyDataset):
         super().__init__(workers=1, use_multiprocessing=False)
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(f"x and y need the same, non-zero number of rows, got {len(x)} and {len(y)}")
-        if not 0.0 <= cutmix <= 1.0:
-            raise ValueError(f"cutmix is the fraction of batches to mix, from 0 to 1; got {cutmix}")
         self.x, self.y = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
-        self.size, self.batch_size, self.shuffle, self.cutmix = len(x), batch_size, shuffle, cutmix
+        self.size, self.batch_size, self.shuffle, self.cutmix = len(x), batch_size, shuffle, checked_cutmix(cutmix)
         self.channels_last = (data_format or keras.config.image_data_format()) == "channels_last"
         self._rng = np.random.default_rng(seed)
         self._mix_rng = np.random.default_rng([seed, 1])  # the orders stay those of cutmix=0
@@ -64,6 +62,13 @@ class DeviceBatches(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         order = self._rng.permutation(self.size) if self.shuffle else np.arange(self.size)
         self._order = keras.ops.convert_to_tensor(order.astype("int32"))
+
+
+def checked_cutmix(fraction: float) -> float:
+    """``fraction`` if it is a fraction of batches (0 to 1), else ValueError (nan too)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"cutmix is the fraction of batches to mix, from 0 to 1; got {fraction}")
+    return fraction
 
 
 def cutmix(x, y, rng: np.random.Generator, channels_last: bool = True):

@@ -214,9 +214,8 @@ class _Batches:
 
     def __init__(self, x: np.ndarray, y: np.ndarray, cutmix: float = 0.0, seed: int = 0, rank: int = 0,
                  channels_last: bool = True):
-        if not 0.0 <= cutmix <= 1.0:
-            raise ValueError(f"cutmix is the fraction of batches to mix, from 0 to 1; got {cutmix}")
-        self.x, self.y, self.cutmix, self.channels_last = x, y, cutmix, channels_last
+        self.x, self.y, self.channels_last = x, y, channels_last
+        self.cutmix = device_data.checked_cutmix(cutmix)
         self._rng = np.random.default_rng([seed, 1, rank])  # each rank its own boxes
 
     def __len__(self):
