@@ -123,7 +123,7 @@ class TrainConfig:
     # image pasted from another image of the batch, the labels mixed by its
     # area (fmnist_keras.engine.device_data); 0: off. Opt-in: on cnn-large its
     # validation accuracy was +0.04 on seed 42 and -0.13 on seed 1, no
-    # consistent gain (docs/results.md, "Results on the 2-core CPU").
+    # consistent gain (docs/results.md, "`cnn-large`").
     cutmix: float = 0.0
 
     def resolved(self) -> "TrainConfig":
