@@ -7,19 +7,25 @@
 #
 # Steps, each under its own `timeout` (seconds in brackets, also capped so the whole run ends
 # within TOTAL=480 s):
+#   preflight one epoch of the CNN on 1000 images with --device gpu (the fast path and the
+#             device-resident batches on CUDA); if it fails the script stops there, so a
+#             broken set-up costs seconds, not the whole run                              [60]
 #   env       GPU model, driver, torch / CUDA / Keras / JAX versions                       [20]
 #   devices   --device gpu on torch and jax, --device cpu on torch, in parallel           [50]
 #             (--dry-run: --device auto instead of gpu), and alongside them
 #   syncs     synchronisations per step, stock Keras and the fast path, the CNN (syncs.py)  [50]
-#   overhead  host ms/step at batch 8: stock Keras, fast path, PyTorch twin (overhead.py) [90]
-#   bench     s/epoch at batch 128 against the twin, baseline-cnn mlp cnn (bench.py)      [80]
-#   jax       the same models on KERAS_BACKEND=jax (the keras/jax row)                     [60]
-#   train     in parallel on the one GPU: the default `python -m fmnist_keras.train`
-#             (MLP and CNN, with reports) and `--model cnn-large`                         [150]
+#   jax       the epoch benchmark on KERAS_BACKEND=jax (the keras/jax rows)                [60]
+#   overhead  host ms/step at batch 8: stock Keras, fast path, PyTorch twin (overhead.py) [75]
+#   bench     s/epoch at batch 128 against the twin, baseline-cnn mlp cnn (bench.py)      [75]
+#   train     in parallel on the one GPU, each with what is left of TOTAL: the default
+#             `python -m fmnist_keras.train` (MLP and CNN, with reports), `--model cnn-large`,
+#             and the CNN at batch 512 with the rate scaled by sqrt(4) (a GPU default?)
+# overhead and bench run alone; the other steps share the GPU and the CPU with the steps beside
+# them, which inflates their wall times.
 # A sampler reads nvidia-smi every second; summary.md gets the peak GPU memory of each step
-# (the whole GPU's use during the step, and per process where nvidia-smi lists processes).
-# Parallel steps share the GPU: their wall times are inflated. Everything goes to OUT_DIR:
-# one log per step, the JSON of the benchmarks, the run directories and summary.md.
+# (the whole GPU's use during the step, and per process where nvidia-smi lists processes) and
+# the GPU's mean utilisation during it. Everything goes to OUT_DIR: one log per step, the JSON
+# of the benchmarks, the run directories and summary.md.
 set -u
 DRY=0
 [ "${1:-}" = "--dry-run" ] && { DRY=1; shift; }
@@ -36,6 +42,7 @@ if [ "$DRY" = 1 ]; then
     JAX_ARGS="--models mlp --subset 1000 --epochs 2"
     TRAIN_ARGS="--subset 600 --epochs 1"
     LARGE_ARGS="--subset 300 --epochs 1 --no-report"
+    B512_ARGS="--subset 600 --epochs 1 --no-report"
     export CUDA_VISIBLE_DEVICES=""
 else
     TOTAL=${TOTAL:-480}
@@ -45,6 +52,7 @@ else
     JAX_ARGS="--models baseline-cnn mlp cnn --subset 20000 --epochs 2"
     TRAIN_ARGS=""
     LARGE_ARGS="--no-report"
+    B512_ARGS="--no-report"
 fi
 : > "$OUT_DIR/steps.tsv"
 
@@ -64,8 +72,9 @@ step() {  # step NAME SECONDS COMMAND...: run under timeout, log to OUT_DIR/NAME
 }
 
 if command -v nvidia-smi > /dev/null && [ "$DRY" = 0 ]; then
-    ( while :; do  # time, MiB used on the GPU, then one line per process: pid MiB command
-        echo "T $(date +%s.%N) $(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)"
+    ( while :; do  # time, MiB used on the GPU, % utilisation, then one line per process: pid MiB command
+        echo "T $(date +%s.%N) $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits \
+            | head -1 | tr -d ,)"
         nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null \
             | while IFS=', ' read -r pid mib; do
                 echo "P $pid $mib $(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-300)"
@@ -74,6 +83,14 @@ if command -v nvidia-smi > /dev/null && [ "$DRY" = 0 ]; then
       done ) > "$OUT_DIR/gpu-memory.log" 2>&1 &
     SAMPLER=$!
     trap 'kill "$SAMPLER" 2>/dev/null' EXIT
+fi
+
+step preflight 60 python3 -m fmnist_keras.train --device "$GPU" --model cnn --subset 1000 --epochs 1 \
+    --out-dir "$OUT_DIR/runs" --run-name preflight --no-report --overwrite
+if [ "$(tail -n 1 "$OUT_DIR/steps.tsv" | cut -f5)" != 0 ]; then
+    log "preflight failed: the set-up cannot train the CNN on $GPU; its log follows, the other steps are skipped"
+    tail -n 30 "$OUT_DIR/preflight.log"
+    exit 1
 fi
 
 step env 20 bash -c '  # key: value lines, which summary.md turns into a table
@@ -92,17 +109,24 @@ step devices-torch-cpu 50 python3 -m fmnist_keras.train --backend torch --device
 step devices-jax-$GPU 50 python3 -m fmnist_keras.train --backend jax --device "$GPU" --model mlp --subset 3000 \
     --epochs 1 --out-dir "$OUT_DIR/runs" --run-name jax-$GPU --no-report --overwrite &
 step syncs 50 python3 benchmarks/syncs.py --json "$OUT_DIR/syncs.json" &  # counts, not times: sharing is harmless
+# shellcheck disable=SC2086  # the *_ARGS are word lists
+step jax 60 env KERAS_BACKEND=jax python3 benchmarks/bench.py $JAX_ARGS --json "$OUT_DIR/bench-jax.json" &
 wait
 
-# shellcheck disable=SC2086  # the *_ARGS are word lists
-step overhead 90 python3 benchmarks/bench.py --overhead $OVERHEAD_ARGS --json "$OUT_DIR/overhead.json"
-step bench 80 python3 benchmarks/bench.py --models baseline-cnn mlp cnn $BENCH_ARGS --json "$OUT_DIR/bench.json"
-step jax 60 env KERAS_BACKEND=jax python3 benchmarks/bench.py $JAX_ARGS --json "$OUT_DIR/bench-jax.json"
+# shellcheck disable=SC2086
+step overhead 75 python3 benchmarks/bench.py --overhead $OVERHEAD_ARGS --json "$OUT_DIR/overhead.json"
+# shellcheck disable=SC2086
+step bench 75 python3 benchmarks/bench.py --models baseline-cnn mlp cnn $BENCH_ARGS --json "$OUT_DIR/bench.json"
 
-step train-default 150 python3 -m fmnist_keras.train $TRAIN_ARGS --out-dir "$OUT_DIR/runs" --run-name default \
+# shellcheck disable=SC2086
+step train-default "$TOTAL" python3 -m fmnist_keras.train $TRAIN_ARGS --out-dir "$OUT_DIR/runs" --run-name default \
     --overwrite &
-step train-cnn-large 150 python3 -m fmnist_keras.train --model cnn-large $LARGE_ARGS --out-dir "$OUT_DIR/runs" \
+# shellcheck disable=SC2086
+step train-cnn-large "$TOTAL" python3 -m fmnist_keras.train --model cnn-large $LARGE_ARGS --out-dir "$OUT_DIR/runs" \
     --run-name cnn-large --overwrite &
+# shellcheck disable=SC2086
+step train-cnn-b512 "$TOTAL" python3 -m fmnist_keras.train --model cnn --batch-size 512 --learning-rate 0.006 \
+    $B512_ARGS --out-dir "$OUT_DIR/runs" --run-name cnn-b512 --overwrite &
 wait
 
 [ -n "${SAMPLER:-}" ] && kill "$SAMPLER" 2>/dev/null

@@ -19,6 +19,7 @@ import sys
 PROCESS_KEYS = {
     "overhead": "overhead.json", "bench": "bench.json", "syncs": "syncs.json", "jax": "bench-jax.json",
     "train-default": "--run-name default", "train-cnn-large": "--run-name cnn-large",
+    "train-cnn-b512": "--run-name cnn-b512", "preflight": "--run-name preflight",
 }
 
 
@@ -32,14 +33,15 @@ def read_steps(out: pathlib.Path) -> list[dict]:
 
 
 def read_memory(out: pathlib.Path):
-    """(time, MiB used on the GPU) samples and (pid, MiB, command line) process samples."""
+    """(time, MiB used on the GPU, % utilisation or None) samples and (pid, MiB, command line) process samples."""
     totals, processes = [], []
     path = out / "gpu-memory.log"
     for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
         parts = line.split(" ", 3)
         try:
             if parts[0] == "T" and len(parts) >= 3:
-                totals.append((float(parts[1]), float(parts[2])))
+                utilisation = float(parts[3]) if len(parts) > 3 else None
+                totals.append((float(parts[1]), float(parts[2]), utilisation))
             elif parts[0] == "P" and len(parts) >= 3:
                 processes.append((parts[1], float(parts[2]), parts[3] if len(parts) > 3 else ""))
         except ValueError:
@@ -48,11 +50,27 @@ def read_memory(out: pathlib.Path):
 
 
 def peak_memory(step, totals, processes):
-    """Peak MiB of the step's own processes (None if unseen) and of the whole GPU during the step."""
-    window = [mib for t, mib in totals if step["start"] <= t <= step["end"]]
+    """Peak MiB of the step's own processes (None if unseen), of the whole GPU during the step, and
+    the GPU's mean % utilisation during the step (None if unsampled)."""
+    window = [(mib, use) for t, mib, use in totals if step["start"] <= t <= step["end"]]
     key = PROCESS_KEYS.get(step["name"]) or ("--run-name " + step["name"].removeprefix("devices-"))
     own = [mib for _pid, mib, command in processes if key in command]
-    return (max(own) if own else None), (max(window) if window else None)
+    uses = [use for _mib, use in window if use is not None]
+    return ((max(own) if own else None), (max(mib for mib, _use in window) if window else None),
+            (sum(uses) / len(uses) if uses else None))
+
+
+def read_history(model_dir: pathlib.Path) -> list[dict]:
+    """The epochs of history.csv as dicts of floats; rows that do not parse are left out."""
+    path = model_dir / "history.csv"
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    rows = []
+    for line in lines[1:]:
+        try:
+            rows.append(dict(zip(lines[0].split(","), map(float, line.split(",")))))
+        except ValueError:
+            continue
+    return rows
 
 
 def fmt(value, spec="") -> str:
@@ -70,13 +88,14 @@ def main(argv=None) -> int:
         print(f"| {key.strip()} | {value.strip()} |")
     print("\n## Steps\n")
     totals, processes = read_memory(out)
-    print("| step | exit | seconds | limit s | peak MiB, its processes | peak MiB, whole GPU |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for step in read_steps(out):
-        own, whole = peak_memory(step, totals, processes)
+    print("| step | exit | seconds | limit s | peak MiB, its processes | peak MiB, whole GPU | GPU use, mean % |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    steps = read_steps(out)
+    for step in steps:
+        own, whole, use = peak_memory(step, totals, processes)
         status = "timeout" if step["rc"] == 124 else str(step["rc"])
         print(f"| {step['name']} | {status} | {step['end'] - step['start']:.0f} | {step['limit']} | "
-              f"{fmt(own, '.0f')} | {fmt(whole, '.0f')} |")
+              f"{fmt(own, '.0f')} | {fmt(whole, '.0f')} | {fmt(use, '.0f')} |")
 
     overhead = out / "overhead.json"
     if overhead.exists():
@@ -114,16 +133,33 @@ def main(argv=None) -> int:
             print(f"| {r['model']} | {r['path']} | {r['per_step']:g} | {where or '-'} |")
 
     print("\n## Training runs\n")
-    print("| run | model | device | epochs run | s/epoch | test acc | report files |")
-    print("| --- | --- | --- | ---: | ---: | ---: | --- |")
-    for metrics in sorted((out / "runs").glob("*/*/metrics.json")):
-        if metrics.parent.parent.is_symlink():  # "latest" points at a run listed under its own name
+    print("The whole command's seconds are its step's (every model of the run, start-up and reports included).\n")
+    print("| run | model | device | batch | epochs run (best) | s/epoch | training s | whole command s | "
+          "validation acc | test acc | data on device | fast path off | report files |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |")
+    seconds = {step["name"].removeprefix("train-").removeprefix("devices-"): step["end"] - step["start"]
+               for step in steps}
+    for model_dir in sorted(p.parent for p in (out / "runs").glob("*/*/config.json")):
+        if model_dir.parent.is_symlink():  # "latest" points at a run listed under its own name
             continue
-        m = json.loads(metrics.read_text())
-        reports = sorted(p.name for p in metrics.parent.iterdir() if p.name.startswith("report"))
-        print(f"| {metrics.parent.parent.name} | {m.get('model')} | {m.get('device')} | {m.get('epochs_run')} | "
-              f"{fmt(m.get('seconds_per_epoch'))} | {fmt(m.get('test', {}).get('accuracy'), '.4f')} | "
-              f"{', '.join(reports) or '-'} |")
+        run = model_dir.parent.name
+        config = json.loads((model_dir / "config.json").read_text())
+        metrics = model_dir / "metrics.json"
+        if metrics.exists():
+            m = json.loads(metrics.read_text())
+            validation = fmt(m.get("validation", {}).get("accuracy"), ".4f")
+            test = fmt(m.get("test", {}).get("accuracy"), ".4f")
+        else:  # stopped before the end (its limit): what history.csv holds, validation without test-time augmentation
+            m = {"model": config.get("model"), "epochs_run": len(read_history(model_dir))}
+            scores = [row["val_accuracy"] for row in read_history(model_dir) if "val_accuracy" in row]
+            validation = f"{max(scores):.4f} (1 view)" if scores else "-"
+            test = "stopped"
+        off = [piece for piece, state in (m.get("fast_path") or {}).items() if state != "on"]
+        reports = sorted(p.name for p in model_dir.iterdir() if p.name.startswith("report"))
+        print(f"| {run} | {m.get('model')} | {m.get('device', '-')} | {fmt(config.get('batch_size'))} | "
+              f"{m.get('epochs_run')} ({fmt(m.get('best_epoch'))}) | {fmt(m.get('seconds_per_epoch'))} | "
+              f"{fmt(m.get('train_time_s'))} | {fmt(seconds.get(run), '.0f')} | {validation} | {test} | "
+              f"{fmt(m.get('training_data_on_device'))} | {', '.join(off) or '-'} | {', '.join(reports) or '-'} |")
     return 0
 
 
