@@ -716,7 +716,7 @@ def test_the_fast_path_step_reads_nothing_back_to_the_host():
 
 
 @torch_only
-def test_the_fast_path_step_copies_less_to_the_device_than_keras_and_nothing_for_the_seeds():
+def test_the_fast_path_step_copies_nothing_to_the_device_where_keras_copies_numbers_and_seeds():
     stock = _host_reads_per_step(fast=False, augment=True, copies=True)
     fast = _host_reads_per_step(fast=True, augment=True, copies=True)
     # Keras's SeedGenerator.next advances the state by np.array([0, 1]): one per random op.
@@ -725,8 +725,10 @@ def test_the_fast_path_step_copies_less_to_the_device_than_keras_and_nothing_for
     assert sum(fast.values()) < sum(stock.values()), (fast, stock)
     # The project's own code (the sync-free schedule, for one) makes its numbers into tensors once, not per step.
     assert not any(" in fmnist_keras." in where for where in fast), fast
-    if keras.__version__ == "3.15.1":  # what is left there: Python numbers in Keras's ops and layers
-        assert {where.split(" in ")[0] for where in fast} <= {"float", "int", "bool", "tuple"}, fast
+    # Keras's own Python numbers (the flip's 0.5, the loss's batch size, the step's + 1, ...) are made
+    # into tensors once (scalar_constants), so a step of the fast path copies nothing to the device.
+    assert sum(count for where, count in stock.items() if where.split(" in ")[0] in ("float", "int", "tuple")) >= 8
+    assert fast == {}, fast
 
 
 @torch_only
@@ -895,6 +897,115 @@ def test_host_seeds_leave_a_generator_with_its_own_next_to_keras(installed):
     keras.random.uniform((2,), seed=generator)
     keras.random.uniform((2,), seed=generator)
     assert Counting.calls == 2
+
+
+# --- Python numbers as tensors, made once -----------------------------------------------------
+
+NUMBERS = [True, False, 0, 1, -3, 2**31, -(2**31) - 1, 0.5, 0.0, -0.0, float("inf"), -1e-30, (16,), (2, 3), ()]
+
+
+def _same_tensor(a, b):
+    import torch
+
+    assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape)
+    assert torch.equal(a, b)
+    if a.is_floating_point():  # -0.0 too
+        assert torch.equal(torch.signbit(a), torch.signbit(b))
+
+
+@torch_only
+@pytest.mark.parametrize("dtype", [None, "float32", "bfloat16", "int32", "int64"])
+def test_scalar_constants_give_kerass_tensor_and_a_new_one_at_every_call(installed, dtype):
+    core = fastpath._torch_backend_module("core")
+    kerass = fastpath._ORIGINALS[(core, "convert_to_tensor")]
+    assert core.convert_to_tensor is not kerass
+    for number in NUMBERS:
+        try:
+            expected = kerass(number, dtype)
+        except Exception as error:  # Keras's error, unchanged
+            with pytest.raises(type(error)):
+                core.convert_to_tensor(number, dtype)
+            continue
+        first, second = core.convert_to_tensor(number, dtype), core.convert_to_tensor(number, dtype)
+        _same_tensor(first, expected)
+        _same_tensor(second, expected)
+        if first.numel():
+            assert first.data_ptr() != second.data_ptr()
+            first.fill_(7)  # a write into one (a Variable made from it, say) leaves the next alone
+            _same_tensor(core.convert_to_tensor(number, dtype), expected)
+
+
+@torch_only
+def test_scalar_constants_follow_floatx_and_leave_everything_else_to_keras(installed):
+    import torch
+
+    core = fastpath._torch_backend_module("core")
+    kerass = fastpath._ORIGINALS[(core, "convert_to_tensor")]
+    assert core.convert_to_tensor(0.5).dtype == torch.float32
+    keras.config.set_floatx("float64")
+    try:
+        _same_tensor(core.convert_to_tensor(0.5), kerass(0.5))
+        assert core.convert_to_tensor(0.5).dtype == torch.float64
+    finally:
+        keras.config.set_floatx("float32")
+    assert core.convert_to_tensor(0.5).dtype == torch.float32
+    assert torch.isnan(core.convert_to_tensor(float("nan")))
+    array = _rng().random((2, 3), dtype=np.float32)
+    for value in (array, [1, 2], (1.5, 2), torch.ones(2), np.float32(0.5), 1 + 2j, (1,) * 9):
+        _same_tensor(core.convert_to_tensor(value), kerass(value))
+    with pytest.raises(ValueError, match="sparse"):
+        core.convert_to_tensor(1.0, sparse=True)
+    variable = keras.Variable(0.0)  # made from a number: its own storage
+    variable.assign_add(1.0)
+    assert float(core.convert_to_tensor(0.0)) == 0.0 and float(keras.ops.convert_to_numpy(variable)) == 1.0
+
+
+@torch_only
+def test_scalar_constants_make_each_number_once_and_keep_at_most_the_limit(monkeypatch):
+    core = fastpath._torch_backend_module("core")
+    made = []
+
+    def kerass(x, dtype=None, sparse=None, ragged=None):
+        made.append(x)
+        return core.convert_to_tensor(x, dtype, sparse, ragged)
+
+    convert = fastpath._constant_converter(kerass, core.get_device)
+    for _ in range(3):
+        convert(0.5), convert(0.5, "float16"), convert(2), convert(True), convert((4, 5))
+    assert made == [0.5, 0.5, 2, True, (4, 5)]  # once per number and dtype
+    convert(-0.0), convert(0.0), convert(-0.0)
+    assert [repr(x) for x in made[5:]] == ["-0.0", "0.0"] and str(convert(-0.0)) == "tensor(-0.)"
+    monkeypatch.setattr(fastpath, "CONSTANTS_LIMIT", 8)
+    made.clear()
+    for _ in range(2):
+        assert [float(convert(x)) for x in (1.5, 2.5)] == [1.5, 2.5]
+    assert made == [1.5, 2.5, 2.5]  # 1.5 is the 8th kept; 2.5 is past the limit and made at every call
+
+
+@torch_only
+def test_scalar_constants_replace_every_binding_and_the_block_puts_kerass_back():
+    core = fastpath._torch_backend_module("core")
+    numpy = fastpath._torch_backend_module("numpy")
+    kerass = core.convert_to_tensor
+    with fastpath.active(_bn_model()) as enabled:
+        assert enabled["scalar_constants"] == "on"
+        assert core.convert_to_tensor is not kerass and numpy.convert_to_tensor is core.convert_to_tensor
+        assert keras.ops.convert_to_tensor(3).dtype == kerass(3).dtype
+    assert core.convert_to_tensor is kerass and numpy.convert_to_tensor is kerass
+
+
+@torch_only
+def test_a_changed_convert_to_tensor_turns_scalar_constants_off(fresh_verdicts, monkeypatch, capsys):
+    monkeypatch.setitem(fastpath._KNOWN["scalar_constants"], "core.convert_to_tensor", {})
+    core = fastpath._torch_backend_module("core")
+    kerass = core.convert_to_tensor
+    try:
+        assert "scalar_constants" not in fastpath.install() and core.convert_to_tensor is kerass
+    finally:
+        fastpath.uninstall()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: fast path: scalar_constants is off")
+    assert fastpath.verdicts()["scalar_constants"].startswith("off: core.convert_to_tensor of keras ")
 
 
 # --- inference ------------------------------------------------------------------------------

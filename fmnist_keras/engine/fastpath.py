@@ -1,8 +1,8 @@
 """The torch fast path, and the one module that reaches past Keras's public API.
 
 Keras's torch backend is correct but loses time in five places that a
-profile of ``model.fit`` shows (``docs/speed.md``), and reads values back to
-the host in two more:
+profile of ``model.fit`` shows (``docs/speed.md``), and makes the host wait
+for the device in three more (reads back to the host, copies from it):
 
 1. **Layout copies** (``channels_last_views``). Keras 3.15 permutes a
    ``channels_last`` convolution or pooling input to NCHW and forces a
@@ -35,6 +35,16 @@ the host in two more:
    from a numpy array (a copy to the device). The replacement keeps a host
    copy of each generator's state, draws the same seeds from it, and advances
    the state on the device with an increment made there once.
+8. **Numbers as tensors** (``scalar_constants``). Keras's layers, losses,
+   metrics and optimizer turn Python numbers into tensors at every step (the
+   flip's ``0.5``, the shift's image size, the class count of label
+   smoothing, the batch size in the loss and the metrics, the step
+   counter's ``+ 1``): eight per step of the CNN. On a GPU each is a copy
+   from host memory that torch waits for, so the host stops until the work
+   queued before it is done. The replacement makes each number (and each
+   short tuple of integers) into a tensor once per device and dtype, and
+   hands out a copy made on the device (``clone``), which nothing waits for;
+   the values, dtypes and devices are Keras's.
 
 Each replacement computes what Keras computes (the tests compare outputs,
 gradients, moving statistics and updates with stock Keras). Models keep their
@@ -79,6 +89,9 @@ tensorflow_unloaded        ``utils.module_utils.tensorflow._available``     all 
 host_seeds                 torch backend ``random.torch_seed_generator``,   all three
                            ``random.get_device``, ``Variable._direct_assign``;
                            ``SeedGenerator.next``, ``draw_seed``
+scalar_constants           torch backend ``core.convert_to_tensor`` (and     all three
+                           every ``keras.src`` module that imported it),
+                           ``core.get_device``
 keras_ddp                  torch ``Trainer._initialize_ddp``, ``ddp_model``  3.16.0.dev2026102704 (Keras
                                                                             wraps DDP); 3.14.0, 3.15.1
                                                                             (it does not)
@@ -148,6 +161,16 @@ _KNOWN = {
         # An in-place copy_, which torch's version counter sees (the host copy relies on it).
         "Variable._direct_assign": {"312ccee23201": "on", "e59b35c2e79e": "on"},
     },
+    "scalar_constants": {
+        # What a number becomes depends on the number, the dtype asked for,
+        # floatx and the device alone in the three (3.14.0 converts a number
+        # with a dtype through numpy; 3.16.0.dev moves tensors on one more line).
+        "core.convert_to_tensor": {
+            "6fceba387fb6": "on",  # 3.14.0
+            "3d6b9ba9a06f": "on",  # 3.15.1
+            "0f7830910e66": "on",  # 3.16.0.dev
+        },
+    },
     "direct_layer_calls": {
         # What these do for a tensor without a mask, remat or quantization is
         # the same in the three: cast a float input to the layer's input
@@ -167,7 +190,7 @@ _KNOWN = {
 }
 PIECES = (
     "channels_last_views", "batched_affine_transform", "fused_batch_norm", "fused_adam", "direct_layer_calls",
-    "sync_free_schedule", "host_seeds",
+    "sync_free_schedule", "host_seeds", "scalar_constants",
 )
 
 # What install() replaced: (module, name) -> Keras's original function.
@@ -303,6 +326,10 @@ def _targets(piece: str) -> dict:
             "Variable._direct_assign": _attribute(_attribute(_torch_backend_module("core"), "Variable"),
                                                   "_direct_assign"),
         }
+    if piece == "scalar_constants":
+        core = _torch_backend_module("core")
+        return {"core.convert_to_tensor": _attribute(core, "convert_to_tensor"),
+                "core.get_device": _attribute(core, "get_device")}
     raise ValueError(f"unknown fast-path piece {piece!r}; expected one of {', '.join(PIECES)}.")
 
 
@@ -399,7 +426,7 @@ def install() -> list[str]:
     """Put the process-wide pieces in place, those whose targets check out.
 
     ``channels_last_views`` (a view instead of a copy),
-    ``batched_affine_transform`` and ``host_seeds``. Each returns the same
+    ``batched_affine_transform``, ``host_seeds`` and ``scalar_constants``. Each returns the same
     values as Keras's; :func:`uninstall` puts Keras's back. Returns the names
     installed.
     """
@@ -417,6 +444,15 @@ def install() -> list[str]:
         if (random, "torch_seed_generator") not in _ORIGINALS:
             _replace(random, "torch_seed_generator", _host_seed_generator(random))
         installed.append("host_seeds")
+    if _usable("scalar_constants"):
+        core = _torch_backend_module("core")
+        original = _ORIGINALS.get((core, "convert_to_tensor"), core.convert_to_tensor)
+        converter = _constant_converter(original, core.get_device)
+        for module in list(sys.modules.values()):  # every name bound to Keras's function, `from ... import` too
+            if getattr(module, "__name__", "").startswith("keras.src.") and vars(module).get(
+                    "convert_to_tensor") is original:
+                _replace(module, "convert_to_tensor", converter)
+        installed.append("scalar_constants")
     return installed
 
 
@@ -987,6 +1023,54 @@ def _wrap(number: int, bits: int) -> int:
     """``number`` as a signed integer of ``bits`` bits holds it (two's complement)."""
     half = 1 << (bits - 1)
     return (number + half) % (1 << bits) - half
+
+
+# --- 8. numbers as tensors -----------------------------------------------------------------
+
+# How many numbers one converter keeps as tensors; past it, numbers go to Keras's function.
+CONSTANTS_LIMIT = 1024
+
+
+def _constant_converter(keras_function, get_device):
+    """Keras's torch ``convert_to_tensor``, making each Python number into a tensor once.
+
+    A ``bool``, ``int`` or ``float`` (not NaN), or a tuple of up to eight
+    ``int`` (a shape), becomes Keras's tensor the first time it is seen with
+    a dtype, ``floatx`` and device; later it is a ``clone`` of that tensor,
+    made on the device. The caller gets a tensor of its own, so a write into
+    it (a ``Variable`` made from it, say) changes nothing else. Everything
+    else, ``sparse``/``ragged`` and what torch.compile traces, goes to
+    Keras's function. At most :data:`CONSTANTS_LIMIT` numbers are kept.
+    """
+    import keras
+    import torch
+
+    kept = {}
+    floatx = keras.config.floatx
+
+    def convert_to_tensor(x, dtype=None, sparse=None, ragged=None):
+        kind = type(x)
+        if sparse or ragged or torch.compiler.is_compiling() or not (kind is float or kind is int or kind is bool or (
+                kind is tuple and len(x) <= 8 and all(type(v) is int for v in x))):
+            return keras_function(x, dtype, sparse, ragged)
+        if kind is float:
+            if x != x:  # NaN: no key finds it again
+                return keras_function(x, dtype, sparse, ragged)
+            key = (kind, x, math.copysign(1.0, x), dtype, floatx(), str(get_device()))  # 0.0 and -0.0 apart
+        else:
+            key = (kind, x, dtype, floatx(), str(get_device()))
+        try:
+            tensor = kept.get(key)
+        except TypeError:  # a dtype that cannot be a key
+            return keras_function(x, dtype, sparse, ragged)
+        if tensor is None:
+            tensor = keras_function(x, dtype, sparse, ragged)
+            if len(kept) >= CONSTANTS_LIMIT:
+                return tensor
+            kept[key] = tensor
+        return tensor.clone()
+
+    return convert_to_tensor
 
 
 # --- other private reaches ------------------------------------------------------------------
