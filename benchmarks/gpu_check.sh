@@ -102,16 +102,17 @@ step env 20 bash -c '  # key: value lines, which summary.md turns into a table
     echo "CPU: $(lscpu | sed -n "s/^Model name: *//p") ($(nproc) cores)"'
 
 log "devices"
+pids=()  # the steps running beside each other; `wait` names them, as the sampler never ends
 step devices-torch-$GPU 50 python3 -m fmnist_keras.train --backend torch --device "$GPU" --model mlp --subset 3000 \
-    --epochs 1 --out-dir "$OUT_DIR/runs" --run-name torch-$GPU --no-report --overwrite &
+    --epochs 1 --out-dir "$OUT_DIR/runs" --run-name torch-$GPU --no-report --overwrite & pids+=($!)
 step devices-torch-cpu 50 python3 -m fmnist_keras.train --backend torch --device cpu --model mlp --subset 3000 \
-    --epochs 1 --out-dir "$OUT_DIR/runs" --run-name torch-cpu --no-report --overwrite &
+    --epochs 1 --out-dir "$OUT_DIR/runs" --run-name torch-cpu --no-report --overwrite & pids+=($!)
 step devices-jax-$GPU 50 python3 -m fmnist_keras.train --backend jax --device "$GPU" --model mlp --subset 3000 \
-    --epochs 1 --out-dir "$OUT_DIR/runs" --run-name jax-$GPU --no-report --overwrite &
-step syncs 50 python3 benchmarks/syncs.py --json "$OUT_DIR/syncs.json" &  # counts, not times: sharing is harmless
+    --epochs 1 --out-dir "$OUT_DIR/runs" --run-name jax-$GPU --no-report --overwrite & pids+=($!)
+step syncs 50 python3 benchmarks/syncs.py --json "$OUT_DIR/syncs.json" & pids+=($!)  # counts, not times: sharing is harmless
 # shellcheck disable=SC2086  # the *_ARGS are word lists
-step jax 60 env KERAS_BACKEND=jax python3 benchmarks/bench.py $JAX_ARGS --json "$OUT_DIR/bench-jax.json" &
-wait
+step jax 60 env KERAS_BACKEND=jax python3 benchmarks/bench.py $JAX_ARGS --json "$OUT_DIR/bench-jax.json" & pids+=($!)
+wait "${pids[@]}"; pids=()
 
 # shellcheck disable=SC2086
 step overhead 75 python3 benchmarks/bench.py --overhead $OVERHEAD_ARGS --json "$OUT_DIR/overhead.json"
@@ -120,14 +121,14 @@ step bench 75 python3 benchmarks/bench.py --models baseline-cnn mlp cnn $BENCH_A
 
 # shellcheck disable=SC2086
 step train-default "$TOTAL" python3 -m fmnist_keras.train $TRAIN_ARGS --out-dir "$OUT_DIR/runs" --run-name default \
-    --overwrite &
+    --overwrite & pids+=($!)
 # shellcheck disable=SC2086
 step train-cnn-large "$TOTAL" python3 -m fmnist_keras.train --model cnn-large $LARGE_ARGS --out-dir "$OUT_DIR/runs" \
-    --run-name cnn-large --overwrite &
+    --run-name cnn-large --overwrite & pids+=($!)
 # shellcheck disable=SC2086
 step train-cnn-b512 "$TOTAL" python3 -m fmnist_keras.train --model cnn --batch-size 512 --learning-rate 0.006 \
-    $B512_ARGS --out-dir "$OUT_DIR/runs" --run-name cnn-b512 --overwrite &
-wait
+    $B512_ARGS --out-dir "$OUT_DIR/runs" --run-name cnn-b512 --overwrite & pids+=($!)
+wait "${pids[@]}"; pids=()
 
 [ -n "${SAMPLER:-}" ] && kill "$SAMPLER" 2>/dev/null
 python3 benchmarks/gpu_summary.py "$OUT_DIR" | tee "$OUT_DIR/summary.md"

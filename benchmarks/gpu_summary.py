@@ -113,8 +113,10 @@ def main(argv=None) -> int:
         if not path.exists():
             continue
         data = json.loads(path.read_text())
+        torch_version = data.get("versions", {}).get("torch")
         print(f"\n## Epoch benchmark, {data['backend']} ({name}: {data['num_train']} images, batch "
-              f"{data['batch_size']}, {data['rounds']} rounds, {data['device']})\n")
+              f"{data['batch_size']}, {data['rounds']} rounds, {data['device']}, keras {data['keras']}"
+              f"{f', torch {torch_version}' if torch_version else ''})\n")
         print("| model | path | s/epoch | train img/s | peak MiB | test acc | keras/torch |")
         print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
         for r in data["rows"]:

@@ -12,6 +12,7 @@ Keras.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,17 @@ from fmnist_keras.rundir import write_text
 
 # An earlier result is small; a larger file is not read to find out whether it is one.
 MAX_RESULT_BYTES = 64 * 1024**2
+
+
+def versions() -> dict[str, str | None]:
+    """The installed keras, torch and jax, as their packages name them (None where absent): the JSON records them."""
+    found = {}
+    for name in ("keras", "keras-nightly", "torch", "jax"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def json_path(text: str) -> Path:

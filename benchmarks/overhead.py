@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         print(f"{r['model']:<14}{r['images']:>7}{stock:>15}{r['fast_ms']:>14.2f}{r['torch_ms']:>15.2f}"
               f"{r['fast_over_torch']:>11.2f}x{stock_ratio:>13}")
     if args.json:
-        outputs.write_json(args.json, {"device": device, "keras": keras.__version__, "batch_size": args.batch_size,
+        outputs.write_json(args.json, {"device": device, "keras": keras.__version__, "versions": outputs.versions(), "batch_size": args.batch_size,
                                        "rounds": args.rounds, "cpus": os.cpu_count(), "threads": threads,
                                        "peak_rss_mb": peak_rss_mb(), "rows": rows})
     return 0

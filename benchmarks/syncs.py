@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     print(f"\nbatch {args.batch_size}, steps {FIRST + 1}-{LAST} of an epoch, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, keras {keras.__version__}")
     if args.json:
-        outputs.write_json(args.json, {"device": torch.cuda.get_device_name(), "keras": keras.__version__, "rows": rows})
+        outputs.write_json(args.json, {"device": torch.cuda.get_device_name(), "keras": keras.__version__,
+                                          "versions": outputs.versions(), "rows": rows})
     return 0
 
 
