@@ -983,6 +983,22 @@ def test_scalar_constants_make_each_number_once_and_keep_at_most_the_limit(monke
 
 
 @torch_only
+def test_scalar_constants_under_a_fake_tensor_mode_give_its_tensors_and_keep_none(installed):
+    import torch
+
+    fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")  # what memory and FLOP estimators trace with
+    core = fastpath._torch_backend_module("core")
+    core.convert_to_tensor(0.375)  # kept, a real tensor
+    with fake_tensor.FakeTensorMode():
+        kept, new = core.convert_to_tensor(0.375), core.convert_to_tensor(0.125)
+        assert isinstance(kept, fake_tensor.FakeTensor) and isinstance(new, fake_tensor.FakeTensor)
+        assert keras.ops.add(kept, new).shape == ()
+    after = core.convert_to_tensor(0.125)  # the fake one was not kept
+    assert type(after) is torch.Tensor and float(after) == 0.125
+    assert type(core.convert_to_tensor(0.375)) is torch.Tensor
+
+
+@torch_only
 def test_scalar_constants_replace_every_binding_and_the_block_puts_kerass_back():
     core = fastpath._torch_backend_module("core")
     numpy = fastpath._torch_backend_module("numpy")

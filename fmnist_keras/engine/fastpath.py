@@ -1039,8 +1039,11 @@ def _constant_converter(keras_function, get_device):
     a dtype, ``floatx`` and device; later it is a ``clone`` of that tensor,
     made on the device. The caller gets a tensor of its own, so a write into
     it (a ``Variable`` made from it, say) changes nothing else. Everything
-    else, ``sparse``/``ragged`` and what torch.compile traces, goes to
-    Keras's function. At most :data:`CONSTANTS_LIMIT` numbers are kept.
+    else, ``sparse``/``ragged``, what torch.compile traces, and numbers
+    under a mode that makes fake tensors (``FakeTensorMode``, ``make_fx``)
+    go to Keras's function; only plain tensors are kept. Keras's ``"cuda"``
+    device is keyed by the current GPU. The first :data:`CONSTANTS_LIMIT`
+    numbers are kept, none after them.
     """
     import keras
     import torch
@@ -1053,22 +1056,28 @@ def _constant_converter(keras_function, get_device):
         if sparse or ragged or torch.compiler.is_compiling() or not (kind is float or kind is int or kind is bool or (
                 kind is tuple and len(x) <= 8 and all(type(v) is int for v in x))):
             return keras_function(x, dtype, sparse, ragged)
-        if kind is float:
-            if x != x:  # NaN: no key finds it again
-                return keras_function(x, dtype, sparse, ragged)
-            key = (kind, x, math.copysign(1.0, x), dtype, floatx(), str(get_device()))  # 0.0 and -0.0 apart
-        else:
-            key = (kind, x, dtype, floatx(), str(get_device()))
+        if kind is float and x != x:  # NaN: no key finds it again
+            return keras_function(x, dtype, sparse, ragged)
+        device = str(get_device())
+        if device == "cuda":  # Keras's default: the current GPU, which may change
+            device = f"cuda:{torch.cuda.current_device()}"
+        sign = math.copysign(1.0, x) if kind is float else None  # 0.0 and -0.0 apart
+        key = (kind, x, sign, dtype, floatx(), device)
         try:
             tensor = kept.get(key)
         except TypeError:  # a dtype that cannot be a key
             return keras_function(x, dtype, sparse, ragged)
         if tensor is None:
             tensor = keras_function(x, dtype, sparse, ragged)
-            if len(kept) >= CONSTANTS_LIMIT:
+            if type(tensor) is not torch.Tensor or len(kept) >= CONSTANTS_LIMIT:  # a fake or traced tensor, or full
                 return tensor
             kept[key] = tensor
-        return tensor.clone()
+            return tensor.clone()
+        try:
+            copy = tensor.clone()
+        except Exception:  # a mode that traces with fake tensors refuses a real one: Keras's tensor of the mode
+            return keras_function(x, dtype, sparse, ragged)
+        return copy if type(copy) is torch.Tensor else keras_function(x, dtype, sparse, ragged)
 
     return convert_to_tensor
 
