@@ -19,7 +19,7 @@
 #   bench     s/epoch at batch 128 against the twin, baseline-cnn mlp cnn (bench.py)      [75]
 #   train     in parallel on the one GPU, each with what is left of TOTAL: the default
 #             `python -m fmnist_keras.train` (MLP and CNN, with reports), `--model cnn-large`,
-#             and the CNN at batch 512 with the rate scaled by sqrt(4) (a GPU default?)
+#             and the CNN at batch 512 with the rate scaled by sqrt(4) (a candidate GPU default)
 # overhead and bench run alone; the other steps share the GPU and the CPU with the steps beside
 # them, which inflates their wall times.
 # A sampler reads nvidia-smi every second; summary.md gets the peak GPU memory of each step
