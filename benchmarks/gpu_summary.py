@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     print("\n## Training runs\n")
     print("The whole command's seconds are its step's (every model of the run, start-up and reports included).\n")
     print("| run | model | device | batch | epochs run (best) | s/epoch | training s | whole command s | "
-          "validation acc | test acc | data on device | fast path off | report files |")
+          "validation acc | test acc | data on device | fast-path pieces not on | report files |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |")
     seconds = {step["name"].removeprefix("train-").removeprefix("devices-"): step["end"] - step["start"]
                for step in steps}

@@ -99,3 +99,26 @@ def test_a_failed_preflight_stops_the_run_before_any_other_step(tmp_path):
     assert calls == [c for c in calls if "--run-name preflight" in c] and len(calls) == 1
     assert "preflight failed" in result.stdout and "stub failure" in result.stdout
     assert not (out / "summary.md").exists()
+
+
+def test_the_summary_lists_a_run_stopped_at_its_limit_from_its_history(tmp_path):
+    out = tmp_path / "out"
+    stopped, finished = out / "runs" / "cnn-large" / "cnn-large", out / "runs" / "default" / "mlp"
+    for model_dir in (stopped, finished):
+        model_dir.mkdir(parents=True)
+    (stopped / "config.json").write_text('{"model": "cnn-large", "batch_size": 128}')
+    (stopped / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss\n0,0.8,1.0,0.85,0.9\n"
+                                         "1,0.9,0.8,0.91,0.7\n2,0.9,0.8,not-a-number,0.7\n")
+    (finished / "config.json").write_text('{"model": "mlp", "batch_size": 512}')
+    (finished / "metrics.json").write_text('{"model": "mlp", "device": "cuda:0 (Stub)", "epochs_run": 20, "best_epoch": 18, '
+                                           '"test": {"accuracy": 0.9081}, "validation": {"accuracy": 0.91}, '
+                                           '"fast_path": {"fused_adam": "on", "host_seeds": "off: changed"}}')
+    (out / "steps.tsv").write_text("train-cnn-large\t100.0\t400.5\t300\t124\ntrain-default\t100.0\t225.0\t300\t0\n")
+    summary = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_summary.py"), str(out)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "| train-cnn-large | timeout | 300 | 300 |" in summary
+    large = next(line for line in summary.splitlines() if line.startswith("| cnn-large | cnn-large |"))
+    assert "| 128 | 2 (-) |" in large and "| 300 | 0.9100 (1 view) | stopped |" in large, large
+    mlp = next(line for line in summary.splitlines() if line.startswith("| default | mlp |"))
+    assert "| cuda:0 (Stub) | 512 | 20 (18) |" in mlp and "| 125 | 0.9100 | 0.9081 |" in mlp, mlp
+    assert "| host_seeds |" in mlp and "fused_adam" not in mlp
