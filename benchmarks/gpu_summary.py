@@ -61,7 +61,11 @@ def peak_memory(step, totals, processes):
 
 
 def read_history(model_dir: pathlib.Path) -> list[dict]:
-    """The epochs of history.csv as dicts of floats; rows that do not parse are left out."""
+    """The epochs of history.csv as dicts of floats; rows that do not parse are left out.
+
+    Not ``fmnist_keras.engine.callbacks.read_history``, which imports Keras and
+    refuses a damaged file: a run stopped at its limit may have cut its last line.
+    """
     path = model_dir / "history.csv"
     lines = path.read_text(errors="replace").splitlines() if path.exists() else []
     rows = []
