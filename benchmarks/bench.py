@@ -120,9 +120,10 @@ def main(argv=None) -> int:
                 r["keras_over_torch"] = r["s_per_epoch"] / results[-1]["s_per_epoch"]
         rows += results
     precision = "mixed precision" if args.mixed_precision else "float32"
+    versions = outputs.versions()
     print(f"\n{len(splits.x_train)} training images ({splits.data_format}, {precision}), batch {args.batch_size}, {args.epochs} rounds "
           f"(median after 1 warm-up), device {device}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs ({threads} threads), keras {keras.__version__}, torch {outputs.versions()['torch']}, "
+          f"{os.cpu_count()} CPUs ({threads} threads), keras {keras.__version__}, torch {versions['torch']}, "
           f"peak resident memory {peak_rss_mb():.0f} MB")
     header = f"{'model':<14}{'path':<14}{'s/epoch':>9}{'train img/s':>13}{'infer img/s':>13}{'peak MB':>9}{'test acc':>10}{'keras/torch':>13}"
     print(header + "\n" + "-" * len(header))
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
             "device": device, "backend": keras.backend.backend(), "num_train": len(splits.x_train),
             "data_format": splits.data_format, "mixed_precision": args.mixed_precision, "batch_size": args.batch_size,
             "rounds": args.epochs, "cpus": os.cpu_count(), "threads": threads, "keras": keras.__version__,
-            "versions": outputs.versions(), "peak_rss_mb": peak_rss_mb(), "rows": rows})
+            "versions": versions, "peak_rss_mb": peak_rss_mb(), "rows": rows})
     return 0
 
 

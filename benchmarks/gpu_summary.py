@@ -156,8 +156,9 @@ def main(argv=None) -> int:
             validation = fmt(m.get("validation", {}).get("accuracy"), ".4f")
             test = fmt(m.get("test", {}).get("accuracy"), ".4f")
         else:  # stopped before the end (its limit): what history.csv holds, validation without test-time augmentation
-            m = {"model": config.get("model"), "epochs_run": len(read_history(model_dir))}
-            scores = [row["val_accuracy"] for row in read_history(model_dir) if "val_accuracy" in row]
+            history = read_history(model_dir)
+            m = {"model": config.get("model"), "epochs_run": len(history)}
+            scores = [row["val_accuracy"] for row in history if "val_accuracy" in row]
             validation = f"{max(scores):.4f} (1 view)" if scores else "-"
             test = "stopped"
         off = [piece for piece, state in (m.get("fast_path") or {}).items() if state != "on"]
