@@ -39,6 +39,8 @@ Usage:
     python benchmarks/ablation.py --seeds 42 --ema 0 --optimizer sgd --learning-rate 0.1 --weight-decay 0.005
     python benchmarks/ablation.py --seeds 42 --ema 0 --schedule linear
     python benchmarks/ablation.py --model cnn-large --seeds 42 --ema 0 --cutmix 0.5
+    python benchmarks/ablation.py --model cnn-large --seeds 42 --ema 0 --global-pool
+    python benchmarks/ablation.py --model cnn-large --seeds 42 --ema 0 --residual
     python benchmarks/ablation.py --seeds 0 --subset 3000 --epochs 2     # a quick check of the script
 """
 
@@ -87,6 +89,12 @@ def parse_args(argv=None):
                         help="width of the Dense embedding (default: the model's, cnn 256, cnn-large 512)")
     parser.add_argument("--dropout", type=float, metavar="F",
                         help="dropout rate after the embedding (default: the model's, cnn 0.1, cnn-large 0.4)")
+    parser.add_argument("--residual", action="store_true",
+                        help="add a ResNet shortcut (1x1 convolution, BatchNorm) around each block's convolutions "
+                        "(default: none)")
+    parser.add_argument("--global-pool", action="store_true",
+                        help="average the last block's feature maps over space instead of flattening them "
+                        "(default: flatten)")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's)")
     parser.add_argument("--weight-decay", type=in_range(*RANGES["weight_decay"]), metavar="WD",
                         help="AdamW decoupled weight decay (default: the model's)")
@@ -255,7 +263,8 @@ def main(argv=None) -> int:
     changed = {"shift": args.shift, "erase": args.erase,
                "filters": None if args.filters is None else tuple(args.filters),
                "convs_per_block": None if args.convs is None else tuple(args.convs) if len(args.convs) > 1
-               else args.convs[0], "dense_units": args.dense_units, "dropout": args.dropout}
+               else args.convs[0], "dense_units": args.dense_units, "dropout": args.dropout,
+               "residual": args.residual or None, "global_pool": args.global_pool or None}
     changed = {name: value for name, value in changed.items() if value is not None}
     if args.optimizer == "sgd":
         use_sgd()
@@ -278,7 +287,8 @@ def main(argv=None) -> int:
     if args.json:
         outputs.write_json(args.json, {
             "model": args.model, "shift": args.shift, "erase": args.erase, "filters": args.filters,
-            "convs": args.convs, "dense_units": args.dense_units, "dropout": args.dropout, "ema": args.ema,
+            "convs": args.convs, "dense_units": args.dense_units, "dropout": args.dropout, "residual": args.residual,
+            "global_pool": args.global_pool, "ema": args.ema,
             "learning_rate": args.learning_rate, "weight_decay": args.weight_decay, "optimizer": args.optimizer,
             "schedule": args.schedule, "cutmix": args.cutmix, "mixed_precision": args.mixed_precision, "rows": rows})
     return 0

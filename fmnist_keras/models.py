@@ -130,6 +130,8 @@ def build_cnn(
     augment: bool = True,
     shift: float = 0.08,
     erase: float = 0.0,
+    residual: bool = False,
+    global_pool: bool = False,
     num_classes: int = NUM_CLASSES,
     data_format: str | None = None,
     seed: int | None = None,
@@ -156,6 +158,13 @@ def build_cnn(
             image size (0.08: about 2 pixels).
         erase: with ``augment``, also erase a random patch of up to this
             fraction of the image (0 disables it).
+        residual: add each block's input, through a 1x1 convolution and
+            BatchNorm (``block{b}_shortcut``, ``block{b}_shortcut_bn``), to
+            its last convolution's BatchNorm output before that
+            convolution's ReLU (``block{b}_add``), as in ResNet.
+        global_pool: average each feature map of the last block over space
+            (``global_pool``) instead of flattening the maps (``flatten``)
+            before the embedding.
         num_classes: number of output classes.
         data_format: ``channels_last`` or ``channels_first``; defaults to
             ``keras.config.image_data_format()``. The weights do not depend
@@ -182,19 +191,31 @@ def build_cnn(
     for layer in augmentation(shift=shift, erase=erase, seed=seed, data_format=data_format) if augment else ():
         x = layer(x)
     for b, (width, convs) in enumerate(zip(filters, convs_per_block), start=1):
+        block_input = x
         for i in range(1, convs + 1):
             x = layers.Conv2D(
                 width, 3, padding="same", use_bias=False, data_format=data_format, name=f"block{b}_conv{i}"
             )(x)
             x = layers.BatchNormalization(axis=channel_axis, momentum=BN_MOMENTUM, name=f"block{b}_bn{i}")(x)
+            if residual and i == convs:
+                x = layers.Add(name=f"block{b}_add")([x, _shortcut(block_input, width, channel_axis, data_format, b)])
             x = layers.Activation("relu", name=f"block{b}_relu{i}")(x)
         x = layers.MaxPooling2D(2, data_format=data_format, name=f"block{b}_pool")(x)
-    x = layers.Flatten(data_format=data_format, name="flatten")(x)
+    if global_pool:
+        x = layers.GlobalAveragePooling2D(data_format=data_format, name="global_pool")(x)
+    else:
+        x = layers.Flatten(data_format=data_format, name="flatten")(x)
     x = layers.Dense(dense_units, use_bias=False, name="dense")(x)
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="dense_bn")(x)
     x = layers.Activation("relu", name="embedding")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     return keras.Model(inputs, _head(x, num_classes), name=name)
+
+
+def _shortcut(x, width: int, channel_axis: int, data_format: str, block: int):
+    """A residual block's input projected to the block's width: 1x1 convolution, then BatchNorm."""
+    x = layers.Conv2D(width, 1, use_bias=False, data_format=data_format, name=f"block{block}_shortcut")(x)
+    return layers.BatchNormalization(axis=channel_axis, momentum=BN_MOMENTUM, name=f"block{block}_shortcut_bn")(x)
 
 
 #: ``build_cnn``'s arguments that make :func:`build_cnn_large`.

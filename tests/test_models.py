@@ -53,6 +53,44 @@ def test_cnn_large_is_the_cnn_builder_with_its_own_arguments_and_takes_changes()
         build_cnn_large(widths=(8,))
 
 
+def test_cnn_residual_adds_a_projected_shortcut_to_each_block_before_its_last_relu(tmp_path):
+    model = build_cnn(filters=(8, 16), convs_per_block=(1, 2), augment=False, residual=True,
+                      data_format="channels_last")
+    for block, last in ((1, 1), (2, 2)):
+        add = model.get_layer(f"block{block}_add")
+        assert [tensor.name for tensor in add.input] == [
+            model.get_layer(f"block{block}_bn{last}").output.name,
+            model.get_layer(f"block{block}_shortcut_bn").output.name]
+        assert model.get_layer(f"block{block}_relu{last}").input.name == add.output.name
+    assert model.get_layer("block2_shortcut").kernel.shape == (1, 1, 8, 16)
+    # With the main path's last convolution zeroed, a block's output is the ReLU of its shortcut alone.
+    x = np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32)
+    model.get_layer("block1_conv1").kernel.assign(np.zeros((3, 3, 1, 8), np.float32))
+    block1 = keras.Model(model.input, [model.get_layer("block1_relu1").output,
+                                        model.get_layer("block1_shortcut_bn").output])
+    out, shortcut = (keras.ops.convert_to_numpy(t) for t in block1(x, training=False))
+    bn_of_zero = keras.ops.convert_to_numpy(model.get_layer("block1_bn1")(np.zeros((1, 28, 28, 8), np.float32)))
+    np.testing.assert_allclose(out, np.maximum(shortcut + bn_of_zero, 0), rtol=1e-5, atol=1e-6)
+    path = tmp_path / "residual.keras"
+    model.save(path)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.saving.load_model(path)(x)),
+                               keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_cnn_global_pool_averages_the_last_maps_instead_of_flattening_them():
+    flat = build_cnn(filters=(8, 16), augment=False, data_format="channels_last")
+    pooled = build_cnn(filters=(8, 16), augment=False, global_pool=True, data_format="channels_last")
+    names = [layer.name for layer in pooled.layers]
+    assert "global_pool" in names and "flatten" not in names
+    assert pooled.get_layer("global_pool").output.shape == (None, 16)
+    assert pooled.get_layer("dense").kernel.shape == (16, 256)
+    assert flat.get_layer("dense").kernel.shape == (7 * 7 * 16, 256)
+    x = np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32)
+    maps = keras.Model(pooled.input, [pooled.get_layer("block2_pool").output, pooled.get_layer("global_pool").output])
+    block, averaged = (keras.ops.convert_to_numpy(t) for t in maps(x))
+    np.testing.assert_allclose(averaged, block.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+
+
 def test_cnn_shift_sets_the_translation_range_and_zero_removes_it():
     default = build_cnn(data_format="channels_last")
     assert default.get_layer("augment_shift").get_config()["height_factor"] == 0.08
