@@ -30,6 +30,15 @@ def layer_by_layer(model, x, name):
     raise AssertionError(f"{name} not reached")
 
 
+def test_feature_maps_of_a_residual_cnn_are_its_relus_once_each():
+    model = tiny_cnn(augment=False, residual=True)
+    assert internals.default_feature_layers(model) == ["block1_relu1", "block1_relu2", "block2_relu1", "block2_relu2"]
+    x = images(1)
+    expected = keras.Model(model.input, model.get_layer("block2_relu2").output)(x, training=False)
+    np.testing.assert_allclose(internals.feature_maps(model, x)["block2_relu2"], keras.ops.convert_to_numpy(expected),
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("builder", ["cnn", "baseline-cnn"])
 def test_feature_maps_equal_running_the_layers_one_by_one(builder, tmp_path):
     model = tiny_cnn() if builder == "cnn" else build_baseline_cnn()

@@ -63,25 +63,48 @@ def _require_conv(model, what: str) -> list:
     return convs
 
 
+def _inputs_of(layer) -> list:
+    """The symbolic tensors ``layer`` was called on (none for a layer called more than once)."""
+    try:
+        inputs = layer.input
+    except (AttributeError, ValueError):
+        return []
+    return list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+
+
+def _output_of(layer):
+    try:
+        return layer.output
+    except (AttributeError, ValueError):
+        return None
+
+
 def default_feature_layers(model) -> list[str]:
-    """One layer per convolution: its activated output.
+    """One layer per convolution: its activated output, each layer once.
 
     That is the convolution itself when it has a built-in activation
-    (``baseline-cnn``), else the first Activation/ReLU after it
-    (``block{b}_relu{i}`` in ``cnn``), skipping BatchNormalization.
+    (``baseline-cnn``), else the first Activation/ReLU downstream of it
+    (``block{b}_relu{i}`` in ``cnn``), through BatchNormalization and
+    additions: a residual block's shortcut and last convolution share the
+    ReLU after their sum.
     """
     layers = _layers(model)
     names = []
-    for position, layer in enumerate(_require_conv(model, "feature maps")):
+    for layer in _require_conv(model, "feature maps"):
         chosen = layer
         if _is_linear(layer):
+            current = _output_of(layer)
             for follower in layers[layers.index(layer) + 1:]:
+                if current is None or not any(tensor is current for tensor in _inputs_of(follower)):
+                    continue  # another branch of the graph
                 if isinstance(follower, _CONV_TYPES + _PASS_THROUGH + (keras.layers.Dense,)):
                     break
                 if isinstance(follower, (keras.layers.Activation, keras.layers.ReLU)):
                     chosen = follower
                     break
-        names.append(chosen.name)
+                current = _output_of(follower)
+        if chosen.name not in names:
+            names.append(chosen.name)
     return names
 
 
