@@ -6,6 +6,7 @@ that fmnist_keras did not create is ever removed.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_idx_dir
 from fmnist_keras import train
 from fmnist_keras.engine import evaluation, fit
 from fmnist_keras.rundir import MARKER, RunDir, RunDirError
@@ -39,10 +41,26 @@ def _files(directory):
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
 
 
+@pytest.fixture(scope="module")
+def finished_run_template(tmp_path_factory):
+    """A finished two-epoch MLP run, trained once per module: ``runs/run/mlp/...`` and its data ``idx/``."""
+    from fmnist_keras import backend
+
+    template = tmp_path_factory.mktemp("finished")
+    write_idx_dir(template / "idx")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backend, "CPUINFO", os.devnull)  # float32, as the function-scoped conftest fixture does
+        assert _train(template, template / "idx", "--run-name", "run") == 0
+    return template / "runs"
+
+
 @pytest.fixture
-def finished_run(tmp_path, tiny_data_dir):
-    """A finished two-epoch MLP run: runs/run/mlp/..."""
-    assert _train(tmp_path, tiny_data_dir, "--run-name", "run") == 0
+def finished_run(tmp_path, finished_run_template):
+    """A copy of the finished run for one test to change: tmp_path/runs/run/mlp/...
+
+    Its config.json names the template's data directory, which no test changes.
+    """
+    shutil.copytree(finished_run_template, tmp_path / "runs", symlinks=True)
     return tmp_path / "runs" / "run"
 
 
