@@ -1,7 +1,7 @@
 """Classify your own images (PNG, JPEG, ...) or .npy arrays with a trained model.
 
 Usage:
-    python -m fmnist_keras.predict MODEL_OR_RUN_DIR IMAGE [IMAGE ...] [--json] [--top-k 3]
+    python -m fmnist_keras.predict RUN_DIR_OR_MODEL IMAGE [IMAGE ...] [--json] [--top-k 3]
 
 Pictures are turned into 28x28 grayscale the way Fashion-MNIST was made
 (Xiao et al., 2017): trim the background, resize the longest edge to 28,
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  python -m fmnist_keras.predict runs/latest/cnn shoe.jpg shirt.png batch.npy --top-k 3",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL_OR_RUN_DIR", help=MODEL_HELP)
+    parser.add_argument("model", metavar="RUN_DIR_OR_MODEL", help=MODEL_HELP)
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="picture files or .npy arrays to classify")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text (default: text)")
     parser.add_argument("--invert", choices=INVERT_CHOICES, default="auto",

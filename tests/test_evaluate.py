@@ -245,6 +245,8 @@ def _damage(run, case):
         (run / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     elif case == "config-bad-value":
         (run / "config.json").write_text(json.dumps({**config, "val_split": 1.5}))
+    elif case == "config-splits-nothing":  # in range, but 5 images cannot hold a split of every class
+        (run / "config.json").write_text(json.dumps({**config, "subset": 5}))
     elif case == "metrics-garbage":
         (run / "metrics.json").write_bytes(b"\x00\xff garbage")
     elif case == "metrics-a-list":
@@ -273,6 +275,7 @@ def _damage(run, case):
         ("config-a-list", r"config\.json is damaged: expected a JSON object of settings, got list"),
         ("config-deep", r"config\.json is damaged: not valid JSON for the run's configuration \(.*recursion"),
         ("config-bad-value", r"config\.json is damaged: val_split is 1\.5; expected a number from 0\.001 to 0\.999"),
+        ("config-splits-nothing", r"config\.json does not rebuild a split of this data \(a subset of 5 images cannot"),
         ("metrics-garbage", r"metrics\.json is damaged: not valid JSON for the run's metrics"),
         ("metrics-a-list", r"metrics\.json is damaged: a JSON list, not an object; rewrite it with train"),
         ("metrics-wrong-type", r"metrics\.json is damaged: best_epoch is 'two'; expected an epoch number or null"),
