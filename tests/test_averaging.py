@@ -8,6 +8,7 @@ images and on their mirror images, in both layouts, on every backend.
 """
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -168,8 +169,10 @@ def test_model_defaults_and_a_config_without_the_keys(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     loaded = load_config(tmp_path / "config.json").resolved()
     assert (loaded.ema, loaded.flip_tta, loaded.shift_tta) == (0.0, False, False)
-    for bad in ({"ema": 1.0}, {"ema": -0.1}, {"ema": "0.9"}, {"flip_tta": "yes"}, {"shift_tta": 1}):
-        with pytest.raises(ValueError):
+    for bad, message in [({"ema": 1.0}, "ema is 1.0; expected a number from"), ({"ema": -0.1}, "ema is -0.1;"),
+                         ({"ema": "0.9"}, "ema is '0.9';"), ({"flip_tta": "yes"}, "flip_tta is 'yes'; expected true or false"),
+                         ({"shift_tta": 1}, "shift_tta is 1; expected true or false")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
             TrainConfig.from_dict({**data, **bad})
 
 

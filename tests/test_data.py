@@ -1,10 +1,13 @@
 """The data module: IDX parsing, verification, source lookup, split and scaling."""
 
+import errno
 import gzip
 import hashlib
 import os
+import re
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,20 +102,31 @@ def test_missing_file_says_how_to_fix(tiny_data_dir, isolated_env):
     assert "unset it" in str(info.value)
 
 
-def test_unreadable_file_is_a_clear_error(tiny_data_dir):
+def test_unreadable_file_is_a_clear_error(tiny_data_dir, monkeypatch):
+    path = tiny_data_dir / "train-labels-idx1-ubyte.gz"
     if os.geteuid() == 0:
-        # root reads anything; a directory where a file should be is unreadable for everyone
-        target = tiny_data_dir / "train-labels-idx1-ubyte.gz"
-        target.unlink()
-        target.mkdir()
-        (tiny_data_dir / "train-labels-idx1-ubyte").mkdir()
-        with pytest.raises(fdata.DataError, match="lacks train-labels-idx1-ubyte"):
-            fdata.load_from_dir(tiny_data_dir, verify=False)
+        # root reads a file with mode 0, so the kernel's refusal is made by hand
+        real_open = open
+
+        def refusing_open(file, *args, **kwargs):
+            if Path(file) == path:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(fdata, "open", refusing_open, raising=False)
     else:
-        path = tiny_data_dir / "train-labels-idx1-ubyte.gz"
         path.chmod(0)
-        with pytest.raises(fdata.DataError, match="cannot read"):
-            fdata.load_from_dir(tiny_data_dir, verify=False)
+    with pytest.raises(fdata.DataError, match=f"cannot read {re.escape(str(path))}: Permission denied; check it"):
+        fdata.load_from_dir(tiny_data_dir, verify=False)
+
+
+def test_a_directory_where_a_data_file_belongs_is_a_missing_file(tiny_data_dir):
+    target = tiny_data_dir / "train-labels-idx1-ubyte.gz"
+    target.unlink()
+    target.mkdir()
+    (tiny_data_dir / "train-labels-idx1-ubyte").mkdir()
+    with pytest.raises(fdata.DataError, match="lacks train-labels-idx1-ubyte"):
+        fdata.load_from_dir(tiny_data_dir, verify=False)
 
 
 def test_source_order_explicit_then_env_then_cache(tmp_path, isolated_env, monkeypatch):

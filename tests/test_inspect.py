@@ -149,12 +149,45 @@ def test_saliency_matches_finite_differences():
     np.testing.assert_allclose(maps[0], np.abs(grads[0, ..., 0]) / np.abs(grads[0]).max(), atol=1e-6)
 
 
+def grad_cam_reference(model, x):
+    """Grad-CAM from finite differences: each channel's mean gradient is the score's slope when the
+    whole channel moves by the same amount, measured through the model above the layer."""
+    layer = internals.default_feature_layers(model)[-1]
+    channels_first = x.shape[1] == 1  # (N, 1, 28, 28)
+    activations = internals.feature_maps(model, x, [layer])[layer].astype(np.float64)
+    head = internals.head_model(model, layer)
+    targets = keras.ops.convert_to_numpy(model(x, training=False)).argmax(1)
+
+    def score(a):
+        logits = keras.ops.convert_to_numpy(head([a.astype(np.float32)], training=False))
+        return logits.astype(np.float64)[np.arange(len(a)), targets]
+
+    channel_axis = 1 if channels_first else -1
+    maps = np.moveaxis(activations, channel_axis, -1)
+    height, width, channels = maps.shape[1:]
+    weights = np.zeros((len(x), channels))
+    eps = 1e-3
+    for c in range(channels):
+        step = np.zeros_like(maps)
+        step[..., c] = eps
+        step = np.moveaxis(step, -1, channel_axis)
+        weights[:, c] = (score(activations + step) - score(activations - step)) / (2 * eps) / (height * width)
+    cam = np.maximum((maps * weights[:, None, None, :]).sum(-1), 0.0)
+    resized = keras.ops.convert_to_numpy(keras.ops.image.resize(cam[..., None].astype(np.float32), (28, 28),
+                                                                 interpolation="bilinear", data_format="channels_last"))
+    resized = resized[..., 0].astype(np.float64)
+    return resized / resized.max(axis=(1, 2), keepdims=True)
+
+
 def test_grad_cam_highlights_the_pixels_that_drive_the_score():
     model = tiny_cnn(augment=False)
     x = images(2)
     heat = internals.grad_cam(model, x)
     assert heat.shape == (2, 28, 28) and np.isfinite(heat).all()
     assert heat.min() >= 0.0 and heat.max() <= 1.0
+    reference = grad_cam_reference(model, x)
+    assert np.ptp(reference, axis=(1, 2)).min() > 0.5  # a map with something to show
+    np.testing.assert_allclose(heat, reference, atol=1e-2)
     # Same result with the class given explicitly as the predicted one.
     predicted = keras.ops.convert_to_numpy(model(x, training=False)).argmax(1)
     np.testing.assert_allclose(internals.grad_cam(model, x, class_indices=predicted), heat, atol=1e-6)
@@ -174,4 +207,6 @@ def test_saliency_and_grad_cam_on_channels_first():
     model = tiny_cnn(augment=False, data_format="channels_first")
     x = images(2, channels_first=True)
     assert internals.saliency(model, x).shape == (2, 28, 28)
-    assert internals.grad_cam(model, x).shape == (2, 28, 28)
+    heat = internals.grad_cam(model, x)
+    assert heat.shape == (2, 28, 28)
+    np.testing.assert_allclose(heat, grad_cam_reference(model, x), atol=1e-2)

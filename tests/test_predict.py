@@ -1,6 +1,7 @@
 """fmnist_keras.predict: pictures and arrays in, top-k classes out, one clear line per bad file."""
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -215,7 +216,7 @@ def test_cli_classifies_good_files_and_reports_bad_ones(trained, tmp_path, capsy
     err_lines = err.strip().splitlines()
     assert len(err_lines) == len(bad)
     for (name, message), line in zip(bad.items(), err_lines):
-        assert line.startswith("error: ") and name in line
+        assert line.startswith("error: ") and name in line and re.search(message, line), line
     out_lines = out.strip().splitlines()
     assert len(out_lines) == 5  # good.png, photo.jpg and three array images
     assert out_lines[1].startswith(str(good[1])) and out_lines[1].endswith("(inverted)")

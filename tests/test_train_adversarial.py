@@ -249,13 +249,17 @@ def test_a_relative_data_dir_is_saved_absolute_so_resume_works_from_anywhere(tmp
     assert train.main(["--resume", str(tmp_path / "runs" / "rel")]) == 0
 
 
-@pytest.mark.parametrize("out_dir", ["", "blocker", "blocker/below"])
-def test_an_out_dir_that_cannot_hold_runs_is_one_line(tmp_path, tiny_data_dir, capsys, out_dir, monkeypatch):
+@pytest.mark.parametrize("out_dir, message", [
+    ("", "--out-dir is empty; pass a directory for the runs"),
+    ("blocker", "--out-dir blocker is a file, not a directory; choose another --out-dir."),
+    ("blocker/below", "--out-dir blocker/below: blocker is a file, not a directory; choose another --out-dir."),
+])
+def test_an_out_dir_that_cannot_hold_runs_is_one_line(tmp_path, tiny_data_dir, capsys, out_dir, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "blocker").write_text("a file")
     argv = ["--data-dir", str(tiny_data_dir), "--no-verify", "--out-dir", out_dir, *BASE]
     assert train.main(argv) == 2
-    _one_line_error(capsys)
+    _one_line_error(capsys, message)
     assert (tmp_path / "blocker").read_text() == "a file"
 
 

@@ -57,8 +57,10 @@ def test_the_mean_is_over_the_views_and_reuses_the_images_own_prediction():
     np.testing.assert_allclose(tta.mean(predict, x), expected, rtol=1e-12)
     calls = []
     own = predict(x)
-    tta.mean(lambda images: calls.append(images) or predict(images), x, own=own)
+    reused = tta.mean(lambda images: calls.append(images) or predict(images), x, own=own)
     assert len(calls) == 9  # the images' own prediction is not made again
+    np.testing.assert_allclose(reused, expected, rtol=1e-12)
+    np.testing.assert_allclose(tta.mean(predict, x, own=own + 1.0), expected + 1.0 / 10, rtol=1e-12)
     assert tta.mean(predict, x).dtype == np.float64
     np.testing.assert_array_equal(TTA().mean(predict, x), predict(x))
 

@@ -276,12 +276,10 @@ def grad_cam(model, images: np.ndarray, layer_name: str | None = None, class_ind
         (N, H, W) heat maps in [0, 1], H and W those of the input images.
     """
     layer_name = layer_name or default_feature_layers(model)[-1]
-    layer = get_layer(model, layer_name)
     targets = keras.ops.convert_to_tensor(_targets(_score_model(model), images, class_indices))
     activations = feature_maps(model, images, [layer_name])[layer_name]
     _, grads = input_gradient(_class_score(head_model(model, layer_name), targets), activations)
-    channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
-    if channels_first:
+    if _channel_axis(model) == 1:  # the layers keep the input's layout; an Activation has no data_format
         activations, grads = np.moveaxis(activations, 1, -1), np.moveaxis(grads, 1, -1)
     weights = grads.mean(axis=(1, 2), keepdims=True)
     cam = np.maximum((weights * activations).sum(axis=-1), 0.0)
