@@ -105,7 +105,13 @@ def test_mixed_precision_model_exports_a_float32_graph(tmp_path, images):
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     (probabilities,) = session.run(None, {session.get_inputs()[0].name: images})
     assert probabilities.dtype == np.float32
-    # bfloat16 keeps ~3 significant digits: the float32 graph agrees to that.
+    # The graph is the float32 twin of the model: the same weights, computed in float32.
+    twin = build_cnn(filters=(4, 8), dense_units=16, seed=1)
+    twin.set_weights(model.get_weights())
+    expected = keras.ops.convert_to_numpy(twin.predict(images, verbose=0))
+    assert np.ptp(expected, axis=0).max() > 1e-3  # the images get different outputs
+    assert np.max(np.abs(probabilities - expected)) <= TOLERANCE
+    # bfloat16 keeps ~3 significant digits: the mixed-precision model agrees to that.
     assert np.max(np.abs(probabilities - keras.ops.convert_to_numpy(model.predict(images, verbose=0)))) < 2e-2
 
 

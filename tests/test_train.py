@@ -287,6 +287,11 @@ def test_tensorboard_logs_every_epoch_under_the_model_directory(tmp_path, tiny_d
     pytest.importorskip("tensorflow")
     assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "2", "--no-report", "--tensorboard") == 0
     logs = tmp_path / "runs" / "run" / "mlp" / "tensorboard"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     for split in ("train", "validation"):
         (events,) = (logs / split).glob("events.out.tfevents.*")
-        assert events.stat().st_size > 0
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in ("epoch_loss", "epoch_accuracy"):
+            assert [event.step for event in accumulator.Tensors(tag)] == [0, 1], (split, tag)
