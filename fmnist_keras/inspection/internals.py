@@ -279,11 +279,13 @@ def grad_cam(model, images: np.ndarray, layer_name: str | None = None, class_ind
     targets = keras.ops.convert_to_tensor(_targets(_score_model(model), images, class_indices))
     activations = feature_maps(model, images, [layer_name])[layer_name]
     _, grads = input_gradient(_class_score(head_model(model, layer_name), targets), activations)
-    if _channel_axis(model) == 1:  # the layers keep the input's layout; an Activation has no data_format
+    # Every layer keeps the input's layout; the default layer, an Activation, has no data_format.
+    channels_first = _channel_axis(model) == 1
+    if channels_first:
         activations, grads = np.moveaxis(activations, 1, -1), np.moveaxis(grads, 1, -1)
     weights = grads.mean(axis=(1, 2), keepdims=True)
     cam = np.maximum((weights * activations).sum(axis=-1), 0.0)
-    size = images.shape[2:4] if _channel_axis(model) == 1 else images.shape[1:3]
+    size = images.shape[2:4] if channels_first else images.shape[1:3]
     resized = keras.ops.image.resize(cam[..., None].astype(np.float32), size, interpolation="bilinear",
                                      data_format="channels_last")
     return _normalise(keras.ops.convert_to_numpy(resized)[..., 0])
