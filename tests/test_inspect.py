@@ -153,7 +153,6 @@ def grad_cam_reference(model, x):
     """Grad-CAM from finite differences: each channel's mean gradient is the score's slope when the
     whole channel moves by the same amount, measured through the model above the layer."""
     layer = internals.default_feature_layers(model)[-1]
-    channels_first = x.shape[1] == 1  # (N, 1, 28, 28)
     activations = internals.feature_maps(model, x, [layer])[layer].astype(np.float64)
     head = internals.head_model(model, layer)
     targets = keras.ops.convert_to_numpy(model(x, training=False)).argmax(1)
@@ -162,7 +161,7 @@ def grad_cam_reference(model, x):
         logits = keras.ops.convert_to_numpy(head([a.astype(np.float32)], training=False))
         return logits.astype(np.float64)[np.arange(len(a)), targets]
 
-    channel_axis = 1 if channels_first else -1
+    channel_axis = 1 if x.shape[1] == 1 else -1  # (N, 1, 28, 28) or (N, 28, 28, 1)
     maps = np.moveaxis(activations, channel_axis, -1)
     height, width, channels = maps.shape[1:]
     weights = np.zeros((len(x), channels))
