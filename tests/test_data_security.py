@@ -5,6 +5,7 @@ import gzip
 import os
 import re
 import shutil
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -152,8 +153,11 @@ def test_redirect_off_the_mirror_is_refused():
     assert followed.full_url == fdata.MIRROR + "v2/x.gz"
 
 
-def test_mirror_is_https():
-    assert fdata.MIRROR.startswith("https://")
+def test_the_official_urls_pass_the_check():  # the control for the refusals above
+    assert urllib.parse.urlsplit(fdata.MIRROR)[:2] == ("https", "storage.googleapis.com")
+    for name in fdata.FILES:
+        url = fdata.MIRROR + f"{name}.gz"
+        assert fdata.check_url(url) == url
 
 
 # ---- no unpickling anywhere in the package ---------------------------------------------
@@ -171,26 +175,31 @@ def _package_sources():
     return sources
 
 
-@pytest.mark.parametrize(
-    "pattern, why",
-    [
-        (r"allow_pickle\s*=\s*True", "np.load must not unpickle"),
-        (r"^\s*(import pickle|from pickle|import cloudpickle|import dill|import marshal)", "no pickle/marshal"),
-        (r"safe_mode\s*=\s*False", "Keras safe mode stays on"),
-        (r"enable_unsafe_deserialization", "Keras safe mode stays on"),
-        (r"load_model_from_hdf5|legacy_h5_format", "HDF5 models bypass safe mode"),
-        (r"(?<![.\w])(eval|exec)\(", "no code from data"),
-    ],
-)
-def test_package_never_unpickles_or_disables_safe_mode(pattern, why):
+# Each guard: the pattern, why it is banned, and an offending line it must catch.
+_GUARDS = [
+    (r"allow_pickle\s*=\s*True", "np.load must not unpickle", "x = np.load(path, allow_pickle=True)"),
+    (r"^\s*(import pickle|from pickle|import cloudpickle|import dill|import marshal)", "no pickle/marshal",
+     "    import pickle"),
+    (r"safe_mode\s*=\s*False", "Keras safe mode stays on", "keras.saving.load_model(path, safe_mode=False)"),
+    (r"enable_unsafe_deserialization", "Keras safe mode stays on",
+     "keras.config.enable_unsafe_deserialization()"),
+    (r"load_model_from_hdf5|legacy_h5_format", "HDF5 models bypass safe mode", "legacy_h5_format.load_model_from_hdf5(f)"),
+    (r"(?<![.\w])(eval|exec)\(", "no code from data", "value = eval(text)"),
+    (r"torch\.load\((?![^)]*weights_only=True)", "torch.load unpickles unless weights_only=True",
+     "state = torch.load(path, map_location='cpu')"),
+]
+
+
+@pytest.mark.parametrize("pattern, why, offence", _GUARDS, ids=[why for _, why, _ in _GUARDS])
+def test_package_never_unpickles_or_disables_safe_mode(pattern, why, offence):
+    assert re.search(pattern, offence, re.MULTILINE), "the guard must catch its own example"
     offenders = [name for name, text in _package_sources().items() if re.search(pattern, text, re.MULTILINE)]
     assert offenders == [], f"{why}: {offenders}"
 
 
-def test_torch_load_only_with_weights_only():
-    for name, text in _package_sources().items():
-        for call in re.findall(r"torch\.load\([^)]*\)", text):
-            assert "weights_only=True" in call, f"{name}: {call}"
+@pytest.mark.parametrize("allowed", ["torch.load(path, weights_only=True)", "model.evaluate(x)", "np.load(path)"])
+def test_guards_let_safe_calls_through(allowed):
+    assert not [why for pattern, why, _ in _GUARDS if re.search(pattern, allowed, re.MULTILINE)]
 
 
 def test_models_are_loaded_through_the_safe_loader():
