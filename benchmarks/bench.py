@@ -28,7 +28,7 @@ Usage:
     python benchmarks/bench.py --overhead     # host ms/step at batch 8 instead (overhead.py)
 
 Prints a table and writes it as JSON (``--json``). Numbers depend on the
-machine: the README says which one produced its table.
+machine: docs/speed.md says which one produced each table.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ mixed-precision files) in a fresh process; then one fresh process per backend lo
 ``model.keras`` files and predicts the 10,000 test images. For a model
 trained under backend A, the reference is A's own predictions from the saved
 file; the table shows the max absolute difference of the softmax outputs
-when B loads the same file (issue 4 asks for at most 1e-4), and how many of
+when B loads the same file (the project's limit is 1e-4), and how many of
 the 10,000 predicted classes change.
 
 Usage:
