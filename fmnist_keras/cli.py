@@ -33,6 +33,14 @@ def print_error(message) -> None:
     print(f"error: {one_line(message)}", file=sys.stderr)
 
 
+def os_error_line(command: str, error: OSError) -> str:
+    """The line for a file-system error that no narrower check caught (a name too long, a denied directory)."""
+    path = f" {error.filename}" if error.filename is not None else ""
+    reason = error.strerror or type(error).__name__
+    return (f"{command} cannot use{path}: {reason}; check that the path exists, that its names are not too long "
+            f"and that you may read and write there, then run it again.")
+
+
 def escape_unencodable_output() -> None:
     """Make stdout and stderr write what their encoding lacks as escape codes instead of failing.
 

@@ -69,7 +69,8 @@ def check_out_dir(out_dir: Path) -> None:
         blocker = blocker.parent
     if not blocker.is_dir():
         where = "is" if blocker == out_dir else f"lies below {blocker}, which is"
-        raise RunFileError(f"--out-dir {out_dir} {where} a file, not a directory; choose another --out-dir.")
+        what = "a symbolic link to nothing (or a loop of links)" if blocker.is_symlink() else "a file"
+        raise RunFileError(f"--out-dir {out_dir} {where} {what}, not a directory; choose another --out-dir.")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,7 +73,12 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
     output = Path(text).expanduser()
     what = "a new file such as model.onnx" if format == "onnx" else "a new directory such as saved_model/"
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
-    for candidate in {Path(os.path.abspath(output)), output.resolve()}:
+    try:
+        resolved = output.resolve()
+    except (RuntimeError, OSError) as error:  # a loop of symlinks (RuntimeError before Python 3.13)
+        raise ExportError(f"--output {text!r} cannot be resolved ({error}); a symlink on the way loops or cannot be "
+                          f"read; fix the links or pass {what}.") from None
+    for candidate in {Path(os.path.abspath(output)), resolved}:
         if candidate == home or cwd.is_relative_to(candidate) or home.is_relative_to(candidate):
             raise ExportError(
                 f"--output {text!r} is {candidate}, the current directory, the home directory or one of their "

@@ -29,7 +29,8 @@ def run_command(main, name: str) -> int:
     """Run a short command's ``main``: SIGTERM becomes :class:`Interrupted`, so its clean-ups run.
 
     Ctrl-C or SIGTERM then end the command with one line on stderr and exit
-    code 128 + the signal's number, instead of a traceback.
+    code 128 + the signal's number, instead of a traceback; so does a
+    file-system error that no narrower check caught, with exit code 1.
     """
 
     def on_sigterm(signum, frame):
@@ -42,6 +43,11 @@ def run_command(main, name: str) -> int:
         stop = Interrupted.of(error)
         print(f"{name}: interrupted ({stop}) before it finished; run it again.", file=sys.stderr)
         return stop.exit_code
+    except OSError as error:
+        from fmnist_keras.cli import os_error_line, print_error
+
+        print_error(os_error_line(name, error))
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
 

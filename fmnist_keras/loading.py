@@ -228,11 +228,13 @@ def check_archive(path: Path) -> None:
             config_text = archive.read("config.json")
     except ModelLoadError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
+    # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks.
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, RuntimeError,
+            NotImplementedError) as error:
         raise ModelLoadError(f"{path} is a damaged zip archive ({error}); {_FIX}.") from None
     try:
         config = json.loads(config_text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:  # not UTF-8, not JSON, or an integer of more digits than Python converts
         raise ModelLoadError(f"{path}: config.json is not valid JSON ({error}); {_FIX}.") from None
     except RecursionError:
         raise _too_deep(path) from None

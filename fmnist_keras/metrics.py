@@ -62,12 +62,17 @@ def classification_metrics(y_true, probabilities, class_names, loss: float | Non
 
 
 def format_summary(rows: list[dict]) -> str:
-    """A small fixed-width table: one row per trained model."""
+    """A small fixed-width table: one row per trained model; ``-`` where a run has no value (no best epoch)."""
     header = f"{'model':<14}{'test acc':>9}{'macro-F1':>10}{'test loss':>11}{'epochs':>8}{'best':>6}{'time':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
             f"{r['model']:<14}{r['test']['accuracy']:>9.4f}{r['test']['macro_f1']:>10.4f}"
-            f"{r['test']['loss']:>11.4f}{r['epochs_run']:>8}{r['best_epoch']:>6}{r['wall_time_s']:>8.0f}s"
+            f"{_or_dash(r['test']['loss'], '.4f'):>11}{r['epochs_run']:>8}{_or_dash(r['best_epoch'], 'd'):>6}"
+            f"{r['wall_time_s']:>8.0f}s"
         )
     return "\n".join(lines)
+
+
+def _or_dash(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -68,3 +68,34 @@ def test_the_interrupted_line_of_train_is_one_line_whatever_the_run_is_called(ca
     assert train._interrupted(Interrupted(15), RunDir(Path("runs/two\nlines"))) == 143
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "runs/two\\nlines keeps every completed epoch" in err
+
+
+LONG = "a" * 300  # more than a file name may have (255 bytes): ENAMETOOLONG, which Path.exists() raises
+
+
+@pytest.mark.parametrize("command, argv", [
+    (train, ["--resume", "{long}"]),
+    (train, ["--data-dir", "{long}", "--no-verify", "--out-dir", "{dir}/runs", "--epochs", "1", "--no-report"]),
+    (evaluate, ["{long}"]),
+    (evaluate, ["{dir}/model.keras", "--out-dir", "{long}"]),
+    (predict, ["{dir}/model.keras", "{long}"]),
+    (predict, ["{long}", "{long}"]),
+    (export, ["{long}", "--format", "onnx", "--output", "{dir}/out.onnx"]),
+    (export, ["{dir}/model.keras", "--format", "onnx", "--output", "{long}"]),
+])
+def test_a_file_system_error_no_check_foresaw_is_one_line_with_a_fix(command, argv, tmp_path, capsys, monkeypatch):
+    from fmnist_keras.interrupts import run_command
+
+    monkeypatch.chdir(tmp_path)
+    argv = [arg.format(long=LONG, dir=tmp_path) for arg in argv]
+    name = command.__name__.rsplit(".", 1)[-1]
+    # What `python -m fmnist_keras.<command>` runs: train's main, the others' through run_command.
+    try:
+        code = command.main(argv) if command is train else run_command(lambda: command.main(argv), name)
+    except SystemExit as exit_info:  # an argparse error
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if "error: " in line]
+    assert "aaaa" in line and ("too long" in line.lower() or "File name" in line), line
+    assert list(tmp_path.iterdir()) == []  # nothing was made on the way

@@ -307,6 +307,20 @@ def test_out_dir_blocked_by_a_file_is_refused_before_any_work(below, cnn_run, ti
     assert (tmp_path / "afile").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("link", ["dangling", "loop"])
+def test_out_dir_that_is_a_broken_link_is_named_as_one(link, tmp_path):
+    from fmnist_keras.evaluate import RunFileError, check_out_dir
+
+    if link == "dangling":
+        (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    else:
+        (tmp_path / "out").symlink_to("back")
+        (tmp_path / "back").symlink_to("out")
+    with pytest.raises(RunFileError, match="is a symbolic link to nothing \\(or a loop of links\\), not a directory"):
+        check_out_dir(tmp_path / "out")
+    assert (tmp_path / "out").is_symlink()
+
+
 def test_evaluation_json_is_strict_and_replaced_atomically(cnn_run, tiny_data_dir, monkeypatch, capsys):
     (cnn_run / "evaluation.json").write_text('{"old": true}\n')
 

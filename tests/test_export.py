@@ -222,6 +222,18 @@ def test_output_naming_root_or_home_is_refused(output, tmp_path, monkeypatch):
             export.check_output(output, format, overwrite=True)
 
 
+@pytest.mark.parametrize("below", ["", "/x.onnx"])
+def test_output_through_a_loop_of_symlinks_is_one_line(tmp_path, monkeypatch, below):
+    monkeypatch.chdir(tmp_path)
+    Path("l1").symlink_to("l2")
+    Path("l2").symlink_to("l1")
+    for format in export.FORMATS:
+        with pytest.raises(export.ExportError, match="cannot be resolved.*symlink on the way loops") as refused:
+            export.check_output(f"l1{below}", format, overwrite=True)
+        assert "\n" not in str(refused.value)
+    assert Path("l1").is_symlink() and Path("l2").is_symlink()
+
+
 def test_onnx_output_that_is_a_directory_symlink_or_below_a_file_is_refused(tiny_model_file, tmp_path, capsys):
     directory = tmp_path / "out"
     (directory / "inner").mkdir(parents=True)

@@ -246,6 +246,44 @@ def test_invalid_config_json_is_refused(tmp_path, good_model_file):
         load_model(path)
 
 
+def _set_central_directory_field(path, member, offset, value: bytes):
+    """Overwrite bytes of ``member``'s central-directory entry, the record zipfile trusts when it opens a member."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    start = data.rfind(b"PK\x01\x02", 0, data.rfind(b"PK\x05\x06"))
+    while not data[start + 46:].startswith(member.encode()):
+        start = data.rfind(b"PK\x01\x02", 0, start)
+    assert int.from_bytes(data[start + 42:start + 46], "little") == info.header_offset
+    data[start + offset:start + offset + len(value)] = value
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("encrypted", "encrypted"),  # zipfile: RuntimeError, a password is required
+    ("compression method 99", "compression method"),  # zipfile: NotImplementedError
+])
+def test_a_member_zipfile_cannot_read_is_one_line(tmp_path, good_model_file, damage, says):
+    path = _rewrite_archive(good_model_file, tmp_path / "odd.keras")
+    if damage == "encrypted":
+        _set_central_directory_field(path, "config.json", 8, (1).to_bytes(2, "little"))  # flag bit 0
+    else:
+        _set_central_directory_field(path, "config.json", 10, (99).to_bytes(2, "little"))
+    with pytest.raises(ModelLoadError, match=f"damaged zip archive.*{says}") as refused:
+        load_model(path)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_config_json_with_a_number_too_long_to_convert_is_one_line(tmp_path, good_model_file):
+    path = tmp_path / "long-number.keras"
+    with zipfile.ZipFile(good_model_file) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            config = b'{"class_name": "Sequential", "n": 1' + b"0" * 5000 + b"}"
+            dst.writestr(info.filename, config if info.filename == "config.json" else src.read(info))
+    with pytest.raises(ModelLoadError, match="config.json is not valid JSON.*digits"):
+        load_model(path)
+
+
 def test_directory_without_model_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="directory without model.keras"):
         load_model(tmp_path)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fmnist_keras.metrics import classification_metrics, confusion_matrix
+from fmnist_keras.metrics import classification_metrics, confusion_matrix, format_summary
 
 
 def test_metrics_match_hand_computed_values():
@@ -65,3 +65,14 @@ def test_metrics_match_a_loop_reference_on_random_labels(seed, n, num_classes):
             assert got[key] == pytest.approx(expected[key], abs=1e-12)
         assert got["accuracy"] == pytest.approx(expected["recall"], abs=1e-12)
         assert got["support"] == expected["support"]
+
+
+def test_the_summary_prints_a_dash_for_a_run_without_a_best_epoch_or_a_loss():
+    # metrics.json allows best_epoch null (no epoch finished with a finite loss) and a null loss.
+    row = {"model": "cnn", "test": {"accuracy": 0.95, "macro_f1": 0.949, "loss": 0.21}, "epochs_run": 24,
+           "best_epoch": 22, "wall_time_s": 612.4}
+    table = format_summary([row, {**row, "model": "mlp", "best_epoch": None, "test": {**row["test"], "loss": None}}])
+    header, rule, cnn, mlp = table.splitlines()
+    assert cnn.split() == ["cnn", "0.9500", "0.9490", "0.2100", "24", "22", "612s"]
+    assert mlp.split() == ["mlp", "0.9500", "0.9490", "-", "24", "-", "612s"]
+    assert len(cnn) == len(mlp) == len(header)
