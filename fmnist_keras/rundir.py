@@ -37,11 +37,13 @@ import re
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from fmnist_keras import interrupts
+from fmnist_keras.cli import one_line
 from fmnist_keras.config import MODEL_NAMES, RANGES
 
 MARKER = ".fmnist_keras-run"
@@ -254,20 +256,34 @@ class RunDir:
         _finish_removals(out)
         if name is None:
             return cls._create_unique(out, models)
-        target = out / check_run_name(name)
-        if target.is_symlink():
-            raise RunDirError(
-                f"{target} is a symbolic link; a run directory must be a real directory. Remove the link or "
-                f"choose another --run-name."
-            )
+        target = cls.check_new(out, name, overwrite)
         if target.exists():
-            if not overwrite:
-                raise RunDirError(f"run directory {target} already exists; choose another --run-name or pass --overwrite.")
             cls._remove_own(target)
         try:
             return cls._make(target, models)
         except FileExistsError:  # another process made it between the check and now
             raise RunDirError(f"run directory {target} already exists; choose another --run-name.") from None
+
+    @staticmethod
+    def check_new(out_dir, name: str, overwrite: bool) -> Path:
+        """``out_dir/name``, if :meth:`create` may make it as far as the name tells; nothing is touched.
+
+        Train checks this before it loads the data, so a name that is not
+        one plain component, a link, or (without ``overwrite``) a run that
+        exists is one line at once.
+
+        Raises:
+            RunDirError: what is wrong and how to fix it.
+        """
+        target = Path(out_dir) / check_run_name(name)
+        if target.is_symlink():
+            raise RunDirError(
+                f"{target} is a symbolic link; a run directory must be a real directory. Remove the link or "
+                f"choose another --run-name."
+            )
+        if target.exists() and not overwrite:
+            raise RunDirError(f"run directory {target} already exists; choose another --run-name or pass --overwrite.")
+        return target
 
     @classmethod
     def _create_unique(cls, out: Path, models: list[str]) -> "RunDir":
@@ -288,11 +304,18 @@ class RunDir:
             raise
         except OSError as error:
             raise RunDirError(f"cannot create run directory {target} ({error.strerror}); choose another --out-dir.") from None
-        write_json(target / MARKER, {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
-                                     "host": socket.gethostname()})
-        run = cls(target)
-        write_json(target / RUN_FILE, {"models": list(models)})
-        return run
+        try:
+            write_json(target / MARKER, {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
+                                         "host": socket.gethostname()})
+            write_json(target / RUN_FILE, {"models": list(models)})
+        except OSError as error:  # a full disk, say: take back what this call made, so no half-made run is left
+            for name in (RUN_FILE, MARKER):
+                (target / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                target.rmdir()
+            raise RunDirError(f"cannot write the run directory {target} ({error.strerror}); free some space or "
+                              f"choose another --out-dir.") from None
+        return cls(target)
 
     @staticmethod
     def _remove_own(target: Path) -> None:
@@ -368,8 +391,16 @@ class RunDir:
         Only a link that train made (one to a sibling run directory, a name
         without ``/``, or to a sibling that no longer exists) is replaced: a
         real file or directory of that name, or a link of the user's own, is
-        left alone.
+        left alone. The link is a convenience: where it cannot be made (a
+        file system without symlinks), a warning says so and the run goes on.
         """
+        try:
+            self._point_latest_here()
+        except OSError as error:
+            print(one_line(f"warning: could not point {self.path.parent / LATEST} at this run ({error.strerror}); "
+                           f"use {self.path} itself."), file=sys.stderr)
+
+    def _point_latest_here(self) -> None:
         latest = self.path.parent / LATEST
         if latest.is_symlink():
             target = os.readlink(latest)
@@ -379,8 +410,12 @@ class RunDir:
             return
         temporary = self.path.parent / f".latest-{os.getpid()}.tmp"
         temporary.unlink(missing_ok=True)
-        temporary.symlink_to(self.path.name)
-        temporary.replace(latest)
+        try:
+            temporary.symlink_to(self.path.name)
+            temporary.replace(latest)
+        finally:  # gone once it replaced latest; left only where the replace failed
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
 
     def read_fit(self, model: str) -> dict | None:
         """What ``fit.json`` recorded when ``model``'s fit ended, or None if it has not ended."""

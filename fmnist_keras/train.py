@@ -23,7 +23,8 @@ import time
 
 from fmnist_keras.allocator import keep_freed_memory
 from fmnist_keras.backend import add_backend_arguments
-from fmnist_keras.cli import add_data_arguments, escape_unencodable_output, in_range, one_line, print_error
+from fmnist_keras.cli import (add_data_arguments, escape_unencodable_output, in_range, one_line, os_error_line,
+                              print_error)
 from fmnist_keras.config import (
     BFLOAT16_ON_AMX, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig, load_config,
 )
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         stop = Interrupted.of(error)
         print(f"Interrupted ({stop}) before training started; nothing was written.", file=sys.stderr)
         return stop.exit_code
+    except OSError as error:  # what no narrower check caught: a name too long, a denied directory, a full disk
+        print_error(os_error_line("train", error))
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -249,6 +253,11 @@ def _main(argv: list[str] | None) -> int:
                 held.enter_context(run.lock())  # from now on no other process changes it
             except (RunDirError, ValueError) as error:
                 return _fail(error)
+        if args.resume is None and args.run_name is not None:
+            try:  # at once, not after minutes of loading and checking the data
+                RunDir.check_new(args.out_dir, args.run_name, args.overwrite)
+            except RunDirError as error:
+                return _fail(error, 2)
         given = given_flags(parser, argv)
         backend = args.backend if "backend" in given or configs is None else configs[0].backend
         device = args.device if "device" in given or configs is None else configs[0].device

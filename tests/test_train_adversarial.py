@@ -74,6 +74,16 @@ def test_a_run_name_that_is_not_one_plain_component_is_refused(tmp_path, tiny_da
     assert _files(tmp_path) == before
 
 
+def test_a_run_name_that_exists_is_refused_before_the_data_is_read(tmp_path, capsys):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    missing = tmp_path / "no-data-here"  # were the data read first, this would be the error
+    assert _train(tmp_path, missing, "--run-name", "taken") == 2
+    _one_line_error(capsys, "run directory", "taken already exists", "--overwrite")
+    assert _train(tmp_path, missing, "--run-name", "free") != 0  # the control: a free name gets to the data
+    _one_line_error(capsys, "no-data-here")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["taken"]
+
+
 def test_overwrite_leaves_a_directory_it_did_not_create(tmp_path, tiny_data_dir, capsys):
     foreign = tmp_path / "runs" / "mine"
     foreign.mkdir(parents=True)
@@ -325,6 +335,40 @@ def test_a_latest_link_of_the_users_own_is_left_alone(tmp_path, tiny_data_dir):
     (runs / "latest").symlink_to("gone")  # to a run since removed: replaced too
     assert _train(tmp_path, tiny_data_dir, "--run-name", "d", "--epochs", "1") == 0
     assert os.readlink(runs / "latest") == "d"
+
+
+def test_where_the_latest_link_cannot_be_made_a_warning_says_so_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    import errno
+    import pathlib
+
+    def refuse(self, target, target_is_directory=False):  # a file system without symlinks (exFAT, vfat, SMB)
+        raise OSError(errno.EPERM, "Operation not permitted", str(self))
+
+    run = RunDir.create(str(tmp_path / "runs"), "a", ["mlp"])
+    monkeypatch.setattr(pathlib.Path, "symlink_to", refuse)
+    run.point_latest_here()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: could not point" in err and "Operation not permitted" in err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a"]  # no link, no temporary left
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line_and_taken_back(tmp_path, monkeypatch):
+    import errno
+
+    from fmnist_keras import rundir
+
+    real_write_json = rundir.write_json
+
+    def disk_full_at_run_json(path, data):
+        if path.name == rundir.RUN_FILE:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write_json(path, data)
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(rundir, "write_json", disk_full_at_run_json)
+    with pytest.raises(RunDirError, match="cannot write the run directory .*No space left on device.*free some space"):
+        RunDir.create(str(tmp_path / "runs"), "a", ["mlp"])
+    assert list((tmp_path / "runs").iterdir()) == []  # not an unmarked directory that --overwrite would refuse
 
 
 DAMAGE = {
