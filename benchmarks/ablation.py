@@ -55,7 +55,7 @@ import time
 
 from fmnist_keras.cli import in_range, print_error
 import outputs  # benchmarks/ is on sys.path when a script there runs
-from fmnist_keras.config import RANGES
+from fmnist_keras.config import RANGES, TrainConfig
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -65,12 +65,13 @@ VARIANTS = ("average + flip", "average", "trained + flip", "trained")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cnn", choices=["cnn", "cnn-large"], help="model (default: cnn)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="seeds (default: 42 1 2)")
-    parser.add_argument("--epochs", type=int, help="epochs (default: the model's)")
-    parser.add_argument("--subset", type=int, help="train on N images (default: all)")
-    parser.add_argument("--ema", type=float, default=0.999,
+    parser.add_argument("--seeds", type=in_range(*RANGES["seed"]), nargs="+", default=[42, 1, 2], help="seeds (default: 42 1 2)")
+    parser.add_argument("--epochs", type=in_range(*RANGES["epochs"]), help="epochs (default: the model's)")
+    parser.add_argument("--subset", type=in_range(*RANGES["subset"]), help="train on N images (default: all)")
+    parser.add_argument("--ema", type=in_range(*RANGES["ema"]), default=0.999,
                         help="momentum of the average that is compared (default: 0.999)")
-    parser.add_argument("--label-smoothing", type=float, help="label smoothing (default: train's)")
+    parser.add_argument("--label-smoothing", type=in_range(*RANGES["label_smoothing"]),
+                        help="label smoothing (default: train's)")
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
                         help="bfloat16 (CPU) or float16 (GPU) compute (default: train's, which is bfloat16 for the "
                         "cnn on a CPU with AMX)")
@@ -95,7 +96,7 @@ def parse_args(argv=None):
     parser.add_argument("--global-pool", action="store_true",
                         help="average the last block's feature maps over space instead of flattening them "
                         "(default: flatten)")
-    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's)")
+    parser.add_argument("--learning-rate", type=in_range(*RANGES["learning_rate"]), help="peak learning rate (default: the model's)")
     parser.add_argument("--weight-decay", type=in_range(*RANGES["weight_decay"]), metavar="WD",
                         help="AdamW decoupled weight decay (default: the model's)")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
@@ -126,15 +127,25 @@ def parse_args(argv=None):
         parser.error(f"--dense-units takes a positive number; got {args.dense_units}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout takes a rate from 0 up to 1; got {args.dropout}")
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        parser.error(f"--learning-rate must be positive; got {args.learning_rate}")
+    try:  # every seed's TrainConfig, before any run directory of an earlier ablation is replaced
+        for seed in args.seeds:
+            train_config(args, seed).check()
+    except ValueError as error:
+        parser.error(str(error))
     return args
+
+
+def train_config(args, seed: int):
+    """The TrainConfig ``train --model MODEL --seed SEED`` would use, with the flags given here."""
+    given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing,
+             "mixed_precision": args.mixed_precision, "learning_rate": args.learning_rate,
+             "weight_decay": args.weight_decay, "cutmix": args.cutmix}
+    return TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
 
 
 def run_seed(args, seed: int, raw) -> dict:
     import keras
 
-    from fmnist_keras.config import TrainConfig
     from fmnist_keras.engine import evaluation, fit
     from fmnist_keras.engine.callbacks import recalibrate_batch_norm
     from fmnist_keras.engine.splits import make_splits
@@ -149,10 +160,7 @@ def run_seed(args, seed: int, raw) -> dict:
         def on_epoch_end(self, epoch, logs=None):
             self.weights = self.model.get_weights()
 
-    given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing,
-             "mixed_precision": args.mixed_precision, "learning_rate": args.learning_rate,
-             "weight_decay": args.weight_decay, "cutmix": args.cutmix}
-    config = TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
+    config = train_config(args, seed)
     splits = make_splits(raw, config)
     if splits.data_format != "channels_last":
         raise SystemExit("this script evaluates channels_last models only; run it with the torch fast path")

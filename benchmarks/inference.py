@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         print("error: the paths or allocator settings gave different probabilities at one batch size; the fast "
               "path no longer computes what Keras computes: run tests/test_fastpath.py.", file=sys.stderr)
     if args.json:
-        outputs.write_json(args.json, rows)
+        outputs.write_json(args.json, {"rows": rows})
     return 0 if same else 1
 
 

@@ -2,9 +2,10 @@
 
 ``--json PATH`` is checked when the arguments are parsed, so a bad path is
 one argparse line before minutes of benchmarking, not a traceback after
-them. It may name a new file, or an existing one that holds JSON (an
-earlier result, which is replaced); a link, a directory, a file of other
-content, or a path below a file is refused. Results are written to a
+them. It may name a new file, or an earlier result of a benchmark (a JSON
+object stamped ``"written_by": "fmnist_keras benchmarks"``, which is
+replaced); a link, a directory, any other file, JSON included, or a path
+below a file is refused. Results are written to a
 temporary sibling and renamed over ``PATH``. Importing this does not import
 Keras.
 """
@@ -22,6 +23,8 @@ from fmnist_keras.rundir import write_text
 
 # An earlier result is small; a larger file is not read to find out whether it is one.
 MAX_RESULT_BYTES = 64 * 1024**2
+# What every result says of itself, so that --json replaces only what a benchmark wrote.
+STAMP = {"written_by": "fmnist_keras benchmarks"}
 
 
 def versions() -> dict[str, str | None]:
@@ -53,27 +56,27 @@ def _checked_json_path(text: str) -> Path:
     if path.exists():
         if not path.is_file():
             raise argparse.ArgumentTypeError(f"{path} exists and is not a regular file; pass another file")
-        if not _holds_json(path):
-            raise argparse.ArgumentTypeError(f"{path} exists and does not hold JSON, so it is not an earlier result "
-                                             f"and is left alone; pass another file")
+        if not _is_earlier_result(path):
+            raise argparse.ArgumentTypeError(f"{path} exists and is not a benchmark's earlier result (no "
+                                             f"{json.dumps(STAMP)}), so it is left alone; pass another file")
     elif not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{path.parent} is not a directory; pass a file in an existing directory")
     return path
 
 
-def _holds_json(path: Path) -> bool:
+def _is_earlier_result(path: Path) -> bool:
     try:
         if path.stat().st_size > MAX_RESULT_BYTES:
             return False
-        json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return False
-    return True
+    return isinstance(data, dict) and all(data.get(key) == value for key, value in STAMP.items())
 
 
-def write_json(path: Path, data) -> None:
-    """Write ``data`` as JSON to a new temporary sibling of ``path``, then rename it over ``path``."""
-    write_text(Path(path), json.dumps(data, indent=2) + "\n")  # the project's atomic writer (rundir)
+def write_json(path: Path, data: dict) -> None:
+    """Write the object ``data``, stamped, as JSON to a new temporary sibling of ``path``, then rename it over ``path``."""
+    write_text(Path(path), json.dumps({**STAMP, **data}, indent=2) + "\n")  # the project's atomic writer (rundir)
 
 
 def open_log(path: Path):

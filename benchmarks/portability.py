@@ -32,7 +32,8 @@ import numpy as np
 from fmnist_keras import data as fdata
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import DEVICES
-from fmnist_keras.config import BACKENDS
+from fmnist_keras.cli import in_range, one_line
+from fmnist_keras.config import BACKENDS, RANGES
 
 TOLERANCE = 1e-4
 
@@ -41,19 +42,50 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cnn", choices=("cnn", "mlp", "baseline-cnn"),
                         help="model to train under each backend (default: cnn)")
-    parser.add_argument("--epochs", type=int, default=1, help="training epochs per backend (default: 1)")
-    parser.add_argument("--subset", type=int, help="train on N stratified training images (default: all 60000)")
-    parser.add_argument("--seed", type=int, default=42, help="training seed, the same for every backend (default: 42)")
+    parser.add_argument("--epochs", type=in_range(*RANGES["epochs"]), default=1,
+                        help="training epochs per backend (default: 1)")
+    parser.add_argument("--subset", type=in_range(*RANGES["subset"]),
+                        help="train on N stratified training images (default: all 60000)")
+    parser.add_argument("--seed", type=in_range(*RANGES["seed"]), default=42,
+                        help="training seed, the same for every backend (default: 42)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
                         help=f"backends to compare (default: {' '.join(BACKENDS)})")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="device of training and prediction (default: cpu)")
     parser.add_argument("--data-dir", help="Fashion-MNIST directory (default: the train command's lookup)")
-    parser.add_argument("--out-dir", help="where the runs go (default: a new temporary directory)")
+    parser.add_argument("--out-dir", type=out_dir_path,
+                        help="where the runs go: a new or empty directory, or one this script wrote before "
+                        "(default: a new temporary directory)")
     parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
                         help="also write the results to this JSON file (a new file, or an earlier result, which is "
                         "replaced)")
     return parser.parse_args(argv)
+
+
+# The file that marks a directory as this script's, so that a later run may write into it again.
+MARKER = ".fmnist_keras-portability"
+
+
+def out_dir_path(text: str) -> Path:
+    """An argparse type for ``--out-dir``: a new or empty directory, or one that holds :data:`MARKER`.
+
+    The script writes test_images.npy and predictions-*.npz there, so a
+    directory of anything else, a link or a file is refused.
+    """
+    path = Path(text)
+    problem = None
+    if not text.strip():
+        problem = "is empty; pass a new directory such as runs/portability"
+    elif path.is_symlink():
+        problem = f"{path} is a symbolic link; pass a real directory"
+    elif path.exists() and not path.is_dir():
+        problem = f"{path} exists and is not a directory; pass a new directory"
+    elif path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file():
+        problem = (f"{path} holds files this script did not write (no {MARKER}), which it could replace; "
+                   f"pass a new or empty directory")
+    if problem:
+        raise argparse.ArgumentTypeError(one_line(problem))
+    return path
 
 
 def _run(command: list[str], env: dict) -> float:
@@ -67,8 +99,9 @@ def _run(command: list[str], env: dict) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="fmnist-portability-"))
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="fmnist-portability-"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).touch()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("KERAS_BACKEND", None)  # each command's --backend decides
 
@@ -88,7 +121,7 @@ def main(argv=None) -> int:
         train_s[backend] = _run(command, env)
         models[backend] = out_dir / f"trained-{backend}" / args.model / "model.keras"
 
-    outputs, predict_s = {}, {}
+    probabilities_of, predict_s = {}, {}  # (saved under, loaded under) -> the test probabilities
     for backend in args.backends:
         print(f"predicting {len(x_test)} test images with every model under {backend} ...", flush=True)
         npz = out_dir / f"predictions-{backend}.npz"
@@ -99,15 +132,15 @@ def main(argv=None) -> int:
         )
         loaded = np.load(npz)
         for i, saved_under in enumerate(args.backends):
-            outputs[saved_under, backend] = loaded[str(i)]
+            probabilities_of[saved_under, backend] = loaded[str(i)]
 
     results = []
     for saved_under in args.backends:
-        reference = outputs[saved_under, saved_under]
+        reference = probabilities_of[saved_under, saved_under]
         for loaded_under in args.backends:
             if loaded_under == saved_under:
                 continue
-            probabilities = outputs[saved_under, loaded_under]
+            probabilities = probabilities_of[saved_under, loaded_under]
             results.append({
                 "saved_under": saved_under,
                 "loaded_under": loaded_under,
@@ -115,7 +148,7 @@ def main(argv=None) -> int:
                 "changed_predictions": int(np.sum(probabilities.argmax(1) != reference.argmax(1))),
                 "test_accuracy": float(np.mean(probabilities.argmax(1) == y_test)),
             })
-    accuracy = {b: float(np.mean(outputs[b, b].argmax(1) == y_test)) for b in args.backends}
+    accuracy = {b: float(np.mean(probabilities_of[b, b].argmax(1) == y_test)) for b in args.backends}
 
     print(f"\n{args.model}, {args.epochs} epoch(s) on {args.subset or 60000} training images; "
           f"{len(x_test)} test images; max |softmax difference| when the file is loaded under another backend")

@@ -26,14 +26,17 @@ import time
 from pathlib import Path
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
+from fmnist_keras.cli import in_range
+from fmnist_keras.config import MODEL_NAMES, RANGES
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="cnn", help="model to train (default: cnn)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="seeds (default: 42 1 2)")
+    parser.add_argument("--model", default="cnn", choices=MODEL_NAMES, help="model to train (default: cnn)")
+    parser.add_argument("--seeds", type=in_range(*RANGES["seed"]), nargs="+", default=[42, 1, 2],
+                        help="seeds (default: 42 1 2)")
     parser.add_argument("--out-dir", default="runs/seeds", help="where the runs go (default: runs/seeds)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
+    parser.add_argument("--jobs", type=in_range(int, 1, 64), default=1, help="runs at a time (default: 1)")
     parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
                         help="also write the table as JSON (a new file, or an earlier result, which is replaced)")
     parser.add_argument("train_args", nargs="*", help="arguments passed on to train (after --)")
@@ -79,8 +82,10 @@ def main(argv=None) -> int:
                     print(f"seed {seed}: train exited with {process.returncode}; see its log", file=sys.stderr)
     rows = []
     for seed in args.seeds:
+        if seed in failed:  # its metrics.json, if any, is an earlier run's
+            continue
         metrics_file = Path(args.out_dir) / run_name(args.model, seed) / args.model / "metrics.json"
-        if metrics_file.exists():
+        try:
             m = json.loads(metrics_file.read_text())
             rows.append({
                 "seed": seed, "test_acc": m["test"]["accuracy"], "macro_f1": m["test"]["macro_f1"],
@@ -88,10 +93,13 @@ def main(argv=None) -> int:
                 "seconds_per_epoch": m["seconds_per_epoch"], "device": m.get("device"),
                 "command_wall_s": round(process_wall.get(seed, 0.0), 1),
             })
+        except (OSError, ValueError, KeyError, TypeError) as error:  # train said it finished; its file disagrees
+            failed.append(seed)
+            print(f"seed {seed}: cannot read {metrics_file} ({error!r}); see its log", file=sys.stderr)
     print(f"\n{args.model}: {len(rows)} of {len(args.seeds)} seeds finished")
     print(f"{'seed':>6}{'test acc':>10}{'macro-F1':>10}{'best':>6}{'epochs':>8}{'s/epoch':>9}{'train s':>9}{'command s':>11}")
     for r in rows:
-        print(f"{r['seed']:>6}{r['test_acc']:>10.4f}{r['macro_f1']:>10.4f}{r['best_epoch']:>6}{r['epochs_run']:>8}"
+        print(f"{r['seed']:>6}{r['test_acc']:>10.4f}{r['macro_f1']:>10.4f}{str(r['best_epoch']):>6}{r['epochs_run']:>8}"
               f"{r['seconds_per_epoch']:>9.1f}{r['wall_time_s'] or 0:>9.0f}{r['command_wall_s']:>11.0f}")
     summary = {}
     if rows:

@@ -14,7 +14,9 @@ import outputs  # noqa: E402  (benchmarks/outputs.py)
 @pytest.fixture
 def place(tmp_path):
     (tmp_path / "thesis.tex").write_text("years of work")
-    (tmp_path / "earlier.json").write_text('{"rows": []}')
+    (tmp_path / "earlier.json").write_text('{"written_by": "fmnist_keras benchmarks", "rows": []}')
+    (tmp_path / "package.json").write_text('{"name": "a project of the user\'s", "rows": []}')  # JSON, not a result
+    (tmp_path / "list.json").write_text('["written_by", "fmnist_keras benchmarks"]')
     (tmp_path / "link.json").symlink_to(tmp_path / "thesis.tex")
     (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere.json")
     (tmp_path / "a-dir").mkdir()
@@ -24,7 +26,9 @@ def place(tmp_path):
 @pytest.mark.parametrize("name, refusal", [
     ("", "is not a file name"),
     (".", "is not a file name"),
-    ("thesis.tex", "does not hold JSON"),
+    ("thesis.tex", "is not a benchmark's earlier result"),
+    ("package.json", "is not a benchmark's earlier result"),
+    ("list.json", "is not a benchmark's earlier result"),
     ("link.json", "is a symbolic link"),
     ("dangling.json", "is a symbolic link"),
     ("a-dir", "is not a regular file"),
@@ -37,6 +41,7 @@ def test_a_json_path_that_is_not_a_new_file_or_an_earlier_result_is_refused(plac
     with pytest.raises(argparse.ArgumentTypeError, match=refusal):
         outputs.json_path(name)
     assert (place / "thesis.tex").read_text() == "years of work"
+    assert (place / "package.json").read_text().startswith('{"name"')
 
 
 def test_a_new_file_or_an_earlier_result_is_written_whole(place):
@@ -48,7 +53,8 @@ def test_a_new_file_or_an_earlier_result_is_written_whole(place):
     for name in ("new.json", "earlier.json"):
         path = outputs.json_path(str(place / name))
         outputs.write_json(path, {"rows": [1, 2]})
-        assert json.loads(path.read_text()) == {"rows": [1, 2]}
+        assert json.loads(path.read_text()) == {"written_by": "fmnist_keras benchmarks", "rows": [1, 2]}
+        assert outputs.json_path(str(path)) == path  # what a benchmark wrote, the next run may replace
     assert victim.read_text() == "years of work" and not (place / "new.json").is_symlink()
     assert [p.name for p in place.iterdir() if ".partial" in p.name and not p.is_symlink()] == []
 
@@ -60,3 +66,91 @@ def test_a_log_is_never_opened_through_a_link(place):
     with outputs.open_log(place / "run.log") as log:
         log.write("line\n")
     assert (place / "run.log").read_text() == "line\n"
+
+
+# --- the benchmarks' own arguments: refused before anything is replaced ---------------------
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--ema", "1.5"], "argument --ema"),
+    (["--epochs", "0"], "argument --epochs"),
+    (["--seeds", "-1"], "argument --seeds"),
+    (["--learning-rate", "1e9"], "argument --learning-rate"),
+    (["--label-smoothing", "nan"], "argument --label-smoothing"),
+    (["--subset", "0"], "argument --subset"),
+])
+def test_ablation_refuses_a_bad_number_before_it_replaces_an_earlier_run(tmp_path, capsys, flags, says):
+    import ablation
+
+    with pytest.raises(SystemExit) as stop:
+        ablation.parse_args(["--out-dir", str(tmp_path), *flags])
+    assert stop.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert says in line
+    args = ablation.parse_args(["--out-dir", str(tmp_path), "--seeds", "42", "1", "--ema", "0"])  # the control
+    assert [ablation.train_config(args, seed).check().seed for seed in args.seeds] == [42, 1]
+
+
+def test_seeds_reports_no_result_for_a_seed_whose_train_failed(tmp_path, monkeypatch, capsys):
+    import seeds
+
+    earlier = tmp_path / "cnn-seed1" / "cnn" / "metrics.json"  # an earlier run's result
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text(json.dumps({"test": {"accuracy": 0.9999, "macro_f1": 0.9999}, "best_epoch": 1,
+                                   "epochs_run": 1, "seconds_per_epoch": 1.0}))
+
+    class Failed:
+        returncode = 2
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(seeds, "launch", lambda args, seed: Failed())
+    monkeypatch.setattr(seeds.time, "sleep", lambda seconds: None)
+    result = tmp_path / "result.json"
+    assert seeds.main(["--seeds", "1", "--out-dir", str(tmp_path), "--json", str(result)]) == 1
+    assert json.loads(result.read_text())["rows"] == []
+    assert "0.9999" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1"])
+def test_seeds_refuses_a_number_of_jobs_that_would_never_start_a_run(jobs, capsys):
+    import seeds
+
+    with pytest.raises(SystemExit) as stop:
+        seeds.parse_args(["--jobs", jobs])
+    assert stop.value.code == 2 and "argument --jobs" in capsys.readouterr().err
+
+
+def test_portability_writes_its_json_and_only_into_a_directory_of_its_own(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    import portability
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "test_images.npy").write_text("the user's file")
+    with pytest.raises(argparse.ArgumentTypeError, match="did not write"):
+        portability.out_dir_path(str(foreign))
+    (tmp_path / "link").symlink_to(foreign)
+    with pytest.raises(argparse.ArgumentTypeError, match="symbolic link"):
+        portability.out_dir_path(str(tmp_path / "link"))
+    assert (foreign / "test_images.npy").read_text() == "the user's file"
+
+    # The whole script with its subprocesses faked: each backend predicts the same probabilities.
+    rng = np.random.default_rng(0)
+    x_test, y_test = rng.integers(0, 255, (20, 28, 28), dtype=np.uint8), rng.integers(0, 10, 20)
+    probabilities = rng.dirichlet(np.ones(10), 20)
+    monkeypatch.setattr(portability.fdata, "load_data", lambda data_dir: ((None, None), (x_test, y_test)))
+
+    def run(command, env):
+        if "predict" in command:
+            output = Path(command[command.index("--output") + 1])
+            np.savez(output, **{str(i): probabilities for i in range(len(command) - command.index("--output") - 2)})
+        return 0.0
+
+    monkeypatch.setattr(portability, "_run", run)
+    out, result = tmp_path / "portability", tmp_path / "result.json"
+    for _ in range(2):  # the second run writes into the directory the first made
+        assert portability.main(["--backends", "torch", "jax", "--out-dir", str(out), "--json", str(result)]) == 0
+    report = json.loads(result.read_text())
+    assert report["passed"] and report["worst_max_abs_diff"] == 0.0 and len(report["directions"]) == 2
