@@ -371,6 +371,19 @@ def test_a_run_directory_that_cannot_be_written_is_one_line_and_taken_back(tmp_p
     assert list((tmp_path / "runs").iterdir()) == []  # not an unmarked directory that --overwrite would refuse
 
 
+def test_a_full_disk_during_training_is_one_line_with_the_resume_command(tmp_path, tiny_data_dir, capsys, monkeypatch):
+    import errno
+
+    def disk_full(run, config, splits, facts):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run.model_file(config.model)))
+
+    monkeypatch.setattr(evaluation, "final_metrics", disk_full)
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "full", "--epochs", "1") == 1
+    line = _one_line_error(capsys, "could not write", "No space left on device", "keeps every completed epoch")
+    assert line.endswith(f"python -m fmnist_keras.train --resume {tmp_path / 'runs' / 'full'}")
+    assert (tmp_path / "runs" / "full" / "mlp" / "config.json").is_file()  # the run is there to resume
+
+
 DAMAGE = {
     "run.json": ["", "{", "[]", '{"models": "mlp"}', '{"models": ["../../etc"]}', "NaN", '{"models": ["mlp", "evil"]}',
                  '{"models": ["mlp", "mlp"]}'],
