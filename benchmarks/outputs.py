@@ -76,7 +76,7 @@ def _is_earlier_result(path: Path) -> bool:
 
 def write_json(path: Path, data: dict) -> None:
     """Write the object ``data``, stamped, as JSON to a new temporary sibling of ``path``, then rename it over ``path``."""
-    write_text(Path(path), json.dumps({**STAMP, **data}, indent=2) + "\n")  # the project's atomic writer (rundir)
+    write_text(Path(path), json.dumps({**data, **STAMP}, indent=2) + "\n")  # the project's atomic writer (rundir)
 
 
 def open_log(path: Path):

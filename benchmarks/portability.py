@@ -74,15 +74,18 @@ def out_dir_path(text: str) -> Path:
     """
     path = Path(text)
     problem = None
-    if not text.strip():
-        problem = "is empty; pass a new directory such as runs/portability"
-    elif path.is_symlink():
-        problem = f"{path} is a symbolic link; pass a real directory"
-    elif path.exists() and not path.is_dir():
-        problem = f"{path} exists and is not a directory; pass a new directory"
-    elif path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file():
-        problem = (f"{path} holds files this script did not write (no {MARKER}), which it could replace; "
-                   f"pass a new or empty directory")
+    try:
+        if not text.strip():
+            problem = "is empty; pass a new directory such as runs/portability"
+        elif path.is_symlink():
+            problem = f"{path} is a symbolic link; pass a real directory"
+        elif path.exists() and not path.is_dir():
+            problem = f"{path} exists and is not a directory; pass a new directory"
+        elif path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file():
+            problem = (f"{path} holds files this script did not write (no {MARKER}), which it could replace; "
+                       f"pass a new or empty directory")
+    except OSError as error:  # a name too long, a directory that cannot be read
+        problem = f"{path} cannot be used ({error.strerror or error}); pass another directory"
     if problem:
         raise argparse.ArgumentTypeError(one_line(problem))
     return path

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     print(f"\n{args.model}: {len(rows)} of {len(args.seeds)} seeds finished")
     print(f"{'seed':>6}{'test acc':>10}{'macro-F1':>10}{'best':>6}{'epochs':>8}{'s/epoch':>9}{'train s':>9}{'command s':>11}")
     for r in rows:
-        print(f"{r['seed']:>6}{r['test_acc']:>10.4f}{r['macro_f1']:>10.4f}{str(r['best_epoch']):>6}{r['epochs_run']:>8}"
+        print(f"{r['seed']:>6}{r['test_acc']:>10.4f}{r['macro_f1']:>10.4f}{'-' if r['best_epoch'] is None else r['best_epoch']:>6}{r['epochs_run']:>8}"
               f"{r['seconds_per_epoch']:>9.1f}{r['wall_time_s'] or 0:>9.0f}{r['command_wall_s']:>11.0f}")
     summary = {}
     if rows:

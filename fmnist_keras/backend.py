@@ -16,6 +16,11 @@ from fmnist_keras.config import BACKENDS, BFLOAT16_ON_AMX, DATA_FORMATS
 _PACKAGES = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
 
 
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another torch.distributed launcher) started this process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def add_backend_arguments(parser, resumable: bool = False) -> None:
     """The ``--backend`` and ``--device`` flags every command shares.
 

@@ -34,11 +34,20 @@ def print_error(message) -> None:
 
 
 def os_error_line(command: str, error: OSError) -> str:
-    """The line for a file-system error that no narrower check caught (a name too long, a denied directory)."""
+    """The line for an operating-system error that no narrower check caught: what, the system's reason, a fix."""
+    import errno
+
     path = f" {error.filename}" if error.filename is not None else ""
-    reason = error.strerror or type(error).__name__
-    return (f"{command} cannot use{path}: {reason}; check that the path exists, that its names are not too long "
-            f"and that you may read and write there, then run it again.")
+    reason = error.strerror or str(error) or type(error).__name__
+    fix = {
+        errno.ENAMETOOLONG: "use a shorter name",
+        errno.ENOSPC: "free some space or choose another place",
+        errno.EDQUOT: "free some space or choose another place",
+        errno.EACCES: "choose a place you may read and write, or fix its permissions",
+        errno.EPERM: "choose a place you may read and write, or fix its permissions",
+        errno.EROFS: "choose a place on a writable file system",
+    }.get(error.errno, "check the path and the files it names")
+    return f"{command} cannot use{path}: {reason}; {fix}, then run it again."
 
 
 def escape_unencodable_output() -> None:

@@ -69,7 +69,8 @@ def check_out_dir(out_dir: Path) -> None:
         blocker = blocker.parent
     if not blocker.is_dir():
         where = "is" if blocker == out_dir else f"lies below {blocker}, which is"
-        what = "a symbolic link to nothing (or a loop of links)" if blocker.is_symlink() else "a file"
+        broken_link = blocker.is_symlink() and not blocker.exists()
+        what = "a symbolic link to nothing (or a loop of links)" if broken_link else "a file"
         raise RunFileError(f"--out-dir {out_dir} {where} {what}, not a directory; choose another --out-dir.")
 
 

@@ -18,6 +18,7 @@ returns the 10 softmax probabilities.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import os
 import shutil
@@ -74,10 +75,16 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
     what = "a new file such as model.onnx" if format == "onnx" else "a new directory such as saved_model/"
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     try:
+        os.stat(output)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ExportError(f"--output {text!r} goes through a loop of symbolic links; fix the links or pass "
+                              f"{what}.") from None
+    try:
         resolved = output.resolve()
-    except (RuntimeError, OSError) as error:  # a loop of symlinks (RuntimeError before Python 3.13)
-        raise ExportError(f"--output {text!r} cannot be resolved ({error}); a symlink on the way loops or cannot be "
-                          f"read; fix the links or pass {what}.") from None
+    except (RuntimeError, OSError) as error:  # Python 3.11 and 3.12 raise RuntimeError on a loop
+        raise ExportError(f"--output {text!r} cannot be resolved ({error}); fix the links on the way or pass "
+                          f"{what}.") from None
     for candidate in {Path(os.path.abspath(output)), resolved}:
         if candidate == home or cwd.is_relative_to(candidate) or home.is_relative_to(candidate):
             raise ExportError(

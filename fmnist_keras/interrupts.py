@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -43,6 +44,10 @@ def run_command(main, name: str) -> int:
         stop = Interrupted.of(error)
         print(f"{name}: interrupted ({stop}) before it finished; run it again.", file=sys.stderr)
         return stop.exit_code
+    except BrokenPipeError:  # the reader went away (`predict ... | head`): nothing more to say, as Unix tools do
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a stdout without a descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 1
     except OSError as error:
         from fmnist_keras.cli import os_error_line, print_error
 

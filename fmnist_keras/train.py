@@ -22,7 +22,7 @@ import sys
 import time
 
 from fmnist_keras.allocator import keep_freed_memory
-from fmnist_keras.backend import add_backend_arguments
+from fmnist_keras.backend import add_backend_arguments, launched_by_torchrun
 from fmnist_keras.cli import (add_data_arguments, escape_unencodable_output, in_range, one_line, os_error_line,
                               print_error)
 from fmnist_keras.config import (
@@ -253,7 +253,8 @@ def _main(argv: list[str] | None) -> int:
                 held.enter_context(run.lock())  # from now on no other process changes it
             except (RunDirError, ValueError) as error:
                 return _fail(error)
-        if args.resume is None and args.run_name is not None:
+        # Under torchrun rank 0 alone checks, later, and every rank learns its answer (_train_all).
+        if args.resume is None and args.run_name is not None and not launched_by_torchrun():
             try:  # at once, not after minutes of loading and checking the data
                 RunDir.check_new(args.out_dir, args.run_name, args.overwrite)
             except RunDirError as error:
@@ -349,6 +350,8 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
                         fit.run_config(config, splits).save(run.config_file(config.model))
         except RunDirError as error:
             problem = error
+        except OSError as error:  # a full disk while config.json is written, say: every rank stops, below
+            problem = os_error_line("train", error)
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
             return _interrupted(stop, run)
     # Under torchrun every rank learns whether rank 0 could open the run directory, and all stop together.

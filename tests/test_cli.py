@@ -70,7 +70,9 @@ def test_the_interrupted_line_of_train_is_one_line_whatever_the_run_is_called(ca
     assert err.count("\n") == 1 and "runs/two\\nlines keeps every completed epoch" in err
 
 
-LONG = "a" * 300  # more than a file name may have (255 bytes): ENAMETOOLONG, which Path.exists() raises
+def _too_long_a_name(directory) -> str:
+    """One name longer than the file system of ``directory`` allows: ENAMETOOLONG, which Path.exists() raises."""
+    return "a" * (os.pathconf(directory, "PC_NAME_MAX") + 1)
 
 
 @pytest.mark.parametrize("command, argv", [
@@ -87,7 +89,7 @@ def test_a_file_system_error_no_check_foresaw_is_one_line_with_a_fix(command, ar
     from fmnist_keras.interrupts import run_command
 
     monkeypatch.chdir(tmp_path)
-    argv = [arg.format(long=LONG, dir=tmp_path) for arg in argv]
+    argv = [arg.format(long=_too_long_a_name(tmp_path), dir=tmp_path) for arg in argv]
     name = command.__name__.rsplit(".", 1)[-1]
     # What `python -m fmnist_keras.<command>` runs: train's main, the others' through run_command.
     try:
@@ -97,5 +99,27 @@ def test_a_file_system_error_no_check_foresaw_is_one_line_with_a_fix(command, ar
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err, err
     (line,) = [line for line in err.splitlines() if "error: " in line]
-    assert "aaaa" in line and ("too long" in line.lower() or "File name" in line), line
+    assert "aaaa" in line and "too long" in line.lower() and "use a shorter name, then run it again" in line, line
     assert list(tmp_path.iterdir()) == []  # nothing was made on the way
+
+
+@pytest.mark.parametrize("error, says", [
+    (OSError(28, "No space left on device", "runs/x/model.keras"),
+     "runs/x/model.keras: No space left on device; free some space or choose another place, then run it again."),
+    (OSError(13, "Permission denied", "/srv"), "/srv: Permission denied; choose a place you may read and write"),
+    (OSError("libcudnn.so.9: cannot open shared object file"), "libcudnn.so.9: cannot open shared object file; check"),
+    (OSError(), "cannot use: OSError; check the path"),
+])
+def test_an_os_error_line_says_what_why_and_a_fix_that_fits(error, says):
+    line = cli.os_error_line("train", error)
+    assert line.startswith("train cannot use") and says in line and "\n" not in line
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly(capsys):
+    from fmnist_keras.interrupts import run_command
+
+    def main():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert run_command(main, "predict") == 1
+    assert capsys.readouterr().err == ""

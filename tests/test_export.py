@@ -228,7 +228,7 @@ def test_output_through_a_loop_of_symlinks_is_one_line(tmp_path, monkeypatch, be
     Path("l1").symlink_to("l2")
     Path("l2").symlink_to("l1")
     for format in export.FORMATS:
-        with pytest.raises(export.ExportError, match="cannot be resolved.*symlink on the way loops") as refused:
+        with pytest.raises(export.ExportError, match="goes through a loop of symbolic links") as refused:
             export.check_output(f"l1{below}", format, overwrite=True)
         assert "\n" not in str(refused.value)
     assert Path("l1").is_symlink() and Path("l2").is_symlink()

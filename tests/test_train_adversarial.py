@@ -341,15 +341,20 @@ def test_where_the_latest_link_cannot_be_made_a_warning_says_so_and_the_run_goes
     import errno
     import pathlib
 
-    def refuse(self, target, target_is_directory=False):  # a file system without symlinks (exFAT, vfat, SMB)
+    def refuse(self, *args, **kwargs):
         raise OSError(errno.EPERM, "Operation not permitted", str(self))
 
     run = RunDir.create(str(tmp_path / "runs"), "a", ["mlp"])
-    monkeypatch.setattr(pathlib.Path, "symlink_to", refuse)
-    run.point_latest_here()
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "warning: could not point" in err and "Operation not permitted" in err
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a"]  # no link, no temporary left
+    # A file system without symlinks (exFAT, vfat, SMB), and one where the link is made but cannot be renamed.
+    for method in ("symlink_to", "replace"):
+        with monkeypatch.context() as patched:
+            patched.setattr(pathlib.Path, method, refuse)
+            run.point_latest_here()
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "warning: could not point" in err and "Operation not permitted" in err
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a"]  # no link, no temporary left
+    run.point_latest_here()  # the control: where links work, the link is made
+    assert os.readlink(tmp_path / "runs" / "latest") == "a"
 
 
 def test_a_run_directory_that_cannot_be_written_is_one_line_and_taken_back(tmp_path, monkeypatch):

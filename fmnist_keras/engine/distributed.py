@@ -44,6 +44,7 @@ import os
 import keras
 import numpy as np
 
+from fmnist_keras.backend import launched_by_torchrun
 from fmnist_keras.engine import device_data
 
 DEFAULT_TIMEOUT_S = 300
@@ -86,11 +87,6 @@ class Replicas:
 
 
 SINGLE = Replicas()
-
-
-def launched_by_torchrun() -> bool:
-    """Whether torchrun (or another torch.distributed launcher) started this process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def setup(backend: str, distribute: bool, batch_size: int, timeout_s: float = DEFAULT_TIMEOUT_S,
