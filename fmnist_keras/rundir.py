@@ -309,11 +309,11 @@ class RunDir:
                                          "host": socket.gethostname()})
             write_json(target / RUN_FILE, {"models": list(models)})
         except OSError as error:  # a full disk, say: take back what this call made, so no half-made run is left
-            for name in (RUN_FILE, MARKER):
-                (target / name).unlink(missing_ok=True)
             with contextlib.suppress(OSError):
+                for name in (RUN_FILE, MARKER):
+                    (target / name).unlink(missing_ok=True)
                 target.rmdir()
-            raise RunDirError(f"cannot write the run directory {target} ({error.strerror}); free some space or "
+            raise RunDirError(f"cannot write the run directory {target} ({error.strerror or error}); free some space or "
                               f"choose another --out-dir.") from None
         return cls(target)
 
@@ -397,7 +397,7 @@ class RunDir:
         try:
             self._point_latest_here()
         except OSError as error:
-            print(one_line(f"warning: could not point {self.path.parent / LATEST} at this run ({error.strerror}); "
+            print(one_line(f"warning: could not point {self.path.parent / LATEST} at this run ({error.strerror or error}); "
                            f"use {self.path} itself."), file=sys.stderr)
 
     def _point_latest_here(self) -> None:

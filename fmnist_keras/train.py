@@ -368,7 +368,7 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
         if run is None:  # a rank of torchrun other than rank 0
             return _fail(os_error_line("train", error))
         path = f" {error.filename}" if error.filename is not None else ""
-        return _fail(f"train could not write{path} ({error.strerror or type(error).__name__}); {run} keeps every "
+        return _fail(f"train could not write{path} ({error.strerror or error}); {run} keeps every "
                      f"completed epoch. Free some space or fix the path, then continue with: "
                      f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}")
 
