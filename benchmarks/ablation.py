@@ -65,7 +65,8 @@ VARIANTS = ("average + flip", "average", "trained + flip", "trained")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cnn", choices=["cnn", "cnn-large"], help="model (default: cnn)")
-    parser.add_argument("--seeds", type=in_range(*RANGES["seed"]), nargs="+", default=[42, 1, 2], help="seeds (default: 42 1 2)")
+    parser.add_argument("--seeds", type=in_range(*RANGES["seed"]), nargs="+", default=[42, 1, 2],
+                        help="seeds (default: 42 1 2)")
     parser.add_argument("--epochs", type=in_range(*RANGES["epochs"]), help="epochs (default: the model's)")
     parser.add_argument("--subset", type=in_range(*RANGES["subset"]), help="train on N images (default: all)")
     parser.add_argument("--ema", type=in_range(*RANGES["ema"]), default=0.999,
@@ -96,7 +97,8 @@ def parse_args(argv=None):
     parser.add_argument("--global-pool", action="store_true",
                         help="average the last block's feature maps over space instead of flattening them "
                         "(default: flatten)")
-    parser.add_argument("--learning-rate", type=in_range(*RANGES["learning_rate"]), help="peak learning rate (default: the model's)")
+    parser.add_argument("--learning-rate", type=in_range(*RANGES["learning_rate"]),
+                        help="peak learning rate (default: the model's)")
     parser.add_argument("--weight-decay", type=in_range(*RANGES["weight_decay"]), metavar="WD",
                         help="AdamW decoupled weight decay (default: the model's)")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
