@@ -352,6 +352,8 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
             problem = error
         except OSError as error:  # a full disk while config.json is written, say: every rank stops, below
             problem = os_error_line("train", error)
+            if run is not None and args.resume is None:
+                problem += f" {run} holds no epoch yet: --run-name {run.path.name} --overwrite reuses it."
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
             return _interrupted(stop, run)
     # Under torchrun every rank learns whether rank 0 could open the run directory, and all stop together.

@@ -376,6 +376,23 @@ def test_a_run_directory_that_cannot_be_written_is_one_line_and_taken_back(tmp_p
     assert list((tmp_path / "runs").iterdir()) == []  # not an unmarked directory that --overwrite would refuse
 
 
+def test_a_full_disk_while_the_run_is_set_up_is_one_line_that_says_how_to_reuse_its_name(tmp_path, tiny_data_dir,
+                                                                                         capsys, monkeypatch):
+    import errno
+
+    from fmnist_keras.config import TrainConfig
+
+    def disk_full(config, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(TrainConfig, "save", disk_full)
+        assert _train(tmp_path, tiny_data_dir, "--run-name", "setup") == 2
+    _one_line_error(capsys, "config.json: No space left on device; free some space",
+                    "holds no epoch yet: --run-name setup --overwrite reuses it.")
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "setup", "--overwrite", "--epochs", "1") == 0  # it does
+
+
 def test_a_full_disk_during_training_is_one_line_with_the_resume_command(tmp_path, tiny_data_dir, capsys, monkeypatch):
     import errno
 
