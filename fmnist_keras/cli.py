@@ -33,8 +33,11 @@ def print_error(message) -> None:
     print(f"error: {one_line(message)}", file=sys.stderr)
 
 
-def os_error_line(command: str, error: OSError) -> str:
-    """The line for an operating-system error that no narrower check caught: what, the system's reason, a fix."""
+def os_error_line(command: str, error: OSError, then: str = "run it again.") -> str:
+    """The line for an operating-system error that no narrower check caught: what, the system's reason, a fix.
+
+    ``then`` is what to do once the cause is fixed: a sentence's end, or a command (no full stop after it).
+    """
     import errno
 
     path = f" {error.filename}" if error.filename is not None else ""
@@ -47,7 +50,7 @@ def os_error_line(command: str, error: OSError) -> str:
         errno.EPERM: "choose a place you may read and write, or fix its permissions",
         errno.EROFS: "choose a place on a writable file system",
     }.get(error.errno, "check the path and the files it names")
-    return f"{command} cannot use{path}: {reason}; {fix}, then run it again."
+    return f"{command} cannot use{path}: {reason}; {fix}, then {then}"
 
 
 def escape_unencodable_output() -> None:

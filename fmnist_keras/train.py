@@ -369,10 +369,8 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
     except OSError as error:  # a full disk while a checkpoint or a report is written, say
         if run is None:  # a rank of torchrun other than rank 0
             return _fail(os_error_line("train", error))
-        path = f" {error.filename}" if error.filename is not None else ""
-        return _fail(f"train could not write{path} ({error.strerror or error}); {run} keeps every "
-                     f"completed epoch. Free some space or fix the path, then continue with: "
-                     f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}")
+        resume = f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}"
+        return _fail(os_error_line("train", error, then=f"continue the run from its last completed epoch with: {resume}"))
 
 
 def _train_models(args, configs, splits, run, backend, replicas, source) -> int:

@@ -115,6 +115,13 @@ def test_an_os_error_line_says_what_why_and_a_fix_that_fits(error, says):
     assert line.startswith("train cannot use") and says in line and "\n" not in line
 
 
+def test_an_os_error_line_ends_with_the_next_step_it_is_given():
+    error = OSError(28, "No space left on device", "runs/x/cnn/model.keras")
+    line = cli.os_error_line("train", error, then="continue with: python -m fmnist_keras.train --resume runs/x")
+    assert line.endswith("free some space or choose another place, then continue with: "
+                         "python -m fmnist_keras.train --resume runs/x")
+
+
 def test_a_reader_that_goes_away_ends_a_command_quietly(capsys):
     from fmnist_keras.interrupts import run_command
 
