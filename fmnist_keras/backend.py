@@ -112,6 +112,16 @@ def select_backend(backend: str | None = None, device: str = "auto") -> str:
     return backend
 
 
+def select_backend_or_exit(parser, backend: str | None, device: str) -> str:
+    """:func:`select_backend`, a :class:`BackendError` being ``parser``'s usage error (one line, exit code 2)."""
+    from fmnist_keras.cli import one_line
+
+    try:
+        return select_backend(backend, device)
+    except BackendError as error:
+        parser.error(one_line(error))
+
+
 def training_data_format(backend: str, requested: str = "auto", fast_path: bool = True) -> str:
     """The image layout to train in: ``requested``, or for ``auto`` the
     backend's fast one.

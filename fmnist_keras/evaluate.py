@@ -166,12 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     keep_freed_memory()
 
-    from fmnist_keras.backend import BackendError, describe_device, select_backend
+    from fmnist_keras.backend import describe_device, select_backend_or_exit
 
-    try:
-        backend = select_backend(args.backend, args.device)
-    except BackendError as error:
-        parser.error(one_line(error))
+    backend = select_backend_or_exit(parser, args.backend, args.device)
 
     if args.out_dir:
         try:

@@ -354,12 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     keep_freed_memory()
 
-    from fmnist_keras.backend import BackendError, select_backend
+    from fmnist_keras.backend import select_backend_or_exit
 
-    try:
-        select_backend(args.backend, args.device)
-    except BackendError as error:
-        parser.error(one_line(error))
+    select_backend_or_exit(parser, args.backend, args.device)
 
     from fmnist_keras.data import CLASS_NAMES, to_model_input
     from fmnist_keras.engine.evaluation import predict_probabilities

@@ -270,12 +270,9 @@ def _main(argv: list[str] | None) -> int:
                              f"{' and '.join(missing)}; run: pip install 'fmnist_keras[tensorboard]', or drop "
                              f"--tensorboard.")
 
-        from fmnist_keras.backend import BackendError, select_backend
+        from fmnist_keras.backend import select_backend_or_exit
 
-        try:
-            backend = select_backend(backend, device)
-        except BackendError as error:
-            parser.error(one_line(error))
+        backend = select_backend_or_exit(parser, backend, device)
         configs = configs or configs_from_args(args, backend)
 
         from fmnist_keras.engine import distributed

@@ -57,6 +57,23 @@ def test_gpu_requested_without_a_gpu_names_what_is_missing_and_the_pip_install()
     assert fbackend._GPU_INSTALL[BACKEND] in message and "--device auto" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
+def test_a_command_given_a_device_it_lacks_stops_with_a_usage_line(command, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    if _sees_gpu():
+        pytest.skip(f"the {BACKEND} backend sees a GPU here")
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(f"fmnist_keras.{command}").main
+    model = [] if command == "train" else ["missing.keras"] + (["image.png"] if command == "predict" else [])
+    with pytest.raises(SystemExit) as stop:
+        main([*model, "--backend", BACKEND, "--device", "gpu"])
+    assert stop.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert f"--device gpu: the {BACKEND} backend sees no GPU (" in line and "--device auto" in line, line
+    assert list(tmp_path.iterdir()) == []  # stopped before anything was read or written
+
+
 def test_device_cpu_hides_gpus_on_every_backend(monkeypatch):
     for name in ("CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS", "KERAS_TORCH_DEVICE"):
         monkeypatch.delenv(name, raising=False)
