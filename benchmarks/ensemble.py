@@ -1,0 +1,160 @@
+"""Ensembles of saved models: each model alone, then the mean of their class probabilities.
+
+Each argument is a model directory that ``train`` or ``benchmarks/ablation.py``
+wrote (``RUN/cnn-large``, holding ``model.keras`` and ``config.json``), or its
+``model.keras``. Every model must come from a run with the same split (seed,
+validation fraction, subset), so that its validation images are held out
+from every model of the ensemble; models of different seeds are refused.
+Each model is evaluated with its own test-time augmentation (``--tta run``)
+or the one given, and the ensemble averages those probabilities. Choose on
+the validation column.
+
+Usage:
+    python benchmarks/ensemble.py runs/a/cnn-large runs/b/cnn-large runs/c/cnn-large
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+from outputs import json_path, versions, write_json  # noqa: E402
+
+from fmnist_keras.cli import one_line, print_error  # noqa: E402
+
+
+class EnsembleError(ValueError):
+    """The models cannot be compared on one validation split."""
+
+
+def split_of(config) -> tuple:
+    """What decides a run's validation images: its seed, validation fraction and subset."""
+    return config.seed, config.val_split, config.subset
+
+
+def read_models(paths: list[str]) -> list[tuple[Path, object]]:
+    """Each model's ``model.keras`` path and its run's config, all of one split.
+
+    Raises:
+        EnsembleError: a model is given twice, has no config.json beside it, or the splits differ.
+        ModelLoadError, RunDirError: a model or its config.json is missing or damaged.
+    """
+    from fmnist_keras.config import load_config
+    from fmnist_keras.loading import check_archive, resolve_model_path
+    from fmnist_keras.rundir import CONFIG_FILE
+
+    models = []
+    for given in paths:
+        model_path = resolve_model_path(given, lambda note: None)
+        check_archive(model_path)
+        if any(model_path.resolve() == earlier.resolve() for earlier, _ in models):
+            raise EnsembleError(f"{model_path} is given twice; pass each model once")
+        config_path = model_path.parent / CONFIG_FILE
+        if not config_path.is_file():
+            raise EnsembleError(f"{model_path} has no {CONFIG_FILE} beside it, which rebuilds its validation split; "
+                                f"pass model directories that train or ablation.py wrote")
+        models.append((model_path, load_config(config_path)))
+    splits = {split_of(config) for _, config in models}
+    if len(splits) > 1:
+        named = "; ".join(f"{path}: seed {config.seed}, validation {config.val_split}, subset {config.subset}"
+                          for path, config in models)
+        raise EnsembleError(f"the models were trained on different splits ({named}), so no validation image is held "
+                            f"out from all of them; pass models of one seed")
+    return models
+
+
+def accuracy(probabilities, labels) -> float:
+    return float((probabilities.argmax(-1) == labels).mean())
+
+
+def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> list[dict]:
+    """Rows of validation and test accuracy: each model, then the mean of the first k models' probabilities."""
+    import numpy as np
+
+    from fmnist_keras.cli import run_tta
+    from fmnist_keras.engine.evaluation import predict_probabilities
+    from fmnist_keras.engine.splits import make_splits
+    from fmnist_keras.loading import input_data_format, load_model
+    from fmnist_keras.tta import CHOICES
+
+    rows, sums = [], {}
+    for k, (model_path, config) in enumerate(models, start=1):
+        model = load_model(model_path)
+        splits = make_splits(raw, config.resolved(), input_data_format(model))
+        tta = run_tta(tta_choice, model_path.parent)
+        row = {"model": str(model_path), "tta": next(key for key, value in CHOICES.items() if value == tta)}
+        for split, x, y in (("validation", splits.x_val, splits.y_val), ("test", splits.x_test, splits.y_test)):
+            probabilities = predict_probabilities(model, x, tta, fast_path=fast_path)
+            sums[split] = probabilities + sums.get(split, 0)
+            row[split] = accuracy(probabilities, y)
+            row[f"first {k}, mean/{split}"] = accuracy(sums[split] / k, y)
+        print(f"{model_path}: validation {100 * row['validation']:.2f}%, test {100 * row['test']:.2f}%", flush=True)
+        rows.append(row)
+        del model
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| models | validation accuracy | test accuracy |", "| --- | ---: | ---: |"]
+    for row in rows:
+        lines.append(f"| {row['model']} (--tta {row['tta']}) | {100 * row['validation']:.2f}% | "
+                     f"{100 * row['test']:.2f}% |")
+    for k, row in enumerate(rows, start=1):
+        if k > 1:
+            lines.append(f"| mean of the first {k} | {100 * row[f'first {k}, mean/validation']:.2f}% | "
+                         f"{100 * row[f'first {k}, mean/test']:.2f}% |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fmnist_keras.cli import add_data_arguments, non_empty_path
+    from fmnist_keras.tta import CHOICES
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", type=non_empty_path, metavar="MODEL",
+                        help="model directories (RUN/cnn-large) or their model.keras files, all of one seed")
+    parser.add_argument("--tta", choices=["run", *CHOICES], default="run",
+                        help="test-time augmentation of every model (default: run, each model's own)")
+    add_data_arguments(parser)
+    parser.add_argument("--json", type=json_path, metavar="PATH",
+                        help="also write the rows as JSON (a new file, or an earlier result, which is replaced)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if len(args.models) < 2:
+        parser.error("an ensemble needs two models or more")
+
+    from fmnist_keras.backend import select_backend_or_exit
+
+    select_backend_or_exit(parser, None, "auto")
+    from fmnist_keras.data import DataError, load_data
+    from fmnist_keras.loading import ModelLoadError, exit_code
+    from fmnist_keras.rundir import RunDirError
+
+    try:
+        models = read_models(args.models)  # every model and config is checked before the data is read
+        rows = evaluate(models, load_data(args.data_dir, verify=args.verify), args.tta)
+    except ModelLoadError as error:
+        print_error(error)
+        return exit_code(error)
+    except (EnsembleError, RunDirError, DataError) as error:
+        print_error(error)
+        return 1
+    print(format_table(rows))
+    if args.json:
+        write_json(args.json, {"versions": versions(), "rows": rows})
+        print(f"Wrote {one_line(args.json)}")
+    return 0
+
+
+if __name__ == "__main__":
+    from fmnist_keras.interrupts import run_command
+
+    sys.exit(run_command(main, "ensemble.py"))
