@@ -49,7 +49,7 @@ def read_models(paths: list[str]) -> list[tuple[Path, object]]:
 
     models = []
     for given in paths:
-        model_path = resolve_model_path(given, lambda note: None)
+        model_path = resolve_model_path(given)
         check_archive(model_path)
         if any(model_path.resolve() == earlier.resolve() for earlier, _ in models):
             raise EnsembleError(f"{model_path} is given twice; pass each model once")
@@ -72,7 +72,12 @@ def accuracy(probabilities, labels) -> float:
 
 
 def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> list[dict]:
-    """Rows of validation and test accuracy: each model, then the mean of the first k models' probabilities."""
+    """A row per model: its validation and test accuracy alone, and (``mean_so_far``) those of the mean of its
+    probabilities and those of the models before it.
+
+    Raises:
+        EnsembleError: a model gives NaN or infinite probabilities.
+    """
     import numpy as np
 
     from fmnist_keras.cli import run_tta
@@ -89,10 +94,13 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> list[dict]
         row = {"model": str(model_path), "tta": next(key for key, value in CHOICES.items() if value == tta)}
         for split, x, y in (("validation", splits.x_val, splits.y_val), ("test", splits.x_test, splits.y_test)):
             probabilities = predict_probabilities(model, x, tta, fast_path=fast_path)
+            if not np.isfinite(probabilities).all():
+                raise EnsembleError(f"{model_path} gives NaN or infinite outputs, so its weights are damaged; "
+                                    f"retrain it or leave it out")
             sums[split] = probabilities + sums.get(split, 0)
             row[split] = accuracy(probabilities, y)
-            row[f"first {k}, mean/{split}"] = accuracy(sums[split] / k, y)
-        print(f"{model_path}: validation {100 * row['validation']:.2f}%, test {100 * row['test']:.2f}%", flush=True)
+            row.setdefault("mean_so_far", {})[split] = accuracy(sums[split] / k, y)
+        print(f"{one_line(model_path)}: validation {100 * row['validation']:.2f}%, test {100 * row['test']:.2f}%", flush=True)
         rows.append(row)
         del model
     return rows
@@ -101,12 +109,12 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> list[dict]
 def format_table(rows: list[dict]) -> str:
     lines = ["| models | validation accuracy | test accuracy |", "| --- | ---: | ---: |"]
     for row in rows:
-        lines.append(f"| {row['model']} (--tta {row['tta']}) | {100 * row['validation']:.2f}% | "
+        lines.append(f"| {one_line(row['model'])} (--tta {row['tta']}) | {100 * row['validation']:.2f}% | "
                      f"{100 * row['test']:.2f}% |")
     for k, row in enumerate(rows, start=1):
         if k > 1:
-            lines.append(f"| mean of the first {k} | {100 * row[f'first {k}, mean/validation']:.2f}% | "
-                         f"{100 * row[f'first {k}, mean/test']:.2f}% |")
+            mean = row["mean_so_far"]
+            lines.append(f"| mean of the first {k} | {100 * mean['validation']:.2f}% | {100 * mean['test']:.2f}% |")
     return "\n".join(lines)
 
 
