@@ -40,16 +40,20 @@ def read_models(paths: list[str]) -> list[tuple[Path, object]]:
     """Each model's ``model.keras`` path and its run's config, all of one split.
 
     Raises:
-        EnsembleError: a model is given twice, has no config.json beside it, or the splits differ.
+        EnsembleError: a model is not a run's model.keras, is given twice, has no config.json beside it,
+            or the splits differ.
         ModelLoadError, RunDirError: a model or its config.json is missing or damaged.
     """
     from fmnist_keras.config import load_config
     from fmnist_keras.loading import check_archive, resolve_model_path
-    from fmnist_keras.rundir import CONFIG_FILE
+    from fmnist_keras.rundir import CONFIG_FILE, MODEL_FILE
 
     models = []
     for given in paths:
         model_path = resolve_model_path(given)
+        if model_path.name != MODEL_FILE:  # a copy elsewhere: the config.json beside it may be another run's
+            raise EnsembleError(f"{model_path} is not a run's {MODEL_FILE}, so no {CONFIG_FILE} is known to be its "
+                                f"own; pass the model directory that train or ablation.py wrote (RUN/cnn-large)")
         check_archive(model_path)
         if any(model_path.resolve() == earlier.resolve() for earlier, _ in models):
             raise EnsembleError(f"{model_path} is given twice; pass each model once")
@@ -76,21 +80,25 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> list[dict]
     probabilities and those of the models before it.
 
     Raises:
-        EnsembleError: a model gives NaN or infinite probabilities.
+        EnsembleError: the runs' split does not fit this data, or a model gives NaN or infinite probabilities.
     """
     import numpy as np
 
-    from fmnist_keras.cli import run_tta
     from fmnist_keras.engine.evaluation import predict_probabilities
     from fmnist_keras.engine.splits import make_splits
     from fmnist_keras.loading import input_data_format, load_model
-    from fmnist_keras.tta import CHOICES
+    from fmnist_keras.rundir import CONFIG_FILE
+    from fmnist_keras.tta import CHOICES, TTA
 
     rows, sums = [], {}
     for k, (model_path, config) in enumerate(models, start=1):
         model = load_model(model_path)
-        splits = make_splits(raw, config.resolved(), input_data_format(model))
-        tta = run_tta(tta_choice, model_path.parent)
+        try:
+            splits = make_splits(raw, config.resolved(), input_data_format(model))
+        except ValueError as error:
+            raise EnsembleError(f"{model_path.parent / CONFIG_FILE} does not rebuild a split of this data ({error}); "
+                                f"pass the data the runs were trained on (--data-dir)") from None
+        tta = TTA.of(config) if tta_choice == "run" else CHOICES[tta_choice]
         row = {"model": str(model_path), "tta": next(key for key, value in CHOICES.items() if value == tta)}
         for split, x, y in (("validation", splits.x_val, splits.y_val), ("test", splits.x_test, splits.y_test)):
             probabilities = predict_probabilities(model, x, tta, fast_path=fast_path)

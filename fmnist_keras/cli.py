@@ -33,22 +33,25 @@ def print_error(message) -> None:
     print(f"error: {one_line(message)}", file=sys.stderr)
 
 
-def os_error_line(command: str, error: OSError, then: str = "run it again.") -> str:
+def os_error_line(command: str, error: OSError, then: str = "run it again.", in_place: bool = False) -> str:
     """The line for an operating-system error that no narrower check caught: what, the system's reason, a fix.
 
     ``then`` is what to do once the cause is fixed: a sentence's end, or a command (no full stop after it).
+    ``in_place``: the files must stay where they are (a run to resume), so no fix says to choose another place.
     """
     import errno
 
     path = f" {error.filename}" if error.filename is not None else ""
     reason = error.strerror or str(error) or type(error).__name__
+    space = "free some space" if in_place else "free some space or choose another place"
+    denied = "fix its permissions" if in_place else "choose a place you may read and write, or fix its permissions"
     fix = {
         errno.ENAMETOOLONG: "use a shorter name",
-        errno.ENOSPC: "free some space or choose another place",
-        errno.EDQUOT: "free some space or choose another place",
-        errno.EACCES: "choose a place you may read and write, or fix its permissions",
-        errno.EPERM: "choose a place you may read and write, or fix its permissions",
-        errno.EROFS: "choose a place on a writable file system",
+        errno.ENOSPC: space,
+        errno.EDQUOT: space,
+        errno.EACCES: denied,
+        errno.EPERM: denied,
+        errno.EROFS: "make its file system writable" if in_place else "choose a place on a writable file system",
     }.get(error.errno, "check the path and the files it names")
     return f"{command} cannot use{path}: {reason}; {fix}, then {then}"
 

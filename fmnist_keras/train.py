@@ -367,7 +367,8 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
         if run is None:  # a rank of torchrun other than rank 0
             return _fail(os_error_line("train", error))
         resume = f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}"
-        return _fail(os_error_line("train", error, then=f"continue the run from its last completed epoch with: {resume}"))
+        return _fail(os_error_line("train", error, then=f"continue the run from its last completed epoch with: {resume}",
+                                   in_place=True))
 
 
 def _train_models(args, configs, splits, run, backend, replicas, source) -> int:

@@ -55,21 +55,36 @@ def test_each_model_scores_as_evaluate_scores_it_and_the_ensemble_averages_them(
         assert rows[0]["mean_so_far"][name] == rows[0][name]
 
 
-def test_a_model_and_its_copy_ensemble_to_the_model_itself(runs, tiny_data_dir, tmp_path, capsys):
-    copy = tmp_path / "copy" / "cnn"
-    shutil.copytree(runs[0].parent, copy.parent)
-    assert _ensemble(tiny_data_dir, runs[0], copy, "--tta", "flip") == 0
-    table = capsys.readouterr().out.splitlines()
-    (alone,) = [line for line in table if line.startswith(f"| {runs[0] / 'model.keras'} (--tta flip) |")]
-    (mean,) = [line for line in table if line.startswith("| mean of the first 2 |")]
-    assert alone.split("|")[2:] == mean.split("|")[2:]
+def test_the_mean_is_of_every_model_not_of_one(runs, tiny_data_dir, monkeypatch):
+    """Stub probabilities: each model puts 0.6 on a wrong class and 0.4 on the right one, a different wrong class
+    per model, so each model alone scores 0 and only the mean of both scores 1."""
+    config = TrainConfig(model="cnn", epochs=3, seed=0, val_split=0.1).resolved()
+    split = splits.make_splits(load_data(tiny_data_dir, verify=False), config)
+    labels = {len(split.y_val): split.y_val, len(split.y_test): split.y_test}
+    calls = []
+
+    def stub(model, x, tta, fast_path=True):
+        y, wrong = labels[len(x)], len(calls) // 2 + 1  # model 1 (calls 0, 1) errs by one class, model 2 by two
+        calls.append(len(x))
+        probabilities = np.zeros((len(x), 10))
+        probabilities[np.arange(len(x)), y] = 0.4
+        probabilities[np.arange(len(x)), (y + wrong) % 10] = 0.6
+        return probabilities
+
+    monkeypatch.setattr(evaluation, "predict_probabilities", stub)
+    rows = ensemble.evaluate(ensemble.read_models([str(run) for run in runs]), load_data(tiny_data_dir, verify=False),
+                             "run")
+    assert calls == [len(split.y_val), len(split.y_test)] * 2
+    for name in ("validation", "test"):
+        assert [rows[0][name], rows[1][name], rows[0]["mean_so_far"][name], rows[1]["mean_so_far"][name]] == [0, 0, 0, 1]
 
 
 @pytest.mark.parametrize("damage, says", [
     ("another seed", "were trained on different splits"),
     ("the same model twice", "is given twice"),
     ("no config.json", "has no config.json beside it"),
-    ("a damaged config.json", "config.json"),
+    ("a damaged config.json", "config.json is damaged"),
+    ("a copy of a model", "is not a run's model.keras"),
     ("no model", "does not exist"),
 ])
 def test_models_it_cannot_compare_are_one_line_before_the_data_is_read(runs, tmp_path, capsys, damage, says):
@@ -80,6 +95,9 @@ def test_models_it_cannot_compare_are_one_line_before_the_data_is_read(runs, tmp
         second = runs[0] / "model.keras"
     elif damage == "no config.json":
         (second / "config.json").unlink()
+    elif damage == "a copy of a model":
+        second = tmp_path / "b" / "cnn" / "copy.keras"
+        shutil.copy(runs[1] / "model.keras", second)
     elif damage == "a damaged config.json":
         (second / "config.json").write_text('{"model": "cnn", "epochs": "many"}')
     else:
@@ -102,3 +120,11 @@ def test_a_model_with_damaged_weights_is_one_line_not_a_wrong_accuracy(runs, tin
     assert _ensemble(tiny_data_dir, *runs) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "model.keras gives NaN or infinite outputs" in err and err.count("\n") == 1, err
+
+
+def test_runs_whose_split_does_not_fit_the_data_are_one_line(runs, tiny_data_dir, capsys):
+    for run in runs:  # a subset of 5 images cannot hold each of the 10 classes
+        TrainConfig(model="cnn", epochs=3, seed=0, val_split=0.1, subset=5).save(run / "config.json")
+    assert _ensemble(tiny_data_dir, *runs) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "does not rebuild a split of this data" in err and err.count("\n") == 1, err

@@ -122,6 +122,14 @@ def test_an_os_error_line_ends_with_the_next_step_it_is_given():
                          "python -m fmnist_keras.train --resume runs/x")
 
 
+@pytest.mark.parametrize("errno_code", [28, 13, 30])  # ENOSPC, EACCES, EROFS
+def test_files_that_must_stay_in_place_get_no_fix_that_moves_them(errno_code):
+    error = OSError(errno_code, "reason", "runs/x/cnn/model.keras")
+    moved, kept = cli.os_error_line("train", error), cli.os_error_line("train", error, in_place=True)
+    assert "another place" in moved or "choose a place" in moved
+    assert "place" not in kept and kept.startswith("train cannot use runs/x/cnn/model.keras: reason; ")
+
+
 def test_a_reader_that_goes_away_ends_a_command_quietly(capsys):
     from fmnist_keras.interrupts import run_command
 

@@ -401,8 +401,8 @@ def test_a_full_disk_during_training_is_one_line_with_the_resume_command(tmp_pat
 
     monkeypatch.setattr(evaluation, "final_metrics", disk_full)
     assert _train(tmp_path, tiny_data_dir, "--run-name", "full", "--epochs", "1") == 1
-    line = _one_line_error(capsys, "model.keras: No space left on device; free some space",
-                           "then continue the run from its last completed epoch with:")
+    line = _one_line_error(capsys, "model.keras: No space left on device; free some space, then continue the run "
+                           "from its last completed epoch with:")
     assert line.endswith(f"python -m fmnist_keras.train --resume {tmp_path / 'runs' / 'full'}")
     assert (tmp_path / "runs" / "full" / "mlp" / "config.json").is_file()  # the run is there to resume
 
