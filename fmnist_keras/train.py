@@ -366,9 +366,8 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
     except OSError as error:  # a full disk while a checkpoint or a report is written, say
         if run is None:  # a rank of torchrun other than rank 0
             return _fail(os_error_line("train", error))
-        resume = f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}"
-        return _fail(os_error_line("train", error, then=f"continue the run from its last completed epoch with: {resume}",
-                                   in_place=True))
+        return _fail(os_error_line("train", error, in_place=True,
+                                   then=f"continue the run from its last completed epoch with: {_resume_command(run)}"))
 
 
 def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
@@ -505,8 +504,13 @@ def _interrupted(error: KeyboardInterrupt, run: RunDir | None) -> int:
         print(f"Interrupted ({stop}).", file=sys.stderr)
     else:
         print(one_line(f"Interrupted ({stop}); {run} keeps every completed epoch. Continue with: "
-                       f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}"), file=sys.stderr)
+                       f"{_resume_command(run)}"), file=sys.stderr)
     return stop.exit_code
+
+
+def _resume_command(run: RunDir) -> str:
+    """The shell command that continues ``run`` from its last completed epoch."""
+    return f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}"
 
 
 if __name__ == "__main__":
