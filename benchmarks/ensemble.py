@@ -108,7 +108,8 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> list[dict]
             sums[split] = probabilities + sums.get(split, 0)
             row[split] = accuracy(probabilities, y)
             row.setdefault("mean_so_far", {})[split] = accuracy(sums[split] / k, y)
-        print(f"{one_line(model_path)}: validation {100 * row['validation']:.2f}%, test {100 * row['test']:.2f}%", flush=True)
+        print(f"{one_line(model_path)}: validation {100 * row['validation']:.2f}%, test {100 * row['test']:.2f}%",
+              flush=True)
         rows.append(row)
         del model
     return rows
