@@ -247,6 +247,9 @@ def _main(argv: list[str] | None) -> int:
     keep_freed_memory()
     with contextlib.ExitStack() as held:
         run, configs = None, None
+        if args.resume is not None and launched_by_torchrun():  # on every rank, before any takes the run's lock
+            return _fail(f"--resume continues a run in one process, not under torchrun; run python -m "
+                         f"fmnist_keras.train --resume {shlex.quote(args.resume)} without torchrun.", 2)
         if args.resume is not None:  # "--resume ''" is a mistake to report, not "no resume"
             try:
                 run, configs = resume_configs(parser, args, argv)
@@ -278,8 +281,7 @@ def _main(argv: list[str] | None) -> int:
         from fmnist_keras.engine import distributed
 
         try:
-            replicas = distributed.setup(backend, args.distribute, configs[0].batch_size, args.dist_timeout,
-                                         resume=args.resume is not None)
+            replicas = distributed.setup(backend, args.distribute, configs[0].batch_size, args.dist_timeout)
         except distributed.DistributedError as error:
             print_error(error)
             return 2

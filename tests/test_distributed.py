@@ -185,6 +185,18 @@ def test_batch_that_does_not_split_over_the_ranks_fails_on_every_rank(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_under_torchrun_fails_on_every_rank_before_either_touches_the_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("a user's file")
+    for out in _ranks("-m", "fmnist_keras.train", "--resume", str(run)):
+        assert out.returncode == 2
+        lines = out.stderr.strip().splitlines()
+        assert lines == [f"error: --resume continues a run in one process, not under torchrun; run python -m "
+                         f"fmnist_keras.train --resume {run} without torchrun."]
+    assert [p.name for p in run.iterdir()] == ["keep.txt"]  # no lock file, nothing written or removed
+
+
 def test_unreachable_rendezvous_fails_within_the_timeout(tmp_path, tiny_data_dir):
     # Rank 1 of 2 whose rank 0 never comes: it must give up, not hang.
     env = _env("torch", WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",

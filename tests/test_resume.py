@@ -156,6 +156,9 @@ def test_resume_rejects_other_flags_and_non_run_dirs(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         train.main(["--resume", str(tmp_path), "--mixed-precision"])
     assert info.value.code == 2 and "drop --mixed-precision, or" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # a run resumes in one process, not over JAX's devices either
+        train.main(["--resume", str(tmp_path), "--distribute"])
+    assert info.value.code == 2 and "drop --distribute, or" in capsys.readouterr().err
     assert train.main(["--resume", str(tmp_path)]) == 1
     assert "not a run directory" in capsys.readouterr().err
 

@@ -89,8 +89,7 @@ class Replicas:
 SINGLE = Replicas()
 
 
-def setup(backend: str, distribute: bool, batch_size: int, timeout_s: float = DEFAULT_TIMEOUT_S,
-          resume: bool = False) -> Replicas:
+def setup(backend: str, distribute: bool, batch_size: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> Replicas:
     """Join the torchrun job or spread over the JAX devices, as asked.
 
     Args:
@@ -99,14 +98,11 @@ def setup(backend: str, distribute: bool, batch_size: int, timeout_s: float = DE
         batch_size: the global batch, which must split evenly over the replicas.
         timeout_s: how long any rank waits for the others (rendezvous and
             every collective) before failing instead of hanging.
-        resume: ``--resume`` was asked for, which runs in one process only.
 
     Raises:
         DistributedError: a mode the backend does not support, a batch that
             does not split evenly, or a rendezvous that cannot be reached.
     """
-    if resume and (distribute or launched_by_torchrun()):
-        raise DistributedError("--resume of a distributed run is not supported; resume it in one process.")
     if launched_by_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if backend != "torch":
