@@ -46,17 +46,18 @@ if os.environ["KERAS_BACKEND"] == "tensorflow":
 
 
 def parse_args(argv=None):
-    from fmnist_keras.config import DATA_FORMATS  # no Keras import: --help stays fast
+    from fmnist_keras.cli import in_range
+    from fmnist_keras.config import DATA_FORMATS, RANGES  # no Keras import: --help stays fast
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["baseline-cnn", "mlp"],
                         choices=["baseline-cnn", "mlp", "cnn"], help="models to time (default: baseline-cnn mlp)")
-    parser.add_argument("--epochs", type=int, default=4, help="rounds: epochs per path, the first one is warm-up (default: 4)")
-    parser.add_argument("--batch-size", type=int, metavar="N", default=128, help="batch size (default: 128)")
-    parser.add_argument("--subset", type=int, metavar="N", help="train on N images instead of the 54k training split")
+    parser.add_argument("--epochs", type=in_range(*RANGES["epochs"]), default=4, help="rounds: epochs per path, the first one is warm-up (default: 4)")
+    parser.add_argument("--batch-size", type=in_range(*RANGES["batch_size"]), metavar="N", default=128, help="batch size (default: 128)")
+    parser.add_argument("--subset", type=in_range(*RANGES["subset"]), metavar="N", help="train on N images instead of the 54k training split")
     parser.add_argument("--data-format", choices=DATA_FORMATS, default="auto",
                         help="layout of the Keras paths ('auto': what train uses, channels_last)")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--threads", type=in_range(int, 1, 1024), metavar="N",
                         help="torch CPU threads (default: torch's, one per core; use 1 on a shared machine)")
     parser.add_argument("--no-twin", action="store_true", help="skip the plain-PyTorch twin")
     parser.add_argument("--mixed-precision", action="store_true",

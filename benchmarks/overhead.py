@@ -26,6 +26,8 @@ import platform
 import sys
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
+from fmnist_keras.cli import in_range
+from fmnist_keras.config import RANGES
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -37,19 +39,16 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["baseline-cnn", "mlp", "cnn"], choices=sorted(SUBSETS),
                         help="models to time (default: baseline-cnn mlp cnn)")
-    parser.add_argument("--batch-size", type=int, metavar="N", default=8, help="batch size (default: 8)")
-    parser.add_argument("--rounds", type=int, metavar="N", default=3, help="epochs per path, the first one is warm-up (default: 3)")
-    parser.add_argument("--subset", type=int, metavar="N",
+    parser.add_argument("--batch-size", type=in_range(*RANGES["batch_size"]), metavar="N", default=8, help="batch size (default: 8)")
+    parser.add_argument("--rounds", type=in_range(*RANGES["epochs"]), metavar="N", default=3, help="epochs per path, the first one is warm-up (default: 3)")
+    parser.add_argument("--subset", type=in_range(*RANGES["subset"]), metavar="N",
                         help="images per model (default: 4000 for mlp and baseline-cnn, 2000 for cnn)")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--threads", type=in_range(int, 1, 1024), metavar="N",
                         help="torch CPU threads (default: torch's, one per core; use 1 on a shared machine)")
     parser.add_argument("--no-stock", action="store_true", help="skip stock Keras")
     parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
                         help="also write the results as JSON (a new file, or an earlier result, which is replaced)")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.rounds < 1:
-        parser.error(f"--batch-size and --rounds must be at least 1, got {args.batch_size} and {args.rounds}")
-    return args
+    return parser.parse_args(argv)
 
 
 def time_model(name, splits, args):

@@ -91,6 +91,28 @@ def test_ablation_refuses_a_bad_number_before_it_replaces_an_earlier_run(tmp_pat
     assert [ablation.train_config(args, seed).check().seed for seed in args.seeds] == [42, 1]
 
 
+@pytest.mark.parametrize("script, flags, says", [
+    ("bench", ["--epochs", "0"], "argument --epochs"),
+    ("bench", ["--subset", "-5"], "argument --subset"),
+    ("bench", ["--threads", "0"], "argument --threads"),
+    ("overhead", ["--batch-size", "0"], "argument --batch-size"),
+    ("overhead", ["--rounds", "0"], "argument --rounds"),
+    ("overhead", ["--subset", "70000"], "argument --subset"),
+    ("profile_overhead", ["--threads", "-1"], "argument --threads"),
+    ("profile_overhead", ["--top", "0"], "argument --top"),
+    ("syncs", ["--batch-size", "-128"], "argument --batch-size"),
+])
+def test_the_timing_benchmarks_refuse_a_bad_number_when_parsing(script, flags, says, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as stop:
+        module.parse_args(flags)
+    assert stop.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert says in line and "must be" in line
+    flag, good = flags[0], {"--epochs": "2", "--rounds": "2", "--subset": "600"}.get(flags[0], "4")
+    assert getattr(module.parse_args([flag, good]), flag[2:].replace("-", "_")) == int(good)  # the control
+
+
 def test_seeds_reports_no_result_for_a_seed_whose_train_failed(tmp_path, monkeypatch, capsys):
     import seeds
 
