@@ -52,9 +52,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["baseline-cnn", "mlp"],
                         choices=["baseline-cnn", "mlp", "cnn"], help="models to time (default: baseline-cnn mlp)")
-    parser.add_argument("--epochs", type=in_range(*RANGES["epochs"]), default=4, help="rounds: epochs per path, the first one is warm-up (default: 4)")
-    parser.add_argument("--batch-size", type=in_range(*RANGES["batch_size"]), metavar="N", default=128, help="batch size (default: 128)")
-    parser.add_argument("--subset", type=in_range(*RANGES["subset"]), metavar="N", help="train on N images instead of the 54k training split")
+    parser.add_argument("--epochs", type=in_range(*RANGES["epochs"]), default=4,
+                        help="rounds: epochs per path, the first one is warm-up (default: 4)")
+    parser.add_argument("--batch-size", type=in_range(*RANGES["batch_size"]), metavar="N", default=128,
+                        help="batch size (default: 128)")
+    parser.add_argument("--subset", type=in_range(*RANGES["subset"]), metavar="N",
+                        help="train on N images instead of the 54k training split")
     parser.add_argument("--data-format", choices=DATA_FORMATS, default="auto",
                         help="layout of the Keras paths ('auto': what train uses, channels_last)")
     parser.add_argument("--threads", type=in_range(int, 1, 1024), metavar="N",

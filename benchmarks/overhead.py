@@ -39,8 +39,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["baseline-cnn", "mlp", "cnn"], choices=sorted(SUBSETS),
                         help="models to time (default: baseline-cnn mlp cnn)")
-    parser.add_argument("--batch-size", type=in_range(*RANGES["batch_size"]), metavar="N", default=8, help="batch size (default: 8)")
-    parser.add_argument("--rounds", type=in_range(*RANGES["epochs"]), metavar="N", default=3, help="epochs per path, the first one is warm-up (default: 3)")
+    parser.add_argument("--batch-size", type=in_range(*RANGES["batch_size"]), metavar="N", default=8,
+                        help="batch size (default: 8)")
+    parser.add_argument("--rounds", type=in_range(*RANGES["epochs"]), metavar="N", default=3,
+                        help="epochs per path, the first one is warm-up (default: 3)")
     parser.add_argument("--subset", type=in_range(*RANGES["subset"]), metavar="N",
                         help="images per model (default: 4000 for mlp and baseline-cnn, 2000 for cnn)")
     parser.add_argument("--threads", type=in_range(int, 1, 1024), metavar="N",

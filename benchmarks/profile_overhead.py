@@ -42,13 +42,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="baseline-cnn", choices=["baseline-cnn", "mlp", "cnn"],
                         help="model to profile (default: baseline-cnn)")
-    parser.add_argument("--batch-size", type=in_range(*RANGES["batch_size"]), metavar="N", default=8, help="batch size (default: 8)")
-    parser.add_argument("--subset", type=in_range(*RANGES["subset"]), metavar="N", default=2000, help="images (90%% train) (default: 2000)")
-    parser.add_argument("--threads", type=in_range(int, 1, 1024), metavar="N", help="torch CPU threads (default: torch's)")
+    parser.add_argument("--batch-size", type=in_range(*RANGES["batch_size"]), metavar="N", default=8,
+                        help="batch size (default: 8)")
+    parser.add_argument("--subset", type=in_range(*RANGES["subset"]), metavar="N", default=2000,
+                        help="images (90%% train) (default: 2000)")
+    parser.add_argument("--threads", type=in_range(int, 1, 1024), metavar="N",
+                        help="torch CPU threads (default: torch's)")
     parser.add_argument("--stock", action="store_true", help="profile stock Keras instead of the fast path")
     parser.add_argument("--callbacks", choices=["none", "train"], default="none",
                         help="'train': add the per-step callbacks train passes to fit (NaNGuard, History) (default: none)")
-    parser.add_argument("--top", type=in_range(int, 1, 1000), metavar="N", default=15, help="rows per table (default: 15)")
+    parser.add_argument("--top", type=in_range(int, 1, 1000), metavar="N", default=15,
+                        help="rows per table (default: 15)")
     return parser.parse_args(argv)
 
 

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["cnn"], choices=["baseline-cnn", "cnn", "mlp"],
                         help="models to count (default: cnn)")
-    parser.add_argument("--batch-size", type=in_range(*RANGES["batch_size"]), metavar="N", default=128, help="batch size (default: 128)")
+    parser.add_argument("--batch-size", type=in_range(*RANGES["batch_size"]), metavar="N", default=128,
+                        help="batch size (default: 128)")
     parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
                         help="also write the counts as JSON (a new file, or an earlier result, which is replaced)")
     return parser.parse_args(argv)
