@@ -11,6 +11,7 @@ of hanging.
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -195,6 +196,42 @@ def test_resume_under_torchrun_fails_on_every_rank_before_either_touches_the_run
         assert lines == [f"error: --resume continues a run in one process, not under torchrun; run python -m "
                          f"fmnist_keras.train --resume {run} without torchrun."]
     assert [p.name for p in run.iterdir()] == ["keep.txt"]  # no lock file, nothing written or removed
+
+
+def test_a_torchrun_run_stopped_by_sigterm_resumes_in_one_process(tmp_path, tiny_data_dir):
+    from fmnist_keras.engine.callbacks import read_history
+
+    out, epochs = tmp_path / "out", 30
+    history_file = out / "run" / "mlp" / "history.csv"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), *TRAIN, "--epochs", str(epochs), "--patience", str(epochs),
+         "--data-dir", str(tiny_data_dir), "--out-dir", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env("torch"))
+    try:
+        deadline = time.monotonic() + 300
+        while launcher.poll() is None and time.monotonic() < deadline:
+            if history_file.exists() and history_file.read_text().count("\n") >= 3:  # a header and two epochs
+                break
+            time.sleep(0.05)
+        assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+        launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+        launcher.wait(120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    stopped = launcher.stderr.read()
+    assert stopped.count(f"Continue with: python -m fmnist_keras.train --resume {out / 'run'}") == 1  # rank 0
+    done_before = len(read_history(history_file))
+    assert 2 <= done_before < epochs
+    assert not (out / "run" / "mlp" / "metrics.json").exists()
+
+    resumed = _single("torch", "-m", "fmnist_keras.train", "--resume", str(out / "run"), "--no-report")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [row["epoch"] for row in read_history(history_file)] == list(range(epochs))  # every epoch once
+    metrics = _metrics(out)
+    assert metrics["resumed"] and metrics["epochs_run"] == epochs
+    _check_run_dir(out)
 
 
 def test_unreachable_rendezvous_fails_within_the_timeout(tmp_path, tiny_data_dir):
