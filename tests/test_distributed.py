@@ -41,10 +41,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_command(*args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+
+
 def _torchrun(*args, nproc=2, timeout=300):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=_env("torch"), timeout=timeout)
+    return subprocess.run(_torchrun_command(*args, nproc=nproc), capture_output=True, text=True, env=_env("torch"),
+                          timeout=timeout)
 
 
 def _ranks(*args, world=2, timeout=300):
@@ -204,9 +208,8 @@ def test_a_torchrun_run_stopped_by_sigterm_resumes_in_one_process(tmp_path, tiny
     out, epochs = tmp_path / "out", 30
     history_file = out / "run" / "mlp" / "history.csv"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), *TRAIN, "--epochs", str(epochs), "--patience", str(epochs),
-         "--data-dir", str(tiny_data_dir), "--out-dir", str(out)],
+        _torchrun_command(*TRAIN, "--epochs", str(epochs), "--patience", str(epochs), "--data-dir", str(tiny_data_dir),
+                          "--out-dir", str(out)),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env("torch"))
     try:
         deadline = time.monotonic() + 300
