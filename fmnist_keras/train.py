@@ -248,8 +248,8 @@ def _main(argv: list[str] | None) -> int:
     with contextlib.ExitStack() as held:
         run, configs = None, None
         if args.resume is not None and launched_by_torchrun():  # on every rank, before any takes the run's lock
-            return _fail(f"--resume continues a run in one process, not under torchrun; run python -m "
-                         f"fmnist_keras.train --resume {shlex.quote(args.resume)} without torchrun.", 2)
+            return _fail(f"--resume continues a run in one process, not under torchrun; run "
+                         f"{_resume_command(args.resume)} without torchrun.", 2)
         if args.resume is not None:  # "--resume ''" is a mistake to report, not "no resume"
             try:
                 run, configs = resume_configs(parser, args, argv)
@@ -510,8 +510,8 @@ def _interrupted(error: KeyboardInterrupt, run: RunDir | None) -> int:
     return stop.exit_code
 
 
-def _resume_command(run: RunDir) -> str:
-    """The shell command that continues ``run`` from its last completed epoch."""
+def _resume_command(run: RunDir | str) -> str:
+    """The shell command that continues ``run`` (a run directory or its path) from its last completed epoch."""
     return f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}"
 
 
