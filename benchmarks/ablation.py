@@ -60,6 +60,10 @@ from fmnist_keras.config import RANGES, TrainConfig
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 VARIANTS = ("average + flip", "average", "trained + flip", "trained")
+# Bounds of the architecture flags: far above any model screened. They catch typos; a model inside them may
+# still not fit in memory.
+ARCHITECTURE = {"filters": (1, 2048), "convs": (1, 16), "dense_units": (1, 16384)}
+MAX_BLOCKS = 4  # each block halves the maps: 28 -> 14 -> 7 -> 3 -> 1
 
 
 def parse_args(argv=None):
@@ -82,12 +86,12 @@ def parse_args(argv=None):
     parser.add_argument("--erase", type=float, metavar="F",
                         help="erase a random patch of up to this fraction of each training image, 0 for none "
                         "(random erasing; default: the model's, none for cnn, 0.25 for cnn-large)")
-    parser.add_argument("--filters", type=int, nargs="+", metavar="N",
-                        help="filters of each block's convolutions (default: the model's, cnn 32 64, "
-                        "cnn-large 64 128 256)")
-    parser.add_argument("--convs", type=int, nargs="+", metavar="N",
+    parser.add_argument("--filters", type=in_range(int, *ARCHITECTURE["filters"]), nargs="+", metavar="N",
+                        help="filters of each block's convolutions, one to four blocks (default: the model's, "
+                        "cnn 32 64, cnn-large 64 128 256)")
+    parser.add_argument("--convs", type=in_range(int, *ARCHITECTURE["convs"]), nargs="+", metavar="N",
                         help="convolutions per block, one number or one per block (default: the model's, 2)")
-    parser.add_argument("--dense-units", type=int, metavar="N",
+    parser.add_argument("--dense-units", type=in_range(int, *ARCHITECTURE["dense_units"]), metavar="N",
                         help="width of the Dense embedding (default: the model's, cnn 256, cnn-large 512)")
     parser.add_argument("--dropout", type=float, metavar="F",
                         help="dropout rate after the embedding (default: the model's, cnn 0.1, cnn-large 0.4)")
@@ -120,13 +124,12 @@ def parse_args(argv=None):
         parser.error(f"--shift takes a fraction from 0 up to 1; got {args.shift}")
     if args.erase is not None and not 0.0 <= args.erase < 1.0:
         parser.error(f"--erase takes a fraction from 0 up to 1; got {args.erase}")
-    if args.filters is not None and not all(n > 0 for n in args.filters):
-        parser.error(f"--filters takes positive numbers; got {args.filters}")
+    if args.filters is not None and len(args.filters) > MAX_BLOCKS:
+        parser.error(f"--filters takes at most {MAX_BLOCKS} blocks (each halves the image, and 28 pixels halve "
+                     f"four times); got {len(args.filters)}")
     blocks = len(args.filters) if args.filters else 3 if args.model == "cnn-large" else 2
-    if args.convs is not None and not (all(n > 0 for n in args.convs) and len(args.convs) in (1, blocks)):
-        parser.error(f"--convs takes one positive number or one per block ({blocks}); got {args.convs}")
-    if args.dense_units is not None and not args.dense_units > 0:
-        parser.error(f"--dense-units takes a positive number; got {args.dense_units}")
+    if args.convs is not None and len(args.convs) not in (1, blocks):
+        parser.error(f"--convs takes one number or one per block ({blocks}); got {args.convs}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout takes a rate from 0 up to 1; got {args.dropout}")
     try:  # every seed's TrainConfig, before any run directory of an earlier ablation is replaced

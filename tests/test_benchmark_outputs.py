@@ -78,6 +78,11 @@ def test_a_log_is_never_opened_through_a_link(place):
     (["--learning-rate", "1e9"], "argument --learning-rate"),
     (["--label-smoothing", "nan"], "argument --label-smoothing"),
     (["--subset", "0"], "argument --subset"),
+    (["--filters", "0", "8"], "argument --filters"),
+    (["--filters", "8", "8", "8", "8", "8"], "at most 4 blocks"),
+    (["--convs", "2", "2", "2"], "one per block (2)"),
+    (["--model", "cnn-large", "--convs", "17"], "argument --convs"),
+    (["--dense-units", "100000"], "argument --dense-units"),
 ])
 def test_ablation_refuses_a_bad_number_before_it_replaces_an_earlier_run(tmp_path, capsys, flags, says):
     import ablation
@@ -89,6 +94,9 @@ def test_ablation_refuses_a_bad_number_before_it_replaces_an_earlier_run(tmp_pat
     assert says in line
     args = ablation.parse_args(["--out-dir", str(tmp_path), "--seeds", "42", "1", "--ema", "0"])  # the control
     assert [ablation.train_config(args, seed).check().seed for seed in args.seeds] == [42, 1]
+    widest = ablation.parse_args(["--out-dir", str(tmp_path), "--filters", "2048", "1", "1", "1", "--convs", "16",
+                                  "--dense-units", "16384"])  # the bounds themselves are allowed
+    assert (widest.filters, widest.convs, widest.dense_units) == ([2048, 1, 1, 1], [16], 16384)
 
 
 @pytest.mark.parametrize("script, flags, says", [
