@@ -350,9 +350,11 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
         except RunDirError as error:
             problem = error
         except OSError as error:  # a full disk while config.json is written, say: every rank stops, below
-            problem = os_error_line("train", error)
-            if run is not None and args.resume is None:
-                problem += f" {run} holds no epoch yet: --run-name {run.path.name} --overwrite reuses it."
+            if run is not None and args.resume is None:  # the directory is made: say how to use its name again
+                problem = os_error_line("train", error, in_place=True, then=f"run it again with --run-name "
+                                        f"{run.path.name} --overwrite, which reuses {run} (it holds no epoch yet).")
+            else:
+                problem = os_error_line("train", error)
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
             return _interrupted(stop, run)
     # Under torchrun every rank learns whether rank 0 could open the run directory, and all stop together.

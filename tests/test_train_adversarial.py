@@ -388,8 +388,8 @@ def test_a_full_disk_while_the_run_is_set_up_is_one_line_that_says_how_to_reuse_
     with monkeypatch.context() as patched:
         patched.setattr(TrainConfig, "save", disk_full)
         assert _train(tmp_path, tiny_data_dir, "--run-name", "setup") == 2
-    _one_line_error(capsys, "config.json: No space left on device; free some space",
-                    "holds no epoch yet: --run-name setup --overwrite reuses it.")
+    _one_line_error(capsys, "config.json: No space left on device; free some space, then run it again with "
+                    "--run-name setup --overwrite, which reuses", "(it holds no epoch yet).")
     assert _train(tmp_path, tiny_data_dir, "--run-name", "setup", "--overwrite", "--epochs", "1") == 0  # it does
 
 
