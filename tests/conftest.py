@@ -13,6 +13,22 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# setup.cfg runs the tests in several processes (pytest-xdist). Each gets its share of the cores
+# for torch's threads, set before torch loads and passed on to the processes the tests start, so the
+# test processes do not fight over the cores; an OMP_NUM_THREADS of your own wins.
+TEST_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS_PER_PROCESS = max(1, _cores() // TEST_PROCESSES)
+if TEST_PROCESSES > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS_PER_PROCESS))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ["KERAS_BACKEND"] == "tensorflow":
     import torch  # noqa: F401  (torch must load before tensorflow in one process)

@@ -1,8 +1,14 @@
-"""The Keras range in setup.cfg is the range CI tests, with an upper bound."""
+"""The Keras range in setup.cfg is the range CI tests, with an upper bound; the test processes
+share the cores."""
 
 import configparser
+import os
 import re
 from pathlib import Path
+
+import pytest
+
+from conftest import TEST_PROCESSES, THREADS_PER_PROCESS, _cores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +36,15 @@ def test_setup_cfg_allows_exactly_from_the_oldest_keras_ci_tests_to_the_newest_r
 
 def test_keras_nightly_is_pinned_to_one_dev_version():
     assert re.fullmatch(r"\d+\.\d+\.\d+\.dev\d+", _ci_versions()["keras-nightly"])
+
+
+def test_each_test_process_gives_torch_its_share_of_the_cores():
+    """Two test processes with two torch threads each ran half as fast on two cores as with one."""
+    if TEST_PROCESSES == 1:
+        pytest.skip("one test process (-n 0): torch keeps every core")
+    if os.environ["OMP_NUM_THREADS"] != str(THREADS_PER_PROCESS):
+        pytest.skip(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} was set by the caller")
+    import torch
+
+    assert torch.get_num_threads() == THREADS_PER_PROCESS
+    assert THREADS_PER_PROCESS * TEST_PROCESSES <= max(_cores(), TEST_PROCESSES)
