@@ -79,7 +79,7 @@ def parse_args(argv=None):
                         help="label smoothing (default: train's)")
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
                         help="bfloat16 (CPU) or float16 (GPU) compute (default: train's, which is bfloat16 for the "
-                        "cnn on a CPU with AMX)")
+                        "cnn on a CPU with AMX or AVX512-BF16)")
     parser.add_argument("--shift", type=float, metavar="F",
                         help="largest training shift as a fraction of the image size, 0 for none "
                         "(default: the model's, 0.08, about 2 pixels)")

@@ -41,7 +41,7 @@ def tiny_models() -> dict:
     from fmnist_keras.engine.recipe import dtype_policy
     from fmnist_keras.models import build_cnn, build_mlp
 
-    with dtype_policy(True):  # as train builds the CNN on a CPU with AMX: bfloat16 (float16 on a GPU)
+    with dtype_policy(True):  # as train builds the CNN on a CPU with bfloat16 instructions (float16 on a GPU)
         mixed = build_cnn(filters=(4, 8), convs_per_block=1, dense_units=16, seed=0, name="cnn_mixed")
     return {
         "cnn": build_cnn(filters=(4, 8), convs_per_block=1, dense_units=16, seed=0),

@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 
-from fmnist_keras.config import BACKENDS, BFLOAT16_ON_AMX, DATA_FORMATS
+from fmnist_keras.config import BACKENDS, BFLOAT16_BY_DEFAULT, DATA_FORMATS
 
 # The pip extra that brings each backend's package.
 _PACKAGES = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
@@ -151,8 +151,15 @@ def training_data_format(backend: str, requested: str = "auto", fast_path: bool 
 CPUINFO = "/proc/cpuinfo"
 
 
-def cpu_has_amx(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU has Intel AMX bfloat16 tiles (the ``amx_bf16`` flag in ``cpuinfo``, default :data:`CPUINFO`).
+# The ``/proc/cpuinfo`` flags of the instructions that compute bfloat16 natively: Intel AMX tiles
+# (Xeon 4th generation and later) and AVX512-BF16 dot products (also Intel Cooper Lake and AMD Zen 4
+# and later). A CPU without either emulates bfloat16 in float32 and runs it slower.
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bfloat16 natively: one of :data:`BFLOAT16_CPU_FLAGS` in the flags line of
+    ``cpuinfo`` (default :data:`CPUINFO`).
 
     False where the file cannot be read (macOS, Windows, containers that hide it).
     """
@@ -160,7 +167,7 @@ def cpu_has_amx(cpuinfo: str | None = None) -> bool:
         with open(cpuinfo or CPUINFO, encoding="utf-8", errors="replace") as lines:
             for line in lines:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.partition(":")[2].split()
+                    return not set(BFLOAT16_CPU_FLAGS).isdisjoint(line.partition(":")[2].split())
     except OSError:
         pass
     return False
@@ -169,15 +176,15 @@ def cpu_has_amx(cpuinfo: str | None = None) -> bool:
 def default_mixed_precision(backend: str, model: str) -> bool:
     """Whether a run of ``model`` that does not choose (``mixed_precision`` None) computes in bfloat16 here.
 
-    Only where it was measured to pay: the torch backend on a CPU with AMX
-    trains the default CNN about twice as fast in bfloat16 at the same test
-    accuracy, and ``cnn-large`` 1.7x as fast (``config.BFLOAT16_ON_AMX``;
-    docs/backends.md, "Mixed precision"). Elsewhere float32: on a CPU
-    without AMX, which emulates bfloat16, the CNN trained 2.2x slower in
-    bfloat16, and the MLP gained nothing even with AMX; GPUs, TensorFlow and
-    JAX until measured.
+    Only where it was measured to pay: on the torch backend, a CPU with AMX
+    trains the default CNN 2.2x as fast in bfloat16 and one with AVX512-BF16
+    alone 1.7x as fast, both at the same test accuracy, and ``cnn-large`` 1.7x
+    as fast with AMX (``config.BFLOAT16_BY_DEFAULT``; docs/backends.md, "Mixed
+    precision"). Elsewhere float32: a CPU without either emulates bfloat16 and
+    trained the CNN 2.2x slower in it, and the MLP gained nothing even with
+    AMX; GPUs, TensorFlow and JAX until measured.
     """
-    return model in BFLOAT16_ON_AMX and backend == "torch" and not has_gpu() and cpu_has_amx()
+    return model in BFLOAT16_BY_DEFAULT and backend == "torch" and not has_gpu() and cpu_has_bfloat16()
 
 
 # Keras layers that say XLA cannot compile them (``supports_jit = False``, for TensorFlow's image

@@ -52,11 +52,13 @@ PER_MODEL = ("epochs", "learning_rate", "weight_decay", "flip_tta", "shift_tta",
 # Fields whose None means "decided by the model and the hardware when the run
 # starts" (fmnist_keras.engine.fit.run_config); config.json records the decision.
 PER_MACHINE = ("mixed_precision",)
-# Models that compute in bfloat16 by default on a CPU with AMX (torch backend):
-# the CNN trains 2.2x faster there at the same test accuracy, and cnn-large,
-# the same builder, 1.7x faster (its recipe and results are bfloat16's). The
-# MLP gains no speed and lost 0.2 points (docs/backends.md, "Mixed precision").
-BFLOAT16_ON_AMX = ("cnn", "cnn-large")
+# Models that compute in bfloat16 by default on a CPU with bfloat16 instructions
+# (backend.cpu_has_bfloat16; torch backend): the CNN trains 2.2x faster with
+# AMX at the same test accuracy, and 1.7x faster with AVX512-BF16 alone;
+# cnn-large, the same builder, 1.7x faster with AMX (its recipe and results are
+# bfloat16's). The MLP gains no speed and lost 0.2 points (docs/backends.md,
+# "Mixed precision").
+BFLOAT16_BY_DEFAULT = ("cnn", "cnn-large")
 
 
 # The valid range of every number in a TrainConfig: (type, lowest, highest).

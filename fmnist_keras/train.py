@@ -26,7 +26,7 @@ from fmnist_keras.backend import add_backend_arguments, launched_by_torchrun
 from fmnist_keras.cli import (add_data_arguments, escape_unencodable_output, in_range, one_line, os_error_line,
                               print_error)
 from fmnist_keras.config import (
-    BFLOAT16_ON_AMX, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig, load_config,
+    BFLOAT16_BY_DEFAULT, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig, load_config,
 )
 from fmnist_keras import interrupts
 from fmnist_keras.interrupts import Interrupted
@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_arguments(parser, resumable=True)
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
                         help="compute in bfloat16 (CPU) or float16 (GPU), keep float32 weights and outputs "
-                        f"(default: on for {' and '.join(BFLOAT16_ON_AMX)} with the torch backend on a CPU with AMX "
-                        "bfloat16, where they train 1.7-2.2x faster (the CNN at the same accuracy); off elsewhere; the "
-                        "decision is saved in config.json)")
+                        f"(default: on for {' and '.join(BFLOAT16_BY_DEFAULT)} with the torch backend on a CPU "
+                        "with AMX or AVX512-BF16, where they train 1.7-2.2x faster (the CNN at the same accuracy); off "
+                        "elsewhere; the decision is saved in config.json)")
     parser.add_argument("--data-format", choices=DATA_FORMATS, default=DEFAULTS.data_format,
                         help="image layout while training; 'auto' is channels_last (channels_first on torch with "
                         "--no-fast-path); the saved model is channels_last either way (default: auto)")

@@ -78,9 +78,9 @@ def write_idx_dir(directory: Path, n_train: int = 400, n_test: int = 100, compre
 
 
 @pytest.fixture(autouse=True)
-def cpu_without_amx(monkeypatch):
-    """Runs that leave the precision open compute in float32, as on a CPU without AMX, so a test's
-    numbers do not depend on the machine that runs it; the tests of the bfloat16 default set it."""
+def cpu_without_bfloat16(monkeypatch):
+    """Runs that leave the precision open compute in float32, as on a CPU without bfloat16 instructions, so a
+    test's numbers do not depend on the machine that runs it; the tests of the bfloat16 default set it."""
     from fmnist_keras import backend
 
     monkeypatch.setattr(backend, "CPUINFO", os.devnull)

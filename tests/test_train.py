@@ -228,18 +228,18 @@ def test_mixed_precision_trains_with_float32_outputs(tmp_path, tiny_data_dir):
 
 
 @pytest.mark.parametrize(
-    "amx, flag, expected",
+    "bf16, flag, expected",
     [(True, None, True), (False, None, False), (True, "--no-mixed-precision", False), (False, "--mixed-precision", True)],
-    ids=["amx", "no-amx", "amx-turned-off", "asked-for"],
+    ids=["bfloat16-cpu", "emulating-cpu", "turned-off", "asked-for"],
 )
-def test_precision_left_open_is_bfloat16_only_on_torch_with_amx(tmp_path, tiny_data_dir, monkeypatch, capsys,
-                                                                 amx, flag, expected):
+def test_precision_left_open_is_bfloat16_only_on_torch_with_bfloat16_instructions(
+        tmp_path, tiny_data_dir, monkeypatch, capsys, bf16, flag, expected):
     from fmnist_keras import backend
 
-    if keras.backend.backend() != "torch" and flag != "--mixed-precision" and not (amx and flag is None):
-        pytest.skip("off the torch backend the 'amx' case already shows float32 (each case here trains two models)")
+    if keras.backend.backend() != "torch" and flag != "--mixed-precision" and not (bf16 and flag is None):
+        pytest.skip("off the torch backend the 'bfloat16-cpu' case already shows float32 (each case trains two models)")
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f " + ("amx_bf16 amx_tile" if amx else "") + "\n")
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f " + ("avx512_bf16" if bf16 else "") + "\n")
     monkeypatch.setattr(backend, "CPUINFO", str(cpuinfo))
     extra = [flag] if flag else []
     assert run_cli(tmp_path, tiny_data_dir, "--model", "all", "--epochs", "1", "--no-report", *extra) == 0
