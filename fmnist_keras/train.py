@@ -420,7 +420,8 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
         tta = TTA.of(resolved)
         say(
             f"\n== {name}: {len(splits.x_train)} train / {len(splits.x_val)} validation / "
-            f"{len(splits.x_test)} test images, up to {resolved.epochs} epochs, batch {resolved.batch_size}, "
+            f"{len(splits.x_test)} test images, up to {resolved.epochs} epoch{'s' * (resolved.epochs != 1)}, "
+            f"batch {resolved.batch_size}, "
             f"peak learning rate {resolved.learning_rate:g}, {dtype_policy_name(resolved.mixed_precision)}"
             + (f", moving average of the weights (momentum up to {resolved.ema:g})" if resolved.ema else "")
             + (f", CutMix on {100 * resolved.cutmix:g}% of the batches" if resolved.cutmix else "")

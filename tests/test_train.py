@@ -39,6 +39,7 @@ def test_cli_trains_both_models_and_writes_complete_run_dirs(tmp_path, tiny_data
     assert "Backend: " + keras.backend.backend() in out and "device: " in out
     assert "Data: data-dir" in out and "NOT checked" in out
     assert "test acc" in out  # the closing summary table
+    assert out.count(" up to 2 epochs, batch ") == 2  # each model's header
     # Captured output is not a terminal: one line per epoch (2 epochs, 2 models), no progress bar.
     assert "━" not in out and "\x1b[" not in out
     assert len(re.findall(r"^\d+/\d+ - .* - val_accuracy: ", out, flags=re.MULTILINE)) == 4
@@ -252,7 +253,7 @@ def test_precision_left_open_is_bfloat16_only_on_torch_with_bfloat16_instruction
         run = tmp_path / "runs" / "run" / model
         assert json.loads((run / "config.json").read_text())["mixed_precision"] is on  # the decision is recorded
         assert json.loads((run / "metrics.json").read_text())["mixed_precision"] == policy
-        assert re.search(rf"== {model}: .*, {policy}", out)
+        assert re.search(rf"== {model}: .* up to 1 epoch, batch .*, {policy}", out)  # the header names its precision
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "stock-keras"])
