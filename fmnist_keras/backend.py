@@ -179,7 +179,8 @@ def default_mixed_precision(backend: str, model: str) -> bool:
     Only where it was measured to pay: on the torch backend, a CPU with AMX
     trains the default CNN 2.2x as fast in bfloat16 and one with AVX512-BF16
     alone 1.7x as fast, both at the same test accuracy, and ``cnn-large`` 1.7x
-    as fast with AMX (``config.BFLOAT16_BY_DEFAULT``; docs/backends.md, "Mixed
+    as fast with AMX and 1.7-1.8x with AVX512-BF16 alone, its accuracy measured
+    with AMX (``config.BFLOAT16_BY_DEFAULT``; docs/backends.md, "Mixed
     precision"). Elsewhere float32: a CPU without either emulates bfloat16 and
     trained the CNN 2.2x slower in it, and the MLP gained nothing even with
     AMX; GPUs, TensorFlow and JAX until measured.

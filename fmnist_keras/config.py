@@ -55,9 +55,10 @@ PER_MACHINE = ("mixed_precision",)
 # Models that compute in bfloat16 by default on a CPU with bfloat16 instructions
 # (backend.cpu_has_bfloat16; torch backend): the CNN trains 2.2x faster with
 # AMX at the same test accuracy, and 1.7x faster with AVX512-BF16 alone;
-# cnn-large, the same builder, 1.7x faster with AMX (its recipe and results are
-# bfloat16's). The MLP gains no speed and lost 0.2 points (docs/backends.md,
-# "Mixed precision").
+# cnn-large, the same builder, 1.7x faster with AMX and 1.7-1.8x per step with
+# AVX512-BF16 alone (its recipe and results are bfloat16's, measured with AMX).
+# The MLP gains no speed and lost 0.2 points (docs/backends.md, "Mixed
+# precision").
 BFLOAT16_BY_DEFAULT = ("cnn", "cnn-large")
 
 
