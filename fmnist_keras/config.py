@@ -53,12 +53,9 @@ PER_MODEL = ("epochs", "learning_rate", "weight_decay", "flip_tta", "shift_tta",
 # starts" (fmnist_keras.engine.fit.run_config); config.json records the decision.
 PER_MACHINE = ("mixed_precision",)
 # Models that compute in bfloat16 by default on a CPU with bfloat16 instructions
-# (backend.cpu_has_bfloat16; torch backend): the CNN trains 2.2x faster with
-# AMX at the same test accuracy, and 1.7x faster with AVX512-BF16 alone;
-# cnn-large, the same builder, 1.7x faster with AMX and 1.7-1.8x per step with
-# AVX512-BF16 alone (its recipe and results are bfloat16's, measured with AMX).
-# The MLP gains no speed and lost 0.2 points (docs/backends.md, "Mixed
-# precision").
+# (torch backend); backend.default_mixed_precision says where and the speed-ups
+# measured there. The MLP gains no speed and lost 0.2 points (docs/backends.md,
+# "Mixed precision").
 BFLOAT16_BY_DEFAULT = ("cnn", "cnn-large")
 
 
