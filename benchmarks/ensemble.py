@@ -2,9 +2,11 @@
 
 Each argument is a model directory that ``train`` or ``benchmarks/ablation.py``
 wrote (``RUN/cnn-large``, holding ``model.keras`` and ``config.json``), or its
-``model.keras``. Every model must come from a run with the same split (seed,
-validation fraction, subset), so that its validation images are held out
-from every model of the ensemble; models of different seeds are refused.
+``model.keras``. Every model must come from a run with the same split (split
+seed, validation fraction, subset), so that its validation images are held
+out from every model of the ensemble; models of different splits are
+refused. Runs of different ``--seed`` share a split when they are given the
+same ``--split-seed``.
 Each model is evaluated with its own test-time augmentation (``--tta run``)
 or the one given, and the ensemble averages those probabilities. Choose on
 the validation column.
@@ -32,8 +34,8 @@ class EnsembleError(ValueError):
 
 
 def split_of(config) -> tuple:
-    """What decides a run's validation images: its seed, validation fraction and subset."""
-    return config.seed, config.val_split, config.subset
+    """What decides a run's validation images: its split seed, validation fraction and subset."""
+    return config.splitting_seed, config.val_split, config.subset
 
 
 def read_models(paths: list[str]) -> list[tuple[Path, object]]:
@@ -64,10 +66,10 @@ def read_models(paths: list[str]) -> list[tuple[Path, object]]:
         models.append((model_path, load_config(config_path)))
     splits = {split_of(config) for _, config in models}
     if len(splits) > 1:
-        named = "; ".join(f"{path}: seed {config.seed}, validation {config.val_split}, subset {config.subset}"
-                          for path, config in models)
+        named = "; ".join(f"{path}: split seed {config.splitting_seed}, validation {config.val_split}, subset "
+                          f"{config.subset}" for path, config in models)
         raise EnsembleError(f"the models were trained on different splits ({named}), so no validation image is held "
-                            f"out from all of them; pass models of one seed")
+                            f"out from all of them; pass models of one split (train them with one --split-seed)")
     return models
 
 
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", type=non_empty_path, metavar="MODEL",
-                        help="model directories (RUN/cnn-large) or their model.keras files, all of one seed")
+                        help="model directories (RUN/cnn-large) or their model.keras files, all of one split")
     parser.add_argument("--tta", choices=["run", *CHOICES], default="run",
                         help="test-time augmentation of every model (default: run, each model's own)")
     add_data_arguments(parser)

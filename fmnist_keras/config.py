@@ -71,6 +71,7 @@ RANGES = {
     "patience": (int, 0, 10_000),
     "val_split": (float, 0.001, 0.999),
     "seed": (int, 0, 2**32 - 1),  # numpy's seed range
+    "split_seed": (int, 0, 2**32 - 1),
     "subset": (int, 1, 60_000),
     "ema": (float, 0.0, 0.99999),  # 0 turns the average off; 1 would never move
     "cutmix": (float, 0.0, 1.0),  # a fraction of the training batches
@@ -93,6 +94,10 @@ class TrainConfig:
     patience: int | None = None  # epochs without val_loss improvement before EarlyStopping stops; None: model default
     val_split: float = 0.1  # stratified fraction of the 60k training images held out
     seed: int = 42
+    # Draws the validation split and the subset in place of seed, so that runs
+    # of different seeds share one split (an ensemble is chosen on it); None:
+    # seed draws them too.
+    split_seed: int | None = None
     subset: int | None = None  # train on this many (stratified) training images; None: all
     data_dir: str | None = None  # None: $FMNIST_DATA_DIR, Keras cache, /usr/share/datasets, download
     verify: bool = True  # SHA-256 check of the data files
@@ -133,6 +138,11 @@ class TrainConfig:
             self, **{name: defaults[name] for name in PER_MODEL if getattr(self, name) is None}
         )
 
+    @property
+    def splitting_seed(self) -> int:
+        """The seed that draws the validation split and the subset: ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
@@ -161,7 +171,7 @@ class TrainConfig:
         """``self`` if every field has the right type and lies in its range (RANGES, CHOICES), else ValueError."""
         for name, (kind, low, high) in RANGES.items():
             value = getattr(self, name)
-            if value is None and name in (*PER_MODEL, "subset"):
+            if value is None and name in (*PER_MODEL, "subset", "split_seed"):
                 continue
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not number or (kind is int and not isinstance(value, int)) or not low <= value <= high:

@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     x_train, y_train = fdata.to_model_input(x_train_raw, data_format), y_train_raw
     if args.validation:
         if config is None:
-            return _fail(f"--validation needs {config_path}, which rebuilds the run's split (seed, val_split, "
-                         f"subset); pass a run directory written by train, or drop --validation.")
+            return _fail(f"--validation needs {config_path}, which rebuilds the run's split (split seed, "
+                         f"val_split, subset); pass a run directory written by train, or drop --validation.")
         try:
             splits = engine_splits.make_splits(raw, config, data_format)
         except ValueError as error:

@@ -103,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-split", type=_checked("val_split"), default=DEFAULTS.val_split, metavar="F",
                         help=f"stratified fraction of the training set used for validation (default: {DEFAULTS.val_split:g})")
     parser.add_argument("--seed", type=_checked("seed"), default=DEFAULTS.seed,
-                        help=f"seed for the split, weights, shuffling and augmentation (default: {DEFAULTS.seed})")
+                        help="seed for the weights, shuffling and augmentation, and for the validation split and "
+                        f"--subset unless --split-seed is given (default: {DEFAULTS.seed})")
+    parser.add_argument("--split-seed", type=_checked("split_seed"), metavar="SEED",
+                        help="seed for the validation split and --subset alone, so that runs of different --seed "
+                        "validate on the same images and their models can be compared or averaged on them "
+                        "(default: --seed)")
     parser.add_argument("--subset", type=_checked("subset"), metavar="N",
                         help="use a stratified subset of N of the 60000 training images, split into training and "
                         "validation by --val-split, for quick runs (default: all 60000)")
@@ -159,7 +164,7 @@ def configs_from_args(args: argparse.Namespace, backend: str) -> list[TrainConfi
 
 # Flags that describe a run; --resume takes them from the run directory instead.
 _RUN_FLAGS = ("model", "epochs", "batch_size", "learning_rate", "weight_decay", "label_smoothing", "patience",
-              "val_split", "seed", "subset", "data_dir", "verify", "out_dir", "run_name", "overwrite",
+              "val_split", "seed", "split_seed", "subset", "data_dir", "verify", "out_dir", "run_name", "overwrite",
               "mixed_precision", "data_format", "fast_path", "distribute", "ema", "cutmix", "flip_tta", "shift_tta")
 
 
@@ -325,7 +330,7 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
 
     from fmnist_keras.engine import splits as engine_splits
 
-    # Every model of a run shares the split (same seed, --val-split and --subset).
+    # Every model of a run shares the split (same --seed or --split-seed, --val-split and --subset).
     try:
         data_format = engine_splits.data_format_of(configs[0])
     except ValueError as error:

@@ -42,17 +42,17 @@ def data_format_of(config: TrainConfig) -> str:
 
 
 def make_splits(raw, config: TrainConfig, data_format: str | None = None) -> Splits:
-    """Stratified, seeded train/validation split of the training set; the test set untouched.
+    """Stratified train/validation split of the training set; the test set untouched.
 
-    Images come in ``data_format``, by default the layout ``config`` trains
+    ``config.splitting_seed`` draws the split (and ``config.subset``). Images come in ``data_format``, by default the layout ``config`` trains
     in (:func:`data_format_of`).
     """
     data_format = data_format or data_format_of(config)
     (x_train, y_train), (x_test, y_test) = raw
     if config.subset is not None:
-        keep = fdata.stratified_subset(y_train, config.subset, config.seed)
+        keep = fdata.stratified_subset(y_train, config.subset, config.splitting_seed)
         x_train, y_train = x_train[keep], y_train[keep]
-    train_idx, val_idx = fdata.stratified_split(y_train, config.val_split, config.seed)
+    train_idx, val_idx = fdata.stratified_split(y_train, config.val_split, config.splitting_seed)
     if len(y_test) == 0:
         raise ValueError("the test set is empty; the data directory needs test images and labels (t10k-*)")
     return Splits(
