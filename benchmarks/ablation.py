@@ -71,6 +71,9 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="cnn", choices=["cnn", "cnn-large"], help="model (default: cnn)")
     parser.add_argument("--seeds", type=in_range(*RANGES["seed"]), nargs="+", default=[42, 1, 2],
                         help="seeds (default: 42 1 2)")
+    parser.add_argument("--split-seed", type=in_range(*RANGES["split_seed"]), metavar="SEED",
+                        help="draw every seed's validation split from SEED, as train --split-seed does, so that the "
+                        "seeds' models share one split (default: each seed its own)")
     parser.add_argument("--epochs", type=in_range(*RANGES["epochs"]), help="epochs (default: the model's)")
     parser.add_argument("--subset", type=in_range(*RANGES["subset"]), help="train on N images (default: all)")
     parser.add_argument("--ema", type=in_range(*RANGES["ema"]), default=0.999,
@@ -144,7 +147,7 @@ def train_config(args, seed: int):
     """The TrainConfig ``train --model MODEL --seed SEED`` would use, with the flags given here."""
     given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing,
              "mixed_precision": args.mixed_precision, "learning_rate": args.learning_rate,
-             "weight_decay": args.weight_decay, "cutmix": args.cutmix}
+             "weight_decay": args.weight_decay, "cutmix": args.cutmix, "split_seed": args.split_seed}
     return TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
 
 

@@ -330,7 +330,7 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
 
     from fmnist_keras.engine import splits as engine_splits
 
-    # Every model of a run shares the split (same --seed or --split-seed, --val-split and --subset).
+    # Every model of a run shares the split: one split seed (--split-seed, else --seed), --val-split and --subset.
     try:
         data_format = engine_splits.data_format_of(configs[0])
     except ValueError as error:

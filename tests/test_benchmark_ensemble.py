@@ -107,6 +107,23 @@ def test_models_it_cannot_compare_are_one_line_before_the_data_is_read(runs, tmp
     assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: ") and says in err, err
 
 
+@pytest.mark.parametrize("seeds, split_seeds, one_split", [
+    ((0, 1), (None, 0), True),  # the fixture's seed-0 run and a seed-1 run told to split by seed 0
+    ((0, 1), (5, 5), True),
+    ((0, 0), (None, 1), False),
+    ((1, 0), (None, None), False),
+])
+def test_models_of_different_seeds_are_one_split_when_their_split_seeds_agree(runs, seeds, split_seeds, one_split):
+    for run, seed, split_seed in zip(runs, seeds, split_seeds):
+        TrainConfig(model="cnn", epochs=3, seed=seed, split_seed=split_seed, val_split=0.1).save(run / "config.json")
+    if one_split:
+        models = ensemble.read_models([str(run) for run in runs])
+        assert [config.seed for _, config in models] == list(seeds)
+    else:
+        with pytest.raises(ensemble.EnsembleError, match="trained on different splits .* split seed"):
+            ensemble.read_models([str(run) for run in runs])
+
+
 def test_one_model_is_no_ensemble(runs, capsys):
     with pytest.raises(SystemExit) as stop:
         ensemble.main([str(runs[0])])

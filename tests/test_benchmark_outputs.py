@@ -75,6 +75,7 @@ def test_a_log_is_never_opened_through_a_link(place):
     (["--ema", "1.5"], "argument --ema"),
     (["--epochs", "0"], "argument --epochs"),
     (["--seeds", "-1"], "argument --seeds"),
+    (["--split-seed", "-1"], "argument --split-seed"),
     (["--learning-rate", "1e9"], "argument --learning-rate"),
     (["--label-smoothing", "nan"], "argument --label-smoothing"),
     (["--subset", "0"], "argument --subset"),
@@ -93,7 +94,10 @@ def test_ablation_refuses_a_bad_number_before_it_replaces_an_earlier_run(tmp_pat
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert says in line
     args = ablation.parse_args(["--out-dir", str(tmp_path), "--seeds", "42", "1", "--ema", "0"])  # the control
-    assert [ablation.train_config(args, seed).check().seed for seed in args.seeds] == [42, 1]
+    assert [ablation.train_config(args, seed).check().splitting_seed for seed in args.seeds] == [42, 1]
+    one_split = ablation.parse_args(["--out-dir", str(tmp_path), "--seeds", "42", "1", "--split-seed", "0"])
+    configs = [ablation.train_config(one_split, seed) for seed in one_split.seeds]
+    assert [(config.seed, config.splitting_seed) for config in configs] == [(42, 0), (1, 0)]
     widest = ablation.parse_args(["--out-dir", str(tmp_path), "--filters", "2048", "1", "1", "1", "--convs", "16",
                                   "--dense-units", "16384"])  # the bounds themselves are allowed
     assert (widest.filters, widest.convs, widest.dense_units) == ([2048, 1, 1, 1], [16], 16384)

@@ -11,7 +11,8 @@ from fmnist_keras.config import (CHOICES, FLAGS, MODEL_DEFAULTS, MODEL_NAMES, PE
                                  load_config)
 from fmnist_keras.rundir import RunDirError
 
-OPTIONAL = ("epochs", "learning_rate", "weight_decay", "subset", "ema", "patience")  # None means the model's default or all the data
+# None means the model's default, all the data, or the seed's split
+OPTIONAL = ("epochs", "learning_rate", "weight_decay", "subset", "ema", "patience", "split_seed")
 
 
 def outside(kind, low, high):
@@ -51,7 +52,7 @@ def test_wrong_types_are_refused(name):
 def test_optional_numbers_may_be_null():
     config = TrainConfig.from_dict({name: None for name in (*OPTIONAL, "flip_tta", "shift_tta")})
     assert (config.epochs, config.learning_rate, config.weight_decay, config.subset, config.ema, config.patience,
-            config.flip_tta, config.shift_tta) == (None,) * 8
+            config.split_seed, config.flip_tta, config.shift_tta) == (None,) * 9
 
 
 @pytest.mark.parametrize("name", CHOICES)
@@ -93,7 +94,8 @@ def test_every_field_is_checked():
 @pytest.mark.parametrize(
     "config",
     [TrainConfig(), TrainConfig(model="mlp", epochs=3, learning_rate=0.5, subset=100, data_dir="/d", verify=False,
-                                warmup_epochs=0.25, backend="jax", data_format="channels_first", fast_path=False)],
+                                warmup_epochs=0.25, backend="jax", data_format="channels_first", fast_path=False,
+                                split_seed=0)],
 )
 def test_json_round_trip_is_the_identity(config):
     assert TrainConfig.from_json(config.to_json()) == config
@@ -141,3 +143,17 @@ def test_a_saved_configuration_without_cutmix_loads_as_a_run_without_it(tmp_path
     (tmp_path / "config.json").write_text(json.dumps({**data, "cutmix": 2}))
     with pytest.raises(RunDirError, match="cutmix is 2; expected a number from 0.0 to 1.0"):
         load_config(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("seed, split_seed, splitting", [(3, None, 3), (3, 0, 0), (0, 5, 5)])
+def test_the_split_seed_draws_the_split_in_place_of_the_seed(seed, split_seed, splitting):
+    config = TrainConfig(seed=seed, split_seed=split_seed)
+    assert config.splitting_seed == splitting and config.seed == seed
+
+
+def test_a_saved_configuration_without_a_split_seed_splits_by_its_seed(tmp_path):
+    data = json.loads(TrainConfig(model="cnn", seed=9).to_json())
+    del data["split_seed"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    loaded = load_config(tmp_path / "config.json")
+    assert (loaded.split_seed, loaded.splitting_seed) == (None, 9)

@@ -154,6 +154,9 @@ def test_resume_rejects_other_flags_and_non_run_dirs(tmp_path, capsys):
         train.main(["--resume", str(tmp_path), "--no-flip-tta", "--ema", "0"])
     assert info.value.code == 2 and "drop --ema, --no-flip-tta" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
+        train.main(["--resume", str(tmp_path), "--split-seed", "3"])
+    assert info.value.code == 2 and "drop --split-seed, or" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
         train.main(["--resume", str(tmp_path), "--mixed-precision"])
     assert info.value.code == 2 and "drop --mixed-precision, or" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:  # a run resumes in one process, not over JAX's devices either
@@ -199,13 +202,14 @@ def test_a_model_without_config_json_resumes_with_the_runs_settings_and_its_own_
 
     run = RunDir.create(str(tmp_path), "run", ["mlp", "cnn"])
     run.model_dir("mlp").mkdir()
-    TrainConfig(model="mlp", epochs=3, seed=7, mixed_precision=False).resolved().save(run.config_file("mlp"))
+    TrainConfig(model="mlp", epochs=3, seed=7, split_seed=5, mixed_precision=False).resolved().save(
+        run.config_file("mlp"))
     assert not run.config_file("cnn").exists()
     parser = train.build_parser()
     argv = ["--resume", str(run.path)]
     _, configs = train.resume_configs(parser, parser.parse_args(argv), argv)
     mlp, cnn = sorted(configs, key=lambda config: config.model != "mlp")
-    assert (cnn.model, cnn.epochs, cnn.seed) == ("cnn", 3, 7)  # the run's settings
+    assert (cnn.model, cnn.epochs, cnn.seed, cnn.split_seed) == ("cnn", 3, 7, 5)  # the run's settings, its split too
     assert (mlp.resolved().flip_tta, cnn.resolved().flip_tta) == (False, True)  # each model's own TTA
     assert (mlp.resolved().shift_tta, cnn.resolved().shift_tta) == (False, True)
     assert (mlp.mixed_precision, cnn.mixed_precision) == (False, None)  # the CNN's precision decided anew

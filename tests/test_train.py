@@ -154,6 +154,35 @@ def test_subset_trains_on_fewer_images(tmp_path, tiny_data_dir):
     assert metrics["num_train"] + metrics["num_val"] == 200
 
 
+def test_the_split_seed_alone_decides_the_validation_images(tmp_path, tiny_data_dir):
+    """Runs of seeds 0 and 1 with --split-seed 0 train and validate on seed 0's images, each from its own weights."""
+    from fmnist_keras.config import load_config
+    from fmnist_keras.data import load_data
+    from fmnist_keras.engine.splits import make_splits
+
+    runs = {"seed0": ["--seed", "0"], "seed1-split0": ["--seed", "1", "--split-seed", "0"], "seed1": ["--seed", "1"],
+            "seed0-split0": ["--seed", "0", "--split-seed", "0"]}
+    for name, flags in runs.items():
+        assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--subset", "300", "--no-report",
+                       *flags, name=name) == 0
+    model_dir = {name: tmp_path / "runs" / name / "mlp" for name in runs}
+    configs = {name: load_config(model_dir[name] / "config.json") for name in runs}
+    assert [configs[name].split_seed for name in runs] == [None, 0, None, 0]
+    raw = load_data(tiny_data_dir, verify=False)
+    split = {name: make_splits(raw, config) for name, config in configs.items()}
+    for name in ("seed1-split0", "seed0-split0"):
+        np.testing.assert_array_equal(split[name].x_val, split["seed0"].x_val)
+        np.testing.assert_array_equal(split[name].x_train, split["seed0"].x_train)
+    assert not np.array_equal(split["seed1"].x_val, split["seed0"].x_val)
+
+    metrics = {name: json.loads((model_dir[name] / "metrics.json").read_text()) for name in runs}
+    assert metrics["seed0-split0"]["validation"] == metrics["seed0"]["validation"]  # the same run, written two ways
+    weights = {name: keras.saving.load_model(model_dir[name] / "model.keras").get_weights()[0] for name in runs}
+    np.testing.assert_array_equal(weights["seed0-split0"], weights["seed0"])
+    assert not np.array_equal(weights["seed1-split0"], weights["seed0"])  # same images, but seed 1's weights and order
+    assert not np.array_equal(weights["seed1-split0"], weights["seed1"])  # same weights and order, other images
+
+
 def test_existing_run_dir_is_never_overwritten_silently(tmp_path, tiny_data_dir, capsys):
     assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--no-report") == 0
     (tmp_path / "runs" / "run" / "notes.txt").write_text("mine")
@@ -182,6 +211,8 @@ def test_existing_run_dir_is_never_overwritten_silently(tmp_path, tiny_data_dir,
         (["--cutmix", "nan"], "must be finite"),
         (["--flip-tta", "yes"], "unrecognized arguments: yes"),
         (["--seed", "-1"], "must be from 0 to 4294967295"),
+        (["--split-seed", "4294967296"], "must be from 0 to 4294967295"),
+        (["--split-seed", "one"], "argument --split-seed"),
         (["--batch-size", "1000000"], "must be from 1 to 60000"),
         (["--model", "resnet"], "invalid choice"),
         (["--backend", "theano"], "invalid choice"),

@@ -44,8 +44,9 @@ def data_format_of(config: TrainConfig) -> str:
 def make_splits(raw, config: TrainConfig, data_format: str | None = None) -> Splits:
     """Stratified train/validation split of the training set; the test set untouched.
 
-    ``config.splitting_seed`` draws the split (and ``config.subset``). Images come in ``data_format``, by default the layout ``config`` trains
-    in (:func:`data_format_of`).
+    ``config.splitting_seed`` draws the split (and ``config.subset``). Images
+    come in ``data_format``, by default the layout ``config`` trains in
+    (:func:`data_format_of`).
     """
     data_format = data_format or data_format_of(config)
     (x_train, y_train), (x_test, y_test) = raw
