@@ -87,6 +87,7 @@ def _check_run_dir(out_dir):
     assert RUN_FILES <= files and not any(name.startswith(".partial") for name in files)
 
 
+@pytest.mark.torchrun
 def test_torchrun_two_processes_keep_identical_replicas_and_write_one_run(tmp_path, tiny_data_dir):
     ddp = _torchrun(*TRAIN, "--data-dir", str(tiny_data_dir), "--out-dir", str(tmp_path / "ddp"))
     assert ddp.returncode == 0, ddp.stderr[:3000]
@@ -107,7 +108,7 @@ def test_torchrun_two_processes_keep_identical_replicas_and_write_one_run(tmp_pa
     assert metrics["test"]["accuracy"] >= 0.5  # learned (10 classes: chance is 0.1)
 
 
-@pytest.mark.parametrize("launch", ["torchrun", "jax"])
+@pytest.mark.parametrize("launch", [pytest.param("torchrun", marks=pytest.mark.torchrun), "jax"])
 def test_cutmix_trains_data_parallel_with_identical_replicas(launch, tmp_path, tiny_data_dir):
     args = [*TRAIN, "--epochs", "1", "--cutmix", "1", "--data-dir", str(tiny_data_dir), "--out-dir", str(tmp_path)]
     if launch == "torchrun":
@@ -137,6 +138,7 @@ def _assert_same_weights_after_one_step(parallel_dir: Path, one_dir: Path) -> No
                                            err_msg=f"{optimizer}: weight {name}")
 
 
+@pytest.mark.torchrun
 def test_torchrun_one_step_of_two_ranks_by_16_gives_the_weights_of_one_process_by_32(tmp_path):
     (tmp_path / "ddp").mkdir()
     (tmp_path / "one").mkdir()
@@ -176,6 +178,7 @@ def test_jax_data_parallel_over_two_host_devices(tmp_path, tiny_data_dir):
 
 # torchrun stops the other ranks as soon as one fails, so whether the slower rank gets to print its
 # own error is a race; each rank is started on its own here instead.
+@pytest.mark.torchrun
 def test_torchrun_on_another_backend_fails_on_every_rank(tmp_path, tiny_data_dir):
     for out in _ranks(*TRAIN, "--backend", "jax", "--data-dir", str(tiny_data_dir), "--out-dir", str(tmp_path)):
         assert out.returncode == 2
@@ -190,6 +193,7 @@ def test_batch_that_does_not_split_over_the_ranks_fails_on_every_rank(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.torchrun
 def test_resume_under_torchrun_fails_on_every_rank_before_either_touches_the_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -202,6 +206,7 @@ def test_resume_under_torchrun_fails_on_every_rank_before_either_touches_the_run
     assert [p.name for p in run.iterdir()] == ["keep.txt"]  # no lock file, nothing written or removed
 
 
+@pytest.mark.torchrun
 def test_a_torchrun_run_stopped_by_sigterm_resumes_in_one_process(tmp_path, tiny_data_dir):
     from fmnist_keras.engine.callbacks import read_history
 
@@ -264,6 +269,7 @@ def test_jax_batch_that_does_not_split_over_the_devices_is_refused(tmp_path, tin
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.torchrun
 def test_torchrun_with_a_run_directory_rank_0_cannot_open_stops_every_rank_at_once(tmp_path, tiny_data_dir):
     (tmp_path / "run").mkdir()  # not ours: rank 0 refuses it, and rank 1 must not wait in a collective
     start = time.monotonic()
