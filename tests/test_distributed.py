@@ -186,6 +186,7 @@ def test_torchrun_on_another_backend_fails_on_every_rank(tmp_path, tiny_data_dir
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.torchrun
 def test_batch_that_does_not_split_over_the_ranks_fails_on_every_rank(tmp_path, tiny_data_dir):
     for out in _ranks(*TRAIN, "--batch-size", "33", "--data-dir", str(tiny_data_dir), "--out-dir", str(tmp_path)):
         assert out.returncode == 2
@@ -242,6 +243,7 @@ def test_a_torchrun_run_stopped_by_sigterm_resumes_in_one_process(tmp_path, tiny
     _check_run_dir(out)
 
 
+@pytest.mark.torchrun
 def test_unreachable_rendezvous_fails_within_the_timeout(tmp_path, tiny_data_dir):
     # Rank 1 of 2 whose rank 0 never comes: it must give up, not hang.
     env = _env("torch", WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
