@@ -22,9 +22,9 @@ DATA_FORMATS = ("auto", "channels_last", "channels_first")
 # accuracy higher). "shift_tta": average over the image's copies shifted by
 # one pixel too (for the CNN over 5 seeds, +0.03 points of validation and
 # +0.08 of test accuracy over flip alone, with its default recipe in bfloat16;
-# docs/results.md, "Test-time augmentation with shifts"). "ema": momentum of the moving average of
+# docs/ablations.md, "Test-time augmentation with shifts"). "ema": momentum of the moving average of
 # the weights that is validated, checkpointed and saved; 0 keeps the trained
-# weights, which scored higher on validation (docs/results.md, "Ablation").
+# weights, which scored higher on validation (docs/ablations.md, "Ablation").
 MODEL_DEFAULTS = {
     # The MLP is cheap per epoch, so it gets many; BatchNorm, dropout and
     # weight decay keep it from overfitting, and EarlyStopping keeps the best.
@@ -32,7 +32,7 @@ MODEL_DEFAULTS = {
             "ema": 0.0, "patience": 5},
     # 24 epochs of the warm-up + cosine schedule at a peak rate of 0.003 with
     # weight decay 0.05: +0.29 points of validation accuracy on 3 of 3 seeds
-    # over 20 epochs at 0.002 and 1e-4 (docs/results.md, "Ablation in
+    # over 20 epochs at 0.002 and 1e-4 (docs/ablations.md, "Ablation in
     # bfloat16"), for 1.2x the time (docs/results.md, "Results").
     "cnn": {"epochs": 24, "learning_rate": 3e-3, "weight_decay": 0.05, "flip_tta": True, "shift_tta": True,
             "ema": 0.0, "patience": 5},
@@ -128,7 +128,7 @@ class TrainConfig:
     # image pasted from another image of the batch, the labels mixed by its
     # area (fmnist_keras.engine.device_data); 0: off. Opt-in: on cnn-large its
     # validation accuracy was +0.04 on seed 42 and -0.13 on seed 1, no
-    # consistent gain (docs/results.md, "`cnn-large`").
+    # consistent gain (docs/ablations.md, "`cnn-large`").
     cutmix: float = 0.0
 
     def resolved(self) -> "TrainConfig":
