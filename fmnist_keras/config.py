@@ -32,16 +32,16 @@ MODEL_DEFAULTS = {
             "ema": 0.0, "patience": 5},
     # 24 epochs of the warm-up + cosine schedule at a peak rate of 0.003 with
     # weight decay 0.05: +0.29 points of validation accuracy on 3 of 3 seeds
-    # over 20 epochs at 0.002 and 1e-4 (docs/ablations.md, "Ablation in
-    # bfloat16"), for 1.2x the time (docs/results.md, "Results").
+    # over 20 epochs at 0.002 and 1e-4, for 1.2x the time (docs/ablations.md,
+    # "Ablation in bfloat16").
     "cnn": {"epochs": 24, "learning_rate": 3e-3, "weight_decay": 0.05, "flip_tta": True, "shift_tta": True,
             "ema": 0.0, "patience": 5},
     # Opt-in: about 6x the CNN's multiply-adds, for a GPU or a long CPU run.
     # The CNN's rate, decay and test-time augmentation over 40 epochs, with a
     # patience that lets the cosine schedule finish: +0.38 points of validation
-    # accuracy on seed 42 over 30 epochs at 0.002 and 1e-4 with flips alone;
-    # 95.50% ± 0.20 test accuracy over 3 seeds (docs/results.md, "Results on
-    # the 2-core CPU").
+    # accuracy on seed 42 over 30 epochs at 0.002 and 1e-4 with flips alone
+    # (docs/ablations.md, "`cnn-large`"); 95.50% ± 0.20 test accuracy over 3
+    # seeds (docs/results.md, "Results on the 2-core CPU").
     "cnn-large": {"epochs": 40, "learning_rate": 3e-3, "weight_decay": 0.05, "flip_tta": True, "shift_tta": True,
                   "ema": 0.0, "patience": 10},
     "baseline-cnn": {"epochs": 15, "learning_rate": 1e-3, "weight_decay": 1e-4, "flip_tta": False, "shift_tta": False,
