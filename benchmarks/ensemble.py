@@ -8,8 +8,12 @@ out from every model of the ensemble; models of different splits are
 refused. Runs of different ``--seed`` share a split when they are given the
 same ``--split-seed``.
 Each model is evaluated with its own test-time augmentation (``--tta run``)
-or the one given, and the ensemble averages those probabilities. Choose on
-the validation column.
+or the one given, and the ensemble averages those probabilities. The table
+gives each model alone, the mean of the first k in the order given, and the
+ensemble chosen on validation alone by greedy forward selection (Caruana et
+al., 2004): the model best alone, then, one at a time, the model that raises
+the mean's validation accuracy most, until none raises it. Its test accuracy
+is read after the choice and does not inform it.
 
 Usage:
     python benchmarks/ensemble.py runs/a/cnn-large runs/b/cnn-large runs/c/cnn-large
@@ -77,9 +81,26 @@ def accuracy(probabilities, labels) -> float:
     return float((probabilities.argmax(-1) == labels).mean())
 
 
-def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> list[dict]:
+def choose_on_validation(validation: list, labels) -> list[int]:
+    """Greedy forward selection without replacement: the indices of the models whose mean probabilities are
+    chosen, in the order chosen. The first is the model best alone; each next one raises the validation accuracy
+    of the mean the most, and the choice stops when none raises it. Ties go to the model given first.
+    """
+    chosen, best = [], -1.0
+    while len(chosen) < len(validation):
+        candidates = [k for k in range(len(validation)) if k not in chosen]
+        scores = [accuracy(sum(validation[i] for i in [*chosen, k]) / (len(chosen) + 1), labels) for k in candidates]
+        if max(scores) <= best:
+            break
+        best = max(scores)
+        chosen.append(candidates[scores.index(best)])  # the first of equals: the model given first
+    return chosen
+
+
+def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> tuple[list[dict], dict]:
     """A row per model: its validation and test accuracy alone, and (``mean_so_far``) those of the mean of its
-    probabilities and those of the models before it.
+    probabilities and those of the models before it; and the ensemble chosen on validation
+    (:func:`choose_on_validation`): its models, in the order chosen, and its validation and test accuracy.
 
     Raises:
         EnsembleError: the runs' split does not fit this data, or a model gives NaN or infinite probabilities.
@@ -92,7 +113,7 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> list[dict]
     from fmnist_keras.rundir import CONFIG_FILE
     from fmnist_keras.tta import CHOICES, TTA
 
-    rows, sums = [], {}
+    rows, probabilities_of, labels_of = [], {"validation": [], "test": []}, {}
     for k, (model_path, config) in enumerate(models, start=1):
         model = load_model(model_path)
         try:
@@ -107,17 +128,22 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> list[dict]
             if not np.isfinite(probabilities).all():
                 raise EnsembleError(f"{model_path} gives NaN or infinite outputs, so its weights are damaged; "
                                     f"retrain it or leave it out")
-            sums[split] = probabilities + sums.get(split, 0)
+            probabilities_of[split].append(probabilities)
+            labels_of[split] = y
             row[split] = accuracy(probabilities, y)
-            row.setdefault("mean_so_far", {})[split] = accuracy(sums[split] / k, y)
+            row.setdefault("mean_so_far", {})[split] = accuracy(sum(probabilities_of[split]) / k, y)
         print(f"{one_line(model_path)}: validation {100 * row['validation']:.2f}%, test {100 * row['test']:.2f}%",
               flush=True)
         rows.append(row)
         del model
-    return rows
+    picks = choose_on_validation(probabilities_of["validation"], labels_of["validation"])
+    chosen = {"models": [rows[k]["model"] for k in picks]}
+    for split, probabilities in probabilities_of.items():
+        chosen[split] = accuracy(sum(probabilities[k] for k in picks) / len(picks), labels_of[split])
+    return rows, chosen
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], chosen: dict) -> str:
     lines = ["| models | validation accuracy | test accuracy |", "| --- | ---: | ---: |"]
     for row in rows:
         lines.append(f"| {one_line(row['model'])} (--tta {row['tta']}) | {100 * row['validation']:.2f}% | "
@@ -126,6 +152,9 @@ def format_table(rows: list[dict]) -> str:
         if k > 1:
             mean = row["mean_so_far"]
             lines.append(f"| mean of the first {k} | {100 * mean['validation']:.2f}% | {100 * mean['test']:.2f}% |")
+    numbers = [next(k for k, row in enumerate(rows, start=1) if row["model"] == model) for model in chosen["models"]]
+    which = f"the mean of models {', '.join(map(str, numbers))}" if len(numbers) > 1 else f"model {numbers[0]} alone"
+    lines.append(f"| chosen on validation: {which} | {100 * chosen['validation']:.2f}% | {100 * chosen['test']:.2f}% |")
     return "\n".join(lines)
 
 
@@ -159,16 +188,16 @@ def main(argv=None) -> int:
 
     try:
         models = read_models(args.models)  # every model and config is checked before the data is read
-        rows = evaluate(models, load_data(args.data_dir, verify=args.verify), args.tta)
+        rows, chosen = evaluate(models, load_data(args.data_dir, verify=args.verify), args.tta)
     except ModelLoadError as error:
         print_error(error)
         return exit_code(error)
     except (EnsembleError, RunDirError, DataError) as error:
         print_error(error)
         return 1
-    print(format_table(rows))
+    print(format_table(rows, chosen))
     if args.json:
-        write_json(args.json, {"versions": versions(), "rows": rows})
+        write_json(args.json, {"versions": versions(), "rows": rows, "chosen_on_validation": chosen})
         print(f"Wrote {one_line(args.json)}")
     return 0
 

@@ -1,4 +1,5 @@
-"""benchmarks/ensemble.py: each model's accuracy as evaluate gives it, their mean, and refusals of models it cannot compare."""
+"""benchmarks/ensemble.py: each model's accuracy as evaluate gives it, their mean, the ensemble chosen on validation,
+and refusals of models it cannot compare."""
 
 import json
 import shutil
@@ -54,6 +55,14 @@ def test_each_model_scores_as_evaluate_scores_it_and_the_ensemble_averages_them(
         assert rows[1]["mean_so_far"][name] == float((mean.argmax(1) == y).mean())
         assert rows[0]["mean_so_far"][name] == rows[0][name]
 
+    chosen = json.loads(out.read_text())["chosen_on_validation"]
+    assert chosen["validation"] >= max(row["validation"] for row in rows)  # it starts from the best model alone
+    if len(chosen["models"]) == 2:
+        assert {name: chosen[name] for name in ("validation", "test")} == rows[1]["mean_so_far"]
+    else:
+        row = next(row for row in rows if row["model"] == chosen["models"][0])
+        assert [chosen["validation"], chosen["test"]] == [row["validation"], row["test"]]
+
 
 def test_the_mean_is_of_every_model_not_of_one(runs, tiny_data_dir, monkeypatch):
     """Stub probabilities: each model puts 0.6 on a wrong class and 0.4 on the right one, a different wrong class
@@ -72,11 +81,30 @@ def test_the_mean_is_of_every_model_not_of_one(runs, tiny_data_dir, monkeypatch)
         return probabilities
 
     monkeypatch.setattr(evaluation, "predict_probabilities", stub)
-    rows = ensemble.evaluate(ensemble.read_models([str(run) for run in runs]), load_data(tiny_data_dir, verify=False),
-                             "run")
+    rows, chosen = ensemble.evaluate(ensemble.read_models([str(run) for run in runs]),
+                                     load_data(tiny_data_dir, verify=False), "run")
     assert calls == [len(split.y_val), len(split.y_test)] * 2
     for name in ("validation", "test"):
         assert [rows[0][name], rows[1][name], rows[0]["mean_so_far"][name], rows[1]["mean_so_far"][name]] == [0, 0, 0, 1]
+    assert chosen == {"models": [row["model"] for row in rows], "validation": 1, "test": 1}
+
+
+# Ten images of class 0. a is right on images 0-7 (0.6 on class 0, 0.4 on class 1) and wrong on 8 and 9 (0.9 on
+# class 1): 80% alone. c is right on 8 and 9 only (0.95 on class 0) and puts 0.3 on class 0 and 0.7 on class 2
+# elsewhere: 20% alone, but the mean of a and c is right on all ten; a copy of a added to them makes 8 and 9 wrong.
+A, C = np.zeros((10, 10)), np.zeros((10, 10))
+A[:8, 0], A[:8, 1], A[8:, 0], A[8:, 1] = 0.6, 0.4, 0.1, 0.9
+C[:8, 0], C[:8, 2], C[8:, 0], C[8:, 1] = 0.3, 0.7, 0.95, 0.05
+
+
+@pytest.mark.parametrize("given, chosen", [
+    ((A, A, C), [0, 2]),  # the copy adds nothing, so it stays out, and the choice stops at the 100% pair
+    ((C, A, A), [1, 0]),  # the best alone comes first; of the two equal copies, the one given first
+    ((A, A), [0]),  # nothing raises the accuracy of the model best alone: the ensemble is that model
+    ((C, C), [0]),
+])
+def test_the_ensemble_is_chosen_on_validation_greedily(given, chosen):
+    assert ensemble.choose_on_validation(list(given), np.zeros(10, dtype=int)) == chosen
 
 
 @pytest.mark.parametrize("damage, says", [
