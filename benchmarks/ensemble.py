@@ -86,21 +86,21 @@ def choose_on_validation(validation: list, labels) -> list[int]:
     chosen, in the order chosen. The first is the model best alone; each next one raises the validation accuracy
     of the mean the most, and the choice stops when none raises it. Ties go to the model given first.
     """
-    chosen, best = [], -1.0
-    while len(chosen) < len(validation):
-        candidates = [k for k in range(len(validation)) if k not in chosen]
-        scores = [accuracy(sum(validation[i] for i in [*chosen, k]) / (len(chosen) + 1), labels) for k in candidates]
-        if max(scores) <= best:
-            break
-        best = max(scores)
-        chosen.append(candidates[scores.index(best)])  # the first of equals: the model given first
-    return chosen
+    chosen, total, best = [], 0, -1.0
+    while True:  # the argmax of the sum is that of the mean
+        scores = {k: accuracy(total + p, labels) for k, p in enumerate(validation) if k not in chosen}
+        k = max(scores, key=scores.get, default=None)  # max keeps the first of equals: the model given first
+        if k is None or scores[k] <= best:
+            return chosen
+        chosen.append(k)
+        total, best = total + validation[k], scores[k]
 
 
 def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> tuple[list[dict], dict]:
     """A row per model: its validation and test accuracy alone, and (``mean_so_far``) those of the mean of its
     probabilities and those of the models before it; and the ensemble chosen on validation
-    (:func:`choose_on_validation`): its models, in the order chosen, and its validation and test accuracy.
+    (:func:`choose_on_validation`): its models and their numbers (from 1, in the order given), in the order
+    chosen, and its validation and test accuracy.
 
     Raises:
         EnsembleError: the runs' split does not fit this data, or a model gives NaN or infinite probabilities.
@@ -137,7 +137,7 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> tuple[list
         rows.append(row)
         del model
     picks = choose_on_validation(probabilities_of["validation"], labels_of["validation"])
-    chosen = {"models": [rows[k]["model"] for k in picks]}
+    chosen = {"models": [rows[k]["model"] for k in picks], "numbers": [k + 1 for k in picks]}
     for split, probabilities in probabilities_of.items():
         chosen[split] = accuracy(sum(probabilities[k] for k in picks) / len(picks), labels_of[split])
     return rows, chosen
@@ -152,7 +152,7 @@ def format_table(rows: list[dict], chosen: dict) -> str:
         if k > 1:
             mean = row["mean_so_far"]
             lines.append(f"| mean of the first {k} | {100 * mean['validation']:.2f}% | {100 * mean['test']:.2f}% |")
-    numbers = [next(k for k, row in enumerate(rows, start=1) if row["model"] == model) for model in chosen["models"]]
+    numbers = chosen["numbers"]
     which = f"the mean of models {', '.join(map(str, numbers))}" if len(numbers) > 1 else f"model {numbers[0]} alone"
     lines.append(f"| chosen on validation: {which} | {100 * chosen['validation']:.2f}% | {100 * chosen['test']:.2f}% |")
     return "\n".join(lines)
@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test-time augmentation of every model (default: run, each model's own)")
     add_data_arguments(parser)
     parser.add_argument("--json", type=json_path, metavar="PATH",
-                        help="also write the rows as JSON (a new file, or an earlier result, which is replaced)")
+                        help="also write the rows and the ensemble chosen on validation as JSON (a new file, or "
+                             "an earlier result, which is replaced)")
     return parser
 
 

@@ -56,11 +56,11 @@ def test_each_model_scores_as_evaluate_scores_it_and_the_ensemble_averages_them(
         assert rows[0]["mean_so_far"][name] == rows[0][name]
 
     chosen = json.loads(out.read_text())["chosen_on_validation"]
-    assert chosen["validation"] >= max(row["validation"] for row in rows)  # it starts from the best model alone
+    assert chosen["models"] == [rows[number - 1]["model"] for number in chosen["numbers"]]
     if len(chosen["models"]) == 2:
         assert {name: chosen[name] for name in ("validation", "test")} == rows[1]["mean_so_far"]
     else:
-        row = next(row for row in rows if row["model"] == chosen["models"][0])
+        row = rows[chosen["numbers"][0] - 1]
         assert [chosen["validation"], chosen["test"]] == [row["validation"], row["test"]]
 
 
@@ -86,7 +86,25 @@ def test_the_mean_is_of_every_model_not_of_one(runs, tiny_data_dir, monkeypatch)
     assert calls == [len(split.y_val), len(split.y_test)] * 2
     for name in ("validation", "test"):
         assert [rows[0][name], rows[1][name], rows[0]["mean_so_far"][name], rows[1]["mean_so_far"][name]] == [0, 0, 0, 1]
-    assert chosen == {"models": [row["model"] for row in rows], "validation": 1, "test": 1}
+    assert chosen == {"models": [row["model"] for row in rows], "numbers": [1, 2], "validation": 1, "test": 1}
+
+
+def test_the_choice_reads_validation_not_test(runs, tiny_data_dir, monkeypatch, capsys):
+    """Stub probabilities: model 1 is right on every validation image and wrong on every test image, model 2 the
+    reverse. Chosen on validation, the ensemble is model 1 alone, at 0% test accuracy."""
+    config = TrainConfig(model="cnn", epochs=3, seed=0, val_split=0.1).resolved()
+    split = splits.make_splits(load_data(tiny_data_dir, verify=False), config)
+    calls = []
+
+    def stub(model, x, tta, fast_path=True):
+        y, is_validation = (split.y_val, True) if len(x) == len(split.y_val) else (split.y_test, False)
+        right = is_validation == (len(calls) < 2)  # calls 0 and 1 are model 1's
+        calls.append(len(x))
+        return np.eye(10)[y if right else (y + 1) % 10]
+
+    monkeypatch.setattr(evaluation, "predict_probabilities", stub)
+    assert _ensemble(tiny_data_dir, *runs) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "| chosen on validation: model 1 alone | 100.00% | 0.00% |"
 
 
 # Ten images of class 0. a is right on images 0-7 (0.6 on class 0, 0.4 on class 1) and wrong on 8 and 9 (0.9 on
@@ -101,6 +119,7 @@ C[:8, 0], C[:8, 2], C[8:, 0], C[8:, 1] = 0.3, 0.7, 0.95, 0.05
     ((A, A, C), [0, 2]),  # the copy adds nothing, so it stays out, and the choice stops at the 100% pair
     ((C, A, A), [1, 0]),  # the best alone comes first; of the two equal copies, the one given first
     ((A, A), [0]),  # nothing raises the accuracy of the model best alone: the ensemble is that model
+    ((A, C, C), [0, 1]),  # equal after the first choice too: the one given first
     ((C, C), [0]),
 ])
 def test_the_ensemble_is_chosen_on_validation_greedily(given, chosen):
