@@ -113,7 +113,7 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> tuple[list
     from fmnist_keras.rundir import CONFIG_FILE
     from fmnist_keras.tta import CHOICES, TTA
 
-    rows, probabilities_of, labels_of = [], {"validation": [], "test": []}, {}
+    rows, sums, probabilities_of, labels_of = [], {}, {"validation": [], "test": []}, {}
     for k, (model_path, config) in enumerate(models, start=1):
         model = load_model(model_path)
         try:
@@ -130,8 +130,9 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> tuple[list
                                     f"retrain it or leave it out")
             probabilities_of[split].append(probabilities)
             labels_of[split] = y
+            sums[split] = probabilities + sums.get(split, 0)
             row[split] = accuracy(probabilities, y)
-            row.setdefault("mean_so_far", {})[split] = accuracy(sum(probabilities_of[split]) / k, y)
+            row.setdefault("mean_so_far", {})[split] = accuracy(sums[split] / k, y)
         print(f"{one_line(model_path)}: validation {100 * row['validation']:.2f}%, test {100 * row['test']:.2f}%",
               flush=True)
         rows.append(row)
