@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
@@ -78,6 +79,7 @@ def fit_model(
     tensorboard: bool = False,
     data_on_device: bool | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    train_targets=None,
 ) -> FitResult:
     """Build, compile and fit ``config.model`` with Keras's built-in callbacks.
 
@@ -105,6 +107,10 @@ def fit_model(
             batches on any device (they do the mixing), except under torchrun.
         callbacks: more callbacks, called after all of the above (at each
             epoch's end they see the trained weights, not their average).
+        train_targets: class probabilities to fit the training split to, one
+            row per image of ``splits.x_train``, in place of its one-hot
+            labels (distillation, ``benchmarks/distill.py``); None: the labels.
+            Validation and every metric keep the labels.
 
     Raises:
         callbacks.Interrupted: Ctrl-C or SIGTERM; every completed epoch is kept.
@@ -125,7 +131,8 @@ def fit_model(
 
     state = resume_state(run.backup_dir(name), run.model_file(name), run.history_file(name)) if resume else None
     parts = _Callbacks.make(config, splits, run, resume, state, replicas, tensorboard)
-    y_train = keras.utils.to_categorical(splits.y_train, fdata.NUM_CLASSES)
+    y_train = (keras.utils.to_categorical(splits.y_train, fdata.NUM_CLASSES) if train_targets is None
+               else checked_targets(train_targets, len(splits.x_train)))
     y_val = keras.utils.to_categorical(splits.y_val, fdata.NUM_CLASSES)
     if replicas.mode == "torchrun":
         loader, set_epoch = distributed.shard(splits.x_train, y_train, replicas, config.batch_size, config.seed,
@@ -156,6 +163,23 @@ def fit_model(
     if parts.stop_on_signal.requested is not None:  # a signal after the last batch
         raise Interrupted(parts.stop_on_signal.requested)
     return FitResult(model, parts.history(), parts.facts())
+
+
+def checked_targets(targets, images: int):
+    """``targets`` as float32 when they are class probabilities, one row per training image.
+
+    Raises:
+        ValueError: their shape does not match, or a row is not a probability distribution.
+    """
+    targets = np.asarray(targets, dtype=np.float32)
+    if targets.shape != (images, fdata.NUM_CLASSES):
+        raise ValueError(f"the training targets have shape {targets.shape}, not ({images}, {fdata.NUM_CLASSES}): "
+                         f"one row of class probabilities per training image; make them for this split")
+    rows = targets.sum(axis=1)
+    if not (np.isfinite(targets).all() and (targets >= 0).all() and np.allclose(rows, 1.0, atol=1e-3)):
+        raise ValueError("the training targets are not class probabilities (each row non-negative, summing to 1); "
+                         "give probabilities, not logits")
+    return targets
 
 
 @dataclasses.dataclass
