@@ -18,7 +18,7 @@ the saved student is evaluated at the end, as train does.
 Usage:
     python benchmarks/distill.py RUN42/cnn-large RUN1/cnn-large RUN2/cnn-large CNN1/cnn --model cnn-large \\
         --seed 42 --out-dir runs/distill
-    python benchmarks/distill.py A/cnn B/cnn --model cnn --epochs 2 --subset 3000   # a quick check
+    python benchmarks/distill.py A/cnn B/cnn --model cnn --epochs 2   # quick, with teachers of train --subset 3000
 """
 
 from __future__ import annotations
@@ -54,9 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test-time augmentation of the teachers on the training images; 'run' is each "
                         "teacher's own (flip and shifts for the CNNs: 5 times the passes of flip) (default: flip)")
     parser.add_argument("--epochs", type=in_range(*RANGES["epochs"]), help="epochs (default: the model's)")
-    parser.add_argument("--subset", type=in_range(*RANGES["subset"]),
-                        help="the teachers' --subset, for a quick check with teachers trained on one (default: "
-                        "theirs)")
     add_data_arguments(parser)
     parser.add_argument("--out-dir", default="runs/distill", metavar="DIR",
                         help="where the student's run directory goes (default: runs/distill)")
@@ -137,26 +134,30 @@ def main(argv=None) -> int:
     from fmnist_keras.loading import ModelLoadError, exit_code
     from fmnist_keras.rundir import RunDir, RunDirError, write_json as write_run_json
 
-    run_name = args.run_name or f"{args.model}-seed{args.seed}-w{args.teacher_weight:g}"
-    try:
+    run_name = args.run_name if args.run_name is not None else f"{args.model}-seed{args.seed}-w{args.teacher_weight:g}"
+    try:  # everything is checked, and the teachers have taught, before the run directory is made
         teachers = read_models(args.teachers)
-        if args.subset is not None and teachers[0][1].subset != args.subset:
-            raise EnsembleError(f"the teachers were trained with --subset {teachers[0][1].subset}, not "
-                                f"{args.subset}; leave --subset out to use theirs")
         config = student_config(args, teachers[0][1])
         RunDir.check_new(args.out_dir, run_name, args.overwrite)
         raw = load_data(args.data_dir, verify=args.verify)
         splits = make_splits(raw, config)
         teacher = teacher_probabilities(teachers, raw, splits, args.teacher_tta)
-        targets = distillation_targets(splits.y_train, teacher, args.teacher_weight)
+    except ModelLoadError as error:
+        print_error(error)
+        return exit_code(error)
+    except (EnsembleError, RunDirError, DataError, ValueError) as error:
+        print_error(error)
+        return 1
+    try:
         run = RunDir.create(args.out_dir, run_name, [config.model], args.overwrite)
         start = time.perf_counter()
+        targets = distillation_targets(splits.y_train, teacher, args.teacher_weight)
         result = fit.fit_model(config, splits, run, verbose=2, train_targets=targets)
         _, metrics, _ = evaluation.final_metrics(run, config, splits, result.facts)
     except ModelLoadError as error:
         print_error(error)
         return exit_code(error)
-    except (EnsembleError, RunDirError, DataError, ValueError) as error:
+    except (RunDirError, evaluation.TrainingInterrupted, evaluation.NonFiniteOutputs) as error:
         print_error(error)
         return 1
     metrics["distillation"] = {
