@@ -77,6 +77,30 @@ def read_models(paths: list[str]) -> list[tuple[Path, object]]:
     return models
 
 
+def tta_for(config, choice: str):
+    """The test-time augmentation that ``--tta CHOICE`` gives a model of the run ``config``: its own for "run"."""
+    from fmnist_keras.tta import CHOICES, TTA
+
+    return TTA.of(config) if choice == "run" else CHOICES[choice]
+
+
+def finite_probabilities(model, model_path, x, tta, fast_path: bool = True):
+    """The class probabilities of ``model`` (loaded from ``model_path``) on ``x``, with ``tta``.
+
+    Raises:
+        EnsembleError: some are NaN or infinite.
+    """
+    import numpy as np
+
+    from fmnist_keras.engine.evaluation import predict_probabilities
+
+    probabilities = predict_probabilities(model, x, tta, fast_path=fast_path)
+    if not np.isfinite(probabilities).all():
+        raise EnsembleError(f"{model_path} gives NaN or infinite outputs, so its weights are damaged; retrain it or "
+                            f"leave it out")
+    return probabilities
+
+
 def accuracy(probabilities, labels) -> float:
     return float((probabilities.argmax(-1) == labels).mean())
 
@@ -105,13 +129,10 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> tuple[list
     Raises:
         EnsembleError: the runs' split does not fit this data, or a model gives NaN or infinite probabilities.
     """
-    import numpy as np
-
-    from fmnist_keras.engine.evaluation import predict_probabilities
     from fmnist_keras.engine.splits import make_splits
     from fmnist_keras.loading import input_data_format, load_model
     from fmnist_keras.rundir import CONFIG_FILE
-    from fmnist_keras.tta import CHOICES, TTA
+    from fmnist_keras.tta import CHOICES
 
     rows, sums, probabilities_of, labels_of = [], {}, {"validation": [], "test": []}, {}
     for k, (model_path, config) in enumerate(models, start=1):
@@ -121,13 +142,10 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> tuple[list
         except ValueError as error:
             raise EnsembleError(f"{model_path.parent / CONFIG_FILE} does not rebuild a split of this data ({error}); "
                                 f"pass the data the runs were trained on (--data-dir)") from None
-        tta = TTA.of(config) if tta_choice == "run" else CHOICES[tta_choice]
+        tta = tta_for(config, tta_choice)
         row = {"model": str(model_path), "tta": next(key for key, value in CHOICES.items() if value == tta)}
         for split, x, y in (("validation", splits.x_val, splits.y_val), ("test", splits.x_test, splits.y_test)):
-            probabilities = predict_probabilities(model, x, tta, fast_path=fast_path)
-            if not np.isfinite(probabilities).all():
-                raise EnsembleError(f"{model_path} gives NaN or infinite outputs, so its weights are damaged; "
-                                    f"retrain it or leave it out")
+            probabilities = finite_probabilities(model, model_path, x, tta, fast_path)
             probabilities_of[split].append(probabilities)
             labels_of[split] = y
             sums[split] = probabilities + sums.get(split, 0)

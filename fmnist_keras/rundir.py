@@ -268,14 +268,15 @@ class RunDir:
     def check_new(out_dir, name: str, overwrite: bool) -> Path:
         """``out_dir/name``, if :meth:`create` may make it as far as the name tells; nothing is touched.
 
-        Train checks this before it loads the data, so a name that is not
-        one plain component, a link, or (without ``overwrite``) a run that
-        exists is one line at once.
+        Train checks this before it loads the data, so an ``out_dir`` that
+        cannot hold runs, a name that is not one plain component, a link, a
+        run that exists (without ``overwrite``) or one that ``overwrite`` may
+        not remove is one line at once.
 
         Raises:
             RunDirError: what is wrong and how to fix it.
         """
-        target = Path(out_dir) / check_run_name(name)
+        target = _check_out_dir(out_dir, create=False) / check_run_name(name)
         if target.is_symlink():
             raise RunDirError(
                 f"{target} is a symbolic link; a run directory must be a real directory. Remove the link or "
@@ -283,6 +284,8 @@ class RunDir:
             )
         if target.exists() and not overwrite:
             raise RunDirError(f"run directory {target} already exists; choose another --run-name or pass --overwrite.")
+        if target.exists():
+            _check_own(target)
         return target
 
     @classmethod
@@ -320,14 +323,7 @@ class RunDir:
     @staticmethod
     def _remove_own(target: Path) -> None:
         """Remove ``target`` if fmnist_keras made it and nobody trains in it; else refuse."""
-        if not target.is_dir():
-            raise RunDirError(f"{target} exists and is not a directory; --overwrite replaces run directories only. "
-                              f"Move it away or choose another --run-name.")
-        if not (target / MARKER).is_file():
-            raise RunDirError(
-                f"{target} was not created by fmnist_keras (it has no {MARKER} marker), so --overwrite leaves it "
-                f"alone; remove it yourself or choose another --run-name."
-            )
+        _check_own(target)
         resolved, cwd = target.resolve(), Path.cwd().resolve()
         if resolved == cwd or resolved in cwd.parents:
             raise RunDirError(f"{target} holds the working directory; --overwrite will not remove it. cd elsewhere first.")
@@ -558,7 +554,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _check_out_dir(out_dir: str) -> Path:
+def _check_own(target: Path) -> None:
+    """Refuse to replace ``target`` unless it is a directory that fmnist_keras made."""
+    if not target.is_dir():
+        raise RunDirError(f"{target} exists and is not a directory; --overwrite replaces run directories only. "
+                          f"Move it away or choose another --run-name.")
+    if not (target / MARKER).is_file():
+        raise RunDirError(
+            f"{target} was not created by fmnist_keras (it has no {MARKER} marker), so --overwrite leaves it "
+            f"alone; remove it yourself or choose another --run-name."
+        )
+
+
+def _check_out_dir(out_dir: str, create: bool = True) -> Path:
+    """``out_dir`` as a Path, made (with ``create``) if missing, when it is a directory or can become one."""
     if not str(out_dir).strip():
         raise RunDirError("--out-dir is empty; pass a directory for the runs, e.g. --out-dir runs.")
     out = Path(out_dir)
@@ -567,6 +576,8 @@ def _check_out_dir(out_dir: str) -> Path:
     blocking = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise RunDirError(f"--out-dir {out}: {blocking} is a file, not a directory; choose another --out-dir.")
+    if not create:
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

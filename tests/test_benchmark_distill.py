@@ -33,6 +33,19 @@ def teachers(tmp_path):
     return made
 
 
+@pytest.fixture
+def predictions(monkeypatch):
+    """The number of images of each prediction that evaluation.predict_probabilities makes."""
+    made, real_predict = [], evaluation.predict_probabilities
+
+    def counting_predict(model, x, *args, **kwargs):
+        made.append(len(x))
+        return real_predict(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "predict_probabilities", counting_predict)
+    return made
+
+
 def _distill(data_dir, *args):
     return distill.main([*map(str, args), "--data-dir", str(data_dir), "--no-verify"])
 
@@ -48,18 +61,20 @@ def test_the_targets_mix_the_one_hot_labels_and_the_teachers_by_the_weight():
     assert mixed.dtype == np.float32 and np.allclose(mixed.sum(axis=1), 1.0)
 
 
-def _fit(tiny_data_dir, targets_of=None):
+def _fit(tiny_data_dir, on_device, targets_of=None):
     raw = fdata.load_data(str(tiny_data_dir), verify=False)
     config = TrainConfig(model="mlp", epochs=2, batch_size=32, seed=0, verify=False)
     splits = make_splits(raw, config)
     targets = None if targets_of is None else targets_of(splits.y_train)
-    return fit.fit_model(config, splits, verbose=0, train_targets=targets).model.get_weights()
+    result = fit.fit_model(config, splits, verbose=0, data_on_device=on_device, train_targets=targets)
+    return result.model.get_weights()
 
 
-def test_one_hot_targets_train_as_the_labels_do_and_other_targets_train_otherwise(tiny_data_dir):
-    labels = _fit(tiny_data_dir)
-    one_hot = _fit(tiny_data_dir, lambda y: np.eye(10, dtype=np.float32)[y])
-    rolled = _fit(tiny_data_dir, lambda y: np.eye(10, dtype=np.float32)[(y + 1) % 10])
+@pytest.mark.parametrize("on_device", [False, True])
+def test_one_hot_targets_train_as_the_labels_do_and_other_targets_train_otherwise(tiny_data_dir, on_device):
+    labels = _fit(tiny_data_dir, on_device)
+    one_hot = _fit(tiny_data_dir, on_device, lambda y: np.eye(10, dtype=np.float32)[y])
+    rolled = _fit(tiny_data_dir, on_device, lambda y: np.eye(10, dtype=np.float32)[(y + 1) % 10])
     assert all(np.array_equal(a, b) for a, b in zip(labels, one_hot))
     assert not all(np.array_equal(a, b) for a, b in zip(labels, rolled))
 
@@ -85,12 +100,16 @@ def test_the_student_fits_the_mix_of_its_labels_and_the_teachers_mean_on_its_own
         return real_fit(config, splits, run, **kwargs)
 
     monkeypatch.setattr(fit, "fit_model", recording_fit)
+    for teacher in teachers:  # a split of their own, which the student must share
+        _set_config(teacher, split_seed=7, val_split=0.2, subset=300)
     out = tmp_path / "distill.json"
-    assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--seed", "3", "--epochs", "1",
+    assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--seeds", "3", "--epochs", "1",
                     "--teacher-weight", "0.3", "--out-dir", tmp_path / "runs", "--json", out) == 0
 
     config, splits = seen["config"], seen["splits"]
-    assert (config.model, config.seed, config.splitting_seed, config.epochs) == ("cnn", 3, 0, 1)  # the teachers' split
+    assert (config.model, config.seed, config.epochs) == ("cnn", 3, 1)
+    assert (config.splitting_seed, config.val_split, config.subset) == (7, 0.2, 300)  # the teachers' split
+    assert len(splits.x_train) == 240
     models = [keras.saving.load_model(teacher / "model.keras") for teacher in teachers]
     mean = np.mean([evaluation.predict_probabilities(m, splits.x_train, CHOICES["flip"]) for m in models], axis=0)
     np.testing.assert_allclose(seen["targets"], 0.7 * np.eye(10)[splits.y_train] + 0.3 * mean, atol=1e-6)
@@ -99,10 +118,22 @@ def test_the_student_fits_the_mix_of_its_labels_and_the_teachers_mean_on_its_own
     assert metrics["distillation"]["teachers"] == [str(teacher / "model.keras") for teacher in teachers]
     assert metrics["distillation"]["teacher_weight"] == 0.3
     assert metrics["epochs_run"] == 1 and metrics["num_train"] == len(splits.x_train)
-    assert json.loads(out.read_text())["metrics"]["test"] == metrics["test"]
+    assert json.loads(out.read_text())["students"] == [metrics]
 
 
-def _other_split(teacher, **fields):
+def test_several_seeds_share_one_computation_of_the_teachers(teachers, tiny_data_dir, tmp_path, predictions):
+    out = tmp_path / "distill.json"
+    assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--seeds", "5", "6", "--epochs", "1",
+                    "--out-dir", tmp_path / "runs", "--json", out) == 0
+    students = json.loads(out.read_text())["students"]
+    assert [s["num_train"] for s in students] == [360, 360] and predictions.count(360) == len(teachers)
+    for seed, student in zip((5, 6), students):
+        config = json.loads((tmp_path / "runs" / f"cnn-seed{seed}-w0.5" / "cnn" / "config.json").read_text())
+        assert (config["seed"], config["split_seed"]) == (seed, 0)
+        assert json.loads((tmp_path / "runs" / f"cnn-seed{seed}-w0.5" / "cnn" / "metrics.json").read_text()) == student
+
+
+def _set_config(teacher, **fields):
     config = TrainConfig.from_json((teacher / "config.json").read_text())
     TrainConfig(**{**config.__dict__, **fields}).save(teacher / "config.json")
 
@@ -114,25 +145,45 @@ def _other_split(teacher, **fields):
 ])
 def test_teachers_of_another_split_are_refused_before_anything_is_written(
         teachers, tiny_data_dir, tmp_path, capsys, change, message):
-    _other_split(teachers[1], **change)
+    _set_config(teachers[1], **change)
     assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--epochs", "1", "--out-dir", tmp_path / "runs") == 1
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("name", ["", ".", ".."])
-def test_odd_run_names_are_refused_before_anything_is_written(teachers, tiny_data_dir, tmp_path, capsys, name):
-    assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--out-dir", tmp_path / "runs", "--run-name",
-                    name) == 1
-    assert "not a plain directory name" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+@pytest.mark.parametrize("out_dir", ["", "a-file"])
+def test_an_out_dir_that_is_empty_or_a_file_is_refused_before_anything_is_written(
+        teachers, tiny_data_dir, tmp_path, capsys, monkeypatch, predictions, out_dir):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--out-dir", out_dir) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and predictions == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "a-file").read_text() == "mine"
 
 
-def test_an_existing_run_directory_is_kept_without_overwrite(teachers, tiny_data_dir, tmp_path, capsys):
-    kept = tmp_path / "runs" / "mine"
+def test_a_seed_given_twice_is_refused(teachers, tiny_data_dir, tmp_path, capsys):
+    assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--seeds", "1", "1", "--out-dir", tmp_path) == 1
+    assert "names a seed twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overwrite, message", [((), "pass --overwrite"), (("--overwrite",), "not created by")])
+def test_a_directory_that_is_not_a_new_or_own_run_is_kept_and_the_teachers_are_not_run(
+        teachers, tiny_data_dir, tmp_path, capsys, predictions, overwrite, message):
+    kept = tmp_path / "runs" / "cnn-seed42-w0.5"
     kept.mkdir(parents=True)
     (kept / "notes.txt").write_text("mine")
-    assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--epochs", "1", "--out-dir", tmp_path / "runs",
-                    "--run-name", "mine") == 1
-    assert "--overwrite" in capsys.readouterr().err
+    assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--out-dir", tmp_path / "runs", *overwrite) == 1
+    assert message in capsys.readouterr().err and predictions == []
     assert (kept / "notes.txt").read_text() == "mine" and sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+
+
+def test_a_teacher_without_probabilities_is_refused_before_anything_is_written(
+        teachers, tiny_data_dir, tmp_path, capsys):
+    logits = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    teacher = make_run_dir(tmp_path / "logits" / "cnn", logits)
+    assert _distill(tiny_data_dir, teachers[0], teacher, "--model", "cnn", "--out-dir", tmp_path / "runs") == 1
+    error = capsys.readouterr().err
+    assert "does not output class probabilities" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

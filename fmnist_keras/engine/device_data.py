@@ -28,7 +28,8 @@ class DeviceBatches(keras.utils.PyDataset):
     """Batches of ``(x, y)`` sliced on the device, in a new seeded order every epoch.
 
     Args:
-        x, y: the whole training split (numpy), copied to the device once; ``y`` one-hot.
+        x, y: the whole training split (numpy), copied to the device once; ``y`` one-hot, or
+            class probabilities (distillation targets).
         batch_size: images per batch; the last batch of an epoch may be smaller.
         shuffle: draw a new order every epoch (else the arrays' order).
         seed: seeds the orders and the mixing.

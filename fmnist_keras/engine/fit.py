@@ -79,7 +79,7 @@ def fit_model(
     tensorboard: bool = False,
     data_on_device: bool | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
-    train_targets=None,
+    train_targets: np.ndarray | None = None,
 ) -> FitResult:
     """Build, compile and fit ``config.model`` with Keras's built-in callbacks.
 
@@ -110,12 +110,16 @@ def fit_model(
         train_targets: class probabilities to fit the training split to, one
             row per image of ``splits.x_train``, in place of its one-hot
             labels (distillation, ``benchmarks/distill.py``); None: the labels.
-            Validation and every metric keep the labels.
+            The training loss and accuracy are against them (the accuracy
+            against each row's most probable class); validation, and so
+            EarlyStopping and the checkpoint, keep the labels.
 
     Raises:
         callbacks.Interrupted: Ctrl-C or SIGTERM; every completed epoch is kept.
     """
     config = run_config(config, splits)
+    if train_targets is not None:  # before anything is written
+        train_targets = checked_targets(train_targets, len(splits.x_train))
     name = config.model
     if run is not None:
         run.check_model_dir(name)
@@ -131,8 +135,7 @@ def fit_model(
 
     state = resume_state(run.backup_dir(name), run.model_file(name), run.history_file(name)) if resume else None
     parts = _Callbacks.make(config, splits, run, resume, state, replicas, tensorboard)
-    y_train = (keras.utils.to_categorical(splits.y_train, fdata.NUM_CLASSES) if train_targets is None
-               else checked_targets(train_targets, len(splits.x_train)))
+    y_train = keras.utils.to_categorical(splits.y_train, fdata.NUM_CLASSES) if train_targets is None else train_targets
     y_val = keras.utils.to_categorical(splits.y_val, fdata.NUM_CLASSES)
     if replicas.mode == "torchrun":
         loader, set_epoch = distributed.shard(splits.x_train, y_train, replicas, config.batch_size, config.seed,
@@ -165,7 +168,7 @@ def fit_model(
     return FitResult(model, parts.history(), parts.facts())
 
 
-def checked_targets(targets, images: int):
+def checked_targets(targets: np.ndarray, images: int) -> np.ndarray:
     """``targets`` as float32 when they are class probabilities, one row per training image.
 
     Raises:
