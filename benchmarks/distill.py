@@ -148,6 +148,9 @@ def main(argv=None) -> int:
         if len(set(names)) < len(names):
             raise ValueError(f"--seeds {' '.join(map(str, args.seeds))} names a seed twice; give each once")
         for name in names:
+            if (Path(args.out_dir) / name).exists() and not args.overwrite:
+                raise RunDirError(f"{Path(args.out_dir) / name} already exists, a student of an earlier distill.py "
+                                  f"or another file; pass --overwrite to replace a student, or another --out-dir")
             RunDir.check_new(args.out_dir, name, args.overwrite)
         raw = load_data(args.data_dir, verify=args.verify)
         try:

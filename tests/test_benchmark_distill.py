@@ -4,6 +4,7 @@ are refused before anything is written."""
 
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from fmnist_keras import data as fdata  # noqa: E402
 from fmnist_keras.config import TrainConfig  # noqa: E402
 from fmnist_keras.engine import evaluation, fit  # noqa: E402
 from fmnist_keras.engine.splits import make_splits  # noqa: E402
+from fmnist_keras.interrupts import Interrupted  # noqa: E402
 from fmnist_keras.models import build_cnn  # noqa: E402
 from fmnist_keras.tta import CHOICES  # noqa: E402
 
@@ -168,7 +170,8 @@ def test_a_seed_given_twice_is_refused(teachers, tiny_data_dir, tmp_path, capsys
     assert "names a seed twice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overwrite, message", [((), "pass --overwrite"), (("--overwrite",), "not created by")])
+@pytest.mark.parametrize("overwrite, message", [((), "pass --overwrite to replace a student"),
+                                                (("--overwrite",), "not created by")])
 def test_a_directory_that_is_not_a_new_or_own_run_is_kept_and_the_teachers_are_not_run(
         teachers, tiny_data_dir, tmp_path, capsys, predictions, overwrite, message):
     kept = tmp_path / "runs" / "cnn-seed42-w0.5"
@@ -187,3 +190,16 @@ def test_a_teacher_without_probabilities_is_refused_before_anything_is_written(
     error = capsys.readouterr().err
     assert "does not output class probabilities" in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_a_student_trains_says_what_is_left_and_how_to_start_again(
+        teachers, tiny_data_dir, tmp_path, capsys, monkeypatch, signum):
+    def stopped(config, splits, run=None, **kwargs):
+        raise Interrupted(signum)
+
+    monkeypatch.setattr(fit, "fit_model", stopped)
+    assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--out-dir", tmp_path / "runs") == 128 + signum
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "holds a partial student" in error and "--overwrite" in error
+    assert (tmp_path / "runs" / "cnn-seed42-w0.5").is_dir()
