@@ -1,21 +1,21 @@
 """Distillation: train a model on its labels mixed with an ensemble's class probabilities.
 
 The teachers are saved models of one validation split, as ``ensemble.py``
-takes them (``RUN/cnn-large``). Each student (one per seed) is trained on that split exactly
-as ``python -m fmnist_keras.train --model MODEL --seed SEED --split-seed S``
-trains it (``fit_model`` with its callbacks, a run directory with
-``model.keras``, ``config.json``, ``history.csv`` and ``metrics.json``),
+takes them (``RUN/cnn-large``). Each student (one per seed) is trained on that
+split exactly as ``python -m fmnist_keras.train --model MODEL --seed SEED
+--split-seed S`` trains it (``fit_model`` with its callbacks, a run directory
+with ``model.keras``, ``config.json``, ``history.csv`` and ``metrics.json``),
 except for the training targets: each training image's target is
 
     (1 - W) * its one-hot label + W * the mean of the teachers' probabilities,
 
 the teachers' probabilities computed once, before training, on the images
 without the training augmentation (with flip test-time augmentation by
-default: the mean over each image and its mirror image); the student sees
-them augmented. Label smoothing
-still applies on top, as in train. Validation, EarlyStopping, the checkpoint
-and every metric use the labels alone, and the test set is read once, when
-the saved student is evaluated at the end, as train does.
+default: the mean over each image and its mirror image); the student sees them
+augmented. Label smoothing still applies on top, as in train. The training
+loss and accuracy are against the targets; validation, EarlyStopping, the
+checkpoint and the evaluation use the labels alone, and the test set is read
+once, when the saved student is evaluated at the end, as train does.
 
 Usage:
     python benchmarks/distill.py RUN42/cnn-large RUN1/cnn-large RUN2/cnn-large CNN1/cnn --model cnn-large \\
@@ -75,8 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def student_config(args, seed: int, teacher_config):
     """What ``train --model MODEL --seed SEED`` would use, on the teachers' split."""
-    import os
-
     from fmnist_keras.config import TrainConfig
 
     given = {"epochs": args.epochs}
@@ -148,7 +146,7 @@ def main(argv=None) -> int:
         if len(set(names)) < len(names):
             raise ValueError(f"--seeds {' '.join(map(str, args.seeds))} names a seed twice; give each once")
         for name in names:
-            if (Path(args.out_dir) / name).exists() and not args.overwrite:
+            if str(args.out_dir).strip() and (Path(args.out_dir) / name).exists() and not args.overwrite:
                 raise RunDirError(f"{Path(args.out_dir) / name} already exists, a student of an earlier distill.py "
                                   f"or another file; pass --overwrite to replace a student, or another --out-dir")
             RunDir.check_new(args.out_dir, name, args.overwrite)
