@@ -172,7 +172,9 @@ def run_seed(args, seed: int, raw) -> dict:
     splits = make_splits(raw, config)
     if splits.data_format != "channels_last":
         raise SystemExit("this script evaluates channels_last models only; run it with the torch fast path")
-    run = RunDir.create(args.out_dir, f"{args.model}-seed{seed}", [args.model], overwrite=True)
+    # made_by: train --resume would go on with train's recipe, not this one's changes
+    run = RunDir.create(args.out_dir, f"{args.model}-seed{seed}", [args.model], overwrite=True,
+                        made_by="benchmarks/ablation.py", elsewhere="another --out-dir")
     last = LastTrainedWeights()
     start = time.perf_counter()
     result = fit.fit_model(config, splits, run, verbose=2, callbacks=[last])

@@ -39,6 +39,9 @@ from outputs import json_path, versions, write_json  # noqa: E402
 from fmnist_keras.cli import in_range, one_line, print_error  # noqa: E402
 from fmnist_keras.config import RANGES  # noqa: E402
 
+MADE_BY = "benchmarks/distill.py"  # in each student's run.json, so that train --resume refuses to go on with it
+ELSEWHERE = "another --out-dir"  # what to choose where a student's run directory is in the way
+
 
 def build_parser() -> argparse.ArgumentParser:
     from fmnist_keras.cli import add_data_arguments, non_empty_path
@@ -146,10 +149,7 @@ def main(argv=None) -> int:
         if len(set(names)) < len(names):
             raise ValueError(f"--seeds {' '.join(map(str, args.seeds))} names a seed twice; give each once")
         for name in names:
-            if str(args.out_dir).strip() and (Path(args.out_dir) / name).exists() and not args.overwrite:
-                raise RunDirError(f"{Path(args.out_dir) / name} already exists, a student of an earlier distill.py "
-                                  f"or another file; pass --overwrite to replace a student, or another --out-dir")
-            RunDir.check_new(args.out_dir, name, args.overwrite)
+            RunDir.check_new(args.out_dir, name, args.overwrite, elsewhere=ELSEWHERE)
         raw = load_data(args.data_dir, verify=args.verify)
         try:
             splits = make_splits(raw, configs[0])  # one split: every student's is the teachers'
@@ -172,14 +172,15 @@ def main(argv=None) -> int:
     students = []
     for config, name in zip(configs, names):
         try:
-            run = RunDir.create(args.out_dir, name, [config.model], args.overwrite)
+            run = RunDir.create(args.out_dir, name, [config.model], args.overwrite, made_by=MADE_BY,
+                                elsewhere=ELSEWHERE)
             start = time.perf_counter()
             result = fit.fit_model(config, splits, run, verbose=2, train_targets=targets)
             _, metrics, _ = evaluation.final_metrics(run, config, splits, result.facts)
         except KeyboardInterrupt as error:
             stop = Interrupted.of(error)
             print(f"distill.py: interrupted ({stop}); {Path(args.out_dir) / name} holds a partial student, which "
-                  f"train --resume would go on training without the teachers; run distill.py again with "
+                  f"train --resume refuses (it would go on without the teachers); run distill.py again with "
                   f"--overwrite.", file=sys.stderr)
             return stop.exit_code
         except ModelLoadError as error:

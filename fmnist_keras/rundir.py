@@ -5,7 +5,7 @@ One module knows every file name in a run directory::
     OUT_DIR/RUN_NAME/
       .fmnist_keras-run       marker: fmnist_keras created this directory
       .lock                   held while a process trains here; names the holder
-      run.json                the models this run trains
+      run.json                the models this run trains; made_by: a command other than train that trains here
       MODEL/                  one per model (mlp, cnn, ...)
         config.json           the TrainConfig that rebuilds and reproduces it
         model.keras           the best model (lowest validation loss)
@@ -244,63 +244,60 @@ class RunDir:
 
     # --- creating and opening ----------------------------------------------------------------
     @classmethod
-    def create(cls, out_dir: str, name: str | None, models: list[str], overwrite: bool = False) -> "RunDir":
+    def create(cls, out_dir: str, name: str | None, models: list[str], overwrite: bool = False,
+               made_by: str | None = None, elsewhere: str = "another --run-name") -> "RunDir":
         """Make ``out_dir/name`` (or a fresh, unique date-time name), with its marker and ``run.json``.
 
         With ``overwrite``, an existing run directory of that name is removed
         first, only if fmnist_keras created it (its marker) and no process
         trains in it; anything else is refused before anything is removed.
         What a killed removal left in ``out_dir`` is removed first.
+        ``made_by`` names a command other than train that trains in the run
+        (``benchmarks/distill.py``), which ``train --resume`` then refuses to
+        go on with; ``elsewhere`` is what its refusals tell the user to choose
+        instead of the name (see :meth:`check_new`).
         """
         out = _check_out_dir(out_dir)
         _finish_removals(out)
         if name is None:
-            return cls._create_unique(out, models)
-        target = cls.check_new(out, name, overwrite)
+            return cls._create_unique(out, models, made_by)
+        target = _check_target(out / check_run_name(name), overwrite, elsewhere)
         if target.exists():
-            cls._remove_own(target)
+            cls._remove_own(target, elsewhere)
         try:
-            return cls._make(target, models)
+            return cls._make(target, models, made_by)
         except FileExistsError:  # another process made it between the check and now
-            raise RunDirError(f"run directory {target} already exists; choose another --run-name.") from None
+            raise RunDirError(f"run directory {target} already exists; choose {elsewhere}.") from None
 
     @staticmethod
-    def check_new(out_dir, name: str, overwrite: bool) -> Path:
+    def check_new(out_dir, name: str, overwrite: bool, elsewhere: str = "another --run-name") -> Path:
         """``out_dir/name``, if :meth:`create` may make it as far as the name tells; nothing is touched.
 
         Train checks this before it loads the data, so an ``out_dir`` that
         cannot hold runs, a name that is not one plain component, a link, a
         run that exists (without ``overwrite``) or one that ``overwrite`` may
-        not remove is one line at once.
+        not remove is one line at once. ``elsewhere`` is what the lines tell
+        the user to choose instead of the name: train's ``--run-name``, or
+        ``--out-dir`` for a command that names its runs itself.
 
         Raises:
             RunDirError: what is wrong and how to fix it.
         """
-        target = _check_out_dir(out_dir, create=False) / check_run_name(name)
-        if target.is_symlink():
-            raise RunDirError(
-                f"{target} is a symbolic link; a run directory must be a real directory. Remove the link or "
-                f"choose another --run-name."
-            )
-        if target.exists() and not overwrite:
-            raise RunDirError(f"run directory {target} already exists; choose another --run-name or pass --overwrite.")
-        if target.exists():
-            _check_own(target)
-        return target
+        return _check_target(_check_out_dir(out_dir, create=False) / check_run_name(name), overwrite, elsewhere)
 
     @classmethod
-    def _create_unique(cls, out: Path, models: list[str]) -> "RunDir":
+    def _create_unique(cls, out: Path, models: list[str], made_by: str | None) -> "RunDir":
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for attempt in range(1, 1000):
             target = out / (stamp if attempt == 1 else f"{stamp}-{attempt}")
             try:
-                return cls._make(target, models)
+                return cls._make(target, models, made_by)
             except FileExistsError:
                 continue
         raise RunDirError(f"could not find a free run name for {stamp} in {out}; pass --run-name.")
 
     @classmethod
-    def _make(cls, target: Path, models: list[str]) -> "RunDir":
+    def _make(cls, target: Path, models: list[str], made_by: str | None) -> "RunDir":
         try:
             target.mkdir()  # atomic: two processes never get the same directory
         except FileExistsError:
@@ -310,7 +307,7 @@ class RunDir:
         try:
             write_json(target / MARKER, {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
                                          "host": socket.gethostname()})
-            write_json(target / RUN_FILE, {"models": list(models)})
+            write_json(target / RUN_FILE, {"models": list(models), **({"made_by": made_by} if made_by else {})})
         except OSError as error:  # a full disk, say: take back what this call made, so no half-made run is left
             with contextlib.suppress(OSError):
                 for name in (RUN_FILE, MARKER):
@@ -321,9 +318,9 @@ class RunDir:
         return cls(target)
 
     @staticmethod
-    def _remove_own(target: Path) -> None:
+    def _remove_own(target: Path, elsewhere: str) -> None:
         """Remove ``target`` if fmnist_keras made it and nobody trains in it; else refuse."""
-        _check_own(target)
+        _check_own(target, elsewhere)  # again, at the moment of removal
         resolved, cwd = target.resolve(), Path.cwd().resolve()
         if resolved == cwd or resolved in cwd.parents:
             raise RunDirError(f"{target} holds the working directory; --overwrite will not remove it. cd elsewhere first.")
@@ -356,13 +353,30 @@ class RunDir:
         if marker.is_symlink() or not marker.is_file():
             raise RunDirError(f"--resume {given}: it has no {MARKER} marker, so train did not create it and will not "
                               f"write into it; start a new run (train without --resume).")
+        made_by = run.made_by()
+        if made_by is not None:
+            raise RunDirError(f"--resume {given}: {made_by} made this run and trains in it its own way, which train "
+                              f"cannot go on with; run {made_by} again with --overwrite.")
         return run
+
+    def _run_file(self) -> tuple[dict, str]:
+        """``run.json``, read, and the fix its damage calls for."""
+        fix = f"it should be {{\"models\": [\"mlp\", \"cnn\"]}}; start a new run instead of --resume {self.path}"
+        data = read_json(self.path / RUN_FILE, "the run's list of models", fix)
+        return (data if isinstance(data, dict) else {}), fix
+
+    def made_by(self) -> str | None:
+        """The command other than train that made this run and trains in it (``run.json``'s ``made_by``), or None."""
+        data, fix = self._run_file()
+        made_by = data.get("made_by")
+        if made_by is not None and not (isinstance(made_by, str) and made_by.strip()):
+            raise RunDirError(f"{self.path / RUN_FILE} is damaged: made_by is not the name of a command; {fix}.")
+        return None if made_by is None else one_line(made_by)[:200]
 
     def models(self) -> list[str]:
         """The models ``run.json`` lists, checked."""
-        fix = f"it should be {{\"models\": [\"mlp\", \"cnn\"]}}; start a new run instead of --resume {self.path}"
-        data = read_json(self.path / RUN_FILE, "the run's list of models", fix)
-        models = data.get("models") if isinstance(data, dict) else None
+        data, fix = self._run_file()
+        models = data.get("models")
         if not (isinstance(models, list) and models and all(isinstance(m, str) for m in models)):
             raise RunDirError(f"{self.path / RUN_FILE} is damaged: no list of model names; {fix}.")
         for model in models:
@@ -554,15 +568,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _check_own(target: Path) -> None:
+def _check_target(target: Path, overwrite: bool, elsewhere: str) -> Path:
+    """``target`` if a run may be made there (see :meth:`RunDir.check_new`); nothing is touched."""
+    if target.is_symlink():
+        raise RunDirError(
+            f"{target} is a symbolic link; a run directory must be a real directory. Remove the link or "
+            f"choose {elsewhere}."
+        )
+    if target.exists() and not overwrite:
+        raise RunDirError(f"run directory {target} already exists; choose {elsewhere} or pass --overwrite.")
+    if target.exists():
+        _check_own(target, elsewhere)
+    return target
+
+
+def _check_own(target: Path, elsewhere: str) -> None:
     """Refuse to replace ``target`` unless it is a directory that fmnist_keras made."""
     if not target.is_dir():
         raise RunDirError(f"{target} exists and is not a directory; --overwrite replaces run directories only. "
-                          f"Move it away or choose another --run-name.")
+                          f"Move it away or choose {elsewhere}.")
     if not (target / MARKER).is_file():
         raise RunDirError(
             f"{target} was not created by fmnist_keras (it has no {MARKER} marker), so --overwrite leaves it "
-            f"alone; remove it yourself or choose another --run-name."
+            f"alone; remove it yourself or choose {elsewhere}."
         )
 
 

@@ -14,25 +14,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import distill  # noqa: E402  (benchmarks/distill.py)
-from test_evaluate import make_run_dir  # noqa: E402
+from test_evaluate import make_cnn_runs, make_run_dir  # noqa: E402
 
 from fmnist_keras import data as fdata  # noqa: E402
+from fmnist_keras import train  # noqa: E402
 from fmnist_keras.config import TrainConfig  # noqa: E402
 from fmnist_keras.engine import evaluation, fit  # noqa: E402
 from fmnist_keras.engine.splits import make_splits  # noqa: E402
 from fmnist_keras.interrupts import Interrupted  # noqa: E402
-from fmnist_keras.models import build_cnn  # noqa: E402
 from fmnist_keras.tta import CHOICES  # noqa: E402
 
 
 @pytest.fixture
 def teachers(tmp_path):
     """Two tiny untrained CNNs of one split (seed 0), in run directories as train writes them."""
-    made = []
-    for name, seed in (("a", 0), ("b", 1)):
-        keras.utils.set_random_seed(seed)
-        made.append(make_run_dir(tmp_path / name / "cnn", build_cnn(filters=(4, 8), dense_units=16, seed=seed)))
-    return made
+    return make_cnn_runs(tmp_path)
 
 
 @pytest.fixture
@@ -170,7 +166,7 @@ def test_a_seed_given_twice_is_refused(teachers, tiny_data_dir, tmp_path, capsys
     assert "names a seed twice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overwrite, message", [((), "pass --overwrite to replace a student"),
+@pytest.mark.parametrize("overwrite, message", [((), "already exists; choose another --out-dir or pass --overwrite"),
                                                 (("--overwrite",), "not created by")])
 def test_a_directory_that_is_not_a_new_or_own_run_is_kept_and_the_teachers_are_not_run(
         teachers, tiny_data_dir, tmp_path, capsys, predictions, overwrite, message):
@@ -178,7 +174,8 @@ def test_a_directory_that_is_not_a_new_or_own_run_is_kept_and_the_teachers_are_n
     kept.mkdir(parents=True)
     (kept / "notes.txt").write_text("mine")
     assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--out-dir", tmp_path / "runs", *overwrite) == 1
-    assert message in capsys.readouterr().err and predictions == []
+    error = capsys.readouterr().err
+    assert message in error and "another --out-dir" in error and "--run-name" not in error and predictions == []
     assert (kept / "notes.txt").read_text() == "mine" and sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
 
 
@@ -202,4 +199,11 @@ def test_a_stop_while_a_student_trains_says_what_is_left_and_how_to_start_again(
     assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--out-dir", tmp_path / "runs") == 128 + signum
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "holds a partial student" in error and "--overwrite" in error
-    assert (tmp_path / "runs" / "cnn-seed42-w0.5").is_dir()
+    student = tmp_path / "runs" / "cnn-seed42-w0.5"
+    before = sorted(str(p.relative_to(student)) for p in student.rglob("*"))
+
+    assert train.main(["--resume", str(student)]) == 1  # it would go on without the teachers
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "benchmarks/distill.py made this run" in error
+    assert "run benchmarks/distill.py again with --overwrite" in error
+    assert sorted(str(p.relative_to(student)) for p in student.rglob("*")) == before

@@ -12,24 +12,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import ensemble  # noqa: E402  (benchmarks/ensemble.py)
-from test_evaluate import make_run_dir, run_cli  # noqa: E402
+from test_evaluate import make_cnn_runs, run_cli  # noqa: E402
 
 from fmnist_keras.config import TrainConfig  # noqa: E402
 from fmnist_keras.data import load_data  # noqa: E402
 from fmnist_keras.engine import evaluation, splits  # noqa: E402
 from fmnist_keras.loading import input_data_format  # noqa: E402
-from fmnist_keras.models import build_cnn  # noqa: E402
 from fmnist_keras.tta import CHOICES  # noqa: E402
 
 
 @pytest.fixture
 def runs(tmp_path):
     """Two tiny untrained CNNs of one split (seed 0), in run directories as train writes them."""
-    made = []
-    for name, seed in (("a", 0), ("b", 1)):
-        keras.utils.set_random_seed(seed)
-        made.append(make_run_dir(tmp_path / name / "cnn", build_cnn(filters=(4, 8), dense_units=16, seed=seed)))
-    return made
+    return make_cnn_runs(tmp_path)
 
 
 def _ensemble(data_dir, *args):

@@ -103,6 +103,24 @@ def test_ablation_refuses_a_bad_number_before_it_replaces_an_earlier_run(tmp_pat
     assert (widest.filters, widest.convs, widest.dense_units) == ([2048, 1, 1, 1], [16], 16384)
 
 
+def test_an_ablation_run_is_marked_so_that_train_resume_refuses_to_go_on_with_trains_recipe(
+        tmp_path, tiny_data_dir, capsys):
+    import ablation
+
+    from fmnist_keras import data as fdata
+    from fmnist_keras import train
+
+    args = ablation.parse_args(["--out-dir", str(tmp_path / "runs"), "--seeds", "3", "--epochs", "1", "--ema", "0"])
+    row = ablation.run_seed(args, 3, fdata.load_data(str(tiny_data_dir), verify=False))
+    run = tmp_path / "runs" / "cnn-seed3"
+    assert row["epochs_run"] == 1 and (run / "cnn" / "model.keras").is_file()
+    assert json.loads((run / "run.json").read_text()) == {"models": ["cnn"], "made_by": "benchmarks/ablation.py"}
+    capsys.readouterr()
+    assert train.main(["--resume", str(run)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "benchmarks/ablation.py made this run" in error
+
+
 @pytest.mark.parametrize("script, flags, says", [
     ("bench", ["--epochs", "0"], "argument --epochs"),
     ("bench", ["--subset", "-5"], "argument --subset"),

@@ -35,6 +35,15 @@ def make_run_dir(directory, model, best_epoch=2):
     return directory
 
 
+def make_cnn_runs(root, names=("a", "b")):
+    """Tiny untrained CNNs of one split (seed 0), ROOT/NAME/cnn, as train writes them; the Nth is built with seed N."""
+    made = []
+    for seed, name in enumerate(names):
+        keras.utils.set_random_seed(seed)
+        made.append(make_run_dir(root / name / "cnn", build_cnn(filters=(4, 8), dense_units=16, seed=seed)))
+    return made
+
+
 @pytest.fixture
 def cnn_run(tmp_path):
     keras.utils.set_random_seed(0)

@@ -110,6 +110,40 @@ def test_overwrite_refuses_a_file_where_the_run_directory_belongs(tmp_path, tiny
     assert (tmp_path / "runs" / "notes").read_text() == "a file"
 
 
+def _in_the_way(out, how):
+    """Make ``out/x`` a run directory's obstacle: a directory, a link, a file, or a directory of someone else's."""
+    out.mkdir()
+    if how == "a link":
+        (out / "x").symlink_to(out.parent, target_is_directory=True)
+    elif how == "a file":
+        (out / "x").write_text("mine")
+    else:
+        (out / "x").mkdir()
+        if how == "a run":
+            (out / "x" / MARKER).write_text("{}")
+
+
+@pytest.mark.parametrize("how, overwrite, says", [
+    ("a run", False, "already exists; choose another --out-dir or pass --overwrite."),
+    ("a link", True, "is a symbolic link"),
+    ("a file", True, "is not a directory"),
+    ("a foreign directory", True, "was not created by fmnist_keras"),
+])
+def test_a_command_that_names_its_runs_itself_is_told_to_choose_another_out_dir(tmp_path, how, overwrite, says):
+    out = tmp_path / "runs"
+    _in_the_way(out, how)
+    before = _files(tmp_path)
+    for attempt in (lambda **kw: RunDir.check_new(str(out), "x", overwrite, **kw),
+                    lambda **kw: RunDir.create(str(out), "x", ["mlp"], overwrite, **kw)):
+        with pytest.raises(RunDirError) as refused:
+            attempt(elsewhere="another --out-dir")
+        assert says in str(refused.value) and "another --out-dir" in str(refused.value)
+        assert "--run-name" not in str(refused.value)
+        with pytest.raises(RunDirError, match="another --run-name"):  # train's default
+            RunDir.check_new(str(out), "x", overwrite)
+    assert _files(tmp_path) == before
+
+
 def test_overwrite_of_the_working_directory_is_refused(tmp_path, tiny_data_dir, capsys, finished_run, monkeypatch):
     monkeypatch.chdir(finished_run / "mlp")
     assert _train(tmp_path, tiny_data_dir, "--run-name", "run", "--overwrite") == 2
@@ -308,6 +342,24 @@ def test_resume_never_writes_into_a_directory_train_did_not_create(finished_run,
     assert _files(finished_run) == before and (finished_run / "mlp" / "report.md").read_text() == "my notes"
 
 
+@pytest.mark.parametrize("made_by", ["benchmarks/distill.py", "two\nlines"])
+def test_resume_refuses_a_run_another_command_made_and_trains_its_own_way(finished_run, capsys, made_by):
+    assert json.loads((finished_run / "run.json").read_text()) == {"models": ["mlp"]}  # train's own: no made_by
+    (finished_run / "mlp" / "metrics.json").unlink()  # so --resume would have work to do
+    (finished_run / "run.json").write_text(json.dumps({"models": ["mlp"], "made_by": made_by}))
+    before = _files(finished_run)
+    assert train.main(["--resume", str(finished_run)]) == 1
+    shown = made_by.replace("\n", "\\n")
+    _one_line_error(capsys, f"{shown} made this run", f"run {shown} again with --overwrite")
+    assert _files(finished_run) == before
+
+
+def test_a_run_made_by_another_command_says_so_in_its_run_file(tmp_path):
+    run = RunDir.create(str(tmp_path), "student", ["cnn"], made_by="benchmarks/distill.py")
+    assert json.loads((run.path / "run.json").read_text()) == {"models": ["cnn"], "made_by": "benchmarks/distill.py"}
+    assert run.made_by() == "benchmarks/distill.py" and RunDir.create(str(tmp_path), "own", ["cnn"]).made_by() is None
+
+
 def test_resume_of_a_finished_run_without_its_report_says_how_to_write_it(finished_run, capsys):
     assert train.main(["--resume", str(finished_run)]) == 0  # trained with --no-report
     out = capsys.readouterr().out
@@ -409,7 +461,7 @@ def test_a_full_disk_during_training_is_one_line_with_the_resume_command(tmp_pat
 
 DAMAGE = {
     "run.json": ["", "{", "[]", '{"models": "mlp"}', '{"models": ["../../etc"]}', "NaN", '{"models": ["mlp", "evil"]}',
-                 '{"models": ["mlp", "mlp"]}'],
+                 '{"models": ["mlp", "mlp"]}', '{"models": ["mlp"], "made_by": 5}', '{"models": ["mlp"], "made_by": " "}'],
     "mlp/config.json": ["", "{", '{"model": "mlp", "epochs": "many"}', '{"model": "mlp", "surprise": 1}',
                         '{"model": "resnet"}', '{"model": "mlp", "batch_size": -5}'],
     "mlp/history.csv": ["epoch,loss\nzero,x\n", "\x00\x01\x02", "epoch,val_loss\n3,0.5\n"],
