@@ -62,6 +62,12 @@ LATEST = "latest"
 
 # Letters, digits and . _ - + = @; not starting with a dot (hidden, ".", "..").
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_+=@-][A-Za-z0-9._+=@-]{0,99}")
+# The commands other than train that make run directories and train in them their own way (run.json's
+# made_by), each with what to do where train --resume cannot go on with one of their runs.
+OTHER_MAKERS = {
+    "benchmarks/distill.py": "run benchmarks/distill.py again with --overwrite",
+    "benchmarks/ablation.py": "run benchmarks/ablation.py again, which replaces its runs",
+}
 # The largest run file read back (run.json, config.json, fit.json, metrics.json).
 MAX_JSON_BYTES = 16 * 1024**2
 
@@ -253,10 +259,12 @@ class RunDir:
         trains in it; anything else is refused before anything is removed.
         What a killed removal left in ``out_dir`` is removed first.
         ``made_by`` names a command other than train that trains in the run
-        (``benchmarks/distill.py``), which ``train --resume`` then refuses to
+        (one of :data:`OTHER_MAKERS`), which ``train --resume`` then refuses to
         go on with; ``elsewhere`` is what its refusals tell the user to choose
         instead of the name (see :meth:`check_new`).
         """
+        if made_by is not None and made_by not in OTHER_MAKERS:
+            raise ValueError(f"made_by={made_by!r} is not one of {', '.join(OTHER_MAKERS)}")
         out = _check_out_dir(out_dir)
         _finish_removals(out)
         if name is None:
@@ -356,7 +364,7 @@ class RunDir:
         made_by = run.made_by()
         if made_by is not None:
             raise RunDirError(f"--resume {given}: {made_by} made this run and trains in it its own way, which train "
-                              f"cannot go on with; run {made_by} again with --overwrite.")
+                              f"cannot go on with; {OTHER_MAKERS[made_by]}.")
         return run
 
     def _run_file(self) -> tuple[dict, str]:
@@ -366,12 +374,14 @@ class RunDir:
         return (data if isinstance(data, dict) else {}), fix
 
     def made_by(self) -> str | None:
-        """The command other than train that made this run and trains in it (``run.json``'s ``made_by``), or None."""
+        """The command other than train that made this run and trains in it (``run.json``'s ``made_by``, one of
+        :data:`OTHER_MAKERS`), or None."""
         data, fix = self._run_file()
         made_by = data.get("made_by")
-        if made_by is not None and not (isinstance(made_by, str) and made_by.strip()):
-            raise RunDirError(f"{self.path / RUN_FILE} is damaged: made_by is not the name of a command; {fix}.")
-        return None if made_by is None else one_line(made_by)[:200]
+        if made_by is not None and (not isinstance(made_by, str) or made_by not in OTHER_MAKERS):
+            raise RunDirError(f"{self.path / RUN_FILE} is damaged: made_by is {one_line(repr(made_by)[:60])}, not one "
+                              f"of {', '.join(OTHER_MAKERS)}; {fix}.")
+        return made_by
 
     def models(self) -> list[str]:
         """The models ``run.json`` lists, checked."""
@@ -569,16 +579,21 @@ def _alive(pid: int) -> bool:
 
 
 def _check_target(target: Path, overwrite: bool, elsewhere: str) -> Path:
-    """``target`` if a run may be made there (see :meth:`RunDir.check_new`); nothing is touched."""
+    """``target`` if a run may be made there (see :meth:`RunDir.check_new`); nothing is touched.
+
+    Whatever is in the way and is not a run directory fmnist_keras made is
+    named as such, with or without ``overwrite``, since --overwrite would not
+    remove it either.
+    """
     if target.is_symlink():
         raise RunDirError(
             f"{target} is a symbolic link; a run directory must be a real directory. Remove the link or "
             f"choose {elsewhere}."
         )
-    if target.exists() and not overwrite:
-        raise RunDirError(f"run directory {target} already exists; choose {elsewhere} or pass --overwrite.")
     if target.exists():
         _check_own(target, elsewhere)
+        if not overwrite:
+            raise RunDirError(f"run directory {target} already exists; choose {elsewhere} or pass --overwrite.")
     return target
 
 

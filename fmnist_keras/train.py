@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="skip report.md and its figures in each model's run directory (default: write them)")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue an interrupted run of train (not one that benchmarks/distill.py or ablation.py made) "
-                        "from its last completed epoch, with its saved "
+                        help="continue an interrupted run of train (not one that benchmarks/distill.py or "
+                        "ablation.py made) from its last completed epoch, with its saved "
                         "configuration: the flags that describe a run (model, epochs, rates, split, data, output, "
                         "precision, ...) are refused with it; --backend, --device, --no-report, --tensorboard and "
                         "--dist-timeout may be given")

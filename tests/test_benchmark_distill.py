@@ -166,17 +166,23 @@ def test_a_seed_given_twice_is_refused(teachers, tiny_data_dir, tmp_path, capsys
     assert "names a seed twice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overwrite, message", [((), "already exists; choose another --out-dir or pass --overwrite"),
-                                                (("--overwrite",), "not created by")])
+@pytest.mark.parametrize("ours, overwrite, message", [
+    (True, (), "already exists; choose another --out-dir or pass --overwrite"),
+    (False, (), "not created by"),
+    (False, ("--overwrite",), "not created by"),
+])
 def test_a_directory_that_is_not_a_new_or_own_run_is_kept_and_the_teachers_are_not_run(
-        teachers, tiny_data_dir, tmp_path, capsys, predictions, overwrite, message):
+        teachers, tiny_data_dir, tmp_path, capsys, predictions, ours, overwrite, message):
     kept = tmp_path / "runs" / "cnn-seed42-w0.5"
     kept.mkdir(parents=True)
     (kept / "notes.txt").write_text("mine")
+    if ours:
+        (kept / ".fmnist_keras-run").write_text("{}")
+    before = sorted(p.name for p in kept.iterdir())
     assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--out-dir", tmp_path / "runs", *overwrite) == 1
     error = capsys.readouterr().err
     assert message in error and "another --out-dir" in error and "--run-name" not in error and predictions == []
-    assert (kept / "notes.txt").read_text() == "mine" and sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    assert (kept / "notes.txt").read_text() == "mine" and sorted(p.name for p in kept.iterdir()) == before
 
 
 def test_a_teacher_without_probabilities_is_refused_before_anything_is_written(

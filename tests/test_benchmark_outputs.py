@@ -119,6 +119,7 @@ def test_an_ablation_run_is_marked_so_that_train_resume_refuses_to_go_on_with_tr
     assert train.main(["--resume", str(run)]) == 1
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "benchmarks/ablation.py made this run" in error
+    assert error.endswith("run benchmarks/ablation.py again, which replaces its runs.")  # it has no --overwrite
 
 
 @pytest.mark.parametrize("script, flags, says", [

@@ -76,6 +76,7 @@ def test_a_run_name_that_is_not_one_plain_component_is_refused(tmp_path, tiny_da
 
 def test_a_run_name_that_exists_is_refused_before_the_data_is_read(tmp_path, capsys):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / MARKER).write_text("{}")  # a run of train's
     missing = tmp_path / "no-data-here"  # were the data read first, this would be the error
     assert _train(tmp_path, missing, "--run-name", "taken") == 2
     _one_line_error(capsys, "run directory", "taken already exists", "--overwrite")
@@ -127,7 +128,9 @@ def _in_the_way(out, how):
     ("a run", False, "already exists; choose another --out-dir or pass --overwrite."),
     ("a link", True, "is a symbolic link"),
     ("a file", True, "is not a directory"),
+    ("a file", False, "is not a directory"),  # not "or pass --overwrite", which would not remove it either
     ("a foreign directory", True, "was not created by fmnist_keras"),
+    ("a foreign directory", False, "was not created by fmnist_keras"),
 ])
 def test_a_command_that_names_its_runs_itself_is_told_to_choose_another_out_dir(tmp_path, how, overwrite, says):
     out = tmp_path / "runs"
@@ -342,15 +345,17 @@ def test_resume_never_writes_into_a_directory_train_did_not_create(finished_run,
     assert _files(finished_run) == before and (finished_run / "mlp" / "report.md").read_text() == "my notes"
 
 
-@pytest.mark.parametrize("made_by", ["benchmarks/distill.py", "two\nlines"])
-def test_resume_refuses_a_run_another_command_made_and_trains_its_own_way(finished_run, capsys, made_by):
+@pytest.mark.parametrize("made_by, fix", [
+    ("benchmarks/distill.py", "; run benchmarks/distill.py again with --overwrite."),
+    ("benchmarks/ablation.py", "; run benchmarks/ablation.py again, which replaces its runs."),  # it has no --overwrite
+])
+def test_resume_refuses_a_run_another_command_made_and_trains_its_own_way(finished_run, capsys, made_by, fix):
     assert json.loads((finished_run / "run.json").read_text()) == {"models": ["mlp"]}  # train's own: no made_by
     (finished_run / "mlp" / "metrics.json").unlink()  # so --resume would have work to do
     (finished_run / "run.json").write_text(json.dumps({"models": ["mlp"], "made_by": made_by}))
     before = _files(finished_run)
     assert train.main(["--resume", str(finished_run)]) == 1
-    shown = made_by.replace("\n", "\\n")
-    _one_line_error(capsys, f"{shown} made this run", f"run {shown} again with --overwrite")
+    assert _one_line_error(capsys, f"{made_by} made this run").endswith(fix)
     assert _files(finished_run) == before
 
 
@@ -358,6 +363,9 @@ def test_a_run_made_by_another_command_says_so_in_its_run_file(tmp_path):
     run = RunDir.create(str(tmp_path), "student", ["cnn"], made_by="benchmarks/distill.py")
     assert json.loads((run.path / "run.json").read_text()) == {"models": ["cnn"], "made_by": "benchmarks/distill.py"}
     assert run.made_by() == "benchmarks/distill.py" and RunDir.create(str(tmp_path), "own", ["cnn"]).made_by() is None
+    with pytest.raises(ValueError, match="not one of"):  # a command the refusal would have no true fix for
+        RunDir.create(str(tmp_path), "other", ["cnn"], made_by="my-script.py")
+    assert not (tmp_path / "other").exists()
 
 
 def test_resume_of_a_finished_run_without_its_report_says_how_to_write_it(finished_run, capsys):
@@ -460,8 +468,9 @@ def test_a_full_disk_during_training_is_one_line_with_the_resume_command(tmp_pat
 
 
 DAMAGE = {
-    "run.json": ["", "{", "[]", '{"models": "mlp"}', '{"models": ["../../etc"]}', "NaN", '{"models": ["mlp", "evil"]}',
-                 '{"models": ["mlp", "mlp"]}', '{"models": ["mlp"], "made_by": 5}', '{"models": ["mlp"], "made_by": " "}'],
+    "run.json": ["", "{", "[]", '{"models": "mlp"}', '{"models": ["../../etc"]}', "NaN",
+                 '{"models": ["mlp", "evil"]}', '{"models": ["mlp", "mlp"]}', '{"models": ["mlp"], "made_by": 5}',
+                 '{"models": ["mlp"], "made_by": "rm -rf ~"}', '{"models": ["mlp"], "made_by": "two\\nlines"}'],
     "mlp/config.json": ["", "{", '{"model": "mlp", "epochs": "many"}', '{"model": "mlp", "surprise": 1}',
                         '{"model": "resnet"}', '{"model": "mlp", "batch_size": -5}'],
     "mlp/history.csv": ["epoch,loss\nzero,x\n", "\x00\x01\x02", "epoch,val_loss\n3,0.5\n"],
