@@ -176,16 +176,18 @@ def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
 def default_mixed_precision(backend: str, model: str) -> bool:
     """Whether a run of ``model`` that does not choose (``mixed_precision`` None) computes in bfloat16 here.
 
-    Only where it was measured to pay: on the torch backend, a CPU with AMX
+    Only where it was measured to pay (``config.BFLOAT16_BY_DEFAULT``;
+    docs/backends.md, "Mixed precision"): on the torch backend, a CPU with AMX
     trains the default CNN 2.2x as fast in bfloat16 and one with AVX512-BF16
     alone 1.7x as fast, both at the same test accuracy, and ``cnn-large`` 1.7x
     as fast with AMX and 1.7-1.8x with AVX512-BF16 alone, its accuracy measured
-    with AMX (``config.BFLOAT16_BY_DEFAULT``; docs/backends.md, "Mixed
-    precision"). Elsewhere float32: a CPU without either emulates bfloat16 and
-    trained the CNN 2.2x slower in it, and the MLP gained nothing even with
-    AMX; GPUs, TensorFlow and JAX until measured.
+    with AMX; on TensorFlow, a CPU with AVX512-BF16 alone trains the default
+    CNN 1.35x as fast, at the same test accuracy (one seed). Elsewhere float32:
+    a CPU without either emulates bfloat16 and trained the CNN 2.2x slower in
+    it, the MLP gained nothing even with AMX, JAX trained the CNN 1.07x as fast
+    (within the noise); GPUs, and ``cnn-large`` on TensorFlow, until measured.
     """
-    return model in BFLOAT16_BY_DEFAULT and backend == "torch" and not has_gpu() and cpu_has_bfloat16()
+    return model in BFLOAT16_BY_DEFAULT.get(backend, ()) and not has_gpu() and cpu_has_bfloat16()
 
 
 # Keras layers that say XLA cannot compile them (``supports_jit = False``, for TensorFlow's image

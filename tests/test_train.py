@@ -264,22 +264,21 @@ def test_mixed_precision_trains_with_float32_outputs(tmp_path, tiny_data_dir):
     [(True, None, True), (False, None, False), (True, "--no-mixed-precision", False), (False, "--mixed-precision", True)],
     ids=["bfloat16-cpu", "emulating-cpu", "turned-off", "asked-for"],
 )
-def test_precision_left_open_is_bfloat16_only_on_torch_with_bfloat16_instructions(
+def test_precision_left_open_is_bfloat16_only_where_measured_and_with_bfloat16_instructions(
         tmp_path, tiny_data_dir, monkeypatch, capsys, bf16, flag, expected):
     from fmnist_keras import backend
 
     if keras.backend.backend() != "torch" and flag != "--mixed-precision" and not (bf16 and flag is None):
-        pytest.skip("off the torch backend the 'bfloat16-cpu' case already shows float32 (each case trains two models)")
+        pytest.skip("off the torch backend the 'bfloat16-cpu' and 'asked-for' cases do (each case trains two models)")
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f " + ("avx512_bf16" if bf16 else "") + "\n")
     monkeypatch.setattr(backend, "CPUINFO", str(cpuinfo))
     extra = [flag] if flag else []
     assert run_cli(tmp_path, tiny_data_dir, "--model", "all", "--epochs", "1", "--no-report", *extra) == 0
     out = capsys.readouterr().out
-    for model, measured in (("cnn", True), ("mlp", False)):  # bfloat16 by default only where it was measured to pay
-        on = flag == "--mixed-precision" or (
-            expected and measured and keras.backend.backend() == "torch" and not backend.has_gpu()
-        )
+    # bfloat16 by default only where it was measured to pay: the CNN on torch and TensorFlow, not on JAX; not the MLP
+    for model, measured in (("cnn", keras.backend.backend() in ("torch", "tensorflow")), ("mlp", False)):
+        on = flag == "--mixed-precision" or (expected and measured and not backend.has_gpu())
         policy = ("mixed_float16" if backend.has_gpu() else "mixed_bfloat16") if on else "float32"
         run = tmp_path / "runs" / "run" / model
         assert json.loads((run / "config.json").read_text())["mixed_precision"] is on  # the decision is recorded
