@@ -81,8 +81,8 @@ def parse_args(argv=None):
     parser.add_argument("--label-smoothing", type=in_range(*RANGES["label_smoothing"]),
                         help="label smoothing (default: train's)")
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
-                        help="bfloat16 (CPU) or float16 (GPU) compute (default: train's, which is bfloat16 for the "
-                        "cnn on a CPU with AMX or AVX512-BF16)")
+                        help="bfloat16 (CPU) or float16 (GPU) compute (default: train's, which is bfloat16 for "
+                        "cnn and cnn-large on a CPU with AMX or AVX512-BF16)")
     parser.add_argument("--shift", type=float, metavar="F",
                         help="largest training shift as a fraction of the image size, 0 for none "
                         "(default: the model's, 0.08, about 2 pixels)")
