@@ -30,7 +30,7 @@ from fmnist_keras.config import (
 )
 from fmnist_keras import interrupts
 from fmnist_keras.interrupts import Interrupted
-from fmnist_keras.rundir import REPORT_FILE, RunDir, RunDirError, write_json
+from fmnist_keras.rundir import OTHER_MAKERS, REPORT_FILE, RunDir, RunDirError, write_json
 
 DEFAULTS = TrainConfig()
 
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="skip report.md and its figures in each model's run directory (default: write them)")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue an interrupted run of train (not one that benchmarks/distill.py or "
-                        "ablation.py made) from its last completed epoch, with its saved "
+                        help=f"continue an interrupted run of train (not one that {' or '.join(OTHER_MAKERS)} "
+                        "made) from its last completed epoch, with its saved "
                         "configuration: the flags that describe a run (model, epochs, rates, split, data, output, "
                         "precision, ...) are refused with it; --backend, --device, --no-report, --tensorboard and "
                         "--dist-timeout may be given")
