@@ -22,6 +22,7 @@ from fmnist_keras.config import TrainConfig  # noqa: E402
 from fmnist_keras.engine import evaluation, fit  # noqa: E402
 from fmnist_keras.engine.splits import make_splits  # noqa: E402
 from fmnist_keras.interrupts import Interrupted  # noqa: E402
+from fmnist_keras.rundir import MARKER  # noqa: E402
 from fmnist_keras.tta import CHOICES  # noqa: E402
 
 
@@ -177,7 +178,7 @@ def test_a_directory_that_is_not_a_new_or_own_run_is_kept_and_the_teachers_are_n
     kept.mkdir(parents=True)
     (kept / "notes.txt").write_text("mine")
     if ours:
-        (kept / ".fmnist_keras-run").write_text("{}")
+        (kept / MARKER).write_text("{}")
     before = sorted(p.name for p in kept.iterdir())
     assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--out-dir", tmp_path / "runs", *overwrite) == 1
     error = capsys.readouterr().err
