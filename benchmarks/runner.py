@@ -85,8 +85,10 @@ class Runner:
 def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool, mixed_precision: bool = False):
     """A Keras model trained with ``model.fit``; ``fast`` as ``train`` does it, else stock Keras.
 
-    ``fast`` also fits as ``train`` does on a GPU: from the training split kept
-    on the device (``DeviceBatches``); stock Keras fits from numpy arrays.
+    ``fast`` also feeds the data as ``train`` does: on a GPU from the training
+    split kept on the device (``DeviceBatches``), on TensorFlow from its
+    ``tf.data`` pipeline without autotuning (``host_batches``); stock Keras
+    fits from numpy arrays.
     ``mixed_precision`` builds it under ``train``'s mixed policy (bfloat16 on a
     CPU, float16 on a GPU) instead of float32.
 
@@ -117,6 +119,10 @@ def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool, mixed_p
         from fmnist_keras.engine.device_data import DeviceBatches
 
         data = {"x": DeviceBatches(splits.x_train, y, batch_size), "shuffle": False}
+    elif fast:
+        from fmnist_keras.engine.host_batches import fit_inputs
+
+        data = fit_inputs(splits.x_train, y, batch_size, seed=0)
     else:
         data = {"x": splits.x_train, "y": y, "batch_size": batch_size}
 

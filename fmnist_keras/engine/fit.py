@@ -37,6 +37,7 @@ from fmnist_keras.engine.callbacks import (
     resume_state,
 )
 from fmnist_keras.engine.device_data import DeviceBatches
+from fmnist_keras.engine.host_batches import fit_inputs
 from fmnist_keras.engine.recipe import compile_model, dtype_policy, dtype_policy_name, portable_copy
 from fmnist_keras.engine.splits import Splits
 from fmnist_keras.interrupts import Interrupted
@@ -149,7 +150,7 @@ def fit_model(
         training_data = {"x": batches, "shuffle": False}  # it shuffles itself, on the device
         parts.data_on_device = True
     else:
-        training_data = {"x": splits.x_train, "y": y_train, "batch_size": config.batch_size}
+        training_data = fit_inputs(splits.x_train, y_train, config.batch_size, seed=config.seed)
     with fastpath.active(model, model.optimizer, enabled=config.fast_path) as fast_path:
         parts.started(fast_path)
         try:
