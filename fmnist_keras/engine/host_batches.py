@@ -34,10 +34,9 @@ def tensorflow_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int 
         seed: seeds the orders, one per epoch (each pass over the dataset).
         shuffle: draw a new order every epoch (else the arrays' order).
     """
-    import tensorflow as tf  # the TensorFlow backend has imported it already
-
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"x and y need the same, non-zero number of rows, got {len(x)} and {len(y)}")
+    import tensorflow as tf  # the TensorFlow backend has imported it already
     rows = tf.data.Dataset.range(len(x))
     if shuffle:
         rows = rows.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)

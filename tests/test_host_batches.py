@@ -1,0 +1,95 @@
+"""The training split from host memory: on TensorFlow a tf.data pipeline without autotuning that trains
+exactly like Keras's own from the arrays, with a new seeded order every epoch; elsewhere the arrays."""
+
+import keras
+import numpy as np
+import pytest
+
+from fmnist_keras import data as fdata
+from fmnist_keras.config import TrainConfig
+from fmnist_keras.engine import fit, host_batches
+from fmnist_keras.engine.host_batches import fit_inputs, tensorflow_batches
+from fmnist_keras.engine.splits import make_splits
+
+on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                   reason="the tf.data pipeline is what fit gets on the TensorFlow backend")
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    return model
+
+
+def _data(n=100):
+    rng = np.random.default_rng(0)
+    return rng.random((n, 28, 28, 1), dtype=np.float32), keras.utils.to_categorical(rng.integers(0, 10, n), 10)
+
+
+def test_fit_gets_the_arrays_except_on_tensorflow():
+    x, y = _data(20)
+    inputs = fit_inputs(x, y, 8, seed=0)
+    if keras.backend.backend() == "tensorflow":
+        assert set(inputs) == {"x", "shuffle"} and inputs["shuffle"] is False  # it shuffles itself
+        assert not inputs["x"].options().autotune.enabled
+    else:
+        assert inputs == {"x": x, "y": y, "batch_size": 8}
+
+
+@pytest.mark.parametrize("rows", [(10, 9), (0, 0)])
+def test_rows_that_do_not_pair_up_are_refused(rows):
+    with pytest.raises(ValueError, match="same, non-zero number of rows"):
+        tensorflow_batches(np.zeros((rows[0], 28, 28, 1)), np.zeros((rows[1], 10)), 4)
+
+
+@on_tensorflow
+def test_tensorflow_batches_train_exactly_like_numpy_arrays_in_the_same_order():
+    x, y = _data()
+    reference = _model()
+    reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)  # 7 batches, the last of 4
+    piped = _model()
+    piped.fit(tensorflow_batches(x, y, 16, shuffle=False), epochs=2, shuffle=False, verbose=0)
+    assert int(keras.ops.convert_to_numpy(piped.optimizer.iterations)) == 14
+    for a, b in zip(reference.get_weights(), piped.get_weights()):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+@on_tensorflow
+def test_every_epoch_is_a_new_seeded_permutation_of_all_rows_with_their_labels():
+    x, y = _data(50)
+    x[:, 0, 0, 0] = np.arange(50)  # each image carries its row number
+    y = np.arange(50, dtype=np.float32)[:, None] * np.ones((1, 10), np.float32)  # and so does its target
+
+    def epoch_rows(batches):
+        pairs = [(xb.numpy()[:, 0, 0, 0], yb.numpy()[:, 0]) for xb, yb in batches]
+        assert [len(xb) for xb, _ in pairs] == [8] * 6 + [2]
+        assert all((xb == yb).all() for xb, yb in pairs)  # each image keeps its own target
+        return np.concatenate([xb for xb, _ in pairs]).astype(int)
+
+    batches = tensorflow_batches(x, y, 8, seed=3)
+    first, second = epoch_rows(batches), epoch_rows(batches)
+    assert sorted(first) == list(range(50)) and sorted(second) == list(range(50))
+    assert list(first) != list(second) and list(first) != list(range(50))
+    assert list(epoch_rows(tensorflow_batches(x, y, 8, seed=3))) == list(first)  # seeded
+    assert list(epoch_rows(tensorflow_batches(x, y, 8, seed=4))) != list(first)
+
+
+@on_tensorflow
+def test_fit_model_trains_from_the_pipeline_on_tensorflow(tiny_data_dir, monkeypatch):
+    raw = fdata.load_data(str(tiny_data_dir), verify=False)
+    config = TrainConfig(model="mlp", epochs=3, batch_size=32, data_dir=str(tiny_data_dir), verify=False, seed=7)
+    splits = make_splits(raw, config)
+    calls, original = [], host_batches.tensorflow_batches
+
+    def spy(x, y, batch_size, seed=0, shuffle=True):
+        calls.append((len(x), batch_size, seed, shuffle))
+        return original(x, y, batch_size, seed=seed, shuffle=shuffle)
+
+    monkeypatch.setattr(host_batches, "tensorflow_batches", spy)
+    result = fit.fit_model(config, splits, verbose=0)
+    assert calls == [(len(splits.x_train), 32, 7, True)] and len(result.history) == 3
+    assert result.facts["training_data_on_device"] is False
+    probabilities = keras.ops.convert_to_numpy(result.model.predict(splits.x_val, verbose=0))
+    assert (probabilities.argmax(axis=1) == splits.y_val).mean() >= 0.5  # it learned (chance: 0.1)
