@@ -6,8 +6,10 @@ For each model it trains, side by side in one process, on the current backend
 * ``keras stock``: ``model.fit`` on Keras as shipped, NHWC numpy arrays (the
   style of the Keras docs);
 * ``keras fast``: the project's ``train`` path, the same ``model.fit`` with
-  the torch fast path (:mod:`fmnist_keras.engine.fastpath`); on tensorflow and jax
-  the two are the same and one row is printed;
+  the torch fast path (:mod:`fmnist_keras.engine.fastpath`); on tensorflow,
+  ``fit`` on ``train``'s ``tf.data`` pipeline without autotuning
+  (:mod:`fmnist_keras.engine.host_batches`); on jax the two are the same and
+  one row is printed;
 * ``plain torch`` (torch only): the same network in plain PyTorch
   (``twins.py``; ``cnn`` with its flips and shifts), starting from the *same
   initial weights* copied from the Keras model, with the same batch size and
@@ -93,13 +95,14 @@ def main(argv=None) -> int:
     select_backend(keras.backend.backend())
     threads = set_threads(args.threads)
     torch_backend = keras.backend.backend() == "torch"
+    stock_differs = keras.backend.backend() in ("torch", "tensorflow")
     raw = fdata.load_data()
     splits = make_splits(raw, TrainConfig(subset=args.subset, data_format=args.data_format))
     device = describe_device()
     rows = []
     for name in args.models:
         paths = []
-        if torch_backend:
+        if stock_differs:
             stock, _, _ = keras_runner(name, splits, args.epochs, args.batch_size, fast=False,
                                        mixed_precision=args.mixed_precision)
             paths.append(stock)

@@ -138,7 +138,7 @@ def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool, mixed_p
             return np.argmax(model.predict(x, batch_size=512, verbose=0), 1)
 
     backend = keras.backend.backend()
-    label = f"keras {'fast' if fast else 'stock'}" if backend == "torch" else f"keras/{backend}"
+    label = f"keras {'fast' if fast else 'stock'}" if backend in ("torch", "tensorflow") else f"keras/{backend}"
     runner = Runner(name, label, epoch, infer)
     runner.fit = epoch
     return runner, model, initial_weights
