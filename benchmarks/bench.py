@@ -6,8 +6,8 @@ For each model it trains, side by side in one process, on the current backend
 * ``keras stock``: ``model.fit`` on Keras as shipped, NHWC numpy arrays (the
   style of the Keras docs);
 * ``keras fast``: the project's ``train`` path, the same ``model.fit`` with
-  the torch fast path (:mod:`fmnist_keras.engine.fastpath`); on tensorflow,
-  ``fit`` on ``train``'s ``tf.data`` pipeline without autotuning
+  the torch fast path (:mod:`fmnist_keras.engine.fastpath`); on tensorflow on
+  a CPU, ``fit`` on ``train``'s ``tf.data`` pipeline without autotuning
   (:mod:`fmnist_keras.engine.host_batches`); on jax the two are the same and
   one row is printed;
 * ``plain torch`` (torch only): the same network in plain PyTorch

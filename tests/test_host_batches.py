@@ -33,7 +33,7 @@ def test_fit_gets_the_arrays_except_on_tensorflow():
     inputs = fit_inputs(x, y, 8, seed=0)
     if keras.backend.backend() == "tensorflow":
         assert set(inputs) == {"x", "shuffle"} and inputs["shuffle"] is False  # it shuffles itself
-        assert not inputs["x"].options().autotune.enabled
+        assert inputs["x"].options().autotune.enabled is False  # unset, it is None
     else:
         assert inputs == {"x": x, "y": y, "batch_size": 8}
 
@@ -74,6 +74,19 @@ def test_every_epoch_is_a_new_seeded_permutation_of_all_rows_with_their_labels()
     assert list(first) != list(second) and list(first) != list(range(50))
     assert list(epoch_rows(tensorflow_batches(x, y, 8, seed=3))) == list(first)  # seeded
     assert list(epoch_rows(tensorflow_batches(x, y, 8, seed=4))) != list(first)
+
+
+@on_tensorflow
+def test_an_order_mixes_the_whole_split_and_labels_come_in_kerass_float_type():
+    n = 2000
+    x = np.arange(n, dtype=np.float32).reshape(n, 1)
+    y = keras.utils.to_categorical(np.arange(n) % 10, 10)  # float64, as fit_model passes them
+    batches = list(tensorflow_batches(x, y, 8, seed=0))
+    assert {yb.dtype.name for _, yb in batches} == {keras.config.floatx()}  # Keras's own pipeline casts them too
+    order = np.concatenate([xb.numpy().ravel() for xb, _ in batches])
+    # A full shuffle puts about 125 of the last quarter's rows in the first quarter of the order; a
+    # shuffle buffer of a few batches, or of 1,024 rows, puts few or none there.
+    assert (order[: n // 4] >= 3 * n // 4).sum() > 60
 
 
 @on_tensorflow
