@@ -4,7 +4,7 @@ On torch and JAX, ``fit`` gets the numpy arrays and Keras batches them. On
 TensorFlow, Keras would build a ``tf.data`` pipeline whose autotuning runs a
 background thread, and ending each epoch's iterator waits for that thread's
 current sleep, which grows with the run: on a 2-core CPU some of the default
-CNN's epochs started 20-30 s late (docs/backends.md, "TensorFlow's input
+CNN's epochs started up to 30 s late (docs/backends.md, "TensorFlow's input
 pipeline"). :func:`tensorflow_batches` is the same vectorised gather (batches
 taken from the whole split along a seeded order drawn anew each epoch) with the
 autotuning off, so no training epoch waits. Validation keeps Keras's pipeline:
@@ -49,7 +49,7 @@ def tensorflow_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int 
     # The arrays become tensors once; each batch gathers its rows from them.
     whole = tf.data.Dataset.from_tensors((x, y)).repeat()
     batches = tf.data.Dataset.zip((rows.batch(batch_size), whole)).map(
-        lambda rows, whole: (tf.gather(whole[0], rows), tf.gather(whole[1], rows)), num_parallel_calls=2
+        lambda index, arrays: (tf.gather(arrays[0], index), tf.gather(arrays[1], index)), num_parallel_calls=2
     ).prefetch(2)
     options = tf.data.Options()
     options.autotune.enabled = False
