@@ -54,6 +54,26 @@ def synthetic_images(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     return images
 
 
+def random_images_and_one_hot_labels(n: int = 100):
+    """n seeded random 28x28x1 float32 images and one-hot labels of random classes."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    return rng.random((n, 28, 28, 1), dtype=np.float32), keras.utils.to_categorical(rng.integers(0, 10, n), 10)
+
+
+def small_seeded_classifier():
+    """A Flatten-Dense-Dense classifier with seeded weights under plain SGD: two fits of it on the
+    same batches in the same order end with the same weights."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    return model
+
+
 def write_idx_dir(directory: Path, n_train: int = 400, n_test: int = 100, compress: bool = True, seed: int = 0):
     """Write the four Fashion-MNIST files of a tiny synthetic data set; return the arrays."""
     directory.mkdir(parents=True, exist_ok=True)

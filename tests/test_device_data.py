@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import random_images_and_one_hot_labels, small_seeded_classifier
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.engine import fit
@@ -11,24 +12,11 @@ from fmnist_keras.engine.device_data import DeviceBatches, cutmix
 from fmnist_keras.engine.splits import make_splits
 
 
-def _model():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
-                              keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10, activation="softmax")])
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
-    return model
-
-
-def _data(n=100):
-    rng = np.random.default_rng(0)
-    return rng.random((n, 28, 28, 1), dtype=np.float32), keras.utils.to_categorical(rng.integers(0, 10, n), 10)
-
-
 def test_device_batches_train_exactly_like_numpy_arrays_in_the_same_order():
-    x, y = _data()
-    reference = _model()
+    x, y = random_images_and_one_hot_labels()
+    reference = small_seeded_classifier()
     reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)  # 7 batches, the last of 4
-    on_device = _model()
+    on_device = small_seeded_classifier()
     on_device.fit(DeviceBatches(x, y, 16, shuffle=False), epochs=2, shuffle=False, verbose=0)
     assert int(keras.ops.convert_to_numpy(on_device.optimizer.iterations)) == 14
     for a, b in zip(reference.get_weights(), on_device.get_weights()):
@@ -36,7 +24,7 @@ def test_device_batches_train_exactly_like_numpy_arrays_in_the_same_order():
 
 
 def test_every_epoch_is_a_new_seeded_permutation_of_all_rows():
-    x, y = _data(50)
+    x, y = random_images_and_one_hot_labels(50)
     x[:, 0, 0, 0] = np.arange(50)  # each image carries its row number
 
     def epoch_rows(batches):

@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import random_images_and_one_hot_labels, small_seeded_classifier
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.engine import fit, host_batches
@@ -15,21 +16,8 @@ on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                    reason="the tf.data pipeline is what fit gets on the TensorFlow backend")
 
 
-def _model():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
-                              keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10, activation="softmax")])
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
-    return model
-
-
-def _data(n=100):
-    rng = np.random.default_rng(0)
-    return rng.random((n, 28, 28, 1), dtype=np.float32), keras.utils.to_categorical(rng.integers(0, 10, n), 10)
-
-
 def test_fit_gets_the_arrays_except_on_tensorflow():
-    x, y = _data(20)
+    x, y = random_images_and_one_hot_labels(20)
     inputs = fit_inputs(x, y, 8, seed=0)
     if keras.backend.backend() == "tensorflow":
         assert set(inputs) == {"x", "shuffle"} and inputs["shuffle"] is False  # it shuffles itself
@@ -46,10 +34,10 @@ def test_rows_that_do_not_pair_up_are_refused(rows):
 
 @on_tensorflow
 def test_tensorflow_batches_train_exactly_like_numpy_arrays_in_the_same_order():
-    x, y = _data()
-    reference = _model()
+    x, y = random_images_and_one_hot_labels()
+    reference = small_seeded_classifier()
     reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)  # 7 batches, the last of 4
-    piped = _model()
+    piped = small_seeded_classifier()
     piped.fit(tensorflow_batches(x, y, 16, shuffle=False), epochs=2, shuffle=False, verbose=0)
     assert int(keras.ops.convert_to_numpy(piped.optimizer.iterations)) == 14
     for a, b in zip(reference.get_weights(), piped.get_weights()):
@@ -58,7 +46,7 @@ def test_tensorflow_batches_train_exactly_like_numpy_arrays_in_the_same_order():
 
 @on_tensorflow
 def test_every_epoch_is_a_new_seeded_permutation_of_all_rows_with_their_labels():
-    x, y = _data(50)
+    x, y = random_images_and_one_hot_labels(50)
     x[:, 0, 0, 0] = np.arange(50)  # each image carries its row number
     y = np.arange(50, dtype=np.float32)[:, None] * np.ones((1, 10), np.float32)  # and so does its target
 
