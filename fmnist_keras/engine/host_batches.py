@@ -7,8 +7,8 @@ current sleep, which grows with the run: on a 2-core CPU some of the default
 CNN's epochs started up to 30 s late (docs/backends.md, "TensorFlow's input
 pipeline"). :func:`tensorflow_batches` is the same vectorised gather (batches
 taken from the whole split along a seeded order drawn anew each epoch) with the
-autotuning off, so no training epoch waits for it. Validation keeps Keras's pipeline:
-its wait is bounded by its own pass, a second or two.
+autotuning off, so no training epoch waits for it. Validation keeps Keras's
+pipeline: its wait is bounded by its own pass, a second or two.
 
 Imports Keras: import this only after :func:`fmnist_keras.backend.select_backend`.
 """
