@@ -62,7 +62,7 @@ def random_images_and_one_hot_labels(n: int = 100):
     return rng.random((n, 28, 28, 1), dtype=np.float32), keras.utils.to_categorical(rng.integers(0, 10, n), 10)
 
 
-def small_seeded_classifier():
+def _small_seeded_classifier():
     """A Flatten-Dense-Dense classifier with seeded weights under plain SGD: two fits of it on the
     same batches in the same order end with the same weights."""
     import keras
@@ -72,6 +72,22 @@ def small_seeded_classifier():
                               keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10, activation="softmax")])
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
     return model
+
+
+def assert_trains_exactly_like_the_arrays(batches_in_order):
+    """Fit a small seeded classifier for two epochs on ``batches_in_order(x, y, 16)``, 100 images in
+    batches of 16 in the arrays' order, and another on the arrays themselves (``shuffle=False``): both
+    take 14 steps (7 batches, the last of 4) and end with the same weights, to 1e-6."""
+    import keras
+
+    x, y = random_images_and_one_hot_labels()
+    reference = _small_seeded_classifier()
+    reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    batched = _small_seeded_classifier()
+    batched.fit(batches_in_order(x, y, 16), epochs=2, shuffle=False, verbose=0)
+    assert int(keras.ops.convert_to_numpy(batched.optimizer.iterations)) == 14
+    for a, b in zip(reference.get_weights(), batched.get_weights()):
+        np.testing.assert_allclose(b, a, atol=1e-6)
 
 
 def write_idx_dir(directory: Path, n_train: int = 400, n_test: int = 100, compress: bool = True, seed: int = 0):

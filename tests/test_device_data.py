@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import random_images_and_one_hot_labels, small_seeded_classifier
+from conftest import assert_trains_exactly_like_the_arrays, random_images_and_one_hot_labels
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.engine import fit
@@ -13,14 +13,7 @@ from fmnist_keras.engine.splits import make_splits
 
 
 def test_device_batches_train_exactly_like_numpy_arrays_in_the_same_order():
-    x, y = random_images_and_one_hot_labels()
-    reference = small_seeded_classifier()
-    reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)  # 7 batches, the last of 4
-    on_device = small_seeded_classifier()
-    on_device.fit(DeviceBatches(x, y, 16, shuffle=False), epochs=2, shuffle=False, verbose=0)
-    assert int(keras.ops.convert_to_numpy(on_device.optimizer.iterations)) == 14
-    for a, b in zip(reference.get_weights(), on_device.get_weights()):
-        np.testing.assert_allclose(b, a, atol=1e-6)
+    assert_trains_exactly_like_the_arrays(lambda x, y, batch_size: DeviceBatches(x, y, batch_size, shuffle=False))
 
 
 def test_every_epoch_is_a_new_seeded_permutation_of_all_rows():

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import random_images_and_one_hot_labels, small_seeded_classifier
+from conftest import assert_trains_exactly_like_the_arrays, random_images_and_one_hot_labels
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.engine import fit, host_batches
@@ -34,14 +34,7 @@ def test_rows_that_do_not_pair_up_are_refused(rows):
 
 @on_tensorflow
 def test_tensorflow_batches_train_exactly_like_numpy_arrays_in_the_same_order():
-    x, y = random_images_and_one_hot_labels()
-    reference = small_seeded_classifier()
-    reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)  # 7 batches, the last of 4
-    piped = small_seeded_classifier()
-    piped.fit(tensorflow_batches(x, y, 16, shuffle=False), epochs=2, shuffle=False, verbose=0)
-    assert int(keras.ops.convert_to_numpy(piped.optimizer.iterations)) == 14
-    for a, b in zip(reference.get_weights(), piped.get_weights()):
-        np.testing.assert_allclose(b, a, atol=1e-6)
+    assert_trains_exactly_like_the_arrays(lambda x, y, batch_size: tensorflow_batches(x, y, batch_size, shuffle=False))
 
 
 @on_tensorflow
