@@ -86,9 +86,9 @@ def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool, mixed_p
     """A Keras model trained with ``model.fit``; ``fast`` as ``train`` does it, else stock Keras.
 
     ``fast`` also feeds the data as ``train`` does: on a GPU from the training
-    split kept on the device (``DeviceBatches``), on TensorFlow from its
-    ``tf.data`` pipeline without autotuning (``host_batches``); stock Keras
-    fits from numpy arrays.
+    split kept on the device (``DeviceBatches``), on a CPU from ``host_batches``,
+    and on TensorFlow either way through ``tf.data`` without autotuning; stock
+    Keras fits from numpy arrays.
     ``mixed_precision`` builds it under ``train``'s mixed policy (bfloat16 on a
     CPU, float16 on a GPU) instead of float32.
 
@@ -118,7 +118,7 @@ def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool, mixed_p
     if fast and has_gpu():
         from fmnist_keras.engine.device_data import DeviceBatches
 
-        data = {"x": DeviceBatches(splits.x_train, y, batch_size), "shuffle": False}
+        data = DeviceBatches(splits.x_train, y, batch_size).fit_inputs()
     elif fast:
         from fmnist_keras.engine.host_batches import fit_inputs
 

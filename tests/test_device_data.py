@@ -12,25 +12,60 @@ from fmnist_keras.engine.device_data import DeviceBatches, cutmix
 from fmnist_keras.engine.splits import make_splits
 
 
-def test_device_batches_train_exactly_like_numpy_arrays_in_the_same_order():
-    assert_trains_exactly_like_the_arrays(lambda x, y, batch_size: DeviceBatches(x, y, batch_size, shuffle=False))
+on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                   reason="fit gets the batches through tf.data on the TensorFlow backend")
 
 
-def test_every_epoch_is_a_new_seeded_permutation_of_all_rows():
+@pytest.mark.parametrize("through_fit_inputs", [False, True])
+def test_device_batches_train_exactly_like_numpy_arrays_in_the_same_order(through_fit_inputs):
+    def batches_in_order(x, y, batch_size):
+        batches = DeviceBatches(x, y, batch_size, shuffle=False)
+        return batches.fit_inputs()["x"] if through_fit_inputs else batches
+
+    assert_trains_exactly_like_the_arrays(batches_in_order)
+
+
+def test_fit_gets_the_batches_themselves_except_on_tensorflow():
+    batches = DeviceBatches(*random_images_and_one_hot_labels(20), 8)
+    inputs = batches.fit_inputs()
+    assert set(inputs) == {"x", "shuffle"} and inputs["shuffle"] is False  # they shuffle themselves
+    if keras.backend.backend() == "tensorflow":
+        assert inputs["x"].options().autotune.enabled is False  # unset, it is None
+        assert int(inputs["x"].cardinality()) == 3  # Keras knows the steps of the first epoch too
+    else:
+        assert inputs["x"] is batches
+
+
+def _rows_of_an_epoch(batches):
+    """The row numbers that the images of one epoch carry (see the test below), in order, read the
+    way Keras reads ``batches``: a ``PyDataset`` by index, then ``on_epoch_end``; else one pass."""
+    if isinstance(batches, DeviceBatches):
+        pairs = [batches[i] for i in range(len(batches))]
+        batches.on_epoch_end()
+    else:
+        pairs = list(batches)
+    pairs = [tuple(keras.ops.convert_to_numpy(t) for t in pair) for pair in pairs]
+    assert [len(x) for x, _ in pairs] == [8] * 6 + [2]
+    assert all((x[:, 0, 0, 0] == y[:, 0]).all() for x, y in pairs)  # each image keeps its own target
+    return [int(row) for x, _ in pairs for row in x[:, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("through_fit_inputs", [False, pytest.param(True, marks=on_tensorflow)])
+def test_every_epoch_is_a_new_seeded_permutation_of_all_rows(through_fit_inputs):
     x, y = random_images_and_one_hot_labels(50)
     x[:, 0, 0, 0] = np.arange(50)  # each image carries its row number
+    y = np.arange(50, dtype=np.float32)[:, None] * np.ones((1, 10), np.float32)  # and so does its target
 
-    def epoch_rows(batches):
-        rows = [keras.ops.convert_to_numpy(batches[i][0])[:, 0, 0, 0] for i in range(len(batches))]
-        batches.on_epoch_end()
-        return np.concatenate(rows).astype(int)
+    def batches(seed):
+        batches = DeviceBatches(x, y, 8, seed=seed)
+        return batches.fit_inputs()["x"] if through_fit_inputs else batches
 
-    batches = DeviceBatches(x, y, 8, seed=3)
-    first, second = epoch_rows(batches), epoch_rows(batches)
+    seeded = batches(3)
+    first, second = _rows_of_an_epoch(seeded), _rows_of_an_epoch(seeded)
     assert sorted(first) == list(range(50)) and sorted(second) == list(range(50))
-    assert list(first) != list(second) and list(first) != list(range(50))
-    again = DeviceBatches(x, y, 8, seed=3)
-    assert list(epoch_rows(again)) == list(first)  # seeded
+    assert first != second and first != list(range(50))
+    assert _rows_of_an_epoch(batches(3)) == first  # seeded
+    assert _rows_of_an_epoch(batches(4)) != first
 
 
 def test_fit_model_trains_from_the_device_and_says_so(tiny_data_dir):
@@ -87,7 +122,7 @@ def test_fit_model_mixes_the_batches_of_a_cutmix_configuration(tiny_data_dir, mo
     raw = fdata.load_data(str(tiny_data_dir), verify=False)
     config = TrainConfig(model="mlp", epochs=2, batch_size=32, data_dir=str(tiny_data_dir), verify=False, cutmix=1.0)
     splits = make_splits(raw, config)
-    seen, original = [], DeviceBatches.__getitem__
+    seen, original, handed_over = [], DeviceBatches.__getitem__, []
 
     def spy(self, index):
         x, y = original(self, index)
@@ -95,8 +130,11 @@ def test_fit_model_mixes_the_batches_of_a_cutmix_configuration(tiny_data_dir, mo
         return x, y
 
     monkeypatch.setattr(DeviceBatches, "__getitem__", spy)
+    fit_inputs = DeviceBatches.fit_inputs
+    monkeypatch.setattr(DeviceBatches, "fit_inputs", lambda self: handed_over.append(self) or fit_inputs(self))
     result = fit.fit_model(config, splits, verbose=0)  # on a CPU: CutMix alone puts the batches on the device
     assert result.facts["training_data_on_device"] is True and len(result.history) == 2
+    assert len(handed_over) == 1  # fit got them as each backend takes them
     assert seen and all(np.allclose(y.sum(axis=1), 1.0) for y in seen)
     assert any(((y > 0) & (y < 1)).any() for y in seen)  # soft labels: the batches were mixed
 

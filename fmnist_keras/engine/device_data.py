@@ -6,8 +6,10 @@ batch is then a ``take`` along a shuffled index that also lives on the device,
 and the augmentation runs there too (it is Keras layers). One small copy per
 epoch remains: the new order, drawn from a seeded host generator.
 
-Pass it to ``fit`` with ``shuffle=False``: it shuffles itself (Keras would
-otherwise shuffle the order of its batches as well).
+Pass ``fit`` its :meth:`DeviceBatches.fit_inputs`: the batches with
+``shuffle=False``, as they shuffle themselves (Keras would otherwise shuffle the
+order of its batches as well), and on TensorFlow in a ``tf.data`` pipeline
+without autotuning (see :mod:`fmnist_keras.engine.host_batches`).
 
 With ``cutmix`` > 0 that fraction of the batches is mixed with CutMix (Yun et
 al. 2019): one box per batch, pasted in each image from another image of the
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+
+from fmnist_keras.engine.host_batches import without_autotuning
 
 
 class DeviceBatches(keras.utils.PyDataset):
@@ -63,6 +67,29 @@ class DeviceBatches(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         order = self._rng.permutation(self.size) if self.shuffle else np.arange(self.size)
         self._order = keras.ops.convert_to_tensor(order.astype("int32"))
+
+    def fit_inputs(self) -> dict:
+        """``model.fit``'s training-data arguments for these batches, with ``shuffle=False``: on
+        TensorFlow a ``tf.data.Dataset`` of them without autotuning, elsewhere the batches themselves.
+
+        Keras's own TensorFlow pipeline for a ``PyDataset`` autotunes its prefetching, and then an
+        epoch can start seconds late, waiting for the autotuner (``host_batches``). The dataset
+        draws a new order at the start of each pass over it, so each pass is one epoch, whoever
+        starts it.
+        """
+        if keras.backend.backend() != "tensorflow":
+            return {"x": self, "shuffle": False}
+        import tensorflow as tf  # the TensorFlow backend has imported it already
+
+        def one_pass():
+            self.on_epoch_end()
+            for index in range(len(self)):
+                yield self[index]
+
+        signature = tuple(tf.TensorSpec((None, *tensor.shape[1:]), tensor.dtype) for tensor in (self.x, self.y))
+        batches = tf.data.Dataset.from_generator(one_pass, output_signature=signature)
+        batches = batches.apply(tf.data.experimental.assert_cardinality(len(self))).prefetch(2)
+        return {"x": without_autotuning(batches), "shuffle": False}
 
 
 def checked_cutmix(fraction: float) -> float:

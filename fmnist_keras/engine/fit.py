@@ -147,7 +147,7 @@ def fit_model(
         # CutMix mixes images and labels together, so it needs batches of its own (on a CPU too).
         batches = DeviceBatches(splits.x_train, y_train, config.batch_size, seed=config.seed, cutmix=config.cutmix,
                                 data_format=splits.data_format)
-        training_data = {"x": batches, "shuffle": False}  # it shuffles itself, on the device
+        training_data = batches.fit_inputs()  # they shuffle themselves, on the device
         parts.data_on_device = True
     else:
         training_data = fit_inputs(splits.x_train, y_train, config.batch_size, seed=config.seed)

@@ -51,10 +51,18 @@ def tensorflow_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int 
     batches = tf.data.Dataset.zip((rows.batch(batch_size), whole)).map(
         lambda index, arrays: (tf.gather(arrays[0], index), tf.gather(arrays[1], index)), num_parallel_calls=2
     ).prefetch(2)
+    return without_autotuning(batches)
+
+
+def without_autotuning(dataset):
+    """``dataset`` (a ``tf.data.Dataset``) with tf.data's autotuning off, and none of its graph rewrites
+    (as Keras's own pipeline from arrays)."""
+    import tensorflow as tf
+
     options = tf.data.Options()
     options.autotune.enabled = False
-    options.experimental_optimization.apply_default_optimizations = False  # as Keras's: no graph rewrites
-    return batches.with_options(options)
+    options.experimental_optimization.apply_default_optimizations = False
+    return dataset.with_options(options)
 
 
 def _floatx(array: np.ndarray) -> np.ndarray:
