@@ -73,9 +73,9 @@ class DeviceBatches(keras.utils.PyDataset):
         TensorFlow a ``tf.data.Dataset`` of them without autotuning, elsewhere the batches themselves.
 
         Keras's own TensorFlow pipeline for a ``PyDataset`` autotunes its prefetching, and then an
-        epoch can start seconds late, waiting for the autotuner (``host_batches``). The dataset
-        draws a new order at the start of each pass over it, so each pass is one epoch, whoever
-        starts it.
+        epoch can start seconds late, waiting for the autotuner (``host_batches``). Each pass over
+        the dataset draws a new order when it starts, not when it ends: Keras's epoch iterator
+        starts a pass at the end of each epoch and drops it for another at the next epoch's start.
         """
         if keras.backend.backend() != "tensorflow":
             return {"x": self, "shuffle": False}

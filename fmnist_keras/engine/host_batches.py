@@ -8,7 +8,10 @@ CNN's epochs started up to 30 s late (docs/backends.md, "TensorFlow's input
 pipeline"). :func:`tensorflow_batches` is the same vectorised gather (batches
 taken from the whole split along a seeded order drawn anew each epoch) with the
 autotuning off, so no training epoch waits for it. Validation keeps Keras's
-pipeline: its wait is bounded by its own pass, a second or two.
+pipeline: its wait is bounded by its own pass, a second or two. Keras's pipeline
+for a ``PyDataset`` autotunes too, so ``DeviceBatches.fit_inputs``
+(:mod:`fmnist_keras.engine.device_data`) turns it off with
+:func:`without_autotuning` as well.
 
 Imports Keras: import this only after :func:`fmnist_keras.backend.select_backend`.
 """
