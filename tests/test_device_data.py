@@ -16,7 +16,7 @@ on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                    reason="fit gets the batches through tf.data on the TensorFlow backend")
 
 
-@pytest.mark.parametrize("through_fit_inputs", [False, True])
+@pytest.mark.parametrize("through_fit_inputs", [False, pytest.param(True, marks=on_tensorflow)])
 def test_device_batches_train_exactly_like_numpy_arrays_in_the_same_order(through_fit_inputs):
     def batches_in_order(x, y, batch_size):
         batches = DeviceBatches(x, y, batch_size, shuffle=False)
@@ -30,20 +30,28 @@ def test_fit_gets_the_batches_themselves_except_on_tensorflow():
     inputs = batches.fit_inputs()
     assert set(inputs) == {"x", "shuffle"} and inputs["shuffle"] is False  # they shuffle themselves
     if keras.backend.backend() == "tensorflow":
-        assert inputs["x"].options().autotune.enabled is False  # unset, it is None
+        options = inputs["x"].options()
+        assert options.autotune.enabled is False  # unset, it is None
+        assert options.experimental_optimization.apply_default_optimizations is False
         assert int(inputs["x"].cardinality()) == 3  # Keras knows the steps of the first epoch too
+        images, labels = inputs["x"].element_spec
+        assert images.shape.as_list() == [None, 28, 28, 1] and labels.shape.as_list() == [None, 10]
+        first_images, first_labels = batches[0]
+        assert (images.dtype, labels.dtype) == (first_images.dtype, first_labels.dtype)  # as the batches come
     else:
         assert inputs["x"] is batches
 
 
 def _rows_of_an_epoch(batches):
     """The row numbers that the images of one epoch carry (see the test below), in order, read the
-    way Keras reads ``batches``: a ``PyDataset`` by index, then ``on_epoch_end``; else one pass."""
+    way Keras reads ``batches``: a ``PyDataset`` by index, then ``on_epoch_end``; a dataset by
+    taking one epoch's batches from a new iterator."""
     if isinstance(batches, DeviceBatches):
         pairs = [batches[i] for i in range(len(batches))]
         batches.on_epoch_end()
     else:
-        pairs = list(batches)
+        iterator = iter(batches)
+        pairs = [next(iterator) for _ in range(int(batches.cardinality()))]
     pairs = [tuple(keras.ops.convert_to_numpy(t) for t in pair) for pair in pairs]
     assert [len(x) for x, _ in pairs] == [8] * 6 + [2]
     assert all((x[:, 0, 0, 0] == y[:, 0]).all() for x, y in pairs)  # each image keeps its own target
@@ -66,6 +74,28 @@ def test_every_epoch_is_a_new_seeded_permutation_of_all_rows(through_fit_inputs)
     assert first != second and first != list(range(50))
     assert _rows_of_an_epoch(batches(3)) == first  # seeded
     assert _rows_of_an_epoch(batches(4)) != first
+
+
+@on_tensorflow
+def test_each_epoch_of_a_fit_on_tensorflow_reads_one_new_permutation_once(monkeypatch):
+    x, y = random_images_and_one_hot_labels(50)
+    x[:, 0, 0, 0] = np.arange(50)  # each image carries its row number
+    read, original = [], DeviceBatches.__getitem__
+
+    def spy(self, index):
+        batch = original(self, index)
+        read.append(keras.ops.convert_to_numpy(batch[0])[:, 0, 0, 0].astype(int))
+        return batch
+
+    monkeypatch.setattr(DeviceBatches, "__getitem__", spy)
+    batches = DeviceBatches(x, y, 8, seed=3)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10, "softmax")])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    model.fit(**batches.fit_inputs(), epochs=3, verbose=0)
+    assert len(read) == 3 * 7  # each epoch's batches once, none of a pass that Keras starts and drops
+    epochs = [[int(row) for rows in read[k * 7: k * 7 + 7] for row in rows] for k in range(3)]
+    assert all(sorted(rows) == list(range(50)) for rows in epochs)
+    assert len({tuple(rows) for rows in epochs}) == 3  # a new order every epoch
 
 
 def test_fit_model_trains_from_the_device_and_says_so(tiny_data_dir):

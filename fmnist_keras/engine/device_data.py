@@ -9,7 +9,9 @@ epoch remains: the new order, drawn from a seeded host generator.
 Pass ``fit`` its :meth:`DeviceBatches.fit_inputs`: the batches with
 ``shuffle=False``, as they shuffle themselves (Keras would otherwise shuffle the
 order of its batches as well), and on TensorFlow in a ``tf.data`` pipeline
-without autotuning (see :mod:`fmnist_keras.engine.host_batches`).
+without autotuning (see :mod:`fmnist_keras.engine.host_batches`). ``tf.data``
+runs on the host, so there each batch goes through host memory on its way to
+the model, as it does in Keras's own pipeline for a ``PyDataset``.
 
 With ``cutmix`` > 0 that fraction of the batches is mixed with CutMix (Yun et
 al. 2019): one box per batch, pasted in each image from another image of the
@@ -74,8 +76,9 @@ class DeviceBatches(keras.utils.PyDataset):
 
         Keras's own TensorFlow pipeline for a ``PyDataset`` autotunes its prefetching, and then an
         epoch can start seconds late, waiting for the autotuner (``host_batches``). Each pass over
-        the dataset draws a new order when it starts, not when it ends: Keras's epoch iterator
-        starts a pass at the end of each epoch and drops it for another at the next epoch's start.
+        the dataset draws a new order when it starts, not after its last batch: Keras reads one
+        epoch's batches from a pass and drops it, so code after the last batch would run only if the
+        prefetching happened to read past the end before that.
         """
         if keras.backend.backend() != "tensorflow":
             return {"x": self, "shuffle": False}
