@@ -90,6 +90,45 @@ def assert_trains_exactly_like_the_arrays(batches_in_order):
         np.testing.assert_allclose(b, a, atol=1e-6)
 
 
+def images_numbered_by_row(n: int = 50):
+    """n random images whose first pixel is the image's row number, and targets of ten copies of that
+    number: the rows of each batch, and whether each image kept its own target, can be read back."""
+    x, _ = random_images_and_one_hot_labels(n)
+    x[:, 0, 0, 0] = np.arange(n)
+    return x, np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 10), np.float32)
+
+
+def _rows_of_an_epoch(batches) -> list[int]:
+    """The row numbers of one epoch's images (:func:`images_numbered_by_row`, batches of 8, the last
+    of 2), in order, read the way Keras reads ``batches``: a ``PyDataset`` by index, then
+    ``on_epoch_end``; a ``tf.data.Dataset`` by taking one epoch's batches from a new iterator."""
+    import keras
+
+    if isinstance(batches, keras.utils.PyDataset):
+        pairs = [batches[i] for i in range(len(batches))]
+        batches.on_epoch_end()
+    else:
+        iterator = iter(batches)
+        pairs = [next(iterator) for _ in range(int(batches.cardinality()))]
+    pairs = [tuple(keras.ops.convert_to_numpy(t) for t in pair) for pair in pairs]
+    assert [len(x) for x, _ in pairs] == [8] * 6 + [2]
+    assert all((x[:, 0, 0, 0] == y[:, 0]).all() for x, y in pairs)  # each image keeps its own target
+    return [int(row) for x, _ in pairs for row in x[:, 0, 0, 0]]
+
+
+def assert_each_epoch_is_a_new_seeded_permutation(seeded_batches):
+    """Read epochs of ``seeded_batches(x, y, 8, seed)`` over 50 numbered images: each epoch is a
+    permutation of all rows with their own targets, two epochs differ and neither is the arrays'
+    order, seed 3 gives the same first epoch again and seed 4 another."""
+    x, y = images_numbered_by_row(50)
+    batches = seeded_batches(x, y, 8, 3)
+    first, second = _rows_of_an_epoch(batches), _rows_of_an_epoch(batches)
+    assert sorted(first) == list(range(50)) and sorted(second) == list(range(50))
+    assert first != second and first != list(range(50))
+    assert _rows_of_an_epoch(seeded_batches(x, y, 8, 3)) == first  # seeded
+    assert _rows_of_an_epoch(seeded_batches(x, y, 8, 4)) != first
+
+
 def write_idx_dir(directory: Path, n_train: int = 400, n_test: int = 100, compress: bool = True, seed: int = 0):
     """Write the four Fashion-MNIST files of a tiny synthetic data set; return the arrays."""
     directory.mkdir(parents=True, exist_ok=True)

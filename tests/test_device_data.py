@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import assert_trains_exactly_like_the_arrays, random_images_and_one_hot_labels
+from conftest import (assert_each_epoch_is_a_new_seeded_permutation, assert_trains_exactly_like_the_arrays,
+                      images_numbered_by_row, random_images_and_one_hot_labels)
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.engine import fit
@@ -42,44 +43,18 @@ def test_fit_gets_the_batches_themselves_except_on_tensorflow():
         assert inputs["x"] is batches
 
 
-def _rows_of_an_epoch(batches):
-    """The row numbers that the images of one epoch carry (see the test below), in order, read the
-    way Keras reads ``batches``: a ``PyDataset`` by index, then ``on_epoch_end``; a dataset by
-    taking one epoch's batches from a new iterator."""
-    if isinstance(batches, DeviceBatches):
-        pairs = [batches[i] for i in range(len(batches))]
-        batches.on_epoch_end()
-    else:
-        iterator = iter(batches)
-        pairs = [next(iterator) for _ in range(int(batches.cardinality()))]
-    pairs = [tuple(keras.ops.convert_to_numpy(t) for t in pair) for pair in pairs]
-    assert [len(x) for x, _ in pairs] == [8] * 6 + [2]
-    assert all((x[:, 0, 0, 0] == y[:, 0]).all() for x, y in pairs)  # each image keeps its own target
-    return [int(row) for x, _ in pairs for row in x[:, 0, 0, 0]]
-
-
 @pytest.mark.parametrize("through_fit_inputs", [False, pytest.param(True, marks=on_tensorflow)])
 def test_every_epoch_is_a_new_seeded_permutation_of_all_rows(through_fit_inputs):
-    x, y = random_images_and_one_hot_labels(50)
-    x[:, 0, 0, 0] = np.arange(50)  # each image carries its row number
-    y = np.arange(50, dtype=np.float32)[:, None] * np.ones((1, 10), np.float32)  # and so does its target
-
-    def batches(seed):
-        batches = DeviceBatches(x, y, 8, seed=seed)
+    def seeded_batches(x, y, batch_size, seed):
+        batches = DeviceBatches(x, y, batch_size, seed=seed)
         return batches.fit_inputs()["x"] if through_fit_inputs else batches
 
-    seeded = batches(3)
-    first, second = _rows_of_an_epoch(seeded), _rows_of_an_epoch(seeded)
-    assert sorted(first) == list(range(50)) and sorted(second) == list(range(50))
-    assert first != second and first != list(range(50))
-    assert _rows_of_an_epoch(batches(3)) == first  # seeded
-    assert _rows_of_an_epoch(batches(4)) != first
+    assert_each_epoch_is_a_new_seeded_permutation(seeded_batches)
 
 
 @on_tensorflow
 def test_each_epoch_of_a_fit_on_tensorflow_reads_one_new_permutation_once(monkeypatch):
-    x, y = random_images_and_one_hot_labels(50)
-    x[:, 0, 0, 0] = np.arange(50)  # each image carries its row number
+    x, y = images_numbered_by_row(50)
     read, original = [], DeviceBatches.__getitem__
 
     def spy(self, index):

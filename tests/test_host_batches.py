@@ -5,7 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import assert_trains_exactly_like_the_arrays, random_images_and_one_hot_labels
+from conftest import (assert_each_epoch_is_a_new_seeded_permutation, assert_trains_exactly_like_the_arrays,
+                      random_images_and_one_hot_labels)
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.engine import fit, host_batches
@@ -39,22 +40,7 @@ def test_tensorflow_batches_train_exactly_like_numpy_arrays_in_the_same_order():
 
 @on_tensorflow
 def test_every_epoch_is_a_new_seeded_permutation_of_all_rows_with_their_labels():
-    x, y = random_images_and_one_hot_labels(50)
-    x[:, 0, 0, 0] = np.arange(50)  # each image carries its row number
-    y = np.arange(50, dtype=np.float32)[:, None] * np.ones((1, 10), np.float32)  # and so does its target
-
-    def epoch_rows(batches):
-        pairs = [(xb.numpy()[:, 0, 0, 0], yb.numpy()[:, 0]) for xb, yb in batches]
-        assert [len(xb) for xb, _ in pairs] == [8] * 6 + [2]
-        assert all((xb == yb).all() for xb, yb in pairs)  # each image keeps its own target
-        return np.concatenate([xb for xb, _ in pairs]).astype(int)
-
-    batches = tensorflow_batches(x, y, 8, seed=3)
-    first, second = epoch_rows(batches), epoch_rows(batches)
-    assert sorted(first) == list(range(50)) and sorted(second) == list(range(50))
-    assert list(first) != list(second) and list(first) != list(range(50))
-    assert list(epoch_rows(tensorflow_batches(x, y, 8, seed=3))) == list(first)  # seeded
-    assert list(epoch_rows(tensorflow_batches(x, y, 8, seed=4))) != list(first)
+    assert_each_epoch_is_a_new_seeded_permutation(lambda x, y, size, seed: tensorflow_batches(x, y, size, seed=seed))
 
 
 @on_tensorflow
