@@ -62,7 +62,7 @@ def random_images_and_one_hot_labels(n: int = 100):
     return rng.random((n, 28, 28, 1), dtype=np.float32), keras.utils.to_categorical(rng.integers(0, 10, n), 10)
 
 
-def _small_seeded_classifier():
+def small_seeded_classifier():
     """A Flatten-Dense-Dense classifier with seeded weights under plain SGD: two fits of it on the
     same batches in the same order end with the same weights."""
     import keras
@@ -81,9 +81,9 @@ def assert_trains_exactly_like_the_arrays(batches_in_order):
     import keras
 
     x, y = random_images_and_one_hot_labels()
-    reference = _small_seeded_classifier()
+    reference = small_seeded_classifier()
     reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-    batched = _small_seeded_classifier()
+    batched = small_seeded_classifier()
     batched.fit(batches_in_order(x, y, 16), epochs=2, shuffle=False, verbose=0)
     assert int(keras.ops.convert_to_numpy(batched.optimizer.iterations)) == 14
     for a, b in zip(reference.get_weights(), batched.get_weights()):

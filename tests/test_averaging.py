@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import random_images_and_one_hot_labels
 from fmnist_keras.config import TrainConfig, load_config
 from fmnist_keras.engine.callbacks import (
     AtomicModelCheckpoint,
@@ -40,13 +41,8 @@ def tiny_model(seed=0):
     return model
 
 
-def tiny_data(n=48):
-    rng = np.random.default_rng(0)
-    return rng.random((n, 28, 28, 1), dtype=np.float32), keras.utils.to_categorical(rng.integers(0, 10, n), 10)
-
-
 def fit(model, callbacks, epochs):
-    x, y = tiny_data()
+    x, y = random_images_and_one_hot_labels(48)
     model.fit(x, y, validation_data=(x, y), epochs=epochs, batch_size=16, shuffle=False, verbose=0,
               callbacks=callbacks)
 

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import random_images_and_one_hot_labels
 from fmnist_keras.engine.callbacks import (
     AtomicModelCheckpoint,
     NaNGuard,
@@ -34,13 +35,8 @@ def tiny_model(seed=0):
     return model
 
 
-def tiny_data(n=32):
-    rng = np.random.default_rng(0)
-    return rng.random((n, 28, 28, 1), dtype=np.float32), keras.utils.to_categorical(rng.integers(0, 10, n), 10)
-
-
 def fit(model, callbacks, epochs, x=None):
-    data_x, y = tiny_data()
+    data_x, y = random_images_and_one_hot_labels(32)
     x = data_x if x is None else x
     return model.fit(x, y, validation_data=(data_x, y), epochs=epochs, batch_size=16, shuffle=False, verbose=0,
                      callbacks=callbacks)
@@ -203,7 +199,7 @@ def test_nan_guard_stops_and_keeps_non_finite_weights_out_of_the_checkpoint(tmp_
 
 
 def test_nan_guard_stops_on_a_nan_loss_like_terminate_on_nan():
-    x, _ = tiny_data()
+    x, _ = random_images_and_one_hot_labels(32)
     x[20] = np.nan  # the second batch
     guard, stock = NaNGuard(), keras.callbacks.TerminateOnNaN()
     history = fit(tiny_model(), [guard], epochs=3, x=x)

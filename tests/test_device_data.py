@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import (assert_each_epoch_is_a_new_seeded_permutation, assert_trains_exactly_like_the_arrays,
-                      images_numbered_by_row, random_images_and_one_hot_labels)
+                      images_numbered_by_row, random_images_and_one_hot_labels, small_seeded_classifier)
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.engine import fit
@@ -65,9 +65,7 @@ def test_each_epoch_of_a_fit_on_tensorflow_reads_one_new_permutation_once(monkey
 
     monkeypatch.setattr(DeviceBatches, "__getitem__", spy)
     batches = DeviceBatches(x, y, 8, seed=3)
-    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10, "softmax")])
-    model.compile(optimizer="sgd", loss="categorical_crossentropy")
-    model.fit(**batches.fit_inputs(), epochs=3, verbose=0)
+    small_seeded_classifier().fit(**batches.fit_inputs(), epochs=3, verbose=0)
     assert len(read) == 3 * 7  # each epoch's batches once, none of a pass that Keras starts and drops
     epochs = [[int(row) for rows in read[k * 7: k * 7 + 7] for row in rows] for k in range(3)]
     assert all(sorted(rows) == list(range(50)) for rows in epochs)
