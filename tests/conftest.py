@@ -37,6 +37,10 @@ from fmnist_keras import data as fdata  # noqa: E402
 
 REAL_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+# Keras takes its backend from KERAS_BACKEND, set above, so this needs no import of keras.
+on_tensorflow = pytest.mark.skipif(os.environ["KERAS_BACKEND"] != "tensorflow",
+                                   reason="fit gets a tf.data pipeline on the TensorFlow backend only")
+
 
 def idx_bytes(array: np.ndarray) -> bytes:
     """Encode a uint8 array as IDX: magic, big-endian sizes, then the data."""
@@ -71,6 +75,18 @@ def small_seeded_classifier():
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                               keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10, activation="softmax")])
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    return model
+
+
+def linear_classifier(optimizer, seed: int = 0):
+    """A seeded Flatten-Dense softmax classifier of 28x28x1 images (a Fashion-MNIST-shaped model, so the
+    project's loading checks accept its checkpoints), compiled with ``optimizer`` and cross-entropy."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
     return model
 
 

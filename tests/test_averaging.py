@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import random_images_and_one_hot_labels
+from conftest import linear_classifier, random_images_and_one_hot_labels
 from fmnist_keras.config import TrainConfig, load_config
 from fmnist_keras.engine.callbacks import (
     AtomicModelCheckpoint,
@@ -33,12 +33,7 @@ MOMENTUM = 0.8
 
 
 def tiny_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
-                              keras.layers.Dense(10, activation="softmax")])
-    model.compile(optimizer=keras.optimizers.AdamW(1e-2, use_ema=True, ema_momentum=MOMENTUM),
-                  loss="categorical_crossentropy")
-    return model
+    return linear_classifier(keras.optimizers.AdamW(1e-2, use_ema=True, ema_momentum=MOMENTUM), seed)
 
 
 def fit(model, callbacks, epochs):

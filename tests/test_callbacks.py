@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import random_images_and_one_hot_labels
+from conftest import linear_classifier, random_images_and_one_hot_labels
 from fmnist_keras.engine.callbacks import (
     AtomicModelCheckpoint,
     NaNGuard,
@@ -27,12 +27,7 @@ NAN = float("nan")
 
 
 def tiny_model(seed=0):
-    """A Fashion-MNIST-shaped model (resume_state loads checkpoints with the project's checks)."""
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
-                              keras.layers.Dense(10, activation="softmax")])
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
-    return model
+    return linear_classifier(keras.optimizers.SGD(0.1), seed)
 
 
 def fit(model, callbacks, epochs, x=None):

@@ -5,16 +5,13 @@ import numpy as np
 import pytest
 
 from conftest import (assert_each_epoch_is_a_new_seeded_permutation, assert_trains_exactly_like_the_arrays,
-                      images_numbered_by_row, random_images_and_one_hot_labels, small_seeded_classifier)
+                      images_numbered_by_row, on_tensorflow, random_images_and_one_hot_labels,
+                      small_seeded_classifier)
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.engine import fit
 from fmnist_keras.engine.device_data import DeviceBatches, cutmix
 from fmnist_keras.engine.splits import make_splits
-
-
-on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                                   reason="fit gets the batches through tf.data on the TensorFlow backend")
 
 
 @pytest.mark.parametrize("through_fit_inputs", [False, pytest.param(True, marks=on_tensorflow)])

@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 
 from conftest import (assert_each_epoch_is_a_new_seeded_permutation, assert_trains_exactly_like_the_arrays,
-                      random_images_and_one_hot_labels)
+                      on_tensorflow, random_images_and_one_hot_labels)
 from fmnist_keras import data as fdata
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.engine import fit, host_batches
 from fmnist_keras.engine.host_batches import fit_inputs, tensorflow_batches
 from fmnist_keras.engine.splits import make_splits
-
-on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                                   reason="the tf.data pipeline is what fit gets on the TensorFlow backend")
 
 
 def test_fit_gets_the_arrays_except_on_tensorflow():
