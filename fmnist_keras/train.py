@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
                         help="compute in bfloat16 (CPU) or float16 (GPU), keep float32 weights and outputs "
                         f"(default: on a CPU with AMX or AVX512-BF16, on for {_bfloat16_defaults()}, which train "
-                        "1.28-2.2x faster there (the CNN at the same accuracy; one float32 seed on tensorflow); "
+                        "1.3-2.2x faster there (the CNN at the same accuracy); "
                         "off elsewhere; the decision is saved in config.json)")
     parser.add_argument("--data-format", choices=DATA_FORMATS, default=DEFAULTS.data_format,
                         help="image layout while training; 'auto' is channels_last (channels_first on torch with "

@@ -168,7 +168,7 @@ def test_only_the_measured_models_and_backends_default_to_bfloat16_and_only_on_a
     cpuinfo.write_text("flags\t\t: fpu avx512f" + flags + "\n")
     monkeypatch.setattr(fbackend, "CPUINFO", str(cpuinfo))
     monkeypatch.setattr(fbackend, "has_gpu", lambda: gpu)
-    # Measured to pay there: on torch the CNN 1.7-2.2x and cnn-large 1.7-1.8x faster, on TensorFlow the CNN 1.28x;
+    # Measured to pay there: on torch the CNN 1.7-2.2x and cnn-large 1.7-1.8x faster, on TensorFlow the CNN 1.3x;
     # the MLP no faster, nor the CNN on JAX.
     measured = {"torch": {"cnn", "cnn-large"}, "tensorflow": {"cnn"}, "jax": set()}
     for name in ("torch", "tensorflow", "jax"):
