@@ -182,10 +182,11 @@ def default_mixed_precision(backend: str, model: str) -> bool:
     alone 1.7x as fast, both at the same test accuracy, and ``cnn-large`` 1.7x
     as fast with AMX and 1.7-1.8x with AVX512-BF16 alone, its accuracy measured
     with AMX; on TensorFlow, a CPU with AVX512-BF16 alone trains the default
-    CNN about 1.3x as fast, at the same test accuracy (three seeds each). Elsewhere float32:
-    a CPU without either emulates bfloat16 and trained the CNN 2.2x slower in
-    it, the MLP gained nothing even with AMX, JAX trained the CNN 1.07x as fast
-    (within the noise); GPUs, and ``cnn-large`` on TensorFlow, until measured.
+    CNN about 1.3x as fast, at the same test accuracy (three seeds each).
+    Elsewhere float32: a CPU without either emulates bfloat16 and trained the
+    CNN 2.2x slower in it, the MLP gained nothing even with AMX, JAX trained
+    the CNN 1.07x as fast (within the noise); GPUs, and ``cnn-large`` on
+    TensorFlow, until measured.
     """
     return model in BFLOAT16_BY_DEFAULT.get(backend, ()) and not has_gpu() and cpu_has_bfloat16()
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+# Keras ignores an empty KERAS_BACKEND (it falls back to keras.json), so an empty one counts as unset.
+if not os.environ.get("KERAS_BACKEND"):
+    os.environ["KERAS_BACKEND"] = "torch"
 
 
 def _cores() -> int:
