@@ -310,16 +310,30 @@ class CountBatches(keras.callbacks.Callback):
 
 
 class SendSignal(CountBatches):
-    """Send ``signum`` to this process at the end of the first batch."""
+    """Send ``signum`` to this process ``times`` times at the end of the first batch."""
 
-    def __init__(self, signum):
+    def __init__(self, signum, times=1):
         super().__init__()
-        self.signum = signum
+        self.signum, self.times = signum, times
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
-        if batch == 0:
-            os.kill(os.getpid(), self.signum)
+        if self.batches == 1:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+
+class AgreeAfter(CountBatches):
+    """What ReplicaSync does once the replicas' all-reduce shows a signal: ``stop.agree`` after batch ``batches``."""
+
+    def __init__(self, stop, batches, signum):
+        super().__init__()
+        self.stop, self.at, self.signum = stop, batches, signum
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if self.batches == self.at:
+            self.stop.agree(self.signum)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -331,3 +345,25 @@ def test_stop_on_signal_raises_before_the_next_batch_and_restores_the_handler(si
     assert stopped.value.signum == signum and stopped.value.exit_code == 128 + signum
     assert (sender.batches, after.batches) == (1, 1)  # the first batch ended everywhere; no second one ran
     assert signal.getsignal(signum) is before
+
+
+def test_replicas_stop_only_on_the_agreed_signal_even_when_it_comes_twice():
+    # torchrun passes a terminal's Ctrl-C on to ranks that got it already: two signals, one agreed stop.
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopOnSignal(agreed_only=True)
+    sender, after = SendSignal(signal.SIGTERM, times=2), CountBatches()
+    with pytest.raises(Interrupted) as stopped:
+        fit(tiny_model(), [sender, AgreeAfter(stop, 3, signal.SIGINT), stop, after], epochs=3)  # 2 batches an epoch
+    assert stopped.value.signum == signal.SIGTERM  # this replica's own signal, not the one it was told of
+    assert (sender.batches, after.batches) == (3, 3)  # through batch 3, where the replicas agreed; not batch 4
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_replica_without_a_signal_stops_on_the_one_its_peers_agreed():
+    before = signal.getsignal(signal.SIGINT)
+    stop, after = StopOnSignal(agreed_only=True), CountBatches()
+    with pytest.raises(Interrupted) as stopped:
+        fit(tiny_model(), [AgreeAfter(stop, 2, signal.SIGINT), stop, after], epochs=3)
+    assert stopped.value.signum == signal.SIGINT and stopped.value.exit_code == 130
+    assert after.batches == 2 and stop.requested is None
+    assert signal.getsignal(signal.SIGINT) is before

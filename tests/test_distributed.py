@@ -51,19 +51,24 @@ def _torchrun(*args, nproc=2, timeout=300):
                           timeout=timeout)
 
 
-def _ranks(*args, world=2, timeout=300):
+def _start_ranks(*args, world=2):
     """Each rank of a torchrun-style launch as a process of its own (WORLD_SIZE, RANK, ...), all at once.
 
     Unlike torchrun, nothing stops the other ranks when one fails first, so every rank's own
-    failure can be checked.
+    failure can be checked, and a signal can go to one rank alone.
     """
     port = str(_free_port())
-    procs = [
+    return [
         subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=_env("torch", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
         for rank in range(world)
     ]
+
+
+def _ranks(*args, world=2, timeout=300):
+    """:func:`_start_ranks`, waiting for every rank to end."""
+    procs = _start_ranks(*args, world=world)
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=timeout)
@@ -208,39 +213,75 @@ def test_resume_under_torchrun_fails_on_every_rank_before_either_touches_the_run
 
 
 @pytest.mark.torchrun
-def test_a_torchrun_run_stopped_by_sigterm_resumes_in_one_process(tmp_path, tiny_data_dir):
-    from fmnist_keras.engine.callbacks import read_history
-
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm to torchrun", "ctrl-c to the process group"])
+def test_a_stopped_torchrun_run_resumes_in_one_process(tmp_path, tiny_data_dir, ctrl_c):
     out, epochs = tmp_path / "out", 30
-    history_file = out / "run" / "mlp" / "history.csv"
     launcher = subprocess.Popen(
         _torchrun_command(*TRAIN, "--epochs", str(epochs), "--patience", str(epochs), "--data-dir", str(tiny_data_dir),
                           "--out-dir", str(out)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env("torch"))
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env("torch"), start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while launcher.poll() is None and time.monotonic() < deadline:
-            if history_file.exists() and history_file.read_text().count("\n") >= 3:  # a header and two epochs
-                break
-            time.sleep(0.05)
-        assert launcher.poll() is None, launcher.stderr.read()[-3000:]
-        launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
-        launcher.wait(120)
+        _wait_for_two_epochs(out, [launcher])
+        if ctrl_c:  # a terminal's Ctrl-C reaches every rank, and torchrun passes it on once more
+            os.killpg(launcher.pid, signal.SIGINT)
+        else:  # what a scheduler sends; torchrun passes it on to both ranks
+            launcher.send_signal(signal.SIGTERM)
+        stopped = launcher.communicate(timeout=120)[1]
     finally:
         if launcher.poll() is None:
-            launcher.kill()
-    stopped = launcher.stderr.read()
-    assert stopped.count(f"Continue with: python -m fmnist_keras.train --resume {out / 'run'}") == 1  # rank 0
-    done_before = len(read_history(history_file))
-    assert 2 <= done_before < epochs
-    assert not (out / "run" / "mlp" / "metrics.json").exists()
+            os.killpg(launcher.pid, signal.SIGKILL)
+    name = "SIGINT" if ctrl_c else "SIGTERM"
+    assert stopped.count(f"Interrupted ({name}); {out / 'run'} keeps every completed epoch. Continue with: "
+                         f"python -m fmnist_keras.train --resume {out / 'run'}") == 1, stopped[-3000:]  # rank 0
+    assert stopped.count(f"Interrupted ({name}).") == 1, stopped[-3000:]  # rank 1
+    _check_stopped_then_resumed(out, epochs)
 
+
+def _wait_for_two_epochs(out, procs):
+    """Until rank 0's history.csv holds two epochs (every process still running)."""
+    history_file = out / "run" / "mlp" / "history.csv"
+    deadline = time.monotonic() + 300
+    while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if history_file.exists() and history_file.read_text().count("\n") >= 3:  # a header and two epochs
+            break
+        time.sleep(0.05)
+    assert all(p.poll() is None for p in procs), [p.stderr.read()[-3000:] for p in procs if p.poll() is not None]
+
+
+def _check_stopped_then_resumed(out, epochs):
+    """The stopped run kept some completed epochs and no result; one process then finishes it, every epoch once."""
+    from fmnist_keras.engine.callbacks import read_history
+
+    history_file = out / "run" / "mlp" / "history.csv"
+    assert 2 <= len(read_history(history_file)) < epochs
+    assert not (out / "run" / "mlp" / "metrics.json").exists()
     resumed = _single("torch", "-m", "fmnist_keras.train", "--resume", str(out / "run"), "--no-report")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [row["epoch"] for row in read_history(history_file)] == list(range(epochs))  # every epoch once
+    assert [row["epoch"] for row in read_history(history_file)] == list(range(epochs))
     metrics = _metrics(out)
     assert metrics["resumed"] and metrics["epochs_run"] == epochs
     _check_run_dir(out)
+
+
+@pytest.mark.torchrun
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_data_dir):
+    # The ranks agree in their per-step all-reduce; a rank stopping alone would leave the other in a collective.
+    out, epochs = tmp_path / "out", 30
+    ranks = _start_ranks(*TRAIN, "--epochs", str(epochs), "--patience", str(epochs), "--data-dir",
+                         str(tiny_data_dir), "--out-dir", str(out), "--dist-timeout", "60")
+    try:
+        _wait_for_two_epochs(out, ranks)
+        ranks[1].send_signal(signal.SIGTERM)  # rank 1 alone
+        errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    assert [rank.returncode for rank in ranks] == [143, 143], errors
+    assert errors[0].strip().splitlines()[-1].endswith(
+        f"Continue with: python -m fmnist_keras.train --resume {out / 'run'}"), errors[0][-3000:]
+    assert errors[1].strip().splitlines()[-1] == "Interrupted (SIGTERM).", errors[1][-3000:]
+    _check_stopped_then_resumed(out, epochs)
 
 
 @pytest.mark.torchrun

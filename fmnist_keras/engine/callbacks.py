@@ -11,7 +11,8 @@
 - :func:`resume_state`: that state, read from the run directory's history
   CSV and best checkpoint, consistent with ``BackupAndRestore``'s last backup.
 - :class:`StopOnSignal`: Ctrl-C (SIGINT) or a scheduler's SIGTERM during
-  ``fit`` stops at the end of the current batch, where Keras cannot swallow it.
+  ``fit`` stops at the end of the current batch, where Keras cannot swallow
+  it; under torchrun every rank at the same batch.
 - :class:`RecordFitEnd`: writes ``fit.json`` when ``fit`` ends, before
   ``BackupAndRestore`` deletes its backup, so ``--resume`` of a run whose
   epochs are all done goes straight to the final evaluation.
@@ -112,36 +113,50 @@ class StopOnSignal(keras.callbacks.Callback):
     them, and training carries on. While ``fit`` runs, the signal only sets a
     flag; :class:`Interrupted` is raised from the next ``on_train_batch_begin``
     (or validation batch begin), outside Keras's code; a signal after the last
-    batch is raised by the caller when ``fit`` returns (see ``requested``). A
-    second signal raises at once. Call :meth:`restore` when ``fit`` ends,
+    batch is raised by the caller when ``fit`` returns (see ``agreed`` and
+    ``requested``). A second signal raises at once. Call :meth:`restore` when ``fit`` ends,
     however it ends. Does nothing outside the main thread.
 
     The check is at a batch's beginning, not its end: Keras reads a step's
     logs back to the host on the main thread when any callback has a
     batch-end hook that is not ``async_safe``, and on a GPU that read waits
     for the step.
+
+    Replicas that must leave ``fit`` at the same step (torchrun's ranks,
+    which meet in a collective every step) pass ``agreed_only``: a signal
+    then only counts once :meth:`agree` says every replica stops (see
+    ``ReplicaSync``), so no rank stops alone while the others wait for it.
+    A second signal waits for that too: torchrun passes a terminal's Ctrl-C
+    on to ranks that received it already.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, agreed_only: bool = False):
         super().__init__()
         self._previous = {}
-        self.requested = None  # the signal number received, if any
+        self.requested = None  # the signal number this process received, if any
+        self.agreed = None  # the signal number every replica stops on, once agreed
+        self.agreed_only = agreed_only
 
     def _handle(self, signum, frame):
-        if self.requested is not None:
+        if self.requested is not None and not self.agreed_only:
             raise Interrupted(signum)
-        self.requested = signum
+        self.requested = self.requested or signum
+
+    def agree(self, signum: int) -> None:
+        """Every replica stops before its next batch: on this process's own signal, else on ``signum``."""
+        self.agreed = self.requested or signum
 
     def on_train_begin(self, logs=None):
         if threading.current_thread() is threading.main_thread():
             self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _check(self, *args, **kwargs):
-        if self.requested is not None:
+        stop = self.agreed if self.agreed_only else self.requested
+        if stop is not None:
             self.restore()
-            raise Interrupted(self.requested)
+            raise Interrupted(stop)
 
     # Not at epoch end: the checkpoint, CSV row and backup of a finished epoch come first.
     on_train_batch_begin = on_test_batch_begin = _check

@@ -251,11 +251,17 @@ class ReplicaSync(keras.callbacks.Callback):
       (so TerminateOnNaN stops every rank at the same step).
     * every epoch: average the logs before the other callbacks read them
       (put this callback first).
+    * both, in the same all-reduce: whether any rank received Ctrl-C or
+      SIGTERM. When one did, ``stop`` (a ``StopOnSignal`` with
+      ``agreed_only``) stops every rank before its next batch: a rank that
+      stopped alone would leave the others waiting in the next collective
+      until torchrun kills them.
     """
 
-    def __init__(self, replicas: Replicas):
+    def __init__(self, replicas: Replicas, stop=None):
         super().__init__()
         self.replicas = replicas
+        self.stop = stop
         self._hooks = []
         self.gradient_averaging = None  # how: "keras DistributedDataParallel" or "gradient hooks"
 
@@ -305,24 +311,43 @@ class ReplicaSync(keras.callbacks.Callback):
         with torch.no_grad():
             self._average(self._statistics())
 
+    def _stop_votes(self) -> list[float]:
+        """One slot per signal ``stop`` handles, 1.0 where this rank received it; averaged, a slot > 0
+        means some rank did."""
+        if self.stop is None:
+            return []
+        return [float(self.stop.requested == signum) for signum in self.stop.SIGNALS]
+
+    def _agree_on_stop(self, votes) -> None:
+        if self.stop is None:
+            return
+        for signum, vote in zip(self.stop.SIGNALS, votes.tolist()):
+            if vote > 0:
+                self.stop.agree(signum)
+                return
+
     def on_train_batch_end(self, batch, logs=None):
         import torch
 
-        loss = torch.tensor([float((logs or {}).get("loss", 0.0))], device=self._device())
+        loss_and_votes = torch.tensor([float((logs or {}).get("loss", 0.0)), *self._stop_votes()],
+                                      device=self._device())
         with torch.no_grad():
-            self._average([*self._statistics(), loss])
+            self._average([*self._statistics(), loss_and_votes])
         if logs is not None and "loss" in logs:
-            logs["loss"] = float(loss[0])
+            logs["loss"] = float(loss_and_votes[0])
+        self._agree_on_stop(loss_and_votes[1:])
 
     def on_epoch_end(self, epoch, logs=None):
         import torch
 
-        if not logs:
+        keys = sorted(logs or {})
+        values = torch.tensor([*(float(logs[k]) for k in keys), *self._stop_votes()], device=self._device())
+        if not len(values):
             return
-        keys = sorted(logs)
-        values = torch.tensor([float(logs[k]) for k in keys], device=self._device())
         self._average([values])
-        logs.update({k: float(v) for k, v in zip(keys, values)})
+        if keys:
+            logs.update({k: float(v) for k, v in zip(keys, values)})
+        self._agree_on_stop(values[len(keys):])
 
     def on_train_end(self, logs=None):
         for hook in self._hooks:
@@ -330,9 +355,10 @@ class ReplicaSync(keras.callbacks.Callback):
         self._hooks = []
 
 
-def callbacks(replicas: Replicas) -> list:
-    """The callbacks a replica needs, to go first in ``fit``'s list."""
-    return [ReplicaSync(replicas)] if replicas.mode == "torchrun" else []
+def callbacks(replicas: Replicas, stop=None) -> list:
+    """The callbacks a replica needs, to go first in ``fit``'s list; ``stop``: the fit's ``StopOnSignal``,
+    made with ``agreed_only`` under torchrun (see :class:`ReplicaSync`)."""
+    return [ReplicaSync(replicas, stop)] if replicas.mode == "torchrun" else []
 
 
 # --- checking that the replicas agree ------------------------------------------------------------

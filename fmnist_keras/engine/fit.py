@@ -164,8 +164,9 @@ def fit_model(
             )
         finally:
             parts.stop_on_signal.restore()
-    if parts.stop_on_signal.requested is not None:  # a signal after the last batch
-        raise Interrupted(parts.stop_on_signal.requested)
+    stop = parts.stop_on_signal.agreed or parts.stop_on_signal.requested
+    if stop is not None:  # a signal after the last batch
+        raise Interrupted(stop)
     return FitResult(model, parts.history(), parts.facts())
 
 
@@ -212,8 +213,9 @@ class _Callbacks:
             monitor="val_loss", patience=config.patience, restore_best_weights=True, verbose=int(run is not None),
             initial_state=state,
         )
-        replica_callbacks = distributed.callbacks(replicas)
-        history_log, stop_on_signal, nan_guard = keras.callbacks.History(), StopOnSignal(), NaNGuard()
+        stop_on_signal = StopOnSignal(agreed_only=replicas.mode == "torchrun")  # every rank stops at the same step
+        replica_callbacks = distributed.callbacks(replicas, stop_on_signal)
+        history_log, nan_guard = keras.callbacks.History(), NaNGuard()
         ordered = [history_log, *replica_callbacks, stop_on_signal, nan_guard]  # NaNGuard before the checkpoint
         swap_in, swap_back = averaged_weights() if config.ema else (None, None)
         if swap_in is not None:  # the average is validated, checkpointed and restored
