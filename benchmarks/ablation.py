@@ -53,11 +53,12 @@ import statistics
 import sys
 import time
 
+from fmnist_keras.backend import default_backend
 from fmnist_keras.cli import in_range, print_error
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.config import RANGES, TrainConfig
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
 VARIANTS = ("average + flip", "average", "trained + flip", "trained")
 # Bounds of the architecture flags: far above any model screened. They catch typos; a model inside them may

@@ -41,8 +41,9 @@ import platform
 import sys
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
+from fmnist_keras.backend import default_backend
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 if os.environ["KERAS_BACKEND"] == "tensorflow":
     import torch  # noqa: F401  (torch before tensorflow in one process)
 

@@ -32,7 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+from fmnist_keras.backend import default_backend
+
+os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
 from outputs import json_path, versions, write_json  # noqa: E402
 

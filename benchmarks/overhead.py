@@ -26,10 +26,11 @@ import platform
 import sys
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
+from fmnist_keras.backend import default_backend
 from fmnist_keras.cli import in_range
 from fmnist_keras.config import RANGES
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
 # Images per model: ~450 (mlp, baseline-cnn) and ~225 (cnn) steps of 8 per epoch, a few seconds each.
 SUBSETS = {"mlp": 4000, "baseline-cnn": 4000, "cnn": 2000}

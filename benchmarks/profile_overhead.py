@@ -32,10 +32,11 @@ import pstats
 import sys
 import time
 
+from fmnist_keras.backend import default_backend
 from fmnist_keras.cli import in_range
 from fmnist_keras.config import RANGES
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
 
 def parse_args(argv=None):

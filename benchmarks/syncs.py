@@ -26,10 +26,11 @@ import sys
 import warnings
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
+from fmnist_keras.backend import default_backend
 from fmnist_keras.cli import in_range
 from fmnist_keras.config import RANGES
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 FIRST, LAST = 2, 6  # the batches counted: 2, 3, 4, 5 (after the first steps' one-off work)
 
 

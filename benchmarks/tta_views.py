@@ -20,7 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+from fmnist_keras.backend import default_backend
+
+os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
 SHIFTS = {"none": [(0, 0)], "x": [(0, 0), (0, 1), (0, -1)], "x and y": [(0, 0), (0, 1), (0, -1), (1, 0), (-1, 0)],
           "3x3": [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]}

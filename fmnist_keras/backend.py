@@ -51,6 +51,16 @@ _GPU_INSTALL = {
 }
 
 
+def named_backend() -> str | None:
+    """The backend ``$KERAS_BACKEND`` names, or None: an empty value counts as unset, as Keras counts it."""
+    return os.environ.get("KERAS_BACKEND") or None
+
+
+def default_backend() -> str:
+    """The backend when none is passed (``train``, the tests, the benchmarks): ``$KERAS_BACKEND``, else torch."""
+    return named_backend() or "torch"
+
+
 def select_backend(backend: str | None = None, device: str = "auto") -> str:
     """Set ``KERAS_BACKEND`` (and hide or require GPUs) before Keras loads.
 
@@ -68,7 +78,7 @@ def select_backend(backend: str | None = None, device: str = "auto") -> str:
             installed, Keras already runs another backend, or ``device="gpu"``
             and the backend sees no GPU. The message says how to fix it.
     """
-    backend = backend or os.environ.get("KERAS_BACKEND") or "torch"
+    backend = backend or default_backend()
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if device not in DEVICES:

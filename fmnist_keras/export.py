@@ -27,6 +27,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from fmnist_keras.backend import named_backend
 from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, print_error
 from fmnist_keras.rundir import make_ordinary
 
@@ -184,7 +185,7 @@ def choose_backend(format: str, requested: str | None = None) -> str:
     """
     if format not in EXPORT_NEEDS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
-    backend = requested or os.environ.get("KERAS_BACKEND")
+    backend = requested or named_backend()
     candidates = [b for b in EXPORT_NEEDS[format] if not missing_packages(format, b)]
     if backend is None:
         if candidates:

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fmnist_keras.backend import default_backend  # imports no keras
+
 # Keras ignores an empty KERAS_BACKEND (it falls back to keras.json), so an empty one counts as unset.
-if not os.environ.get("KERAS_BACKEND"):
-    os.environ["KERAS_BACKEND"] = "torch"
+os.environ["KERAS_BACKEND"] = default_backend()
 
 
 def _cores() -> int:

@@ -21,6 +21,28 @@ def test_unknown_backend_and_device_name_the_choices():
         fbackend.select_backend(BACKEND, "tpu")
 
 
+def test_an_empty_keras_backend_counts_as_unset(monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "")
+    assert fbackend.named_backend() is None and fbackend.default_backend() == "torch"
+    monkeypatch.delenv("KERAS_BACKEND")
+    assert fbackend.named_backend() is None and fbackend.default_backend() == "torch"
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert fbackend.named_backend() == fbackend.default_backend() == "jax"
+
+
+def test_benchmarks_take_torch_when_keras_backend_is_empty(tmp_path):
+    # Keras itself would take keras.json's backend (jax here) for an empty KERAS_BACKEND.
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')
+    scripts = ("ablation", "bench", "distill", "ensemble", "overhead", "profile_overhead", "syncs", "tta_views")
+    code = (f"import importlib, os, sys; sys.path.insert(0, 'benchmarks')\n"
+            f"for name in {scripts!r}: importlib.import_module(name)\n"
+            f"import keras; print(os.environ['KERAS_BACKEND'], keras.backend.backend())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "KERAS_BACKEND": "", "KERAS_HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["torch", "torch"]
+
+
 def test_switching_backend_after_keras_is_imported_is_refused():
     other = next(b for b in ("torch", "tensorflow", "jax") if b != BACKEND)
     with pytest.raises(fbackend.BackendError, match=f"already imported with backend '{BACKEND}'.*KERAS_BACKEND={other}"):

@@ -159,8 +159,10 @@ def test_missing_package_names_it_and_the_pip_install(monkeypatch, tmp_path, cap
     assert "needs tensorflow, which is not installed here; run: pip install tensorflow" in str(error.value)
     with pytest.raises(export.ExportError, match="needs jax2onnx.*pip install jax2onnx, or pass --backend torch"):
         export.choose_backend("onnx", "jax")
-    # With no backend named anywhere, the first backend that can export is taken.
+    # With no backend named anywhere, the first backend that can export is taken; an empty name is none.
     monkeypatch.delenv("KERAS_BACKEND")
+    assert export.choose_backend("onnx") == "torch"
+    monkeypatch.setenv("KERAS_BACKEND", "")
     assert export.choose_backend("onnx") == "torch"
     build_mlp(units=(4,)).save(tmp_path / "m.keras")
     with pytest.raises(SystemExit):
