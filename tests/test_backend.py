@@ -35,12 +35,15 @@ def test_benchmarks_take_torch_when_keras_backend_is_empty(tmp_path):
     (tmp_path / "keras.json").write_text('{"backend": "jax"}')
     scripts = ("ablation", "bench", "distill", "ensemble", "overhead", "profile_overhead", "syncs", "tta_views")
     code = (f"import importlib, os, sys; sys.path.insert(0, 'benchmarks')\n"
-            f"for name in {scripts!r}: importlib.import_module(name)\n"
-            f"import keras; print(os.environ['KERAS_BACKEND'], keras.backend.backend())")
+            f"for name in {scripts!r}:\n"
+            f"    os.environ['KERAS_BACKEND'] = ''\n"
+            f"    importlib.import_module(name)\n"
+            f"    print(name, os.environ['KERAS_BACKEND'])\n"
+            f"import keras; print('keras', keras.backend.backend())")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "KERAS_BACKEND": "", "KERAS_HOME": str(tmp_path)})
+                         env={**os.environ, "KERAS_HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["torch", "torch"]
+    assert out.stdout.splitlines() == [f"{name} torch" for name in (*scripts, "keras")]
 
 
 def test_switching_backend_after_keras_is_imported_is_refused():

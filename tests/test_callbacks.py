@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import linear_classifier, random_images_and_one_hot_labels
+from fmnist_keras.engine import distributed
 from fmnist_keras.engine.callbacks import (
     AtomicModelCheckpoint,
     NaNGuard,
@@ -367,3 +368,54 @@ def test_a_replica_without_a_signal_stops_on_the_one_its_peers_agreed():
     assert stopped.value.signum == signal.SIGINT and stopped.value.exit_code == 130
     assert after.batches == 2 and stop.requested is None
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.fixture
+def one_rank_group():
+    """A torch.distributed process group of one rank (gloo), as under ``torchrun --nproc_per_node 1``."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield distributed.Replicas("torchrun", 0, 1, ("rank0:cpu",), "gloo")
+    finally:
+        dist.destroy_process_group()
+
+
+class SignalInValidation(keras.callbacks.Callback):
+    def __init__(self, signum):
+        super().__init__()
+        self.signum, self.sent = signum, False
+
+    def on_test_batch_end(self, batch, logs=None):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+needs_torch = pytest.mark.skipif(os.environ["KERAS_BACKEND"] != "torch", reason="torchrun replicas are torch only")
+
+
+@needs_torch
+def test_replicas_agree_on_a_signal_during_validation_at_the_end_of_the_epoch(one_rank_group):
+    stop, after = StopOnSignal(agreed_only=True), CountBatches()
+    callbacks = [*distributed.callbacks(one_rank_group, stop), stop, SignalInValidation(signal.SIGTERM), after]
+    with pytest.raises(Interrupted) as stopped:
+        fit(tiny_model(), callbacks, epochs=3)
+    assert stopped.value.signum == signal.SIGTERM
+    assert after.batches == 2  # the first epoch's two batches; its end's vote stops the second epoch's first
+
+
+@needs_torch
+def test_replicas_vote_once_more_on_a_signal_after_the_last_epoch(one_rank_group):
+    stop = StopOnSignal(agreed_only=True)
+    (sync,) = distributed.callbacks(one_rank_group, stop)
+
+    class SignalAtTrainEnd(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):  # before StopOnSignal puts the previous handler back
+            os.kill(os.getpid(), signal.SIGINT)
+
+    fit(tiny_model(), [sync, SignalAtTrainEnd(), stop], epochs=1)
+    assert (stop.requested, stop.agreed) == (signal.SIGINT, None)  # no vote since the epoch's end
+    sync.vote_on_stop()
+    assert stop.agreed == signal.SIGINT

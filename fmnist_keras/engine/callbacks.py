@@ -114,7 +114,8 @@ class StopOnSignal(keras.callbacks.Callback):
     flag; :class:`Interrupted` is raised from the next ``on_train_batch_begin``
     (or validation batch begin), outside Keras's code; a signal after the last
     batch is raised by the caller when ``fit`` returns (see ``agreed`` and
-    ``requested``). A second signal raises at once. Call :meth:`restore` when ``fit`` ends,
+    ``requested``). A second signal raises at once, except with
+    ``agreed_only`` (below). Call :meth:`restore` when ``fit`` ends,
     however it ends. Does nothing outside the main thread.
 
     The check is at a batch's beginning, not its end: Keras reads a step's
@@ -126,8 +127,9 @@ class StopOnSignal(keras.callbacks.Callback):
     which meet in a collective every step) pass ``agreed_only``: a signal
     then only counts once :meth:`agree` says every replica stops (see
     ``ReplicaSync``), so no rank stops alone while the others wait for it.
-    A second signal waits for that too: torchrun passes a terminal's Ctrl-C
-    on to ranks that received it already.
+    A second signal waits for that too: a scheduler such as Slurm signals
+    every process of a job and torchrun passes the signal it received on to
+    its workers, so a rank may receive the same signal twice.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -255,7 +255,8 @@ class ReplicaSync(keras.callbacks.Callback):
       SIGTERM. When one did, ``stop`` (a ``StopOnSignal`` with
       ``agreed_only``) stops every rank before its next batch: a rank that
       stopped alone would leave the others waiting in the next collective
-      until torchrun kills them.
+      until torchrun kills them. :meth:`vote_on_stop` votes once more when
+      ``fit`` returns.
     """
 
     def __init__(self, replicas: Replicas, stop=None):
@@ -325,6 +326,16 @@ class ReplicaSync(keras.callbacks.Callback):
             if vote > 0:
                 self.stop.agree(signum)
                 return
+
+    def vote_on_stop(self) -> None:
+        """Whether any rank received a signal since the last vote, agreed as at a batch's end (a
+        collective: every rank calls it, once ``fit`` returns)."""
+        import torch
+
+        votes = torch.tensor(self._stop_votes(), device=self._device())
+        if len(votes):
+            self._average([votes])
+            self._agree_on_stop(votes)
 
     def on_train_batch_end(self, batch, logs=None):
         import torch

@@ -162,6 +162,8 @@ def fit_model(
                 callbacks=[*parts.ordered, *callbacks],
                 verbose=verbose if replicas.is_chief else 0,
             )
+            if parts.replica_sync is not None:  # a signal after the last epoch's vote stops every rank, or none
+                parts.replica_sync.vote_on_stop()
         finally:
             parts.stop_on_signal.restore()
     stop = parts.stop_on_signal.agreed or parts.stop_on_signal.requested
@@ -202,6 +204,7 @@ class _Callbacks:
     early_stopping: ResumableEarlyStopping
     recalibrate: RecalibrateBatchNorm
     replica_callbacks: list
+    replica_sync: distributed.ReplicaSync | None = None  # keeps torchrun's replicas in step; None in one process
     start: float = 0.0
     fast_path: dict = dataclasses.field(default_factory=dict)
     data_on_device: bool = False
@@ -232,12 +235,12 @@ class _Callbacks:
                 ordered.append(keras.callbacks.TensorBoard(str(run.tensorboard_dir(name))))
         ordered.append(early_stopping)
         # After EarlyStopping restores the best weights as fit ends: statistics that match them.
-        sync = next((c for c in replica_callbacks if hasattr(c, "average_statistics")), None)
+        sync = next((c for c in replica_callbacks if isinstance(c, distributed.ReplicaSync)), None)
         recalibrate = RecalibrateBatchNorm(splits.x_train, config.batch_size, checkpoint=checkpoint, seed=config.seed,
                                            average=sync.average_statistics if sync is not None else None)
         ordered.append(recalibrate)
         parts = cls(config, run, state is not None, backed_up_epochs(run.backup_dir(name)) if resume else 0, ordered,
-                    history_log, stop_on_signal, nan_guard, early_stopping, recalibrate, replica_callbacks)
+                    history_log, stop_on_signal, nan_guard, early_stopping, recalibrate, replica_callbacks, sync)
         if run is not None:
             # fit.json before the backup, which Keras deletes when fit ends; the
             # backup comes last, so it marks an epoch whose checkpoint and CSV row are written.
