@@ -228,12 +228,26 @@ def test_a_torchrun_run_stopped_by_a_signal_resumes_in_one_process(tmp_path, tin
         stopped = launcher.communicate(timeout=120)[1]
     finally:
         if launcher.poll() is None:
-            launcher.kill()
+            _kill_with_workers(launcher)
     name = signal.Signals(signum).name
     assert stopped.count(f"Interrupted ({name}); {out / 'run'} keeps every completed epoch. Continue with: "
                          f"python -m fmnist_keras.train --resume {out / 'run'}") == 1, stopped[-3000:]  # rank 0
     assert stopped.count(f"Interrupted ({name}).") == 1, stopped[-3000:]  # rank 1
     _check_stopped_then_resumed(out, epochs)
+
+
+def _kill_with_workers(launcher):
+    """SIGKILL torchrun and its workers, which run in sessions of their own (Linux's /proc lists them)."""
+    try:
+        workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    except OSError:
+        workers = []
+    for pid in workers:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launcher.kill()
 
 
 def _wait_for_two_epochs(out, procs):

@@ -116,7 +116,9 @@ class StopOnSignal(keras.callbacks.Callback):
     batch is raised by the caller when ``fit`` returns (see ``agreed`` and
     ``requested``). A second signal raises at once, except with
     ``agreed_only`` (below). Call :meth:`restore` when ``fit`` ends,
-    however it ends. Does nothing outside the main thread.
+    however it ends (with ``agreed_only``, after the last vote:
+    ``on_train_end`` then keeps the handlers). Does nothing outside the main
+    thread.
 
     The check is at a batch's beginning, not its end: Keras reads a step's
     logs back to the host on the main thread when any callback has a
@@ -170,7 +172,10 @@ class StopOnSignal(keras.callbacks.Callback):
         self._previous = {}
 
     def on_train_end(self, logs=None):
-        self.restore()
+        # With agreed_only the caller restores after its last vote, so that a signal during the callbacks'
+        # own train-end work (BatchNorm recalibration, a collective) still waits for that vote.
+        if not self.agreed_only:
+            self.restore()
 
 
 @dataclasses.dataclass
