@@ -319,10 +319,10 @@ class ReplicaSync(keras.callbacks.Callback):
             return []
         return [float(self.stop.requested == signum) for signum in self.stop.SIGNALS]
 
-    def _agree_on_stop(self, votes) -> None:
+    def _agree_on_stop(self, votes: list[float]) -> None:
         if self.stop is None:
             return
-        for signum, vote in zip(self.stop.SIGNALS, votes.tolist()):
+        for signum, vote in zip(self.stop.SIGNALS, votes):
             if vote > 0:
                 self.stop.agree(signum)
                 return
@@ -335,7 +335,7 @@ class ReplicaSync(keras.callbacks.Callback):
         votes = torch.tensor(self._stop_votes(), device=self._device())
         if len(votes):
             self._average([votes])
-            self._agree_on_stop(votes)
+            self._agree_on_stop(votes.tolist())
 
     def on_train_batch_end(self, batch, logs=None):
         import torch
@@ -344,9 +344,10 @@ class ReplicaSync(keras.callbacks.Callback):
                                       device=self._device())
         with torch.no_grad():
             self._average([*self._statistics(), loss_and_votes])
+        loss, *votes = loss_and_votes.tolist()  # one copy to the host
         if logs is not None and "loss" in logs:
-            logs["loss"] = float(loss_and_votes[0])
-        self._agree_on_stop(loss_and_votes[1:])
+            logs["loss"] = loss
+        self._agree_on_stop(votes)
 
     def on_epoch_end(self, epoch, logs=None):
         import torch
@@ -356,8 +357,9 @@ class ReplicaSync(keras.callbacks.Callback):
         if not len(values):
             return
         self._average([values])
+        values = values.tolist()  # one copy to the host
         if keys:
-            logs.update({k: float(v) for k, v in zip(keys, values)})
+            logs.update(zip(keys, values))
         self._agree_on_stop(values[len(keys):])
 
     def on_train_end(self, logs=None):
