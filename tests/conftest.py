@@ -40,9 +40,15 @@ from fmnist_keras import data as fdata  # noqa: E402
 
 REAL_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 
-# Keras takes its backend from KERAS_BACKEND, set above, so this needs no import of keras.
-on_tensorflow = pytest.mark.skipif(os.environ["KERAS_BACKEND"] != "tensorflow",
-                                   reason="fit gets a tf.data pipeline on the TensorFlow backend only")
+def only_on(backend: str, reason: str) -> pytest.MarkDecorator:
+    """Skip unless the tests run on `backend`.
+
+    Keras takes its backend from KERAS_BACKEND, set above, so this needs no import of keras.
+    """
+    return pytest.mark.skipif(os.environ["KERAS_BACKEND"] != backend, reason=reason)
+
+
+on_tensorflow = only_on("tensorflow", "fit gets a tf.data pipeline on the TensorFlow backend only")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import linear_classifier, random_images_and_one_hot_labels
+from conftest import linear_classifier, only_on, random_images_and_one_hot_labels
 from fmnist_keras.engine import distributed
 from fmnist_keras.engine.callbacks import (
     AtomicModelCheckpoint,
@@ -394,10 +394,10 @@ class SignalInValidation(keras.callbacks.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-needs_torch = pytest.mark.skipif(os.environ["KERAS_BACKEND"] != "torch", reason="torchrun replicas are torch only")
+on_torch = only_on("torch", "torchrun replicas are torch only")
 
 
-@needs_torch
+@on_torch
 def test_replicas_agree_on_a_signal_during_validation_at_the_end_of_the_epoch(one_rank_group):
     stop, after = StopOnSignal(agreed_only=True), CountBatches()
     callbacks = [*distributed.callbacks(one_rank_group, stop), stop, SignalInValidation(signal.SIGTERM), after]
@@ -407,7 +407,7 @@ def test_replicas_agree_on_a_signal_during_validation_at_the_end_of_the_epoch(on
     assert after.batches == 2  # the first epoch's two batches; its end's vote stops the second epoch's first
 
 
-@needs_torch
+@on_torch
 def test_replicas_vote_once_more_on_a_signal_after_the_last_epoch(one_rank_group):
     stop = StopOnSignal(agreed_only=True)
     (sync,) = distributed.callbacks(one_rank_group, stop)

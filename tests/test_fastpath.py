@@ -4,11 +4,12 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import only_on
 from fmnist_keras.engine import fastpath
 from fmnist_keras.models import build_cnn, build_mlp
 
 TORCH = keras.backend.backend() == "torch"
-torch_only = pytest.mark.skipif(not TORCH, reason="the fast path changes the torch backend only")
+torch_only = only_on("torch", "the fast path changes the torch backend only")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import synthetic_images
+from conftest import only_on, synthetic_images
 from fmnist_keras.config import BACKENDS
 
 TOLERANCE = 1e-4  # max absolute difference of softmax outputs
@@ -27,10 +27,7 @@ MODELS = ("cnn", "mlp", "cnn-mixed")
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("KERAS_BACKEND", "torch") != "torch",
-        reason="launches a subprocess per backend itself; runs once, in the KERAS_BACKEND=torch pass",
-    ),
+    only_on("torch", "launches a subprocess per backend itself; runs once, in the KERAS_BACKEND=torch pass"),
     pytest.mark.skipif(
         any(importlib.util.find_spec(b) is None for b in BACKENDS),
         reason=f"needs all of {', '.join(BACKENDS)} installed: pip install 'fmnist_keras[all]'",
