@@ -19,6 +19,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 
 from fmnist_keras.allocator import keep_freed_memory
@@ -240,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _stop_on_sigterm():
     """SIGTERM (what batch schedulers send) raises like Ctrl-C; the previous handler, or None."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return None
 
@@ -447,13 +446,20 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
         except (RunDirError, ModelLoadError) as error:
             return _fail(error)
         except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            return _fail(f"{name}: out of memory on {device} with --batch-size {config.batch_size}; "
-                         f"try --batch-size {max(1, config.batch_size // 2)}.")
+            if is_out_of_memory(error):
+                return _fail(f"{name}: out of memory on {device} with --batch-size {config.batch_size}; "
+                             f"try --batch-size {max(1, config.batch_size // 2)}.")
+            if distributed.lost_a_replica(replicas, error):
+                return _replica_stopped(error, replicas, run)
+            raise
         facts[name] = {**result.facts, "wall_time_s": round(time.perf_counter() - start, 2)}
         if replicas.distributed:
-            digests = distributed.replica_digests(result.model, replicas)  # a collective: every rank
+            try:
+                digests = distributed.replica_digests(result.model, replicas)  # a collective: every rank
+            except RuntimeError as error:
+                if not distributed.lost_a_replica(replicas, error):
+                    raise
+                return _replica_stopped(error, replicas, run)
             facts[name]["distributed"] = {**replicas.describe(config.batch_size), "replica_weight_digests": digests,
                                           "replicas_identical": len(set(digests)) == 1}
         else:  # evaluate at once; under torchrun only once the process group is closed
@@ -522,6 +528,27 @@ def _interrupted(error: KeyboardInterrupt, run: RunDir | None) -> int:
         print(one_line(f"Interrupted ({stop}); {run} keeps every completed epoch. Continue with: "
                        f"{_resume_command(run)}"), file=sys.stderr)
     return stop.exit_code
+
+
+def _replica_stopped(error: RuntimeError, replicas, run: RunDir | None) -> int:
+    """One line for a torchrun rank whose collective failed (:func:`~fmnist_keras.engine.distributed.lost_a_replica`).
+
+    A rank killed outright (the kernel's out-of-memory killer, SIGKILL, a lost node) says nothing: each
+    other rank's next collective fails. From here on this rank ignores Ctrl-C and SIGTERM (torchrun sends
+    SIGTERM to the ranks left once one has died), so that they cannot replace the line, or add a second one,
+    while it leaves the process group; torchrun still ends a rank that does not exit within its grace period.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
+    reason = (str(error).strip().splitlines() or [""])[0]
+    line = (f"rank {replicas.rank} of {replicas.world_size} stopped training ({type(error).__name__}: {reason}). "
+            f"Under torchrun that is most often another rank that failed or was killed first; torchrun's report "
+            f"lists each rank's exit, a killed one with its signal")
+    if run is None:  # a rank other than rank 0, which alone writes the run
+        return _fail(line + ".")
+    return _fail(f"{line}. {run} keeps every completed epoch; once the cause is fixed, continue with: "
+                 f"{_resume_command(run)}")
 
 
 def _resume_command(run: RunDir | str) -> str:

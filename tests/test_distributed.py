@@ -236,15 +236,19 @@ def test_a_torchrun_run_stopped_by_a_signal_resumes_in_one_process(tmp_path, tin
     _check_stopped_then_resumed(out, epochs)
 
 
-def _kill_with_workers(launcher):
-    """SIGKILL torchrun and its workers, which run in sessions of their own (Linux's /proc lists them)."""
+def _workers(launcher) -> list[int]:
+    """torchrun's worker processes, rank 0 first (Linux's /proc lists a process's children in the order started)."""
     try:
-        workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+        return [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
     except OSError:
-        workers = []
-    for pid in workers:
+        return []
+
+
+def _kill_with_workers(launcher):
+    """SIGKILL torchrun and its workers, which run in sessions of their own."""
+    for pid in _workers(launcher):
         try:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     launcher.kill()
@@ -294,6 +298,84 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_da
     assert errors[0].strip().splitlines()[-1].endswith(
         f"Continue with: python -m fmnist_keras.train --resume {out / 'run'}"), errors[0][-3000:]
     assert errors[1].strip().splitlines()[-1] == "Interrupted (SIGTERM).", errors[1][-3000:]
+    _check_stopped_then_resumed(out, epochs)
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize("killed", [0, 1], ids=["rank 0 killed", "rank 1 killed"])
+def test_a_rank_killed_mid_training_stops_the_other_with_one_line_and_the_run_resumes(tmp_path, tiny_data_dir,
+                                                                                      killed):
+    # SIGKILL (the kernel's out-of-memory killer, say) leaves the rank no time to vote: the other rank's next
+    # collective fails. Rank 0, the one that writes, killed mid-epoch must leave a run that resumes.
+    out, epochs = tmp_path / "out", 30
+    ranks = _start_ranks(*TRAIN, "--epochs", str(epochs), "--patience", str(epochs), "--data-dir",
+                         str(tiny_data_dir), "--out-dir", str(out), "--dist-timeout", "60")
+    survivor = 1 - killed
+    try:
+        _wait_for_two_epochs(out, ranks)
+        ranks[killed].kill()
+        ranks[killed].communicate(timeout=60)
+        error = ranks[survivor].communicate(timeout=120)[1]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    assert ranks[survivor].returncode == 1, error[-3000:]
+    lines = error.strip().splitlines()
+    assert lines[-1].startswith(f"error: rank {survivor} of 2 stopped training (RuntimeError: "), error[-3000:]
+    assert "another rank that failed or was killed first" in lines[-1]
+    if survivor == 0:
+        assert lines[-1].endswith(f"continue with: python -m fmnist_keras.train --resume {out / 'run'}")
+    assert "Traceback" not in error
+    _check_stopped_then_resumed(out, epochs)
+
+
+# What gloo raised on torch 2.13 when the other rank was killed, and when it did not answer within the timeout.
+GLOO_CLOSED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+               "[127.0.0.1]:29533")
+GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                "3000ms for recv operation to complete")
+
+
+def test_only_a_failed_collective_of_several_torchrun_ranks_counts_as_a_lost_replica():
+    import torch.distributed as dist
+
+    from fmnist_keras.engine.distributed import Replicas, lost_a_replica
+
+    two = Replicas("torchrun", 0, 2, ("rank0:cpu", "rank1:cpu"), "gloo")
+    for error in (RuntimeError(GLOO_CLOSED), RuntimeError(GLOO_TIMEOUT), dist.DistBackendError("NCCL error")):
+        assert lost_a_replica(two, error)
+    # Any other error keeps its traceback: a bug, a shape mismatch, a CPU allocation that failed.
+    for error in (RuntimeError("mat1 and mat2 shapes cannot be multiplied (16x784 and 128x10)"),
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+                  ValueError(GLOO_CLOSED)):
+        assert not lost_a_replica(two, error)
+    for alone in (Replicas("torchrun", 0, 1, ("rank0:cpu",), "gloo"), Replicas()):  # one rank: no other to lose
+        assert not lost_a_replica(alone, RuntimeError(GLOO_CLOSED))
+
+
+@pytest.mark.torchrun
+def test_a_torchrun_worker_killed_mid_training_ends_the_launch_and_the_run_resumes(tmp_path, tiny_data_dir):
+    # The other rank's collective fails at once; torchrun, seeing the dead worker, also sends it SIGTERM.
+    out, epochs = tmp_path / "out", 30
+    launcher = subprocess.Popen(
+        _torchrun_command(*TRAIN, "--epochs", str(epochs), "--patience", str(epochs), "--data-dir", str(tiny_data_dir),
+                          "--out-dir", str(out)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env("torch"))
+    try:
+        _wait_for_two_epochs(out, [launcher])
+        os.kill(_workers(launcher)[1], signal.SIGKILL)
+        stopped = launcher.communicate(timeout=120)[1]
+    finally:
+        if launcher.poll() is None:
+            _kill_with_workers(launcher)
+    assert launcher.returncode != 0
+    assert "Signal 9 (SIGKILL) received by PID" in stopped, stopped[-3000:]  # torchrun's report of rank 1
+    run = out / "run"
+    # Rank 0's one line: the failed collective, or torchrun's SIGTERM if it came between the failure and the line.
+    assert (stopped.count(f"continue with: python -m fmnist_keras.train --resume {run}")
+            + stopped.count(f"Interrupted (SIGTERM); {run} keeps every completed epoch. Continue with: ")) == 1
+    assert "fmnist_keras/" not in stopped, stopped[-3000:]  # no traceback through the package's code
     _check_stopped_then_resumed(out, epochs)
 
 

@@ -182,6 +182,21 @@ def shutdown(replicas: Replicas, in_step: bool = True) -> None:
             dist.destroy_process_group()
 
 
+def lost_a_replica(replicas: Replicas, error: BaseException) -> bool:
+    """Whether ``error`` is a torchrun collective that failed: a rank that left, or that did not answer in time.
+
+    NCCL and the rendezvous store raise torch.distributed's own errors (``DistError``). gloo raises a plain
+    ``RuntimeError`` whose message starts with its transport's source file
+    (``[.../gloo/transport/tcp/pair.cc:…] Connection closed by peer``, ``… Timed out waiting …``), so that
+    name tells it from any other ``RuntimeError``, which keeps its traceback.
+    """
+    if replicas.mode != "torchrun" or not replicas.distributed or not isinstance(error, RuntimeError):
+        return False
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or "gloo/transport/" in str(error)
+
+
 def same_on_every_rank(replicas: Replicas, message: str | None) -> str | None:
     """Rank 0's ``message`` on every torchrun rank (a collective); ``message`` itself otherwise.
 
