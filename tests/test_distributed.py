@@ -218,22 +218,29 @@ def test_a_torchrun_run_stopped_by_a_signal_resumes_in_one_process(tmp_path, tin
     # SIGTERM is what a scheduler sends torchrun; SIGINT is Ctrl-C at a terminal, which reaches torchrun alone
     # (its workers run in sessions of their own). torchrun passes either on to both ranks.
     out, epochs = tmp_path / "out", 30
-    launcher = subprocess.Popen(
-        _torchrun_command(*TRAIN, "--epochs", str(epochs), "--patience", str(epochs), "--data-dir", str(tiny_data_dir),
-                          "--out-dir", str(out)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env("torch"))
-    try:
-        _wait_for_two_epochs(out, [launcher])
-        launcher.send_signal(signum)
-        stopped = launcher.communicate(timeout=120)[1]
-    finally:
-        if launcher.poll() is None:
-            _kill_with_workers(launcher)
+    stopped = _torchrun_until_two_epochs_then(lambda launcher: launcher.send_signal(signum), out, epochs,
+                                              tiny_data_dir).stderr
     name = signal.Signals(signum).name
     assert stopped.count(f"Interrupted ({name}); {out / 'run'} keeps every completed epoch. Continue with: "
                          f"python -m fmnist_keras.train --resume {out / 'run'}") == 1, stopped[-3000:]  # rank 0
     assert stopped.count(f"Interrupted ({name}).") == 1, stopped[-3000:]  # rank 1
     _check_stopped_then_resumed(out, epochs)
+
+
+def _torchrun_until_two_epochs_then(act, out, epochs, data_dir) -> subprocess.CompletedProcess:
+    """torchrun's two ranks on an MLP run of ``epochs`` epochs; ``act(launcher)`` once two are done; torchrun's end."""
+    launcher = subprocess.Popen(
+        _torchrun_command(*TRAIN, "--epochs", str(epochs), "--patience", str(epochs), "--data-dir", str(data_dir),
+                          "--out-dir", str(out)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env("torch"))
+    try:
+        _wait_for_two_epochs(out, [launcher])
+        act(launcher)
+        stderr = launcher.communicate(timeout=120)[1]
+    finally:
+        if launcher.poll() is None:
+            _kill_with_workers(launcher)
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, None, stderr)
 
 
 def _workers(launcher) -> list[int]:
@@ -358,18 +365,10 @@ def test_only_a_failed_collective_of_several_torchrun_ranks_counts_as_a_lost_rep
 def test_a_torchrun_worker_killed_mid_training_ends_the_launch_and_the_run_resumes(tmp_path, tiny_data_dir):
     # The other rank's collective fails at once; torchrun, seeing the dead worker, also sends it SIGTERM.
     out, epochs = tmp_path / "out", 30
-    launcher = subprocess.Popen(
-        _torchrun_command(*TRAIN, "--epochs", str(epochs), "--patience", str(epochs), "--data-dir", str(tiny_data_dir),
-                          "--out-dir", str(out)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env("torch"))
-    try:
-        _wait_for_two_epochs(out, [launcher])
-        os.kill(_workers(launcher)[1], signal.SIGKILL)
-        stopped = launcher.communicate(timeout=120)[1]
-    finally:
-        if launcher.poll() is None:
-            _kill_with_workers(launcher)
-    assert launcher.returncode != 0
+    launch = _torchrun_until_two_epochs_then(lambda launcher: os.kill(_workers(launcher)[1], signal.SIGKILL), out,
+                                             epochs, tiny_data_dir)
+    stopped = launch.stderr
+    assert launch.returncode != 0
     assert "Signal 9 (SIGKILL) received by PID" in stopped, stopped[-3000:]  # torchrun's report of rank 1
     run = out / "run"
     # Rank 0's one line: the failed collective, or torchrun's SIGTERM if it came between the failure and the line.
