@@ -337,6 +337,23 @@ def test_a_rank_killed_mid_training_stops_the_other_with_one_line_and_the_run_re
     _check_stopped_then_resumed(out, epochs)
 
 
+@pytest.mark.torchrun
+def test_a_full_disk_on_rank_0_alone_stops_every_rank_with_one_line_each_and_the_run_resumes(tmp_path, tiny_data_dir):
+    # Rank 0 alone writes, so only it can find the disk full; rank 1 must not wait for it in a collective.
+    out, epochs = tmp_path / "out", 30
+    ranks = _ranks(str(Path(__file__).with_name("full_disk_on_rank_0.py")), *TRAIN[2:], "--epochs", str(epochs),
+                   "--patience", str(epochs), "--data-dir", str(tiny_data_dir), "--out-dir", str(out),
+                   "--dist-timeout", "60")
+    assert [rank.returncode for rank in ranks] == [1, 1], [rank.stderr[-3000:] for rank in ranks]
+    (rank_0,), (rank_1,) = (rank.stderr.strip().splitlines()[-1:] for rank in ranks)
+    assert rank_0.startswith(f"error: train cannot use {out / 'run' / 'mlp'}/"), ranks[0].stderr[-3000:]
+    assert rank_0.endswith(f": No space left on device; free some space, then continue the run from its last "
+                           f"completed epoch with: python -m fmnist_keras.train --resume {out / 'run'}")
+    assert rank_1.startswith("error: rank 1 of 2 stopped training (RuntimeError: "), ranks[1].stderr[-3000:]
+    assert not any("Traceback" in rank.stderr for rank in ranks)
+    _check_stopped_then_resumed(out, epochs)
+
+
 # What gloo raised on torch 2.13 when the other rank was killed, and when it did not answer within the timeout.
 GLOO_CLOSED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
                "[127.0.0.1]:29533")
