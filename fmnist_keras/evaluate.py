@@ -21,11 +21,10 @@ from fmnist_keras.allocator import keep_freed_memory
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_fast_path_argument, add_tta_argument,
                               escape_unencodable_output, in_range, one_line, print_error, run_tta)
-from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, FIGURES_DIR, METRICS_FILE, REPORT_FILE, TEXT,
-                                 RunDirError, check_fields, is_finite_number, is_model_dir, read_json_object,
-                                 write_json)
+from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, EVALUATION_FILE, FIGURES_DIR, METRICS_FILE, REPORT_FILE,
+                                 TEXT, RunDirError, check_fields, is_finite_number, is_marker, is_model_dir,
+                                 read_json_object, write_json)
 
-EVALUATION_FILE = "evaluation.json"
 # Written into an --out-dir that evaluate writes to (a run's model directory
 # has the run's marker one level up instead): existing outputs are replaced
 # only in a directory that carries one of the two.
@@ -122,7 +121,7 @@ def check_outputs(out_dir: Path) -> bool:
         RunFileError: naming the path and how to fix it.
     """
     in_run = is_model_dir(out_dir)
-    ours = in_run or (out_dir.resolve() / OUTPUT_MARKER).is_file()
+    ours = in_run or is_marker(out_dir.resolve() / OUTPUT_MARKER)
     fix = "move it away or choose another --out-dir (a new or empty directory)"
     figures = out_dir / FIGURES_DIR
     paths = [out_dir / EVALUATION_FILE, out_dir / REPORT_FILE, figures]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fmnist_keras.backend import named_backend
 from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, print_error
-from fmnist_keras.rundir import make_ordinary
+from fmnist_keras.rundir import entries_below, is_marker, make_ordinary
 
 FORMATS = ("onnx", "tf_saved_model")
 # What Keras needs, beyond the backend's own package, to export each format
@@ -123,10 +123,11 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
         if not output.is_dir():
             raise ExportError(f"--output {output} exists and is not a directory; a SavedModel is a directory, "
                               f"and export replaces only SavedModel directories it wrote; pass {what}.")
-        if not (output / EXPORT_MARKER).is_file():
+        not_own = _not_own_saved_model(output)
+        if not_own is not None:
             raise ExportError(
-                f"--output {output} is a directory that export did not write (no {EXPORT_MARKER} in it), so it "
-                f"is never replaced, even with --overwrite; pass {what}."
+                f"--output {output} is a directory that export did not write ({not_own}), so it is never "
+                f"replaced, even with --overwrite; pass {what}."
             )
     if not overwrite:
         raise ExportError(f"{output} already exists; choose another --output or pass --overwrite.")
@@ -228,6 +229,25 @@ def export_model(model, output: Path, format: str) -> Path:
     return output
 
 
+# What a tf_saved_model export holds: TensorFlow's SavedModel files and directories, and export's marker.
+_SAVED_MODEL_ENTRIES = (EXPORT_MARKER, "saved_model.pb", "fingerprint.pb", "variables", "assets", "assets.extra")
+
+
+def _not_own_saved_model(output: Path) -> str | None:
+    """Why the directory ``output`` is not a SavedModel that export wrote, to be replaced whole; None if it is."""
+    if not is_marker(output / EXPORT_MARKER):
+        return f"no {EXPORT_MARKER} in it"
+    for entry in sorted(output.iterdir()):
+        if entry.is_symlink() or entry.name not in _SAVED_MODEL_ENTRIES:
+            return f"it holds {entry}, which export did not write"
+        for inside in entries_below(entry):
+            variables = entry.name == "variables" and not (
+                inside.name == "variables.index" or inside.name.startswith("variables.data-"))
+            if variables or inside.is_symlink() or not (inside.is_file() or inside.is_dir()):
+                return f"it holds {inside}, which export did not write"
+    return None
+
+
 def write_export(model, output: Path, format: str) -> Path:
     """Export into a temporary sibling of ``output``, then swap it into place.
 
@@ -261,7 +281,7 @@ def write_export(model, output: Path, format: str) -> Path:
         (temporary / EXPORT_MARKER).write_text("written by python -m fmnist_keras.export\n")
         old = None
         if output.exists() or output.is_symlink():
-            if output.is_symlink() or not (output / EXPORT_MARKER).is_file():
+            if output.is_symlink() or _not_own_saved_model(output) is not None:
                 raise ExportError(f"{output} changed during the export and is no longer a directory export wrote; "
                                   f"left alone.")
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.", suffix=".old"))

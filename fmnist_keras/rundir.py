@@ -15,11 +15,13 @@ One module knows every file name in a run directory::
         metrics.json          test and validation metrics, written once
         tensorboard/          with --tensorboard: Keras's TensorBoard logs
         report.md, figures/   the report
+        evaluation.json       what python -m fmnist_keras.evaluate measured
     OUT_DIR/latest            symlink to the newest run
 
 Rules it keeps: a run name is one safe path component; ``--overwrite``
-removes only a directory that carries the marker (never a symlink, never the
-working directory or one above it), after every check has passed; every JSON
+removes only a directory that carries the marker (a file, not a link) and holds
+nothing but what the project writes there (never a symlink, never the working
+directory or one above it), after every check has passed; every JSON
 file is written to a temporary sibling and renamed, so a kill leaves the old
 file or the new one; a second process is refused the lock in one line naming
 the holder. No Keras import here.
@@ -55,6 +57,7 @@ CONFIG_FILE = "config.json"
 BACKUP_DIR = "backup"
 FIT_FILE = "fit.json"
 METRICS_FILE = "metrics.json"
+EVALUATION_FILE = "evaluation.json"
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
 TENSORBOARD_DIR = "tensorboard"
@@ -173,13 +176,19 @@ def is_finite_number(value) -> bool:
         return False
 
 
+def is_marker(path: Path) -> bool:
+    """Whether ``path`` is a marker the project wrote: a regular file, never a link (one planted in a user's
+    directory would make it look like the project's to replace)."""
+    return not path.is_symlink() and path.is_file()
+
+
 def is_model_dir(path: Path) -> bool:
     """Whether ``path`` (links resolved) is a model directory of a run train created.
 
     Its parent holds the run's marker and lists its name in ``run.json``.
     """
     real = Path(path).resolve()
-    if not real.is_dir() or not (real.parent / MARKER).is_file():
+    if not real.is_dir() or not is_marker(real.parent / MARKER):
         return False
     try:
         return real.name in RunDir(real.parent).models()
@@ -242,7 +251,7 @@ class RunDir:
             path = directory / name
             if path.is_symlink() or (path.exists() and not path.is_dir()):
                 raise RunDirError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not a directory'}; {fix}.")
-            for inside in _entries(path):
+            for inside in entries_below(path):
                 if inside.is_symlink() or not (inside.is_file() or inside.is_dir()):
                     what = "a symbolic link" if inside.is_symlink() else "neither a file nor a directory"
                     raise RunDirError(f"{inside} is {what}; {fix}.")
@@ -335,8 +344,14 @@ class RunDir:
         # Ctrl-C or SIGTERM wait until the old run is gone: never half a run under a hidden name.
         # The lock is held until the removal ends, so no other process removes it at the same time.
         with interrupts.deferred(), _locked(target / LOCK, what=target):
+            if target.is_symlink():  # swapped for a link since the check: the lock was taken through it
+                raise RunDirError(f"{target} became a symbolic link; --overwrite leaves it alone. Choose {elsewhere}.")
+            _check_own(target, elsewhere)  # and nothing was added since
             doomed = target.with_name(f"{_REMOVING}{target.name}-{os.getpid()}")
             os.replace(target, doomed)
+            if doomed.is_symlink():  # swapped between the check and the rename: put it back, untouched
+                os.replace(doomed, target)
+                raise RunDirError(f"{target} became a symbolic link; --overwrite leaves it alone. Choose {elsewhere}.")
             try:
                 _remove_marked(doomed)
             except OSError as error:
@@ -357,8 +372,7 @@ class RunDir:
         if not (given / RUN_FILE).is_file():
             hint = f" (did you mean {given.parent}?)" if (given.parent / RUN_FILE).is_file() else ""
             raise RunDirError(f"--resume {given}: no {RUN_FILE} there, so it is not a run directory of this tool{hint}.")
-        marker = given / MARKER
-        if marker.is_symlink() or not marker.is_file():
+        if not is_marker(given / MARKER):
             raise RunDirError(f"--resume {given}: it has no {MARKER} marker, so train did not create it and will not "
                               f"write into it; start a new run (train without --resume).")
         made_by = run.made_by()
@@ -424,7 +438,7 @@ class RunDir:
         latest = self.path.parent / LATEST
         if latest.is_symlink():
             target = os.readlink(latest)
-            if "/" in target or (latest.exists() and not (latest / MARKER).is_file()):
+            if "/" in target or (latest.exists() and not is_marker(latest / MARKER)):
                 return
         elif latest.exists():
             return
@@ -463,7 +477,7 @@ class RunDir:
         return data
 
 
-def _entries(directory: Path) -> list[Path]:
+def entries_below(directory: Path) -> list[Path]:
     """Everything below ``directory``, not following links; [] when it is not a directory."""
     if directory.is_symlink() or not directory.is_dir():
         return []
@@ -556,7 +570,7 @@ def _finish_removals(out: Path) -> None:
         pid, marker = leftover.name.rpartition("-")[2], leftover / MARKER
         if not (pid.isascii() and pid.isdigit() and len(pid) <= 10) or _alive(int(pid)):
             continue
-        if leftover.is_symlink() or not leftover.is_dir() or marker.is_symlink() or not marker.is_file():
+        if leftover.is_symlink() or not leftover.is_dir() or not is_marker(marker):
             continue
         try:
             with interrupts.deferred(), _locked(leftover / LOCK, what=leftover):
@@ -602,11 +616,48 @@ def _check_own(target: Path, elsewhere: str) -> None:
     if not target.is_dir():
         raise RunDirError(f"{target} exists and is not a directory; --overwrite replaces run directories only. "
                           f"Move it away or choose {elsewhere}.")
-    if not (target / MARKER).is_file():
+    if not is_marker(target / MARKER):
         raise RunDirError(
             f"{target} was not created by fmnist_keras (it has no {MARKER} marker), so --overwrite leaves it "
             f"alone; remove it yourself or choose {elsewhere}."
         )
+    foreign = _first_foreign_entry(target)
+    if foreign is not None:
+        raise RunDirError(
+            f"{target} holds {foreign}, which fmnist_keras did not write, so --overwrite leaves the run alone; "
+            f"move it out of the run, or choose {elsewhere}."
+        )
+
+
+# What the project writes in a run directory and in each model's directory (a kill can leave write_json's
+# temporaries, .partial-NAME.*). Keras and the report fill backup/, tensorboard/ and figures/, never with links.
+_RUN_FILES = (MARKER, LOCK, RUN_FILE)
+_MODEL_FILES = (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, FIT_FILE, METRICS_FILE, EVALUATION_FILE, REPORT_FILE)
+_MODEL_DIRS = (BACKUP_DIR, TENSORBOARD_DIR, FIGURES_DIR)
+
+
+def _first_foreign_entry(run: Path) -> Path | None:
+    """The first entry of ``run`` that is not what fmnist_keras writes there (a link always), or None."""
+
+    def foreign(entry: Path, files, directories) -> bool:
+        if entry.is_symlink():
+            return True
+        if entry.name in files or entry.name.startswith(".partial-"):
+            return not entry.is_file()
+        return entry.name not in directories or not entry.is_dir()
+
+    for entry in sorted(run.iterdir()):
+        if foreign(entry, _RUN_FILES, MODEL_NAMES):
+            return entry
+        if entry.name not in MODEL_NAMES:
+            continue
+        for inside in sorted(entry.iterdir()):
+            if foreign(inside, _MODEL_FILES, _MODEL_DIRS):
+                return inside
+            for deeper in entries_below(inside):
+                if deeper.is_symlink() or not (deeper.is_file() or deeper.is_dir()):
+                    return deeper
+    return None
 
 
 def _check_out_dir(out_dir: str, create: bool = True) -> Path:

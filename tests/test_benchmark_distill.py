@@ -168,7 +168,8 @@ def test_a_seed_given_twice_is_refused(teachers, tiny_data_dir, tmp_path, capsys
 
 
 @pytest.mark.parametrize("ours, overwrite, message", [
-    (True, (), "already exists; choose another --out-dir or pass --overwrite"),
+    (True, (), "notes.txt, which fmnist_keras did not write, so --overwrite leaves the run alone"),
+    (True, ("--overwrite",), "notes.txt, which fmnist_keras did not write, so --overwrite leaves the run alone"),
     (False, (), "not created by"),
     (False, ("--overwrite",), "not created by"),
 ])

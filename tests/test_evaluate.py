@@ -429,6 +429,25 @@ def test_only_a_model_directory_of_a_run_counts_as_the_runs_own(tmp_path):
     assert (user / "report.md").read_text() == "a report"
 
 
+def test_a_marker_that_is_a_link_makes_no_directory_the_projects(tmp_path):
+    # Planted in a user's directory, a link to any file must not make evaluate replace the user's report.
+    from fmnist_keras.rundir import MARKER, RUN_FILE, is_model_dir
+
+    (tmp_path / "anything").write_text("{}")
+    user = tmp_path / "user"
+    (user / "mlp").mkdir(parents=True)
+    (user / "report.md").write_text("my report")
+    (user / "mlp" / "report.md").write_text("my report")
+    (user / evaluate.OUTPUT_MARKER).symlink_to(tmp_path / "anything")
+    (user / MARKER).symlink_to(tmp_path / "anything")
+    (user / RUN_FILE).write_text('{"models": ["mlp"]}')
+    assert not is_model_dir(user / "mlp")
+    for out_dir in (user, user / "mlp"):
+        with pytest.raises(evaluate.RunFileError, match="will not replace it"):
+            evaluate.check_outputs(out_dir)
+    assert (user / "report.md").read_text() == (user / "mlp" / "report.md").read_text() == "my report"
+
+
 def test_a_run_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     import os
 

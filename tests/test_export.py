@@ -342,6 +342,31 @@ def test_saved_model_directory_export_did_not_write_is_never_replaced(tmp_path):
     assert (mine / "notes.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("theirs", ["notes.txt", "variables/notes.txt", "assets/link", "marker-link"])
+def test_saved_model_directory_with_what_export_did_not_write_is_never_replaced(tmp_path, monkeypatch, theirs):
+    # A file of the user's inside an export, or a marker that is a link planted in the user's directory.
+    monkeypatch.setattr(export, "export_model", _fake_saved_model)
+    output = tmp_path / "saved"
+    export.write_export("first", export.check_output(str(output), "tf_saved_model", overwrite=False), "tf_saved_model")
+    (output / "variables").mkdir()
+    (output / "assets").mkdir()
+    (tmp_path / "precious.txt").write_text("keep me")
+    if theirs == "marker-link":
+        (output / export.EXPORT_MARKER).unlink()
+        (output / export.EXPORT_MARKER).symlink_to(tmp_path / "precious.txt")
+        named = f"no {export.EXPORT_MARKER} in it"
+    else:
+        if theirs.endswith("link"):
+            (output / theirs).symlink_to(tmp_path / "precious.txt")
+        else:
+            (output / theirs).write_text("keep me")
+        named = f"it holds {output / theirs}, which export did not write"
+    before = sorted(p.name for p in output.rglob("*"))
+    with pytest.raises(export.ExportError, match=f"export did not write \\({named}\\), so it is never replaced"):
+        export.check_output(str(output), "tf_saved_model", overwrite=True)
+    assert sorted(p.name for p in output.rglob("*")) == before and (tmp_path / "precious.txt").read_text() == "keep me"
+
+
 def test_saved_model_overwrite_swaps_in_only_a_finished_export(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "export_model", _fake_saved_model)
     output = tmp_path / "saved"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fmnist_keras import train
+from fmnist_keras.rundir import MARKER
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.data import CLASS_NAMES
 
@@ -184,14 +185,50 @@ def test_the_split_seed_alone_decides_the_validation_images(tmp_path, tiny_data_
 
 
 def test_existing_run_dir_is_never_overwritten_silently(tmp_path, tiny_data_dir, capsys):
+    run = tmp_path / "runs" / "run"
     assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--no-report") == 0
-    (tmp_path / "runs" / "run" / "notes.txt").write_text("mine")
+    first = (run / "mlp" / "model.keras").read_bytes()
     assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1") == 2
-    assert "already exists" in capsys.readouterr().err
-    assert (tmp_path / "runs" / "run" / "notes.txt").read_text() == "mine"
+    assert "already exists; choose another --run-name or pass --overwrite" in capsys.readouterr().err
+    assert (run / "mlp" / "model.keras").read_bytes() == first
     assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--overwrite", "--no-report") == 0
-    assert not (tmp_path / "runs" / "run" / "notes.txt").exists()
-    assert (tmp_path / "runs" / "run" / "mlp" / "metrics.json").is_file()
+    assert (run / "mlp" / "metrics.json").is_file() and (run / "mlp" / "model.keras").read_bytes() != first
+
+
+@pytest.mark.parametrize("where, named", [("notes.txt", "notes.txt"), ("data/train-images-idx3-ubyte.gz", "data"),
+                                          ("mlp/notes.txt", "mlp/notes.txt"), ("mlp/figures/link", "mlp/figures/link"),
+                                          ("link", "link")])
+def test_overwrite_leaves_a_run_that_holds_what_the_project_did_not_write(tmp_path, tiny_data_dir, capsys, where,
+                                                                          named):
+    # A user's file, a data set, a link (to a file of theirs): none of it is the project's to delete.
+    run = tmp_path / "runs" / "run"
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1") == 0
+    theirs = run / where
+    theirs.parent.mkdir(parents=True, exist_ok=True)
+    if theirs.name == "link":
+        (tmp_path / "precious.txt").write_text("mine")
+        theirs.symlink_to(tmp_path / "precious.txt")
+    else:
+        theirs.write_text("mine")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    capsys.readouterr()
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {run} holds {run / named}, which fmnist_keras did not write, so --overwrite leaves the run "
+                   f"alone; move it out of the run, or choose another --run-name.\n")
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert (tmp_path / "precious.txt").read_text() == "mine" if theirs.name == "link" else theirs.read_text() == "mine"
+
+
+def test_overwrite_leaves_a_directory_whose_marker_is_a_link(tmp_path, tiny_data_dir, capsys):
+    mine = tmp_path / "runs" / "mine"
+    (mine / "important").mkdir(parents=True)
+    (mine / "important" / "thesis.txt").write_text("mine")
+    (tmp_path / "marker").write_text("{}")
+    (mine / MARKER).symlink_to(tmp_path / "marker")
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--overwrite", name="mine") == 2
+    assert f"{mine} was not created by fmnist_keras (it has no {MARKER} marker)" in capsys.readouterr().err
+    assert (mine / "important" / "thesis.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(

@@ -167,7 +167,7 @@ def test_sigterm_while_overwrite_removes_the_old_run_waits_for_a_whole_new_run(t
     """The signal comes halfway through the removal; it takes effect once the new run directory is whole."""
     from fmnist_keras import rundir
 
-    (finished_run / "mlp" / "many").mkdir()
+    (finished_run / "mlp" / "figures").mkdir(exist_ok=True)
     real_rmtree = rundir.shutil.rmtree
 
     def rmtree_then_sigterm(path, *args, **kwargs):
