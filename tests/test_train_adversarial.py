@@ -719,3 +719,15 @@ def test_private_temporary_files_are_made_ordinary_by_descriptor_never_through_a
     os.umask(umask)
     rundir.write_text(tmp_path / "run.json", "{}")
     assert stat.S_IMODE((tmp_path / "run.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_closed_stdout_trains_the_run_and_exits_0(tmp_path, tiny_data_dir):
+    # `train >&-`: sys.stdout is None, so Keras's own messages (EarlyStopping's "Restoring model weights
+    # from the end of the best epoch") must stay off, as the progress bar does.
+    argv = ["--model", "mlp", "--epochs", "2", "--patience", "1", "--no-verify", "--no-report", "--data-dir",
+            str(tiny_data_dir), "--out-dir", str(tmp_path / "runs"), "--run-name", "closed"]
+    out = subprocess.run([sys.executable, "-m", "fmnist_keras.train", *argv], stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: os.close(1), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert (tmp_path / "runs" / "closed" / "mlp" / "metrics.json").is_file()

@@ -135,7 +135,7 @@ def fit_model(
     compile_model(model, config, steps_per_epoch=math.ceil(len(splits.x_train) / config.batch_size))
 
     state = resume_state(run.backup_dir(name), run.model_file(name), run.history_file(name)) if resume else None
-    parts = _Callbacks.make(config, splits, run, resume, state, replicas, tensorboard)
+    parts = _Callbacks.make(config, splits, run, resume, state, replicas, tensorboard, quiet=verbose == 0)
     y_train = keras.utils.to_categorical(splits.y_train, fdata.NUM_CLASSES) if train_targets is None else train_targets
     y_val = keras.utils.to_categorical(splits.y_val, fdata.NUM_CLASSES)
     if replicas.mode == "torchrun":
@@ -210,11 +210,11 @@ class _Callbacks:
     data_on_device: bool = False
 
     @classmethod
-    def make(cls, config, splits, run, resume, state, replicas, tensorboard) -> "_Callbacks":
+    def make(cls, config, splits, run, resume, state, replicas, tensorboard, quiet=False) -> "_Callbacks":
         name = config.model
-        early_stopping = ResumableEarlyStopping(
-            monitor="val_loss", patience=config.patience, restore_best_weights=True, verbose=int(run is not None),
-            initial_state=state,
+        early_stopping = ResumableEarlyStopping(  # it prints through Keras, which needs a stdout
+            monitor="val_loss", patience=config.patience, restore_best_weights=True,
+            verbose=int(run is not None and not quiet), initial_state=state,
         )
         stop_on_signal = StopOnSignal(agreed_only=replicas.mode == "torchrun")  # every rank stops at the same step
         replica_callbacks = distributed.callbacks(replicas, stop_on_signal)
