@@ -71,8 +71,8 @@ OTHER_MAKERS = {
     "benchmarks/distill.py": "run benchmarks/distill.py again with --overwrite",
     "benchmarks/ablation.py": "run benchmarks/ablation.py again, which replaces its runs",
 }
-# The largest run file read back (run.json, config.json, fit.json, metrics.json).
-MAX_JSON_BYTES = 16 * 1024**2
+# The largest run file read back (run.json, config.json, fit.json, metrics.json, history.csv).
+MAX_RUN_FILE_BYTES = 16 * 1024**2
 
 
 class RunDirError(ValueError):
@@ -133,16 +133,26 @@ def _write_atomically(path: Path, mode: str, content) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def read_run_text(path: Path, what: str, fix: str, newline: str | None = None) -> str:
+    """The text of the run file ``path``, ``what`` it should be; a FIFO, a device or a file over
+    :data:`MAX_RUN_FILE_BYTES` is one :class:`RunDirError` line, never read (a FIFO would block the read,
+    ``/dev/zero`` would never end). ``FileNotFoundError``, other ``OSError`` and ``UnicodeDecodeError`` are
+    the caller's to word."""
+    path = Path(path)
+    status = path.stat()
+    if not stat.S_ISREG(status.st_mode):
+        raise RunDirError(f"{path} is not a regular file, so not {what}; {fix}.")
+    if status.st_size > MAX_RUN_FILE_BYTES:
+        raise RunDirError(f"{path} is larger than {MAX_RUN_FILE_BYTES // 1024**2} MiB, too large for {what}; {fix}.")
+    with open(path, newline=newline) as file:
+        return file.read(MAX_RUN_FILE_BYTES + 1)  # a file that grew since the check is cut, and fails to parse
+
+
 def read_json(path: Path, what: str, fix: str):
     """The JSON in ``path``; a missing, huge or garbled file is one :class:`RunDirError` line."""
     path = Path(path)
     try:
-        status = path.stat()
-        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the read
-            raise RunDirError(f"{path} is not a regular file, so not {what}; {fix}.")
-        if status.st_size > MAX_JSON_BYTES:
-            raise RunDirError(f"{path} is larger than {MAX_JSON_BYTES // 1024**2} MiB, too large for {what}; {fix}.")
-        return json.loads(path.read_text(), parse_constant=_no_constants)
+        return json.loads(read_run_text(path, what, fix), parse_constant=_no_constants)
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing ({what}); {fix}.") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as error:

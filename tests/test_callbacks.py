@@ -235,6 +235,24 @@ def test_a_damaged_history_is_a_run_dir_error(tmp_path, content):
         truncate_history(path, 0)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "huge"])
+def test_a_history_that_is_no_regular_file_or_too_large_is_refused_unread(tmp_path, kind, monkeypatch):
+    # A FIFO would block the read forever; /dev/zero would fill the memory.
+    from fmnist_keras import rundir
+
+    path = tmp_path / "history.csv"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "/dev/zero":
+        path.symlink_to("/dev/zero")
+    else:
+        monkeypatch.setattr(rundir, "MAX_RUN_FILE_BYTES", 64)
+        path.write_text("epoch,loss,val_loss\n" + "".join(f"{i},0.5,0.4\n" for i in range(10)))
+    expected = "is not a regular file, so not a CSVLogger history" if kind != "huge" else "is larger than"
+    with pytest.raises(RunDirError, match=f"history.csv {expected}.*; move .* away"):
+        read_history(path)
+
+
 def test_truncate_history_keeps_the_first_epochs(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss,val_loss\n0,0.9,0.8\n1,0.7,0.6\n2,0.5,0.65\n")
@@ -262,13 +280,28 @@ def test_truncate_history_keeps_a_lone_line_for_the_damage_check(tmp_path):
     assert path.read_bytes() == b"\x00\x01\x02"
 
 
+def _weights(path, epoch: int) -> None:
+    """A small HDF5 file, as Keras's weights files are, that says which epoch it holds."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["epoch"] = epoch
+
+
+def _weights_epoch(path) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return int(f["epoch"][()])
+
+
 def _backup(tmp_path, metadata: str, previous: str | None):
     backup = tmp_path / "backup"
     backup.mkdir()
-    (backup / "latest.weights.h5").write_bytes(b"epoch 3")
+    _weights(backup / "latest.weights.h5", 3)
     (backup / "training_metadata.json").write_text(metadata)
     if previous is not None:
-        (backup / "latest.weights.h5.bkp").write_bytes(b"epoch 2")
+        _weights(backup / "latest.weights.h5.bkp", 2)
         (backup / "training_metadata.json.bkp").write_text(previous)
     return backup
 
@@ -277,9 +310,32 @@ def _backup(tmp_path, metadata: str, previous: str | None):
 def test_backup_metadata_cut_short_by_a_kill_falls_back_to_the_previous_backup(tmp_path, metadata):
     backup = _backup(tmp_path, metadata, '{"epoch": 2, "batch": 0}')
     assert backed_up_epochs(backup) == 2
-    assert (backup / "latest.weights.h5").read_bytes() == b"epoch 2"
+    assert _weights_epoch(backup / "latest.weights.h5") == 2
     assert json.loads((backup / "training_metadata.json").read_text()) == {"epoch": 2, "batch": 0}
     assert backed_up_epochs(backup) == 2  # and stays consistent
+
+
+@pytest.mark.parametrize("weights", [b"", b"\x89HDF\r\n\x1a\n cut short", None])  # a kill, a full disk, gone
+def test_backup_weights_cut_short_fall_back_to_the_previous_backup_with_its_metadata(tmp_path, weights):
+    # Keras itself would load the previous weights; the metadata must then say their epoch, not the later one.
+    backup = _backup(tmp_path, '{"epoch": 3, "batch": 0}', '{"epoch": 2, "batch": 0}')
+    if weights is None:
+        (backup / "latest.weights.h5").unlink()
+    else:
+        (backup / "latest.weights.h5").write_bytes(weights)
+    assert backed_up_epochs(backup) == 2
+    assert _weights_epoch(backup / "latest.weights.h5") == 2
+    assert json.loads((backup / "training_metadata.json").read_text()) == {"epoch": 2, "batch": 0}
+
+
+def test_backup_weights_and_their_previous_copy_both_damaged_is_a_run_dir_error_naming_the_fix(tmp_path):
+    backup = _backup(tmp_path, '{"epoch": 3, "batch": 0}', '{"epoch": 2, "batch": 0}')
+    for name in ("latest.weights.h5", "latest.weights.h5.bkp"):
+        (backup / name).write_bytes(b"cut")
+    with pytest.raises(RunDirError, match=f"latest.weights.h5.bkp is damaged: not an HDF5 file of weights .*; "
+                                          f"delete {backup} to train that model again from its first epoch"):
+        backed_up_epochs(backup)
+    assert json.loads((backup / "training_metadata.json").read_text()) == {"epoch": 3, "batch": 0}  # untouched
 
 
 @pytest.mark.parametrize("previous", [None, "", '{"epoch": -1}'])
@@ -287,7 +343,7 @@ def test_damaged_backup_metadata_without_a_whole_previous_backup_is_a_run_dir_er
     backup = _backup(tmp_path, "", previous)
     with pytest.raises(RunDirError, match=r"is damaged: .*; delete .*backup"):
         backed_up_epochs(backup)
-    assert (backup / "latest.weights.h5").read_bytes() == b"epoch 3"  # nothing changed
+    assert _weights_epoch(backup / "latest.weights.h5") == 3  # nothing changed
 
 
 def test_a_symlinked_previous_backup_is_not_followed(tmp_path):
@@ -298,7 +354,7 @@ def test_a_symlinked_previous_backup_is_not_followed(tmp_path):
     (backup / "latest.weights.h5.bkp").symlink_to(outside)
     with pytest.raises(RunDirError, match="is damaged"):
         backed_up_epochs(backup)
-    assert (backup / "latest.weights.h5").read_bytes() == b"epoch 3" and outside.read_bytes() == b"not ours"
+    assert _weights_epoch(backup / "latest.weights.h5") == 3 and outside.read_bytes() == b"not ours"
 
 
 class CountBatches(keras.callbacks.Callback):

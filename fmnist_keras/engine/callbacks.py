@@ -384,8 +384,8 @@ def read_history(path: Path) -> list[dict]:
 
 def _history_lines(path: Path) -> list[str]:
     try:
-        with open(path, newline="") as f:
-            return f.read().splitlines(keepends=True)
+        return rundir.read_run_text(path, "a CSVLogger history", _history_fix(path), newline="").splitlines(
+            keepends=True)
     except (OSError, UnicodeDecodeError) as error:
         raise rundir.RunDirError(f"{path} is damaged: not a CSVLogger history ({type(error).__name__}); "
                                  f"{_history_fix(path)}.") from None
@@ -420,21 +420,24 @@ def backed_up_epochs(backup_dir: Path) -> int:
     writes in its ``backup_dir`` (keys ``epoch`` and ``batch``). Keras writes
     it in place, after the weights, so a kill in between leaves it empty or
     cut short. With ``double_checkpoint`` Keras first copies the previous
-    backup to ``*.bkp``; when the metadata is damaged and that previous pair
-    is whole, it is put back (its last epoch is trained again), as Keras
-    itself does when the weights file is damaged.
+    backup to ``*.bkp``; when the metadata or the weights are damaged and
+    that previous pair is whole, it is put back (its last epoch is trained
+    again), as Keras itself does when the weights file is damaged.
     """
     backup_dir = Path(backup_dir)
     metadata = backup_dir / BACKUP_METADATA
     if not metadata.exists():
         return 0
     try:
-        return _backup_epoch(metadata, backup_dir)
+        epoch = _backup_epoch(metadata, backup_dir)
+        _check_weights(backup_dir / BACKUP_WEIGHTS, backup_dir)
+        return epoch
     except rundir.RunDirError:
         previous = {name: backup_dir / f"{name}.bkp" for name in (BACKUP_WEIGHTS, BACKUP_METADATA)}  # weights first
         if not all(path.is_file() and not path.is_symlink() for path in previous.values()):
             raise
         epoch = _backup_epoch(previous[BACKUP_METADATA], backup_dir)
+        _check_weights(previous[BACKUP_WEIGHTS], backup_dir)
         for name, path in previous.items():
             rundir.write_bytes(backup_dir / name, path.read_bytes())
         return epoch
@@ -442,6 +445,23 @@ def backed_up_epochs(backup_dir: Path) -> int:
 
 def _backup_fix(backup_dir: Path) -> str:
     return f"delete {backup_dir} to train that model again from its first epoch"
+
+
+def _check_weights(weights: Path, backup_dir: Path) -> None:
+    """Refuse a backup weights file that HDF5 cannot open (cut short by a kill or a full disk, or missing).
+
+    Keras would load its previous backup instead, while the metadata says the later epoch, so the history
+    and the weights would disagree by an epoch.
+    """
+    import h5py  # Keras's own dependency, for its .weights.h5 files
+
+    try:
+        with h5py.File(weights, "r"):
+            pass
+    except (OSError, ValueError) as error:
+        detail = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise rundir.RunDirError(f"{weights} is damaged: not an HDF5 file of weights ({detail}); "
+                                 f"{_backup_fix(backup_dir)}.") from None
 
 
 def _backup_epoch(metadata: Path, backup_dir: Path) -> int:
