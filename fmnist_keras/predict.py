@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -43,6 +44,9 @@ TRIM_TOLERANCE = 24
 # A .npy larger than this is refused before it is read: 1 GiB holds 1.3
 # million uint8 images, far more than one call should classify.
 MAX_NPY_BYTES = 1024**3
+# The longest edge a picture is read at. The model sees 28 pixels; the full-size arrays of a 90-megapixel
+# picture would take gigabytes, so a larger picture is first reduced by a whole factor (box filter).
+MAX_EDGE = 2048
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -79,6 +83,24 @@ def _flatten_alpha(image):
     return image
 
 
+def _reduced(image):
+    """``image`` with its longest edge at most :data:`MAX_EDGE`, reduced by a whole factor (box filter).
+
+    Pillow reduces neither palette nor 1-bit nor 16-bit pictures: they become RGB(A), 8-bit and 32-bit
+    integer pictures first, which read the same (:func:`gray_pixels` scales 32-bit by 65535 up to 65535).
+    """
+    factor = math.ceil(max(image.size) / MAX_EDGE)
+    if factor <= 1:
+        return image
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode.startswith("I;16"):
+        image = image.convert("I")
+    return image.reduce(factor)
+
+
 def gray_pixels(image, name: str = "image") -> np.ndarray:
     """A Pillow image as uint8 (H, W) grayscale, scaled by its real bit depth.
 
@@ -94,7 +116,7 @@ def gray_pixels(image, name: str = "image") -> np.ndarray:
     mode = image.mode
     if not (mode.startswith("I;16") or mode in ("I", "F")):
         return np.asarray(_flatten_alpha(image).convert("L"), dtype=np.uint8)
-    values = np.asarray(image).astype(np.float64)
+    values = np.asarray(image).astype(np.float32)  # 8 bits are kept: float32 holds 24
     if values.size == 0:
         raise InputError(f"{name}: the picture has no pixels.")
     if not np.all(np.isfinite(values)):
@@ -110,7 +132,8 @@ def gray_pixels(image, name: str = "image") -> np.ndarray:
         scale = 255.0 / (2**31 - 1)
     else:
         scale = 255.0 / 65535
-    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    values *= scale  # in place: one picture-sized float array in all
+    return np.clip(np.rint(values, out=values), 0, 255, out=values).astype(np.uint8)
 
 
 def fit_to_square(gray: np.ndarray) -> np.ndarray:
@@ -154,7 +177,7 @@ def prepare_image(image, invert: str = "auto", name: str = "image") -> tuple[np.
     """
     from PIL import ImageOps
 
-    image = ImageOps.exif_transpose(image)
+    image = _reduced(ImageOps.exif_transpose(image))
     gray = gray_pixels(image, name)
     inverted = needs_inversion(gray, invert)
     if inverted:

@@ -361,6 +361,43 @@ def test_every_bit_depth_gives_the_same_model_input(tmp_path, scale):
         assert np.abs(pixels.astype(int) - reference.astype(int)).max() <= 1, name
 
 
+@pytest.mark.parametrize("mode", ["8bit.png", "16bit.png", "int32.tiff", "float01.tiff", "palette.png",
+                                  "palette-alpha.png", "1bit.png", "rgba.png"])
+def test_a_picture_larger_than_max_edge_is_reduced_first_and_reads_like_the_full_size_one(tmp_path, monkeypatch,
+                                                                                           mode):
+    # A garment on dark, 10 pixels of picture per pixel of the data set's; read at full size, then reduced 5 times.
+    image = np.kron(synthetic_images(np.array([3]), 5)[0], np.ones((10, 10), np.uint8))
+    paths = _depth_variants(tmp_path, image)
+    for name, picture, options in [("palette.png", Image.fromarray(image).convert("P"), {}),
+                                   ("palette-alpha.png", Image.fromarray(image).convert("P"), {"transparency": 255}),
+                                   ("1bit.png", Image.fromarray(image).convert("1"), {}),
+                                   ("rgba.png", Image.fromarray(image).convert("RGBA"), {})]:
+        paths[name] = tmp_path / name
+        picture.save(paths[name], **options)
+    full = predict.read_input(paths[mode])[0].pixels
+    monkeypatch.setattr(predict, "MAX_EDGE", 60)
+    reduced = predict.read_input(paths[mode])[0].pixels
+    # Of 0-255; a 1-bit picture is dithered, and each reading averages its dots over other windows.
+    assert np.abs(reduced.astype(int) - full.astype(int)).mean() < (25 if mode == "1bit.png" else 6), mode
+
+
+def test_a_large_16bit_picture_is_read_without_full_size_arrays(tmp_path):
+    # 4,096 x 4,096 16-bit pixels: read at full size, numpy's arrays peak at about 200 MiB; reduced twice
+    # (2,048 x 2,048), at about 50 MiB.
+    import tracemalloc
+
+    picture = tmp_path / "large.png"
+    Image.fromarray(np.kron(synthetic_images(np.array([3]), 5)[0].astype(np.uint16) * 257,
+                            np.ones((4096 // 28 + 1, 4096 // 28 + 1), np.uint16))[:4096, :4096]).save(picture)
+    tracemalloc.start()
+    try:
+        predict.read_input(picture)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * 1024**2, peak  # what tracemalloc counts: numpy's arrays and Python's bytes
+
+
 @pytest.mark.parametrize("value, message", [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
                                             (-2.0, "negative pixels"), (1000.0, "pixels up to 1000")])
 def test_float_picture_with_impossible_values_is_refused(tmp_path, value, message):
