@@ -27,19 +27,32 @@ class Interrupted(KeyboardInterrupt):
 
 
 def run_command(main, name: str) -> int:
-    """Run a short command's ``main``: SIGTERM becomes :class:`Interrupted`, so its clean-ups run.
+    """Run a short command's ``main``: Ctrl-C and SIGTERM raise :class:`Interrupted`, so its clean-ups run.
 
     Ctrl-C or SIGTERM then end the command with one line on stderr and exit
     code 128 + the signal's number, instead of a traceback; so does a
     file-system error that no narrower check caught, with exit code 1.
-    """
 
-    def on_sigterm(signum, frame):
+    A signal's exception raised inside a callback that cannot pass it on is
+    lost there, and ``main`` runs on: jax, which Keras imports on every
+    backend, registers a garbage-collection callback. Such a signal is
+    recorded when it comes, and the command still ends on it, its outputs
+    whole or not written (each is renamed into place).
+    """
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
         raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    def keep_quiet_about_a_lost_signal(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+
+    previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, keep_quiet_about_a_lost_signal
     try:
-        return main()
+        code = main()
     except KeyboardInterrupt as error:
         stop = Interrupted.of(error)
         print(f"{name}: interrupted ({stop}) before it finished; run it again.", file=sys.stderr)
@@ -54,7 +67,15 @@ def run_command(main, name: str) -> int:
         print_error(os_error_line(name, error))
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+    if received:  # lost in a callback: the command went on to its end
+        stop = Interrupted(received[0])
+        print(f"{name}: interrupted ({stop}) as it ended; what it wrote is whole, but check it or run it again.",
+              file=sys.stderr)
+        return stop.exit_code
+    return code
 
 
 @contextlib.contextmanager

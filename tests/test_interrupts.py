@@ -1,7 +1,11 @@
 """Ctrl-C and SIGTERM in the short commands (evaluate, predict, export): one line, exit 128 + N, clean-ups run."""
 
+import gc
 import os
 import signal
+import sys
+
+import pytest
 
 from fmnist_keras.interrupts import run_command
 
@@ -31,6 +35,33 @@ def test_sigterm_runs_the_clean_ups_and_exits_143(capsys):
     assert cleaned == ["temporary removed"]
     assert capsys.readouterr().err == "export: interrupted (SIGTERM) before it finished; run it again.\n"
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the caller's again
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_lost_in_a_garbage_collection_callback_still_ends_the_command(capsys, signum):
+    # As in jax's callback, which Keras imports: the handler's exception cannot leave the callback, and
+    # Python reports it as "Exception ignored in: <function callback ...>" and goes on.
+    before, hook = signal.getsignal(signum), sys.unraisablehook
+
+    def callback(phase, info):
+        if phase == "start":
+            os.kill(os.getpid(), signum)
+            for _ in range(1000):  # the handler runs here, inside the callback
+                pass
+
+    def main():
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+        return 0
+
+    assert run_command(main, "export") == 128 + signum
+    name = signal.Signals(signum).name
+    assert capsys.readouterr().err == (f"export: interrupted ({name}) as it ended; what it wrote is whole, but "
+                                       f"check it or run it again.\n")
+    assert signal.getsignal(signum) is before and sys.unraisablehook is hook
 
 
 def test_a_finished_command_keeps_its_exit_code():
