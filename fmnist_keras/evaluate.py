@@ -20,7 +20,7 @@ from pathlib import Path
 from fmnist_keras.allocator import keep_freed_memory
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_fast_path_argument, add_tta_argument,
-                              escape_unencodable_output, in_range, one_line, print_error, run_tta)
+                              escape_unencodable_output, in_range, non_empty_path, one_line, print_error, run_tta)
 from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, EVALUATION_FILE, FIGURES_DIR, METRICS_FILE, REPORT_FILE,
                                  TEXT, RunDirError, check_fields, is_finite_number, is_marker, is_model_dir,
                                  read_json_object, write_json)
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test image whose feature maps the report shows (default: a fixed, seeded one)")
     parser.add_argument("--layers", nargs="+", metavar="LAYER",
                         help="layers whose feature maps to draw (default: each convolution's activated output)")
-    parser.add_argument("--out-dir", metavar="DIR",
+    parser.add_argument("--out-dir", metavar="DIR", type=non_empty_path,
                         help="where evaluation.json, report.md and figures/ go (default: the model's directory)")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="only compute and write the metrics, draw no figures (default: write the report)")
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_metrics("test", result["test"]))
     if "validation" in result:
         print(format_metrics("validation", result["validation"]))
-    print(f"Wrote {out_dir / EVALUATION_FILE}")
+    print(one_line(f"Wrote {out_dir / EVALUATION_FILE}"))
 
     if args.report:
         from fmnist_keras.inspection.report import write_report
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         report = write_report(run_dir, x_test, y_test, model=model, metrics=metrics, x_train=x_train,
                               y_train=y_train, out_dir=out_dir, image_index=args.image_index, layers=args.layers,
                               seed=args.seed, test_probabilities=test_probabilities)
-        print(f"Wrote {report} and its figures in {report.parent / 'figures'}")
+        print(one_line(f"Wrote {report} and its figures in {report.parent / 'figures'}"))
     return 0
 
 

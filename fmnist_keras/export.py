@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"exporting {args.model} to {args.format} on {backend} failed ({type(error).__name__}: "
                     f"{detail}){kept}{hint}.")
         return 1
-    print(f"Exported {args.model} ({model.name}) to {args.format} on the {backend} backend: {output}")
+    print(one_line(f"Exported {args.model} ({model.name}) to {args.format} on the {backend} backend: {output}"))
     return 0
 
 

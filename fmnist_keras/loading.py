@@ -29,6 +29,7 @@ import zipfile
 from pathlib import Path
 
 from fmnist_keras.backend import compile_steps_on_jax
+from fmnist_keras.cli import one_line
 from fmnist_keras.data import NUM_CLASSES
 from fmnist_keras.rundir import MODEL_FILE
 
@@ -117,7 +118,7 @@ def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
                 )
             candidate = found[0]
             if announce is not None:
-                announce(f"Using {candidate}")
+                announce(one_line(f"Using {candidate}"))
         given = candidate
     elif not given.exists():
         raise ModelLoadError(f"model file {given} does not exist; check the path ({_FIX}).")

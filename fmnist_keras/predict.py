@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -307,13 +308,19 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
                          f"JPEG, ...) or a .npy file.")
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise InputError(f"{path}: a symbolic link to nothing (or a loop of links); fix the link.")
         raise InputError(f"{path}: no such file.")
     if path.is_dir():
         raise InputError(f"{path}: is a directory; expected an image file (PNG, JPEG, ...) or a .npy file.")
     try:
-        size = path.stat().st_size
+        status = path.stat()
     except OSError as error:
         raise InputError(f"{path}: cannot read it ({error.strerror}).") from None
+    if not stat.S_ISREG(status.st_mode):  # a FIFO would block the read, /dev/zero never end
+        raise InputError(f"{path}: not a regular file (a FIFO or a device); expected an image file (PNG, JPEG, "
+                         f"...) or a .npy file.")
+    size = status.st_size
     if size == 0:
         raise InputError(f"{path}: is empty (0 bytes).")
     if path.suffix.lower() == ".npy":

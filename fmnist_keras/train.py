@@ -553,7 +553,10 @@ def _replica_stopped(error: RuntimeError, replicas, run: RunDir | None) -> int:
 
 def _resume_command(run: RunDir | str) -> str:
     """The shell command that continues ``run`` (a run directory or its path) from its last completed epoch."""
-    return f"python -m fmnist_keras.train --resume {shlex.quote(str(run))}"
+    path = str(run)
+    if path.startswith("-"):  # `--out-dir . --run-name=-x`: argparse would take the path for a flag
+        path = os.path.join(".", path)
+    return f"python -m fmnist_keras.train --resume {shlex.quote(path)}"
 
 
 if __name__ == "__main__":

@@ -316,6 +316,15 @@ def test_out_dir_blocked_by_a_file_is_refused_before_any_work(below, cnn_run, ti
     assert (tmp_path / "afile").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("blank", ["", " "])
+def test_an_empty_out_dir_is_a_usage_error_not_the_models_directory(blank, cnn_run, tiny_data_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tiny_data_dir, cnn_run, "--out-dir", blank)
+    assert exit_info.value.code == 2
+    assert "argument --out-dir: expected a path, got an empty string" in capsys.readouterr().err
+    assert not (cnn_run / "evaluation.json").exists()
+
+
 @pytest.mark.parametrize("link", ["dangling", "loop"])
 def test_out_dir_that_is_a_broken_link_is_named_as_one(link, tmp_path):
     from fmnist_keras.evaluate import RunFileError, check_out_dir

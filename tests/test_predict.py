@@ -1,6 +1,7 @@
 """fmnist_keras.predict: pictures and arrays in, top-k classes out, one clear line per bad file."""
 
 import json
+import os
 import re
 
 import keras
@@ -168,6 +169,12 @@ def _bad_files(directory):
     (directory / "a_directory").mkdir(exist_ok=True)
     files["a_directory"] = "is a directory"
     files["missing.png"] = "no such file"
+    os.mkfifo(directory / "fifo.png")  # reading it would block until someone writes
+    files["fifo.png"] = r"not a regular file \(a FIFO or a device\)"
+    (directory / "zero.npy").symlink_to("/dev/zero")  # reading it would never end
+    files["zero.npy"] = r"not a regular file \(a FIFO or a device\)"
+    (directory / "dangling.png").symlink_to(directory / "gone.png")
+    files["dangling.png"] = "a symbolic link to nothing"
     return files
 
 

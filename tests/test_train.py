@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -182,6 +183,16 @@ def test_the_split_seed_alone_decides_the_validation_images(tmp_path, tiny_data_
     np.testing.assert_array_equal(weights["seed0-split0"], weights["seed0"])
     assert not np.array_equal(weights["seed1-split0"], weights["seed0"])  # same images, but seed 1's weights and order
     assert not np.array_equal(weights["seed1-split0"], weights["seed1"])  # same weights and order, other images
+
+
+@pytest.mark.parametrize("run", ["-x", "runs/-x", "my run", "--resume"])
+def test_the_resume_command_printed_parses_back_to_the_run(run):
+    import shlex
+
+    command = shlex.split(train._resume_command(run))
+    assert command[:3] == ["python", "-m", "fmnist_keras.train"]
+    resumed = train.build_parser().parse_args(command[3:]).resume
+    assert os.path.normpath(resumed) == os.path.normpath(run)
 
 
 def test_existing_run_dir_is_never_overwritten_silently(tmp_path, tiny_data_dir, capsys):
