@@ -312,6 +312,15 @@ class RunDir:
         """
         return _check_target(_check_out_dir(out_dir, create=False) / check_run_name(name), overwrite, elsewhere)
 
+    @staticmethod
+    def check_out_dir(out_dir) -> Path:
+        """``out_dir``, if :meth:`create` may make runs in it (it is, or can become, a directory); nothing is touched.
+
+        Raises:
+            RunDirError: what is wrong and how to fix it.
+        """
+        return _check_out_dir(out_dir, create=False)
+
     @classmethod
     def _create_unique(cls, out: Path, models: list[str], made_by: str | None) -> "RunDir":
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -675,6 +684,9 @@ def _check_out_dir(out_dir: str, create: bool = True) -> Path:
     if not str(out_dir).strip():
         raise RunDirError("--out-dir is empty; pass a directory for the runs, e.g. --out-dir runs.")
     out = Path(out_dir)
+    if out.is_symlink() and not out.exists():
+        raise RunDirError(f"--out-dir {out} is a symbolic link to nothing (or a loop of links); fix the link or "
+                          f"choose another --out-dir.")
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out-dir {out} is a file, not a directory; choose another --out-dir.")
     blocking = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)

@@ -267,9 +267,12 @@ def _main(argv: list[str] | None) -> int:
             except (RunDirError, ValueError) as error:
                 return _fail(error)
         # Under torchrun rank 0 alone checks, later, and every rank learns its answer (_train_all).
-        if args.resume is None and args.run_name is not None and not launched_by_torchrun():
+        if args.resume is None and not launched_by_torchrun():
             try:  # at once, not after minutes of loading and checking the data
-                RunDir.check_new(args.out_dir, args.run_name, args.overwrite)
+                if args.run_name is not None:
+                    RunDir.check_new(args.out_dir, args.run_name, args.overwrite)
+                else:
+                    RunDir.check_out_dir(args.out_dir)
             except RunDirError as error:
                 return _fail(error, 2)
         given = given_flags(parser, argv)

@@ -301,10 +301,19 @@ def test_a_relative_data_dir_is_saved_absolute_so_resume_works_from_anywhere(tmp
     ("", "--out-dir is empty; pass a directory for the runs"),
     ("blocker", "--out-dir blocker is a file, not a directory; choose another --out-dir."),
     ("blocker/below", "--out-dir blocker/below: blocker is a file, not a directory; choose another --out-dir."),
+    ("dangling", "--out-dir dangling is a symbolic link to nothing (or a loop of links); fix the link or choose "
+                 "another --out-dir."),
+    ("loop", "--out-dir loop is a symbolic link to nothing (or a loop of links); fix the link or choose another "
+             "--out-dir."),
 ])
 def test_an_out_dir_that_cannot_hold_runs_is_one_line(tmp_path, tiny_data_dir, capsys, out_dir, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "blocker").write_text("a file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    from fmnist_keras import data
+
+    monkeypatch.setattr(data, "load_data", lambda *args, **kwargs: pytest.fail("the data was read first"))
     argv = ["--data-dir", str(tiny_data_dir), "--no-verify", "--out-dir", out_dir, *BASE]
     assert train.main(argv) == 2
     _one_line_error(capsys, message)
