@@ -346,7 +346,13 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
     try:
         splits = engine_splits.make_splits(raw, configs[0], data_format)
     except ValueError as error:
-        parser.error(f"--subset {configs[0].subset} / --val-split {configs[0].val_split}: {error}")
+        config = configs[0]
+        subset = [("subset", config.subset)] if config.subset is not None else []
+        settings = [*subset, ("val_split", config.val_split)]
+        if args.resume:  # the settings come from the run, not from flags
+            return _fail(f"{run.config_file(config.model)} ({', '.join(f'{k} {v}' for k, v in settings)}) does not "
+                         f"split this data: {error}")
+        parser.error(" / ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings) + f": {error}")
     problem = None
     if replicas.is_chief:
         try:

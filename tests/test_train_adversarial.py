@@ -742,3 +742,21 @@ def test_a_closed_stdout_trains_the_run_and_exits_0(tmp_path, tiny_data_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert (tmp_path / "runs" / "closed" / "mlp" / "metrics.json").is_file()
+
+
+def test_a_validation_split_that_leaves_a_class_empty_names_the_flags_given(tmp_path, tiny_data_dir, capsys):
+    with pytest.raises(SystemExit) as info:
+        _train(tmp_path, tiny_data_dir, "--val-split", "0.001")
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("python -m fmnist_keras.train: error: --val-split 0.001: class 0 has ") and "None" not in last
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_resume_of_a_run_whose_config_splits_no_data_names_its_config(finished_run, capsys):
+    config = finished_run / "mlp" / "config.json"
+    (finished_run / "mlp" / "metrics.json").unlink()
+    config.write_text(config.read_text().replace('"val_split": 0.1', '"val_split": 0.001'))
+    assert '"val_split": 0.001' in config.read_text()
+    assert train.main(["--resume", str(finished_run)]) == 1
+    _one_line_error(capsys, f"{config} (val_split 0.001) does not split this data: class 0 has ")
