@@ -94,6 +94,9 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
             )
     if output.name in ("", ".", ".."):
         raise ExportError(f"--output {text!r} names a directory by '.' or '..'; pass {what}.")
+    if format == "onnx" and text.rstrip().endswith(("/", os.sep)):  # Path() drops the slash that says "a directory"
+        raise ExportError(f"--output {text!r} ends with a slash, which names a directory, but an ONNX export is one "
+                          f"file; pass {what}.")
     if output.is_symlink():
         raise ExportError(f"--output {output} is a symlink; export writes only real paths; remove the link or "
                           f"pass {what}.")

@@ -247,6 +247,9 @@ def test_onnx_output_that_is_a_directory_symlink_or_below_a_file_is_refused(tiny
     _refused([*args, tmp_path / "link.onnx"], capsys, "is a symlink")
     _refused([*args, tmp_path / "afile" / "x.onnx"], capsys, "which is a file, not a directory")
     _refused([*args, tiny_model_file], capsys, "is not an ONNX model")
+    _refused([*args, f"{tmp_path / 'new.onnx'}/"], capsys, "ends with a slash, which names a directory, but an ONNX "
+                                                           "export is one file")
+    assert not (tmp_path / "new.onnx").exists()
     assert (directory / "inner").is_dir() and (tmp_path / "target.onnx").read_text() == "keep me"
     assert (tmp_path / "link.onnx").is_symlink() and (tmp_path / "afile").read_text() == "keep me"
     assert tiny_model_file.stat().st_size > 100
