@@ -35,22 +35,24 @@ def run_command(main, name: str) -> int:
 
     A signal's exception raised inside a callback that cannot pass it on is
     lost there, and ``main`` runs on: jax, which Keras imports on every
-    backend, registers a garbage-collection callback. Such a signal is
-    recorded when it comes, and the command still ends on it, its outputs
-    whole or not written (each is renamed into place).
+    backend, registers a garbage-collection callback. Python hands such an
+    exception to ``sys.unraisablehook``, where it is kept; a command that
+    then ends as if nothing happened (exit code 0) still ends on it, its
+    outputs whole or not written (each is renamed into place).
     """
-    received = []
+    lost = []
 
     def on_signal(signum, frame):
-        received.append(signum)
         raise Interrupted(signum)
 
-    def keep_quiet_about_a_lost_signal(unraisable):
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+    def keep_a_lost_signal(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            lost.append(Interrupted.of(unraisable.exc_value))
+        else:
             previous_hook(unraisable)
 
     previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
-    previous_hook, sys.unraisablehook = sys.unraisablehook, keep_quiet_about_a_lost_signal
+    previous_hook, sys.unraisablehook = sys.unraisablehook, keep_a_lost_signal
     try:
         code = main()
     except KeyboardInterrupt as error:
@@ -70,11 +72,10 @@ def run_command(main, name: str) -> int:
         sys.unraisablehook = previous_hook
         for number, handler in previous.items():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
-    if received:  # lost in a callback: the command went on to its end
-        stop = Interrupted(received[0])
-        print(f"{name}: interrupted ({stop}) as it ended; what it wrote is whole, but check it or run it again.",
+    if lost and code == 0:  # the command went on to its end; one that failed has said why, in its own line
+        print(f"{name}: interrupted ({lost[0]}) as it ended; what it wrote is whole, but check it or run it again.",
               file=sys.stderr)
-        return stop.exit_code
+        return lost[0].exit_code
     return code
 
 

@@ -64,6 +64,22 @@ def test_a_signal_lost_in_a_garbage_collection_callback_still_ends_the_command(c
     assert signal.getsignal(signum) is before and sys.unraisablehook is hook
 
 
+def test_a_signal_the_command_handled_itself_gives_its_own_line_alone(capsys):
+    # benchmarks/distill.py catches the interrupt, says what is left in its own line and returns 130.
+    def main():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+        except KeyboardInterrupt:
+            print("distill.py: interrupted (SIGINT); run it again with --overwrite.", file=sys.stderr)
+            return 130
+        return 0
+
+    assert run_command(main, "distill.py") == 130
+    assert capsys.readouterr().err == "distill.py: interrupted (SIGINT); run it again with --overwrite.\n"
+
+
 def test_a_finished_command_keeps_its_exit_code():
     assert run_command(lambda: 3, "predict") == 3
 
