@@ -42,6 +42,7 @@ import stat
 import sys
 import tempfile
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 from fmnist_keras import interrupts
@@ -62,6 +63,11 @@ REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
 TENSORBOARD_DIR = "tensorboard"
 LATEST = "latest"
+# What Keras writes below a model's directory: BackupAndRestore's files (with double_checkpoint, a copy of
+# the previous pair as *.bkp) and TensorBoard's logs, one directory per split.
+BACKUP_WEIGHTS = "latest.weights.h5"
+BACKUP_METADATA = "training_metadata.json"
+TENSORBOARD_SPLITS = ("train", "validation")
 
 # Letters, digits and . _ - + = @; not starting with a dot (hidden, ".", "..").
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_+=@-][A-Za-z0-9._+=@-]{0,99}")
@@ -139,12 +145,14 @@ def read_run_text(path: Path, what: str, fix: str, newline: str | None = None) -
     ``/dev/zero`` would never end). ``FileNotFoundError``, other ``OSError`` and ``UnicodeDecodeError`` are
     the caller's to word."""
     path = Path(path)
-    status = path.stat()
-    if not stat.S_ISREG(status.st_mode):
-        raise RunDirError(f"{path} is not a regular file, so not {what}; {fix}.")
-    if status.st_size > MAX_RUN_FILE_BYTES:
-        raise RunDirError(f"{path} is larger than {MAX_RUN_FILE_BYTES // 1024**2} MiB, too large for {what}; {fix}.")
-    with open(path, newline=newline) as file:
+    # O_NONBLOCK: opening a FIFO does not wait for a writer; the checks are of the file opened, not of its name.
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), newline=newline) as file:
+        status = os.fstat(file.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise RunDirError(f"{path} is not a regular file, so not {what}; {fix}.")
+        if status.st_size > MAX_RUN_FILE_BYTES:
+            raise RunDirError(f"{path} is larger than {MAX_RUN_FILE_BYTES // 1024**2} MiB, too large for {what}; "
+                              f"{fix}.")
         return file.read(MAX_RUN_FILE_BYTES + 1)  # a file that grew since the check is cut, and fails to parse
 
 
@@ -624,14 +632,15 @@ def _check_target(target: Path, overwrite: bool, elsewhere: str) -> Path:
             f"choose {elsewhere}."
         )
     if target.exists():
-        _check_own(target, elsewhere)
+        _check_own(target, elsewhere, contents=overwrite)  # a run in training is listed only when asked to go
         if not overwrite:
             raise RunDirError(f"run directory {target} already exists; choose {elsewhere} or pass --overwrite.")
     return target
 
 
-def _check_own(target: Path, elsewhere: str) -> None:
-    """Refuse to replace ``target`` unless it is a directory that fmnist_keras made."""
+def _check_own(target: Path, elsewhere: str, contents: bool = True) -> None:
+    """Refuse to replace ``target`` unless it is a directory that fmnist_keras made (its marker) and, with
+    ``contents``, that holds nothing but what train writes in a run."""
     if not target.is_dir():
         raise RunDirError(f"{target} exists and is not a directory; --overwrite replaces run directories only. "
                           f"Move it away or choose {elsewhere}.")
@@ -640,42 +649,72 @@ def _check_own(target: Path, elsewhere: str) -> None:
             f"{target} was not created by fmnist_keras (it has no {MARKER} marker), so --overwrite leaves it "
             f"alone; remove it yourself or choose {elsewhere}."
         )
-    foreign = _first_foreign_entry(target)
+    foreign = _first_foreign_entry(target) if contents else None
     if foreign is not None:
         raise RunDirError(
-            f"{target} holds {foreign}, which fmnist_keras did not write, so --overwrite leaves the run alone; "
-            f"move it out of the run, or choose {elsewhere}."
+            f"{target} holds {foreign}, which is not what train writes in a run (a file of yours, a link, another "
+            f"command's output), so --overwrite leaves the run alone; move it out of the run, or choose {elsewhere}."
         )
 
 
-# What the project writes in a run directory and in each model's directory (a kill can leave write_json's
-# temporaries, .partial-NAME.*). Keras and the report fill backup/, tensorboard/ and figures/, never with links.
+# What train writes in a run directory, in each model's directory, and below those (a kill can leave
+# write_json's temporaries, .partial-NAME.*, at each level). None of it is ever a link.
 _RUN_FILES = (MARKER, LOCK, RUN_FILE)
 _MODEL_FILES = (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, FIT_FILE, METRICS_FILE, EVALUATION_FILE, REPORT_FILE)
 _MODEL_DIRS = (BACKUP_DIR, TENSORBOARD_DIR, FIGURES_DIR)
+_BELOW_MODEL = {  # directory: (its files, its directories, a pattern of file names)
+    FIGURES_DIR: ((), (), "*.png"),  # the report's figures
+    BACKUP_DIR: ((BACKUP_WEIGHTS, BACKUP_METADATA, f"{BACKUP_WEIGHTS}.bkp", f"{BACKUP_METADATA}.bkp"), (), None),
+    TENSORBOARD_DIR: ((), TENSORBOARD_SPLITS, None),
+}
+
+
+def _kind(path: Path) -> str | None:
+    """``link``, ``file``, ``dir`` or ``other`` for ``path`` itself, links not followed; None once it is gone."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
+
+
+def _listing(directory: Path) -> list[Path]:
+    """``directory``'s entries, sorted; [] once it is gone (Keras removes ``backup/`` when fit ends)."""
+    try:
+        return sorted(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _first_foreign_entry(run: Path) -> Path | None:
-    """The first entry of ``run`` that is not what fmnist_keras writes there (a link always), or None."""
+    """The first entry of ``run`` that train does not write there (a link always), or None.
 
-    def foreign(entry: Path, files, directories) -> bool:
-        if entry.is_symlink():
-            return True
-        if entry.name in files or entry.name.startswith(".partial-"):
-            return not entry.is_file()
-        return entry.name not in directories or not entry.is_dir()
+    An entry gone between the listing and its check is skipped: a run still in training renames and
+    removes its own files.
+    """
 
-    for entry in sorted(run.iterdir()):
+    def foreign(entry: Path, files, directories, pattern=None) -> bool:
+        kind = _kind(entry)
+        if kind is None:
+            return False
+        if entry.name in files or entry.name.startswith(".partial-") or (pattern and fnmatch(entry.name, pattern)):
+            return kind != "file"
+        return entry.name not in directories or kind != "dir"
+
+    for entry in _listing(run):
         if foreign(entry, _RUN_FILES, MODEL_NAMES):
             return entry
-        if entry.name not in MODEL_NAMES:
-            continue
-        for inside in sorted(entry.iterdir()):
+        for inside in _listing(entry) if entry.name in MODEL_NAMES else []:
             if foreign(inside, _MODEL_FILES, _MODEL_DIRS):
                 return inside
-            for deeper in entries_below(inside):
-                if deeper.is_symlink() or not (deeper.is_file() or deeper.is_dir()):
+            for deeper in _listing(inside) if inside.name in _BELOW_MODEL else []:
+                if foreign(deeper, *_BELOW_MODEL[inside.name]):
                     return deeper
+                for deepest in entries_below(deeper):  # TensorBoard's logs: its own names, never a link
+                    if _kind(deepest) in ("link", "other"):
+                        return deepest
     return None
 
 

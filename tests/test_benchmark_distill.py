@@ -168,8 +168,8 @@ def test_a_seed_given_twice_is_refused(teachers, tiny_data_dir, tmp_path, capsys
 
 
 @pytest.mark.parametrize("ours, overwrite, message", [
-    (True, (), "notes.txt, which fmnist_keras did not write, so --overwrite leaves the run alone"),
-    (True, ("--overwrite",), "notes.txt, which fmnist_keras did not write, so --overwrite leaves the run alone"),
+    (True, (), "already exists; choose another --out-dir or pass --overwrite"),
+    (True, ("--overwrite",), "notes.txt, which is not what train writes in a run"),
     (False, (), "not created by"),
     (False, ("--overwrite",), "not created by"),
 ])

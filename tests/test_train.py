@@ -208,6 +208,9 @@ def test_existing_run_dir_is_never_overwritten_silently(tmp_path, tiny_data_dir,
 
 @pytest.mark.parametrize("where, named", [("notes.txt", "notes.txt"), ("data/train-images-idx3-ubyte.gz", "data"),
                                           ("mlp/notes.txt", "mlp/notes.txt"), ("mlp/figures/link", "mlp/figures/link"),
+                                          ("mlp/figures/notes.docx", "mlp/figures/notes.docx"),
+                                          ("mlp/backup/thesis.tex", "mlp/backup/thesis.tex"),
+                                          ("mlp/tensorboard/mine/notes.txt", "mlp/tensorboard/mine"),
                                           ("link", "link")])
 def test_overwrite_leaves_a_run_that_holds_what_the_project_did_not_write(tmp_path, tiny_data_dir, capsys, where,
                                                                           named):
@@ -225,10 +228,34 @@ def test_overwrite_leaves_a_run_that_holds_what_the_project_did_not_write(tmp_pa
     capsys.readouterr()
     assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--overwrite") == 2
     err = capsys.readouterr().err
-    assert err == (f"error: {run} holds {run / named}, which fmnist_keras did not write, so --overwrite leaves the run "
-                   f"alone; move it out of the run, or choose another --run-name.\n")
+    assert err == (f"error: {run} holds {run / named}, which is not what train writes in a run (a file of yours, a "
+                   f"link, another command's output), so --overwrite leaves the run alone; move it out of the run, or "
+                   f"choose another --run-name.\n")
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
     assert (tmp_path / "precious.txt").read_text() == "mine" if theirs.name == "link" else theirs.read_text() == "mine"
+
+
+def test_a_file_a_run_in_training_removes_while_it_is_listed_is_not_taken_for_a_users(tmp_path, monkeypatch):
+    # Train renames .partial-model.keras over model.keras each epoch, and Keras removes backup/ when fit ends.
+    from pathlib import Path
+
+    from fmnist_keras import rundir
+
+    run = rundir.RunDir.create(str(tmp_path / "runs"), "r", ["mlp"])
+    model_dir = run.check_model_dir("mlp")
+    (model_dir / ".partial-model.keras.x1").write_bytes(b"half")
+    (model_dir / "backup").mkdir()
+    (model_dir / "backup" / "latest.weights.h5").write_bytes(b"w")
+    gone = {model_dir / ".partial-model.keras.x1", model_dir / "backup" / "latest.weights.h5"}
+    lstat = Path.lstat
+
+    def lstat_of_a_file_just_removed(path):
+        if path in gone:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return lstat(path)
+
+    monkeypatch.setattr(Path, "lstat", lstat_of_a_file_just_removed)
+    assert rundir._first_foreign_entry(run.path) is None
 
 
 def test_overwrite_leaves_a_directory_whose_marker_is_a_link(tmp_path, tiny_data_dir, capsys):

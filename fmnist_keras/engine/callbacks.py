@@ -409,8 +409,7 @@ def _parse_history(lines: list[str], path: Path) -> list[dict]:
     return history
 
 
-BACKUP_METADATA = "training_metadata.json"  # the names Keras's BackupAndRestore gives its files
-BACKUP_WEIGHTS = "latest.weights.h5"
+BACKUP_METADATA, BACKUP_WEIGHTS = rundir.BACKUP_METADATA, rundir.BACKUP_WEIGHTS  # Keras's BackupAndRestore's
 
 
 def backed_up_epochs(backup_dir: Path) -> int:
@@ -455,8 +454,8 @@ def _check_weights(weights: Path, backup_dir: Path) -> None:
     """
     import h5py  # Keras's own dependency, for its .weights.h5 files
 
-    try:
-        with h5py.File(weights, "r"):
+    try:  # without HDF5's file lock: the run's own lock keeps other processes out, and a lock held by one
+        with h5py.File(weights, "r", locking=False):  # would read as damage
             pass
     except (OSError, ValueError) as error:
         detail = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
