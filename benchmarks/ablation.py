@@ -274,6 +274,14 @@ def main(argv=None) -> int:
     from fmnist_keras.allocator import keep_freed_memory
     from fmnist_keras.backend import select_backend
 
+    from fmnist_keras.rundir import RunDir, RunDirError
+
+    try:  # each seed's run is replaced if it is one of this script's: know that before any data is read
+        for seed in args.seeds:
+            RunDir.check_new(args.out_dir, f"{args.model}-seed{seed}", overwrite=True, elsewhere="another --out-dir")
+    except RunDirError as error:
+        print_error(error)
+        return 1
     keep_freed_memory()  # as train does
     select_backend("torch", "auto")
     from fmnist_keras import data as fdata

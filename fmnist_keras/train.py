@@ -224,6 +224,7 @@ def resume_configs(parser, args, argv) -> tuple[RunDir, list[TrainConfig]]:
 def main(argv: list[str] | None = None) -> int:
     """Train as the flags say; one line and a non-zero exit code for anything that goes wrong."""
     previous = _stop_on_sigterm()
+    previous_sigint = signal.getsignal(signal.SIGINT)  # a rank that lost its peers ignores Ctrl-C from then on
     try:
         return _main(argv)
     except KeyboardInterrupt as error:
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_sigint)
 
 
 def _stop_on_sigterm():

@@ -103,6 +103,24 @@ def test_ablation_refuses_a_bad_number_before_it_replaces_an_earlier_run(tmp_pat
     assert (widest.filters, widest.convs, widest.dense_units) == ([2048, 1, 1, 1], [16], 16384)
 
 
+def test_ablation_checks_every_seeds_run_before_any_data_is_read(tmp_path, capsys, monkeypatch):
+    import ablation
+
+    from fmnist_keras import data as fdata
+    from fmnist_keras.rundir import MARKER
+
+    theirs = tmp_path / "runs" / "cnn-seed1"  # the second seed's run, with a file of the user's in it
+    theirs.mkdir(parents=True)
+    (theirs / MARKER).write_text("{}")
+    (theirs / "notes.txt").write_text("mine")
+    monkeypatch.setattr(fdata, "load_data", lambda *args, **kwargs: pytest.fail("the data was read"))
+    assert ablation.main(["--out-dir", str(tmp_path / "runs"), "--seeds", "42", "1", "--ema", "0"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {theirs} holds {theirs / 'notes.txt'}, which is not what train writes in a run")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cnn-seed1"]
+    assert (theirs / "notes.txt").read_text() == "mine"
+
+
 def test_an_ablation_run_is_marked_so_that_train_resume_refuses_to_go_on_with_trains_recipe(
         tmp_path, tiny_data_dir, capsys):
     import ablation

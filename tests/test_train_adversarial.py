@@ -749,7 +749,8 @@ def test_a_validation_split_that_leaves_a_class_empty_names_the_flags_given(tmp_
         _train(tmp_path, tiny_data_dir, "--val-split", "0.001")
     assert info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("python -m fmnist_keras.train: error: --val-split 0.001: class 0 has ") and "None" not in last
+    assert last.startswith("python -m fmnist_keras.train: error: --val-split 0.001: class 0 has ")
+    assert "None" not in last
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
@@ -760,3 +761,18 @@ def test_resume_of_a_run_whose_config_splits_no_data_names_its_config(finished_r
     assert '"val_split": 0.001' in config.read_text()
     assert train.main(["--resume", str(finished_run)]) == 1
     _one_line_error(capsys, f"{config} (val_split 0.001) does not split this data: class 0 has ")
+
+
+def test_main_gives_back_the_callers_ctrl_c_handler_after_a_rank_ignored_it(monkeypatch):
+    # A torchrun rank that lost its peers ignores Ctrl-C and SIGTERM while it leaves; a caller in the same
+    # process (a notebook) must get both back.
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def stopped_like_a_rank_that_lost_its_peers(argv):
+        for number in before:
+            signal.signal(number, signal.SIG_IGN)
+        return 1
+
+    monkeypatch.setattr(train, "_main", stopped_like_a_rank_that_lost_its_peers)
+    assert train.main([]) == 1
+    assert {number: signal.getsignal(number) for number in before} == before
