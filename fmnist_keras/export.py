@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fmnist_keras.backend import named_backend
 from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, print_error
-from fmnist_keras.rundir import entries_below, is_marker, make_ordinary
+from fmnist_keras.rundir import entries_below, entry_kind, first_entry_not_among, is_marker, make_ordinary
 
 FORMATS = ("onnx", "tf_saved_model")
 # What Keras needs, beyond the backend's own package, to export each format
@@ -232,23 +232,20 @@ def export_model(model, output: Path, format: str) -> Path:
     return output
 
 
-# What a tf_saved_model export holds: TensorFlow's SavedModel files and directories, and export's marker.
-_SAVED_MODEL_ENTRIES = (EXPORT_MARKER, "saved_model.pb", "fingerprint.pb", "variables", "assets", "assets.extra")
-
-
 def _not_own_saved_model(output: Path) -> str | None:
-    """Why the directory ``output`` is not a SavedModel that export wrote, to be replaced whole; None if it is."""
+    """Why the directory ``output`` is not a SavedModel that export wrote, to be replaced whole; None if it is.
+
+    It holds export's marker and TensorFlow's SavedModel files alone, and no link.
+    """
     if not is_marker(output / EXPORT_MARKER):
         return f"no {EXPORT_MARKER} in it"
-    for entry in sorted(output.iterdir()):
-        if entry.is_symlink() or entry.name not in _SAVED_MODEL_ENTRIES:
-            return f"it holds {entry}, which export did not write"
-        for inside in entries_below(entry):
-            variables = entry.name == "variables" and not (
-                inside.name == "variables.index" or inside.name.startswith("variables.data-"))
-            if variables or inside.is_symlink() or not (inside.is_file() or inside.is_dir()):
-                return f"it holds {inside}, which export did not write"
-    return None
+    found = (first_entry_not_among(output, (EXPORT_MARKER, "saved_model.pb", "fingerprint.pb"),
+                                   ("variables", "assets", "assets.extra"))
+             or first_entry_not_among(output / "variables", ("variables.index",), (), ("variables.data-*",)))
+    for assets in ("assets", "assets.extra"):
+        found = found or next((path for path in entries_below(output / assets)
+                               if entry_kind(path) in ("link", "other")), None)
+    return None if found is None else f"it holds {found}, which export did not write"
 
 
 def write_export(model, output: Path, format: str) -> Path:

@@ -657,19 +657,20 @@ def _check_own(target: Path, elsewhere: str, contents: bool = True) -> None:
         )
 
 
-# What train writes in a run directory, in each model's directory, and below those (a kill can leave
-# write_json's temporaries, .partial-NAME.*, at each level). None of it is ever a link.
+# What train writes in a run directory, in each model's directory, and below those; a kill can leave
+# write_json's temporaries at each level. None of it is ever a link.
 _RUN_FILES = (MARKER, LOCK, RUN_FILE)
 _MODEL_FILES = (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, FIT_FILE, METRICS_FILE, EVALUATION_FILE, REPORT_FILE)
 _MODEL_DIRS = (BACKUP_DIR, TENSORBOARD_DIR, FIGURES_DIR)
-_BELOW_MODEL = {  # directory: (its files, its directories, a pattern of file names)
-    FIGURES_DIR: ((), (), "*.png"),  # the report's figures
-    BACKUP_DIR: ((BACKUP_WEIGHTS, BACKUP_METADATA, f"{BACKUP_WEIGHTS}.bkp", f"{BACKUP_METADATA}.bkp"), (), None),
-    TENSORBOARD_DIR: ((), TENSORBOARD_SPLITS, None),
+_PARTIAL = ".partial-*"
+_BELOW_MODEL = {  # directory: (its files, its directories, patterns of its files' names)
+    FIGURES_DIR: ((), (), ("*.png",)),  # the report's figures
+    BACKUP_DIR: ((BACKUP_WEIGHTS, BACKUP_METADATA, f"{BACKUP_WEIGHTS}.bkp", f"{BACKUP_METADATA}.bkp"), (), ()),
+    TENSORBOARD_DIR: ((), TENSORBOARD_SPLITS, ()),
 }
 
 
-def _kind(path: Path) -> str | None:
+def entry_kind(path: Path) -> str | None:
     """``link``, ``file``, ``dir`` or ``other`` for ``path`` itself, links not followed; None once it is gone."""
     try:
         mode = path.lstat().st_mode
@@ -680,42 +681,40 @@ def _kind(path: Path) -> str | None:
     return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
 
 
-def _listing(directory: Path) -> list[Path]:
-    """``directory``'s entries, sorted; [] once it is gone (Keras removes ``backup/`` when fit ends)."""
+def first_entry_not_among(directory: Path, files=(), directories=(), patterns=()) -> Path | None:
+    """The first entry of ``directory`` (by name) that is not one of ``files`` (or a name matching one of
+    ``patterns``) as a regular file, nor one of ``directories`` as a directory; a link always is such an entry.
+
+    An entry gone between the listing and its check is skipped (a run still in training renames and removes
+    its own files), and so is a ``directory`` that is gone or missing.
+    """
     try:
-        return sorted(directory.iterdir())
+        entries = sorted(directory.iterdir())
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return None
+    for entry in entries:
+        kind = entry_kind(entry)
+        if kind is None:
+            continue
+        if entry.name in files or any(fnmatch(entry.name, pattern) for pattern in patterns):
+            if kind != "file":
+                return entry
+        elif entry.name not in directories or kind != "dir":
+            return entry
+    return None
 
 
 def _first_foreign_entry(run: Path) -> Path | None:
-    """The first entry of ``run`` that train does not write there (a link always), or None.
-
-    An entry gone between the listing and its check is skipped: a run still in training renames and
-    removes its own files.
-    """
-
-    def foreign(entry: Path, files, directories, pattern=None) -> bool:
-        kind = _kind(entry)
-        if kind is None:
-            return False
-        if entry.name in files or entry.name.startswith(".partial-") or (pattern and fnmatch(entry.name, pattern)):
-            return kind != "file"
-        return entry.name not in directories or kind != "dir"
-
-    for entry in _listing(run):
-        if foreign(entry, _RUN_FILES, MODEL_NAMES):
-            return entry
-        for inside in _listing(entry) if entry.name in MODEL_NAMES else []:
-            if foreign(inside, _MODEL_FILES, _MODEL_DIRS):
-                return inside
-            for deeper in _listing(inside) if inside.name in _BELOW_MODEL else []:
-                if foreign(deeper, *_BELOW_MODEL[inside.name]):
-                    return deeper
-                for deepest in entries_below(deeper):  # TensorBoard's logs: its own names, never a link
-                    if _kind(deepest) in ("link", "other"):
-                        return deepest
-    return None
+    """The first entry of ``run`` that train does not write there (a link always), or None."""
+    found = first_entry_not_among(run, _RUN_FILES, MODEL_NAMES, (_PARTIAL,))
+    for model_dir in (run / name for name in MODEL_NAMES):  # each a real directory, or missing, by now
+        found = found or first_entry_not_among(model_dir, _MODEL_FILES, _MODEL_DIRS, (_PARTIAL,))
+        for name, (files, directories, patterns) in _BELOW_MODEL.items():
+            found = found or first_entry_not_among(model_dir / name, files, directories, (*patterns, _PARTIAL))
+        for split in TENSORBOARD_SPLITS:  # TensorBoard's logs: its own names, never a link
+            found = found or next((path for path in entries_below(model_dir / TENSORBOARD_DIR / split)
+                                   if entry_kind(path) in ("link", "other")), None)
+    return found
 
 
 def _check_out_dir(out_dir: str, create: bool = True) -> Path:
