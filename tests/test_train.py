@@ -197,13 +197,15 @@ def test_the_resume_command_printed_parses_back_to_the_run(run):
 
 def test_existing_run_dir_is_never_overwritten_silently(tmp_path, tiny_data_dir, capsys):
     run = tmp_path / "runs" / "run"
-    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--no-report") == 0
-    first = (run / "mlp" / "model.keras").read_bytes()
-    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1") == 2
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1") == 0  # with its report
+    first = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    assert (run / "mlp" / "report.md") in first
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--no-report") == 2
     assert "already exists; choose another --run-name or pass --overwrite" in capsys.readouterr().err
-    assert (run / "mlp" / "model.keras").read_bytes() == first
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == first
     assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--overwrite", "--no-report") == 0
-    assert (run / "mlp" / "metrics.json").is_file() and (run / "mlp" / "model.keras").read_bytes() != first
+    # The old run went whole: the new one, without a report, has none.
+    assert (run / "mlp" / "metrics.json").is_file() and not (run / "mlp" / "report.md").exists()
 
 
 @pytest.mark.parametrize("where, named", [("notes.txt", "notes.txt"), ("data/train-images-idx3-ubyte.gz", "data"),
