@@ -409,9 +409,6 @@ def _parse_history(lines: list[str], path: Path) -> list[dict]:
     return history
 
 
-BACKUP_METADATA, BACKUP_WEIGHTS = rundir.BACKUP_METADATA, rundir.BACKUP_WEIGHTS  # Keras's BackupAndRestore's
-
-
 def backed_up_epochs(backup_dir: Path) -> int:
     """How many epochs ``BackupAndRestore``'s last backup holds (0 when none).
 
@@ -424,19 +421,20 @@ def backed_up_epochs(backup_dir: Path) -> int:
     again), as Keras itself does when the weights file is damaged.
     """
     backup_dir = Path(backup_dir)
-    metadata = backup_dir / BACKUP_METADATA
+    metadata = backup_dir / rundir.BACKUP_METADATA
     if not metadata.exists():
         return 0
     try:
         epoch = _backup_epoch(metadata, backup_dir)
-        _check_weights(backup_dir / BACKUP_WEIGHTS, backup_dir)
+        _check_weights(backup_dir / rundir.BACKUP_WEIGHTS, backup_dir)
         return epoch
     except rundir.RunDirError:
-        previous = {name: backup_dir / f"{name}.bkp" for name in (BACKUP_WEIGHTS, BACKUP_METADATA)}  # weights first
+        previous = {name: backup_dir / f"{name}.bkp"  # weights first
+                    for name in (rundir.BACKUP_WEIGHTS, rundir.BACKUP_METADATA)}
         if not all(path.is_file() and not path.is_symlink() for path in previous.values()):
             raise
-        epoch = _backup_epoch(previous[BACKUP_METADATA], backup_dir)
-        _check_weights(previous[BACKUP_WEIGHTS], backup_dir)
+        epoch = _backup_epoch(previous[rundir.BACKUP_METADATA], backup_dir)
+        _check_weights(previous[rundir.BACKUP_WEIGHTS], backup_dir)
         for name, path in previous.items():
             rundir.write_bytes(backup_dir / name, path.read_bytes())
         return epoch
@@ -506,8 +504,8 @@ def resume_state(backup_dir: Path, model_file: Path, history_file: Path) -> Earl
     history = truncate_history(history_file, epochs)
     if len(history) < epochs:
         raise rundir.RunDirError(
-            f"{Path(backup_dir) / BACKUP_METADATA} does not match {history_file}: the backup holds {epochs} epochs, "
-            f"the history logs {len(history)}; {_backup_fix(backup_dir)}.")
+            f"{Path(backup_dir) / rundir.BACKUP_METADATA} does not match {history_file}: the backup holds {epochs} "
+            f"epochs, the history logs {len(history)}; {_backup_fix(backup_dir)}.")
     if not history or not Path(model_file).exists():
         return None
     best_row = min(history, key=lambda row: row["val_loss"] if math.isfinite(row["val_loss"]) else math.inf)
