@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -238,7 +239,8 @@ def test_overwrite_leaves_a_run_that_holds_what_the_project_did_not_write(tmp_pa
 
 
 def test_a_file_a_run_in_training_removes_while_it_is_listed_is_not_taken_for_a_users(tmp_path, monkeypatch):
-    # Train renames .partial-model.keras over model.keras each epoch, and Keras removes backup/ when fit ends.
+    # Train renames .partial-model.keras over model.keras each epoch, and Keras removes backup/ when fit ends:
+    # here both go right after their directories are listed, as a run in training would make them go.
     from pathlib import Path
 
     from fmnist_keras import rundir
@@ -248,16 +250,22 @@ def test_a_file_a_run_in_training_removes_while_it_is_listed_is_not_taken_for_a_
     (model_dir / ".partial-model.keras.x1").write_bytes(b"half")
     (model_dir / "backup").mkdir()
     (model_dir / "backup" / "latest.weights.h5").write_bytes(b"w")
-    gone = {model_dir / ".partial-model.keras.x1", model_dir / "backup" / "latest.weights.h5"}
-    lstat = Path.lstat
+    goes = {model_dir: model_dir / ".partial-model.keras.x1", model_dir / "backup": model_dir / "backup"}
+    iterdir = Path.iterdir
 
-    def lstat_of_a_file_just_removed(path):
-        if path in gone:
-            raise FileNotFoundError(2, "No such file or directory", str(path))
-        return lstat(path)
+    def listed_then_removed(directory):
+        entries = list(iterdir(directory))
+        if directory in goes:
+            gone = goes.pop(directory)
+            if gone.is_dir():
+                shutil.rmtree(gone)
+            else:
+                gone.unlink()
+        return iter(entries)
 
-    monkeypatch.setattr(Path, "lstat", lstat_of_a_file_just_removed)
+    monkeypatch.setattr(Path, "iterdir", listed_then_removed)
     assert rundir._first_foreign_entry(run.path) is None
+    assert not goes  # both went while listed
 
 
 def test_overwrite_leaves_a_directory_whose_marker_is_a_link(tmp_path, tiny_data_dir, capsys):
