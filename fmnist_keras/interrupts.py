@@ -31,30 +31,17 @@ def run_command(main, name: str) -> int:
 
     Ctrl-C or SIGTERM then end the command with one line on stderr and exit
     code 128 + the signal's number, instead of a traceback; so does a
-    file-system error that no narrower check caught, with exit code 1.
-
-    A signal's exception raised inside a callback that cannot pass it on is
-    lost there, and ``main`` runs on: jax, which Keras imports on every
-    backend, registers a garbage-collection callback. Python hands such an
-    exception to ``sys.unraisablehook``, where it is kept; a command that
-    then ends as if nothing happened (exit code 0) still ends on it, its
-    outputs whole or not written (each is renamed into place).
+    file-system error that no narrower check caught, with exit code 1. A
+    signal lost in a callback is raised again (see :func:`lost_signals_raised`).
     """
-    lost = []
 
     def on_signal(signum, frame):
         raise Interrupted(signum)
 
-    def keep_a_lost_signal(unraisable):
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            lost.append(Interrupted.of(unraisable.exc_value))
-        else:
-            previous_hook(unraisable)
-
     previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
-    previous_hook, sys.unraisablehook = sys.unraisablehook, keep_a_lost_signal
     try:
-        code = main()
+        with lost_signals_raised() as lost:
+            code = main()
     except KeyboardInterrupt as error:
         stop = Interrupted.of(error)
         print(f"{name}: interrupted ({stop}) before it finished; run it again.", file=sys.stderr)
@@ -69,14 +56,65 @@ def run_command(main, name: str) -> int:
         print_error(os_error_line(name, error))
         return 1
     finally:
-        sys.unraisablehook = previous_hook
         for number, handler in previous.items():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
-    if lost and code == 0:  # the command went on to its end; one that failed has said why, in its own line
-        print(f"{name}: interrupted ({lost[0]}) as it ended; what it wrote is whole, but check it or run it again.",
-              file=sys.stderr)
-        return lost[0].exit_code
-    return code
+    return ended(code, lost, name)
+
+
+def ended(code: int, lost: list[Interrupted], name: str) -> int:
+    """``code``, or, for a command that went on to its end (0) although a signal was lost on the way (``lost``,
+    from :func:`lost_signals_raised`), one line saying so and 128 + the signal's number. A command that failed
+    has said why in its own line."""
+    if not lost or code != 0:
+        return code
+    print(f"{name}: interrupted ({lost[0]}) as it ended; what it wrote is whole, but check it or run it again.",
+          file=sys.stderr)
+    return lost[0].exit_code
+
+
+@contextlib.contextmanager
+def lost_signals_raised():
+    """Raise again, at the next Python call, a signal's exception that a callback could not pass on.
+
+    jax, which Keras imports on every backend, registers a garbage-collection
+    callback. A Ctrl-C or SIGTERM whose handler runs inside it raises there,
+    and Python only reports the exception ("Exception ignored in ...", through
+    ``sys.unraisablehook``) and goes on. Inside the block that hook keeps the
+    signal, and a one-shot profile function (``sys.setprofile``) raises a new
+    :class:`Interrupted` at the next call or return in the main thread, as if
+    the signal had arrived there. Where a profiler is set already (cProfile),
+    or the exception was lost in another thread, the signal is only kept.
+
+    Yields the signals kept and not raised again, for :func:`ended`.
+    """
+    lost: list[Interrupted] = []
+    active = [True]  # False once the block ends: a profile function still set then raises nothing
+
+    def raise_again(frame, event, arg):
+        if frame.f_code is keep.__code__:  # the hook's own calls and return
+            return
+        sys.setprofile(None)
+        if active[0] and lost:
+            stop = lost[0]
+            lost.clear()  # raised: a callback that loses it again keeps it again
+            raise Interrupted(stop.signum)
+
+    def keep(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+            return
+        lost.append(Interrupted.of(unraisable.exc_value))
+        if active[0] and sys.getprofile() is None and threading.current_thread() is threading.main_thread():
+            sys.setprofile(raise_again)
+
+    previous_hook, sys.unraisablehook = sys.unraisablehook, keep
+    try:
+        yield lost
+    finally:
+        active[0] = False
+        sys.unraisablehook = previous_hook
+        if sys.getprofile() is raise_again:
+            sys.setprofile(None)
 
 
 @contextlib.contextmanager

@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = _stop_on_sigterm()
     previous_sigint = signal.getsignal(signal.SIGINT)  # a rank that lost its peers ignores Ctrl-C from then on
     try:
-        return _main(argv)
+        with interrupts.lost_signals_raised() as lost:  # one lost in jax's garbage-collection callback
+            code = _main(argv)
+        return interrupts.ended(code, lost, "train")
     except KeyboardInterrupt as error:
         # Before a run directory exists (see _train_all for the message during training).
         stop = Interrupted.of(error)

@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM in the short commands (evaluate, predict, export): one line, exit 128 + N, clean-ups run."""
+"""Ctrl-C and SIGTERM in the short commands (evaluate, predict, export) and before training: one line, exit
+128 + N, clean-ups run."""
 
 import gc
 import os
@@ -37,31 +38,80 @@ def test_sigterm_runs_the_clean_ups_and_exits_143(capsys):
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the caller's again
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_lost_in_a_garbage_collection_callback_still_ends_the_command(capsys, signum):
-    # As in jax's callback, which Keras imports: the handler's exception cannot leave the callback, and
-    # Python reports it as "Exception ignored in: <function callback ...>" and goes on.
-    before, hook = signal.getsignal(signum), sys.unraisablehook
+def _lose_a_signal_in_a_gc_callback(signum, went_on: list):
+    """As in jax's callback, which Keras imports: the handler's exception cannot leave the callback, and
+    Python only reports it as "Exception ignored in: <function callback ...>"; ``went_on`` records whether
+    the code after the collection ran."""
+    fired = []
 
     def callback(phase, info):
-        if phase == "start":
+        if phase == "start" and not fired:
+            fired.append(phase)
             os.kill(os.getpid(), signum)
             for _ in range(1000):  # the handler runs here, inside the callback
                 pass
 
-    def main():
-        gc.callbacks.append(callback)
-        try:
-            gc.collect()
-        finally:
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+        went_on.append("after the collection")
+    finally:
+        if callback in gc.callbacks:
             gc.callbacks.remove(callback)
+    assert fired, "the callback did not run"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_lost_in_a_garbage_collection_callback_is_raised_at_the_next_call(capsys, signum):
+    before, hook, went_on = signal.getsignal(signum), sys.unraisablehook, []
+
+    def main():
+        _lose_a_signal_in_a_gc_callback(signum, went_on)
+        went_on.append("to the end")
         return 0
 
     assert run_command(main, "export") == 128 + signum
     name = signal.Signals(signum).name
-    assert capsys.readouterr().err == (f"export: interrupted ({name}) as it ended; what it wrote is whole, but "
-                                       f"check it or run it again.\n")
-    assert signal.getsignal(signum) is before and sys.unraisablehook is hook
+    assert capsys.readouterr().err == f"export: interrupted ({name}) before it finished; run it again.\n"
+    assert went_on == []  # stopped at the first call after the collection, as if the signal had come there
+    assert signal.getsignal(signum) is before and sys.unraisablehook is hook and sys.getprofile() is None
+
+
+def test_a_signal_lost_under_a_profiler_still_ends_the_command(capsys):
+    # A profiler (cProfile) holds sys.setprofile: the lost signal is kept, and ends a command that finishes.
+    went_on, events = [], []
+
+    def profiler(frame, event, arg):
+        events.append(event)
+
+    def main():
+        sys.setprofile(profiler)
+        try:
+            _lose_a_signal_in_a_gc_callback(signal.SIGINT, went_on)
+        finally:
+            sys.setprofile(None)
+        return 0
+
+    assert run_command(main, "export") == 130
+    assert capsys.readouterr().err == ("export: interrupted (SIGINT) as it ended; what it wrote is whole, but check "
+                                       "it or run it again.\n")
+    assert went_on == ["after the collection"] and events  # the profiler was left in place, and ran
+
+
+def test_train_stopped_by_a_signal_lost_in_a_callback_says_so_in_one_line(monkeypatch, capsys):
+    from fmnist_keras import train
+
+    went_on = []
+
+    def main(argv):
+        _lose_a_signal_in_a_gc_callback(signal.SIGINT, went_on)
+        went_on.append("trained")
+        return 0
+
+    monkeypatch.setattr(train, "_main", main)
+    assert train.main([]) == 130
+    assert capsys.readouterr().err == "Interrupted (SIGINT) before training started; nothing was written.\n"
+    assert went_on == [] and sys.getprofile() is None
 
 
 def test_a_signal_the_command_handled_itself_gives_its_own_line_alone(capsys):
