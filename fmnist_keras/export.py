@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fmnist_keras.backend import named_backend
 from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, print_error
-from fmnist_keras.rundir import entries_below, entry_kind, first_entry_not_among, is_marker, make_ordinary
+from fmnist_keras.rundir import first_entry_not_among, first_link_or_special_below, is_marker, make_ordinary
 
 FORMATS = ("onnx", "tf_saved_model")
 # What Keras needs, beyond the backend's own package, to export each format
@@ -243,8 +243,7 @@ def _not_own_saved_model(output: Path) -> str | None:
                                    ("variables", "assets", "assets.extra"))
              or first_entry_not_among(output / "variables", ("variables.index",), (), ("variables.data-*",)))
     for assets in ("assets", "assets.extra"):
-        found = found or next((path for path in entries_below(output / assets)
-                               if entry_kind(path) in ("link", "other")), None)
+        found = found or first_link_or_special_below(output / assets)
     return None if found is None else f"it holds {found}, which export did not write"
 
 

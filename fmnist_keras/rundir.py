@@ -269,10 +269,10 @@ class RunDir:
             path = directory / name
             if path.is_symlink() or (path.exists() and not path.is_dir()):
                 raise RunDirError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not a directory'}; {fix}.")
-            for inside in entries_below(path):
-                if inside.is_symlink() or not (inside.is_file() or inside.is_dir()):
-                    what = "a symbolic link" if inside.is_symlink() else "neither a file nor a directory"
-                    raise RunDirError(f"{inside} is {what}; {fix}.")
+            inside = first_link_or_special_below(path)
+            if inside is not None:
+                what = "a symbolic link" if inside.is_symlink() else "neither a file nor a directory"
+                raise RunDirError(f"{inside} is {what}; {fix}.")
         return directory
 
     # --- creating and opening ----------------------------------------------------------------
@@ -363,8 +363,8 @@ class RunDir:
 
     @staticmethod
     def _remove_own(target: Path, elsewhere: str) -> None:
-        """Remove ``target`` if fmnist_keras made it and nobody trains in it; else refuse."""
-        _check_own(target, elsewhere)  # again, at the moment of removal
+        """Remove ``target``, which :func:`_check_target` has just let ``--overwrite`` replace, if nobody trains
+        in it and it still holds only a run of train's; else refuse."""
         resolved, cwd = target.resolve(), Path.cwd().resolve()
         if resolved == cwd or resolved in cwd.parents:
             raise RunDirError(f"{target} holds the working directory; --overwrite will not remove it. cd elsewhere first.")
@@ -512,6 +512,13 @@ def entries_below(directory: Path) -> list[Path]:
     for root, dirs, files in os.walk(directory):  # os.walk lists a link to a directory but does not enter it
         found += [Path(root) / name for name in dirs + files]
     return found
+
+
+def first_link_or_special_below(directory: Path) -> Path | None:
+    """The first entry below ``directory`` that is a link, or neither a file nor a directory (a FIFO, a
+    socket, a device), links not followed; None when there is none, or ``directory`` is not a directory.
+    An entry gone since the listing is skipped."""
+    return next((path for path in entries_below(directory) if entry_kind(path) in ("link", "other")), None)
 
 
 def is_epoch_count(value) -> bool:
@@ -712,8 +719,7 @@ def _first_foreign_entry(run: Path) -> Path | None:
         for name, (files, directories, patterns) in _BELOW_MODEL.items():
             found = found or first_entry_not_among(model_dir / name, files, directories, (*patterns, _PARTIAL))
         for split in TENSORBOARD_SPLITS:  # TensorBoard's logs: its own names, never a link
-            found = found or next((path for path in entries_below(model_dir / TENSORBOARD_DIR / split)
-                                   if entry_kind(path) in ("link", "other")), None)
+            found = found or first_link_or_special_below(model_dir / TENSORBOARD_DIR / split)
     return found
 
 
