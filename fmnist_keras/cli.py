@@ -41,9 +41,10 @@ def os_error_line(command: str, error: OSError, then: str = "run it again.", in_
     """
     import errno
 
-    path = f" {error.filename}" if error.filename is not None else ""
     reason = error.strerror or str(error) or type(error).__name__
     space = "free some space" if in_place else "free some space or choose another place"
+    if error.filename is None and error.errno in (errno.ENOSPC, errno.EDQUOT):  # a full stdout names no file
+        space += " (its standard output too, when that goes to a file)"
     denied = "fix its permissions" if in_place else "choose a place you may read and write, or fix its permissions"
     fix = {
         errno.ENAMETOOLONG: "use a shorter name",
@@ -53,7 +54,8 @@ def os_error_line(command: str, error: OSError, then: str = "run it again.", in_
         errno.EPERM: denied,
         errno.EROFS: "make its file system writable" if in_place else "choose a place on a writable file system",
     }.get(error.errno, "check the path and the files it names")
-    return f"{command} cannot use{path}: {reason}; {fix}, then {then}"
+    what = f"cannot use {error.filename}" if error.filename is not None else "failed"
+    return f"{command} {what}: {reason}; {fix}, then {then}"
 
 
 def escape_unencodable_output() -> None:

@@ -108,11 +108,14 @@ def test_a_file_system_error_no_check_foresaw_is_one_line_with_a_fix(command, ar
      "runs/x/model.keras: No space left on device; free some space or choose another place, then run it again."),
     (OSError(13, "Permission denied", "/srv"), "/srv: Permission denied; choose a place you may read and write"),
     (OSError("libcudnn.so.9: cannot open shared object file"), "libcudnn.so.9: cannot open shared object file; check"),
-    (OSError(), "cannot use: OSError; check the path"),
+    (OSError(), "train failed: OSError; check the path"),
+    (OSError(28, "No space left on device"),  # a full standard output: the system names no file
+     "train failed: No space left on device; free some space or choose another place (its standard output too, "),
 ])
 def test_an_os_error_line_says_what_why_and_a_fix_that_fits(error, says):
     line = cli.os_error_line("train", error)
-    assert line.startswith("train cannot use") and says in line and "\n" not in line
+    assert line.startswith("train cannot use " if error.filename else "train failed: ") and says in line
+    assert "\n" not in line
 
 
 def test_an_os_error_line_ends_with_the_next_step_it_is_given():

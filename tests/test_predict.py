@@ -335,6 +335,21 @@ def test_importing_predict_and_loading_does_not_import_keras():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+def test_cli_a_full_standard_output_is_one_line_exit_1(trained, tmp_path):
+    import subprocess
+    import sys
+
+    model_path, x_test, _ = trained
+    Image.fromarray(x_test[0]).save(tmp_path / "a.png")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "fmnist_keras.predict", str(model_path), str(tmp_path / "a.png")],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: predict failed: No space left on device; free some space or choose "
+                                  "another place (its standard output too, when that goes to a file), "), done.stderr
+
+
 # ---- bit depths, non-finite outputs, strict JSON, header bombs ------------------
 
 
