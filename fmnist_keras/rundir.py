@@ -370,8 +370,8 @@ class RunDir:
             raise RunDirError(f"{target} holds the working directory; --overwrite will not remove it. cd elsewhere first.")
         # Ctrl-C or SIGTERM wait until the old run is gone: never half a run under a hidden name.
         # The lock is held until the removal ends, so no other process removes it at the same time.
-        with interrupts.deferred(), _locked(target / LOCK, what=target):
-            if target.is_symlink():  # swapped for a link since the check: the lock was taken through it
+        with interrupts.deferred(), _locked(target / LOCK, what=target, through_a_link=False):
+            if target.is_symlink():  # swapped for a link once the lock was taken in the real directory
                 raise RunDirError(f"{target} became a symbolic link; --overwrite leaves it alone. Choose {elsewhere}.")
             _check_own(target, elsewhere)  # and nothing was added since
             doomed = target.with_name(f"{_REMOVING}{target.name}-{os.getpid()}")
@@ -607,7 +607,7 @@ def _finish_removals(out: Path) -> None:
         if leftover.is_symlink() or not leftover.is_dir() or not is_marker(marker):
             continue
         try:
-            with interrupts.deferred(), _locked(leftover / LOCK, what=leftover):
+            with interrupts.deferred(), _locked(leftover / LOCK, what=leftover, through_a_link=False):
                 _remove_marked(leftover)
         except (RunDirError, OSError):  # another process removes it now, or it is not ours to remove
             continue
@@ -746,16 +746,32 @@ def _check_out_dir(out_dir: str, create: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(lock_file: Path, what):
+def _locked(lock_file: Path, what, through_a_link: bool = True):
     """An exclusive, non-blocking ``flock`` on ``lock_file``; the kernel frees it when the holder dies.
 
     The lock file is opened without following a symbolic link and must be a
     regular file, so a planted link can never make the lock write elsewhere.
+    Without ``through_a_link`` its directory must not be a link either (a run
+    about to be removed, which may have been swapped for a link to a user's
+    directory since it was checked); ``runs/latest`` is a link to the run that
+    ``--resume`` locks.
     """
+    lock_file = Path(lock_file)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        if through_a_link:
+            fd = os.open(lock_file, flags, 0o644)
+        else:
+            directory = os.open(lock_file.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fd = os.open(lock_file.name, flags, 0o644, dir_fd=directory)
+            finally:
+                os.close(directory)
     except OSError as error:
-        why = "it is a symbolic link" if Path(lock_file).is_symlink() else error.strerror
+        if not through_a_link and lock_file.parent.is_symlink():
+            raise RunDirError(f"{lock_file.parent} became a symbolic link, so it is left alone; remove the link or "
+                              f"choose another name.") from None
+        why = "it is a symbolic link" if lock_file.is_symlink() else error.strerror
         raise RunDirError(f"cannot open the lock {lock_file} ({why}); remove it if nothing trains in {what}.") from None
     with os.fdopen(fd, "r+") as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

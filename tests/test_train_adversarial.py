@@ -233,6 +233,33 @@ def test_a_leftover_another_process_removes_or_that_cannot_be_removed_is_left_al
     assert (held / MARKER).is_file() and (stuck / MARKER).is_file()
 
 
+def test_a_run_swapped_for_a_link_before_its_removal_is_locked_never_through_the_link(tmp_path, monkeypatch):
+    # The old run is checked, then swapped for a link to a user's directory before the removal takes its lock:
+    # the lock must not be created, or a user's file of that name truncated, in the user's directory.
+    from contextlib import contextmanager
+
+    from fmnist_keras import rundir
+
+    out, mine = tmp_path / "runs", tmp_path / "mine"
+    RunDir.create(str(out), "run", ["mlp"])
+    mine.mkdir()
+    (mine / rundir.LOCK).write_text("my notes\n")
+    real_deferred = rundir.interrupts.deferred
+
+    @contextmanager
+    def swapped_first():
+        (out / "run").rename(tmp_path / "moved-run")
+        (out / "run").symlink_to(mine)
+        with real_deferred():
+            yield
+
+    monkeypatch.setattr(rundir.interrupts, "deferred", swapped_first)
+    with pytest.raises(RunDirError, match="became a symbolic link"):
+        RunDir.create(str(out), "run", ["mlp"], overwrite=True)
+    assert (mine / rundir.LOCK).read_text() == "my notes\n" and sorted(p.name for p in mine.iterdir()) == [".lock"]
+    assert (out / "run").is_symlink() and (tmp_path / "moved-run" / MARKER).is_file()
+
+
 def test_an_overwrite_that_cannot_remove_the_old_run_is_one_line(tmp_path, tiny_data_dir, capsys, finished_run,
                                                                 monkeypatch):
     from fmnist_keras import rundir
