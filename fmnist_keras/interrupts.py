@@ -32,7 +32,7 @@ def run_command(main, name: str) -> int:
     Ctrl-C or SIGTERM then end the command with one line on stderr and exit
     code 128 + the signal's number, instead of a traceback; so does a
     file-system error that no narrower check caught, with exit code 1. A
-    signal lost in a callback is raised again (see :func:`lost_signals_raised`).
+    signal lost in a callback still ends it (:func:`lost_signals_kept`).
     """
 
     def on_signal(signum, frame):
@@ -40,7 +40,7 @@ def run_command(main, name: str) -> int:
 
     previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with lost_signals_raised() as lost:
+        with lost_signals_kept() as lost:
             code = main()
     except KeyboardInterrupt as error:
         stop = Interrupted.of(error)
@@ -63,7 +63,7 @@ def run_command(main, name: str) -> int:
 
 def ended(code: int, lost: list[Interrupted], name: str) -> int:
     """``code``, or, for a command that went on to its end (0) although a signal was lost on the way (``lost``,
-    from :func:`lost_signals_raised`), one line saying so and 128 + the signal's number. A command that failed
+    from :func:`lost_signals_kept`), one line saying so and 128 + the signal's number. A command that failed
     has said why in its own line."""
     if not lost or code != 0:
         return code
@@ -73,48 +73,44 @@ def ended(code: int, lost: list[Interrupted], name: str) -> int:
 
 
 @contextlib.contextmanager
-def lost_signals_raised():
-    """Raise again, at the next Python call, a signal's exception that a callback could not pass on.
+def lost_signals_kept():
+    """Keep a signal's exception that a callback could not pass on, for :func:`raise_if_lost` and :func:`ended`.
 
     jax, which Keras imports on every backend, registers a garbage-collection
     callback. A Ctrl-C or SIGTERM whose handler runs inside it raises there,
     and Python only reports the exception ("Exception ignored in ...", through
     ``sys.unraisablehook``) and goes on. Inside the block that hook keeps the
-    signal, and a one-shot profile function (``sys.setprofile``) raises a new
-    :class:`Interrupted` at the next call or return in the main thread, as if
-    the signal had arrived there. Where a profiler is set already (cProfile),
-    or the exception was lost in another thread, the signal is only kept.
+    signal instead. Nothing is raised at that moment: the command acts on it at
+    its next safe point (:func:`raise_if_lost`), or when it ends (:func:`ended`).
 
-    Yields the signals kept and not raised again, for :func:`ended`.
+    Yields the list of the signals kept, each an :class:`Interrupted`.
     """
     lost: list[Interrupted] = []
-    active = [True]  # False once the block ends: a profile function still set then raises nothing
-
-    def raise_again(frame, event, arg):
-        if frame.f_code is keep.__code__:  # the hook's own calls and return
-            return
-        sys.setprofile(None)
-        if active[0] and lost:
-            stop = lost[0]
-            lost.clear()  # raised: a callback that loses it again keeps it again
-            raise Interrupted(stop.signum)
 
     def keep(unraisable):
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            lost.append(Interrupted.of(unraisable.exc_value))
+        else:
             previous_hook(unraisable)
-            return
-        lost.append(Interrupted.of(unraisable.exc_value))
-        if active[0] and sys.getprofile() is None and threading.current_thread() is threading.main_thread():
-            sys.setprofile(raise_again)
 
+    keep.lost = lost  # for raise_if_lost, which finds the hook in place
     previous_hook, sys.unraisablehook = sys.unraisablehook, keep
     try:
         yield lost
     finally:
-        active[0] = False
         sys.unraisablehook = previous_hook
-        if sys.getprofile() is raise_again:
-            sys.setprofile(None)
+
+
+def raise_if_lost() -> None:
+    """Raise, as :class:`Interrupted`, the first signal :func:`lost_signals_kept` has kept so far, if any.
+
+    For the points of a long command where a signal's exception may be raised
+    as if it had come there: between its stages, outside any block that must
+    not stop halfway.
+    """
+    lost = getattr(sys.unraisablehook, "lost", None)
+    if lost:
+        raise Interrupted(lost[0].signum)
 
 
 @contextlib.contextmanager

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = _stop_on_sigterm()
     previous_sigint = signal.getsignal(signal.SIGINT)  # a rank that lost its peers ignores Ctrl-C from then on
     try:
-        with interrupts.lost_signals_raised() as lost:  # one lost in jax's garbage-collection callback
+        with interrupts.lost_signals_kept() as lost:  # one lost in jax's garbage-collection callback
             code = _main(argv)
         return interrupts.ended(code, lost, "train")
     except KeyboardInterrupt as error:
@@ -340,6 +340,7 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
         raw, source = fdata.load_data(configs[0].data_dir, verify=configs[0].verify, return_source=True)
     except fdata.DataError as error:
         return _fail(error)
+    interrupts.raise_if_lost()  # a signal lost while the data loaded: nothing is written yet
 
     from fmnist_keras.engine import splits as engine_splits
 
@@ -358,6 +359,7 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
             return _fail(f"{run.config_file(config.model)} ({', '.join(f'{k} {v}' for k, v in settings)}) does not "
                          f"split this data: {error}")
         parser.error(" / ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings) + f": {error}")
+    interrupts.raise_if_lost()
     problem = None
     if replicas.is_chief:
         try:
@@ -421,6 +423,7 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
     facts = {}  # model -> what its fit recorded, for the final evaluation
     summaries = {}
     for config in configs:
+        interrupts.raise_if_lost()  # one lost since: stop before the next model, as Ctrl-C there would
         name = config.model
         try:
             finished = run.read_metrics(name) if args.resume else None
@@ -502,6 +505,7 @@ def _finish(args, config, splits, run, facts, backend, device, source, summaries
     start = time.perf_counter()
     try:
         model, metrics, test_probabilities = evaluation.final_metrics(run, config, splits, facts)
+        interrupts.raise_if_lost()  # one lost while it evaluated: metrics.json is not written, --resume evaluates
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
         return _interrupted(stop, run)
     except evaluation.TrainingInterrupted as error:

@@ -4,8 +4,10 @@ The backend comes from KERAS_BACKEND (default torch) and is fixed before
 any test imports keras.
 """
 
+import gc
 import gzip
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -49,6 +51,29 @@ def only_on(backend: str, reason: str) -> pytest.MarkDecorator:
 
 
 on_tensorflow = only_on("tensorflow", "fit gets a tf.data pipeline on the TensorFlow backend only")
+
+
+def lose_a_signal_in_a_gc_callback(signum, went_on: list):
+    """As in jax's callback, which Keras imports: the handler's exception cannot leave the callback, and
+    Python only reports it as "Exception ignored in: <function callback ...>"; ``went_on`` records whether
+    the code after the collection ran."""
+    fired = []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(phase)
+            os.kill(os.getpid(), signum)
+            for _ in range(1000):  # the handler runs here, inside the callback
+                pass
+
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+        went_on.append("after the collection")
+    finally:
+        if callback in gc.callbacks:
+            gc.callbacks.remove(callback)
+    assert fired, "the callback did not run"
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

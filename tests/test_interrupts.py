@@ -1,14 +1,14 @@
 """Ctrl-C and SIGTERM in the short commands (evaluate, predict, export) and before training: one line, exit
 128 + N, clean-ups run."""
 
-import gc
 import os
 import signal
 import sys
 
 import pytest
 
-from fmnist_keras.interrupts import run_command
+from conftest import lose_a_signal_in_a_gc_callback
+from fmnist_keras.interrupts import lost_signals_kept, raise_if_lost, run_command
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys):
@@ -38,80 +38,42 @@ def test_sigterm_runs_the_clean_ups_and_exits_143(capsys):
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the caller's again
 
 
-def _lose_a_signal_in_a_gc_callback(signum, went_on: list):
-    """As in jax's callback, which Keras imports: the handler's exception cannot leave the callback, and
-    Python only reports it as "Exception ignored in: <function callback ...>"; ``went_on`` records whether
-    the code after the collection ran."""
-    fired = []
-
-    def callback(phase, info):
-        if phase == "start" and not fired:
-            fired.append(phase)
-            os.kill(os.getpid(), signum)
-            for _ in range(1000):  # the handler runs here, inside the callback
-                pass
-
-    gc.callbacks.append(callback)
-    try:
-        gc.collect()
-        went_on.append("after the collection")
-    finally:
-        if callback in gc.callbacks:
-            gc.callbacks.remove(callback)
-    assert fired, "the callback did not run"
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_lost_in_a_garbage_collection_callback_is_raised_at_the_next_call(capsys, signum):
+def test_a_signal_lost_in_a_garbage_collection_callback_still_ends_the_command(capsys, signum):
     before, hook, went_on = signal.getsignal(signum), sys.unraisablehook, []
 
     def main():
-        _lose_a_signal_in_a_gc_callback(signum, went_on)
-        went_on.append("to the end")
+        lose_a_signal_in_a_gc_callback(signum, went_on)
         return 0
 
     assert run_command(main, "export") == 128 + signum
     name = signal.Signals(signum).name
-    assert capsys.readouterr().err == f"export: interrupted ({name}) before it finished; run it again.\n"
-    assert went_on == []  # stopped at the first call after the collection, as if the signal had come there
-    assert signal.getsignal(signum) is before and sys.unraisablehook is hook and sys.getprofile() is None
+    assert capsys.readouterr().err == (f"export: interrupted ({name}) as it ended; what it wrote is whole, but "
+                                       f"check it or run it again.\n")
+    assert went_on == ["after the collection"]  # the command went on to its end
+    assert signal.getsignal(signum) is before and sys.unraisablehook is hook
 
 
-def test_a_signal_lost_under_a_profiler_still_ends_the_command(capsys):
-    # A profiler (cProfile) holds sys.setprofile: the lost signal is kept, and ends a command that finishes.
-    went_on, events = [], []
-
-    def profiler(frame, event, arg):
-        events.append(event)
-
-    def main():
-        sys.setprofile(profiler)
-        try:
-            _lose_a_signal_in_a_gc_callback(signal.SIGINT, went_on)
-        finally:
-            sys.setprofile(None)
-        return 0
-
-    assert run_command(main, "export") == 130
-    assert capsys.readouterr().err == ("export: interrupted (SIGINT) as it ended; what it wrote is whole, but check "
-                                       "it or run it again.\n")
-    assert went_on == ["after the collection"] and events  # the profiler was left in place, and ran
-
-
-def test_train_stopped_by_a_signal_lost_in_a_callback_says_so_in_one_line(monkeypatch, capsys):
-    from fmnist_keras import train
-
+def test_a_lost_signal_is_raised_at_the_next_safe_point(capsys):
     went_on = []
 
-    def main(argv):
-        _lose_a_signal_in_a_gc_callback(signal.SIGINT, went_on)
-        went_on.append("trained")
+    def main():
+        lose_a_signal_in_a_gc_callback(signal.SIGTERM, went_on)
+        raise_if_lost()
+        went_on.append("past the safe point")
         return 0
 
-    monkeypatch.setattr(train, "_main", main)
-    assert train.main([]) == 130
-    assert capsys.readouterr().err == "Interrupted (SIGINT) before training started; nothing was written.\n"
-    assert went_on == [] and sys.getprofile() is None
+    assert run_command(main, "export") == 143
+    assert capsys.readouterr().err == "export: interrupted (SIGTERM) before it finished; run it again.\n"
+    assert went_on == ["after the collection"]
+
+
+def test_a_lost_signal_is_kept_only_inside_the_block():
+    before = sys.unraisablehook
+    with lost_signals_kept() as lost:
+        lose_a_signal_in_a_gc_callback(signal.SIGINT, [])
+    assert [stop.signum for stop in lost] == [signal.SIGINT] and sys.unraisablehook is before
+    raise_if_lost()  # outside the block: nothing is kept, nothing raised
 
 
 def test_a_signal_the_command_handled_itself_gives_its_own_line_alone(capsys):

@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import write_idx_dir
+from conftest import lose_a_signal_in_a_gc_callback, write_idx_dir
 from fmnist_keras import train
 from fmnist_keras.engine import evaluation, fit
 from fmnist_keras.rundir import MARKER, RunDir, RunDirError
@@ -258,6 +258,43 @@ def test_a_run_swapped_for_a_link_before_its_removal_is_locked_never_through_the
         RunDir.create(str(out), "run", ["mlp"], overwrite=True)
     assert (mine / rundir.LOCK).read_text() == "my notes\n" and sorted(p.name for p in mine.iterdir()) == [".lock"]
     assert (out / "run").is_symlink() and (tmp_path / "moved-run" / MARKER).is_file()
+
+
+def test_a_signal_lost_while_the_data_loads_stops_train_before_anything_is_written(tmp_path, tiny_data_dir,
+                                                                                  monkeypatch, capsys):
+    # Lost in jax's garbage-collection callback, as Keras imports jax on every backend: train acts on it once
+    # the data is loaded, instead of training to the end.
+    from fmnist_keras import data as fdata
+
+    load_data = fdata.load_data
+
+    def loaded_while_a_signal_is_lost(*args, **kwargs):
+        lose_a_signal_in_a_gc_callback(signal.SIGINT, [])
+        return load_data(*args, **kwargs)
+
+    monkeypatch.setattr(fdata, "load_data", loaded_while_a_signal_is_lost)
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "run") == 130
+    assert capsys.readouterr().err == "Interrupted (SIGINT) before training started; nothing was written.\n"
+    assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_a_signal_lost_while_a_model_trains_stops_train_before_its_result_is_written(tmp_path, tiny_data_dir,
+                                                                                    monkeypatch, capsys):
+    fit_model = fit.fit_model
+
+    def fitted_while_a_signal_is_lost(*args, **kwargs):
+        result = fit_model(*args, **kwargs)
+        lose_a_signal_in_a_gc_callback(signal.SIGTERM, [])
+        return result
+
+    monkeypatch.setattr(fit, "fit_model", fitted_while_a_signal_is_lost)
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "run") == 143
+    run = tmp_path / "runs" / "run"
+    assert capsys.readouterr().err == (f"Interrupted (SIGTERM); {run} keeps every completed epoch. Continue with: "
+                                       f"python -m fmnist_keras.train --resume {run}\n")
+    assert (run / "mlp" / "model.keras").is_file() and not (run / "mlp" / "metrics.json").exists()
+    monkeypatch.setattr(fit, "fit_model", fit_model)
+    assert train.main(["--resume", str(run)]) == 0 and (run / "mlp" / "metrics.json").is_file()
 
 
 def test_an_overwrite_that_cannot_remove_the_old_run_is_one_line(tmp_path, tiny_data_dir, capsys, finished_run,
