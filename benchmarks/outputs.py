@@ -13,9 +13,12 @@ Keras.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
+import shlex
+import tempfile
 from pathlib import Path
 
 from fmnist_keras.cli import one_line
@@ -79,15 +82,52 @@ def write_json(path: Path, data: dict) -> None:
     write_text(Path(path), json.dumps({**data, **STAMP}, indent=2) + "\n")  # the project's atomic writer (rundir)
 
 
-def open_log(path: Path):
-    """``path`` opened for writing, emptied if it exists.
+# A log's first line: --out-dir's logs are replaced only when they carry it.
+LOG_STAMP = "# fmnist_keras benchmarks log"
+
+
+def check_log(path: Path) -> None:
+    """Whether :func:`open_log` may write ``path``: a new file, or a log a benchmark wrote (its first line is
+    :data:`LOG_STAMP`).
 
     Raises:
-        OSError: ``path`` is a link, or exists and is not a regular file.
+        OSError: ``path`` is a link, not a regular file, or a file a benchmark did not write.
     """
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise OSError(f"{path} is a symbolic link or not a regular file; a log is written only to a file of its own; "
                       f"move it away")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    return os.fdopen(fd, "w")
+    if path.exists():
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as handle:
+                first = handle.read(len(LOG_STAMP))
+        except OSError:
+            first = b""
+        if first != LOG_STAMP.encode():
+            raise OSError(f"{path} exists and is not a log a benchmark wrote (its first line is not "
+                          f"{LOG_STAMP!r}), so it is left alone; move it away or choose another --out-dir")
+
+
+def open_log(path: Path, command: list[str]):
+    """A new log for ``command`` at ``path``, opened for writing: a stamped first line naming the command, in a
+    temporary sibling renamed over ``path`` (which :func:`check_log` must allow), so no file is emptied or written
+    through a link.
+
+    Raises:
+        OSError: as :func:`check_log`, or the file cannot be made.
+    """
+    path = Path(path)
+    check_log(path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    log = os.fdopen(handle, "w")
+    try:
+        log.write(f"{LOG_STAMP}: {shlex.join(command)}\n")
+        log.flush()
+        os.replace(name, path)
+    except BaseException:
+        log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
+    return log

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -26,8 +27,15 @@ import time
 from pathlib import Path
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
-from fmnist_keras.cli import in_range
+from fmnist_keras.cli import in_range, one_line
 from fmnist_keras.config import MODEL_NAMES, RANGES
+from fmnist_keras.interrupts import run_command
+from fmnist_keras.rundir import RunDir, RunDirError
+
+# train's flags that this script sets for each seed, and reads the results of.
+OWN_TRAIN_FLAGS = ("--model", "--seed", "--out-dir", "--run-name", "--overwrite", "--resume")
+# How long a seed's train may take to stop after SIGTERM, once this script is interrupted.
+STOP_WAIT_S = 60
 
 
 def parse_args(argv=None):
@@ -39,8 +47,22 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=in_range(int, 1, 64), default=1, help="runs at a time (default: 1)")
     parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
                         help="also write the table as JSON (a new file, or an earlier result, which is replaced)")
-    parser.add_argument("train_args", nargs="*", help="arguments passed on to train (after --)")
-    return parser.parse_args(argv)
+    parser.add_argument("train_args", nargs="*", help="arguments passed on to train (after --), except those this "
+                        f"script sets itself ({', '.join(OWN_TRAIN_FLAGS)})")
+    args = parser.parse_args(argv)
+    own = [flag for flag in args.train_args  # train takes any unambiguous start of a flag, too: --out, --over
+           if flag.startswith("--") and len(flag.split("=")[0]) > 2
+           and any(ours.startswith(flag.split("=")[0]) for ours in OWN_TRAIN_FLAGS)]
+    if own:
+        parser.error(f"{own[0]} after -- would change what this script reads back (it sets {', '.join(OWN_TRAIN_FLAGS)} "
+                     f"itself); use its own --model, --seeds and --out-dir instead")
+    try:
+        RunDir.check_out_dir(args.out_dir)
+        for seed in args.seeds:  # every log, before any run starts
+            outputs.check_log(Path(args.out_dir) / f"{run_name(args.model, seed)}.log")
+    except (RunDirError, OSError) as error:
+        parser.error(one_line(error))
+    return args
 
 
 def run_name(model: str, seed: int) -> str:
@@ -55,14 +77,36 @@ def launch(args, seed: int) -> subprocess.Popen:
         "--out-dir", str(out), "--run-name", run_name(args.model, seed), "--overwrite",
         *args.train_args,
     ]
-    log = outputs.open_log(out / f"{run_name(args.model, seed)}.log")
-    print("$", " ".join(command), flush=True)
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with outputs.open_log(out / f"{run_name(args.model, seed)}.log", command) as log:
+        print("$", shlex.join(command), flush=True)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop(running: dict[int, subprocess.Popen]) -> None:
+    """End the seeds' ``train`` processes still running: SIGTERM (each keeps its completed epochs, for
+    ``--resume``), then SIGKILL for one that has not stopped within :data:`STOP_WAIT_S`."""
+    for process in running.values():
+        if process.poll() is None:
+            process.terminate()
+    for process in running.values():
+        try:
+            process.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    pending, running, failed = list(args.seeds), {}, []
+    running = {}
+    try:
+        return _run_seeds(args, running)
+    finally:  # Ctrl-C or SIGTERM here: no seed's train goes on alone
+        stop(running)
+
+
+def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
+    pending, failed = list(args.seeds), []
     started, process_wall = {}, {}  # the whole `train` command, start-up and report included
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -116,4 +160,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "seeds.py"))

@@ -61,11 +61,24 @@ def test_a_new_file_or_an_earlier_result_is_written_whole(place):
 
 def test_a_log_is_never_opened_through_a_link(place):
     with pytest.raises(OSError, match="symbolic link"):
-        outputs.open_log(place / "link.json")
+        outputs.open_log(place / "link.json", ["train"])
     assert (place / "thesis.tex").read_text() == "years of work"
-    with outputs.open_log(place / "run.log") as log:
+    with outputs.open_log(place / "run.log", ["train", "--seed", "1"]) as log:
         log.write("line\n")
-    assert (place / "run.log").read_text() == "line\n"
+    assert (place / "run.log").read_text() == "# fmnist_keras benchmarks log: train --seed 1\nline\n"
+
+
+def test_a_log_replaces_only_an_earlier_log_never_a_users_file(place):
+    with pytest.raises(OSError, match="not a log a benchmark wrote"):
+        outputs.open_log(place / "thesis.tex", ["train"])
+    assert (place / "thesis.tex").read_text() == "years of work"
+    with outputs.open_log(place / "run.log", ["train"]) as log:
+        log.write("first\n")
+    outputs.check_log(place / "run.log")  # what a benchmark wrote, the next run may replace
+    with outputs.open_log(place / "run.log", ["train", "again"]) as log:
+        log.write("second\n")
+    assert (place / "run.log").read_text() == "# fmnist_keras benchmarks log: train again\nsecond\n"
+    assert [p.name for p in place.iterdir() if ".partial" in p.name] == []
 
 
 # --- the benchmarks' own arguments: refused before anything is replaced ---------------------

@@ -1,0 +1,59 @@
+"""benchmarks/seeds.py: it never empties a user's file, refuses flags it sets itself, and stops its trains."""
+
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import seeds  # noqa: E402  (benchmarks/seeds.py)
+
+
+def _refused(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        seeds.parse_args(argv)
+    assert stop.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    return line
+
+
+def test_a_users_file_where_a_seeds_log_goes_is_refused_before_any_run(tmp_path, capsys):
+    (tmp_path / "cnn-seed2.log").write_text("my notes\n")
+    line = _refused(["--seeds", "1", "2", "--out-dir", str(tmp_path)], capsys)
+    assert "cnn-seed2.log exists and is not a log a benchmark wrote" in line and "left alone" in line
+    assert (tmp_path / "cnn-seed2.log").read_text() == "my notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn-seed2.log"]  # seed 1's log was not made either
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--model=mlp", "--out-dir", "--out", "--run-name", "--overwrite",
+                                  "--resume"])
+def test_train_flags_the_script_sets_itself_are_refused_after_the_double_dash(tmp_path, capsys, flag):
+    line = _refused(["--out-dir", str(tmp_path), "--", "--epochs", "1", flag, "x"], capsys)
+    assert f"{flag} after -- would change what this script reads back" in line
+    assert seeds.parse_args(["--out-dir", str(tmp_path), "--", "--epochs", "1"]).train_args == ["--epochs", "1"]
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_any_run(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert "is a file, not a directory" in _refused(["--out-dir", str(tmp_path / "file")], capsys)
+
+
+def test_an_interrupted_script_stops_the_trains_it_started(tmp_path, monkeypatch):
+    started = []
+
+    def launch(args, seed):
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        return started[-1]
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(seeds, "launch", launch)
+    # Ctrl-C in the script's wait between polls (its own time module alone: subprocess sleeps too, in wait)
+    monkeypatch.setattr(seeds, "time", types.SimpleNamespace(sleep=interrupted, perf_counter=time.perf_counter))
+    with pytest.raises(KeyboardInterrupt):
+        seeds.main(["--seeds", "1", "2", "--jobs", "2", "--out-dir", str(tmp_path)])
+    assert len(started) == 2 and all(process.returncode == -15 for process in started)  # SIGTERM, and waited for
