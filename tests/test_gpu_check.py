@@ -43,12 +43,12 @@ def _stub(directory: pathlib.Path, name: str, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def _run(tmp_path, fail_on=""):
+def _run(tmp_path, fail_on="", out=None):
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     _stub(bin_dir, "nvidia-smi", NVIDIA_SMI)
     _stub(bin_dir, "python3", PYTHON3)
-    out = tmp_path / "out"
+    out = tmp_path / "out" if out is None else out
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "REAL_PYTHON": sys.executable,
            "CALLS": str(tmp_path / "calls.txt"), "FAIL_ON": fail_on}
     env.pop("TOTAL", None)
@@ -64,7 +64,9 @@ def _run(tmp_path, fail_on=""):
         pytest.fail("gpu_check.sh did not end within 120 s")
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     calls = (tmp_path / "calls.txt").read_text().splitlines() if (tmp_path / "calls.txt").exists() else []
-    steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
+    steps_tsv = out / "steps.tsv"
+    steps = ([line.split("\t") for line in steps_tsv.read_text().splitlines()]
+             if steps_tsv.is_file() and not steps_tsv.is_symlink() else [])
     return result, out, calls, steps
 
 
@@ -122,3 +124,91 @@ def test_the_summary_lists_a_run_stopped_at_its_limit_from_its_history(tmp_path)
     mlp = next(line for line in summary.splitlines() if line.startswith("| default | mlp |"))
     assert "| cuda:0 (Stub) | 512 | 20 (18) |" in mlp and "| 125 | 0.9100 | 0.9081 |" in mlp, mlp
     assert "| host_seeds |" in mlp and "fused_adam" not in mlp
+
+
+# The output directory (data loss): new, empty or marked by the script itself, and never written through a link.
+MARKER = ".fmnist_keras-gpu-check"
+
+
+def _refused_in_one_line(result, out):
+    assert result.returncode != 0, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(out) in lines[0] and "new or empty" in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_a_users_non_empty_directory_is_refused_and_left_untouched(tmp_path):
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "steps.tsv").write_text("notes\n")
+    (out / "summary.md").write_text("my summary\n")
+    target = tmp_path / "userfile2.txt"
+    target.write_text("keep me\n")
+    (out / "preflight.log").symlink_to(target)
+    result, _, calls, _ = _run(tmp_path, out=out)
+    _refused_in_one_line(result, out)
+    assert "did not make it" in result.stderr and MARKER in result.stderr
+    assert calls == []
+    assert (out / "steps.tsv").read_text() == "notes\n" and (out / "summary.md").read_text() == "my summary\n"
+    assert target.read_text() == "keep me\n" and (out / "preflight.log").is_symlink()
+    assert sorted(p.name for p in out.iterdir()) == ["preflight.log", "steps.tsv", "summary.md"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+@pytest.mark.parametrize("name", ["preflight.log", "steps.tsv", "summary.md", "notes-link"])
+def test_a_link_in_its_own_marked_directory_is_refused_and_its_target_untouched(tmp_path, name):
+    out = tmp_path / "out"
+    result, _, _, _ = _run(tmp_path, out=out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / name).unlink(missing_ok=True)
+    target = tmp_path / "userfile2.txt"
+    target.write_text("keep me\n")
+    (out / name).symlink_to(target)
+    (tmp_path / "calls.txt").unlink()
+    result, _, calls, _ = _run(tmp_path, out=out)
+    _refused_in_one_line(result, out)
+    assert "symbolic link" in result.stderr and name in result.stderr
+    assert calls == [] and target.read_text() == "keep me\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.is_symlink()} == \
+        {k: v for k, v in before.items() if k != name}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_a_marker_that_is_a_link_does_not_make_a_directory_its_own(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = tmp_path / "elsewhere"
+    marker.write_text("")
+    (out / MARKER).symlink_to(marker)
+    (out / "steps.tsv").write_text("notes\n")
+    result, _, calls, _ = _run(tmp_path, out=out)
+    _refused_in_one_line(result, out)
+    assert calls == [] and (out / "steps.tsv").read_text() == "notes\n" and marker.read_text() == ""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+@pytest.mark.parametrize("exists", [False, True], ids=["new", "empty"])
+def test_a_new_or_empty_directory_works_and_is_marked(tmp_path, exists):
+    out = tmp_path / "deep" / "out"
+    if exists:
+        out.mkdir(parents=True)
+    result, _, calls, steps = _run(tmp_path, out=out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (out / MARKER).is_file() and not (out / MARKER).is_symlink()
+    assert len(steps) == 12 and len(calls) == 11 and (out / "summary.md").is_file()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_a_rerun_into_its_own_marked_directory_works(tmp_path):
+    out = tmp_path / "out"
+    first, _, _, _ = _run(tmp_path, out=out)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (out / "my-notes.txt").write_text("mine\n")  # a file of the user's beside the outputs stays as it is
+    (tmp_path / "calls.txt").unlink()
+    result, _, calls, steps = _run(tmp_path, out=out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (out / MARKER).is_file() and not (out / MARKER).is_symlink()
+    assert len(steps) == 12 and len(calls) == 11  # steps.tsv started afresh, not appended to
+    assert (out / "my-notes.txt").read_text() == "mine\n"
