@@ -14,11 +14,15 @@ Usage:
     python benchmarks/portability.py --epochs 1 --json portability.json   # all 60k training images
 
 Run files go to ``--out-dir`` (default: a new temporary directory), never to ``runs/``.
+Every file the script writes there is written to a temporary sibling and
+renamed into place, so a link planted under its name is replaced, never
+written through.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -32,8 +36,9 @@ import numpy as np
 from fmnist_keras import data as fdata
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import DEVICES
-from fmnist_keras.cli import in_range, one_line
+from fmnist_keras.cli import add_data_arguments, in_range, one_line, print_error
 from fmnist_keras.config import BACKENDS, RANGES
+from fmnist_keras.rundir import make_ordinary, write_bytes, write_text
 
 TOLERANCE = 1e-4
 
@@ -52,14 +57,19 @@ def parse_args(argv=None):
                         help=f"backends to compare (default: {' '.join(BACKENDS)})")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="device of training and prediction (default: cpu)")
-    parser.add_argument("--data-dir", help="Fashion-MNIST directory (default: the train command's lookup)")
+    add_data_arguments(parser)  # --data-dir and --no-verify, passed on to train
     parser.add_argument("--out-dir", type=out_dir_path,
                         help="where the runs go: a new or empty directory, or one this script wrote before "
                         "(default: a new temporary directory)")
     parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
                         help="also write the results to this JSON file (a new file, or an earlier result, which is "
                         "replaced)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.backends = list(dict.fromkeys(args.backends))  # each backend once, in the order given
+    if len(args.backends) < 2:
+        parser.error(f"--backends {' '.join(args.backends)} names one backend, and a file is compared only when "
+                     f"another backend loads it; pass two or more, such as --backends torch jax")
+    return args
 
 
 # The file that marks a directory as this script's, so that a later run may write into it again.
@@ -84,6 +94,10 @@ def out_dir_path(text: str) -> Path:
         elif path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file():
             problem = (f"{path} holds files this script did not write (no {MARKER}), which it could replace; "
                        f"pass a new or empty directory")
+        elif not path.exists():  # to be made: the nearest existing parent must be a directory
+            parent = next(p for p in path.absolute().parents if p.exists() or p.is_symlink())
+            if not parent.is_dir():
+                problem = f"{path} cannot be made: {parent} is not a directory; pass a path below a directory"
     except OSError as error:  # a name too long, a directory that cannot be read
         problem = f"{path} cannot be used ({error.strerror or error}); pass another directory"
     if problem:
@@ -92,25 +106,66 @@ def out_dir_path(text: str) -> Path:
 
 
 def _run(command: list[str], env: dict) -> float:
-    """Run a command, stream nothing, fail with its stderr; return its wall time."""
+    """Run a command, stream nothing; return its wall time, or exit with one line: the step, the backend and the
+    last line the command wrote on stderr."""
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        sys.exit(f"error: {' '.join(command)} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+        step = "training" if "fmnist_keras.train" in command else "predicting"
+        backend = command[command.index("--backend") + 1] if "--backend" in command else "?"
+        code = f"signal {-result.returncode}" if result.returncode < 0 else f"exit {result.returncode}"
+        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        why = lines[-1].rstrip(".") if lines else "it wrote nothing on stderr"  # the last line says why, not usage
+        print_error(f"{step} under {backend} failed ({code}): {why}; fix that and run portability.py again, or leave "
+                    f"{backend} out of --backends")
+        sys.exit(1)
     return time.perf_counter() - start
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to a temporary sibling of ``path``, renamed over it: a link there is replaced, not followed."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_bytes(path, buffer.getvalue())
+
+
+def _predict(backend: str, device: str, inputs: Path, models: list[Path], npz: Path, env: dict) -> tuple[float, dict]:
+    """Predict ``inputs`` with every model under ``backend`` in a fresh process, which writes a new temporary
+    sibling of ``npz``; rename that over ``npz`` (a link there is replaced, never written through).
+
+    Returns the wall time and the outputs (keys ``"0"``, ``"1"``, ... in the order of ``models``).
+    """
+    # mkstemp: a new file of a name no one else has (O_EXCL), so the worker never writes through a planted link.
+    handle, name = tempfile.mkstemp(dir=npz.parent, prefix=f".partial-{npz.name}.", suffix=".npz")
+    make_ordinary(handle)  # mkstemp made it private; the run's files are ordinary files
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        seconds = _run([sys.executable, "-m", "fmnist_keras._portability", "predict", "--backend", backend, "--device",
+                        device, "--inputs", str(inputs), "--output", str(temporary), *(str(m) for m in models)], env)
+        with np.load(temporary, allow_pickle=False) as loaded:
+            outputs_of = {key: loaded[key] for key in loaded.files}
+        os.replace(temporary, npz)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return seconds, outputs_of
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:  # before anything is made: bad data leaves no directory behind
+        (_, _), (x_test, y_test) = fdata.load_data(args.data_dir, verify=args.verify)
+    except fdata.DataError as error:
+        print_error(error)
+        return 1
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="fmnist-portability-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).touch()
+    write_text(out_dir / MARKER, "")  # a new file renamed into place, as every file here: never through a link
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("KERAS_BACKEND", None)  # each command's --backend decides
 
-    (_, _), (x_test, y_test) = fdata.load_data(args.data_dir)
     inputs = out_dir / "test_images.npy"
-    np.save(inputs, fdata.to_model_input(x_test, "channels_last"))
+    _save_npy(inputs, fdata.to_model_input(x_test, "channels_last"))
 
     train_s, models = {}, {}
     for backend in args.backends:
@@ -120,6 +175,7 @@ def main(argv=None) -> int:
                    "--no-mixed-precision"]  # float32 under every backend: the 1e-4 tolerance is for float32
         command += ["--subset", str(args.subset)] if args.subset else []
         command += ["--data-dir", args.data_dir] if args.data_dir else []
+        command += [] if args.verify else ["--no-verify"]
         print(f"training {args.model} under {backend} ...", flush=True)
         train_s[backend] = _run(command, env)
         models[backend] = out_dir / f"trained-{backend}" / args.model / "model.keras"
@@ -128,12 +184,8 @@ def main(argv=None) -> int:
     for backend in args.backends:
         print(f"predicting {len(x_test)} test images with every model under {backend} ...", flush=True)
         npz = out_dir / f"predictions-{backend}.npz"
-        predict_s[backend] = _run(
-            [sys.executable, "-m", "fmnist_keras._portability", "predict", "--backend", backend, "--device",
-             args.device, "--inputs", str(inputs), "--output", str(npz), *(str(models[a]) for a in args.backends)],
-            env,
-        )
-        loaded = np.load(npz)
+        predict_s[backend], loaded = _predict(backend, args.device, inputs, [models[a] for a in args.backends], npz,
+                                              env)
         for i, saved_under in enumerate(args.backends):
             probabilities_of[saved_under, backend] = loaded[str(i)]
 
@@ -179,4 +231,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fmnist_keras.interrupts import run_command
+
+    sys.exit(run_command(main, "portability.py"))

@@ -224,7 +224,7 @@ def test_portability_writes_its_json_and_only_into_a_directory_of_its_own(tmp_pa
     rng = np.random.default_rng(0)
     x_test, y_test = rng.integers(0, 255, (20, 28, 28), dtype=np.uint8), rng.integers(0, 10, 20)
     probabilities = rng.dirichlet(np.ones(10), 20)
-    monkeypatch.setattr(portability.fdata, "load_data", lambda data_dir: ((None, None), (x_test, y_test)))
+    monkeypatch.setattr(portability.fdata, "load_data", lambda data_dir, verify=True: ((None, None), (x_test, y_test)))
 
     def run(command, env):
         if "predict" in command:

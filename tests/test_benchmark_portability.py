@@ -1,0 +1,116 @@
+"""benchmarks/portability.py: it never writes through a link, and every failure is one line, not a traceback."""
+
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import portability  # noqa: E402  (benchmarks/portability.py)
+
+
+def _fake_data(monkeypatch, n=20):
+    rng = np.random.default_rng(0)
+    x_test, y_test = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n)
+    monkeypatch.setattr(portability.fdata, "load_data", lambda data_dir, verify=True: ((None, None), (x_test, y_test)))
+    return rng.dirichlet(np.ones(10), n)
+
+
+def test_portability_replaces_a_link_in_its_own_directory_and_never_writes_through_it(tmp_path, monkeypatch):
+    probabilities = _fake_data(monkeypatch)
+
+    def run(command, env):  # the subprocesses faked: each predict writes the file its --output names
+        if "predict" in command:
+            output = Path(command[command.index("--output") + 1])
+            np.savez(output, **{str(i): probabilities for i in range(len(command) - command.index("--output") - 2)})
+        return 0.0
+
+    monkeypatch.setattr(portability, "_run", run)
+    out, users = tmp_path / "portability", tmp_path / "users"
+    out.mkdir()
+    users.mkdir()
+    (out / portability.MARKER).write_text("")
+    names = ("test_images.npy", "predictions-torch.npz", "predictions-jax.npz")
+    for name in names:
+        (users / name).write_text(f"the user's {name}")
+        (out / name).symlink_to(users / name)
+
+    assert portability.main(["--backends", "torch", "jax", "--out-dir", str(out)]) == 0
+    for name in names:
+        assert (users / name).read_text() == f"the user's {name}"  # untouched
+        assert not (out / name).is_symlink() and (out / name).is_file()  # the link replaced by the script's file
+    assert np.load(out / "test_images.npy").shape == (20, 28, 28, 1)
+    assert [p.name for p in out.iterdir() if "partial" in p.name] == []  # no temporary file left
+
+
+@pytest.mark.parametrize("backends", [["torch"], ["jax", "jax"]])
+def test_portability_refuses_fewer_than_two_backends_when_parsing(backends, capsys):
+    with pytest.raises(SystemExit) as stop:
+        portability.parse_args(["--backends", *backends])
+    assert stop.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "names one backend" in line and "pass two or more" in line
+    assert portability.parse_args(["--backends", "torch", "jax", "torch"]).backends == ["torch", "jax"]  # control
+
+
+@pytest.mark.parametrize("below", ["sub", "sub/deeper"])
+def test_portability_refuses_an_out_dir_below_a_file_when_parsing(tmp_path, capsys, below):
+    (tmp_path / "afile").write_text("the user's file")
+    with pytest.raises(SystemExit) as stop:
+        portability.parse_args(["--out-dir", str(tmp_path / "afile" / below)])
+    assert stop.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"{tmp_path / 'afile'} is not a directory" in line
+    assert (tmp_path / "afile").read_text() == "the user's file"
+    assert portability.parse_args(["--out-dir", str(tmp_path / "new" / below)]).out_dir  # control: a new path
+
+
+def test_portability_says_in_one_line_which_backend_failed_and_the_childs_last_line(monkeypatch, capsys):
+    usage = "usage: python -m fmnist_keras.train [-h]\n" + "    [--option X]\n" * 20
+    last = "python -m fmnist_keras.train: error: --device gpu: the torch backend sees no GPU."
+    monkeypatch.setattr(portability.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(
+        command, 2, "", usage + last + "\n\n"))
+    command = [sys.executable, "-m", "fmnist_keras.train", "--backend", "torch", "--device", "gpu"]
+    with pytest.raises(SystemExit) as stop:
+        portability._run(command, {})
+    assert stop.value.code == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: training under torch failed (exit 2): ") and last.rstrip(".") in line
+    assert "usage" not in line
+
+
+def _run_script(monkeypatch, argv):
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / "portability.py"), *argv])
+    try:
+        runpy.run_path(str(BENCHMARKS / "portability.py"), run_name="__main__")
+    except SystemExit as stop:
+        return stop.code
+    except KeyboardInterrupt:  # would end the test session
+        pytest.fail("an interrupt escaped portability.py as a traceback, not run_command's one line")
+    pytest.fail("portability.py did not exit")
+
+
+def test_portability_ends_with_one_line_and_128_plus_the_signal_when_interrupted(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(portability.fdata, "load_data", interrupted)  # the module the script runs imports too
+    assert _run_script(monkeypatch, ["--backends", "torch", "jax", "--out-dir", str(tmp_path / "out")]) == 130
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("portability.py: interrupted")
+
+
+def test_portability_refuses_bad_data_in_one_line_before_it_makes_its_directory(tmp_path, monkeypatch, capsys):
+    def damaged(*args, **kwargs):
+        raise portability.fdata.DataError("the file is damaged; delete it")
+
+    monkeypatch.setattr(portability.fdata, "load_data", damaged)
+    out = tmp_path / "out"
+    assert portability.main(["--backends", "torch", "jax", "--out-dir", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines() == ["error: the file is damaged; delete it"]
+    assert not out.exists()
+
