@@ -109,11 +109,22 @@ def default_feature_layers(model) -> list[str]:
 
 
 def check_feature_layers(model, names: list[str]) -> list[str]:
-    """Check that ``model`` has a convolution and every named layer; return the names."""
+    """Check that ``model`` has a convolution and every named layer, each with maps for output (a 4-D output:
+    images, height, width, channels in either order); return the names."""
     _require_conv(model, "feature maps")
     for name in names:
-        get_layer(model, name)
+        output = _output_of(get_layer(model, name))
+        if output is not None and len(output.shape) != 4:
+            maps = [layer.name for layer in _layers(model) if _has_maps(layer)]
+            raise ValueError(f"layer {name!r} of model {model.name!r} outputs shape {tuple(output.shape)}, not "
+                             f"feature maps (images, height, width, channels); name a layer with maps: "
+                             f"{', '.join(maps)}.")
     return list(names)
+
+
+def _has_maps(layer) -> bool:
+    output = _output_of(layer)
+    return output is not None and len(output.shape) == 4 and not isinstance(layer, keras.layers.InputLayer)
 
 
 def intermediate_model(model, names: list[str]) -> keras.Model:
@@ -136,7 +147,8 @@ def feature_maps(model, images: np.ndarray, names: list[str] | None = None) -> d
     Args:
         model: a Keras model with at least one convolutional layer.
         images: model-ready batch in the model's layout, (N, 28, 28, 1) or (N, 1, 28, 28).
-        names: layer names; any layer may be named, not only convolutions.
+        names: layer names; any layer whose output is maps may be named (pooling, normalization and
+            activations too), not only convolutions.
 
     Returns:
         ``{name: array}`` in the model's own data format, e.g. (N, H, W, C).
