@@ -54,7 +54,7 @@ import sys
 import time
 
 from fmnist_keras.backend import default_backend
-from fmnist_keras.cli import in_range, print_error
+from fmnist_keras.cli import add_data_arguments, in_range, print_error
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.config import RANGES, TrainConfig
 
@@ -123,6 +123,7 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", default="runs/ablation", help="where the runs go (default: runs/ablation)")
     parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
                         help="also write the results as JSON (a new file, or an earlier result, which is replaced)")
+    add_data_arguments(parser)  # --data-dir and --no-verify
     args = parser.parse_args(argv)
     if args.shift is not None and not 0.0 <= args.shift < 1.0:
         parser.error(f"--shift takes a fraction from 0 up to 1; got {args.shift}")
@@ -148,7 +149,9 @@ def train_config(args, seed: int):
     """The TrainConfig ``train --model MODEL --seed SEED`` would use, with the flags given here."""
     given = {"epochs": args.epochs, "subset": args.subset, "ema": args.ema, "label_smoothing": args.label_smoothing,
              "mixed_precision": args.mixed_precision, "learning_rate": args.learning_rate,
-             "weight_decay": args.weight_decay, "cutmix": args.cutmix, "split_seed": args.split_seed}
+             "weight_decay": args.weight_decay, "cutmix": args.cutmix, "split_seed": args.split_seed,
+             "verify": args.verify,  # and the data directory as train saves it, so the run records its data
+             "data_dir": os.path.abspath(os.path.expanduser(args.data_dir)) if args.data_dir else None}
     return TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -286,7 +289,7 @@ def main(argv=None) -> int:
     select_backend("torch", "auto")
     from fmnist_keras import data as fdata
 
-    raw = fdata.load_data(None)
+    raw = fdata.load_data(args.data_dir, verify=args.verify)
     changed = {"shift": args.shift, "erase": args.erase,
                "filters": None if args.filters is None else tuple(args.filters),
                "convs_per_block": None if args.convs is None else tuple(args.convs) if len(args.convs) > 1
@@ -322,4 +325,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(outputs.run_benchmark(main, "ablation.py"))

@@ -49,7 +49,7 @@ if os.environ["KERAS_BACKEND"] == "tensorflow":
 
 
 def parse_args(argv=None):
-    from fmnist_keras.cli import in_range
+    from fmnist_keras.cli import add_data_arguments, in_range
     from fmnist_keras.config import DATA_FORMATS, RANGES  # no Keras import: --help stays fast
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,6 +74,7 @@ def parse_args(argv=None):
     parser.add_argument("--overhead", action="store_true",
                         help="time host ms/step at a tiny batch instead (benchmarks/overhead.py; "
                              "takes that script's flags)")
+    add_data_arguments(parser)  # --data-dir and --no-verify
     return parser.parse_args(argv)
 
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     threads = set_threads(args.threads)
     torch_backend = keras.backend.backend() == "torch"
     stock_differs = keras.backend.backend() in ("torch", "tensorflow")
-    raw = fdata.load_data()
+    raw = fdata.load_data(args.data_dir, verify=args.verify)
     splits = make_splits(raw, TrainConfig(subset=args.subset, data_format=args.data_format))
     device = describe_device()
     rows = []
@@ -150,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(outputs.run_benchmark(main, "bench.py"))

@@ -11,9 +11,12 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
+
+import outputs  # benchmarks/ is on sys.path when a script there runs
 
 # Step -> a piece of its command line, to find its processes in nvidia-smi's list.
 PROCESS_KEYS = {
@@ -81,9 +84,26 @@ def fmt(value, spec="") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def read_json(path: pathlib.Path) -> dict:
+    """A JSON object that the check wrote; a file cut short (the step's time limit) or not an object is one line."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+        raise SystemExit(f"error: {path} cannot be read as JSON ({error}); its step may have been stopped while "
+                         f"writing it: delete it to summarise the rest, or run that step again") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} holds {type(data).__name__}, not the JSON object a benchmark writes; delete "
+                         f"it to summarise the rest")
+    return data
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    out = pathlib.Path(argv[0] if argv else "gpu-results")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default="gpu-results", type=pathlib.Path,
+                        help="the output directory of benchmarks/gpu_check.sh (default: gpu-results)")
+    out = parser.parse_args(argv).out
+    if not out.is_dir():
+        parser.error(f"{out} is not a directory; pass the output directory of benchmarks/gpu_check.sh")
     print(f"# GPU check: {out}\n\n## Machine and versions\n")
     env = out / "env.log"
     print("| | |\n| --- | --- |")
@@ -103,7 +123,7 @@ def main(argv=None) -> int:
 
     overhead = out / "overhead.json"
     if overhead.exists():
-        data = json.loads(overhead.read_text())
+        data = read_json(overhead)
         print(f"\n## Host ms/step at batch {data['batch_size']} ({data['device']}, keras {data['keras']})\n")
         print("| model | stock ms/step | fast ms/step | torch ms/step | fast/torch | peak MiB fast / torch |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -116,7 +136,7 @@ def main(argv=None) -> int:
         path = out / name
         if not path.exists():
             continue
-        data = json.loads(path.read_text())
+        data = read_json(path)
         torch_version = data.get("versions", {}).get("torch")
         print(f"\n## Epoch benchmark, {data['backend']} ({name}: {data['num_train']} images, batch "
               f"{data['batch_size']}, {data['rounds']} rounds, {data['device']}, keras {data['keras']}"
@@ -130,7 +150,7 @@ def main(argv=None) -> int:
 
     syncs = out / "syncs.json"
     if syncs.exists():
-        data = json.loads(syncs.read_text())
+        data = read_json(syncs)
         print(f"\n## Synchronisations per training step ({data['device']}, keras {data['keras']})\n")
         print("| model | path | per step | where (per step) |")
         print("| --- | --- | ---: | --- |")
@@ -149,10 +169,10 @@ def main(argv=None) -> int:
         if model_dir.parent.is_symlink():  # "latest" points at a run listed under its own name
             continue
         run = model_dir.parent.name
-        config = json.loads((model_dir / "config.json").read_text())
+        config = read_json(model_dir / "config.json")
         metrics = model_dir / "metrics.json"
         if metrics.exists():
-            m = json.loads(metrics.read_text())
+            m = read_json(metrics)
             validation = fmt(m.get("validation", {}).get("accuracy"), ".4f")
             test = fmt(m.get("test", {}).get("accuracy"), ".4f")
         else:  # stopped before the end (its limit): what history.csv holds, validation without test-time augmentation
@@ -171,4 +191,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(outputs.run_benchmark(main, "gpu_summary.py"))

@@ -131,3 +131,23 @@ def open_log(path: Path, command: list[str]):
             os.unlink(name)
         raise
     return log
+
+
+def run_benchmark(main, name: str) -> int:
+    """Run a benchmark's ``main`` as the project's commands run: through
+    :func:`fmnist_keras.interrupts.run_command` (Ctrl-C and SIGTERM, a file-system error: one line), and with
+    bad data, a damaged run directory or model file given as their one line, exit code 1."""
+    from fmnist_keras.cli import print_error
+    from fmnist_keras.data import DataError
+    from fmnist_keras.interrupts import run_command
+    from fmnist_keras.loading import ModelLoadError
+    from fmnist_keras.rundir import RunDirError
+
+    def reported():
+        try:
+            return main()
+        except (DataError, RunDirError, ModelLoadError) as error:
+            print_error(error)
+            return 1
+
+    return run_command(reported, name)

@@ -27,7 +27,7 @@ import sys
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import default_backend
-from fmnist_keras.cli import in_range
+from fmnist_keras.cli import add_data_arguments, in_range
 from fmnist_keras.config import RANGES
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
@@ -51,6 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-stock", action="store_true", help="skip stock Keras")
     parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
                         help="also write the results as JSON (a new file, or an earlier result, which is replaced)")
+    add_data_arguments(parser)  # --data-dir and --no-verify
     return parser.parse_args(argv)
 
 
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         raise SystemExit("the overhead benchmark compares with a PyTorch twin: run it with KERAS_BACKEND=torch")
     select_backend("torch")
     threads = set_threads(args.threads)
-    raw = fdata.load_data()
+    raw = fdata.load_data(args.data_dir, verify=args.verify)
     rows = []
     for name in args.models:
         subset = args.subset or SUBSETS[name]
@@ -120,4 +121,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(outputs.run_benchmark(main, "overhead.py"))

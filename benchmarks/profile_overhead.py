@@ -32,8 +32,9 @@ import pstats
 import sys
 import time
 
+import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import default_backend
-from fmnist_keras.cli import in_range
+from fmnist_keras.cli import add_data_arguments, in_range
 from fmnist_keras.config import RANGES
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
@@ -54,6 +55,7 @@ def parse_args(argv=None):
                         help="'train': add the per-step callbacks train passes to fit (NaNGuard, History) (default: none)")
     parser.add_argument("--top", type=in_range(int, 1, 1000), metavar="N", default=15,
                         help="rows per table (default: 15)")
+    add_data_arguments(parser)  # --data-dir and --no-verify
     return parser.parse_args(argv)
 
 
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
 
     select_backend("torch")
     threads = set_threads(args.threads)
-    splits = make_splits(fdata.load_data(), TrainConfig(subset=args.subset))
+    splits = make_splits(fdata.load_data(args.data_dir, verify=args.verify), TrainConfig(subset=args.subset))
     runner, model, weights = keras_runner(args.model, splits, 3, args.batch_size, fast=not args.stock)
     y = keras.utils.to_categorical(splits.y_train, 10)
     callbacks = [NaNGuard(), keras.callbacks.History()] if args.callbacks == "train" else []
@@ -225,4 +227,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(outputs.run_benchmark(main, "profile_overhead.py"))

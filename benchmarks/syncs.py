@@ -27,7 +27,7 @@ import warnings
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import default_backend
-from fmnist_keras.cli import in_range
+from fmnist_keras.cli import add_data_arguments, in_range
 from fmnist_keras.config import RANGES
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
@@ -42,6 +42,7 @@ def parse_args(argv=None):
                         help="batch size (default: 128)")
     parser.add_argument("--json", type=outputs.json_path, metavar="PATH",
                         help="also write the counts as JSON (a new file, or an earlier result, which is replaced)")
+    add_data_arguments(parser)  # --data-dir and --no-verify
     return parser.parse_args(argv)
 
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         print("syncs: no CUDA device on the torch backend here, so no synchronisation to count")
         return 0
     select_backend("torch", "gpu")
-    splits = make_splits(fdata.load_data(), TrainConfig(subset=20 * args.batch_size))
+    splits = make_splits(fdata.load_data(args.data_dir, verify=args.verify), TrainConfig(subset=20 * args.batch_size))
     rows = []
     for name in args.models:
         for fast in (False, True):
@@ -111,4 +112,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(outputs.run_benchmark(main, "syncs.py"))

@@ -20,7 +20,9 @@ import os
 import sys
 from pathlib import Path
 
+import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import default_backend
+from fmnist_keras.cli import add_data_arguments
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
@@ -65,6 +67,7 @@ def evaluate_run(run: Path, raw) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories holding cnn/model.keras")
+    add_data_arguments(parser)
     args = parser.parse_args(argv)
     missing = [str(run) for run in args.runs if not (run / "cnn" / "model.keras").is_file()]
     if missing:
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
     select_backend("torch", "auto")
     from fmnist_keras import data as fdata
 
-    raw = fdata.load_data(None)
+    raw = fdata.load_data(args.data_dir, verify=args.verify)
     rows = [evaluate_run(run, raw) for run in args.runs]
     print("| views | validation accuracy | test accuracy | test per run |\n| --- | ---: | ---: | --- |")
     for name in VIEWS:
@@ -86,4 +89,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(outputs.run_benchmark(main, "tta_views.py"))

@@ -238,3 +238,49 @@ def test_portability_writes_its_json_and_only_into_a_directory_of_its_own(tmp_pa
         assert portability.main(["--backends", "torch", "jax", "--out-dir", str(out), "--json", str(result)]) == 0
     report = json.loads(result.read_text())
     assert report["passed"] and report["worst_max_abs_diff"] == 0.0 and len(report["directions"]) == 2
+
+
+# --- every benchmark script: its data flags, and one line for bad data or a damaged file ------
+
+
+@pytest.mark.parametrize("script", ["ablation", "bench", "overhead", "profile_overhead", "syncs", "tta_views"])
+def test_each_script_that_reads_the_data_takes_the_data_flags_and_gives_bad_data_one_line(script, tmp_path, capsys,
+                                                                                      monkeypatch):
+    module = __import__(script)
+    source = Path(module.__file__).read_text()
+    assert "add_data_arguments(parser)" in source and "load_data(args.data_dir, verify=args.verify)" in source
+    assert f'outputs.run_benchmark(main, "{script}.py")' in source
+    if script == "ablation":  # the run records the data it was trained on, as train's config.json does
+        args = module.parse_args(["--out-dir", str(tmp_path), "--data-dir", "idx", "--no-verify"])
+        config = module.train_config(args, 1)
+        assert (config.data_dir, config.verify) == (str(Path("idx").absolute()), False)
+
+
+def test_a_benchmark_gives_bad_data_or_a_damaged_run_one_line_and_exit_1(capsys):
+    from fmnist_keras.data import DataError
+    from fmnist_keras.loading import ModelLoadError
+    from fmnist_keras.rundir import RunDirError
+
+    for error in (DataError("idx/train-images-idx3-ubyte.gz is damaged; fix it"), RunDirError("run/config.json is "
+                  "damaged; restore it"), ModelLoadError("model.keras is not a zip archive; retrain it")):
+        def main(error=error):
+            raise error
+
+        assert outputs.run_benchmark(main, "bench.py") == 1
+        assert capsys.readouterr().err == f"error: {error}\n"
+    assert outputs.run_benchmark(lambda: 0, "bench.py") == 0
+
+
+def test_gpu_summary_explains_itself_and_names_a_damaged_file(tmp_path, capsys):
+    import gpu_summary
+
+    with pytest.raises(SystemExit) as stop:
+        gpu_summary.main(["--help"])
+    assert stop.value.code == 0 and "output directory of benchmarks/gpu_check.sh" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        gpu_summary.main([str(tmp_path / "missing")])
+    assert stop.value.code == 2 and "is not a directory" in capsys.readouterr().err
+    (tmp_path / "bench.json").write_text('{"rows": [')  # cut short by its step's time limit
+    with pytest.raises(SystemExit) as stop:
+        gpu_summary.main([str(tmp_path)])
+    assert str(stop.value.code).startswith(f"error: {tmp_path / 'bench.json'} cannot be read as JSON")
