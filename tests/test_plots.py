@@ -165,3 +165,19 @@ def test_images_without_a_channel_or_channels_last(layout):
 def test_channels_first_images_are_refused_not_guessed():
     with pytest.raises(ValueError, match=r"shape \(2, 1, 28, 28\) cannot be drawn.*np.moveaxis\(images, 1, -1\)"):
         plots._gray(np.zeros((2, 1, 28, 28)))
+
+
+def test_a_dollar_sign_in_a_name_is_drawn_as_it_is_not_read_as_tex(tmp_path):
+    # A model named in an edited metrics.json, a layer or a class name: mathtext would fail on "$\frac{$".
+    import matplotlib
+
+    name = r"cnn $\frac{$"
+    history = {"epoch": [0, 1], "loss": [1.0, 0.5], "val_loss": [0.9, 0.6], "accuracy": [0.5, 0.7],
+               "val_accuracy": [0.6, 0.7]}
+    figures = [plots.training_curves(history, title=name), plots.filters(np.zeros((3, 3, 1, 4)), title=name),
+               plots.confusion_matrix(np.eye(10, dtype=int), title=name),
+               plots.sample_grid(np.zeros((20, 28, 28)), np.repeat(np.arange(10), 2), class_names=[name] * 10)]
+    for index, fig in enumerate(figures):
+        save_png(fig, tmp_path, f"{index}.png")  # drawn: Matplotlib would raise on the TeX
+        assert name in all_text(fig)
+    assert matplotlib.rcParams["text.parse_math"]  # the user's setting is left as it was

@@ -7,10 +7,14 @@ no global state (nothing to close, no leaks in long loops), and leave the
 user's pyplot backend alone (a notebook's inline display still works). Inputs are numpy
 arrays: images as (N, 28, 28) or channels_last (N, 28, 28, 1), in [0, 1] or
 uint8; the layout is never guessed from the shape, so a channels_first batch
-is refused (the caller knows its layout and moves the channel axis).
+is refused (the caller knows its layout and moves the channel axis). Every
+text is taken literally: a `$` in a model's, layer's or class's name is not
+read as TeX.
 """
 
 from __future__ import annotations
+
+import functools
 
 import matplotlib
 import numpy as np
@@ -20,6 +24,18 @@ from fmnist_keras.data import CLASS_NAMES
 
 _CMAP_IMAGE = "gray_r"  # dark garments on white read best at thumbnail size
 _CMAP_DIVERGING = "RdBu_r"
+
+
+def _literal_text(draw):
+    """``draw`` with every text it makes taken literally (a Text reads ``text.parse_math`` when it is made),
+    the user's own settings untouched outside it."""
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
 
 
 def _gray(images: np.ndarray) -> np.ndarray:
@@ -50,6 +66,7 @@ def _grid(count: int, columns: int, cell: float = 1.6, extra_height: float = 0.6
     return fig, axes
 
 
+@_literal_text
 def training_curves(history: dict, best_epoch: int | None = None, title: str | None = None) -> Figure:
     """Loss and accuracy per epoch, train and validation, best epoch marked.
 
@@ -78,6 +95,7 @@ def training_curves(history: dict, best_epoch: int | None = None, title: str | N
     return fig
 
 
+@_literal_text
 def confusion_matrix(matrix, class_names=CLASS_NAMES, title: str | None = None) -> Figure:
     """Counts and row-normalised confusion matrix side by side (rows: true class)."""
     matrix = np.asarray(matrix)
@@ -103,6 +121,7 @@ def confusion_matrix(matrix, class_names=CLASS_NAMES, title: str | None = None) 
     return fig
 
 
+@_literal_text
 def misclassified(images, y_true, probabilities, indices, class_names=CLASS_NAMES, columns: int = 6) -> Figure:
     """A grid of mistakes, each titled true class / predicted class (probability).
 
@@ -133,6 +152,7 @@ def misclassified(images, y_true, probabilities, indices, class_names=CLASS_NAME
     return fig
 
 
+@_literal_text
 def sample_grid(images, labels, class_names=CLASS_NAMES, per_class: int = 6, seed: int = 0) -> Figure:
     """A few randomly chosen (seeded) images of each class, one row per class."""
     images = _gray(images)
@@ -155,6 +175,7 @@ def sample_grid(images, labels, class_names=CLASS_NAMES, per_class: int = 6, see
     return fig
 
 
+@_literal_text
 def filters(kernel, columns: int = 8, title: str | None = None) -> Figure:
     """First-layer convolution filters, one panel each (first input channel).
 
@@ -175,6 +196,7 @@ def filters(kernel, columns: int = 8, title: str | None = None) -> Figure:
     return fig
 
 
+@_literal_text
 def feature_maps(maps: dict, image=None, channels: int = 8, channels_first: bool = False,
                  title: str | None = None) -> Figure:
     """Activations of one image: one row per layer, the first ``channels`` channels.
@@ -212,6 +234,7 @@ def feature_maps(maps: dict, image=None, channels: int = 8, channels_first: bool
     return fig
 
 
+@_literal_text
 def saliency(images, heatmaps: dict, y_true, predicted, class_names=CLASS_NAMES, title: str | None = None) -> Figure:
     """Each image next to its heat maps (saliency, Grad-CAM, ...) overlaid on it.
 
@@ -241,6 +264,7 @@ def saliency(images, heatmaps: dict, y_true, predicted, class_names=CLASS_NAMES,
     return fig
 
 
+@_literal_text
 def embedding(points, labels, class_names=CLASS_NAMES, explained=None, title: str | None = None) -> Figure:
     """2-D projection of penultimate-layer features, one colour per class."""
     points = np.asarray(points)
