@@ -64,6 +64,12 @@ def _checked_json_path(text: str) -> Path:
                                              f"{json.dumps(STAMP)}), so it is left alone; pass another file")
     elif not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{path.parent} is not a directory; pass a file in an existing directory")
+    try:  # the result is renamed into place at the end: a directory that takes no new file fails now, not then
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"{path.parent} takes no new file ({error.strerror or error}); pass a file "
+                                         f"in a directory you may write") from None
     return path
 
 

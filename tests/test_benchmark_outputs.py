@@ -44,6 +44,12 @@ def test_a_json_path_that_is_not_a_new_file_or_an_earlier_result_is_refused(plac
     assert (place / "package.json").read_text().startswith('{"name"')
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, which takes no new file")
+def test_a_json_path_in_a_directory_that_takes_no_new_file_is_refused_before_any_work():
+    with pytest.raises(argparse.ArgumentTypeError, match="/proc takes no new file .*; pass a file in a directory"):
+        outputs.json_path("/proc/results.json")
+
+
 def test_a_new_file_or_an_earlier_result_is_written_whole(place):
     import os
 
