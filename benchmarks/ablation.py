@@ -56,7 +56,7 @@ import time
 from fmnist_keras.backend import default_backend
 from fmnist_keras.cli import add_data_arguments, in_range, print_error
 import outputs  # benchmarks/ is on sys.path when a script there runs
-from fmnist_keras.config import RANGES, TrainConfig
+from fmnist_keras.config import RANGES, TrainConfig, saved_data_dir
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
@@ -151,7 +151,7 @@ def train_config(args, seed: int):
              "mixed_precision": args.mixed_precision, "learning_rate": args.learning_rate,
              "weight_decay": args.weight_decay, "cutmix": args.cutmix, "split_seed": args.split_seed,
              "verify": args.verify,  # and the data directory as train saves it, so the run records its data
-             "data_dir": os.path.abspath(os.path.expanduser(args.data_dir)) if args.data_dir else None}
+             "data_dir": saved_data_dir(args.data_dir)}
     return TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
 
 

@@ -36,7 +36,7 @@ from fmnist_keras.backend import default_backend
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
-from outputs import json_path, versions, write_json  # noqa: E402
+from outputs import json_path, run_benchmark, versions, write_json  # noqa: E402
 
 from fmnist_keras.cli import in_range, one_line, print_error  # noqa: E402
 from fmnist_keras.config import RANGES  # noqa: E402
@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def student_config(args, seed: int, teacher_config):
     """What ``train --model MODEL --seed SEED`` would use, on the teachers' split."""
-    from fmnist_keras.config import TrainConfig
+    from fmnist_keras.config import TrainConfig, saved_data_dir
 
     given = {"epochs": args.epochs}
-    data_dir = os.path.abspath(os.path.expanduser(args.data_dir)) if args.data_dir else None  # as train saves it
+    data_dir = saved_data_dir(args.data_dir)
     return TrainConfig(model=args.model, seed=seed, split_seed=teacher_config.splitting_seed,
                        val_split=teacher_config.val_split, subset=teacher_config.subset, data_dir=data_dir,
                        verify=args.verify, **{k: v for k, v in given.items() if v is not None}).check()
@@ -209,6 +209,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from fmnist_keras.interrupts import run_command
-
-    sys.exit(run_command(main, "distill.py"))
+    sys.exit(run_benchmark(main, "distill.py"))

@@ -30,7 +30,7 @@ from fmnist_keras.backend import default_backend
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
-from outputs import json_path, versions, write_json  # noqa: E402
+from outputs import json_path, run_benchmark, versions, write_json  # noqa: E402
 
 from fmnist_keras.cli import one_line, print_error  # noqa: E402
 
@@ -225,6 +225,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from fmnist_keras.interrupts import run_command
-
-    sys.exit(run_command(main, "ensemble.py"))
+    sys.exit(run_benchmark(main, "ensemble.py"))

@@ -56,39 +56,30 @@ else
     B512_ARGS="--no-report"
 fi
 
-# The output directory (data loss): the script truncates steps.tsv, NAME.log, summary.md, ... in it, so it
+# The output directory (data loss): the script empties steps.tsv, NAME.log, summary.md, ... there, so it
 # writes only into a new or empty directory, which it marks with $MARKER (a regular file, not a link), or
-# into one it marked earlier that holds no symbolic link and none of whose output names is anything but a
-# regular file (runs/ a directory). Anything else is refused with one line, before anything is written.
-# (Inside runs/, train guards its own run directories: markers, --overwrite, its `latest` link.)
+# into one it marked earlier that holds nothing but regular files and runs/ (a directory): no link, no FIFO.
+# Anything else is refused with one line, before anything is written. Inside runs/, train guards its own runs.
+NEW_OR_EMPTY="choose a new or empty output directory (e.g. gpu-results-2)"
 if [ -L "$OUT_DIR" ] && [ ! -d "$OUT_DIR" ]; then
-    fail "$OUT_DIR is a symbolic link to nothing (or a loop of links); choose a new or empty output directory (e.g. gpu-results-2)."
+    fail "$OUT_DIR is a symbolic link to nothing (or a loop of links); $NEW_OR_EMPTY."
 elif [ -e "$OUT_DIR" ] && [ ! -d "$OUT_DIR" ]; then
-    fail "$OUT_DIR exists and is not a directory; choose a new or empty output directory (e.g. gpu-results-2)."
-elif [ ! -e "$OUT_DIR" ]; then
-    mkdir -p "$OUT_DIR" 2>/dev/null || fail "cannot create the output directory $OUT_DIR; choose a new or empty directory you can write to."
-    OUT_DIR=$(cd "$OUT_DIR" && pwd) || fail "cannot enter the output directory $OUT_DIR; choose a new or empty directory you can write to."
-else
-    OUT_DIR=$(cd "$OUT_DIR" && pwd) || fail "cannot enter the output directory $OUT_DIR; choose a new or empty directory you can write to."
-    first=$(find "$OUT_DIR" -mindepth 1 -maxdepth 1 -print -quit 2>/dev/null) \
-        || fail "cannot list the output directory $OUT_DIR; choose a new or empty directory you can read and write."
-    if [ -f "$OUT_DIR/$MARKER" ] && [ ! -L "$OUT_DIR/$MARKER" ]; then  # one this script made: re-used
-        link=$(find "$OUT_DIR" -mindepth 1 -maxdepth 1 -type l -print -quit)
-        [ -n "$link" ] && fail "$OUT_DIR holds $link, a symbolic link, and gpu_check.sh never writes through one; remove it, or choose a new or empty output directory."
-        for name in steps.tsv summary.md gpu-memory.log syncs.json bench-jax.json overhead.json bench.json \
-                preflight.log env.log "devices-torch-$GPU.log" devices-torch-cpu.log "devices-jax-$GPU.log" \
-                syncs.log jax.log overhead.log bench.log train-default.log train-cnn-large.log train-cnn-b512.log; do
-            [ -e "$OUT_DIR/$name" ] && [ ! -f "$OUT_DIR/$name" ] \
-                && fail "$OUT_DIR/$name is not a regular file, so not one gpu_check.sh wrote; move it away, or choose a new or empty output directory."
-        done
-        [ -e "$OUT_DIR/runs" ] && [ ! -d "$OUT_DIR/runs" ] \
-            && fail "$OUT_DIR/runs is not a directory, so not one gpu_check.sh made; move it away, or choose a new or empty output directory."
-    elif [ -n "$first" ]; then
-        fail "$OUT_DIR is not empty and gpu_check.sh did not make it (no $MARKER marker), so it writes nothing there; choose a new or empty output directory (e.g. gpu-results-2)."
-    fi
+    fail "$OUT_DIR exists and is not a directory; $NEW_OR_EMPTY."
+fi
+mkdir -p "$OUT_DIR" 2>/dev/null && OUT_DIR=$(cd "$OUT_DIR" && pwd) \
+    || fail "cannot make or enter the output directory $OUT_DIR; $NEW_OR_EMPTY, one you may write."
+first=$(find "$OUT_DIR" -mindepth 1 -maxdepth 1 -print -quit 2>/dev/null) \
+    || fail "cannot list the output directory $OUT_DIR; $NEW_OR_EMPTY, one you may read and write."
+if [ -f "$OUT_DIR/$MARKER" ] && [ ! -L "$OUT_DIR/$MARKER" ]; then  # one this script made: used again
+    odd=$(find "$OUT_DIR" -mindepth 1 -maxdepth 1 ! -type f ! \( -name runs -type d \) -print -quit)
+    [ -n "$odd" ] && fail "$OUT_DIR holds $odd, which is a symbolic link or not a regular file, and gpu_check.sh never \
+writes through or over one; move it away, or $NEW_OR_EMPTY."
+elif [ -n "$first" ]; then
+    fail "$OUT_DIR is not empty and gpu_check.sh did not make it (no $MARKER marker), so it writes nothing \
+there; $NEW_OR_EMPTY."
 fi
 [ -f "$OUT_DIR/$MARKER" ] || printf 'made by benchmarks/gpu_check.sh, which may write into this directory again\n' \
-    > "$OUT_DIR/$MARKER" || fail "cannot write $OUT_DIR/$MARKER; choose a new or empty directory you can write to."
+    > "$OUT_DIR/$MARKER" || fail "cannot write $OUT_DIR/$MARKER; $NEW_OR_EMPTY, one you may write."
 : > "$OUT_DIR/steps.tsv"
 
 log() { echo "== $(date +%T) $*"; }

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from fmnist_keras.cli import one_line
-from fmnist_keras.rundir import write_text
+from fmnist_keras.rundir import make_ordinary, write_text
 
 # An earlier result is small; a larger file is not read to find out whether it is one.
 MAX_RESULT_BYTES = 64 * 1024**2
@@ -108,8 +108,9 @@ def check_log(path: Path) -> None:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             with os.fdopen(fd, "rb") as handle:
                 first = handle.read(len(LOG_STAMP))
-        except OSError:
-            first = b""
+        except OSError as error:
+            raise OSError(f"{path} exists and cannot be read ({error.strerror or error}), so it is not known to be a "
+                          f"log a benchmark wrote and is left alone; move it away or choose another --out-dir") from None
         if first != LOG_STAMP.encode():
             raise OSError(f"{path} exists and is not a log a benchmark wrote (its first line is not "
                           f"{LOG_STAMP!r}), so it is left alone; move it away or choose another --out-dir")
@@ -126,6 +127,7 @@ def open_log(path: Path, command: list[str]):
     path = Path(path)
     check_log(path)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    make_ordinary(handle)  # mkstemp made it private; a log is an ordinary file
     log = os.fdopen(handle, "w")
     try:
         log.write(f"{LOG_STAMP}: {shlex.join(command)}\n")

@@ -38,7 +38,7 @@ import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import DEVICES
 from fmnist_keras.cli import add_data_arguments, in_range, one_line, print_error
 from fmnist_keras.config import BACKENDS, RANGES
-from fmnist_keras.rundir import make_ordinary, write_bytes, write_text
+from fmnist_keras.rundir import RunDir, RunDirError, make_ordinary, write_bytes, write_text
 
 TOLERANCE = 1e-4
 
@@ -94,10 +94,10 @@ def out_dir_path(text: str) -> Path:
         elif path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file():
             problem = (f"{path} holds files this script did not write (no {MARKER}), which it could replace; "
                        f"pass a new or empty directory")
-        elif not path.exists():  # to be made: the nearest existing parent must be a directory
-            parent = next(p for p in path.absolute().parents if p.exists() or p.is_symlink())
-            if not parent.is_dir():
-                problem = f"{path} cannot be made: {parent} is not a directory; pass a path below a directory"
+        else:  # to be made: below a directory (train's own check of --out-dir)
+            RunDir.check_out_dir(path)
+    except RunDirError as error:
+        problem = str(error)
     except OSError as error:  # a name too long, a directory that cannot be read
         problem = f"{path} cannot be used ({error.strerror or error}); pass another directory"
     if problem:
@@ -153,11 +153,7 @@ def _predict(backend: str, device: str, inputs: Path, models: list[Path], npz: P
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:  # before anything is made: bad data leaves no directory behind
-        (_, _), (x_test, y_test) = fdata.load_data(args.data_dir, verify=args.verify)
-    except fdata.DataError as error:
-        print_error(error)
-        return 1
+    (_, _), (x_test, y_test) = fdata.load_data(args.data_dir, verify=args.verify)  # bad data: no directory made
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="fmnist-portability-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / MARKER, "")  # a new file renamed into place, as every file here: never through a link
@@ -231,6 +227,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from fmnist_keras.interrupts import run_command
-
-    sys.exit(run_command(main, "portability.py"))
+    sys.exit(outputs.run_benchmark(main, "portability.py"))

@@ -5,7 +5,13 @@ directory under ``--out-dir``); the script then reads every ``metrics.json``
 and prints test accuracy, macro-F1, best epoch, the model's training wall
 time and the whole command's (start-up and report included) per seed, with
 the mean and the spread (sample standard deviation, and max - min).
-Extra arguments after ``--`` go to ``train`` unchanged.
+Extra arguments after ``--`` go to ``train`` unchanged, except the flags the
+script sets for each seed itself (``--model``, ``--seed``, ``--out-dir``,
+``--run-name``, ``--overwrite``, ``--resume``), which are refused. Each seed's
+log, ``OUT_DIR/MODEL-seedS.log``, starts with a stamped line naming its
+command; an existing file there without that line is never replaced. Ctrl-C or
+SIGTERM is passed on to each ``train`` still running, which keeps its
+completed epochs.
 
 Usage:
     python benchmarks/seeds.py --model cnn --seeds 42 1 2 --out-dir runs/seeds
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,12 +36,12 @@ from pathlib import Path
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.cli import in_range, one_line
 from fmnist_keras.config import MODEL_NAMES, RANGES
-from fmnist_keras.interrupts import run_command
+from fmnist_keras import interrupts
 from fmnist_keras.rundir import RunDir, RunDirError
 
 # train's flags that this script sets for each seed, and reads the results of.
 OWN_TRAIN_FLAGS = ("--model", "--seed", "--out-dir", "--run-name", "--overwrite", "--resume")
-# How long a seed's train may take to stop after SIGTERM, once this script is interrupted.
+# How long a seed's train may take to stop after the signal this script passes on.
 STOP_WAIT_S = 60
 
 
@@ -54,8 +61,8 @@ def parse_args(argv=None):
            if flag.startswith("--") and len(flag.split("=")[0]) > 2
            and any(ours.startswith(flag.split("=")[0]) for ours in OWN_TRAIN_FLAGS)]
     if own:
-        parser.error(f"{own[0]} after -- would change what this script reads back (it sets {', '.join(OWN_TRAIN_FLAGS)} "
-                     f"itself); use its own --model, --seeds and --out-dir instead")
+        parser.error(f"{own[0]} after -- would change what this script reads back (it sets "
+                     f"{', '.join(OWN_TRAIN_FLAGS)} itself); use its own --model, --seeds and --out-dir instead")
     try:
         RunDir.check_out_dir(args.out_dir)
         for seed in args.seeds:  # every log, before any run starts
@@ -79,21 +86,23 @@ def launch(args, seed: int) -> subprocess.Popen:
     ]
     with outputs.open_log(out / f"{run_name(args.model, seed)}.log", command) as log:
         print("$", shlex.join(command), flush=True)
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        # A session of its own: a Ctrl-C at the terminal reaches this script alone, which passes it on (stop)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(running: dict[int, subprocess.Popen]) -> None:
-    """End the seeds' ``train`` processes still running: SIGTERM (each keeps its completed epochs, for
-    ``--resume``), then SIGKILL for one that has not stopped within :data:`STOP_WAIT_S`."""
-    for process in running.values():
-        if process.poll() is None:
-            process.terminate()
-    for process in running.values():
-        try:
-            process.wait(timeout=STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def stop(running: dict[int, subprocess.Popen], signum: int = signal.SIGTERM) -> None:
+    """Pass ``signum`` on to each seed's ``train`` still running (it keeps its completed epochs, for
+    ``--resume``) and wait for it to end; SIGKILL one that has not ended within :data:`STOP_WAIT_S`."""
+    with interrupts.deferred():  # a second Ctrl-C waits until every train has ended
+        for process in running.values():
+            if process.poll() is None:
+                process.send_signal(signum)
+        for process in running.values():
+            try:
+                process.wait(timeout=STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def main(argv=None) -> int:
@@ -101,7 +110,10 @@ def main(argv=None) -> int:
     running = {}
     try:
         return _run_seeds(args, running)
-    finally:  # Ctrl-C or SIGTERM here: no seed's train goes on alone
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: each train gets it once, from here (its own session)
+        stop(running, interrupts.Interrupted.of(error).signum)
+        raise
+    finally:  # after any other error too, no seed's train goes on alone
         stop(running)
 
 
@@ -160,4 +172,4 @@ def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, "seeds.py"))
+    sys.exit(outputs.run_benchmark(main, "seeds.py"))

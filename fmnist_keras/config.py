@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 MODEL_NAMES = ("mlp", "cnn", "cnn-large", "baseline-cnn")
@@ -193,6 +194,12 @@ class TrainConfig:
         from fmnist_keras.rundir import write_text
 
         write_text(Path(path), self.to_json() + "\n")
+
+
+def saved_data_dir(data_dir: str | None) -> str | None:
+    """``--data-dir`` as a run's ``config.json`` records it: an absolute path, so ``--resume`` finds the data from
+    any directory (None, the default lookup, stays None)."""
+    return os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None
 
 
 def load_config(path: Path) -> TrainConfig:

@@ -58,10 +58,10 @@ def run_command(main, name: str) -> int:
     finally:
         for number, handler in previous.items():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
-    return ended(code, lost, name)
+    return exit_code_with_lost_signal(code, lost, name)
 
 
-def ended(code: int, lost: list[Interrupted], name: str) -> int:
+def exit_code_with_lost_signal(code: int, lost: list[Interrupted], name: str) -> int:
     """``code``, or, for a command that went on to its end (0) although a signal was lost on the way (``lost``,
     from :func:`lost_signals_kept`), one line saying so and 128 + the signal's number. A command that failed
     has said why in its own line."""
@@ -72,16 +72,22 @@ def ended(code: int, lost: list[Interrupted], name: str) -> int:
     return lost[0].exit_code
 
 
+# The signals each open lost_signals_kept block has kept, innermost last (blocks nest: train inside a notebook's).
+_KEPT: list[list[Interrupted]] = []
+
+
 @contextlib.contextmanager
 def lost_signals_kept():
-    """Keep a signal's exception that a callback could not pass on, for :func:`raise_if_lost` and :func:`ended`.
+    """Keep a signal's exception that a callback could not pass on, for :func:`raise_if_lost` and
+    :func:`exit_code_with_lost_signal`.
 
     jax, which Keras imports on every backend, registers a garbage-collection
     callback. A Ctrl-C or SIGTERM whose handler runs inside it raises there,
     and Python only reports the exception ("Exception ignored in ...", through
     ``sys.unraisablehook``) and goes on. Inside the block that hook keeps the
     signal instead. Nothing is raised at that moment: the command acts on it at
-    its next safe point (:func:`raise_if_lost`), or when it ends (:func:`ended`).
+    its next safe point (:func:`raise_if_lost`), or when it ends
+    (:func:`exit_code_with_lost_signal`).
 
     Yields the list of the signals kept, each an :class:`Interrupted`.
     """
@@ -93,11 +99,12 @@ def lost_signals_kept():
         else:
             previous_hook(unraisable)
 
-    keep.lost = lost  # for raise_if_lost, which finds the hook in place
     previous_hook, sys.unraisablehook = sys.unraisablehook, keep
+    _KEPT.append(lost)
     try:
         yield lost
     finally:
+        del _KEPT[next(index for index, kept in enumerate(_KEPT) if kept is lost)]  # by identity: lists compare equal
         sys.unraisablehook = previous_hook
 
 
@@ -108,9 +115,8 @@ def raise_if_lost() -> None:
     as if it had come there: between its stages, outside any block that must
     not stop halfway.
     """
-    lost = getattr(sys.unraisablehook, "lost", None)
-    if lost:
-        raise Interrupted(lost[0].signum)
+    if _KEPT and _KEPT[-1]:
+        raise Interrupted(_KEPT[-1][0].signum)
 
 
 @contextlib.contextmanager

@@ -200,6 +200,14 @@ def is_marker(path: Path) -> bool:
     return not path.is_symlink() and path.is_file()
 
 
+def _is_marker_in(directory: int) -> bool:
+    """:func:`is_marker` for the run's marker in the directory open as ``directory`` (a descriptor)."""
+    try:
+        return stat.S_ISREG(os.stat(MARKER, dir_fd=directory, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def is_model_dir(path: Path) -> bool:
     """Whether ``path`` (links resolved) is a model directory of a run train created.
 
@@ -370,7 +378,7 @@ class RunDir:
             raise RunDirError(f"{target} holds the working directory; --overwrite will not remove it. cd elsewhere first.")
         # Ctrl-C or SIGTERM wait until the old run is gone: never half a run under a hidden name.
         # The lock is held until the removal ends, so no other process removes it at the same time.
-        with interrupts.deferred(), _locked(target / LOCK, what=target, through_a_link=False):
+        with interrupts.deferred(), _locked(target / LOCK, what=target, marked=True):
             if target.is_symlink():  # swapped for a link once the lock was taken in the real directory
                 raise RunDirError(f"{target} became a symbolic link; --overwrite leaves it alone. Choose {elsewhere}.")
             _check_own(target, elsewhere)  # and nothing was added since
@@ -607,7 +615,7 @@ def _finish_removals(out: Path) -> None:
         if leftover.is_symlink() or not leftover.is_dir() or not is_marker(marker):
             continue
         try:
-            with interrupts.deferred(), _locked(leftover / LOCK, what=leftover, through_a_link=False):
+            with interrupts.deferred(), _locked(leftover / LOCK, what=leftover, marked=True):
                 _remove_marked(leftover)
         except (RunDirError, OSError):  # another process removes it now, or it is not ours to remove
             continue
@@ -746,29 +754,34 @@ def _check_out_dir(out_dir: str, create: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(lock_file: Path, what, through_a_link: bool = True):
+def _locked(lock_file: Path, what, marked: bool = False):
     """An exclusive, non-blocking ``flock`` on ``lock_file``; the kernel frees it when the holder dies.
 
     The lock file is opened without following a symbolic link and must be a
     regular file, so a planted link can never make the lock write elsewhere.
-    Without ``through_a_link`` its directory must not be a link either (a run
-    about to be removed, which may have been swapped for a link to a user's
-    directory since it was checked); ``runs/latest`` is a link to the run that
-    ``--resume`` locks.
+    With ``marked`` (a run about to be removed, which may have been swapped
+    for a link or a user's directory since it was checked), its directory is
+    opened without following a link, and must still hold the run's marker (a
+    regular file), checked through that open directory before the lock file is
+    made there. ``runs/latest``, a link to a run, is the path that ``--resume``
+    locks through.
     """
     lock_file = Path(lock_file)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        if through_a_link:
+        if not marked:
             fd = os.open(lock_file, flags, 0o644)
         else:
             directory = os.open(lock_file.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
+                if not _is_marker_in(directory):
+                    raise RunDirError(f"{lock_file.parent} no longer holds its {MARKER} marker, so it is left alone; "
+                                      f"check what replaced it, or choose another name.")
                 fd = os.open(lock_file.name, flags, 0o644, dir_fd=directory)
             finally:
                 os.close(directory)
     except OSError as error:
-        if not through_a_link and lock_file.parent.is_symlink():
+        if marked and lock_file.parent.is_symlink():
             raise RunDirError(f"{lock_file.parent} became a symbolic link, so it is left alone; remove the link or "
                               f"choose another name.") from None
         why = "it is a symbolic link" if lock_file.is_symlink() else error.strerror

@@ -28,6 +28,7 @@ from fmnist_keras.cli import (add_data_arguments, escape_unencodable_output, in_
                               print_error)
 from fmnist_keras.config import (
     BFLOAT16_BY_DEFAULT, DATA_FORMATS, MODEL_DEFAULTS, MODEL_NAMES, PER_MODEL, RANGES, TrainConfig, load_config,
+    saved_data_dir,
 )
 from fmnist_keras import interrupts
 from fmnist_keras.interrupts import Interrupted
@@ -163,8 +164,7 @@ def configs_from_args(args: argparse.Namespace, backend: str) -> list[TrainConfi
     """One TrainConfig per model to train; CLI flags map one to one onto fields."""
     models = ("mlp", "cnn") if args.model == "all" else (args.model,)
     shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    if shared.get("data_dir"):  # saved as an absolute path, so --resume finds the data from any directory
-        shared["data_dir"] = os.path.abspath(os.path.expanduser(shared["data_dir"]))
+    shared["data_dir"] = saved_data_dir(shared.get("data_dir"))
     shared.update(backend=backend)
     return [TrainConfig(**{**shared, "model": name}) for name in models]
 
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with interrupts.lost_signals_kept() as lost:  # one lost in jax's garbage-collection callback
             code = _main(argv)
-        return interrupts.ended(code, lost, "train")
+        return interrupts.exit_code_with_lost_signal(code, lost, "train")
     except KeyboardInterrupt as error:
         # Before a run directory exists (see _train_all for the message during training).
         stop = Interrupted.of(error)

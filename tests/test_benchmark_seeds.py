@@ -1,5 +1,6 @@
 """benchmarks/seeds.py: it never empties a user's file, refuses flags it sets itself, and stops its trains."""
 
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import seeds  # noqa: E402  (benchmarks/seeds.py)
+from fmnist_keras.interrupts import Interrupted  # noqa: E402
 
 
 def _refused(argv, capsys) -> str:
@@ -41,19 +43,21 @@ def test_an_out_dir_that_is_a_file_is_refused_before_any_run(tmp_path, capsys):
     assert "is a file, not a directory" in _refused(["--out-dir", str(tmp_path / "file")], capsys)
 
 
-def test_an_interrupted_script_stops_the_trains_it_started(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_script_passes_the_signal_on_to_its_trains_and_waits_for_them(tmp_path, monkeypatch, signum):
     started = []
 
     def launch(args, seed):
-        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                        start_new_session=True))
         return started[-1]
 
     def interrupted(seconds):
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
 
     monkeypatch.setattr(seeds, "launch", launch)
     # Ctrl-C in the script's wait between polls (its own time module alone: subprocess sleeps too, in wait)
     monkeypatch.setattr(seeds, "time", types.SimpleNamespace(sleep=interrupted, perf_counter=time.perf_counter))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         seeds.main(["--seeds", "1", "2", "--jobs", "2", "--out-dir", str(tmp_path)])
-    assert len(started) == 2 and all(process.returncode == -15 for process in started)  # SIGTERM, and waited for
+    assert len(started) == 2 and [process.returncode for process in started] == [-signum, -signum]  # waited for

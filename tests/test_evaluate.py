@@ -181,7 +181,7 @@ def test_mlp_report_has_saliency_but_no_conv_figures(tmp_path, tiny_data_dir):
         ("not-a-model", r"has suffix '\.txt'; expected a \.keras file"),
         ("empty-dir", r"is a directory without model\.keras"),
         ("bad-layer", r"no layer named 'block9_conv1'; valid layer names: .*block1_conv1"),
-        ("dense-layer", r"layer 'embedding' of model '\w+' outputs shape \(None, 16\), not feature maps \(images, "
+        ("dense-layer", r"layer 'embedding' of model '\w+' outputs \(None, 16\), not feature maps \(images, "
                         r"height, width, channels\); name a layer with maps: .*block1_conv1, .*block2_pool"),
         ("bad-index", r"image index 100 is out of range for 100 test images; choose 0 to 99"),
         ("mlp-layers", r"feature maps needs a convolutional layer, but model 'mlp' has none"),

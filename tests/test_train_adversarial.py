@@ -233,9 +233,11 @@ def test_a_leftover_another_process_removes_or_that_cannot_be_removed_is_left_al
     assert (held / MARKER).is_file() and (stuck / MARKER).is_file()
 
 
-def test_a_run_swapped_for_a_link_before_its_removal_is_locked_never_through_the_link(tmp_path, monkeypatch):
-    # The old run is checked, then swapped for a link to a user's directory before the removal takes its lock:
-    # the lock must not be created, or a user's file of that name truncated, in the user's directory.
+@pytest.mark.parametrize("swapped_for", ["a link", "a directory"])
+def test_a_run_swapped_before_its_removal_is_never_locked_in_the_users_directory(tmp_path, monkeypatch, swapped_for):
+    # The old run is checked, then swapped for a link to a user's directory, or for the directory itself (a
+    # rename), before the removal takes its lock: the lock must not be created, or a user's file of that name
+    # truncated, in the user's directory.
     from contextlib import contextmanager
 
     from fmnist_keras import rundir
@@ -249,15 +251,20 @@ def test_a_run_swapped_for_a_link_before_its_removal_is_locked_never_through_the
     @contextmanager
     def swapped_first():
         (out / "run").rename(tmp_path / "moved-run")
-        (out / "run").symlink_to(mine)
+        if swapped_for == "a link":
+            (out / "run").symlink_to(mine)
+        else:
+            mine.rename(out / "run")
         with real_deferred():
             yield
 
     monkeypatch.setattr(rundir.interrupts, "deferred", swapped_first)
-    with pytest.raises(RunDirError, match="became a symbolic link"):
+    says = "became a symbolic link" if swapped_for == "a link" else "no longer holds its .fmnist_keras-run marker"
+    with pytest.raises(RunDirError, match=says):
         RunDir.create(str(out), "run", ["mlp"], overwrite=True)
-    assert (mine / rundir.LOCK).read_text() == "my notes\n" and sorted(p.name for p in mine.iterdir()) == [".lock"]
-    assert (out / "run").is_symlink() and (tmp_path / "moved-run" / MARKER).is_file()
+    users = mine if swapped_for == "a link" else out / "run"
+    assert (users / rundir.LOCK).read_text() == "my notes\n" and sorted(p.name for p in users.iterdir()) == [".lock"]
+    assert (tmp_path / "moved-run" / MARKER).is_file()
 
 
 def test_a_signal_lost_while_the_data_loads_stops_train_before_anything_is_written(tmp_path, tiny_data_dir,

@@ -114,17 +114,17 @@ def check_feature_layers(model, names: list[str]) -> list[str]:
     _require_conv(model, "feature maps")
     for name in names:
         output = _output_of(get_layer(model, name))
-        if output is not None and len(output.shape) != 4:
-            maps = [layer.name for layer in _layers(model) if _has_maps(layer)]
-            raise ValueError(f"layer {name!r} of model {model.name!r} outputs shape {tuple(output.shape)}, not "
-                             f"feature maps (images, height, width, channels); name a layer with maps: "
-                             f"{', '.join(maps)}.")
+        if output is not None and not _is_maps(output):
+            shape = tuple(output.shape) if hasattr(output, "shape") else f"{len(output)} outputs"
+            maps = [layer.name for layer in _layers(model) if _is_maps(_output_of(layer))]
+            raise ValueError(f"layer {name!r} of model {model.name!r} outputs {shape}, not feature maps "
+                             f"(images, height, width, channels); name a layer with maps: {', '.join(maps)}.")
     return list(names)
 
 
-def _has_maps(layer) -> bool:
-    output = _output_of(layer)
-    return output is not None and len(output.shape) == 4 and not isinstance(layer, keras.layers.InputLayer)
+def _is_maps(output) -> bool:
+    """Whether a layer's symbolic ``output`` is one batch of maps (4-D); a layer of several outputs is not."""
+    return hasattr(output, "shape") and len(output.shape) == 4
 
 
 def intermediate_model(model, names: list[str]) -> keras.Model:
