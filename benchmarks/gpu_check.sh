@@ -66,7 +66,7 @@ if [ -L "$OUT_DIR" ] && [ ! -d "$OUT_DIR" ]; then
 elif [ -e "$OUT_DIR" ] && [ ! -d "$OUT_DIR" ]; then
     fail "$OUT_DIR exists and is not a directory; $NEW_OR_EMPTY."
 fi
-mkdir -p "$OUT_DIR" 2>/dev/null && OUT_DIR=$(cd "$OUT_DIR" && pwd) \
+mkdir -p -- "$OUT_DIR" 2>/dev/null && OUT_DIR=$(CDPATH= cd -P -- "$OUT_DIR" && pwd) \
     || fail "cannot make or enter the output directory $OUT_DIR; $NEW_OR_EMPTY, one you may write."
 first=$(find "$OUT_DIR" -mindepth 1 -maxdepth 1 -print -quit 2>/dev/null) \
     || fail "cannot list the output directory $OUT_DIR; $NEW_OR_EMPTY, one you may read and write."

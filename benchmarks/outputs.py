@@ -109,8 +109,8 @@ def check_log(path: Path) -> None:
             with os.fdopen(fd, "rb") as handle:
                 first = handle.read(len(LOG_STAMP))
         except OSError as error:
-            raise OSError(f"{path} exists and cannot be read ({error.strerror or error}), so it is not known to be a "
-                          f"log a benchmark wrote and is left alone; move it away or choose another --out-dir") from None
+            raise OSError(f"{path} exists and cannot be read ({error.strerror or error}), so it is not known to be "
+                          f"a log a benchmark wrote and is left alone; move it away or choose another --out-dir") from None
         if first != LOG_STAMP.encode():
             raise OSError(f"{path} exists and is not a log a benchmark wrote (its first line is not "
                           f"{LOG_STAMP!r}), so it is left alone; move it away or choose another --out-dir")
@@ -127,9 +127,9 @@ def open_log(path: Path, command: list[str]):
     path = Path(path)
     check_log(path)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    make_ordinary(handle)  # mkstemp made it private; a log is an ordinary file
     log = os.fdopen(handle, "w")
     try:
+        make_ordinary(handle)  # mkstemp made it private; a log is an ordinary file
         log.write(f"{LOG_STAMP}: {shlex.join(command)}\n")
         log.flush()
         os.replace(name, path)

@@ -9,9 +9,9 @@ Extra arguments after ``--`` go to ``train`` unchanged, except the flags the
 script sets for each seed itself (``--model``, ``--seed``, ``--out-dir``,
 ``--run-name``, ``--overwrite``, ``--resume``), which are refused. Each seed's
 log, ``OUT_DIR/MODEL-seedS.log``, starts with a stamped line naming its
-command; an existing file there without that line is never replaced. Ctrl-C or
-SIGTERM is passed on to each ``train`` still running, which keeps its
-completed epochs.
+command; an existing file there without that line is never replaced. On
+Ctrl-C or SIGTERM every ``train`` still running is ended (a terminal's Ctrl-C
+reaches them too; the rest get SIGTERM) and keeps its completed epochs.
 
 Usage:
     python benchmarks/seeds.py --model cnn --seeds 42 1 2 --out-dir runs/seeds
@@ -24,9 +24,9 @@ cores. Writes the table as JSON with ``--json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +41,8 @@ from fmnist_keras.rundir import RunDir, RunDirError
 
 # train's flags that this script sets for each seed, and reads the results of.
 OWN_TRAIN_FLAGS = ("--model", "--seed", "--out-dir", "--run-name", "--overwrite", "--resume")
-# How long a seed's train may take to stop after the signal this script passes on.
+# How long the seeds' trains may take to end on a Ctrl-C that reached them too, and after this script's SIGTERM.
+OWN_STOP_S = 10
 STOP_WAIT_S = 60
 
 
@@ -86,23 +87,24 @@ def launch(args, seed: int) -> subprocess.Popen:
     ]
     with outputs.open_log(out / f"{run_name(args.model, seed)}.log", command) as log:
         print("$", shlex.join(command), flush=True)
-        # A session of its own: a Ctrl-C at the terminal reaches this script alone, which passes it on (stop)
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
-def stop(running: dict[int, subprocess.Popen], signum: int = signal.SIGTERM) -> None:
-    """Pass ``signum`` on to each seed's ``train`` still running (it keeps its completed epochs, for
-    ``--resume``) and wait for it to end; SIGKILL one that has not ended within :data:`STOP_WAIT_S`."""
+def stop(running: dict[int, subprocess.Popen], grace: float = 0.0) -> None:
+    """End each seed's ``train`` still running: wait ``grace`` seconds for those that a terminal's Ctrl-C
+    reached with this script (one process group) to end on their own, then SIGTERM the rest (each keeps its
+    completed epochs, for ``--resume``), and SIGKILL what has not ended :data:`STOP_WAIT_S` later."""
     with interrupts.deferred():  # a second Ctrl-C waits until every train has ended
+        for wait_s, send in ((grace, subprocess.Popen.terminate), (STOP_WAIT_S, subprocess.Popen.kill)):
+            deadline = time.perf_counter() + wait_s
+            for process in running.values():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=max(0.0, deadline - time.perf_counter()))
+            for process in running.values():
+                if process.poll() is None:
+                    send(process)
         for process in running.values():
-            if process.poll() is None:
-                process.send_signal(signum)
-        for process in running.values():
-            try:
-                process.wait(timeout=STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.wait()
 
 
 def main(argv=None) -> int:
@@ -110,8 +112,8 @@ def main(argv=None) -> int:
     running = {}
     try:
         return _run_seeds(args, running)
-    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: each train gets it once, from here (its own session)
-        stop(running, interrupts.Interrupted.of(error).signum)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        stop(running, grace=OWN_STOP_S)
         raise
     finally:  # after any other error too, no seed's train goes on alone
         stop(running)
@@ -124,7 +126,8 @@ def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
             try:
-                running[seed], started[seed] = launch(args, seed), time.perf_counter()
+                with interrupts.deferred():  # a train started is a train known to stop()
+                    running[seed], started[seed] = launch(args, seed), time.perf_counter()
             except OSError as error:  # its log cannot be written
                 failed.append(seed)
                 print(f"seed {seed}: not started: {error}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,28 @@ def test_a_log_replaces_only_an_earlier_log_never_a_users_file(place):
         log.write("second\n")
     assert (place / "run.log").read_text() == "# fmnist_keras benchmarks log: train again\nsecond\n"
     assert [p.name for p in place.iterdir() if ".partial" in p.name] == []
+    from fmnist_keras.rundir import write_text
+
+    write_text(place / "ordinary.txt", "")  # the project's ordinary file: the umask's permissions, not private
+    assert (place / "run.log").stat().st_mode & 0o777 == (place / "ordinary.txt").stat().st_mode & 0o777
+
+
+def test_a_log_that_cannot_be_read_is_left_alone_and_named_as_such(place, monkeypatch):
+    os.mkfifo(place / "unread.log")
+    with pytest.raises(OSError, match="is a symbolic link or not a regular file"):
+        outputs.check_log(place / "unread.log")  # a FIFO: never opened, never waited on
+    (place / "locked.log").write_text("# fmnist_keras benchmarks log: train\n")
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):  # as for a file without read permission (root reads those anyway)
+        if Path(path).name == "locked.log":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.os, "open", denied)
+    with pytest.raises(OSError, match="exists and cannot be read .Permission denied., so it is not known"):
+        outputs.check_log(place / "locked.log")
+    assert (place / "locked.log").read_text() == "# fmnist_keras benchmarks log: train\n"
 
 
 # --- the benchmarks' own arguments: refused before anything is replaced ---------------------
@@ -254,13 +277,14 @@ def test_each_script_that_reads_the_data_takes_the_data_flags_and_passes_them_to
                                                                                          monkeypatch):
     module = __import__(script)
     parse_args = module.parse_args
-    args = parse_args(["--data-dir", str(tmp_path / "idx"), "--no-verify"])
+    out = ["--out-dir", str(tmp_path / "runs")] if script == "ablation" else []
+    args = parse_args([*out, "--data-dir", str(tmp_path / "idx"), "--no-verify"])
     assert (args.data_dir, args.verify) == (str(tmp_path / "idx"), False)
     if script == "ablation":  # the run records the data it was trained on, as train's config.json does
-        config = module.train_config(parse_args(["--data-dir", "idx", "--no-verify"]), 1)
+        config = module.train_config(parse_args([*out, "--data-dir", "idx", "--no-verify"]), 1)
         assert (config.data_dir, config.verify) == (str(Path("idx").absolute()), False)
-    if script == "syncs":  # it counts on a CUDA device alone, and ends before any data is read without one
-        return
+    if script == "syncs" or os.environ["KERAS_BACKEND"] != "torch":  # syncs counts on a CUDA device alone;
+        return  # overhead and others compare against plain PyTorch, on the torch backend only
     from fmnist_keras import data as fdata
 
     def load_data(data_dir=None, verify=True, **kwargs):  # the loader is asked for that data, then stops the script

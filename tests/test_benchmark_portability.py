@@ -64,7 +64,7 @@ def test_portability_refuses_an_out_dir_below_a_file_when_parsing(tmp_path, caps
         portability.parse_args(["--out-dir", str(tmp_path / "afile" / below)])
     assert stop.value.code == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert f"{tmp_path / 'afile'} is not a directory" in line
+    assert f"{tmp_path / 'afile'} is a file, not a directory" in line
     assert (tmp_path / "afile").read_text() == "the user's file"
     assert portability.parse_args(["--out-dir", str(tmp_path / "new" / below)]).out_dir  # control: a new path
 
@@ -110,7 +110,7 @@ def test_portability_refuses_bad_data_in_one_line_before_it_makes_its_directory(
 
     monkeypatch.setattr(portability.fdata, "load_data", damaged)
     out = tmp_path / "out"
-    assert portability.main(["--backends", "torch", "jax", "--out-dir", str(out)]) == 1
+    assert _run_script(monkeypatch, ["--backends", "torch", "jax", "--out-dir", str(out)]) == 1
     assert capsys.readouterr().err.splitlines() == ["error: the file is damaged; delete it"]
     assert not out.exists()
 

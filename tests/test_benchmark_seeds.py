@@ -44,20 +44,29 @@ def test_an_out_dir_that_is_a_file_is_refused_before_any_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_script_passes_the_signal_on_to_its_trains_and_waits_for_them(tmp_path, monkeypatch, signum):
+def test_an_interrupted_script_ends_its_trains_and_waits_for_them(tmp_path, monkeypatch, signum):
     started = []
 
     def launch(args, seed):
-        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                                        start_new_session=True))
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
         return started[-1]
 
     def interrupted(seconds):
         raise Interrupted(signum)
 
     monkeypatch.setattr(seeds, "launch", launch)
+    monkeypatch.setattr(seeds, "OWN_STOP_S", 0.2)  # no terminal's Ctrl-C reached them: SIGTERM after the grace
     # Ctrl-C in the script's wait between polls (its own time module alone: subprocess sleeps too, in wait)
     monkeypatch.setattr(seeds, "time", types.SimpleNamespace(sleep=interrupted, perf_counter=time.perf_counter))
     with pytest.raises(Interrupted):
         seeds.main(["--seeds", "1", "2", "--jobs", "2", "--out-dir", str(tmp_path)])
-    assert len(started) == 2 and [process.returncode for process in started] == [-signum, -signum]  # waited for
+    assert len(started) == 2 and [process.returncode for process in started] == [-signal.SIGTERM] * 2  # waited for
+
+
+def test_a_train_that_ignores_sigterm_is_killed_once_the_wait_is_over(tmp_path, monkeypatch):
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    assert stubborn.stdout.readline() == b"ready\n"
+    monkeypatch.setattr(seeds, "STOP_WAIT_S", 0.5)
+    seeds.stop({1: stubborn})
+    assert stubborn.returncode == -signal.SIGKILL

@@ -201,10 +201,24 @@ def test_a_new_or_empty_directory_works_and_is_marked(tmp_path, exists):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+@pytest.mark.parametrize("odd", ["fifo", "directory"])
+def test_anything_but_a_regular_file_or_runs_in_its_own_directory_is_refused(tmp_path, odd):
+    out = tmp_path / "out"
+    first, _, _, _ = _run(tmp_path, out=out)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (out / "runs").mkdir(exist_ok=True)  # train's runs: the one directory it keeps there
+    os.mkfifo(out / "steps.tsv.fifo") if odd == "fifo" else (out / "mine").mkdir()
+    (tmp_path / "calls.txt").unlink()
+    result, _, calls, _ = _run(tmp_path, out=out)
+    _refused_in_one_line(result, out)
+    assert ("steps.tsv.fifo" if odd == "fifo" else "mine") in result.stderr and calls == []
+
+
 def test_a_rerun_into_its_own_marked_directory_works(tmp_path):
     out = tmp_path / "out"
     first, _, _, _ = _run(tmp_path, out=out)
     assert first.returncode == 0, first.stdout + first.stderr
+    (out / "runs").mkdir(exist_ok=True)  # train's runs are kept there
     (out / "my-notes.txt").write_text("mine\n")  # a file of the user's beside the outputs stays as it is
     (tmp_path / "calls.txt").unlink()
     result, _, calls, steps = _run(tmp_path, out=out)
