@@ -235,40 +235,6 @@ def test_seeds_refuses_a_number_of_jobs_that_would_never_start_a_run(jobs, capsy
     assert stop.value.code == 2 and "argument --jobs" in capsys.readouterr().err
 
 
-def test_portability_writes_its_json_and_only_into_a_directory_of_its_own(tmp_path, monkeypatch, capsys):
-    import numpy as np
-    import portability
-
-    foreign = tmp_path / "mine"
-    foreign.mkdir()
-    (foreign / "test_images.npy").write_text("the user's file")
-    with pytest.raises(argparse.ArgumentTypeError, match="did not write"):
-        portability.out_dir_path(str(foreign))
-    (tmp_path / "link").symlink_to(foreign)
-    with pytest.raises(argparse.ArgumentTypeError, match="symbolic link"):
-        portability.out_dir_path(str(tmp_path / "link"))
-    assert (foreign / "test_images.npy").read_text() == "the user's file"
-
-    # The whole script with its subprocesses faked: each backend predicts the same probabilities.
-    rng = np.random.default_rng(0)
-    x_test, y_test = rng.integers(0, 255, (20, 28, 28), dtype=np.uint8), rng.integers(0, 10, 20)
-    probabilities = rng.dirichlet(np.ones(10), 20)
-    monkeypatch.setattr(portability.fdata, "load_data", lambda data_dir, verify=True: ((None, None), (x_test, y_test)))
-
-    def run(command, env):
-        if "predict" in command:
-            output = Path(command[command.index("--output") + 1])
-            np.savez(output, **{str(i): probabilities for i in range(len(command) - command.index("--output") - 2)})
-        return 0.0
-
-    monkeypatch.setattr(portability, "_run", run)
-    out, result = tmp_path / "portability", tmp_path / "result.json"
-    for _ in range(2):  # the second run writes into the directory the first made
-        assert portability.main(["--backends", "torch", "jax", "--out-dir", str(out), "--json", str(result)]) == 0
-    report = json.loads(result.read_text())
-    assert report["passed"] and report["worst_max_abs_diff"] == 0.0 and len(report["directions"]) == 2
-
-
 # --- every benchmark script: its data flags, and one line for bad data or a damaged file ------
 
 

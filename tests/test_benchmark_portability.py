@@ -1,5 +1,7 @@
 """benchmarks/portability.py: it never writes through a link, and every failure is one line, not a traceback."""
 
+import argparse
+import json
 import runpy
 import subprocess
 import sys
@@ -20,16 +22,40 @@ def _fake_data(monkeypatch, n=20):
     return rng.dirichlet(np.ones(10), n)
 
 
-def test_portability_replaces_a_link_in_its_own_directory_and_never_writes_through_it(tmp_path, monkeypatch):
-    probabilities = _fake_data(monkeypatch)
+def _fake_subprocesses(monkeypatch, probabilities):
+    """Each train does nothing; each predict writes ``probabilities`` for every model to its --output."""
 
-    def run(command, env):  # the subprocesses faked: each predict writes the file its --output names
+    def run(command, env):
         if "predict" in command:
             output = Path(command[command.index("--output") + 1])
             np.savez(output, **{str(i): probabilities for i in range(len(command) - command.index("--output") - 2)})
         return 0.0
 
     monkeypatch.setattr(portability, "_run", run)
+
+
+def test_portability_writes_its_json_and_only_into_a_directory_of_its_own(tmp_path, monkeypatch):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "test_images.npy").write_text("the user's file")
+    with pytest.raises(argparse.ArgumentTypeError, match="did not write"):
+        portability.out_dir_path(str(foreign))
+    (tmp_path / "link").symlink_to(foreign)
+    with pytest.raises(argparse.ArgumentTypeError, match="symbolic link"):
+        portability.out_dir_path(str(tmp_path / "link"))
+    assert (foreign / "test_images.npy").read_text() == "the user's file"
+
+    # The whole script with its subprocesses faked: each backend predicts the same probabilities.
+    _fake_subprocesses(monkeypatch, _fake_data(monkeypatch))
+    out, result = tmp_path / "portability", tmp_path / "result.json"
+    for _ in range(2):  # the second run writes into the directory the first made
+        assert portability.main(["--backends", "torch", "jax", "--out-dir", str(out), "--json", str(result)]) == 0
+    report = json.loads(result.read_text())
+    assert report["passed"] and report["worst_max_abs_diff"] == 0.0 and len(report["directions"]) == 2
+
+
+def test_portability_replaces_a_link_in_its_own_directory_and_never_writes_through_it(tmp_path, monkeypatch):
+    _fake_subprocesses(monkeypatch, _fake_data(monkeypatch))
     out, users = tmp_path / "portability", tmp_path / "users"
     out.mkdir()
     users.mkdir()
