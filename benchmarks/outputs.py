@@ -109,8 +109,9 @@ def check_log(path: Path) -> None:
             with os.fdopen(fd, "rb") as handle:
                 first = handle.read(len(LOG_STAMP))
         except OSError as error:
-            raise OSError(f"{path} exists and cannot be read ({error.strerror or error}), so it is not known to be "
-                          f"a log a benchmark wrote and is left alone; move it away or choose another --out-dir") from None
+            why = error.strerror or error
+            raise OSError(f"{path} exists and cannot be read ({why}), so it is not known to be a log a benchmark "
+                          f"wrote and is left alone; move it away or choose another --out-dir") from None
         if first != LOG_STAMP.encode():
             raise OSError(f"{path} exists and is not a log a benchmark wrote (its first line is not "
                           f"{LOG_STAMP!r}), so it is left alone; move it away or choose another --out-dir")
