@@ -13,7 +13,6 @@ Keras.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import json
 import os
@@ -22,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from fmnist_keras.cli import one_line
-from fmnist_keras.rundir import make_ordinary, write_text
+from fmnist_keras.rundir import replacing, write_text
 
 # An earlier result is small; a larger file is not read to find out whether it is one.
 MAX_RESULT_BYTES = 64 * 1024**2
@@ -127,19 +126,17 @@ def open_log(path: Path, command: list[str]):
     """
     path = Path(path)
     check_log(path)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    log = os.fdopen(handle, "w")
+    log = None
     try:
-        make_ordinary(handle)  # mkstemp made it private; a log is an ordinary file
-        log.write(f"{LOG_STAMP}: {shlex.join(command)}\n")
-        log.flush()
-        os.replace(name, path)
+        with replacing(path) as (handle, _):
+            log = os.fdopen(handle, "w")
+            log.write(f"{LOG_STAMP}: {shlex.join(command)}\n")
+            log.flush()
     except BaseException:
-        log.close()
-        with contextlib.suppress(OSError):
-            os.unlink(name)
+        if log is not None:
+            log.close()
         raise
-    return log
+    return log  # still open, for the command's output, under the log's own name
 
 
 def run_benchmark(main, name: str) -> int:

@@ -38,7 +38,7 @@ import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import DEVICES
 from fmnist_keras.cli import add_data_arguments, in_range, one_line, print_error
 from fmnist_keras.config import BACKENDS, RANGES
-from fmnist_keras.rundir import RunDir, RunDirError, make_ordinary, write_bytes, write_text
+from fmnist_keras.rundir import RunDir, RunDirError, replacing, write_bytes, write_text
 
 TOLERANCE = 1e-4
 
@@ -135,19 +135,12 @@ def _predict(backend: str, device: str, inputs: Path, models: list[Path], npz: P
 
     Returns the wall time and the outputs (keys ``"0"``, ``"1"``, ... in the order of ``models``).
     """
-    # mkstemp: a new file of a name no one else has (O_EXCL), so the worker never writes through a planted link.
-    handle, name = tempfile.mkstemp(dir=npz.parent, prefix=f".partial-{npz.name}.", suffix=".npz")
-    make_ordinary(handle)  # mkstemp made it private; the run's files are ordinary files
-    os.close(handle)
-    temporary = Path(name)
-    try:
+    with replacing(npz, suffix=".npz") as (handle, temporary):  # numpy adds .npz to a name without it
+        os.close(handle)  # the worker writes the file by name: a new one, so never through a planted link
         seconds = _run([sys.executable, "-m", "fmnist_keras._portability", "predict", "--backend", backend, "--device",
                         device, "--inputs", str(inputs), "--output", str(temporary), *(str(m) for m in models)], env)
         with np.load(temporary, allow_pickle=False) as loaded:
             outputs_of = {key: loaded[key] for key in loaded.files}
-        os.replace(temporary, npz)
-    finally:
-        temporary.unlink(missing_ok=True)
     return seconds, outputs_of
 
 

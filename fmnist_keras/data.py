@@ -21,7 +21,6 @@ import dataclasses
 import gzip
 import hashlib
 import os
-import tempfile
 import urllib.parse
 import urllib.request
 import zlib
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_keras.rundir import make_ordinary
+from fmnist_keras.rundir import replacing
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -371,23 +370,18 @@ def download(directory: Path | None = None, fetch=https_get) -> Path:
             continue
         url = check_url(MIRROR + f"{name}.gz")
         payload = fetch(url)
-        # A new file of a name no one else has (O_EXCL, no link followed), renamed into place once checked.
-        handle, partial = tempfile.mkstemp(prefix=f".{name}.gz.", suffix=".part", dir=directory)
-        partial = Path(partial)
+        # A new file of a name no one else has (no link followed), renamed into place once checked.
         try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(payload)
-                make_ordinary(out.fileno())  # the cache is read as ordinary files
-            digest = hashlib.sha256(read_bytes(partial, FILE_BYTES[name])).hexdigest()
-            if digest != SHA256[name]:
-                raise DataError(
-                    f"{url}: SHA-256 of the downloaded data is {digest}, expected {SHA256[name]}."
-                )
-            os.replace(partial, directory / f"{name}.gz")
+            with replacing(directory / f"{name}.gz", prefix=f".{name}.gz.", suffix=".part") as (handle, partial):
+                with os.fdopen(handle, "wb") as out:
+                    out.write(payload)
+                digest = hashlib.sha256(read_bytes(partial, FILE_BYTES[name])).hexdigest()
+                if digest != SHA256[name]:
+                    raise DataError(
+                        f"{url}: SHA-256 of the downloaded data is {digest}, expected {SHA256[name]}."
+                    )
         except DataError as error:
             raise DataError(f"{error} The download was deleted, nothing was cached; try again later.") from None
-        finally:
-            partial.unlink(missing_ok=True)
     return directory
 
 

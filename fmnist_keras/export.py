@@ -29,7 +29,9 @@ from pathlib import Path
 
 from fmnist_keras.backend import named_backend
 from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, print_error
-from fmnist_keras.rundir import first_entry_not_among, first_link_or_special_below, is_marker, make_ordinary
+from fmnist_keras.rundir import (
+    first_entry_not_among, first_link_or_special_below, is_marker, make_ordinary, replacing,
+)
 
 FORMATS = ("onnx", "tf_saved_model")
 # What Keras needs, beyond the backend's own package, to export each format
@@ -256,18 +258,12 @@ def write_export(model, output: Path, format: str) -> Path:
     """
     parent = output.parent
     if format == "onnx":
-        handle, name = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.", suffix=".partial.onnx")
-        make_ordinary(handle)  # the export is an ordinary file
-        os.close(handle)
-        temporary = Path(name)
-        try:
+        with replacing(output, prefix=f".{output.name}.", suffix=".partial.onnx") as (handle, temporary):
+            os.close(handle)  # the exporter writes the file by name
             export_model(model, temporary, format)
             _stamp_onnx(temporary)
             if output.is_symlink() or output.is_dir():
                 raise ExportError(f"{output} became a symlink or directory during the export; left alone.")
-            os.replace(temporary, output)
-        finally:
-            temporary.unlink(missing_ok=True)
         return output
     temporary = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.", suffix=".partial"))
     try:

@@ -123,20 +123,31 @@ def make_ordinary(fd: int, directory: bool = False) -> None:
     os.fchmod(fd, (0o777 if directory else 0o666) & ~_UMASK)
 
 
-def _write_atomically(path: Path, mode: str, content) -> None:
+@contextlib.contextmanager
+def replacing(path: Path, prefix: str | None = None, suffix: str = ""):
+    """A new file beside ``path``, renamed over ``path`` when the block ends, removed when it fails.
+
+    The file has a name no one else has (``mkstemp``: ``O_EXCL``, so never a
+    link planted under a name it might take) and the umask's permissions.
+    Yields its open descriptor, the block's to close, and its path (default
+    name ``.partial-NAME.XXXXXXXX`` + ``suffix``).
+    """
     path = Path(path)
-    # A new file of a name no one else has (mkstemp: O_EXCL, so never through a planted link).
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".partial-{path.name}.")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".partial-{path.name}.", suffix=suffix)
     temporary = Path(name)
     try:
-        with os.fdopen(handle, mode) as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-            make_ordinary(f.fileno())  # run files are ordinary files
+        make_ordinary(handle)
+        yield handle, temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, mode: str, content) -> None:
+    with replacing(path) as (handle, _), os.fdopen(handle, mode) as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_run_text(path: Path, what: str, fix: str, newline: str | None = None) -> str:
