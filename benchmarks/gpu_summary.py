@@ -12,6 +12,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import sys
@@ -29,9 +30,14 @@ PROCESS_KEYS = {
 def read_steps(out: pathlib.Path) -> list[dict]:
     steps = []
     path = out / "steps.tsv"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        name, start, end, limit, rc = line.split("\t")
-        steps.append({"name": name, "start": float(start), "end": float(end), "limit": int(limit), "rc": int(rc)})
+    for number, line in enumerate(path.read_text(errors="replace").splitlines() if path.exists() else [], 1):
+        try:
+            name, start, end, limit, rc = line.split("\t")
+            steps.append({"name": name, "start": float(start), "end": float(end), "limit": int(limit), "rc": int(rc)})
+        except ValueError:
+            raise SystemExit(f"error: {path}, line {number}, is not 'name, start, end, limit, exit status' separated "
+                             f"by tabs ({line[:60]!r}); gpu_check.sh writes each step's line as it ends: restore the "
+                             f"file, or delete that line to summarise the rest") from None
     return sorted(steps, key=lambda s: s["start"])
 
 
@@ -97,6 +103,94 @@ def read_json(path: pathlib.Path) -> dict:
     return data
 
 
+@contextlib.contextmanager
+def reading(path: pathlib.Path):
+    """Around the use of one file's JSON: a key it lacks, or a value of another form, is one line naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        what = f"lacks the key {error}" if isinstance(error, KeyError) else f"holds a value of another form ({error})"
+        raise SystemExit(f"error: {path} {what}; it was not written by this version of its benchmark: run that step "
+                         f"again, or delete the file to summarise the rest") from None
+
+
+def print_environment(out: pathlib.Path) -> None:
+    print("| | |\n| --- | --- |")
+    env = out / "env.log"
+    for line in env.read_text(errors="replace").splitlines() if env.exists() else ["env: no env.log"]:
+        key, _, value = line.partition(":")
+        print(f"| {key.strip()} | {value.strip()} |")
+
+
+def print_steps(out: pathlib.Path, steps: list[dict]) -> None:
+    totals, processes = read_memory(out)
+    print("| step | exit | seconds | limit s | peak MiB, its processes | peak MiB, whole GPU | GPU use, mean % |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for step in steps:
+        own, whole, use = peak_memory(step, totals, processes)
+        status = "timeout" if step["rc"] == 124 else str(step["rc"])
+        print(f"| {step['name']} | {status} | {step['end'] - step['start']:.0f} | {step['limit']} | "
+              f"{fmt(own, '.0f')} | {fmt(whole, '.0f')} | {fmt(use, '.0f')} |")
+
+
+def print_overhead(data: dict) -> None:
+    print(f"\n## Host ms/step at batch {data['batch_size']} ({data['device']}, keras {data['keras']})\n")
+    print("| model | stock ms/step | fast ms/step | torch ms/step | fast/torch | peak MiB fast / torch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in data["rows"]:
+        print(f"| {r['model']} | {fmt(r.get('stock_ms'), '.2f')} | {r['fast_ms']:.2f} | {r['torch_ms']:.2f} | "
+              f"{r['fast_over_torch']:.2f}x | {fmt(r.get('fast_peak_mb'), '.0f')} / "
+              f"{fmt(r.get('torch_peak_mb'), '.0f')} |")
+
+
+def print_bench(name: str, data: dict) -> None:
+    torch_version = data.get("versions", {}).get("torch")
+    print(f"\n## Epoch benchmark, {data['backend']} ({name}: {data['num_train']} images, batch "
+          f"{data['batch_size']}, {data['rounds']} rounds, {data['device']}, keras {data['keras']}"
+          f"{f', torch {torch_version}' if torch_version else ''})\n")
+    print("| model | path | s/epoch | train img/s | peak MiB | test acc | keras/torch |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in data["rows"]:
+        ratio = f"{r['keras_over_torch']:.2f}x" if "keras_over_torch" in r else ""
+        print(f"| {r['model']} | {r['path']} | {r['s_per_epoch']:.2f} | {r['train_img_s']:.0f} | "
+              f"{fmt(r['peak_mb'], '.0f')} | {r['test_acc']:.4f} | {ratio} |")
+
+
+def print_syncs(data: dict) -> None:
+    if data.get("not_counted"):  # syncs.py without a CUDA device (a dry run)
+        print(f"\n## Synchronisations per training step\n\nNot counted: {data['not_counted']}.")
+        return
+    print(f"\n## Synchronisations per training step ({data['device']}, keras {data['keras']})\n")
+    print("| model | path | per step | where (per step) |")
+    print("| --- | --- | ---: | --- |")
+    for r in data["rows"]:
+        where = "; ".join(f"{place} {n:g}" for place, n in r["where"].items())
+        print(f"| {r['model']} | {r['path']} | {r['per_step']:g} | {where or '-'} |")
+
+
+def run_row(model_dir: pathlib.Path, seconds: dict) -> str:
+    """The table row of one model of a run; ``config.json`` and ``metrics.json`` are checked by the caller."""
+    run = model_dir.parent.name
+    config = read_json(model_dir / "config.json")
+    metrics = model_dir / "metrics.json"
+    if metrics.exists():
+        m = read_json(metrics)
+        validation = fmt(m.get("validation", {}).get("accuracy"), ".4f")
+        test = fmt(m.get("test", {}).get("accuracy"), ".4f")
+    else:  # stopped before the end (its limit): what history.csv holds, validation without test-time augmentation
+        history = read_history(model_dir)
+        m = {"model": config.get("model"), "epochs_run": len(history)}
+        scores = [row["val_accuracy"] for row in history if "val_accuracy" in row]
+        validation = f"{max(scores):.4f} (1 view)" if scores else "-"
+        test = "stopped"
+    off = [piece for piece, state in (m.get("fast_path") or {}).items() if state != "on"]
+    reports = sorted(p.name for p in model_dir.iterdir() if p.name.startswith("report"))
+    return (f"| {run} | {m.get('model')} | {m.get('device', '-')} | {fmt(config.get('batch_size'))} | "
+            f"{m.get('epochs_run')} ({fmt(m.get('best_epoch'))}) | {fmt(m.get('seconds_per_epoch'))} | "
+            f"{fmt(m.get('train_time_s'))} | {fmt(seconds.get(run), '.0f')} | {validation} | {test} | "
+            f"{fmt(m.get('training_data_on_device'))} | {', '.join(off) or '-'} | {', '.join(reports) or '-'} |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="gpu-results", type=pathlib.Path,
@@ -104,59 +198,21 @@ def main(argv=None) -> int:
     out = parser.parse_args(argv).out
     if not out.is_dir():
         parser.error(f"{out} is not a directory; pass the output directory of benchmarks/gpu_check.sh")
-    print(f"# GPU check: {out}\n\n## Machine and versions\n")
-    env = out / "env.log"
-    print("| | |\n| --- | --- |")
-    for line in env.read_text().splitlines() if env.exists() else ["env: no env.log"]:
-        key, _, value = line.partition(":")
-        print(f"| {key.strip()} | {value.strip()} |")
-    print("\n## Steps\n")
-    totals, processes = read_memory(out)
-    print("| step | exit | seconds | limit s | peak MiB, its processes | peak MiB, whole GPU | GPU use, mean % |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     steps = read_steps(out)
-    for step in steps:
-        own, whole, use = peak_memory(step, totals, processes)
-        status = "timeout" if step["rc"] == 124 else str(step["rc"])
-        print(f"| {step['name']} | {status} | {step['end'] - step['start']:.0f} | {step['limit']} | "
-              f"{fmt(own, '.0f')} | {fmt(whole, '.0f')} | {fmt(use, '.0f')} |")
-
-    overhead = out / "overhead.json"
-    if overhead.exists():
-        data = read_json(overhead)
-        print(f"\n## Host ms/step at batch {data['batch_size']} ({data['device']}, keras {data['keras']})\n")
-        print("| model | stock ms/step | fast ms/step | torch ms/step | fast/torch | peak MiB fast / torch |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for r in data["rows"]:
-            print(f"| {r['model']} | {fmt(r.get('stock_ms'), '.2f')} | {r['fast_ms']:.2f} | {r['torch_ms']:.2f} | "
-                  f"{r['fast_over_torch']:.2f}x | {fmt(r.get('fast_peak_mb'), '.0f')} / "
-                  f"{fmt(r.get('torch_peak_mb'), '.0f')} |")
-
+    print(f"# GPU check: {out}\n\n## Machine and versions\n")
+    print_environment(out)
+    print("\n## Steps\n")
+    print_steps(out, steps)
+    if (out / "overhead.json").exists():
+        with reading(out / "overhead.json"):
+            print_overhead(read_json(out / "overhead.json"))
     for name in ("bench.json", "bench-jax.json"):
-        path = out / name
-        if not path.exists():
-            continue
-        data = read_json(path)
-        torch_version = data.get("versions", {}).get("torch")
-        print(f"\n## Epoch benchmark, {data['backend']} ({name}: {data['num_train']} images, batch "
-              f"{data['batch_size']}, {data['rounds']} rounds, {data['device']}, keras {data['keras']}"
-              f"{f', torch {torch_version}' if torch_version else ''})\n")
-        print("| model | path | s/epoch | train img/s | peak MiB | test acc | keras/torch |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-        for r in data["rows"]:
-            ratio = f"{r['keras_over_torch']:.2f}x" if "keras_over_torch" in r else ""
-            print(f"| {r['model']} | {r['path']} | {r['s_per_epoch']:.2f} | {r['train_img_s']:.0f} | "
-                  f"{fmt(r['peak_mb'], '.0f')} | {r['test_acc']:.4f} | {ratio} |")
-
-    syncs = out / "syncs.json"
-    if syncs.exists():
-        data = read_json(syncs)
-        print(f"\n## Synchronisations per training step ({data['device']}, keras {data['keras']})\n")
-        print("| model | path | per step | where (per step) |")
-        print("| --- | --- | ---: | --- |")
-        for r in data["rows"]:
-            where = "; ".join(f"{place} {n:g}" for place, n in r["where"].items())
-            print(f"| {r['model']} | {r['path']} | {r['per_step']:g} | {where or '-'} |")
+        if (out / name).exists():
+            with reading(out / name):
+                print_bench(name, read_json(out / name))
+    if (out / "syncs.json").exists():
+        with reading(out / "syncs.json"):
+            print_syncs(read_json(out / "syncs.json"))
 
     print("\n## Training runs\n")
     print("The whole command's seconds are its step's (every model of the run, start-up and reports included).\n")
@@ -168,25 +224,8 @@ def main(argv=None) -> int:
     for model_dir in sorted(p.parent for p in (out / "runs").glob("*/*/config.json")):
         if model_dir.parent.is_symlink():  # "latest" points at a run listed under its own name
             continue
-        run = model_dir.parent.name
-        config = read_json(model_dir / "config.json")
-        metrics = model_dir / "metrics.json"
-        if metrics.exists():
-            m = read_json(metrics)
-            validation = fmt(m.get("validation", {}).get("accuracy"), ".4f")
-            test = fmt(m.get("test", {}).get("accuracy"), ".4f")
-        else:  # stopped before the end (its limit): what history.csv holds, validation without test-time augmentation
-            history = read_history(model_dir)
-            m = {"model": config.get("model"), "epochs_run": len(history)}
-            scores = [row["val_accuracy"] for row in history if "val_accuracy" in row]
-            validation = f"{max(scores):.4f} (1 view)" if scores else "-"
-            test = "stopped"
-        off = [piece for piece, state in (m.get("fast_path") or {}).items() if state != "on"]
-        reports = sorted(p.name for p in model_dir.iterdir() if p.name.startswith("report"))
-        print(f"| {run} | {m.get('model')} | {m.get('device', '-')} | {fmt(config.get('batch_size'))} | "
-              f"{m.get('epochs_run')} ({fmt(m.get('best_epoch'))}) | {fmt(m.get('seconds_per_epoch'))} | "
-              f"{fmt(m.get('train_time_s'))} | {fmt(seconds.get(run), '.0f')} | {validation} | {test} | "
-              f"{fmt(m.get('training_data_on_device'))} | {', '.join(off) or '-'} | {', '.join(reports) or '-'} |")
+        with reading(model_dir / ("metrics.json" if (model_dir / "metrics.json").exists() else "config.json")):
+            print(run_row(model_dir, seconds))
     return 0
 
 

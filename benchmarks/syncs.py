@@ -13,8 +13,9 @@ Usage (on a machine with a CUDA GPU):
     python benchmarks/syncs.py                     # the default CNN, batch 128
     python benchmarks/syncs.py --models cnn mlp --json syncs.json
 
-Without a CUDA device there is nothing to count; it says so and exits 0
-(``tests/test_fastpath.py`` counts the same reads and copies on any device).
+Without a CUDA device there is nothing to count; it says so, writes that
+reason as ``--json``'s ``not_counted``, and exits 0 (``tests/test_fastpath.py``
+counts the same reads and copies on any device).
 """
 
 from __future__ import annotations
@@ -89,7 +90,11 @@ def main(argv=None) -> int:
     from runner import keras_runner
 
     if keras.backend.backend() != "torch" or not torch.cuda.is_available():
-        print("syncs: no CUDA device on the torch backend here, so no synchronisation to count")
+        reason = "no CUDA device on the torch backend here, so no synchronisation to count"
+        print(f"syncs: {reason}")
+        if args.json:
+            outputs.write_json(args.json, {"device": None, "keras": keras.__version__, "versions": outputs.versions(),
+                                           "rows": [], "not_counted": reason})
         return 0
     select_backend("torch", "gpu")
     splits = make_splits(fdata.load_data(args.data_dir, verify=args.verify), TrainConfig(subset=20 * args.batch_size))

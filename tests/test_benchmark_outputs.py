@@ -293,3 +293,41 @@ def test_gpu_summary_explains_itself_and_names_a_damaged_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         gpu_summary.main([str(tmp_path)])
     assert str(stop.value.code).startswith(f"error: {tmp_path / 'bench.json'} cannot be read as JSON")
+
+
+@pytest.mark.parametrize("name, text, said", [
+    ("bench.json", '{"backend": "torch", "rows": []}', "lacks the key 'num_train'"),
+    ("overhead.json", '{"batch_size": 128, "device": "cpu", "keras": "3", "rows": [{"model": "cnn"}]}',
+     "lacks the key 'fast_ms'"),
+    ("syncs.json", '{"device": "GPU", "keras": "3", "rows": [{"model": "cnn", "path": "fast", "per_step": 0, '
+     '"where": []}]}', "holds a value of another form"),
+    ("runs/r/cnn/metrics.json", '{"validation": 0.9}', "holds a value of another form"),
+    ("steps.tsv", "bench\t1.0\t2.0\n", "line 1, is not 'name, start, end, limit, exit status'"),
+])
+def test_gpu_summary_names_a_file_of_another_version_or_form_in_one_line(tmp_path, name, text, said):
+    import gpu_summary
+
+    (tmp_path / "runs" / "r" / "cnn").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "cnn" / "config.json").write_text('{"model": "cnn"}')
+    (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        gpu_summary.main([str(tmp_path)])
+    line = str(stop.value.code)
+    assert line.startswith(f"error: {tmp_path / name}") and said in line and "\n" not in line, line
+
+
+def test_syncs_without_a_cuda_device_writes_why_nothing_was_counted_and_the_summary_says_so(tmp_path, capsys):
+    import gpu_summary
+    import syncs
+
+    if os.environ["KERAS_BACKEND"] == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("counts for real on a CUDA device")
+    assert syncs.main(["--json", str(tmp_path / "syncs.json")]) == 0
+    result = json.loads((tmp_path / "syncs.json").read_text())
+    assert result["rows"] == [] and "no CUDA device" in result["not_counted"]
+    capsys.readouterr()
+    assert gpu_summary.main([str(tmp_path)]) == 0
+    assert "Not counted: no CUDA device on the torch backend here" in capsys.readouterr().out
