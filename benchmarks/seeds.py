@@ -11,7 +11,9 @@ script sets for each seed itself (``--model``, ``--seed``, ``--out-dir``,
 log, ``OUT_DIR/MODEL-seedS.log``, starts with a stamped line naming its
 command; an existing file there without that line is never replaced. On
 Ctrl-C or SIGTERM every ``train`` still running is ended (a terminal's Ctrl-C
-reaches them too; the rest get SIGTERM) and keeps its completed epochs.
+reaches them too; the rest get SIGTERM) and keeps its completed epochs. On
+Linux a ``train`` also gets SIGTERM when the script itself is killed
+(SIGKILL, a closed terminal), so that no seed goes on training alone.
 
 Usage:
     python benchmarks/seeds.py --model cnn --seeds 42 1 2 --out-dir runs/seeds
@@ -25,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
+import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +49,7 @@ OWN_TRAIN_FLAGS = ("--model", "--seed", "--out-dir", "--run-name", "--overwrite"
 # How long the seeds' trains may take to end on a Ctrl-C that reached them too, and after this script's SIGTERM.
 OWN_STOP_S = 10
 STOP_WAIT_S = 60
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent ends
 
 
 def parse_args(argv=None):
@@ -87,7 +93,22 @@ def launch(args, seed: int) -> subprocess.Popen:
     ]
     with outputs.open_log(out / f"{run_name(args.model, seed)}.log", command) as log:
         print("$", shlex.join(command), flush=True)
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        return start_train(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_train(command: list[str], **popen_kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(command)``, and on Linux a process that gets SIGTERM when this one ends, however it ends
+    (``PR_SET_PDEATHSIG``; SIGTERM lets ``train`` keep its completed epochs)."""
+    if not sys.platform.startswith("linux"):
+        return subprocess.Popen(command, **popen_kwargs)
+    parent, prctl = os.getpid(), ctypes.CDLL(None, use_errno=True).prctl
+
+    def end_with_parent():  # runs in the child, between fork and exec
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the script ended before the line above: nothing would stop this train
+            os._exit(128 + signal.SIGTERM)
+
+    return subprocess.Popen(command, preexec_fn=end_with_parent, **popen_kwargs)
 
 
 def stop(running: dict[int, subprocess.Popen], grace: float = 0.0) -> None:

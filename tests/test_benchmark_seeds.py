@@ -70,3 +70,32 @@ def test_a_train_that_ignores_sigterm_is_killed_once_the_wait_is_over(tmp_path, 
     monkeypatch.setattr(seeds, "STOP_WAIT_S", 0.5)
     seeds.stop({1: stubborn})
     assert stubborn.returncode == -signal.SIGKILL
+
+
+def _ended(pid: int) -> bool:
+    """Whether a process that is not this one's child has ended (gone, or a zombie its new parent has not reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_train_gets_sigterm_when_the_script_is_killed_with_sigkill(tmp_path):
+    # The script, as a process of its own: it starts a stand-in train, which records its pid, then the signal it gets.
+    train = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1] + '.signal', "
+             "'w').write('SIGTERM'), sys.exit(0))); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)")
+    script = (f"import sys; sys.path.insert(0, {str(Path(seeds.__file__).parent)!r}); import seeds, time; "
+              f"seeds.start_train([sys.executable, '-c', {train!r}, {str(tmp_path / 'train')!r}]); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "train").exists() or not (tmp_path / "train").read_text():
+        assert time.monotonic() < deadline and parent.poll() is None, "the stand-in train did not start"
+        time.sleep(0.05)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while not _ended(int((tmp_path / "train").read_text())):
+        assert time.monotonic() < deadline, "the train went on after the script was killed"
+        time.sleep(0.05)
+    assert (tmp_path / "train.signal").read_text() == "SIGTERM"
