@@ -400,6 +400,14 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
                                    then=f"continue the run from its last completed epoch with: {_resume_command(run)}"))
 
 
+def _subset_note(splits, subset: int | None) -> str:
+    """What became of a ``--subset`` larger than the training set ("" for any other)."""
+    images = len(splits.y_train) + len(splits.y_val)
+    if subset is None or subset <= images:
+        return ""
+    return f"; --subset {subset:,} is more than its {images:,} training images: all are used"
+
+
 def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
     """Fit every model (all ranks), then evaluate and report each (rank 0), after the process group is closed."""
     import keras
@@ -418,7 +426,8 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
             f"Data parallel ({replicas.mode}): {replicas.world_size} replicas {', '.join(replicas.devices)}; "
             f"global batch {configs[0].batch_size}, {configs[0].batch_size // replicas.world_size} per replica"
         )
-    say(f"Data: {source}{'' if configs[0].verify else ', digests NOT checked (--no-verify)'}")
+    say(f"Data: {source}{'' if configs[0].verify else ', digests NOT checked (--no-verify)'}"
+        f"{_subset_note(splits, configs[0].subset)}")
     say(f"Run directory: {run}{' (resuming)' if args.resume else ''}")
     facts = {}  # model -> what its fit recorded, for the final evaluation
     summaries = {}

@@ -151,10 +151,21 @@ def test_fit_and_evaluation_follow_the_fast_path_flag_and_train_keeps_freed_memo
     assert fast_path_requests == [fast] * 3 and kept == [True]  # fit, then the test and validation predictions
 
 
-def test_subset_trains_on_fewer_images(tmp_path, tiny_data_dir):
+def test_subset_trains_on_fewer_images(tmp_path, tiny_data_dir, capsys):
     assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--subset", "200") == 0
     metrics = json.loads((tmp_path / "runs" / "run" / "mlp" / "metrics.json").read_text())
     assert metrics["num_train"] + metrics["num_val"] == 200
+    out = capsys.readouterr().out
+    assert "== mlp: 180 train / 20 validation / 100 test images" in out and "--subset" not in out
+
+
+def test_a_subset_larger_than_the_training_set_says_that_every_image_is_used(tmp_path, tiny_data_dir, capsys):
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--subset", "50000", "--no-report") == 0
+    metrics = json.loads((tmp_path / "runs" / "run" / "mlp" / "metrics.json").read_text())
+    assert metrics["num_train"] + metrics["num_val"] == 400
+    out = capsys.readouterr().out
+    assert "NOT checked (--no-verify); --subset 50,000 is more than its 400 training images: all are used\n" in out
+    assert "== mlp: 360 train / 40 validation / 100 test images" in out
 
 
 def test_the_split_seed_alone_decides_the_validation_images(tmp_path, tiny_data_dir):
