@@ -19,6 +19,7 @@ import pytest
 from conftest import lose_a_signal_in_a_gc_callback, write_idx_dir
 from fmnist_keras import train
 from fmnist_keras.engine import evaluation, fit
+from fmnist_keras.engine.callbacks import read_history
 from fmnist_keras.rundir import MARKER, RunDir, RunDirError
 
 BASE = ["--model", "mlp", "--epochs", "2", "--batch-size", "32", "--no-report"]
@@ -696,8 +697,6 @@ def test_ctrl_c_before_training_starts_exits_130_quietly(tmp_path, tiny_data_dir
 
 @pytest.mark.slow
 def test_sigterm_stops_at_a_batch_end_says_how_to_resume_and_exits_143(tmp_path, tiny_data_dir):
-    from fmnist_keras.engine.callbacks import read_history
-
     argv = ["--data-dir", str(tiny_data_dir), "--no-verify", "--out-dir", str(tmp_path), "--run-name", "run",
             "--model", "mlp", "--epochs", "50", "--batch-size", "8", "--patience", "50", "--no-report"]
     process = subprocess.Popen([sys.executable, "-m", "fmnist_keras.train", *argv], stdout=subprocess.DEVNULL,
@@ -847,3 +846,22 @@ def test_main_gives_back_the_callers_ctrl_c_handler_after_a_rank_ignored_it(monk
     monkeypatch.setattr(train, "_main", stopped_like_a_rank_that_lost_its_peers)
     assert train.main([]) == 1
     assert {number: signal.getsignal(number) for number in before} == before
+
+
+@pytest.mark.parametrize("header, says", [
+    ("epoch,accuracy,loss,my_note,val_accuracy,val_loss", "my_note is not logged"),
+    ("epoch,accuracy,loss,val_loss", "val_accuracy is missing"),
+])
+def test_resume_refuses_a_history_whose_columns_were_changed_before_logging_an_epoch_under_them(
+        finished_run, capsys, header, says):
+    mlp = finished_run / "mlp"
+    for name in ("metrics.json", "fit.json"):  # stopped before its first backup: resumed from its first epoch
+        (mlp / name).unlink()
+    (mlp / "history.csv").write_text(header + "\n")
+    assert train.main(["--resume", str(finished_run)]) == 1
+    line = _one_line_error(capsys, f"{mlp / 'history.csv'} has the columns {header}, but this training logs "
+                                   "epoch,accuracy,loss,val_accuracy,val_loss", says)
+    assert "move" in line and (mlp / "history.csv").read_text() == header + "\n"  # no row under the wrong columns
+    (mlp / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss\n")  # the fix the line gives
+    assert train.main(["--resume", str(finished_run)]) == 0
+    assert len(read_history(mlp / "history.csv")) == json.loads((mlp / "metrics.json").read_text())["epochs_run"]

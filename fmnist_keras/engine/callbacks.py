@@ -13,6 +13,9 @@
 - :class:`StopOnSignal`: Ctrl-C (SIGINT) or a scheduler's SIGTERM during
   ``fit`` stops at the end of the current batch, where Keras cannot swallow
   it; under torchrun every rank at the same batch.
+- :class:`SameHistoryColumns`: on resume, refuses an epoch whose logs would
+  go into ``history.csv`` under other columns (one added or removed by hand),
+  before ``CSVLogger`` appends it.
 - :class:`RecordFitEnd`: writes ``fit.json`` when ``fit`` ends, before
   ``BackupAndRestore`` deletes its backup, so ``--resume`` of a run whose
   epochs are all done goes straight to the final evaluation.
@@ -351,6 +354,41 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
 
 def _weights_finite(model) -> bool:
     return all(bool(keras.ops.all(keras.ops.isfinite(w.value))) for w in model.weights if "float" in w.dtype)
+
+
+class SameHistoryColumns(keras.callbacks.Callback):
+    """On resume, before ``CSVLogger(append=True)``: the first epoch's logs must have the columns of the history's
+    header, or ``CSVLogger`` would append rows of other columns under it (and the run would fail only once trained).
+
+    ``CSVLogger`` names its columns ``epoch`` and the logs' keys, sorted, with ``val_`` twins when the logs have
+    none. The check raises :class:`rundir.RunDirError` before the epoch is logged or backed up, so the run still
+    resumes from its last backup once the history is mended.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+        self.header = None
+
+    def on_train_begin(self, logs=None):
+        lines = _history_lines(self.path) if self.path.exists() else []
+        self.header = next(csv.reader(lines[:1]), None)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.header:  # no history yet, or checked at an earlier epoch
+            return
+        keys = sorted(logs or {})
+        if keys and not any(key.startswith("val_") for key in keys):
+            keys += [f"val_{key}" for key in keys]
+        header, self.header = self.header, None
+        if header != ["epoch", *keys]:
+            extra = [name for name in header if name not in ("epoch", *keys)]
+            missing = [name for name in ("epoch", *keys) if name not in header]
+            differ = ", ".join([*(f"{name} is not logged" for name in extra), *(f"{name} is missing" for name in
+                                                                                   missing)]) or "another order"
+            raise rundir.RunDirError(
+                f"{self.path} has the columns {','.join(header)}, but this training logs {','.join(['epoch', *keys])} "
+                f"({differ}); remove the columns it does not log, or {_history_fix(self.path)}.")
 
 
 class RecordFitEnd(keras.callbacks.Callback):

@@ -29,6 +29,7 @@ from fmnist_keras.engine.callbacks import (
     RecalibrateBatchNorm,
     RecordFitEnd,
     ResumableEarlyStopping,
+    SameHistoryColumns,
     StopOnSignal,
     averaged_weights,
     backed_up_epochs,
@@ -230,7 +231,8 @@ class _Callbacks:
                 initial_value_threshold=state.best if state else None,
                 save_as=portable_copy(config) if config.data_format != "channels_last" else None,
             )
-            ordered += [checkpoint, keras.callbacks.CSVLogger(str(run.history_file(name)), append=resume)]
+            ordered += [checkpoint, *([SameHistoryColumns(run.history_file(name))] if resume else []),
+                        keras.callbacks.CSVLogger(str(run.history_file(name)), append=resume)]
             if tensorboard:
                 ordered.append(keras.callbacks.TensorBoard(str(run.tensorboard_dir(name))))
         ordered.append(early_stopping)
