@@ -427,34 +427,46 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int):
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; try 0.1.")
-    rng = np.random.default_rng(seed)
-    val_parts = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        n_val = int(round(len(members) * val_fraction))
-        if n_val == 0 or n_val == len(members):
-            raise ValueError(
-                f"class {cls} has {len(members)} examples: a {val_fraction} split leaves none on one side; "
-                f"use more data or another --val-split."
-            )
-        val_parts.append(rng.choice(members, size=n_val, replace=False))
-    val_idx = np.sort(np.concatenate(val_parts))
+    val_idx = _draw_per_class(labels, val_fraction, seed, whole_class=False)
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[val_idx] = False
     return np.flatnonzero(train_mask), val_idx
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Indices of a seeded, class-balanced subset of ``size`` examples (for quick runs)."""
+    """Indices of a seeded, class-balanced subset of ``size`` examples (for quick runs).
+
+    The same draw as :func:`stratified_split`'s validation side with ``size / len(labels)`` for its
+    fraction, except that a class may be kept whole (a subset of nearly every image).
+    """
     if size >= len(labels):
         return np.arange(len(labels))
     try:
-        _, keep = stratified_split(labels, size / len(labels), seed)
+        return _draw_per_class(labels, size / len(labels), seed, whole_class=True)
     except ValueError:
         raise ValueError(
             f"a subset of {size} images cannot hold every class; use at least {20 * len(np.unique(labels))}."
         ) from None
-    return keep
+
+
+def _draw_per_class(labels: np.ndarray, fraction: float, seed: int, whole_class: bool) -> np.ndarray:
+    """Sorted indices of ``round(fraction * n)`` seeded picks from each class of ``n`` examples.
+
+    Raises:
+        ValueError: a class would get no pick, or (unless ``whole_class``) every one of its examples.
+    """
+    rng = np.random.default_rng(seed)
+    parts = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        n = int(round(len(members) * fraction))
+        if n == 0 or (n == len(members) and not whole_class):
+            raise ValueError(
+                f"class {cls} has {len(members)} examples: a {fraction} split leaves none on one side; "
+                f"use more data or another --val-split."
+            )
+        parts.append(rng.choice(members, size=n, replace=False))
+    return np.sort(np.concatenate(parts))
 
 
 def to_model_input(images: np.ndarray, data_format: str = "channels_last") -> np.ndarray:

@@ -388,7 +388,7 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
     if problem is not None:
         return _fail(problem, 2 if args.resume is None else 1) if replicas.is_chief else 1
     try:
-        return _train_models(args, configs, splits, run, backend, replicas, source)
+        return _train_models(args, configs, splits, run, backend, replicas, source, len(raw[0][1]))
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
         return _interrupted(stop, run)
     except RunDirError as error:
@@ -400,15 +400,16 @@ def _train_all(parser, args, configs, run, backend, replicas, held: contextlib.E
                                    then=f"continue the run from its last completed epoch with: {_resume_command(run)}"))
 
 
-def _subset_note(splits, subset: int | None) -> str:
-    """What became of a ``--subset`` larger than the training set ("" for any other)."""
-    images = len(splits.y_train) + len(splits.y_val)
-    if subset is None or subset <= images:
+def _subset_note(subset: int | None, available: int, used: int) -> str:
+    """What ``--subset`` drew, where that is not the number asked for ("" where it is)."""
+    if subset is None or used == subset:
         return ""
-    return f"; --subset {subset:,} is more than its {images:,} training images: all are used"
+    if subset >= available:
+        return f"; --subset {subset:,} is more than its {available:,} training images: all are used"
+    return f"; --subset {subset:,} draws {used:,} images (each class's share, rounded)"
 
 
-def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
+def _train_models(args, configs, splits, run, backend, replicas, source, available: int) -> int:
     """Fit every model (all ranks), then evaluate and report each (rank 0), after the process group is closed."""
     import keras
 
@@ -427,7 +428,7 @@ def _train_models(args, configs, splits, run, backend, replicas, source) -> int:
             f"global batch {configs[0].batch_size}, {configs[0].batch_size // replicas.world_size} per replica"
         )
     say(f"Data: {source}{'' if configs[0].verify else ', digests NOT checked (--no-verify)'}"
-        f"{_subset_note(splits, configs[0].subset)}")
+        f"{_subset_note(configs[0].subset, available, len(splits.y_train) + len(splits.y_val))}")
     say(f"Run directory: {run}{' (resuming)' if args.resume else ''}")
     facts = {}  # model -> what its fit recorded, for the final evaluation
     summaries = {}

@@ -174,6 +174,17 @@ def test_stratified_split_keeps_class_proportions_and_is_seeded():
     assert not np.array_equal(train_idx, other)
 
 
+def test_a_subset_is_the_validation_side_of_the_same_split_and_may_hold_nearly_every_image():
+    labels = np.repeat(np.arange(10), 600)
+    # The draw that every run's config.json (subset, split seed) rebuilds: it must not change.
+    np.testing.assert_array_equal(fdata.stratified_subset(labels, 300, 5), fdata.stratified_split(labels, 0.05, 5)[1])
+    nearly_all = fdata.stratified_subset(labels, 5995, 5)  # 599.5 of each class, rounded: every image
+    np.testing.assert_array_equal(nearly_all, np.arange(6000))
+    assert len(fdata.stratified_subset(labels, 5900, 5)) == 5900
+    with pytest.raises(ValueError, match="a subset of 5 images cannot hold every class; use at least 200"):
+        fdata.stratified_subset(labels, 5, 5)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
 def test_stratified_split_rejects_bad_fraction(fraction):
     with pytest.raises(ValueError, match=r"in \(0, 1\)"):

@@ -166,6 +166,12 @@ def test_a_subset_larger_than_the_training_set_says_that_every_image_is_used(tmp
     out = capsys.readouterr().out
     assert "NOT checked (--no-verify); --subset 50,000 is more than its 400 training images: all are used\n" in out
     assert "== mlp: 360 train / 40 validation / 100 test images" in out
+    # A subset that the classes' shares round down: what was drawn, not what was asked.
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--subset", "205", "--no-report",
+                   name="rounded") == 0
+    out = capsys.readouterr().out
+    assert "; --subset 205 draws 200 images (each class's share, rounded)\n" in out
+    assert "== mlp: 180 train / 20 validation / 100 test images" in out
 
 
 def test_the_split_seed_alone_decides_the_validation_images(tmp_path, tiny_data_dir):
