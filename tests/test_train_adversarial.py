@@ -848,20 +848,49 @@ def test_main_gives_back_the_callers_ctrl_c_handler_after_a_rank_ignored_it(monk
     assert {number: signal.getsignal(number) for number in before} == before
 
 
-@pytest.mark.parametrize("header, says", [
-    ("epoch,accuracy,loss,my_note,val_accuracy,val_loss", "my_note is not logged"),
-    ("epoch,accuracy,loss,val_loss", "val_accuracy is missing"),
+@pytest.mark.parametrize("header, says, mend", [
+    ("epoch,accuracy,loss,my_note,val_accuracy,val_loss", "(my_note is not logged); remove the column my_note from "
+     "every line, or move it away to start", None),
+    ("epoch,accuracy,loss,val_loss", "(val_accuracy is missing); make its first line "
+     "epoch,accuracy,loss,val_accuracy,val_loss again", None),
+    ("", "has the columns (none: a blank line), but", "epoch,accuracy,loss,val_accuracy,val_loss\n"),
 ])
-def test_resume_refuses_a_history_whose_columns_were_changed_before_logging_an_epoch_under_them(
-        finished_run, capsys, header, says):
+def test_resume_refuses_a_history_whose_columns_were_changed_before_anything_of_an_epoch_is_written(
+        finished_run, capsys, header, says, mend):
     mlp = finished_run / "mlp"
     for name in ("metrics.json", "fit.json"):  # stopped before its first backup: resumed from its first epoch
         (mlp / name).unlink()
     (mlp / "history.csv").write_text(header + "\n")
+    model = (mlp / "model.keras").read_bytes()
     assert train.main(["--resume", str(finished_run)]) == 1
-    line = _one_line_error(capsys, f"{mlp / 'history.csv'} has the columns {header}, but this training logs "
+    line = _one_line_error(capsys, f"{mlp / 'history.csv'} has the columns ", "but this training logs "
                                    "epoch,accuracy,loss,val_accuracy,val_loss", says)
-    assert "move" in line and (mlp / "history.csv").read_text() == header + "\n"  # no row under the wrong columns
-    (mlp / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss\n")  # the fix the line gives
+    assert "delete" not in line  # no backup to delete
+    assert (mlp / "history.csv").read_text() == header + "\n"  # no row under the wrong columns
+    assert (mlp / "model.keras").read_bytes() == model  # nor a checkpoint of the refused epoch
+    (mlp / "history.csv").write_text(mend or "epoch,accuracy,loss,val_accuracy,val_loss\n")  # as the line says
     assert train.main(["--resume", str(finished_run)]) == 0
     assert len(read_history(mlp / "history.csv")) == json.loads((mlp / "metrics.json").read_text())["epochs_run"]
+
+
+def test_resume_adds_the_line_end_a_hand_written_header_lacks_so_the_first_row_is_not_glued_to_it(finished_run):
+    mlp = finished_run / "mlp"
+    for name in ("metrics.json", "fit.json"):
+        (mlp / name).unlink()
+    (mlp / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss")
+    assert train.main(["--resume", str(finished_run)]) == 0
+    history = read_history(mlp / "history.csv")
+    assert [row["epoch"] for row in history] == list(range(json.loads((mlp / "metrics.json").read_text())["epochs_run"]))
+
+
+def test_the_column_check_names_the_backup_to_delete_when_there_is_one(tmp_path):
+    from fmnist_keras.engine.callbacks import SameHistoryColumns
+
+    (tmp_path / "history.csv").write_text("epoch,loss,val_loss,extra\n")
+    (tmp_path / "backup").mkdir()
+    check = SameHistoryColumns(tmp_path / "history.csv", tmp_path / "backup")
+    check.on_train_begin()
+    with pytest.raises(RunDirError, match=r"\(extra is not logged\); remove the column extra from every line, or move "
+                                          rf"it away and delete {tmp_path / 'backup'} to train that model again"):
+        check.on_epoch_end(0, {"loss": 1.0, "val_loss": 2.0})
+    check.on_epoch_end(1, {"other": 1.0})  # checked once, at the first epoch

@@ -357,38 +357,44 @@ def _weights_finite(model) -> bool:
 
 
 class SameHistoryColumns(keras.callbacks.Callback):
-    """On resume, before ``CSVLogger(append=True)``: the first epoch's logs must have the columns of the history's
-    header, or ``CSVLogger`` would append rows of other columns under it (and the run would fail only once trained).
+    """On resume: the first epoch's logs must have the columns of the history's header, or ``CSVLogger(append=True)``
+    would append rows of other columns under it (and the run would fail only once trained).
 
     ``CSVLogger`` names its columns ``epoch`` and the logs' keys, sorted, with ``val_`` twins when the logs have
-    none. The check raises :class:`rundir.RunDirError` before the epoch is logged or backed up, so the run still
-    resumes from its last backup once the history is mended.
+    none, and writes no header of its own when the file has a first line, even a blank one. Put this callback
+    before the checkpoint: it raises :class:`rundir.RunDirError` before anything of the epoch is written, so the
+    run still resumes from its last backup once the history is mended.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, backup_dir: Path):
         super().__init__()
-        self.path = Path(path)
-        self.header = None
+        self.path, self.backup_dir = Path(path), Path(backup_dir)
+        self.header = None  # the header's columns; None: nothing to check (no history, or checked already)
 
     def on_train_begin(self, logs=None):
         lines = _history_lines(self.path) if self.path.exists() else []
-        self.header = next(csv.reader(lines[:1]), None)
+        self.header = next(csv.reader(lines[:1]), []) if lines else None
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.header:  # no history yet, or checked at an earlier epoch
+        if self.header is None:
             return
         keys = sorted(logs or {})
         if keys and not any(key.startswith("val_") for key in keys):
             keys += [f"val_{key}" for key in keys]
-        header, self.header = self.header, None
-        if header != ["epoch", *keys]:
-            extra = [name for name in header if name not in ("epoch", *keys)]
-            missing = [name for name in ("epoch", *keys) if name not in header]
-            differ = ", ".join([*(f"{name} is not logged" for name in extra), *(f"{name} is missing" for name in
-                                                                                   missing)]) or "another order"
-            raise rundir.RunDirError(
-                f"{self.path} has the columns {','.join(header)}, but this training logs {','.join(['epoch', *keys])} "
-                f"({differ}); remove the columns it does not log, or {_history_fix(self.path)}.")
+        header, self.header, logged = self.header, None, ["epoch", *keys]
+        if header == logged:
+            return
+        extra = [name for name in header if name not in logged]
+        missing = [name for name in logged if name not in header]
+        differ = ", ".join([*(f"{name} is not logged" for name in extra), *(f"{name} is missing" for name in
+                                                                               missing)]) or "in another order"
+        mend = (f"remove the column{'s' * (len(extra) > 1)} {', '.join(extra)} from every line"
+                if extra and [name for name in header if name in logged] == logged
+                else f"make its first line {','.join(logged)} again")
+        afresh = (f"move it away and delete {self.backup_dir} to train that model again from its first epoch"
+                  if self.backup_dir.exists() else "move it away to start that model's history afresh")
+        raise rundir.RunDirError(f"{self.path} has the columns {','.join(header) or '(none: a blank line)'}, but "
+                                 f"this training logs {','.join(logged)} ({differ}); {mend}, or {afresh}.")
 
 
 class RecordFitEnd(keras.callbacks.Callback):
@@ -522,6 +528,9 @@ def truncate_history(path: Path, epochs: int) -> list[dict]:
     if not path.exists():
         return []
     lines = _history_lines(path)
+    if len(lines) == 1 and not lines[0].endswith("\n"):  # a header without its line end (written by hand):
+        lines = [lines[0] + "\r\n"]  # CSVLogger would append the first row to it
+        rundir.write_text(path, lines[0])
     cut_short = len(lines) > 1 and not lines[-1].endswith("\n")
     complete = lines[:-1] if cut_short else lines
     history = _parse_history(complete, path)

@@ -231,8 +231,9 @@ class _Callbacks:
                 initial_value_threshold=state.best if state else None,
                 save_as=portable_copy(config) if config.data_format != "channels_last" else None,
             )
-            ordered += [checkpoint, *([SameHistoryColumns(run.history_file(name))] if resume else []),
-                        keras.callbacks.CSVLogger(str(run.history_file(name)), append=resume)]
+            if resume:  # before the checkpoint: nothing of an epoch logged under other columns is written
+                ordered.append(SameHistoryColumns(run.history_file(name), run.backup_dir(name)))
+            ordered += [checkpoint, keras.callbacks.CSVLogger(str(run.history_file(name)), append=resume)]
             if tensorboard:
                 ordered.append(keras.callbacks.TensorBoard(str(run.tensorboard_dir(name))))
         ordered.append(early_stopping)
