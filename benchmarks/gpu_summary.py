@@ -18,6 +18,7 @@ import pathlib
 import sys
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
+from fmnist_keras.cli import escape_unencodable_output
 
 # Step -> a piece of its command line, to find its processes in nvidia-smi's list.
 PROCESS_KEYS = {
@@ -31,6 +32,8 @@ def read_steps(out: pathlib.Path) -> list[dict]:
     steps = []
     path = out / "steps.tsv"
     for number, line in enumerate(path.read_text(errors="replace").splitlines() if path.exists() else [], 1):
+        if not line.strip():
+            continue
         try:
             name, start, end, limit, rc = line.split("\t")
             steps.append({"name": name, "start": float(start), "end": float(end), "limit": int(limit), "rc": int(rc)})
@@ -94,7 +97,7 @@ def read_json(path: pathlib.Path) -> dict:
     """A JSON object that the check wrote; a file cut short (the step's time limit) or not an object is one line."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+    except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise SystemExit(f"error: {path} cannot be read as JSON ({error}); its step may have been stopped while "
                          f"writing it: delete it to summarise the rest, or run that step again") from None
     if not isinstance(data, dict):
@@ -108,7 +111,9 @@ def reading(path: pathlib.Path):
     """Around the use of one file's JSON: a key it lacks, or a value of another form, is one line naming the file."""
     try:
         yield
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+    except UnicodeError:  # the summary's own output, not the file
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
         what = f"lacks the key {error}" if isinstance(error, KeyError) else f"holds a value of another form ({error})"
         raise SystemExit(f"error: {path} {what}; it was not written by this version of its benchmark: run that step "
                          f"again, or delete the file to summarise the rest") from None
@@ -196,6 +201,7 @@ def main(argv=None) -> int:
     parser.add_argument("out", nargs="?", default="gpu-results", type=pathlib.Path,
                         help="the output directory of benchmarks/gpu_check.sh (default: gpu-results)")
     out = parser.parse_args(argv).out
+    escape_unencodable_output()  # a device or run name that the terminal's encoding lacks
     if not out.is_dir():
         parser.error(f"{out} is not a directory; pass the output directory of benchmarks/gpu_check.sh")
     steps = read_steps(out)

@@ -13,7 +13,9 @@ command; an existing file there without that line is never replaced. On
 Ctrl-C or SIGTERM every ``train`` still running is ended (a terminal's Ctrl-C
 reaches them too; the rest get SIGTERM) and keeps its completed epochs. On
 Linux a ``train`` also gets SIGTERM when the script itself is killed
-(SIGKILL, a closed terminal), so that no seed goes on training alone.
+(SIGKILL, the out-of-memory killer), so that no seed goes on training alone.
+A closed terminal's SIGHUP reaches the script and its trains alike (one
+process group): each ends at once, with its completed epochs kept.
 
 Usage:
     python benchmarks/seeds.py --model cnn --seeds 42 1 2 --out-dir runs/seeds

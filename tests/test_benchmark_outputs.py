@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -302,7 +303,10 @@ def test_gpu_summary_explains_itself_and_names_a_damaged_file(tmp_path, capsys):
     ("syncs.json", '{"device": "GPU", "keras": "3", "rows": [{"model": "cnn", "path": "fast", "per_step": 0, '
      '"where": []}]}', "holds a value of another form"),
     ("runs/r/cnn/metrics.json", '{"validation": 0.9}', "holds a value of another form"),
-    ("steps.tsv", "bench\t1.0\t2.0\n", "line 1, is not 'name, start, end, limit, exit status'"),
+    ("steps.tsv", "\nbench\t1.0\t2.0\n", "line 2, is not 'name, start, end, limit, exit status'"),  # blank: skipped
+    ("overhead.json", '{"batch_size": 128, "device": "cpu", "keras": "3", "rows": [{"model": "cnn", "fast_ms": 1'
+     + "0" * 400 + ', "torch_ms": 1, "fast_over_torch": 1}]}', "holds a value of another form"),
+    ("bench.json", "[" * 100_000 + "]" * 100_000, "cannot be read as JSON"),
 ])
 def test_gpu_summary_names_a_file_of_another_version_or_form_in_one_line(tmp_path, name, text, said):
     import gpu_summary
@@ -331,3 +335,14 @@ def test_syncs_without_a_cuda_device_writes_why_nothing_was_counted_and_the_summ
     capsys.readouterr()
     assert gpu_summary.main([str(tmp_path)]) == 0
     assert "Not counted: no CUDA device on the torch backend here" in capsys.readouterr().out
+
+
+def test_gpu_summary_escapes_what_the_terminals_encoding_lacks_instead_of_blaming_the_file(tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps({
+        "backend": "torch", "num_train": 10, "batch_size": 2, "rounds": 1, "device": "GPU \u2122", "keras": "3",
+        "rows": [{"model": "cnn", "path": "fast", "s_per_epoch": 1.0, "train_img_s": 10.0, "peak_mb": None,
+                  "test_acc": 0.5}]}))
+    result = subprocess.run([sys.executable, str(Path(outputs.__file__).parent / "gpu_summary.py"), str(tmp_path)],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr
+    assert "GPU \\u2122" in result.stdout and "| cnn | fast | 1.00 |" in result.stdout
