@@ -151,7 +151,7 @@ def run_tta(choice: str, model_dir):
     if choice != "run":
         return CHOICES[choice]
     path = Path(model_dir) / CONFIG_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():  # a FIFO or a dangling link is named by load_config
         return TTA()
     try:
         config = load_config(path)

@@ -6,8 +6,9 @@ Usage:
 Writes ``evaluation.json`` (the same metrics ``train`` writes to
 ``metrics.json``: loss, accuracy, macro-F1, per-class precision, recall and
 accuracy, confusion matrix) and ``report.md`` with its figures, by default
-next to the model. A ``.keras`` file saved under any backend loads under any
-other. Keras is imported only after the arguments are parsed and the backend
+into the run's model directory, or ``NAME-evaluation/`` beside a model file
+``NAME.keras`` outside a run (:func:`check_outputs` says where else). A
+``.keras`` file saved under any backend loads under any other. Keras is imported only after the arguments are parsed and the backend
 is chosen, so ``--help`` is instant.
 """
 
@@ -25,9 +26,9 @@ from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, EVALUATION_FILE, FI
                                  TEXT, RunDirError, check_fields, is_finite_number, is_marker, is_model_dir,
                                  read_json_object, write_json)
 
-# Written into an --out-dir that evaluate writes to (a run's model directory
-# has the run's marker one level up instead): existing outputs are replaced
-# only in a directory that carries one of the two.
+# Written into a new or empty directory that evaluate writes to (a run's model
+# directory has the run's marker one level up instead): existing outputs are
+# replaced only in a directory that carries one of the two.
 OUTPUT_MARKER = ".fmnist_keras-evaluation"
 # Run files are a few kB; anything much larger is not one, and is not read.
 class RunFileError(ValueError):
@@ -94,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", nargs="+", metavar="LAYER",
                         help="layers whose feature maps to draw (default: each convolution's activated output)")
     parser.add_argument("--out-dir", metavar="DIR", type=non_empty_path,
-                        help="where evaluation.json, report.md and figures/ go (default: the model's directory)")
+                        help="where evaluation.json, report.md and figures/ go: a new or empty directory, or one "
+                             "evaluate wrote (default: the run's model directory; for a model file outside a run, "
+                             "NAME-evaluation/ beside NAME.keras)")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="only compute and write the metrics, draw no figures (default: write the report)")
     parser.add_argument("--seed", type=in_range(int, 0, 2**32 - 1, "numpy seeds"), default=0,
@@ -105,14 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_outputs(out_dir: Path) -> bool:
+def default_out_dir(model_path: Path) -> Path:
+    """Where evaluate writes when no --out-dir is given: the run's model directory for a model a run holds, else
+    a directory of its own beside the model file (``fashion.keras`` -> ``fashion-evaluation/``)."""
+    if is_model_dir(model_path.parent):
+        return model_path.parent
+    return model_path.with_name(f"{model_path.stem}-evaluation")
+
+
+def check_outputs(out_dir: Path, model_dir: Path) -> bool:
     """Refuse to write where evaluate would replace or follow what is not its own, before anything is computed.
 
-    ``evaluation.json``, ``report.md`` and ``figures/`` (and each entry of
-    ``figures/``) must not be links; where they exist, ``out_dir`` (links
-    resolved) must be a model directory of a run train created (the run's
-    marker one level up, the name listed in its ``run.json``) or a directory
-    evaluate wrote before (:data:`OUTPUT_MARKER`).
+    ``out_dir`` must be one of:
+
+    - the run's model directory of the model evaluated (``model_dir``, the directory its file lies in): train
+      created it, and its report is that model's;
+    - a directory that does not exist yet, or an empty one: evaluate marks it as its own (:data:`OUTPUT_MARKER`);
+    - a directory evaluate marked that holds nothing but evaluate's outputs (``evaluation.json``, ``report.md``,
+      ``figures/`` of regular files): evaluate replaces them.
+
+    So a user's directory that holds anything else, or another model's directory of a run, is refused, and no
+    file of a user's is ever replaced. ``evaluation.json``, ``report.md``, ``figures/`` and the entries of
+    ``figures/`` must not be links.
 
     Returns:
         Whether ``out_dir`` is a run's model directory (which needs no :data:`OUTPUT_MARKER`).
@@ -120,9 +137,11 @@ def check_outputs(out_dir: Path) -> bool:
     Raises:
         RunFileError: naming the path and how to fix it.
     """
+    fix = "choose another --out-dir (a new or empty directory)"
     in_run = is_model_dir(out_dir)
-    ours = in_run or is_marker(out_dir.resolve() / OUTPUT_MARKER)
-    fix = "move it away or choose another --out-dir (a new or empty directory)"
+    if in_run and out_dir.resolve() != model_dir.resolve():
+        raise RunFileError(f"{out_dir} is the directory of another model of a run, whose report evaluate would "
+                           f"replace; {fix}.")
     figures = out_dir / FIGURES_DIR
     paths = [out_dir / EVALUATION_FILE, out_dir / REPORT_FILE, figures]
     if figures.is_dir() and not figures.is_symlink():
@@ -130,15 +149,22 @@ def check_outputs(out_dir: Path) -> bool:
     for path in paths:
         if path.is_symlink():
             raise RunFileError(f"{path} is a symbolic link; evaluate writes only real files and never follows a "
-                               f"link; {fix}.")
-        if not path.exists():
-            continue
-        if (path == figures) != path.is_dir():
+                               f"link; move it away or {fix}.")
+        if path.exists() and (path == figures) != path.is_dir():
             raise RunFileError(f"{path} is {'not ' if path == figures else ''}a directory, in the way of the "
-                               f"report; {fix}.")
-        if not ours:
-            raise RunFileError(f"{path} exists, and {out_dir} is neither a run's model directory nor one that "
-                               f"evaluate wrote, so evaluate will not replace it; {fix}.")
+                               f"report; move it away or {fix}.")
+    if in_run or not out_dir.is_dir():
+        return in_run
+    entries = sorted(out_dir.iterdir())
+    if entries and not is_marker(out_dir.resolve() / OUTPUT_MARKER):
+        raise RunFileError(f"{out_dir} holds files evaluate did not write ({entries[0].name} first), and is not a "
+                           f"run's model directory; evaluate writes only into a directory of its own; {fix}.")
+    outputs = {OUTPUT_MARKER, EVALUATION_FILE, REPORT_FILE, FIGURES_DIR}
+    foreign = [entry for entry in entries if entry.name not in outputs]
+    foreign += [entry for entry in paths[3:] if not entry.is_file()]  # in figures/: a directory, a FIFO
+    if foreign:
+        raise RunFileError(f"{foreign[0]} is not an output of evaluate, in {out_dir}, a directory evaluate marked "
+                           f"as its own; move it out of there, or {fix}.")
     return in_run
 
 
@@ -176,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(one_line(error))
 
     from fmnist_keras import data as fdata
-    from fmnist_keras.loading import ModelLoadError, exit_code, input_data_format, load_model, resolve_model_path
+    from fmnist_keras.loading import (ModelLoadError, exit_code, input_data_format, load_model, model_home,
+                                      resolve_model_path)
 
     try:
         model_path = resolve_model_path(args.model, lambda note: print(note, file=sys.stderr))
@@ -184,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as error:
         print_error(error)
         return exit_code(error)
-    run_dir = model_path.parent
-    out_dir = Path(args.out_dir) if args.out_dir else run_dir
+    run_dir = model_home(model_path)  # where its config.json and metrics.json are, a link followed
+    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(model_path)
     config_path, metrics_path = run_dir / CONFIG_FILE, run_dir / METRICS_FILE
     try:
-        out_dir_in_run = check_outputs(out_dir)
+        out_dir_in_run = check_outputs(out_dir, run_dir)
     except RunFileError as error:
         return _fail(str(error))
     try:  # damaged run files are reported before the data is read

@@ -80,6 +80,12 @@ def models_in_run(directory: Path) -> list[Path]:
     return [child / MODEL_FILE for child in children if child.is_dir() and (child / MODEL_FILE).is_file()]
 
 
+def model_home(model_path: Path) -> Path:
+    """The directory ``model_path`` really lies in, a link to it followed: where train wrote its run files
+    (``config.json``, ``metrics.json``)."""
+    return Path(model_path).resolve().parent
+
+
 def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
     """Return the ``.keras`` file meant by ``path``.
 

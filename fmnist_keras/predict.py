@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from fmnist_keras.data import CLASS_NAMES, to_model_input
     from fmnist_keras.engine.evaluation import predict_probabilities
-    from fmnist_keras.loading import ModelLoadError, exit_code, input_data_format, load_model, resolve_model_path
+    from fmnist_keras.loading import (ModelLoadError, exit_code, input_data_format, load_model, model_home,
+                                      resolve_model_path)
     from fmnist_keras.rundir import RunDirError
 
     errors, items = [], []
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             print_error(error)
     try:
         model_path = resolve_model_path(args.model, announce=lambda note: print(note, file=sys.stderr))
-        tta = run_tta(args.tta, model_path.parent)
+        tta = run_tta(args.tta, model_home(model_path))
         model = load_model(model_path)
     except ModelLoadError as error:
         print_error(error)

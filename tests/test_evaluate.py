@@ -87,7 +87,8 @@ def test_tta_follows_the_run_unless_told(cnn_run, tiny_data_dir, tmp_path, capsy
 
     def evaluated(path, *flags):
         assert run_cli(tiny_data_dir, path, "--no-report", *flags) == 0
-        result = json.loads((path.parent if path.suffix else path).joinpath("evaluation.json").read_text())
+        out_dir = evaluate.default_out_dir(path if path.suffix else path / "model.keras")
+        result = json.loads((out_dir / "evaluation.json").read_text())
         return result["test_time_augmentation"], result["test"]["loss"], result["test"]["accuracy"]
 
     # The CNN's run: flip and shifts (its defaults).
@@ -108,6 +109,16 @@ def test_tta_follows_the_run_unless_told(cnn_run, tiny_data_dir, tmp_path, capsy
     bare.parent.mkdir()
     model.save(bare)
     assert evaluated(bare)[1:] == none[1:]
+    # A link to the run's model: the run's config.json, where the model really lies, not the link's folder's.
+    TrainConfig(model="cnn", shift_tta=False).save(cnn_run / "config.json")
+    link = tmp_path / "links" / "best.keras"
+    link.parent.mkdir()
+    link.symlink_to(cnn_run / "model.keras")
+    assert run_cli(tiny_data_dir, link, "--no-report", "--out-dir", tmp_path / "via-link") == 0
+    assert json.loads((tmp_path / "via-link" / "evaluation.json").read_text())["test"]["loss"] == flip[1]
+    os.mkfifo(bare.parent / "config.json")  # not a file: named, never taken for "no config.json"
+    assert run_cli(tiny_data_dir, bare, "--no-report") == 1
+    assert "config.json is not a regular file" in capsys.readouterr().err
     (cnn_run / "config.json").write_text('{"notes": "not a run configuration"}')
     assert run_cli(tiny_data_dir, cnn_run, "--no-report") == 1
     assert "--tta none, flip, shifts or flip-shifts does without it" in capsys.readouterr().err
@@ -223,7 +234,7 @@ def test_model_saved_under_another_backend_evaluates_here(tmp_path, tiny_data_di
     env = {**os.environ, "KERAS_BACKEND": other, "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, timeout=300)  # generous: CI machines may be loaded
     assert run_cli(tiny_data_dir, tmp_path / "model.keras", "--no-report") == 0
-    result = json.loads((tmp_path / "evaluation.json").read_text())
+    result = json.loads((tmp_path / "model-evaluation" / "evaluation.json").read_text())  # beside model.keras
     (_, _), (_, y_test) = load_data(tiny_data_dir, verify=False)
     probabilities = np.load(tmp_path / "probs.npy")
     assert result["test"]["accuracy"] == pytest.approx(float((probabilities.argmax(1) == y_test).mean()))
@@ -412,32 +423,57 @@ def test_evaluate_never_replaces_files_in_a_directory_it_did_not_write(cnn_run, 
     (mine / "figures").mkdir(parents=True)
     (mine / "report.md").write_text("my report")
     (mine / "figures" / "curves.png").write_text("my figure")
-    before = sorted(p.name for p in mine.rglob("*"))
-    assert run_cli(tiny_data_dir, cnn_run, "--out-dir", mine) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "will not replace it" in err, err
-    assert sorted(p.name for p in mine.rglob("*")) == before and (mine / "report.md").read_text() == "my report"
-    # A directory evaluate wrote itself is its own to write again.
+    thesis = tmp_path / "thesis"  # none of evaluate's outputs in it, but files of the user's
+    thesis.mkdir()
+    (thesis / "chapter1.md").write_text("years of work")
+    for out_dir in (mine, thesis):
+        before = {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()}
+        assert run_cli(tiny_data_dir, cnn_run, "--out-dir", out_dir) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "holds files evaluate did not write" in err, err
+        assert {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()} == before  # and nothing added
+    # A directory evaluate made itself is its own to write again, as long as it holds only evaluate's outputs.
     fresh = tmp_path / "fresh"
     assert run_cli(tiny_data_dir, cnn_run, "--out-dir", fresh, "--no-report") == 0
     assert run_cli(tiny_data_dir, cnn_run, "--out-dir", fresh) == 0
     assert (fresh / evaluate.OUTPUT_MARKER).is_file() and (fresh / "report.md").is_file()
+    (fresh / "notes.txt").write_text("mine")
+    assert run_cli(tiny_data_dir, cnn_run, "--out-dir", fresh) == 1
+    assert "notes.txt is not an output of evaluate" in capsys.readouterr().err
+    assert (fresh / "notes.txt").read_text() == "mine"
 
 
-def test_only_a_model_directory_of_a_run_counts_as_the_runs_own(tmp_path):
+def test_a_model_file_outside_a_run_is_evaluated_into_a_directory_of_its_own(cnn_run, tiny_data_dir, tmp_path):
+    downloads = tmp_path / "Downloads"
+    downloads.mkdir()
+    (downloads / "fashion.keras").write_bytes((cnn_run / "model.keras").read_bytes())
+    (downloads / "report.md").write_text("a report of the user's")
+    (downloads / "notes.txt").write_text("mine")
+    for _ in range(2):  # and again: the directory is evaluate's
+        assert run_cli(tiny_data_dir, downloads / "fashion.keras") == 0
+    assert sorted(p.name for p in downloads.iterdir()) == ["fashion-evaluation", "fashion.keras", "notes.txt",
+                                                          "report.md"]
+    assert (downloads / "report.md").read_text() == "a report of the user's"
+    assert (downloads / "fashion-evaluation" / "report.md").read_text().startswith("# Report")
+
+
+def test_only_the_model_directory_of_the_model_evaluated_counts_as_the_runs_own(tmp_path):
     from fmnist_keras.rundir import RunDir
 
-    run = RunDir.create(str(tmp_path / "runs"), "r", ["mlp"])
+    run = RunDir.create(str(tmp_path / "runs"), "r", ["mlp", "cnn"])
     user = tmp_path / "user"
-    for directory in (run.check_model_dir("mlp"), run.path / "notes", user):
+    for directory in (run.check_model_dir("mlp"), run.check_model_dir("cnn"), run.path / "notes", user):
         directory.mkdir(exist_ok=True)
         (directory / "report.md").write_text("a report")
     (run.path / "shared").symlink_to(user, target_is_directory=True)
-    assert evaluate.check_outputs(run.path / "mlp")  # the run's model directory: evaluate may replace its report
+    mlp = run.path / "mlp"
+    assert evaluate.check_outputs(mlp, mlp)  # its own model directory: evaluate may replace its report
+    with pytest.raises(evaluate.RunFileError, match="is the directory of another model of a run"):
+        evaluate.check_outputs(run.path / "cnn", mlp)
     for out_dir in (run.path / "notes", run.path / "shared"):  # not listed in run.json; a link to the user's
-        with pytest.raises(evaluate.RunFileError, match="will not replace it"):
-            evaluate.check_outputs(out_dir)
-    assert not evaluate.check_outputs(tmp_path / "new")  # not a run's: evaluate marks it as its own
+        with pytest.raises(evaluate.RunFileError, match="holds files evaluate did not write"):
+            evaluate.check_outputs(out_dir, mlp)
+    assert not evaluate.check_outputs(tmp_path / "new", mlp)  # not a run's: evaluate marks it as its own
     assert (user / "report.md").read_text() == "a report"
 
 
@@ -455,8 +491,8 @@ def test_a_marker_that_is_a_link_makes_no_directory_the_projects(tmp_path):
     (user / RUN_FILE).write_text('{"models": ["mlp"]}')
     assert not is_model_dir(user / "mlp")
     for out_dir in (user, user / "mlp"):
-        with pytest.raises(evaluate.RunFileError, match="will not replace it"):
-            evaluate.check_outputs(out_dir)
+        with pytest.raises(evaluate.RunFileError, match="holds files evaluate did not write"):
+            evaluate.check_outputs(out_dir, user / "mlp")
     assert (user / "report.md").read_text() == (user / "mlp" / "report.md").read_text() == "my report"
 
 
