@@ -47,6 +47,7 @@ EXPORT_NEEDS = {
 # a directory only when it carries this file, so it never deletes one that
 # export did not write.
 EXPORT_MARKER = ".fmnist_keras-export"
+ASSET_DIRS = ("assets", "assets.extra")  # a SavedModel's directories of extra files (TF Serving's warm-up requests)
 # The metadata entry every ONNX file export writes carries; --overwrite replaces no other ONNX file.
 ONNX_STAMP = ("written_by", "fmnist_keras.export")
 # Protocol Buffers serialise at most 2 GiB, so a single-file ONNX model is no
@@ -242,28 +243,50 @@ def _not_own_saved_model(output: Path) -> str | None:
     if not is_marker(output / EXPORT_MARKER):
         return f"no {EXPORT_MARKER} in it"
     found = (first_entry_not_among(output, (EXPORT_MARKER, "saved_model.pb", "fingerprint.pb"),
-                                   ("variables", "assets", "assets.extra"))
+                                   ("variables", *ASSET_DIRS))
              or first_entry_not_among(output / "variables", ("variables.index",), (), ("variables.data-*",)))
-    for assets in ("assets", "assets.extra"):
+    for assets in ASSET_DIRS:
         found = found or first_link_or_special_below(output / assets)
+    if found is None:  # TF Serving's users add files to assets.extra/ by hand: only those export listed are its
+        listed = set((output / EXPORT_MARKER).read_text(errors="replace").splitlines()[1:])
+        found = next((output / name for name in _asset_files(output) if name not in listed), None)
     return None if found is None else f"it holds {found}, which export did not write"
 
 
-def write_export(model, output: Path, format: str) -> Path:
+def _asset_files(saved_model: Path) -> list[str]:
+    """The files below a SavedModel's ``assets/`` and ``assets.extra/``, as paths relative to it, links not followed."""
+    found = []
+    for assets in ASSET_DIRS:
+        for directory, _, files in os.walk(saved_model / assets):
+            found += [(Path(directory) / name).relative_to(saved_model).as_posix() for name in files]
+    return sorted(found)
+
+
+def write_export(model, output: Path, format: str, overwrite: bool = False) -> Path:
     """Export into a temporary sibling of ``output``, then swap it into place.
 
     A failed export leaves ``output`` as it was. An existing ``output`` is
-    replaced only after the new export is complete; for a SavedModel it must
-    carry :data:`EXPORT_MARKER` (checked again just before removal).
+    replaced only after the new export is complete, and only with
+    ``overwrite``; it must be what :func:`check_output` lets export replace,
+    checked again just before (an ONNX file) or during (a SavedModel
+    directory) the swap. Without ``overwrite``, a file that appeared at
+    ``output`` during the export is left alone.
     """
     parent = output.parent
     if format == "onnx":
-        with replacing(output, prefix=f".{output.name}.", suffix=".partial.onnx") as (handle, temporary):
-            os.close(handle)  # the exporter writes the file by name
-            export_model(model, temporary, format)
-            _stamp_onnx(temporary)
-            if output.is_symlink() or output.is_dir():
-                raise ExportError(f"{output} became a symlink or directory during the export; left alone.")
+        try:
+            with replacing(output, prefix=f".{output.name}.", suffix=".partial.onnx", new_only=not overwrite) as (
+                    handle, temporary):
+                os.close(handle)  # the exporter writes the file by name
+                export_model(model, temporary, format)
+                _stamp_onnx(temporary)
+                try:
+                    check_output(str(output), format, overwrite)
+                except ExportError as error:
+                    raise ExportError(f"{output} changed during the export ({error}); it is left alone.") from None
+        except FileExistsError:
+            raise ExportError(f"{output} appeared during the export; it is left alone; choose another --output, or "
+                              f"run it again with --overwrite if it is an earlier export.") from None
         return output
     temporary = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.", suffix=".partial"))
     try:
@@ -273,10 +296,12 @@ def write_export(model, output: Path, format: str) -> Path:
         finally:
             os.close(handle)
         export_model(model, temporary, format)
-        (temporary / EXPORT_MARKER).write_text("written by python -m fmnist_keras.export\n")
+        # The marker lists the asset files export wrote, so a file added there later is never replaced.
+        (temporary / EXPORT_MARKER).write_text("\n".join(["written by python -m fmnist_keras.export",
+                                                          *_asset_files(temporary)]) + "\n")
         old = None
         if output.exists() or output.is_symlink():
-            if output.is_symlink() or _not_own_saved_model(output) is not None:
+            if not overwrite or output.is_symlink() or _not_own_saved_model(output) is not None:
                 raise ExportError(f"{output} changed during the export and is no longer a directory export wrote; "
                                   f"left alone.")
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.", suffix=".old"))
@@ -395,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"cannot create {output.parent} ({error.strerror}); choose another --output.")
         return 1
     try:
-        write_export(model, output, args.format)
+        write_export(model, output, args.format, args.overwrite)
     except Exception as error:  # exporters raise many types; the user needs one line
         detail = " ".join(str(error).split())[:300]
         others = [b for b in EXPORT_NEEDS[args.format] if b != backend and not missing_packages(args.format, b)]

@@ -34,6 +34,7 @@ import dataclasses
 import fcntl
 import json
 import math
+import errno
 import os
 import re
 import shutil
@@ -124,13 +125,15 @@ def make_ordinary(fd: int, directory: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def replacing(path: Path, prefix: str | None = None, suffix: str = ""):
+def replacing(path: Path, prefix: str | None = None, suffix: str = "", new_only: bool = False):
     """A new file beside ``path``, renamed over ``path`` when the block ends, removed when it fails.
 
     The file has a name no one else has (``mkstemp``: ``O_EXCL``, so never a
     link planted under a name it might take) and the umask's permissions.
     Yields its open descriptor, the block's to close, and its path (default
-    name ``.partial-NAME.XXXXXXXX`` + ``suffix``).
+    name ``.partial-NAME.XXXXXXXX`` + ``suffix``). With ``new_only``, ``path``
+    must not exist when the block ends: a file that appeared there meanwhile
+    is left as it is, and :class:`FileExistsError` raised.
     """
     path = Path(path)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".partial-{path.name}.", suffix=suffix)
@@ -138,9 +141,24 @@ def replacing(path: Path, prefix: str | None = None, suffix: str = ""):
     try:
         make_ordinary(handle)
         yield handle, temporary
-        os.replace(temporary, path)
+        if new_only:
+            _rename_unless_taken(temporary, path)
+        else:
+            os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _rename_unless_taken(source: Path, target: Path) -> None:
+    """Give ``source`` the name ``target``, which must be free: a hard link fails, atomically, if it is not."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: the check and the rename are two steps
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+        os.replace(source, target)
 
 
 def _write_atomically(path: Path, mode: str, content) -> None:

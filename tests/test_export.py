@@ -318,6 +318,23 @@ def test_only_an_onnx_file_export_wrote_is_replaced_read_once_and_never_when_too
     assert reads == [str(earlier)] and huge.stat().st_size == export.MAX_ONNX_BYTES + 1
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_that_appears_at_the_output_during_an_onnx_export_is_left_alone(tmp_path, monkeypatch, overwrite):
+    output = tmp_path / "race.onnx"
+
+    def export_while_the_user_writes(model, path, format):
+        Path(path).write_bytes(b"the export")
+        output.write_text("user data")  # written at --output while the export runs
+
+    monkeypatch.setattr(export, "export_model", export_while_the_user_writes)
+    monkeypatch.setattr(export, "_stamp_onnx", lambda path: None)
+    checked = export.check_output(str(output), "onnx", overwrite)  # nothing there yet
+    with pytest.raises(export.ExportError, match="appeared during the export|changed during the export") as error:
+        export.write_export("model", checked, "onnx", overwrite)
+    assert "left alone" in str(error.value)
+    assert output.read_text() == "user data" and sorted(p.name for p in tmp_path.iterdir()) == ["race.onnx"]
+
+
 def test_the_model_being_exported_is_never_its_output(tiny_model_file, tmp_path):
     (tmp_path / "alias").symlink_to(tiny_model_file.parent, target_is_directory=True)
     with pytest.raises(export.ExportError, match="is the model being exported"):
@@ -345,14 +362,15 @@ def test_saved_model_directory_export_did_not_write_is_never_replaced(tmp_path):
     assert (mine / "notes.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("theirs", ["notes.txt", "variables/notes.txt", "assets/link", "marker-link"])
+@pytest.mark.parametrize("theirs", ["notes.txt", "variables/notes.txt", "assets/link", "marker-link",
+                                    "assets/vocab.txt", "assets.extra/tf_serving_warmup_requests"])
 def test_saved_model_directory_with_what_export_did_not_write_is_never_replaced(tmp_path, monkeypatch, theirs):
     # A file of the user's inside an export, or a marker that is a link planted in the user's directory.
     monkeypatch.setattr(export, "export_model", _fake_saved_model)
     output = tmp_path / "saved"
     export.write_export("first", export.check_output(str(output), "tf_saved_model", overwrite=False), "tf_saved_model")
-    (output / "variables").mkdir()
-    (output / "assets").mkdir()
+    for directory in ("variables", "assets", "assets.extra"):
+        (output / directory).mkdir()
     (tmp_path / "precious.txt").write_text("keep me")
     if theirs == "marker-link":
         (output / export.EXPORT_MARKER).unlink()
@@ -370,6 +388,22 @@ def test_saved_model_directory_with_what_export_did_not_write_is_never_replaced(
     assert sorted(p.name for p in output.rglob("*")) == before and (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_the_asset_files_an_export_wrote_are_its_own_to_replace(tmp_path, monkeypatch):
+    def with_assets(model, output, format):
+        _fake_saved_model(model, output, format)
+        (Path(output) / "assets" / "table").mkdir(parents=True)
+        (Path(output) / "assets" / "table" / "vocab.txt").write_text(f"vocabulary of {model}")
+        return output
+
+    monkeypatch.setattr(export, "export_model", with_assets)
+    output = tmp_path / "saved"
+    export.write_export("first", export.check_output(str(output), "tf_saved_model", overwrite=False), "tf_saved_model")
+    assert (output / export.EXPORT_MARKER).read_text().splitlines()[1:] == ["assets/table/vocab.txt"]
+    export.write_export("second", export.check_output(str(output), "tf_saved_model", overwrite=True), "tf_saved_model",
+                        overwrite=True)
+    assert (output / "assets" / "table" / "vocab.txt").read_text() == "vocabulary of second"
+
+
 def test_saved_model_overwrite_swaps_in_only_a_finished_export(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "export_model", _fake_saved_model)
     output = tmp_path / "saved"
@@ -384,9 +418,10 @@ def test_saved_model_overwrite_swaps_in_only_a_finished_export(tmp_path, monkeyp
     monkeypatch.setattr(export, "export_model", broken)
     with pytest.raises(RuntimeError):
         export.write_export("second", export.check_output(str(output), "tf_saved_model", overwrite=True),
-                            "tf_saved_model")
+                            "tf_saved_model", overwrite=True)
     assert (output / "saved_model.pb").read_text() == "export of first"
     monkeypatch.setattr(export, "export_model", _fake_saved_model)
-    export.write_export("third", export.check_output(str(output), "tf_saved_model", overwrite=True), "tf_saved_model")
+    export.write_export("third", export.check_output(str(output), "tf_saved_model", overwrite=True), "tf_saved_model",
+                        overwrite=True)
     assert (output / "saved_model.pb").read_text() == "export of third"
     assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temporary or old copy left
