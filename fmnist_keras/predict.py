@@ -21,8 +21,10 @@ still classified, and the exit code is 1 if anything failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import stat
 import sys
@@ -48,6 +50,9 @@ MAX_NPY_BYTES = 1024**3
 # The longest edge a picture is read at. The model sees 28 pixels; the full-size arrays of a 90-megapixel
 # picture would take gigabytes, so a larger picture is first reduced by a whole factor (box filter).
 MAX_EDGE = 2048
+# The picture formats Pillow may open, chosen by content whatever the file's name. Not EPS or PDF, which
+# Pillow hands to Ghostscript, an interpreter of its own; nor the rarer formats, fewer decoders to trust.
+PICTURE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -330,10 +335,11 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_logs_off():
+            warnings.simplefilter("ignore")  # a damaged tag's warning: the picture fails or is read, in one line
             # Pillow only warns between 89 and 179 Mpixels; no garment photo needs that many.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path, formats=PICTURE_FORMATS) as image:
                 image.load()  # decode now: truncated files fail here, not later
                 try:
                     pixels, inverted = prepare_image(image, invert, str(path))
@@ -346,12 +352,27 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
     except InputError:
         raise
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP, ...).") from None
+        raise InputError(f"{path}: not an image predict reads (PNG, JPEG, GIF, BMP, TIFF, WebP, PPM/PGM, or a .npy "
+                         f"array); convert it to PNG.") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InputError(f"{path}: refused, {error}") from None
-    except (OSError, SyntaxError, ValueError) as error:  # truncated or damaged data
+    except MemoryError:
+        raise
+    except Exception as error:  # truncated or damaged data; a decoder's own error type (RuntimeError, ...)
         raise InputError(f"{path}: damaged or truncated image ({' '.join(str(error).split())}).") from None
     return [Item(str(path), None, pixels, inverted)]
+
+
+@contextlib.contextmanager
+def _pillow_logs_off():
+    """Pillow's own log lines (``More samples per pixel than can be decoded``) off: a picture that fails is
+    one line of predict's."""
+    logger = logging.getLogger("PIL")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -149,7 +149,7 @@ def _bad_files(directory):
     _shape_picture((200, 150), (255, 255, 255), (0, 0, 0), mode="RGB").save(jpeg)
     files = {}
     (directory / "text.png").write_text("not a picture\n")
-    files["text.png"] = "not an image Pillow can read"
+    files["text.png"] = "not an image predict reads"
     (directory / "empty.jpg").write_bytes(b"")
     files["empty.jpg"] = r"is empty \(0 bytes\)"
     png = good_png.read_bytes()
@@ -183,6 +183,42 @@ def test_every_bad_file_gets_its_own_error(tmp_path):
         with pytest.raises(predict.InputError, match=message) as info:
             predict.read_input(tmp_path / "in" / name)
         assert name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_postscript_picture_is_never_handed_to_ghostscript(tmp_path, monkeypatch):
+    # Pillow opens EPS by its content whatever the name, and runs Ghostscript (gs) to draw it.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'gs-ran'}\nexit 1\n")
+    (fake_bin / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    shirt = tmp_path / "shirt.png"
+    shirt.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(predict.InputError, match="shirt.png: not an image predict reads"):
+        predict.read_input(shirt)
+    assert not (tmp_path / "gs-ran").exists()
+
+
+def test_a_decoders_own_error_and_pillows_warnings_and_logs_give_one_line(tmp_path, monkeypatch, capsys):
+    import logging
+    import warnings
+
+    from PIL import ImageFile
+
+    path = tmp_path / "odd.png"
+    _shape_picture((50, 50), 0, 200).save(path)
+
+    def failing_load(self):
+        warnings.warn("Tag data larger than file", UserWarning)
+        logging.getLogger("PIL.TiffImagePlugin").error("More samples per pixel than can be decoded")
+        raise RuntimeError("Failed to decode frame 0")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", failing_load)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that escaped would fail here
+        with pytest.raises(predict.InputError, match=r"odd.png: damaged or truncated image \(Failed to decode"):
+            predict.read_input(path)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("side", [10000, 13500])  # over Pillow's warning and error limits
