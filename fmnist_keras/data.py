@@ -118,7 +118,7 @@ def find_source(data_dir: str | os.PathLike | None = None) -> Source | None:
     """
     explicit = data_dir if data_dir is not None else os.environ.get(ENV_VAR) or None
     if explicit is not None:
-        directory = Path(explicit).expanduser()
+        directory = Path(os.path.expanduser(explicit))  # "~nobody" stays as it is (Path.expanduser raises)
         origin = "--data-dir" if data_dir is not None else f"${ENV_VAR}"
         if not directory.is_dir():
             raise DataError(

@@ -75,7 +75,7 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
     """
     if not text.strip():
         raise ExportError("--output is empty; pass the file (onnx) or directory (tf_saved_model) to write.")
-    output = Path(text).expanduser()
+    output = Path(os.path.expanduser(text))  # "~nobody" stays as it is (Path.expanduser raises)
     what = "a new file such as model.onnx" if format == "onnx" else "a new directory such as saved_model/"
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     try:

@@ -107,7 +107,7 @@ def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
     """
     if str(path) == "":  # Path("") is ".", the current directory
         raise ModelLoadError(f"the model path is empty (an unset variable?); {_FIX}.")
-    given = Path(path).expanduser()
+    given = Path(os.path.expanduser(path))  # "~nobody" stays as it is (Path.expanduser raises)
     if given.is_dir():
         candidate = given / MODEL_FILE
         if not candidate.is_file():

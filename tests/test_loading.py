@@ -7,6 +7,7 @@ when safe mode is switched off, so "the marker was not written" means something.
 
 import json
 import zipfile
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -372,3 +373,16 @@ def test_run_directory_with_several_models_lists_them(tmp_path, good_model_file)
         assert str(error.value) == f"{given} holds several models (cnn, mlp); pass one of {choices}."
         assert exit_code(error.value) == 2
     assert exit_code(ModelLoadError("x")) == 1
+
+
+def test_a_tilde_of_an_unknown_user_is_a_path_that_does_not_exist_not_a_traceback(tmp_path, monkeypatch):
+    from fmnist_keras import export
+    from fmnist_keras.data import DataError, find_source
+    from fmnist_keras.loading import ModelLoadError, resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="~nobody-fmnist/x.keras does not exist"):
+        resolve_model_path("~nobody-fmnist/x.keras")
+    with pytest.raises(DataError, match="~nobody-fmnist/idx, which is not a directory"):
+        find_source("~nobody-fmnist/idx")
+    assert export.check_output("~nobody-fmnist/o.onnx", "onnx", overwrite=False) == Path("~nobody-fmnist/o.onnx")
