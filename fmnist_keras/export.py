@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 
 from fmnist_keras.backend import named_backend
-from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, print_error
+from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, os_error_line, print_error
 from fmnist_keras.rundir import (
     first_entry_not_among, first_link_or_special_below, is_marker, make_ordinary, replacing,
 )
@@ -421,6 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         write_export(model, output, args.format, args.overwrite)
+    except ExportError as error:
+        print_error(error)
+        return 1
+    except OSError as error:  # the file system's: a full disk, a place that takes no new file (/proc)
+        kept = f"; {output} is unchanged" if output.exists() else ""
+        print_error(os_error_line("export", error, then=f"run it again{kept}."))
+        return 1
     except Exception as error:  # exporters raise many types; the user needs one line
         detail = " ".join(str(error).split())[:300]
         others = [b for b in EXPORT_NEEDS[args.format] if b != backend and not missing_packages(args.format, b)]

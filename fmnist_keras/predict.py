@@ -243,6 +243,8 @@ def read_npy(path: Path, size: int) -> np.ndarray:
             else:
                 raise ValueError(f"format version {version[0]}.{version[1]}; expected 1.0 or 2.0")
             offset = handle.tell()
+    except InputError:
+        raise
     except ValueError as error:  # bad magic or header
         raise InputError(f"{path}: not a plain .npy array ({' '.join(str(error).split())}).") from None
     except OSError as error:

@@ -136,7 +136,10 @@ def replacing(path: Path, prefix: str | None = None, suffix: str = "", new_only:
     is left as it is, and :class:`FileExistsError` raised.
     """
     path = Path(path)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".partial-{path.name}.", suffix=suffix)
+    try:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".partial-{path.name}.", suffix=suffix)
+    except OSError as error:  # named after the file asked for, not the temporary one
+        raise OSError(error.errno, error.strerror, str(path)) from None
     temporary = Path(name)
     try:
         make_ordinary(handle)
@@ -145,6 +148,10 @@ def replacing(path: Path, prefix: str | None = None, suffix: str = "", new_only:
             _rename_unless_taken(temporary, path)
         else:
             os.replace(temporary, path)
+    except OSError as error:
+        if error.filename not in (None, name):
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from None  # a full disk: which file it was
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -141,3 +141,23 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(capsys):
 
     assert run_command(main, "predict") == 1
     assert capsys.readouterr().err == ""
+
+
+def test_a_failed_write_names_the_file_asked_for_not_its_temporary(tmp_path):
+    import errno
+
+    from fmnist_keras import rundir
+
+    target = tmp_path / "figures" / "curves.png"
+    target.parent.mkdir()
+    with pytest.raises(OSError) as failed:
+        with rundir.replacing(target) as (handle, temporary):
+            os.close(handle)
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a write to a full disk does
+    assert failed.value.filename == str(target) and failed.value.errno == errno.ENOSPC
+    assert "cannot use " + str(target) in cli.os_error_line("evaluate", failed.value)
+    assert list(target.parent.iterdir()) == []  # and no temporary left
+    with pytest.raises(FileNotFoundError) as missing:
+        with rundir.replacing(tmp_path / "missing" / "x.onnx", prefix=".x.onnx.", suffix=".partial.onnx"):
+            pass
+    assert missing.value.filename == str(tmp_path / "missing" / "x.onnx")  # not '.x.onnx.XXXX.partial.onnx'

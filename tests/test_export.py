@@ -6,6 +6,7 @@ a test that cannot run on this pass's backend says so in its skip reason.
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 import keras
@@ -425,3 +426,12 @@ def test_saved_model_overwrite_swaps_in_only_a_finished_export(tmp_path, monkeyp
                         overwrite=True)
     assert (output / "saved_model.pb").read_text() == "export of third"
     assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temporary or old copy left
+
+
+@_needs("onnx")
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, which takes no new file")
+def test_a_place_that_takes_no_new_file_is_one_line_naming_the_output(tiny_model_file, capsys):
+    assert export.main([str(tiny_model_file), "--format", "onnx", "--output", "/proc/x.onnx"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: export cannot use /proc/x.onnx: ") and err.count("\n") == 1, err
+    assert ".partial" not in err and "--backend" not in err

@@ -164,6 +164,9 @@ def _bad_files(directory):
     files["dtype.npy"] = "dtype int32"
     np.save(directory / "pickled.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
     files["pickled.npy"] = "Object arrays cannot be loaded when allow_pickle=False"
+    np.savez(directory / "several.npz", a=np.zeros((28, 28), np.uint8))
+    (directory / "several.npz").rename(directory / "several.npy")
+    files["several.npy"] = r"several.npy: holds several arrays \(.npz\); expected one array in a .npy file.$"
     (directory / "garbage.npy").write_bytes(b"\x93NUMPY garbage")
     files["garbage.npy"] = "not a plain .npy array|cannot read it as .npy"
     (directory / "a_directory").mkdir(exist_ok=True)
