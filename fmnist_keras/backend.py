@@ -78,9 +78,11 @@ def select_backend(backend: str | None = None, device: str = "auto") -> str:
             installed, Keras already runs another backend, or ``device="gpu"``
             and the backend sees no GPU. The message says how to fix it.
     """
+    given = backend
     backend = backend or default_backend()
     if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+        where = " (from $KERAS_BACKEND)" if given is None else ""
+        raise BackendError(f"unknown backend {backend!r}{where}; choose one of {', '.join(BACKENDS)}.")
     if device not in DEVICES:
         raise BackendError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
     if importlib.util.find_spec(_PACKAGES[backend]) is None:

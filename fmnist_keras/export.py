@@ -27,6 +27,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from fmnist_keras import interrupts
 from fmnist_keras.backend import named_backend
 from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, os_error_line, print_error
 from fmnist_keras.rundir import (
@@ -95,7 +96,7 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
                 f"--output {text!r} is {candidate}, the current directory, the home directory or one of their "
                 f"ancestors; export never replaces those; pass {what}."
             )
-    if output.name in ("", ".", ".."):
+    if output.name in ("", ".", "..") or os.path.basename(text.rstrip()) in (".", ".."):  # Path("x/.") is "x"
         raise ExportError(f"--output {text!r} names a directory by '.' or '..'; pass {what}.")
     if format == "onnx" and text.rstrip().endswith(("/", os.sep)):  # Path() drops the slash that says "a directory"
         raise ExportError(f"--output {text!r} ends with a slash, which names a directory, but an ONNX export is one "
@@ -262,6 +263,11 @@ def _asset_files(saved_model: Path) -> list[str]:
     return sorted(found)
 
 
+def _appeared(output: Path) -> str:
+    return (f"{output} appeared during the export; it is left alone; choose another --output, or run it again with "
+            f"--overwrite if it is an earlier export.")
+
+
 def write_export(model, output: Path, format: str, overwrite: bool = False) -> Path:
     """Export into a temporary sibling of ``output``, then swap it into place.
 
@@ -285,8 +291,7 @@ def write_export(model, output: Path, format: str, overwrite: bool = False) -> P
                 except ExportError as error:
                     raise ExportError(f"{output} changed during the export ({error}); it is left alone.") from None
         except FileExistsError:
-            raise ExportError(f"{output} appeared during the export; it is left alone; choose another --output, or "
-                              f"run it again with --overwrite if it is an earlier export.") from None
+            raise ExportError(_appeared(output)) from None
         return output
     temporary = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.", suffix=".partial"))
     try:
@@ -301,21 +306,25 @@ def write_export(model, output: Path, format: str, overwrite: bool = False) -> P
                                                           *_asset_files(temporary)]) + "\n")
         old = None
         if output.exists() or output.is_symlink():
-            if not overwrite or output.is_symlink() or _not_own_saved_model(output) is not None:
+            if not overwrite:
+                raise ExportError(_appeared(output))
+            if output.is_symlink() or _not_own_saved_model(output) is not None:
                 raise ExportError(f"{output} changed during the export and is no longer a directory export wrote; "
                                   f"left alone.")
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.", suffix=".old"))
-            try:
-                os.replace(output, old)  # renaming onto an empty directory is atomic
-            except OSError:
-                old.rmdir()
-                raise
-        try:
-            os.replace(temporary, output)
-        except OSError:
+        with interrupts.deferred():  # a signal between the two renames would leave no export at --output
             if old is not None:
-                os.replace(old, output)
-            raise
+                try:
+                    os.replace(output, old)  # renaming onto an empty directory is atomic
+                except OSError:
+                    old.rmdir()
+                    raise
+            try:
+                os.replace(temporary, output)
+            except OSError:
+                if old is not None:
+                    os.replace(old, output)
+                raise
         if old is not None:
             shutil.rmtree(old)
     finally:

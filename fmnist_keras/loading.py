@@ -140,6 +140,9 @@ def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
         )
     if suffix != ".keras":
         raise ModelLoadError(f"{given} has suffix {suffix or '(none)'!r}; expected a .keras file; {_FIX}.")
+    if given.suffix != ".keras":  # Keras reads a .keras archive by that name alone
+        raise ModelLoadError(f"{given} ends in {given.suffix!r}; Keras reads a model file only by the suffix .keras, "
+                             f"in lower case; rename it to {given.stem}.keras.")
     return given
 
 

@@ -14,9 +14,12 @@ BACKEND = keras.backend.backend()
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_unknown_backend_and_device_name_the_choices():
+def test_unknown_backend_and_device_name_the_choices(monkeypatch):
     with pytest.raises(fbackend.BackendError, match="unknown backend 'theano'; choose one of torch, tensorflow, jax"):
         fbackend.select_backend("theano")
+    monkeypatch.setenv("KERAS_BACKEND", "numpy")  # Keras has a numpy backend; the project trains on none of it
+    with pytest.raises(fbackend.BackendError, match=r"unknown backend 'numpy' \(from \$KERAS_BACKEND\); choose one"):
+        fbackend.select_backend()
     with pytest.raises(fbackend.BackendError, match="unknown device 'tpu'; choose one of auto, cpu, gpu"):
         fbackend.select_backend(BACKEND, "tpu")
 

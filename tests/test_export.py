@@ -435,3 +435,10 @@ def test_a_place_that_takes_no_new_file_is_one_line_naming_the_output(tiny_model
     err = capsys.readouterr().err
     assert err.startswith("error: export cannot use /proc/x.onnx: ") and err.count("\n") == 1, err
     assert ".partial" not in err and "--backend" not in err
+
+
+def test_an_output_whose_last_part_is_a_dot_is_refused_not_written_as_its_parent(tmp_path):
+    for text in (f"{tmp_path}/newname/.", f"{tmp_path}/newname/./", f"{tmp_path}/a/.."):
+        with pytest.raises(export.ExportError, match="names a directory"):
+            export.check_output(text, "onnx", overwrite=False)
+    assert list(tmp_path.iterdir()) == []

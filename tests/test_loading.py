@@ -386,3 +386,13 @@ def test_a_tilde_of_an_unknown_user_is_a_path_that_does_not_exist_not_a_tracebac
     with pytest.raises(DataError, match="~nobody-fmnist/idx, which is not a directory"):
         find_source("~nobody-fmnist/idx")
     assert export.check_output("~nobody-fmnist/o.onnx", "onnx", overwrite=False) == Path("~nobody-fmnist/o.onnx")
+
+
+def test_a_model_file_in_upper_case_is_told_to_be_renamed(tmp_path, good_model_file):
+    from fmnist_keras.loading import ModelLoadError, resolve_model_path
+
+    upper = tmp_path / "MODEL.KERAS"
+    upper.write_bytes(Path(good_model_file).read_bytes())
+    with pytest.raises(ModelLoadError, match=r"ends in '.KERAS'; Keras reads a model file only by the suffix .keras, "
+                                             r"in lower case; rename it to MODEL.keras"):
+        resolve_model_path(upper)

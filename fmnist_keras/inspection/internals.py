@@ -58,7 +58,7 @@ def _require_conv(model, what: str) -> list:
     if not convs:
         raise ValueError(
             f"{what} needs a convolutional layer, but model {model.name!r} has none "
-            f"(layers: {', '.join(layer_names(model))}); use a CNN such as --model cnn."
+            f"(layers: {', '.join(layer_names(model))}); pass a CNN (one trained with --model cnn)."
         )
     return convs
 
