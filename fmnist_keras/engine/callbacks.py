@@ -528,9 +528,9 @@ def truncate_history(path: Path, epochs: int) -> list[dict]:
     if not path.exists():
         return []
     lines = _history_lines(path)
-    if len(lines) == 1 and not lines[0].endswith("\n"):  # a header without its line end (written by hand):
-        lines = [lines[0] + "\r\n"]  # CSVLogger would append the first row to it
-        rundir.write_text(path, lines[0])
+    if len(lines) == 1 and not lines[0].endswith("\n") and lines[0].startswith("epoch,"):
+        lines = [lines[0] + "\r\n"]  # a header without its line end (written by hand): CSVLogger would append
+        rundir.write_text(path, lines[0])  # the first row to it
     cut_short = len(lines) > 1 and not lines[-1].endswith("\n")
     complete = lines[:-1] if cut_short else lines
     history = _parse_history(complete, path)
