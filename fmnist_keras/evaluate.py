@@ -22,9 +22,9 @@ from fmnist_keras.allocator import keep_freed_memory
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_fast_path_argument, add_tta_argument,
                               escape_unencodable_output, in_range, non_empty_path, one_line, print_error, run_tta)
-from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, EVALUATION_FILE, FIGURES_DIR, METRICS_FILE, REPORT_FILE,
-                                 TEXT, RunDirError, check_fields, is_finite_number, is_marker, is_model_dir,
-                                 read_json_object, write_json)
+from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, EVALUATION_FILE, FIGURES_DIR, METRICS_FILE, MODEL_FILE,
+                                 REPORT_FILE, TEXT, RunDirError, check_fields, is_finite_number, is_marker,
+                                 is_model_dir, read_json_object, write_json)
 
 # Written into a new or empty directory that evaluate writes to (a run's model
 # directory has the run's marker one level up instead): existing outputs are
@@ -109,39 +109,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_out_dir(model_path: Path) -> Path:
-    """Where evaluate writes when no --out-dir is given: the run's model directory for a model a run holds, else
-    a directory of its own beside the model file (``fashion.keras`` -> ``fashion-evaluation/``)."""
-    if is_model_dir(model_path.parent):
+    """Where evaluate writes when no --out-dir is given: the run's model directory for the ``model.keras`` a run
+    holds, else a directory of its own beside the model file (``fashion.keras`` -> ``fashion-evaluation/``)."""
+    if _is_runs_own(model_path.parent, model_path):
         return model_path.parent
     return model_path.with_name(f"{model_path.stem}-evaluation")
 
 
-def check_outputs(out_dir: Path, model_dir: Path) -> bool:
-    """Refuse to write where evaluate would replace or follow what is not its own, before anything is computed.
+def _is_runs_own(out_dir: Path, model_path: Path) -> bool:
+    """Whether ``out_dir`` is a run's model directory and ``model_path`` its ``model.keras`` (links followed)."""
+    return is_model_dir(out_dir) and Path(model_path).resolve() == out_dir.resolve() / MODEL_FILE
 
-    ``out_dir`` must be one of:
 
-    - the run's model directory of the model evaluated (``model_dir``, the directory its file lies in): train
-      created it, and its report is that model's;
+def check_outputs(out_dir: Path, model_path: Path) -> bool:
+    """Refuse to write where evaluate would replace or follow what is not its own.
+
+    Called before anything is computed, and again just before evaluate writes. ``out_dir`` must be one of:
+
+    - the run's model directory whose ``model.keras`` is evaluated: train created it, and its report is that
+      model's;
     - a directory that does not exist yet, or an empty one: evaluate marks it as its own (:data:`OUTPUT_MARKER`);
     - a directory evaluate marked that holds nothing but evaluate's outputs (``evaluation.json``, ``report.md``,
-      ``figures/`` of regular files): evaluate replaces them.
+      ``figures/`` of regular files, and the temporary files a killed evaluate left): evaluate replaces them.
 
-    So a user's directory that holds anything else, or another model's directory of a run, is refused, and no
-    file of a user's is ever replaced. ``evaluation.json``, ``report.md``, ``figures/`` and the entries of
+    So a user's directory that holds anything else, or a run's model directory for another model, is refused,
+    and no file of a user's is ever replaced. ``evaluation.json``, ``report.md``, ``figures/`` and the entries of
     ``figures/`` must not be links.
 
     Returns:
-        Whether ``out_dir`` is a run's model directory (which needs no :data:`OUTPUT_MARKER`).
+        Whether ``out_dir`` is the run's model directory (which needs no :data:`OUTPUT_MARKER`).
 
     Raises:
         RunFileError: naming the path and how to fix it.
     """
     fix = "choose another --out-dir (a new or empty directory)"
-    in_run = is_model_dir(out_dir)
-    if in_run and out_dir.resolve() != model_dir.resolve():
-        raise RunFileError(f"{out_dir} is the directory of another model of a run, whose report evaluate would "
-                           f"replace; {fix}.")
+    in_run = _is_runs_own(out_dir, model_path)
+    if not in_run and is_model_dir(out_dir):
+        raise RunFileError(f"{out_dir} is a run's model directory, whose report is that of its own {MODEL_FILE}, "
+                           f"not of {model_path}; {fix}.")
     figures = out_dir / FIGURES_DIR
     paths = [out_dir / EVALUATION_FILE, out_dir / REPORT_FILE, figures]
     if figures.is_dir() and not figures.is_symlink():
@@ -150,18 +155,19 @@ def check_outputs(out_dir: Path, model_dir: Path) -> bool:
         if path.is_symlink():
             raise RunFileError(f"{path} is a symbolic link; evaluate writes only real files and never follows a "
                                f"link; move it away or {fix}.")
-        if path.exists() and (path == figures) != path.is_dir():
-            raise RunFileError(f"{path} is {'not ' if path == figures else ''}a directory, in the way of the "
-                               f"report; move it away or {fix}.")
+        if path.exists() and not (path.is_dir() if path == figures else path.is_file()):
+            raise RunFileError(f"{path} is not a {'directory' if path == figures else 'regular file'}, in the way "
+                               f"of the report; move it away or {fix}.")
     if in_run or not out_dir.is_dir():
         return in_run
     entries = sorted(out_dir.iterdir())
     if entries and not is_marker(out_dir.resolve() / OUTPUT_MARKER):
         raise RunFileError(f"{out_dir} holds files evaluate did not write ({entries[0].name} first), and is not a "
                            f"run's model directory; evaluate writes only into a directory of its own; {fix}.")
-    outputs = {OUTPUT_MARKER, EVALUATION_FILE, REPORT_FILE, FIGURES_DIR}
-    foreign = [entry for entry in entries if entry.name not in outputs]
-    foreign += [entry for entry in paths[3:] if not entry.is_file()]  # in figures/: a directory, a FIFO
+    outputs = (OUTPUT_MARKER, EVALUATION_FILE, REPORT_FILE)
+    left_behind = tuple(f".partial-{name}." for name in outputs)  # rundir.replacing's names, after a kill
+    foreign = [entry for entry in entries if entry.name not in (*outputs, FIGURES_DIR)
+               and not (entry.name.startswith(left_behind) and entry.is_file() and not entry.is_symlink())]
     if foreign:
         raise RunFileError(f"{foreign[0]} is not an output of evaluate, in {out_dir}, a directory evaluate marked "
                            f"as its own; move it out of there, or {fix}.")
@@ -215,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(model_path)
     config_path, metrics_path = run_dir / CONFIG_FILE, run_dir / METRICS_FILE
     try:
-        out_dir_in_run = check_outputs(out_dir, run_dir)
+        check_out_dir(out_dir)  # the default too: NAME-evaluation may be a file
+        out_dir_in_run = check_outputs(out_dir, model_path)
     except RunFileError as error:
         return _fail(str(error))
     try:  # damaged run files are reported before the data is read
@@ -263,10 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         x_train, y_train = splits.x_train, splits.y_train
 
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if not out_dir.exists() and not out_dir.is_symlink():
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            out_dir.mkdir()  # not exist_ok: a directory that appeared meanwhile is not evaluate's
+        check_outputs(out_dir, model_path)  # again: what appeared while the model was evaluated
         if not out_dir_in_run:
             write_json(out_dir / OUTPUT_MARKER, {"written_by": "fmnist_keras.evaluate"})
         write_json(out_dir / EVALUATION_FILE, result)
+    except FileExistsError:
+        return _fail(f"{out_dir} appeared while the model was evaluated; it is left alone; choose another --out-dir.")
+    except RunFileError as error:
+        return _fail(f"while the model was evaluated, {error}")
     except OSError as error:
         return _fail(f"cannot write {out_dir / EVALUATION_FILE} ({error.strerror}); choose another --out-dir.")
     except ValueError as error:  # allow_nan=False: a NaN metric is no result to save
@@ -285,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         # The run's facts (training backend, best epoch, ...) with the metrics just computed.
         computed = ("test", "validation", "test_time_augmentation")
         metrics = {**result, **trained, **{k: result[k] for k in computed if k in result}}
+        try:
+            check_outputs(out_dir, model_path)  # again: the figures take a while
+        except RunFileError as error:
+            return _fail(f"while the model was evaluated, {error}")
         report = write_report(run_dir, x_test, y_test, model=model, metrics=metrics, x_train=x_train,
                               y_train=y_train, out_dir=out_dir, image_index=args.image_index, layers=args.layers,
                               seed=args.seed, test_probabilities=test_probabilities)

@@ -96,7 +96,8 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
                 f"--output {text!r} is {candidate}, the current directory, the home directory or one of their "
                 f"ancestors; export never replaces those; pass {what}."
             )
-    if output.name in ("", ".", "..") or os.path.basename(text.rstrip()) in (".", ".."):  # Path("x/.") is "x"
+    last = os.path.basename(text.rstrip().rstrip("/" + os.sep))  # Path("x/.") is "x"
+    if output.name in ("", ".", "..") or last in (".", ".."):
         raise ExportError(f"--output {text!r} names a directory by '.' or '..'; pass {what}.")
     if format == "onnx" and text.rstrip().endswith(("/", os.sep)):  # Path() drops the slash that says "a directory"
         raise ExportError(f"--output {text!r} ends with a slash, which names a directory, but an ONNX export is one "
@@ -200,7 +201,8 @@ def choose_backend(format: str, requested: str | None = None) -> str:
             return candidates[0]
         backend = next(iter(EXPORT_NEEDS[format]))
     if backend not in EXPORT_NEEDS[format]:
-        raise ExportError(f"unknown backend {backend!r}; choose one of {', '.join(EXPORT_NEEDS[format])}.")
+        where = " (from $KERAS_BACKEND)" if requested is None else ""
+        raise ExportError(f"unknown backend {backend!r}{where}; choose one of {', '.join(EXPORT_NEEDS[format])}.")
     missing = missing_packages(format, backend)
     if missing:
         pips = " ".join(missing)  # each import name is also its pip name

@@ -369,12 +369,13 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
 def _pillow_logs_off():
     """Pillow's own log lines (``More samples per pixel than can be decoded``) off: a picture that fails is
     one line of predict's."""
-    logger = logging.getLogger("PIL")
-    disabled, logger.disabled = logger.disabled, True
+    logger = logging.getLogger("PIL")  # its plugins' loggers (PIL.TiffImagePlugin) inherit its level
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
-        logger.disabled = disabled
+        logger.setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:

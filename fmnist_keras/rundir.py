@@ -138,8 +138,9 @@ def replacing(path: Path, prefix: str | None = None, suffix: str = "", new_only:
     path = Path(path)
     try:
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".partial-{path.name}.", suffix=suffix)
-    except OSError as error:  # named after the file asked for, not the temporary one
-        raise OSError(error.errno, error.strerror, str(path)) from None
+    except OSError as error:
+        _name_after(error, path)
+        raise
     temporary = Path(name)
     try:
         make_ordinary(handle)
@@ -149,11 +150,18 @@ def replacing(path: Path, prefix: str | None = None, suffix: str = "", new_only:
         else:
             os.replace(temporary, path)
     except OSError as error:
-        if error.filename not in (None, name):
-            raise
-        raise OSError(error.errno, error.strerror, str(path)) from None  # a full disk: which file it was
+        if error.filename in (None, name):  # the system's error about the temporary, or a full disk's about none
+            _name_after(error, path)
+        raise
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _name_after(error: OSError, path: Path) -> None:
+    """Name the system's ``error`` (one with an ``errno``) after ``path``, the file asked for, not its temporary;
+    an error of a caller's own (no ``errno``) keeps its words."""
+    if error.errno is not None:
+        error.filename, error.filename2 = str(path), None
 
 
 def _rename_unless_taken(source: Path, target: Path) -> None:

@@ -161,3 +161,7 @@ def test_a_failed_write_names_the_file_asked_for_not_its_temporary(tmp_path):
         with rundir.replacing(tmp_path / "missing" / "x.onnx", prefix=".x.onnx.", suffix=".partial.onnx"):
             pass
     assert missing.value.filename == str(tmp_path / "missing" / "x.onnx")  # not '.x.onnx.XXXX.partial.onnx'
+
+    with pytest.raises(OSError, match="^exporter said no$"):  # a caller's own error keeps its words
+        with rundir.replacing(tmp_path / "figures" / "x.png"):
+            raise OSError("exporter said no")

@@ -443,6 +443,46 @@ def test_evaluate_never_replaces_files_in_a_directory_it_did_not_write(cnn_run, 
     assert (fresh / "notes.txt").read_text() == "mine"
 
 
+def test_a_users_directory_that_appears_while_the_model_is_evaluated_is_left_alone(cnn_run, tiny_data_dir,
+                                                                                    tmp_path, monkeypatch, capsys):
+    from fmnist_keras import data as fdata
+
+    out_dir, real_load = tmp_path / "userdir", fdata.load_data
+
+    def load_while_the_user_writes(*args, **kwargs):
+        out_dir.mkdir()
+        (out_dir / "evaluation.json").write_text("the user's")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(fdata, "load_data", load_while_the_user_writes)
+    assert run_cli(tiny_data_dir, cnn_run, "--out-dir", out_dir, "--no-report") == 1
+    assert "error: while the model was evaluated, " in capsys.readouterr().err
+    assert [p.name for p in out_dir.iterdir()] == ["evaluation.json"]
+    assert (out_dir / "evaluation.json").read_text() == "the user's"
+
+
+def test_what_a_killed_evaluate_left_is_its_own_and_a_fifo_is_not(tmp_path):
+    out_dir = tmp_path / "eval"
+    out_dir.mkdir()
+    (out_dir / evaluate.OUTPUT_MARKER).write_text("{}")
+    (out_dir / ".partial-evaluation.json.abc123").write_text("{")  # rundir.replacing's, cut by SIGKILL
+    assert not evaluate.check_outputs(out_dir, tmp_path / "m.keras")
+    os.mkfifo(out_dir / "report.md")
+    with pytest.raises(evaluate.RunFileError, match="report.md is not a regular file, in the way of the report"):
+        evaluate.check_outputs(out_dir, tmp_path / "m.keras")
+
+
+def test_a_file_where_the_default_output_goes_is_refused_before_the_data_is_read(cnn_run, tiny_data_dir, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from fmnist_keras import data as fdata
+
+    (tmp_path / "m.keras").write_bytes((cnn_run / "model.keras").read_bytes())
+    (tmp_path / "m-evaluation").write_text("a file of the user's")
+    monkeypatch.setattr(fdata, "load_data", lambda *a, **k: pytest.fail("the data was read"))
+    assert run_cli(tiny_data_dir, tmp_path / "m.keras") == 1
+    assert "m-evaluation is a file, not a directory" in capsys.readouterr().err
+
+
 def test_a_model_file_outside_a_run_is_evaluated_into_a_directory_of_its_own(cnn_run, tiny_data_dir, tmp_path):
     downloads = tmp_path / "Downloads"
     downloads.mkdir()
@@ -467,13 +507,18 @@ def test_only_the_model_directory_of_the_model_evaluated_counts_as_the_runs_own(
         (directory / "report.md").write_text("a report")
     (run.path / "shared").symlink_to(user, target_is_directory=True)
     mlp = run.path / "mlp"
-    assert evaluate.check_outputs(mlp, mlp)  # its own model directory: evaluate may replace its report
-    with pytest.raises(evaluate.RunFileError, match="is the directory of another model of a run"):
-        evaluate.check_outputs(run.path / "cnn", mlp)
+    assert evaluate.check_outputs(mlp, mlp / "model.keras")  # its own model directory: evaluate may replace its report
+    with pytest.raises(evaluate.RunFileError, match="is a run's model directory, whose report is that of its own"):
+        evaluate.check_outputs(run.path / "cnn", mlp / "model.keras")
     for out_dir in (run.path / "notes", run.path / "shared"):  # not listed in run.json; a link to the user's
         with pytest.raises(evaluate.RunFileError, match="holds files evaluate did not write"):
-            evaluate.check_outputs(out_dir, mlp)
-    assert not evaluate.check_outputs(tmp_path / "new", mlp)  # not a run's: evaluate marks it as its own
+            evaluate.check_outputs(out_dir, mlp / "model.keras")
+    assert not evaluate.check_outputs(tmp_path / "new", mlp / "model.keras")  # not a run's: evaluate marks it
+    (mlp / "model.keras").write_text("a model")
+    (mlp / "mine.keras").write_text("another model, copied into the run's directory")
+    assert evaluate.default_out_dir(mlp / "mine.keras") == mlp / "mine-evaluation"  # not the run's report
+    with pytest.raises(evaluate.RunFileError, match="is a run's model directory, whose report is that of its own"):
+        evaluate.check_outputs(mlp, mlp / "mine.keras")
     assert (user / "report.md").read_text() == "a report"
 
 
@@ -492,7 +537,7 @@ def test_a_marker_that_is_a_link_makes_no_directory_the_projects(tmp_path):
     assert not is_model_dir(user / "mlp")
     for out_dir in (user, user / "mlp"):
         with pytest.raises(evaluate.RunFileError, match="holds files evaluate did not write"):
-            evaluate.check_outputs(out_dir, user / "mlp")
+            evaluate.check_outputs(out_dir, user / "mlp" / "model.keras")
     assert (user / "report.md").read_text() == (user / "mlp" / "report.md").read_text() == "my report"
 
 

@@ -438,7 +438,14 @@ def test_a_place_that_takes_no_new_file_is_one_line_naming_the_output(tiny_model
 
 
 def test_an_output_whose_last_part_is_a_dot_is_refused_not_written_as_its_parent(tmp_path):
-    for text in (f"{tmp_path}/newname/.", f"{tmp_path}/newname/./", f"{tmp_path}/a/.."):
-        with pytest.raises(export.ExportError, match="names a directory"):
-            export.check_output(text, "onnx", overwrite=False)
+    for text in (f"{tmp_path}/newname/.", f"{tmp_path}/newname/./", f"{tmp_path}/newname/.//", f"{tmp_path}/a/.."):
+        for format in ("onnx", "tf_saved_model"):
+            with pytest.raises(export.ExportError, match="names a directory"):
+                export.check_output(text, format, overwrite=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_backend_from_the_environment_is_named_as_such(monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "numpy")
+    with pytest.raises(export.ExportError, match=r"unknown backend 'numpy' \(from \$KERAS_BACKEND\)"):
+        export.choose_backend("onnx")

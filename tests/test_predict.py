@@ -217,6 +217,7 @@ def test_a_decoders_own_error_and_pillows_warnings_and_logs_give_one_line(tmp_pa
         raise RuntimeError("Failed to decode frame 0")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", failing_load)
+    monkeypatch.setattr(logging.root, "handlers", [])  # as outside pytest: Python's last-resort handler prints
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a warning that escaped would fail here
         with pytest.raises(predict.InputError, match=r"odd.png: damaged or truncated image \(Failed to decode"):
