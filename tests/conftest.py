@@ -251,3 +251,12 @@ requires_real_data = pytest.mark.skipif(
     not real_data_available(),
     reason=f"real Fashion-MNIST not in {REAL_DATA_DIR}; apt-get install dataset-fashion-mnist",
 )
+
+
+def without_tensorflow_logs(stderr: str) -> str:
+    """``stderr`` without the lines TensorFlow's C++ logging writes as it starts (docs/backends.md: they cannot
+    be turned off), so that a command's own one line can be checked on every backend."""
+    import re
+
+    chatter = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWEF]\d{4} [\d:. ]+\d+ \S+:\d+\])")
+    return "".join(line for line in stderr.splitlines(keepends=True) if not chatter.match(line))
