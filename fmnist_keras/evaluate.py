@@ -8,8 +8,9 @@ Writes ``evaluation.json`` (the same metrics ``train`` writes to
 accuracy, confusion matrix) and ``report.md`` with its figures, by default
 into the run's model directory, or ``NAME-evaluation/`` beside a model file
 ``NAME.keras`` outside a run (:func:`check_outputs` says where else). A
-``.keras`` file saved under any backend loads under any other. Keras is imported only after the arguments are parsed and the backend
-is chosen, so ``--help`` is instant.
+``.keras`` file saved under any backend loads under any other. Keras is
+imported only after the arguments are parsed and the backend is chosen, so
+``--help`` is instant.
 """
 
 from __future__ import annotations

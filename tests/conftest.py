@@ -258,5 +258,6 @@ def without_tensorflow_logs(stderr: str) -> str:
     be turned off), so that a command's own one line can be checked on every backend."""
     import re
 
-    chatter = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWEF]\d{4} [\d:. ]+\d+ \S+:\d+\])")
+    chatter = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)"
+                         r"|[IWEF]\d{4} [\d:. ]+\d+ \S+:\d+\])")  # I0000 00:00:17… 31942 cuda_platform.cc:52]
     return "".join(line for line in stderr.splitlines(keepends=True) if not chatter.match(line))

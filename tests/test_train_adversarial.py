@@ -880,7 +880,8 @@ def test_resume_adds_the_line_end_a_hand_written_header_lacks_so_the_first_row_i
     (mlp / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss")
     assert train.main(["--resume", str(finished_run)]) == 0
     history = read_history(mlp / "history.csv")
-    assert [row["epoch"] for row in history] == list(range(json.loads((mlp / "metrics.json").read_text())["epochs_run"]))
+    epochs = json.loads((mlp / "metrics.json").read_text())["epochs_run"]
+    assert [row["epoch"] for row in history] == list(range(epochs))
 
 
 def test_the_column_check_names_the_backup_to_delete_when_there_is_one(tmp_path):
