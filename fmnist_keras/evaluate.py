@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         computed = ("test", "validation", "test_time_augmentation")
         metrics = {**result, **trained, **{k: result[k] for k in computed if k in result}}
         try:
-            check_outputs(out_dir, model_path)  # again: the figures take a while
+            check_outputs(out_dir, model_path)  # again, as the report and its figures are about to be written
         except RunFileError as error:
             return _fail(f"while the model was evaluated, {error}")
         report = write_report(run_dir, x_test, y_test, model=model, metrics=metrics, x_train=x_train,
