@@ -24,8 +24,8 @@ from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_fast_path_argument, add_tta_argument,
                               escape_unencodable_output, in_range, non_empty_path, one_line, print_error, run_tta)
 from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, EVALUATION_FILE, FIGURES_DIR, METRICS_FILE, MODEL_FILE,
-                                 REPORT_FILE, TEXT, RunDirError, check_fields, is_finite_number, is_marker,
-                                 is_model_dir, read_json_object, write_json)
+                                 REPORT_FILE, TEXT, RunDirError, check_fields, first_entry_not_among, is_finite_number,
+                                 is_marker, is_model_dir, read_json_object, temporaries_of, write_json)
 
 # Written into a new or empty directory that evaluate writes to (a run's model
 # directory has the run's marker one level up instead): existing outputs are
@@ -166,11 +166,10 @@ def check_outputs(out_dir: Path, model_path: Path) -> bool:
         raise RunFileError(f"{out_dir} holds files evaluate did not write ({entries[0].name} first), and is not a "
                            f"run's model directory; evaluate writes only into a directory of its own; {fix}.")
     outputs = (OUTPUT_MARKER, EVALUATION_FILE, REPORT_FILE)
-    left_behind = tuple(f".partial-{name}." for name in outputs)  # rundir.replacing's names, after a kill
-    foreign = [entry for entry in entries if entry.name not in (*outputs, FIGURES_DIR)
-               and not (entry.name.startswith(left_behind) and entry.is_file() and not entry.is_symlink())]
-    if foreign:
-        raise RunFileError(f"{foreign[0]} is not an output of evaluate, in {out_dir}, a directory evaluate marked "
+    left_behind = [temporaries_of(name) for name in outputs]  # what a killed evaluate left
+    foreign = first_entry_not_among(out_dir, outputs, (FIGURES_DIR,), left_behind)
+    if foreign is not None:
+        raise RunFileError(f"{foreign} is not an output of evaluate, in {out_dir}, a directory evaluate marked "
                            f"as its own; move it out of there, or {fix}.")
     return in_run
 

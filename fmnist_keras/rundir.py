@@ -124,6 +124,15 @@ def make_ordinary(fd: int, directory: bool = False) -> None:
     os.fchmod(fd, (0o777 if directory else 0o666) & ~_UMASK)
 
 
+# The start of the names of replacing()'s temporary files (and ModelCheckpoint's): a kill can leave one behind.
+TEMPORARY_PREFIX = ".partial-"
+
+
+def temporaries_of(name: str) -> str:
+    """The pattern of the names of the temporary files :func:`replacing` makes for a file named ``name``."""
+    return f"{TEMPORARY_PREFIX}{name}.*"
+
+
 @contextlib.contextmanager
 def replacing(path: Path, prefix: str | None = None, suffix: str = "", new_only: bool = False):
     """A new file beside ``path``, renamed over ``path`` when the block ends, removed when it fails.
@@ -137,7 +146,8 @@ def replacing(path: Path, prefix: str | None = None, suffix: str = "", new_only:
     """
     path = Path(path)
     try:
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".partial-{path.name}.", suffix=suffix)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or f"{TEMPORARY_PREFIX}{path.name}.",
+                                        suffix=suffix)
     except OSError as error:
         _name_after(error, path)
         raise
@@ -721,7 +731,7 @@ def _check_own(target: Path, elsewhere: str, contents: bool = True) -> None:
 _RUN_FILES = (MARKER, LOCK, RUN_FILE)
 _MODEL_FILES = (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, FIT_FILE, METRICS_FILE, EVALUATION_FILE, REPORT_FILE)
 _MODEL_DIRS = (BACKUP_DIR, TENSORBOARD_DIR, FIGURES_DIR)
-_PARTIAL = ".partial-*"
+_PARTIAL = f"{TEMPORARY_PREFIX}*"
 _BELOW_MODEL = {  # directory: (its files, its directories, patterns of its files' names)
     FIGURES_DIR: ((), (), ("*.png",)),  # the report's figures
     BACKUP_DIR: ((BACKUP_WEIGHTS, BACKUP_METADATA, f"{BACKUP_WEIGHTS}.bkp", f"{BACKUP_METADATA}.bkp"), (), ()),
