@@ -119,6 +119,13 @@ def reading(path: pathlib.Path):
                          f"again, or delete the file to summarise the rest") from None
 
 
+def print_section(path: pathlib.Path, show) -> None:
+    """``show`` the JSON object of a benchmark's file, if the check wrote one (:func:`read_json`, :func:`reading`)."""
+    if path.exists():
+        with reading(path):
+            show(read_json(path))
+
+
 def print_environment(out: pathlib.Path) -> None:
     print("| | |\n| --- | --- |")
     env = out / "env.log"
@@ -209,16 +216,10 @@ def main(argv=None) -> int:
     print_environment(out)
     print("\n## Steps\n")
     print_steps(out, steps)
-    if (out / "overhead.json").exists():
-        with reading(out / "overhead.json"):
-            print_overhead(read_json(out / "overhead.json"))
+    print_section(out / "overhead.json", print_overhead)
     for name in ("bench.json", "bench-jax.json"):
-        if (out / name).exists():
-            with reading(out / name):
-                print_bench(name, read_json(out / name))
-    if (out / "syncs.json").exists():
-        with reading(out / "syncs.json"):
-            print_syncs(read_json(out / "syncs.json"))
+        print_section(out / name, lambda data, name=name: print_bench(name, data))
+    print_section(out / "syncs.json", print_syncs)
 
     print("\n## Training runs\n")
     print("The whole command's seconds are its step's (every model of the run, start-up and reports included).\n")
