@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from typing import NoReturn
 
 from fmnist_keras.allocator import keep_freed_memory
 from fmnist_keras.backend import add_backend_arguments, launched_by_torchrun
@@ -564,7 +565,8 @@ def _replica_stopped(error: RuntimeError, replicas, run: RunDir | None) -> int:
     A rank killed outright (the kernel's out-of-memory killer, SIGKILL, a lost node) says nothing: each
     other rank's next collective fails. From here on this rank ignores Ctrl-C and SIGTERM (torchrun sends
     SIGTERM to the ranks left once one has died), so that they cannot replace the line, or add a second one,
-    while it leaves the process group; torchrun still ends a rank that does not exit within its grace period.
+    before the rank ends (:func:`end_process`); torchrun still ends a rank that does not exit within its grace
+    period.
     """
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGINT, signal.SIGTERM):
@@ -587,5 +589,26 @@ def _resume_command(run: RunDir | str) -> str:
     return f"python -m fmnist_keras.train --resume {shlex.quote(path)}"
 
 
+def end_process(code: int) -> NoReturn:
+    """``sys.exit(code)``; ``os._exit(code)``, once stdout and stderr are flushed, for a torchrun rank whose
+    process group is still open (it stopped out of step with the others: ``distributed.shutdown``).
+
+    gloo's threads may still wait on a peer that is gone, and their destructors can then abort the interpreter's
+    exit (``terminate called without an active exception``, exit -6 in place of the rank's own code), most often
+    under ``DistributedDataParallel``, whose gradient buckets are reduced asynchronously.
+    """
+    if "torch.distributed" in sys.modules:  # a run that never imported it has no group to leave
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (AttributeError, OSError, ValueError):  # None (`>&-`), a full disk, a closed pipe
+                    pass
+            os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

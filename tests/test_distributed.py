@@ -361,6 +361,32 @@ GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbou
                 "3000ms for recv operation to complete")
 
 
+END_PROCESS = """
+import atexit, sys
+import torch.distributed as dist
+from fmnist_keras.train import end_process
+atexit.register(lambda: print(" finalised", flush=True))
+if sys.argv[1] == "open":
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+print("output without its line end", end="")
+sys.stderr.write("error: one line")
+end_process(3)
+"""
+
+
+@pytest.mark.parametrize("group", ["open", "none"])
+def test_a_rank_that_stopped_out_of_step_ends_without_python_finalisation(tmp_path, group):
+    # A rank that stopped on an error leaves its process group open: gloo's threads, still waiting on a peer that
+    # is gone, could abort the interpreter's exit (exit -6 in place of the rank's 1). It ends with os._exit
+    # instead, its output flushed; every other process ends as sys.exit ends it.
+    result = subprocess.run([sys.executable, "-c", END_PROCESS, group, str(tmp_path / "store")],
+                            capture_output=True, text=True, env=_env("torch"), timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stderr.endswith("error: one line")
+    finalised = " finalised\n" if group == "none" else ""
+    assert result.stdout == "output without its line end" + finalised
+
+
 def test_only_a_failed_collective_of_several_torchrun_ranks_counts_as_a_lost_replica():
     import torch.distributed as dist
 

@@ -171,14 +171,17 @@ def _spread_over_jax_devices(batch_size: int) -> Replicas:
 
 
 def shutdown(replicas: Replicas, in_step: bool = True) -> None:
-    """Leave the torchrun process group: after a final barrier when every rank got here in step,
-    at once when this rank stops on an error (a barrier could wait for ranks still in a collective)."""
-    if replicas.mode == "torchrun":
+    """Close the torchrun process group after a final barrier when every rank got here in step.
+
+    A rank that stops on an error leaves the group as it is (a barrier could wait for ranks still in a
+    collective, and closing a group whose peer is gone can abort the process): ``train`` then ends the
+    process without Python's finalisation (``train.end_process``).
+    """
+    if replicas.mode == "torchrun" and in_step:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            if in_step:
-                dist.barrier()
+            dist.barrier()
             dist.destroy_process_group()
 
 
