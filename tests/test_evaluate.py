@@ -489,8 +489,8 @@ def test_a_model_file_outside_a_run_is_evaluated_into_a_directory_of_its_own(cnn
     (downloads / "fashion.keras").write_bytes((cnn_run / "model.keras").read_bytes())
     (downloads / "report.md").write_text("a report of the user's")
     (downloads / "notes.txt").write_text("mine")
-    for _ in range(2):  # and again: the directory is evaluate's
-        assert run_cli(tiny_data_dir, downloads / "fashion.keras") == 0
+    for extra in ([], ["--no-report"]):  # and again, with its outputs there: the directory is evaluate's
+        assert run_cli(tiny_data_dir, downloads / "fashion.keras", *extra) == 0
     assert sorted(p.name for p in downloads.iterdir()) == ["fashion-evaluation", "fashion.keras", "notes.txt",
                                                           "report.md"]
     assert (downloads / "report.md").read_text() == "a report of the user's"
