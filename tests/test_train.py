@@ -91,7 +91,7 @@ def test_progress_bar_only_on_a_terminal_or_in_a_notebook(monkeypatch):
 
 
 def test_training_learns_and_saved_model_reloads_with_same_accuracy(tmp_path, tiny_data_dir):
-    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "6") == 0
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "6", "--no-report") == 0
     run_dir = tmp_path / "runs" / "run" / "mlp"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] >= 0.8  # the synthetic classes are easy; chance is 0.1
@@ -154,7 +154,7 @@ def test_fit_and_evaluation_follow_the_fast_path_flag_and_train_keeps_freed_memo
 
 
 def test_subset_trains_on_fewer_images(tmp_path, tiny_data_dir, capsys):
-    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--subset", "200") == 0
+    assert run_cli(tmp_path, tiny_data_dir, "--model", "mlp", "--epochs", "1", "--subset", "200", "--no-report") == 0
     metrics = json.loads((tmp_path / "runs" / "run" / "mlp" / "metrics.json").read_text())
     assert metrics["num_train"] + metrics["num_val"] == 200
     out = capsys.readouterr().out
