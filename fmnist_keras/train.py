@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from typing import NoReturn
 
 from fmnist_keras.allocator import keep_freed_memory
@@ -494,7 +495,12 @@ def _train_models(args, configs, splits, run, backend, replicas, source, availab
             code = _finish(args, config, splits, run, facts.pop(name), backend, device, source, summaries)
             if code:
                 return code
-    distributed.shutdown(replicas)  # from here on no rank can enter a collective
+    try:
+        distributed.shutdown(replicas)  # from here on no rank can enter a collective
+    except RuntimeError as error:  # a rank that left before the final barrier
+        if not distributed.lost_a_replica(replicas, error):
+            raise
+        return _replica_stopped(error, replicas, run)
     if not replicas.is_chief:
         return 0
     for config in configs:
@@ -589,26 +595,53 @@ def _resume_command(run: RunDir | str) -> str:
     return f"python -m fmnist_keras.train --resume {shlex.quote(path)}"
 
 
-def end_process(code: int) -> NoReturn:
-    """``sys.exit(code)``; ``os._exit(code)``, once stdout and stderr are flushed, for a torchrun rank whose
-    process group is still open (it stopped out of step with the others: ``distributed.shutdown``).
+def end_process(entry) -> NoReturn:
+    """Run ``entry`` (:func:`main`) as the whole process and end the process with its exit code.
 
-    gloo's threads may still wait on a peer that is gone, and their destructors can then abort the interpreter's
-    exit (``terminate called without an active exception``, exit -6 in place of the rank's own code), most often
-    under ``DistributedDataParallel``, whose gradient buckets are reduced asynchronously.
+    A torchrun rank whose process group is still open (it stopped out of step with the others:
+    ``distributed.shutdown``) ends with ``os._exit`` once stdout and stderr are flushed, its traceback or
+    ``SystemExit`` message printed first, and Ctrl-C and SIGTERM ignored from then on: closing a group whose
+    peer is gone, or Python's own exit with the group open, can abort the process in gloo's C++ code
+    (``terminate called without an active exception``, signal 6 in place of the rank's exit code). Every other
+    process ends as ``sys.exit`` ends it.
     """
-    if "torch.distributed" in sys.modules:  # a run that never imported it has no group to leave
-        import torch.distributed as dist
+    try:
+        code = entry()
+    except BaseException as error:
+        if not _process_group_open():
+            raise
+        code = _print_as_python_would(error)
+    if not _process_group_open():
+        sys.exit(code)
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # None (`>&-`), a full disk, a closed pipe
+            pass
+    os._exit(code)
 
-        if dist.is_available() and dist.is_initialized():
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (AttributeError, OSError, ValueError):  # None (`>&-`), a full disk, a closed pipe
-                    pass
-            os._exit(code)
-    sys.exit(code)
+
+def _process_group_open() -> bool:
+    if "torch.distributed" not in sys.modules:  # a run that never imported it has no group
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _print_as_python_would(error: BaseException) -> int:
+    """What Python prints for ``error`` escaping to the top level, and the exit code it gives."""
+    if isinstance(error, SystemExit):
+        if error.code is None or isinstance(error.code, int):
+            return error.code or 0
+        print(error.code, file=sys.stderr)
+        return 1
+    traceback.print_exception(error)
+    return 1
 
 
 if __name__ == "__main__":
-    end_process(main())
+    end_process(main)

@@ -364,27 +364,43 @@ GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbou
 
 END_PROCESS = """
 import atexit, sys
+from fmnist_keras.backend import select_backend
+select_backend("torch")
 import torch.distributed as dist
+from fmnist_keras.engine import distributed
 from fmnist_keras.train import end_process
 atexit.register(lambda: print(" finalised", flush=True))
-if sys.argv[1] == "open":
+case = sys.argv[1]
+if case != "no group":
     dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+    distributed.shutdown(distributed.Replicas("torchrun", 0, 1, ("rank0:cpu",), "gloo"), in_step=case == "finished")
 print("output without its line end", end="")
 sys.stderr.write("error: one line")
-end_process(3)
+
+def entry():
+    if case == "raised":
+        raise RuntimeError("a bug")
+    return 3
+
+end_process(entry)
 """
 
 
-@pytest.mark.parametrize("group", ["open", "none"])
-def test_a_rank_that_stopped_out_of_step_ends_without_python_finalisation(tmp_path, group):
-    # A rank that stopped on an error leaves its process group open: gloo's threads, still waiting on a peer that
-    # is gone, could abort the interpreter's exit (exit -6 in place of the rank's 1). It ends with os._exit
-    # instead, its output flushed; every other process ends as sys.exit ends it.
-    result = subprocess.run([sys.executable, "-c", END_PROCESS, group, str(tmp_path / "store")],
+@pytest.mark.parametrize("case", ["stopped", "raised", "finished", "no group"])
+def test_a_rank_that_stopped_out_of_step_ends_without_python_finalisation(tmp_path, case):
+    # A rank that stopped out of step with the others leaves its process group open: closing it, or Python's exit
+    # with it open, could abort in gloo's C++ code (signal 6 in place of the rank's exit code). Such a rank ends
+    # with os._exit instead, its output flushed and a traceback printed; a rank that finished in step closes the
+    # group, and it and every other process end as sys.exit ends them.
+    result = subprocess.run([sys.executable, "-c", END_PROCESS, case, str(tmp_path / "store")],
                             capture_output=True, text=True, env=_env("torch"), timeout=120)
-    assert result.returncode == 3, result.stderr[-2000:]
-    assert result.stderr.endswith("error: one line")
-    finalised = " finalised\n" if group == "none" else ""
+    assert result.returncode == (1 if case == "raised" else 3), result.stderr[-2000:]
+    if case == "raised":
+        assert result.stderr.startswith("error: one lineTraceback (most recent call last):")
+        assert result.stderr.endswith("RuntimeError: a bug\n")
+    else:
+        assert result.stderr.endswith("error: one line"), result.stderr[-2000:]
+    finalised = " finalised\n" if case in ("finished", "no group") else ""
     assert result.stdout == "output without its line end" + finalised
 
 
