@@ -895,3 +895,33 @@ def test_the_column_check_names_the_backup_to_delete_when_there_is_one(tmp_path)
                                           rf"it away and delete {tmp_path / 'backup'} to train that model again"):
         check.on_epoch_end(0, {"loss": 1.0, "val_loss": 2.0})
     check.on_epoch_end(1, {"other": 1.0})  # checked once, at the first epoch
+
+
+def test_a_peer_lost_at_the_final_barrier_is_the_one_line_of_a_lost_replica(tmp_path, tiny_data_dir, capsys,
+                                                                             monkeypatch):
+    # Rank 0 of 2 whose peer leaves after the weight digests, in the barrier before the process group closes:
+    # gloo's error there is the lost-replica line with the resume command, not a traceback.
+    from fmnist_keras.engine import distributed
+
+    gloo_closed = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+                               "closed by peer [127.0.0.1]:29533")
+    replicas = distributed.Replicas("torchrun", 0, 2, ("rank0:cpu", "rank1:cpu"), "gloo")
+    barriers = []
+
+    def barrier_of_a_lost_peer(replicas, in_step=True):
+        barriers.append(in_step)
+        if in_step:
+            raise gloo_closed
+
+    monkeypatch.setattr(distributed, "setup", lambda *args: replicas)
+    monkeypatch.setattr(distributed, "same_on_every_rank", lambda replicas, message: message)
+    monkeypatch.setattr(fit, "fit_model", lambda *args, **kwargs: fit.FitResult(None, [], {}))
+    monkeypatch.setattr(distributed, "replica_digests", lambda model, replicas: ["same", "same"])
+    monkeypatch.setattr(distributed, "shutdown", barrier_of_a_lost_peer)
+    assert _train(tmp_path, tiny_data_dir, "--run-name", "run") == 1
+    run = tmp_path / "runs" / "run"
+    _one_line_error(capsys, "rank 0 of 2 stopped training (RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/",
+                    f"{run} keeps every completed epoch; once the cause is fixed, continue with: "
+                    f"python -m fmnist_keras.train --resume {run}")
+    assert barriers == [True, False]  # then left open for train.end_process
+    assert not (run / "mlp" / "metrics.json").exists()
