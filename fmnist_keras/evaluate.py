@@ -25,7 +25,8 @@ from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_fast_path_argu
                               escape_unencodable_output, in_range, non_empty_path, one_line, print_error, run_tta)
 from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, EVALUATION_FILE, FIGURES_DIR, METRICS_FILE, MODEL_FILE,
                                  REPORT_FILE, TEXT, RunDirError, check_fields, first_entry_not_among, is_finite_number,
-                                 is_marker, is_model_dir, read_json_object, temporaries_of, write_json)
+                                 is_marker, is_model_dir, not_a_directory_line, read_json_object, temporaries_of,
+                                 write_json)
 
 # Written into a new or empty directory that evaluate writes to (a run's model
 # directory has the run's marker one level up instead): existing outputs are
@@ -65,14 +66,9 @@ def check_out_dir(out_dir: Path) -> None:
     Raises:
         RunFileError: naming the file in the way.
     """
-    blocker = out_dir
-    while not blocker.exists() and not blocker.is_symlink() and blocker != blocker.parent:
-        blocker = blocker.parent
-    if not blocker.is_dir():
-        where = "is" if blocker == out_dir else f"lies below {blocker}, which is"
-        broken_link = blocker.is_symlink() and not blocker.exists()
-        what = "a symbolic link to nothing (or a loop of links)" if broken_link else "a file"
-        raise RunFileError(f"--out-dir {out_dir} {where} {what}, not a directory; choose another --out-dir.")
+    problem = not_a_directory_line("--out-dir", out_dir, "choose another --out-dir")
+    if problem is not None:
+        raise RunFileError(problem)
 
 
 def build_parser() -> argparse.ArgumentParser:

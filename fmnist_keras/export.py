@@ -31,7 +31,7 @@ from fmnist_keras import interrupts
 from fmnist_keras.backend import named_backend
 from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, os_error_line, print_error
 from fmnist_keras.rundir import (
-    first_entry_not_among, first_link_or_special_below, is_marker, make_ordinary, replacing,
+    first_entry_not_among, first_link_or_special_below, in_the_way_of_a_directory, is_marker, make_ordinary, replacing,
 )
 
 FORMATS = ("onnx", "tf_saved_model")
@@ -105,13 +105,12 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
     if output.is_symlink():
         raise ExportError(f"--output {output} is a symlink; export writes only real paths; remove the link or "
                           f"pass {what}.")
-    parent = output.parent
-    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
-        parent = parent.parent
-    if parent.is_symlink() and not parent.exists():
-        raise ExportError(f"--output {output} lies below {parent}, a symlink to nothing; fix the link or pass {what}.")
-    if not parent.is_dir():
-        raise ExportError(f"--output {output} lies below {parent}, which is a file, not a directory; pass {what}.")
+    in_the_way = in_the_way_of_a_directory(output.parent)
+    if in_the_way is not None:
+        parent, kind = in_the_way
+        link = "fix the link or " if kind != "a file" else ""
+        raise ExportError(f"--output {output} lies below {parent}, which is {kind}, not a directory; {link}pass "
+                          f"{what}.")
     if not output.exists():
         return output
     if format == "onnx":

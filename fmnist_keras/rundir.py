@@ -785,19 +785,41 @@ def _first_foreign_entry(run: Path) -> Path | None:
     return found
 
 
+def in_the_way_of_a_directory(path: Path) -> tuple[Path, str] | None:
+    """What keeps ``path`` from being or becoming a directory: the first of it and its parents that exists (or is
+    a link) and is no directory, and what that is, ``"a file"`` or ``"a symbolic link to nothing (or a loop of
+    links)"``; None when nothing does."""
+    blocker = path
+    while not blocker.exists() and not blocker.is_symlink() and blocker != blocker.parent:
+        blocker = blocker.parent
+    if blocker.is_dir():
+        return None
+    if blocker.is_symlink() and not blocker.exists():
+        return blocker, "a symbolic link to nothing (or a loop of links)"
+    return blocker, "a file"
+
+
+def not_a_directory_line(flag: str, path: Path, fix: str) -> str | None:
+    """``FLAG PATH is a file, not a directory; FIX.``, or ``… lies below B, which is …``, for what
+    :func:`in_the_way_of_a_directory` finds (a link to nothing asks to fix the link first); None when nothing is
+    in the way."""
+    found = in_the_way_of_a_directory(path)
+    if found is None:
+        return None
+    blocker, what = found
+    where = "is" if blocker == path else f"lies below {blocker}, which is"
+    link = "fix the link or " if what != "a file" else ""
+    return f"{flag} {path} {where} {what}, not a directory; {link}{fix}."
+
+
 def _check_out_dir(out_dir: str, create: bool = True) -> Path:
     """``out_dir`` as a Path, made (with ``create``) if missing, when it is a directory or can become one."""
     if not str(out_dir).strip():
         raise RunDirError("--out-dir is empty; pass a directory for the runs, e.g. --out-dir runs.")
     out = Path(out_dir)
-    if out.is_symlink() and not out.exists():
-        raise RunDirError(f"--out-dir {out} is a symbolic link to nothing (or a loop of links); fix the link or "
-                          f"choose another --out-dir.")
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out-dir {out} is a file, not a directory; choose another --out-dir.")
-    blocking = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise RunDirError(f"--out-dir {out}: {blocking} is a file, not a directory; choose another --out-dir.")
+    problem = not_a_directory_line("--out-dir", out, "choose another --out-dir")
+    if problem is not None:
+        raise RunDirError(problem)
     if not create:
         return out
     try:

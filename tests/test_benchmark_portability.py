@@ -90,7 +90,7 @@ def test_portability_refuses_an_out_dir_below_a_file_when_parsing(tmp_path, caps
         portability.parse_args(["--out-dir", str(tmp_path / "afile" / below)])
     assert stop.value.code == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert f"{tmp_path / 'afile'} is a file, not a directory" in line
+    assert f"lies below {tmp_path / 'afile'}, which is a file, not a directory" in line
     assert (tmp_path / "afile").read_text() == "the user's file"
     assert portability.parse_args(["--out-dir", str(tmp_path / "new" / below)]).out_dir  # control: a new path
 

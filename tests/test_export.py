@@ -247,6 +247,9 @@ def test_onnx_output_that_is_a_directory_symlink_or_below_a_file_is_refused(tiny
     _refused([*args, directory], capsys, "is a directory; an ONNX export is one file")
     _refused([*args, tmp_path / "link.onnx"], capsys, "is a symlink")
     _refused([*args, tmp_path / "afile" / "x.onnx"], capsys, "which is a file, not a directory")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    _refused([*args, tmp_path / "dangling" / "sub" / "x.onnx"], capsys, f"lies below {tmp_path / 'dangling'}, which "
+             f"is a symbolic link to nothing (or a loop of links), not a directory; fix the link or pass")
     _refused([*args, tiny_model_file], capsys, "is not an ONNX model")
     _refused([*args, f"{tmp_path / 'new.onnx'}/"], capsys, "ends with a slash, which names a directory, but an ONNX "
                                                            "export is one file")

@@ -358,7 +358,7 @@ def test_unwritable_out_dir_is_a_usage_error(tmp_path, tiny_data_dir, capsys):
     blocker.write_text("not a directory")
     assert train.main(["--data-dir", str(tiny_data_dir), "--no-verify", "--out-dir", str(blocker / "runs")]) == 2
     err = capsys.readouterr().err
-    assert f"{blocker} is a file, not a directory" in err and err.count("\n") == 1
+    assert f"lies below {blocker}, which is a file, not a directory" in err and err.count("\n") == 1
 
 
 def test_mixed_precision_trains_with_float32_outputs(tmp_path, tiny_data_dir):

@@ -372,11 +372,14 @@ def test_a_relative_data_dir_is_saved_absolute_so_resume_works_from_anywhere(tmp
 @pytest.mark.parametrize("out_dir, message", [
     ("", "--out-dir is empty; pass a directory for the runs"),
     ("blocker", "--out-dir blocker is a file, not a directory; choose another --out-dir."),
-    ("blocker/below", "--out-dir blocker/below: blocker is a file, not a directory; choose another --out-dir."),
-    ("dangling", "--out-dir dangling is a symbolic link to nothing (or a loop of links); fix the link or choose "
-                 "another --out-dir."),
-    ("loop", "--out-dir loop is a symbolic link to nothing (or a loop of links); fix the link or choose another "
-             "--out-dir."),
+    ("blocker/below", "--out-dir blocker/below lies below blocker, which is a file, not a directory; choose another "
+                      "--out-dir."),
+    ("dangling", "--out-dir dangling is a symbolic link to nothing (or a loop of links), not a directory; fix the "
+                 "link or choose another --out-dir."),
+    ("loop", "--out-dir loop is a symbolic link to nothing (or a loop of links), not a directory; fix the link or "
+             "choose another --out-dir."),
+    ("dangling/below", "--out-dir dangling/below lies below dangling, which is a symbolic link to nothing (or a loop "
+                       "of links), not a directory; fix the link or choose another --out-dir."),
 ])
 def test_an_out_dir_that_cannot_hold_runs_is_one_line(tmp_path, tiny_data_dir, capsys, out_dir, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
