@@ -105,6 +105,15 @@ def _file_in(directory: Path, name: str) -> Path | None:
     return None
 
 
+NOT_A_FILE = "is not a regular file (a FIFO, a device, a directory or a symbolic link to nothing)"
+
+
+def _not_a_file_in(directory: Path, name: str) -> Path | None:
+    """The entry named ``name`` (.gz or not) in ``directory`` that is there but is not a file to read."""
+    return next((c for c in (directory / f"{name}.gz", directory / name)
+                 if (c.exists() or c.is_symlink()) and not c.is_file()), None)
+
+
 def _has_all_files(directory: Path) -> bool:
     return all(_file_in(directory, name) is not None for name in FILES)
 
@@ -126,6 +135,10 @@ def find_source(data_dir: str | os.PathLike | None = None) -> Source | None:
                 f"expected a directory holding {', '.join(FILES)} (.gz or not)."
             )
         missing = [n for n in FILES if _file_in(directory, n) is None]
+        odd = next(filter(None, (_not_a_file_in(directory, n) for n in missing)), None)
+        if odd is not None:
+            raise DataError(f"{origin} {directory}: {odd.name} {NOT_A_FILE}; put the real file there or unset it "
+                            f"to use the default locations.")
         if missing:
             raise DataError(
                 f"{origin} {directory} lacks {', '.join(missing)} (.gz or not); "
@@ -256,6 +269,9 @@ def parse_idx(data: bytes, kind: str, name: str = "<bytes>") -> np.ndarray:
 def _load_file(directory: Path, name: str, verify: bool, purge: bool = False) -> np.ndarray:
     path = _file_in(directory, name)
     if path is None:
+        odd = _not_a_file_in(directory, name)
+        if odd is not None:
+            raise DataError(f"{odd} {NOT_A_FILE}; put the real file there.")
         raise DataError(f"{directory} lacks {name} (.gz or not); {INSTALL_HINT}.")
     kind = "images" if "images" in name else "labels"
     # The real file's size when it must be the real file; a cap for your own data.

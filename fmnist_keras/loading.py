@@ -58,6 +58,15 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _FIX = "pass a model.keras written by `python -m fmnist_keras.train`, or the run directory holding it"
 
 
+def _not_a_regular_file(path: Path) -> str:
+    """What ``path``, which is no regular file, is, as the rest of a sentence that starts with its name."""
+    if path.is_symlink() and not path.exists():
+        return "is a symbolic link to nothing (or a loop of links)"
+    if path.is_dir():
+        return "is a directory"
+    return "is not a regular file (a FIFO or a device)"
+
+
 class ModelLoadError(ValueError):
     """The model file is missing, unsafe, damaged or not a Fashion-MNIST model."""
 
@@ -110,6 +119,8 @@ def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
     given = Path(os.path.expanduser(path))  # "~nobody" stays as it is (Path.expanduser raises)
     if given.is_dir():
         candidate = given / MODEL_FILE
+        if (candidate.exists() or candidate.is_symlink()) and not candidate.is_file():
+            raise ModelLoadError(f"{candidate} {_not_a_regular_file(candidate)}; expected a .keras file; {_FIX}.")
         if not candidate.is_file():
             found = models_in_run(given)
             if len(found) > 1:
@@ -126,10 +137,12 @@ def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
             if announce is not None:
                 announce(one_line(f"Using {candidate}"))
         given = candidate
+    elif given.is_symlink() and not given.exists():
+        raise ModelLoadError(f"model file {given} {_not_a_regular_file(given)}; fix the link ({_FIX}).")
     elif not given.exists():
         raise ModelLoadError(f"model file {given} does not exist; check the path ({_FIX}).")
     elif not given.is_file():
-        raise ModelLoadError(f"{given} is not a regular file; expected a .keras file; {_FIX}.")
+        raise ModelLoadError(f"{given} {_not_a_regular_file(given)}; expected a .keras file; {_FIX}.")
     suffix = given.suffix.lower()
     if suffix in (".h5", ".hdf5"):
         raise ModelLoadError(

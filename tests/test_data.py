@@ -120,13 +120,28 @@ def test_unreadable_file_is_a_clear_error(tiny_data_dir, monkeypatch):
         fdata.load_from_dir(tiny_data_dir, verify=False)
 
 
-def test_a_directory_where_a_data_file_belongs_is_a_missing_file(tiny_data_dir):
+def test_a_directory_where_a_data_file_belongs_is_named_as_no_file(tiny_data_dir):
     target = tiny_data_dir / "train-labels-idx1-ubyte.gz"
     target.unlink()
     target.mkdir()
     (tiny_data_dir / "train-labels-idx1-ubyte").mkdir()
-    with pytest.raises(fdata.DataError, match="lacks train-labels-idx1-ubyte"):
+    with pytest.raises(fdata.DataError, match=f"^{re.escape(str(target))} is not a regular file .*; put the real "
+                                              f"file there.$"):
         fdata.load_from_dir(tiny_data_dir, verify=False)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dangling link"])
+def test_a_data_dir_with_no_file_where_one_belongs_names_it(tiny_data_dir, kind):
+    target = tiny_data_dir / "t10k-labels-idx1-ubyte.gz"
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)  # reading it would block
+    else:
+        target.symlink_to(tiny_data_dir / "gone")
+    with pytest.raises(fdata.DataError, match=f"^--data-dir {re.escape(str(tiny_data_dir))}: t10k-labels-idx1-ubyte.gz "
+                                              f"is not a regular file \\(a FIFO, a device, a directory or a symbolic "
+                                              f"link to nothing\\); put the real file there"):
+        fdata.find_source(str(tiny_data_dir))
 
 
 def test_source_order_explicit_then_env_then_cache(tmp_path, isolated_env, monkeypatch):

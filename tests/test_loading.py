@@ -6,6 +6,8 @@ when safe mode is switched off, so "the marker was not written" means something.
 """
 
 import json
+import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -297,6 +299,23 @@ def test_a_config_json_with_a_number_too_long_to_convert_is_one_line(tmp_path, g
 def test_directory_without_model_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="directory without model.keras"):
         load_model(tmp_path)
+
+
+def test_a_model_path_that_is_no_file_says_what_it_is(tmp_path):
+    (tmp_path / "dangling.keras").symlink_to(tmp_path / "gone.keras")
+    with pytest.raises(ModelLoadError, match="dangling.keras is a symbolic link to nothing \\(or a loop of links\\); "
+                                             "fix the link"):
+        load_model(tmp_path / "dangling.keras")
+    made = {"fifo": os.mkfifo, "directory": Path.mkdir,
+            "dangling link": lambda path: path.symlink_to(tmp_path / "gone.keras")}
+    says = {"fifo": "is not a regular file \\(a FIFO or a device\\)", "directory": "is a directory",
+            "dangling link": "is a symbolic link to nothing"}
+    for kind, make in made.items():  # as a run's model.keras: named, not taken for a missing one
+        run = tmp_path / kind
+        run.mkdir()
+        make(run / "model.keras")
+        with pytest.raises(ModelLoadError, match=f"{re.escape(str(run / 'model.keras'))} {says[kind]}"):
+            load_model(run)
 
 
 def test_missing_path_and_wrong_suffix_are_refused(tmp_path, good_model_file):
