@@ -60,6 +60,7 @@ from fmnist_keras.config import RANGES, TrainConfig, saved_data_dir
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
+MADE_BY = "benchmarks/ablation.py"  # in run.json: the runs it may replace
 VARIANTS = ("average + flip", "average", "trained + flip", "trained")
 # Bounds of the architecture flags: far above any model screened. They catch typos; a model inside them may
 # still not fit in memory.
@@ -137,6 +138,8 @@ def parse_args(argv=None):
         parser.error(f"--convs takes one number or one per block ({blocks}); got {args.convs}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout takes a rate from 0 up to 1; got {args.dropout}")
+    if len(set(args.seeds)) < len(args.seeds):  # each seed's run is OUT_DIR/MODEL-seedS
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))} names a seed twice; give each once")
     try:  # every seed's TrainConfig, before any run directory of an earlier ablation is replaced
         for seed in args.seeds:
             train_config(args, seed).check()
@@ -153,6 +156,18 @@ def train_config(args, seed: int):
              "verify": args.verify,  # and the data directory as train saves it, so the run records its data
              "data_dir": saved_data_dir(args.data_dir)}
     return TrainConfig(model=args.model, seed=seed, **{k: v for k, v in given.items() if v is not None})
+
+
+def check_replaceable(args, seed: int) -> None:
+    """Refuse, as :class:`~fmnist_keras.rundir.RunDirError`, to replace ``OUT_DIR/MODEL-seedS`` unless it is new or
+    a run this script made: ``seeds.py`` and ``train`` name their runs alike."""
+    from fmnist_keras.rundir import RUN_FILE, RunDir, RunDirError, read_json_object
+
+    target = RunDir.check_new(args.out_dir, f"{args.model}-seed{seed}", overwrite=True, elsewhere="another --out-dir")
+    if target.exists() and read_json_object(target / RUN_FILE, "the run's list of models",
+                                            "choose another --out-dir").get("made_by") != MADE_BY:
+        raise RunDirError(f"{target} is a run that {MADE_BY} did not make (train's, or another script's), so it is "
+                          f"left alone; choose another --out-dir.")
 
 
 def run_seed(args, seed: int, raw) -> dict:
@@ -176,9 +191,10 @@ def run_seed(args, seed: int, raw) -> dict:
     splits = make_splits(raw, config)
     if splits.data_format != "channels_last":
         raise SystemExit("this script evaluates channels_last models only; run it with the torch fast path")
+    check_replaceable(args, seed)
     # made_by: train --resume would go on with train's recipe, not this one's changes
     run = RunDir.create(args.out_dir, f"{args.model}-seed{seed}", [args.model], overwrite=True,
-                        made_by="benchmarks/ablation.py", elsewhere="another --out-dir")
+                        made_by=MADE_BY, elsewhere="another --out-dir")
     last = LastTrainedWeights()
     start = time.perf_counter()
     result = fit.fit_model(config, splits, run, verbose=2, callbacks=[last])
@@ -228,9 +244,12 @@ def use_sgd(momentum: float = 0.9) -> None:
 
     from fmnist_keras.engine import recipe
 
-    def sgd(config, steps_per_epoch):
+    def sgd(config, steps_per_epoch):  # with the same moving average of the weights as AdamW's
+        config = config.resolved()
+        average = recipe.averaging_momentum(config.ema, max(1, config.epochs * steps_per_epoch))
         return keras.optimizers.SGD(learning_rate=recipe.learning_rate_schedule(config, steps_per_epoch),
-                                    momentum=momentum, nesterov=True, weight_decay=config.weight_decay)
+                                    momentum=momentum, nesterov=True, weight_decay=config.weight_decay,
+                                    use_ema=config.ema > 0, ema_momentum=average if config.ema > 0 else 0.99)
 
     recipe.make_optimizer = sgd
 
@@ -281,7 +300,7 @@ def main(argv=None) -> int:
 
     try:  # each seed's run is replaced if it is one of this script's: know that before any data is read
         for seed in args.seeds:
-            RunDir.check_new(args.out_dir, f"{args.model}-seed{seed}", overwrite=True, elsewhere="another --out-dir")
+            check_replaceable(args, seed)
     except RunDirError as error:
         print_error(error)
         return 1

@@ -52,7 +52,8 @@ def parse_args(argv=None):
     from fmnist_keras.cli import add_data_arguments, in_range
     from fmnist_keras.config import DATA_FORMATS, RANGES  # no Keras import: --help stays fast
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # No abbreviations: main hands exactly --overhead to overhead.py, and must not take --overh for another flag.
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--models", nargs="+", default=["baseline-cnn", "mlp"],
                         choices=["baseline-cnn", "mlp", "cnn"], help="models to time (default: baseline-cnn mlp)")
     parser.add_argument("--epochs", type=in_range(*RANGES["epochs"]), default=4,
@@ -85,16 +86,17 @@ def main(argv=None) -> int:
 
         return overhead.main([a for a in argv if a != "--overhead"])
     args = parse_args(argv)
+    from fmnist_keras.backend import describe_device, select_backend
+
+    select_backend()  # $KERAS_BACKEND, else torch; an unknown one is one line
     import keras
 
     from runner import keras_runner, peak_rss_mb, set_threads
 
     from fmnist_keras import data as fdata
-    from fmnist_keras.backend import describe_device, select_backend
     from fmnist_keras.config import TrainConfig
     from fmnist_keras.engine.splits import make_splits
 
-    select_backend(keras.backend.backend())
     threads = set_threads(args.threads)
     torch_backend = keras.backend.backend() == "torch"
     stock_differs = keras.backend.backend() in ("torch", "tensorflow")

@@ -82,9 +82,33 @@ def _is_earlier_result(path: Path) -> bool:
     return isinstance(data, dict) and all(data.get(key) == value for key, value in STAMP.items())
 
 
+class ResultTaken(Exception):
+    """The path for the results holds, by the time they are written, a file that no benchmark wrote."""
+
+
 def write_json(path: Path, data: dict) -> None:
-    """Write the object ``data``, stamped, as JSON to a new temporary sibling of ``path``, then rename it over ``path``."""
-    write_text(Path(path), json.dumps({**data, **STAMP}, indent=2) + "\n")  # the project's atomic writer (rundir)
+    """Write the object ``data``, stamped, as JSON to a new temporary sibling of ``path``, then rename it over ``path``.
+
+    Only an earlier result is replaced (:func:`json_path` checked ``path`` when the arguments were parsed): a file
+    that appeared there since, during the run, is left alone, and :class:`ResultTaken` names it.
+    """
+    path = Path(path)
+    text = json.dumps({**data, **STAMP}, indent=2) + "\n"
+    taken = ResultTaken(f"{path} appeared while the benchmark ran and is not a benchmark's earlier result, so it is "
+                        f"left alone and the results are not written there; the table above has them. Move it away "
+                        f"and run the benchmark again, or pass another --json")
+    if os.path.lexists(path):
+        if path.is_symlink() or not path.is_file() or not _is_earlier_result(path):
+            raise taken
+        write_text(path, text)  # the project's atomic writer (rundir)
+        return
+    try:
+        with replacing(path, new_only=True) as (handle, _), os.fdopen(handle, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except FileExistsError:  # it appeared between the check and the rename
+        raise taken from None
 
 
 # A log's first line: --out-dir's logs are replaced only when they carry it.
@@ -139,20 +163,37 @@ def open_log(path: Path, command: list[str]):
     return log  # still open, for the command's output, under the log's own name
 
 
+def select_torch(script: str) -> None:
+    """Select the torch backend before Keras is imported, for a benchmark that compares Keras with a PyTorch twin.
+
+    Raises:
+        BackendError: ``$KERAS_BACKEND`` names another backend (one line).
+    """
+    from fmnist_keras.backend import BackendError, select_backend
+
+    chosen = os.environ.get("KERAS_BACKEND", "").strip()
+    if chosen and chosen != "torch":
+        raise BackendError(f"{script} compares Keras with a PyTorch twin on the torch backend, but $KERAS_BACKEND is "
+                           f"{chosen[:40]!r}; unset it or set KERAS_BACKEND=torch.")
+    select_backend("torch")
+
+
 def run_benchmark(main, name: str) -> int:
     """Run a benchmark's ``main`` as the project's commands run: through
     :func:`fmnist_keras.interrupts.run_command` (Ctrl-C and SIGTERM, a file-system error: one line), and with
     bad data, a damaged run directory or model file given as their one line, exit code 1."""
-    from fmnist_keras.cli import print_error
-    from fmnist_keras.data import DataError
     from fmnist_keras.interrupts import run_command
-    from fmnist_keras.loading import ModelLoadError
-    from fmnist_keras.rundir import RunDirError
 
-    def reported():
+    def reported():  # the imports within, where run_command's handlers turn a Ctrl-C into one line
+        from fmnist_keras.backend import BackendError
+        from fmnist_keras.cli import print_error
+        from fmnist_keras.data import DataError, SplitError
+        from fmnist_keras.loading import ModelLoadError
+        from fmnist_keras.rundir import RunDirError
+
         try:
             return main()
-        except (DataError, RunDirError, ModelLoadError) as error:
+        except (DataError, SplitError, RunDirError, ModelLoadError, BackendError, ResultTaken) as error:
             print_error(error)
             return 1
 

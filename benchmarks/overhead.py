@@ -85,6 +85,7 @@ def time_model(name, splits, args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    outputs.select_torch("overhead.py")
     import keras
 
     from fmnist_keras import data as fdata
@@ -93,8 +94,6 @@ def main(argv=None) -> int:
     from fmnist_keras.engine.splits import make_splits
     from runner import peak_rss_mb, set_threads
 
-    if keras.backend.backend() != "torch":
-        raise SystemExit("the overhead benchmark compares with a PyTorch twin: run it with KERAS_BACKEND=torch")
     select_backend("torch")
     threads = set_threads(args.threads)
     raw = fdata.load_data(args.data_dir, verify=args.verify)

@@ -174,7 +174,9 @@ def piece_tables(name, model, weights, splits, batch_size: int):
         print(f"{keras_ms:>10.3f}{twin_ms:>10.3f}  {label}")
     print(f"\n{'__call__ ms':>12}{'call() ms':>11}  layer (training=True, on its own)")
     inputs, total_call, total_bare = x, 0.0, 0.0
-    for layer in model.layers[1:]:
+    for layer in model.layers:  # a functional model lists its input first, a Sequential does not
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
         kwargs = {"training": True} if "training" in inspect.signature(layer.call).parameters else {}
         called = _ms(lambda: layer(inputs, training=True))
         bare = _ms(lambda: layer.call(inputs, **kwargs))
@@ -186,6 +188,7 @@ def piece_tables(name, model, weights, splits, batch_size: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    outputs.select_torch("profile_overhead.py")
     import keras
     import torch
 

@@ -69,9 +69,12 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories holding cnn/model.keras")
     add_data_arguments(parser)
     args = parser.parse_args(argv)
-    missing = [str(run) for run in args.runs if not (run / "cnn" / "model.keras").is_file()]
+    missing = [str(run) for run in args.runs if not str(run).strip() or not (run / "cnn" / "model.keras").is_file()]
     if missing:
-        parser.error(f"no cnn/model.keras in {', '.join(missing)}; give run directories of the cnn")
+        parser.error(f"no cnn/model.keras in {', '.join(map(repr, missing))}; give run directories of the cnn")
+    models = [(run / "cnn" / "model.keras").resolve() for run in args.runs]
+    if len(set(models)) < len(models):  # one run counted twice would look like two that agree
+        parser.error("two of the runs given are one run (the same cnn/model.keras); give each run once")
     from ablation import mean_and_spread
     from fmnist_keras.backend import select_backend
 

@@ -80,6 +80,10 @@ class DataError(ValueError):
     """A data file is missing, damaged or not the file it claims to be."""
 
 
+class SplitError(ValueError):
+    """The data cannot be split as asked: a class would get no example, or all of them, on one side."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
     """Where the data was found: a kind (``data-dir``, ``keras-cache``,
@@ -459,8 +463,8 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
         return np.arange(len(labels))
     try:
         return _draw_per_class(labels, size / len(labels), seed, whole_class=True)
-    except ValueError:
-        raise ValueError(
+    except SplitError:
+        raise SplitError(
             f"a subset of {size} images cannot hold every class; use at least {20 * len(np.unique(labels))}."
         ) from None
 
@@ -469,7 +473,7 @@ def _draw_per_class(labels: np.ndarray, fraction: float, seed: int, whole_class:
     """Sorted indices of ``round(fraction * n)`` seeded picks from each class of ``n`` examples.
 
     Raises:
-        ValueError: a class would get no pick, or (unless ``whole_class``) every one of its examples.
+        SplitError: a class would get no pick, or (unless ``whole_class``) every one of its examples.
     """
     rng = np.random.default_rng(seed)
     parts = []
@@ -477,7 +481,7 @@ def _draw_per_class(labels: np.ndarray, fraction: float, seed: int, whole_class:
         members = np.flatnonzero(labels == cls)
         n = int(round(len(members) * fraction))
         if n == 0 or (n == len(members) and not whole_class):
-            raise ValueError(
+            raise SplitError(
                 f"class {cls} has {len(members)} examples: a {fraction} split leaves none on one side; "
                 f"use more data or another --val-split."
             )

@@ -127,6 +127,7 @@ def test_a_log_that_cannot_be_read_is_left_alone_and_named_as_such(place, monkey
     (["--convs", "2", "2", "2"], "one per block (2)"),
     (["--model", "cnn-large", "--convs", "17"], "argument --convs"),
     (["--dense-units", "100000"], "argument --dense-units"),
+    (["--seeds", "3", "3"], "--seeds 3 3 names a seed twice; give each once"),
 ])
 def test_ablation_refuses_a_bad_number_before_it_replaces_an_earlier_run(tmp_path, capsys, flags, says):
     import ablation
@@ -162,6 +163,28 @@ def test_ablation_checks_every_seeds_run_before_any_data_is_read(tmp_path, capsy
     assert line.startswith(f"error: {theirs} holds {theirs / 'notes.txt'}, which is not what train writes in a run")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cnn-seed1"]
     assert (theirs / "notes.txt").read_text() == "mine"
+
+
+def test_ablation_replaces_only_its_own_runs_not_a_trains_of_the_same_name(tmp_path, capsys, monkeypatch):
+    # seeds.py and train name their runs OUT_DIR/cnn-seedS too: hours of training.
+    import ablation
+
+    from fmnist_keras import data as fdata
+    from fmnist_keras.rundir import MARKER
+
+    runs = tmp_path / "runs"
+    for seed, made_by in ((42, {"made_by": "benchmarks/ablation.py"}), (1, {})):
+        (runs / f"cnn-seed{seed}" / "cnn").mkdir(parents=True)
+        (runs / f"cnn-seed{seed}" / MARKER).write_text("{}")
+        (runs / f"cnn-seed{seed}" / "run.json").write_text(json.dumps({"models": ["cnn"], **made_by}))
+    monkeypatch.setattr(fdata, "load_data", lambda *args, **kwargs: pytest.fail("the data was read"))
+    assert ablation.main(["--out-dir", str(runs), "--seeds", "42", "1", "--ema", "0"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: {runs / 'cnn-seed1'} is a run that benchmarks/ablation.py did not make (train's, or "
+                    f"another script's), so it is left alone; choose another --out-dir.")
+    args = ablation.parse_args(["--out-dir", str(runs), "--seeds", "42"])
+    ablation.check_replaceable(args, 42)  # the control: its own run may go
+    assert sorted(p.name for p in (runs / "cnn-seed1").iterdir()) == [MARKER, "cnn", "run.json"]
 
 
 def test_an_ablation_run_is_marked_so_that_train_resume_refuses_to_go_on_with_trains_recipe(
@@ -346,3 +369,87 @@ def test_gpu_summary_escapes_what_the_terminals_encoding_lacks_instead_of_blamin
                             capture_output=True, text=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert result.returncode == 0, result.stderr
     assert "GPU \\u2122" in result.stdout and "| cnn | fast | 1.00 |" in result.stdout
+
+
+def test_ablations_sgd_keeps_the_moving_average_that_train_compares(monkeypatch):
+    # fit swaps the average in for validation whenever config.ema > 0 (SwapEMAWeights), which needs use_ema.
+    import ablation
+    import keras
+
+    from fmnist_keras.config import TrainConfig
+    from fmnist_keras.engine import recipe
+
+    monkeypatch.setattr(recipe, "make_optimizer", recipe.make_optimizer)  # use_sgd replaces it: put back after
+    ablation.use_sgd()
+    averaged = recipe.make_optimizer(TrainConfig(model="cnn", ema=0.9, epochs=2), steps_per_epoch=50)
+    assert isinstance(averaged, keras.optimizers.SGD) and averaged.use_ema
+    assert averaged.ema_momentum == pytest.approx(recipe.averaging_momentum(0.9, 100))
+    assert not recipe.make_optimizer(TrainConfig(model="cnn", ema=0.0), steps_per_epoch=50).use_ema
+
+
+@pytest.mark.parametrize("appeared", ["a file of the user's", "a link", None])
+def test_a_result_file_that_appeared_during_the_run_is_left_alone(tmp_path, appeared):
+    # --json is checked when the arguments are parsed; an ablation then runs for hours.
+    path = outputs.json_path(str(tmp_path / "results.json"))
+    if appeared == "a link":
+        (tmp_path / "notes.txt").write_text("mine")
+        path.symlink_to(tmp_path / "notes.txt")
+    elif appeared:
+        path.write_text(appeared)
+    if appeared is None:  # the control: a new file, then an earlier result, is written
+        outputs.write_json(path, {"rows": [1]})
+        outputs.write_json(path, {"rows": [2]})
+        assert json.loads(path.read_text())["rows"] == [2]
+        return
+    with pytest.raises(outputs.ResultTaken, match=f"^{path} appeared while the benchmark ran and is not a "
+                                                  f"benchmark's earlier result, so it is left alone"):
+        outputs.write_json(path, {"rows": [1]})
+    assert (tmp_path / "notes.txt" if appeared == "a link" else path).read_text() in ("mine", appeared)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".partial-")] == []
+
+
+@pytest.mark.parametrize("error", ["split", "backend", "result"])
+def test_a_benchmark_that_cannot_split_the_data_or_use_the_backend_ends_with_one_line(capsys, error):
+    from fmnist_keras.backend import BackendError
+    from fmnist_keras.data import SplitError
+
+    raised = {"split": SplitError("a subset of 5 images cannot hold every class; use at least 200."),
+              "backend": BackendError("unknown backend 'nonsense' (from $KERAS_BACKEND); choose one of torch"),
+              "result": outputs.ResultTaken("r.json appeared while the benchmark ran")}[error]
+
+    def main():
+        raise raised
+
+    assert outputs.run_benchmark(main, "bench.py") == 1
+    assert capsys.readouterr().err == f"error: {raised}\n"
+
+
+def test_the_torch_only_benchmarks_name_another_keras_backend_in_one_line(monkeypatch):
+    from fmnist_keras.backend import BackendError
+
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    with pytest.raises(BackendError, match="^overhead.py compares Keras with a PyTorch twin on the torch backend, but "
+                                           "\\$KERAS_BACKEND is 'jax'; unset it or set KERAS_BACKEND=torch.$"):
+        outputs.select_torch("overhead.py")
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    outputs.select_torch("overhead.py")  # the control
+
+
+def test_bench_takes_no_abbreviation_for_overhead(capsys):
+    import bench
+
+    with pytest.raises(SystemExit) as stop:
+        bench.parse_args(["--overh"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --overh" in capsys.readouterr().err
+
+
+def test_tta_views_refuses_one_run_given_twice(tmp_path, capsys):
+    import tta_views
+
+    (tmp_path / "run" / "cnn").mkdir(parents=True)
+    (tmp_path / "run" / "cnn" / "model.keras").write_bytes(b"not read")
+    with pytest.raises(SystemExit) as stop:
+        tta_views.main([str(tmp_path / "run"), str(tmp_path / "run" / ".")])
+    assert stop.value.code == 2
+    assert "two of the runs given are one run (the same cnn/model.keras); give each run once" in capsys.readouterr().err
