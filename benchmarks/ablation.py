@@ -53,6 +53,7 @@ import statistics
 import sys
 import time
 
+from fmnist_keras import interrupts
 from fmnist_keras.backend import default_backend
 from fmnist_keras.cli import add_data_arguments, in_range, print_error
 import outputs  # benchmarks/ is on sys.path when a script there runs
@@ -328,7 +329,10 @@ def main(argv=None) -> int:
     from fmnist_keras.rundir import RunDirError
 
     try:
-        rows = [run_seed(args, seed, raw) for seed in args.seeds]
+        rows = []
+        for seed in args.seeds:
+            interrupts.raise_if_lost()  # a signal kept while the data loaded, or during the last seed's evaluation
+            rows.append(run_seed(args, seed, raw))
     except RunDirError as error:
         print_error(error)
         return 1

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     precision = "mixed precision" if args.mixed_precision else "float32"
     versions = outputs.versions()
     print(f"\n{len(splits.x_train)} training images ({splits.data_format}, {precision}), batch {args.batch_size}, {args.epochs} rounds "
-          f"(median after 1 warm-up), device {device}, {platform.processor() or platform.machine()}, "
+          f"({outputs.rounds_note(args.epochs)}), device {device}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs ({threads} threads), keras {keras.__version__}, torch {versions['torch']}, "
           f"peak resident memory {peak_rss_mb():.0f} MB")
     header = f"{'model':<14}{'path':<14}{'s/epoch':>9}{'train img/s':>13}{'infer img/s':>13}{'peak MB':>9}{'test acc':>10}{'keras/torch':>13}"

@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from fmnist_keras import interrupts
 from fmnist_keras.backend import default_backend
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
@@ -173,6 +174,7 @@ def main(argv=None) -> int:
     }
     students = []
     for config, name in zip(configs, names):
+        interrupts.raise_if_lost()  # a signal kept while the teachers predicted, or the last student was evaluated
         try:
             run = RunDir.create(args.out_dir, name, [config.model], args.overwrite, made_by=MADE_BY,
                                 elsewhere=ELSEWHERE)

@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from fmnist_keras import interrupts
 from fmnist_keras.backend import default_backend
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
@@ -138,6 +139,7 @@ def evaluate(models, raw, tta_choice: str, fast_path: bool = True) -> tuple[list
 
     rows, sums, probabilities_of, labels_of = [], {}, {"validation": [], "test": []}, {}
     for k, (model_path, config) in enumerate(models, start=1):
+        interrupts.raise_if_lost()  # a signal kept while the data or the last model loaded
         model = load_model(model_path)
         try:
             splits = make_splits(raw, config.resolved(), input_data_format(model))

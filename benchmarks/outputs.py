@@ -163,6 +163,12 @@ def open_log(path: Path, command: list[str]):
     return log  # still open, for the command's output, under the log's own name
 
 
+def rounds_note(rounds: int) -> str:
+    """How the timed rounds become the number shown: the median of those after the warm-up, or, for one round,
+    that round (``runner``'s ``times[1:] or times``)."""
+    return "median after 1 warm-up" if rounds > 1 else "the warm-up round itself, start-up costs included"
+
+
 def select_torch(script: str) -> None:
     """Select the torch backend before Keras is imported, for a benchmark that compares Keras with a PyTorch twin.
 

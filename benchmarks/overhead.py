@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         subset = args.subset or SUBSETS[name]
         rows.append(time_model(name, make_splits(raw, TrainConfig(subset=subset)), args))
     device = describe_device()
-    print(f"\nbatch {args.batch_size}, {args.rounds} rounds (median after 1 warm-up), device {device}, "
+    print(f"\nbatch {args.batch_size}, {args.rounds} rounds ({outputs.rounds_note(args.rounds)}), device {device}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({threads} threads), keras {keras.__version__}")
     header = (f"{'model':<14}{'images':>7}{'stock ms/step':>15}{'fast ms/step':>14}{'torch ms/step':>15}"
               f"{'fast/torch':>12}{'stock/torch':>13}")

@@ -453,3 +453,32 @@ def test_tta_views_refuses_one_run_given_twice(tmp_path, capsys):
         tta_views.main([str(tmp_path / "run"), str(tmp_path / "run" / ".")])
     assert stop.value.code == 2
     assert "two of the runs given are one run (the same cnn/model.keras); give each run once" in capsys.readouterr().err
+
+
+def test_the_tables_say_when_the_one_round_timed_is_the_warm_up():
+    assert outputs.rounds_note(3) == "median after 1 warm-up"
+    assert "the warm-up round itself" in outputs.rounds_note(1)
+
+
+def test_a_signal_kept_during_a_seed_stops_ablation_before_the_next_seed(tmp_path, tiny_data_dir, capsys, monkeypatch):
+    import signal
+
+    import ablation
+
+    from fmnist_keras import interrupts
+
+    trained = []
+
+    def seed_that_keeps_a_sigterm(args, seed, raw):  # as a SIGTERM lost in a garbage-collection callback would be
+        trained.append(seed)
+        monkeypatch.setattr(interrupts, "raise_if_lost", lambda: (_ for _ in ()).throw(
+            interrupts.Interrupted(signal.SIGTERM)))
+        return {}
+
+    monkeypatch.setattr(ablation, "run_seed", seed_that_keeps_a_sigterm)
+    argv = ["--out-dir", str(tmp_path / "runs"), "--seeds", "42", "1", "--ema", "0", "--data-dir", str(tiny_data_dir),
+            "--no-verify"]
+    assert outputs.run_benchmark(lambda: ablation.main(argv), "ablation.py") == 128 + signal.SIGTERM
+    assert trained == [42]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("ablation.py: interrupted (SIGTERM) before it "
+                                                               "finished; run it again.")
