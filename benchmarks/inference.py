@@ -110,8 +110,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    if args.model is not None and not os.path.isfile(args.model):
-        sys.exit(f"error: --model {args.model!r} is not a file; give a saved .keras model, or leave --model out.")
+    if args.model is not None:  # a .keras file, or the run directory holding one; a bad one is one line
+        from fmnist_keras.loading import resolve_model_path
+
+        args.model = str(resolve_model_path(args.model))
     with tempfile.TemporaryDirectory() as directory:
         model_file = os.path.abspath(args.model) if args.model else default_model(directory)
         rows = []

@@ -482,3 +482,14 @@ def test_a_signal_kept_during_a_seed_stops_ablation_before_the_next_seed(tmp_pat
     assert trained == [42]
     assert capsys.readouterr().err.strip().splitlines()[-1] == ("ablation.py: interrupted (SIGTERM) before it "
                                                                "finished; run it again.")
+
+
+def test_inference_takes_a_model_as_the_other_commands_do(tmp_path, capsys):
+    # A run directory is what the loader's own hint offers; a directory without a model is its one line.
+    import inference
+
+    assert outputs.run_benchmark(lambda: inference.main(["--model", str(tmp_path)]), "inference.py") == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path} is a directory without model.keras, and none of its "
+                                       f"sub-directories holds one; expected a run directory (runs/<run-name>/ or "
+                                       f"runs/<run-name>/<model>/) or a .keras file; pass a model.keras written by "
+                                       f"`python -m fmnist_keras.train`, or the run directory holding it.\n")
