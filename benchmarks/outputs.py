@@ -97,17 +97,12 @@ def write_json(path: Path, data: dict) -> None:
     taken = ResultTaken(f"{path} appeared while the benchmark ran and is not a benchmark's earlier result, so it is "
                         f"left alone and the results are not written there; the table above has them. Move it away "
                         f"and run the benchmark again, or pass another --json")
-    if os.path.lexists(path):
-        if path.is_symlink() or not path.is_file() or not _is_earlier_result(path):
-            raise taken
-        write_text(path, text)  # the project's atomic writer (rundir)
-        return
+    earlier = os.path.lexists(path)
+    if earlier and (path.is_symlink() or not path.is_file() or not _is_earlier_result(path)):
+        raise taken
     try:
-        with replacing(path, new_only=True) as (handle, _), os.fdopen(handle, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except FileExistsError:  # it appeared between the check and the rename
+        write_text(path, text, new_only=not earlier)  # the project's atomic writer (rundir)
+    except FileExistsError:  # a new path that was taken between the check and the rename
         raise taken from None
 
 

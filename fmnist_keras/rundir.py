@@ -101,9 +101,10 @@ def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling of ``path``, flush it to disk, then rename it over ``path``."""
-    _write_atomically(path, "w", text)
+def write_text(path: Path, text: str, new_only: bool = False) -> None:
+    """Write ``text`` to a temporary sibling of ``path``, flush it to disk, then rename it over ``path``; with
+    ``new_only``, take the name only if it is still free (see :func:`replacing`)."""
+    _write_atomically(path, "w", text, new_only)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -186,8 +187,8 @@ def _rename_unless_taken(source: Path, target: Path) -> None:
         os.replace(source, target)
 
 
-def _write_atomically(path: Path, mode: str, content) -> None:
-    with replacing(path) as (handle, _), os.fdopen(handle, mode) as f:
+def _write_atomically(path: Path, mode: str, content, new_only: bool = False) -> None:
+    with replacing(path, new_only=new_only) as (handle, _), os.fdopen(handle, mode) as f:
         f.write(content)
         f.flush()
         os.fsync(f.fileno())
