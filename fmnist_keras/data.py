@@ -102,8 +102,13 @@ def keras_cache_dir() -> Path:
     return Path(keras_home) / "datasets" / "fashion-mnist"
 
 
+def _names_in(directory: Path, name: str) -> tuple[Path, Path]:
+    """Where a data file ``name`` may lie in ``directory``, in the order it is looked for: gzipped, then not."""
+    return directory / f"{name}.gz", directory / name
+
+
 def _file_in(directory: Path, name: str) -> Path | None:
-    for candidate in (directory / f"{name}.gz", directory / name):
+    for candidate in _names_in(directory, name):
         if candidate.is_file():
             return candidate
     return None
@@ -114,8 +119,7 @@ NOT_A_FILE = "is not a regular file (a FIFO, a device, a directory or a symbolic
 
 def _not_a_file_in(directory: Path, name: str) -> Path | None:
     """The entry named ``name`` (.gz or not) in ``directory`` that is there but is not a file to read."""
-    return next((c for c in (directory / f"{name}.gz", directory / name)
-                 if (c.exists() or c.is_symlink()) and not c.is_file()), None)
+    return next((c for c in _names_in(directory, name) if (c.exists() or c.is_symlink()) and not c.is_file()), None)
 
 
 def _has_all_files(directory: Path) -> bool:
