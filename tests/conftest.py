@@ -7,6 +7,7 @@ any test imports keras.
 import gc
 import gzip
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -216,6 +217,30 @@ def tiny_data_dir(tmp_path):
     directory = tmp_path / "idx"
     write_idx_dir(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def finished_run_template(tmp_path_factory):
+    """A finished two-epoch MLP run without a report (float32 on every CPU), trained once per test process:
+    ``runs/run/mlp/...``. Tests take a copy of it from ``finished_run``."""
+    from fmnist_keras import train
+
+    template = tmp_path_factory.mktemp("finished")
+    write_idx_dir(template / "idx")
+    argv = ["--data-dir", str(template / "idx"), "--no-verify", "--out-dir", str(template / "runs"), "--run-name", "run",
+            "--model", "mlp", "--epochs", "2", "--batch-size", "32", "--no-report"]
+    assert train.main(argv) == 0
+    return template / "runs"
+
+
+@pytest.fixture
+def finished_run(tmp_path, finished_run_template):
+    """A copy of the finished run for one test to change: tmp_path/runs/run/mlp/...
+
+    Its config.json names the template's data directory, which no test changes.
+    """
+    shutil.copytree(finished_run_template, tmp_path / "runs", symlinks=True)
+    return tmp_path / "runs" / "run"
 
 
 @pytest.fixture

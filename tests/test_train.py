@@ -18,7 +18,6 @@ from fmnist_keras.rundir import MARKER
 from fmnist_keras.config import TrainConfig
 from fmnist_keras.data import CLASS_NAMES
 
-from conftest import write_idx_dir
 
 
 def run_cli(tmp_path, data_dir, *extra, name="run"):
@@ -228,15 +227,6 @@ def test_existing_run_dir_is_never_overwritten_silently(tmp_path, tiny_data_dir,
     assert (run / "mlp" / "metrics.json").is_file() and not (run / "mlp" / "report.md").exists()
 
 
-@pytest.fixture(scope="module")
-def mlp_run_template(tmp_path_factory):
-    """A one-epoch MLP run with its report, trained once per module: ``runs/run/...``."""
-    template = tmp_path_factory.mktemp("mlp-run")
-    write_idx_dir(template / "idx")
-    assert run_cli(template, template / "idx", "--model", "mlp", "--epochs", "1") == 0
-    return template / "runs"
-
-
 @pytest.mark.parametrize("where, named", [("notes.txt", "notes.txt"), ("data/train-images-idx3-ubyte.gz", "data"),
                                           ("mlp/notes.txt", "mlp/notes.txt"), ("mlp/figures/link", "mlp/figures/link"),
                                           ("mlp/figures/notes.docx", "mlp/figures/notes.docx"),
@@ -244,10 +234,9 @@ def mlp_run_template(tmp_path_factory):
                                           ("mlp/tensorboard/mine/notes.txt", "mlp/tensorboard/mine"),
                                           ("link", "link")])
 def test_overwrite_leaves_a_run_that_holds_what_the_project_did_not_write(tmp_path, tiny_data_dir, capsys,
-                                                                          mlp_run_template, where, named):
+                                                                          finished_run, where, named):
     # A user's file, a data set, a link (to a file of theirs): none of it is the project's to delete.
-    shutil.copytree(mlp_run_template, tmp_path / "runs", symlinks=True)
-    run = tmp_path / "runs" / "run"
+    run = finished_run
     theirs = run / where
     theirs.parent.mkdir(parents=True, exist_ok=True)
     if theirs.name == "link":

@@ -6,7 +6,6 @@ that fmnist_keras did not create is ever removed.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import lose_a_signal_in_a_gc_callback, write_idx_dir
+from conftest import lose_a_signal_in_a_gc_callback
 from fmnist_keras import train
 from fmnist_keras.engine import evaluation, fit
 from fmnist_keras.engine.callbacks import read_history
@@ -41,25 +40,6 @@ def _one_line_error(capsys, *fragments) -> str:
 
 def _files(directory):
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
-
-
-@pytest.fixture(scope="module")
-def finished_run_template(tmp_path_factory):
-    """A finished two-epoch MLP run (float32 on every CPU), trained once per module: ``runs/run/...``."""
-    template = tmp_path_factory.mktemp("finished")
-    write_idx_dir(template / "idx")
-    assert _train(template, template / "idx", "--run-name", "run") == 0
-    return template / "runs"
-
-
-@pytest.fixture
-def finished_run(tmp_path, finished_run_template):
-    """A copy of the finished run for one test to change: tmp_path/runs/run/mlp/...
-
-    Its config.json names the template's data directory, which no test changes.
-    """
-    shutil.copytree(finished_run_template, tmp_path / "runs", symlinks=True)
-    return tmp_path / "runs" / "run"
 
 
 # --- data loss: run names and --overwrite ---------------------------------------------------
