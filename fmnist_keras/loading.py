@@ -31,7 +31,7 @@ from pathlib import Path
 from fmnist_keras.backend import compile_steps_on_jax
 from fmnist_keras.cli import one_line
 from fmnist_keras.data import NUM_CLASSES
-from fmnist_keras.rundir import MODEL_FILE
+from fmnist_keras.rundir import DANGLING_LINK, MODEL_FILE, is_dangling_link
 
 IMAGE_SHAPES = {(28, 28, 1): "channels_last", (1, 28, 28): "channels_first"}
 
@@ -60,8 +60,8 @@ _FIX = "pass a model.keras written by `python -m fmnist_keras.train`, or the run
 
 def _not_a_regular_file(path: Path) -> str:
     """What ``path``, which is no regular file, is, as the rest of a sentence that starts with its name."""
-    if path.is_symlink() and not path.exists():
-        return "is a symbolic link to nothing (or a loop of links)"
+    if is_dangling_link(path):
+        return f"is {DANGLING_LINK}"
     if path.is_dir():
         return "is a directory"
     return "is not a regular file (a FIFO or a device)"
@@ -137,7 +137,7 @@ def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
             if announce is not None:
                 announce(one_line(f"Using {candidate}"))
         given = candidate
-    elif given.is_symlink() and not given.exists():
+    elif is_dangling_link(given):
         raise ModelLoadError(f"model file {given} {_not_a_regular_file(given)}; fix the link ({_FIX}).")
     elif not given.exists():
         raise ModelLoadError(f"model file {given} does not exist; check the path ({_FIX}).")

@@ -786,17 +786,26 @@ def _first_foreign_entry(run: Path) -> Path | None:
     return found
 
 
+#: What a path is that :func:`is_dangling_link` finds, as the rest of a sentence: ``X is DANGLING_LINK``.
+DANGLING_LINK = "a symbolic link to nothing (or a loop of links)"
+
+
+def is_dangling_link(path: Path) -> bool:
+    """Whether ``path`` is a symbolic link that leads to nothing: a missing target, or a loop of links."""
+    return path.is_symlink() and not path.exists()
+
+
 def in_the_way_of_a_directory(path: Path) -> tuple[Path, str] | None:
     """What keeps ``path`` from being or becoming a directory: the first of it and its parents that exists (or is
-    a link) and is no directory, and what that is, ``"a file"`` or ``"a symbolic link to nothing (or a loop of
-    links)"``; None when nothing does."""
+    a link) and is no directory, and what that is, ``"a file"`` or :data:`DANGLING_LINK`; None when nothing
+    does."""
     blocker = path
     while not blocker.exists() and not blocker.is_symlink() and blocker != blocker.parent:
         blocker = blocker.parent
     if blocker.is_dir():
         return None
-    if blocker.is_symlink() and not blocker.exists():
-        return blocker, "a symbolic link to nothing (or a loop of links)"
+    if is_dangling_link(blocker):
+        return blocker, DANGLING_LINK
     return blocker, "a file"
 
 
@@ -809,7 +818,7 @@ def not_a_directory_line(flag: str, path: Path, fix: str) -> str | None:
         return None
     blocker, what = found
     where = "is" if blocker == path else f"lies below {blocker}, which is"
-    link = "fix the link or " if what != "a file" else ""
+    link = "fix the link or " if what == DANGLING_LINK else ""
     return f"{flag} {path} {where} {what}, not a directory; {link}{fix}."
 
 
