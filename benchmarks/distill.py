@@ -129,6 +129,16 @@ def distillation_targets(labels, teacher, weight: float):
     return ((1.0 - weight) * one_hot + weight * teacher).astype(np.float32)
 
 
+def json_left(path: Path | None, finished: int) -> str:
+    """What a stopped run left at ``--json PATH``, as the end of its line: the students finished before the stop,
+    or, when none had, that an earlier run's file there was left as it was."""
+    if path is None:
+        return ""
+    if finished:
+        return f"; {path} holds the {finished} student{'s' if finished > 1 else ''} finished before the stop"
+    return f"; no student finished, so {path} was not written (a file there is an earlier run's)"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -174,8 +184,9 @@ def main(argv=None) -> int:
     }
     students = []
     for config, name in zip(configs, names):
-        interrupts.raise_if_lost()  # a signal kept while the teachers predicted, or the last student was evaluated
+        run = None
         try:
+            interrupts.raise_if_lost()  # a signal kept while the teachers predicted, or the last student was evaluated
             run = RunDir.create(args.out_dir, name, [config.model], args.overwrite, made_by=MADE_BY,
                                 elsewhere=ELSEWHERE)
             start = time.perf_counter()
@@ -183,9 +194,11 @@ def main(argv=None) -> int:
             _, metrics, _ = evaluation.final_metrics(run, config, splits, result.facts)
         except KeyboardInterrupt as error:
             stop = Interrupted.of(error)
-            print(f"distill.py: interrupted ({stop}); {Path(args.out_dir) / name} holds a partial student, which "
-                  f"train --resume refuses (it would go on without the teachers); run distill.py again with "
-                  f"--overwrite.", file=sys.stderr)
+            left = (f"{Path(args.out_dir) / name} holds a partial student, which train --resume refuses (it would "
+                    f"go on without the teachers); run distill.py again with --overwrite" if run is not None else
+                    f"before {Path(args.out_dir) / name} was started; run distill.py again"
+                    f"{' with --overwrite' if students else ''}")
+            print(f"distill.py: interrupted ({stop}); {left}{json_left(args.json, len(students))}.", file=sys.stderr)
             return stop.exit_code
         except ModelLoadError as error:
             print_error(error)

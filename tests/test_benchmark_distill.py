@@ -215,3 +215,44 @@ def test_a_stop_while_a_student_trains_says_what_is_left_and_how_to_start_again(
     assert len(error.splitlines()) == 1 and "benchmarks/distill.py made this run" in error
     assert "run benchmarks/distill.py again with --overwrite" in error
     assert sorted(str(p.relative_to(student)) for p in student.rglob("*")) == before
+
+
+@pytest.mark.parametrize("finished", [0, 1])
+def test_a_stop_says_what_the_json_holds_and_keeps_an_earlier_runs_file_when_no_student_finished(
+        teachers, tiny_data_dir, tmp_path, capsys, monkeypatch, finished):
+    out = tmp_path / "distill.json"
+    earlier = json.dumps({"students": ["earlier"], "written_by": "fmnist_keras benchmarks"})
+    out.write_text(earlier)
+    real_fit, calls = fit.fit_model, []
+
+    def stopped_after(config, splits, run=None, **kwargs):
+        calls.append(config.seed)
+        if len(calls) > finished:
+            raise Interrupted(signal.SIGINT)
+        return real_fit(config, splits, run, **kwargs)
+
+    monkeypatch.setattr(fit, "fit_model", stopped_after)
+    assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--seeds", "5", "6", "--epochs", "1",
+                    "--out-dir", tmp_path / "runs", "--json", out) == 130
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "holds a partial student" in error
+    if finished:
+        assert f"; {out} holds the 1 student finished before the stop." in error
+        student = json.loads((tmp_path / "runs" / "cnn-seed5-w0.5" / "cnn" / "metrics.json").read_text())
+        assert json.loads(out.read_text())["students"] == [student]
+    else:
+        assert f"; no student finished, so {out} was not written (a file there is an earlier run's)." in error
+        assert out.read_text() == earlier
+
+
+def test_a_signal_kept_until_the_first_student_starts_says_that_none_was_started(
+        teachers, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    def kept():
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(distill.interrupts, "raise_if_lost", kept)
+    assert _distill(tiny_data_dir, *teachers, "--model", "cnn", "--out-dir", tmp_path / "runs") == 143
+    error = capsys.readouterr().err.strip()
+    assert error == (f"distill.py: interrupted (SIGTERM); before {tmp_path / 'runs' / 'cnn-seed42-w0.5'} was started; "
+                     f"run distill.py again.")
+    assert not (tmp_path / "runs" / "cnn-seed42-w0.5").exists()
