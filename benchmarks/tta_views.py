@@ -66,10 +66,13 @@ def evaluate_run(run: Path, raw) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories holding cnn/model.keras")
+    parser.add_argument("runs", nargs="+", help="run directories holding cnn/model.keras")
     add_data_arguments(parser)
     args = parser.parse_args(argv)
-    missing = [str(run) for run in args.runs if not str(run).strip() or not (run / "cnn" / "model.keras").is_file()]
+    if any(not run.strip() for run in args.runs):  # Path("") would be ".", the current directory
+        parser.error("a run directory given is an empty name (an unset variable?); give run directories of the cnn")
+    args.runs = [Path(run) for run in args.runs]
+    missing = [str(run) for run in args.runs if not (run / "cnn" / "model.keras").is_file()]
     if missing:
         parser.error(f"no cnn/model.keras in {', '.join(map(repr, missing))}; give run directories of the cnn")
     models = [(run / "cnn" / "model.keras").resolve() for run in args.runs]

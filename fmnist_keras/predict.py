@@ -330,6 +330,9 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
                          f"...) or a .npy file.")
     size = status.st_size
     if size == 0:
+        if _reads_anything(path):  # /proc and /sys report 0 bytes for files they make up as they are read
+            raise InputError(f"{path}: a file whose size the system does not report (as under /proc or /sys); "
+                             f"copy it to a regular file first.")
         raise InputError(f"{path}: is empty (0 bytes).")
     if path.suffix.lower() == ".npy":
         array = read_npy(path, size)
@@ -364,6 +367,15 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
     except Exception as error:  # truncated or damaged data; a decoder's own error type (RuntimeError, ...)
         raise InputError(f"{path}: damaged or truncated image ({' '.join(str(error).split())}).") from None
     return [Item(str(path), None, pixels, inverted)]
+
+
+def _reads_anything(path: Path) -> bool:
+    """Whether ``path``, a regular file that reports 0 bytes, gives a byte when read."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(1) != b""
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -455,6 +455,23 @@ def test_tta_views_refuses_one_run_given_twice(tmp_path, capsys):
     assert "two of the runs given are one run (the same cnn/model.keras); give each run once" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("runs", [[""], [" ", "RUN"]])
+def test_tta_views_names_an_empty_run_name_instead_of_looking_in_the_current_directory(tmp_path, capsys, monkeypatch,
+                                                                                       runs):
+    import tta_views
+
+    (tmp_path / "cnn").mkdir()
+    (tmp_path / "cnn" / "model.keras").write_bytes(b"not read")  # what "" would find, read as "."
+    (tmp_path / "run" / "cnn").mkdir(parents=True)
+    (tmp_path / "run" / "cnn" / "model.keras").write_bytes(b"not read")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        tta_views.main([str(tmp_path / "run") if run == "RUN" else run for run in runs])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        ": error: a run directory given is an empty name (an unset variable?); give run directories of the cnn")
+
+
 def test_the_tables_say_when_the_one_round_timed_is_the_warm_up():
     assert outputs.rounds_note(3) == "median after 1 warm-up"
     assert "the warm-up round itself" in outputs.rounds_note(1)

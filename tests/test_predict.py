@@ -178,6 +178,9 @@ def _bad_files(directory):
     files["zero.npy"] = r"not a regular file \(a FIFO or a device\)"
     (directory / "dangling.png").symlink_to(directory / "gone.png")
     files["dangling.png"] = "a symbolic link to nothing"
+    if os.path.isfile("/proc/self/status"):  # Linux: 0 bytes by stat, a page of text when read
+        (directory / "proc.png").symlink_to("/proc/self/status")
+        files["proc.png"] = r"a file whose size the system does not report \(as under /proc or /sys\); copy it"
     return files
 
 
