@@ -224,7 +224,12 @@ def resume_configs(parser, args, argv) -> tuple[RunDir, list[TrainConfig]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train as the flags say; one line and a non-zero exit code for anything that goes wrong."""
+    """Train as the flags say; one line and a non-zero exit code for anything that goes wrong.
+
+    Under torchrun, a rank that stopped out of step with the others returns with its process group still open
+    (closing it could abort the process): a script that calls ``main`` there should end through
+    :func:`end_process`, as ``python -m fmnist_keras.train`` does, and start no other collective.
+    """
     previous = _stop_on_sigterm()
     previous_sigint = signal.getsignal(signal.SIGINT)  # a rank that lost its peers ignores Ctrl-C from then on
     try:
