@@ -630,11 +630,14 @@ def end_process(entry) -> NoReturn:
 
 
 def _process_group_open() -> bool:
-    if "torch.distributed" not in sys.modules:  # a run that never imported it has no group
+    # Never an import here: a Ctrl-C that stopped torch's own import leaves it half made in sys.modules, and
+    # importing it again raises from inside torch. A run that never imported torch.distributed, or stopped
+    # during its import, opened no group.
+    dist = sys.modules.get("torch.distributed")
+    try:
+        return bool(dist is not None and dist.is_available() and dist.is_initialized())
+    except Exception:  # noqa: BLE001 (half imported: whatever torch raises, no group was opened)
         return False
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def _print_as_python_would(error: BaseException) -> int:

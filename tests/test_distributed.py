@@ -404,6 +404,35 @@ def test_a_rank_that_stopped_out_of_step_ends_without_python_finalisation(tmp_pa
     assert result.stdout == "output without its line end" + finalised
 
 
+@pytest.mark.parametrize("error", [AttributeError("partially initialized module 'torch' has no attribute 'distributed'"),
+                                   RuntimeError('generic_type: cannot initialize type "RpcBackendOptions"')])
+def test_a_torch_import_stopped_halfway_by_ctrl_c_ends_with_the_commands_own_line(monkeypatch, capsys, error):
+    # A Ctrl-C in the first second of `train` can stop torch's own import and leave torch.distributed half made in
+    # sys.modules; asking it whether a group is open then raises from inside torch. No group was opened, so the
+    # process ends as sys.exit ends it, with the line main printed and no traceback.
+    import types
+
+    from fmnist_keras import train
+
+    half_made = types.ModuleType("torch.distributed")
+
+    def raises():
+        raise error
+
+    half_made.is_available = raises
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # half made too: no submodules yet
+    monkeypatch.setitem(sys.modules, "torch.distributed", half_made)
+
+    def interrupted():
+        print("Interrupted (SIGINT) before training started; nothing was written.", file=sys.stderr)
+        return 130
+
+    with pytest.raises(SystemExit) as stop:
+        train.end_process(interrupted)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "Interrupted (SIGINT) before training started; nothing was written.\n"
+
+
 def test_only_a_failed_collective_of_several_torchrun_ranks_counts_as_a_lost_replica():
     import torch.distributed as dist
 
