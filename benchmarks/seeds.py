@@ -28,12 +28,8 @@ cores. Writes the table as JSON with ``--json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
-import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +37,7 @@ import time
 from pathlib import Path
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
+from children import OWN_STOP_S, start_train, stop
 from fmnist_keras.cli import in_range, one_line
 from fmnist_keras.config import MODEL_NAMES, RANGES
 from fmnist_keras import interrupts
@@ -48,10 +45,6 @@ from fmnist_keras.rundir import RunDir, RunDirError
 
 # train's flags that this script sets for each seed, and reads the results of.
 OWN_TRAIN_FLAGS = ("--model", "--seed", "--out-dir", "--run-name", "--overwrite", "--resume")
-# How long the seeds' trains may take to end on a Ctrl-C that reached them too, and after this script's SIGTERM.
-OWN_STOP_S = 10
-STOP_WAIT_S = 60
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent ends
 
 
 def parse_args(argv=None):
@@ -96,38 +89,6 @@ def launch(args, seed: int) -> subprocess.Popen:
     with outputs.open_log(out / f"{run_name(args.model, seed)}.log", command) as log:
         print("$", shlex.join(command), flush=True)
         return start_train(command, stdout=log, stderr=subprocess.STDOUT)
-
-
-def start_train(command: list[str], **popen_kwargs) -> subprocess.Popen:
-    """``subprocess.Popen(command)``, and on Linux a process that gets SIGTERM when this one ends, however it ends
-    (``PR_SET_PDEATHSIG``; SIGTERM lets ``train`` keep its completed epochs)."""
-    if not sys.platform.startswith("linux"):
-        return subprocess.Popen(command, **popen_kwargs)
-    parent, prctl = os.getpid(), ctypes.CDLL(None, use_errno=True).prctl
-
-    def end_with_parent():  # runs in the child, between fork and exec
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the script ended before the line above: nothing would stop this train
-            os._exit(128 + signal.SIGTERM)
-
-    return subprocess.Popen(command, preexec_fn=end_with_parent, **popen_kwargs)
-
-
-def stop(running: dict[int, subprocess.Popen], grace: float = 0.0) -> None:
-    """End each seed's ``train`` still running: wait ``grace`` seconds for those that a terminal's Ctrl-C
-    reached with this script (one process group) to end on their own, then SIGTERM the rest (each keeps its
-    completed epochs, for ``--resume``), and SIGKILL what has not ended :data:`STOP_WAIT_S` later."""
-    with interrupts.deferred():  # a second Ctrl-C waits until every train has ended
-        for wait_s, send in ((grace, subprocess.Popen.terminate), (STOP_WAIT_S, subprocess.Popen.kill)):
-            deadline = time.perf_counter() + wait_s
-            for process in running.values():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=max(0.0, deadline - time.perf_counter()))
-            for process in running.values():
-                if process.poll() is None:
-                    send(process)
-        for process in running.values():
-            process.wait()
 
 
 def main(argv=None) -> int:

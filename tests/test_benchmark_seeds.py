@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import children  # noqa: E402  (benchmarks/children.py)
 import seeds  # noqa: E402  (benchmarks/seeds.py)
 from fmnist_keras.interrupts import Interrupted  # noqa: E402
 
@@ -67,7 +68,7 @@ def test_a_train_that_ignores_sigterm_is_killed_once_the_wait_is_over(tmp_path, 
     stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
                                  "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
     assert stubborn.stdout.readline() == b"ready\n"
-    monkeypatch.setattr(seeds, "STOP_WAIT_S", 0.5)
+    monkeypatch.setattr(children, "STOP_WAIT_S", 0.5)
     seeds.stop({1: stubborn})
     assert stubborn.returncode == -signal.SIGKILL
 
@@ -85,8 +86,8 @@ def test_a_train_gets_sigterm_when_the_script_is_killed_with_sigkill(tmp_path):
     # The script, as a process of its own: it starts a stand-in train, which records its pid, then the signal it gets.
     train = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1] + '.signal', "
              "'w').write('SIGTERM'), sys.exit(0))); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)")
-    script = (f"import sys; sys.path.insert(0, {str(Path(seeds.__file__).parent)!r}); import seeds, time; "
-              f"seeds.start_train([sys.executable, '-c', {train!r}, {str(tmp_path / 'train')!r}]); time.sleep(60)")
+    script = (f"import sys; sys.path.insert(0, {str(Path(seeds.__file__).parent)!r}); import children, time; "
+              f"children.start_train([sys.executable, '-c', {train!r}, {str(tmp_path / 'train')!r}]); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.monotonic() + 30
     while not (tmp_path / "train").exists() or not (tmp_path / "train").read_text():
