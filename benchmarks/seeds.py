@@ -9,7 +9,9 @@ Extra arguments after ``--`` go to ``train`` unchanged, except the flags the
 script sets for each seed itself (``--model``, ``--seed``, ``--out-dir``,
 ``--run-name``, ``--overwrite``, ``--resume``), which are refused. Each seed's
 log, ``OUT_DIR/MODEL-seedS.log``, starts with a stamped line naming its
-command; an existing file there without that line is never replaced. On
+command; an existing file there without that line is never replaced, nor is
+a run directory ``OUT_DIR/MODEL-seedS`` without such a log beside it. Each
+seed is given once. On
 Ctrl-C or SIGTERM every ``train`` still running is ended (a terminal's Ctrl-C
 reaches them too; the rest get SIGTERM) and keeps its completed epochs. On
 Linux a ``train`` also gets SIGTERM when the script itself is killed
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -65,17 +68,50 @@ def parse_args(argv=None):
     if own:
         parser.error(f"{own[0]} after -- would change what this script reads back (it sets "
                      f"{', '.join(OWN_TRAIN_FLAGS)} itself); use its own --model, --seeds and --out-dir instead")
+    helps = [flag for flag in args.train_args if flag == "-h" or (len(flag) > 2 and "--help".startswith(flag))]
+    if helps:
+        parser.error(f"{helps[0]} after -- makes train print its help and train nothing; see python -m "
+                     f"fmnist_keras.train --help for train's flags")
+    twice = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
+    if twice:  # one run trained twice would count as two seeds that agree
+        parser.error(f"--seeds names seed {twice[0]} twice; give each seed once")
     try:
         RunDir.check_out_dir(args.out_dir)
-        for seed in args.seeds:  # every log, before any run starts
-            outputs.check_log(Path(args.out_dir) / f"{run_name(args.model, seed)}.log")
+        for seed in args.seeds:  # every log and run directory, before any run starts
+            check_replaceable(log_path(args, seed), Path(args.out_dir) / run_name(args.model, seed))
     except (RunDirError, OSError) as error:
         parser.error(one_line(error))
     return args
 
 
+def check_replaceable(log: Path, run: Path) -> None:
+    """Refuse, as OSError, a seed's log or run that this script may not replace: a log a benchmark did not write,
+    or a run directory without this script's log beside it (a ``train`` run named like a seed's, a user's
+    directory: ``train --overwrite`` would replace a run of train's own)."""
+    outputs.check_log(log)
+    if (run.exists() or run.is_symlink()) and not log.exists():
+        raise OSError(f"{run} exists and there is no {log.name} beside it, so it is not known to be a run seeds.py "
+                      f"made and is left alone; move it away or choose another --out-dir")
+
+
+def last_line(path: Path) -> str:
+    """The last line with text in the file ``path`` (a log), or what kept it from being read."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(max(0, os.fstat(file.fileno()).st_size - 4096))
+            lines = [line.strip() for line in file.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError as error:
+        return f"its log cannot be read ({error.strerror or error})"
+    return lines[-1] if lines else "its log is empty"
+
+
 def run_name(model: str, seed: int) -> str:
     return f"{model}-seed{seed}"
+
+
+def log_path(args, seed: int) -> Path:
+    """Where the seed's ``train`` writes its output: ``OUT_DIR/MODEL-seedS.log``."""
+    return Path(args.out_dir) / f"{run_name(args.model, seed)}.log"
 
 
 def launch(args, seed: int) -> subprocess.Popen:
@@ -86,7 +122,7 @@ def launch(args, seed: int) -> subprocess.Popen:
         "--out-dir", str(out), "--run-name", run_name(args.model, seed), "--overwrite",
         *args.train_args,
     ]
-    with outputs.open_log(out / f"{run_name(args.model, seed)}.log", command) as log:
+    with outputs.open_log(log_path(args, seed), command) as log:
         print("$", shlex.join(command), flush=True)
         return start_train(command, stdout=log, stderr=subprocess.STDOUT)
 
@@ -106,11 +142,13 @@ def main(argv=None) -> int:
 def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
     pending, failed = list(args.seeds), []
     started, process_wall = {}, {}  # the whole `train` command, start-up and report included
+    launched_at = {}  # the clock time each train started: its metrics.json must be newer
     while pending or running:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
             try:
                 with interrupts.deferred():  # a train started is a train known to stop()
+                    launched_at[seed] = time.time()
                     running[seed], started[seed] = launch(args, seed), time.perf_counter()
             except OSError as error:  # its log cannot be written
                 failed.append(seed)
@@ -122,13 +160,21 @@ def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
                 del running[seed]
                 if process.returncode:
                     failed.append(seed)
-                    print(f"seed {seed}: train exited with {process.returncode}; see its log", file=sys.stderr)
+                    log = log_path(args, seed)
+                    print(f"seed {seed}: train exited with {process.returncode}: {one_line(last_line(log))} (see "
+                          f"{log})", file=sys.stderr)
     rows = []
     for seed in args.seeds:
         if seed in failed:  # its metrics.json, if any, is an earlier run's
             continue
         metrics_file = Path(args.out_dir) / run_name(args.model, seed) / args.model / "metrics.json"
+        log = log_path(args, seed)
         try:
+            if metrics_file.stat().st_mtime < launched_at[seed] - 1:  # file systems round times; a run takes longer
+                failed.append(seed)
+                print(f"seed {seed}: train ended without writing {metrics_file} (the one there is an earlier run's); "
+                      f"see {log}", file=sys.stderr)
+                continue
             m = json.loads(metrics_file.read_text())
             rows.append({
                 "seed": seed, "test_acc": m["test"]["accuracy"], "macro_f1": m["test"]["macro_f1"],
@@ -138,7 +184,7 @@ def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
             })
         except (OSError, ValueError, KeyError, TypeError) as error:  # train said it finished; its file disagrees
             failed.append(seed)
-            print(f"seed {seed}: cannot read {metrics_file} ({error!r}); see its log", file=sys.stderr)
+            print(f"seed {seed}: cannot read {metrics_file} ({error!r}); see {log}", file=sys.stderr)
     print(f"\n{args.model}: {len(rows)} of {len(args.seeds)} seeds finished")
     print(f"{'seed':>6}{'test acc':>10}{'macro-F1':>10}{'best':>6}{'epochs':>8}{'s/epoch':>9}{'train s':>9}{'command s':>11}")
     for r in rows:
@@ -153,8 +199,10 @@ def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
             "min": min(accs), "max": max(accs),
         }
         print(f"mean {summary['mean']:.4f}  std {summary['std']:.4f}  range {summary['min']:.4f}-{summary['max']:.4f}")
-    if args.json:
+    if args.json and rows:
         outputs.write_json(args.json, {"model": args.model, "rows": rows, "summary": summary})
+    elif args.json:  # an earlier result there stays as it was
+        print(f"{one_line(args.json)} is not written: no seed finished", file=sys.stderr)
     return 1 if failed else 0
 
 
