@@ -38,7 +38,9 @@ import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import DEVICES
 from fmnist_keras.cli import add_data_arguments, in_range, one_line, print_error
 from fmnist_keras.config import BACKENDS, RANGES
-from fmnist_keras.rundir import RunDir, RunDirError, replacing, write_bytes, write_text
+from children import OWN_STOP_S, start_train, stop
+from fmnist_keras import interrupts
+from fmnist_keras.rundir import RunDir, RunDirError, read_run_text, replacing, write_bytes, write_text
 
 TOLERANCE = 1e-4
 
@@ -69,11 +71,36 @@ def parse_args(argv=None):
     if len(args.backends) < 2:
         parser.error(f"--backends {' '.join(args.backends)} names one backend, and a file is compared only when "
                      f"another backend loads it; pass two or more, such as --backends torch jax")
+    if args.out_dir is not None:
+        theirs = next((name for name in names_written(args.backends) if os.path.lexists(args.out_dir / name)
+                       and name not in names_listed(args.out_dir)), None)
+        if theirs is not None:
+            parser.error(f"--out-dir {args.out_dir} holds {theirs}, which this script did not write (its {MARKER} "
+                         f"does not list it), so it is left alone; move it away or pass a new or empty directory")
     return args
 
 
-# The file that marks a directory as this script's, so that a later run may write into it again.
+# The file that marks a directory as this script's, so that a later run may write into it again: a JSON object
+# that lists the names the script writes there (names_written), each replaced by a later run only if listed.
 MARKER = ".fmnist_keras-portability"
+WRITTEN_BY = "benchmarks/portability.py"
+
+
+def names_written(backends: list[str]) -> list[str]:
+    """What the script writes in ``--out-dir`` for ``backends``: the test images, each backend's predictions and
+    each backend's run (``train --overwrite`` replaces it)."""
+    return ["test_images.npy", *(f"predictions-{b}.npz" for b in backends), *(f"trained-{b}" for b in backends)]
+
+
+def names_listed(out_dir: Path) -> set[str]:
+    """The names the marker in ``out_dir`` lists as the script's: none where there is no marker the script wrote
+    (none, a user's, a damaged one)."""
+    try:
+        marker = json.loads(read_run_text(out_dir / MARKER, "the script's marker", "pass another --out-dir"))
+    except (OSError, ValueError, RunDirError):
+        return set()
+    names = marker.get("names") if isinstance(marker, dict) and marker.get("written_by") == WRITTEN_BY else None
+    return {name for name in names if isinstance(name, str)} if isinstance(names, list) else set()
 
 
 def out_dir_path(text: str) -> Path:
@@ -97,7 +124,7 @@ def out_dir_path(text: str) -> Path:
         else:  # to be made: below a directory (train's own check of --out-dir)
             RunDir.check_out_dir(path)
     except RunDirError as error:
-        problem = str(error)
+        problem = str(error).removeprefix("--out-dir ")  # argparse names the argument
     except OSError as error:  # a name too long, a directory that cannot be read
         problem = f"{path} cannot be used ({error.strerror or error}); pass another directory"
     if problem:
@@ -107,9 +134,19 @@ def out_dir_path(text: str) -> Path:
 
 def _run(command: list[str], env: dict) -> float:
     """Run a command, stream nothing; return its wall time, or exit with one line: the step, the backend and the
-    last line the command wrote on stderr."""
+    last line the command wrote on stderr. On Ctrl-C or SIGTERM the command is ended as ``seeds.py`` ends its
+    trains (a ``train`` keeps its completed epochs), then the interrupt goes on."""
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    with interrupts.deferred():  # a command started is a command known to stop()
+        process = start_train(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _, stderr = process.communicate()
+    except KeyboardInterrupt:
+        stop({0: process}, grace=OWN_STOP_S)
+        raise
+    finally:
+        stop({0: process})
+    result = subprocess.CompletedProcess(command, process.returncode, "", stderr)
     if result.returncode != 0:
         step = "training" if "fmnist_keras.train" in command else "predicting"
         backend = command[command.index("--backend") + 1] if "--backend" in command else "?"
@@ -149,7 +186,9 @@ def main(argv=None) -> int:
     (_, _), (x_test, y_test) = fdata.load_data(args.data_dir, verify=args.verify)  # bad data: no directory made
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="fmnist-portability-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / MARKER, "")  # a new file renamed into place, as every file here: never through a link
+    # A new file renamed into place, as every file here (never through a link), before any of the names it lists.
+    listed = sorted(names_listed(out_dir) | set(names_written(args.backends)))
+    write_text(out_dir / MARKER, json.dumps({"written_by": WRITTEN_BY, "names": listed}, indent=1) + "\n")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("KERAS_BACKEND", None)  # each command's --backend decides
 
@@ -216,7 +255,13 @@ def main(argv=None) -> int:
     if args.json:
         outputs.write_json(args.json, report)
     print(json.dumps(report))
-    return 0 if worst <= TOLERANCE else 1
+    if worst > TOLERANCE:
+        row = max(results, key=lambda r: r["max_abs_diff"])
+        print_error(f"a model saved under {row['saved_under']} gives softmax outputs {worst:.2e} away from its own "
+                    f"when loaded under {row['loaded_under']}, over the {TOLERANCE:g} tolerance; the table above has "
+                    f"every direction, and tests/test_portability.py the checks to run")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 import runpy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,9 @@ def test_portability_replaces_a_link_in_its_own_directory_and_never_writes_throu
     out, users = tmp_path / "portability", tmp_path / "users"
     out.mkdir()
     users.mkdir()
-    (out / portability.MARKER).write_text("")
     names = ("test_images.npy", "predictions-torch.npz", "predictions-jax.npz")
+    # The marker as the script writes it: these names are its own, so a link planted under one is replaced.
+    (out / portability.MARKER).write_text(json.dumps({"written_by": portability.WRITTEN_BY, "names": names}))
     for name in names:
         (users / name).write_text(f"the user's {name}")
         (out / name).symlink_to(users / name)
@@ -140,3 +142,66 @@ def test_portability_refuses_bad_data_in_one_line_before_it_makes_its_directory(
     assert capsys.readouterr().err.splitlines() == ["error: the file is damaged; delete it"]
     assert not out.exists()
 
+
+
+@pytest.mark.parametrize("marker", ["", "{}", '{"written_by": "benchmarks/portability.py", "names": ["trained-jax"]}'])
+@pytest.mark.parametrize("theirs", ["test_images.npy", "predictions-jax.npz", "trained-torch"])
+def test_portability_leaves_a_file_its_marker_does_not_list_alone(tmp_path, monkeypatch, capsys, marker, theirs):
+    # A marker made by hand, or one that lists other names, does not make a user's file the script's to replace.
+    _fake_subprocesses(monkeypatch, _fake_data(monkeypatch))
+    out = tmp_path / "portability"
+    out.mkdir()
+    (out / portability.MARKER).write_text(marker)
+    (out / theirs).write_text("the user's own")
+    with pytest.raises(SystemExit) as stop:
+        portability.main(["--backends", "torch", "jax", "--out-dir", str(out)])
+    assert stop.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"--out-dir {out} holds {theirs}, which this script did not write" in line and "left alone" in line
+    assert (out / theirs).read_text() == "the user's own" and (out / portability.MARKER).read_text() == marker
+
+
+def test_portability_says_in_one_line_on_stderr_when_the_outputs_differ(tmp_path, monkeypatch, capsys):
+    probabilities = _fake_data(monkeypatch)
+
+    def run(command, env):  # jax's outputs differ from torch's by 0.01
+        if "predict" in command:
+            output = Path(command[command.index("--output") + 1])
+            shift = 0.01 if "jax" in command else 0.0
+            np.savez(output, **{str(i): probabilities + shift * (i == 0) for i in range(2)})
+        return 0.0
+
+    monkeypatch.setattr(portability, "_run", run)
+    assert portability.main(["--backends", "torch", "jax", "--out-dir", str(tmp_path / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert "FAIL: worst difference 1.00e-02" in out
+    assert err.splitlines() == ["error: a model saved under torch gives softmax outputs 1.00e-02 away from its own "
+                                "when loaded under jax, over the 0.0001 tolerance; the table above has every "
+                                "direction, and tests/test_portability.py the checks to run"]
+
+
+def test_portability_stops_its_child_with_sigterm_on_an_interrupt_so_a_train_keeps_its_epochs(tmp_path, monkeypatch):
+    import signal
+
+    from fmnist_keras.interrupts import Interrupted
+
+    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1] + '.signal', "
+             "'w').write('SIGTERM'), sys.exit(143))); open(sys.argv[1], 'w').write('ready'); time.sleep(60)")
+    ready, started = tmp_path / "child", []
+
+    def start(command, **kwargs):
+        started.append(portability.subprocess.Popen(command, **kwargs))
+
+        def communicate(*args, **kwargs):  # Ctrl-C or SIGTERM while the script waits for its child
+            while not ready.exists() or not ready.read_text():
+                time.sleep(0.02)
+            raise Interrupted(signal.SIGTERM)
+
+        started[-1].communicate = communicate
+        return started[-1]
+
+    monkeypatch.setattr(portability, "start_train", start)
+    monkeypatch.setattr(portability, "OWN_STOP_S", 0.1)  # no terminal's Ctrl-C reached the child: SIGTERM after it
+    with pytest.raises(Interrupted):
+        portability._run([sys.executable, "-c", child, str(ready)], {})
+    assert started[0].returncode == 143 and (tmp_path / "child.signal").read_text() == "SIGTERM"
