@@ -164,8 +164,9 @@ def rounds_note(rounds: int) -> str:
     return "median after 1 warm-up" if rounds > 1 else "the warm-up round itself, start-up costs included"
 
 
-def select_torch(script: str) -> None:
-    """Select the torch backend before Keras is imported, for a benchmark that compares Keras with a PyTorch twin.
+def select_torch(script: str, does: str = "compares Keras with a PyTorch twin") -> None:
+    """Select the torch backend before Keras is imported, for a benchmark that works on torch alone (``does``
+    says what it does there: by default, compare Keras with a PyTorch twin).
 
     Raises:
         BackendError: ``$KERAS_BACKEND`` names another backend (one line).
@@ -174,8 +175,8 @@ def select_torch(script: str) -> None:
 
     chosen = os.environ.get("KERAS_BACKEND", "").strip()
     if chosen and chosen != "torch":
-        raise BackendError(f"{script} compares Keras with a PyTorch twin on the torch backend, but $KERAS_BACKEND is "
-                           f"{chosen[:40]!r}; unset it or set KERAS_BACKEND=torch.")
+        raise BackendError(f"{script} {does} on the torch backend, but $KERAS_BACKEND is {chosen[:40]!r}; unset it "
+                           f"or set KERAS_BACKEND=torch.")
     select_backend("torch")
 
 

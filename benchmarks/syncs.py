@@ -27,11 +27,9 @@ import sys
 import warnings
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
-from fmnist_keras.backend import default_backend
 from fmnist_keras.cli import add_data_arguments, in_range
 from fmnist_keras.config import RANGES
 
-os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 FIRST, LAST = 2, 6  # the batches counted: 2, 3, 4, 5 (after the first steps' one-off work)
 
 
@@ -80,6 +78,7 @@ def _short(filename: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    outputs.select_torch("syncs.py", "counts torch's synchronisations with a CUDA GPU")  # before Keras loads
     import keras
     import torch
 
@@ -89,8 +88,8 @@ def main(argv=None) -> int:
     from fmnist_keras.engine.splits import make_splits
     from runner import keras_runner
 
-    if keras.backend.backend() != "torch" or not torch.cuda.is_available():
-        reason = "no CUDA device on the torch backend here, so no synchronisation to count"
+    if not torch.cuda.is_available():
+        reason = "no CUDA device here, so no synchronisation to count"
         print(f"syncs: {reason}")
         if args.json:
             outputs.write_json(args.json, {"device": None, "keras": keras.__version__, "versions": outputs.versions(),

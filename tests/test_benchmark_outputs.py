@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 import outputs  # noqa: E402  (benchmarks/outputs.py)
 
 
@@ -347,17 +348,31 @@ def test_syncs_without_a_cuda_device_writes_why_nothing_was_counted_and_the_summ
     import gpu_summary
     import syncs
 
-    if os.environ["KERAS_BACKEND"] == "torch":
-        import torch
+    if os.environ["KERAS_BACKEND"] != "torch":
+        pytest.skip("syncs.py counts on the torch backend alone (its refusal of another: the test below)")
+    import torch
 
-        if torch.cuda.is_available():
-            pytest.skip("counts for real on a CUDA device")
+    if torch.cuda.is_available():
+        pytest.skip("counts for real on a CUDA device")
     assert syncs.main(["--json", str(tmp_path / "syncs.json")]) == 0
     result = json.loads((tmp_path / "syncs.json").read_text())
     assert result["rows"] == [] and "no CUDA device" in result["not_counted"]
     capsys.readouterr()
     assert gpu_summary.main([str(tmp_path)]) == 0
-    assert "Not counted: no CUDA device on the torch backend here" in capsys.readouterr().out
+    assert "Not counted: no CUDA device here, so no synchronisation to count" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend, message", [
+    ("jax", "error: syncs.py counts torch's synchronisations with a CUDA GPU on the torch backend, but $KERAS_BACKEND "
+            "is 'jax'; unset it or set KERAS_BACKEND=torch."),
+    ("bogus", "error: syncs.py counts torch's synchronisations with a CUDA GPU on the torch backend, but "
+              "$KERAS_BACKEND is 'bogus'; unset it or set KERAS_BACKEND=torch."),
+])
+def test_syncs_under_another_backend_is_one_line_before_keras_loads(tmp_path, backend, message):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "syncs.py"), "--json", str(tmp_path / "syncs.json")],
+                            capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": backend}, timeout=120)
+    assert (result.returncode, result.stderr) == (1, message + "\n")
+    assert not (tmp_path / "syncs.json").exists()
 
 
 def test_gpu_summary_escapes_what_the_terminals_encoding_lacks_instead_of_blaming_the_file(tmp_path):
