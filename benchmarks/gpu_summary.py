@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import pathlib
 import sys
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.cli import escape_unencodable_output
+from fmnist_keras.rundir import MAX_RUN_FILE_BYTES, RunDirError, read_run_text
 
 # Step -> a piece of its command line, to find its processes in nvidia-smi's list.
 PROCESS_KEYS = {
@@ -28,15 +31,52 @@ PROCESS_KEYS = {
 }
 
 
+# What gpu_check.sh leaves in its output directory; a directory with none of it is not one.
+CHECK_FILES = ("steps.tsv", "env.log", "gpu-memory.log", "overhead.json", "bench.json", "bench-jax.json", "syncs.json",
+               "runs")
+
+
+def read_text(path: pathlib.Path) -> str:
+    """The text of one file the check wrote, "" when it is missing; a FIFO, a device or a file over 16 MiB is one
+    line, never read (a FIFO would wait for a writer, /dev/zero would fill the memory)."""
+    if not os.path.lexists(path):
+        return ""
+    fix = "gpu_check.sh writes regular files there: put its own back, or delete this one to summarise the rest"
+    try:
+        return read_run_text(path, "a file gpu_check.sh writes", fix)
+    except RunDirError as error:
+        raise SystemExit(f"error: {error}") from None
+    except UnicodeDecodeError:  # bytes the check never writes: read them as the replacement character
+        with open(path, "rb") as file:
+            return file.read(MAX_RUN_FILE_BYTES).decode(errors="replace")
+    except OSError as error:
+        raise SystemExit(f"error: cannot read {path} ({error.strerror or error}); {fix}") from None
+
+
+def _finite(text: str) -> float:
+    """A JSON number the benchmarks write: finite (Python's json reads 1e999 as inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_steps(out: pathlib.Path) -> list[dict]:
     steps = []
     path = out / "steps.tsv"
-    for number, line in enumerate(path.read_text(errors="replace").splitlines() if path.exists() else [], 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             name, start, end, limit, rc = line.split("\t")
-            steps.append({"name": name, "start": float(start), "end": float(end), "limit": int(limit), "rc": int(rc)})
+            step = {"name": name, "start": _finite(start), "end": _finite(end), "limit": int(limit), "rc": int(rc)}
+            if step["end"] < step["start"] or step["limit"] < 0:
+                raise ValueError("a step that ends before it starts, or a negative limit")
+            steps.append(step)
         except ValueError:
             raise SystemExit(f"error: {path}, line {number}, is not 'name, start, end, limit, exit status' separated "
                              f"by tabs ({line[:60]!r}); gpu_check.sh writes each step's line as it ends: restore the "
@@ -47,15 +87,14 @@ def read_steps(out: pathlib.Path) -> list[dict]:
 def read_memory(out: pathlib.Path):
     """(time, MiB used on the GPU, % utilisation or None) samples and (pid, MiB, command line) process samples."""
     totals, processes = [], []
-    path = out / "gpu-memory.log"
-    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+    for line in read_text(out / "gpu-memory.log").splitlines():
         parts = line.split(" ", 3)
         try:
             if parts[0] == "T" and len(parts) >= 3:
-                utilisation = float(parts[3]) if len(parts) > 3 else None
-                totals.append((float(parts[1]), float(parts[2]), utilisation))
+                utilisation = _finite(parts[3]) if len(parts) > 3 else None
+                totals.append((_finite(parts[1]), _finite(parts[2]), utilisation))
             elif parts[0] == "P" and len(parts) >= 3:
-                processes.append((parts[1], float(parts[2]), parts[3] if len(parts) > 3 else ""))
+                processes.append((parts[1], _finite(parts[2]), parts[3] if len(parts) > 3 else ""))
         except ValueError:
             continue
     return totals, processes
@@ -78,12 +117,11 @@ def read_history(model_dir: pathlib.Path) -> list[dict]:
     Not ``fmnist_keras.engine.callbacks.read_history``, which imports Keras and
     refuses a damaged file: a run stopped at its limit may have cut its last line.
     """
-    path = model_dir / "history.csv"
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    lines = read_text(model_dir / "history.csv").splitlines()
     rows = []
     for line in lines[1:]:
         try:
-            rows.append(dict(zip(lines[0].split(","), map(float, line.split(",")))))
+            rows.append(dict(zip(lines[0].split(","), map(_finite, line.split(",")))))
         except ValueError:
             continue
     return rows
@@ -96,12 +134,12 @@ def fmt(value, spec="") -> str:
 def read_json(path: pathlib.Path) -> dict:
     """A JSON object that the check wrote; a file cut short (the step's time limit) or not an object is one line."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        data = json.loads(read_text(path), parse_float=_finite, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as error:
         raise SystemExit(f"error: {path} cannot be read as JSON ({error}); its step may have been stopped while "
                          f"writing it: delete it to summarise the rest, or run that step again") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"error: {path} holds {type(data).__name__}, not the JSON object a benchmark writes; delete "
+        raise SystemExit(f"error: {path} holds {type(data).__name__}, not the JSON object its step writes; delete "
                          f"it to summarise the rest")
     return data
 
@@ -128,8 +166,7 @@ def print_section(path: pathlib.Path, show) -> None:
 
 def print_environment(out: pathlib.Path) -> None:
     print("| | |\n| --- | --- |")
-    env = out / "env.log"
-    for line in env.read_text(errors="replace").splitlines() if env.exists() else ["env: no env.log"]:
+    for line in read_text(out / "env.log").splitlines() or ["env: no env.log"]:
         key, _, value = line.partition(":")
         print(f"| {key.strip()} | {value.strip()} |")
 
@@ -205,12 +242,19 @@ def run_row(model_dir: pathlib.Path, seconds: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", default="gpu-results", type=pathlib.Path,
+    parser.add_argument("out", nargs="?", default="gpu-results",
                         help="the output directory of benchmarks/gpu_check.sh (default: gpu-results)")
-    out = parser.parse_args(argv).out
+    given = parser.parse_args(argv).out
     escape_unencodable_output()  # a device or run name that the terminal's encoding lacks
+    if not given.strip():  # pathlib would read "" as ".", the current directory
+        parser.error("the output directory is an empty name (an unset variable?); pass the output directory of "
+                     "benchmarks/gpu_check.sh")
+    out = pathlib.Path(given)
     if not out.is_dir():
         parser.error(f"{out} is not a directory; pass the output directory of benchmarks/gpu_check.sh")
+    if not any(os.path.lexists(out / name) for name in CHECK_FILES):
+        parser.error(f"{out} holds none of the files gpu_check.sh writes ({', '.join(CHECK_FILES)}); pass its "
+                     f"output directory")
     steps = read_steps(out)
     print(f"# GPU check: {out}\n\n## Machine and versions\n")
     print_environment(out)

@@ -525,3 +525,37 @@ def test_inference_takes_a_model_as_the_other_commands_do(tmp_path, capsys):
                                        f"sub-directories holds one; expected a run directory (runs/<run-name>/ or "
                                        f"runs/<run-name>/<model>/) or a .keras file; pass a model.keras written by "
                                        f"`python -m fmnist_keras.train`, or the run directory holding it.\n")
+
+
+@pytest.mark.parametrize("name, make, said", [
+    ("steps.tsv", lambda p: p.symlink_to("/dev/zero"), "is not a regular file"),
+    ("overhead.json", lambda p: p.symlink_to("/dev/zero"), "is not a regular file"),
+    ("gpu-memory.log", lambda p: os.mkfifo(p), "is not a regular file"),  # reading it would wait for a writer
+    ("env.log", lambda p: p.write_bytes(b" " * (16 * 1024**2 + 1)), "is larger than 16 MiB"),
+    ("steps.tsv", lambda p: p.write_text("bench\t1.0\tnan\t10\t0\n"), "line 1, is not 'name, start, end, limit"),
+    ("steps.tsv", lambda p: p.write_text("bench\t5.0\t2.0\t-10\t0\n"), "line 1, is not 'name, start, end, limit"),
+    ("overhead.json", lambda p: p.write_text('{"batch_size": NaN}'), "cannot be read as JSON (NaN is not a JSON"),
+    ("overhead.json", lambda p: p.write_text('{"batch_size": 1e999}'), "cannot be read as JSON (1e999 is not a fin"),
+])
+def test_gpu_summary_refuses_a_special_huge_or_non_finite_file_in_one_line(tmp_path, name, make, said):
+    import gpu_summary
+
+    make(tmp_path / name)
+    with pytest.raises(SystemExit) as stop:
+        gpu_summary.main([str(tmp_path)])
+    line = str(stop.value.code)
+    assert line.startswith("error: ") and str(tmp_path / name) in line and said in line and "\n" not in line, line
+
+
+@pytest.mark.parametrize("given, said", [("", "is an empty name (an unset variable?)"),
+                                         ("EMPTY", "holds none of the files gpu_check.sh writes")])
+def test_gpu_summary_refuses_an_empty_name_or_a_directory_without_the_checks_files(tmp_path, capsys, monkeypatch,
+                                                                                   given, said):
+    import gpu_summary
+
+    (tmp_path / "steps.tsv").write_text("bench\t1.0\t2.0\t10\t0\n")  # what "" would read, as "."
+    (tmp_path / "EMPTY").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        gpu_summary.main([given])
+    assert stop.value.code == 2 and said in capsys.readouterr().err
