@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from fmnist_keras.cli import one_line
-from fmnist_keras.rundir import replacing, write_text
+from fmnist_keras.rundir import TEMPORARY_PREFIX, replacing, write_text
 
 # An earlier result is small; a larger file is not read to find out whether it is one.
 MAX_RESULT_BYTES = 64 * 1024**2
@@ -63,12 +63,15 @@ def _checked_json_path(text: str) -> Path:
                                              f"{json.dumps(STAMP)}), so it is left alone; pass another file")
     elif not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{path.parent} is not a directory; pass a file in an existing directory")
-    try:  # the result is renamed into place at the end: a directory that takes no new file fails now, not then
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
+    try:  # the result is renamed into place at the end: a directory that takes no new file (or no name as long
+        # as the temporary one write_json makes) fails now, not then
+        handle, probe = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{path.name}.")
+        os.close(handle)
+        os.unlink(probe)  # the file just made, under a name no one else had
     except OSError as error:
-        raise argparse.ArgumentTypeError(f"{path.parent} takes no new file ({error.strerror or error}); pass a file "
-                                         f"in a directory you may write") from None
+        raise argparse.ArgumentTypeError(f"{path.parent} takes no new file named like {path.name} "
+                                         f"({error.strerror or error}); pass a shorter name, or a file in a "
+                                         f"directory you may write") from None
     return path
 
 

@@ -49,8 +49,20 @@ def test_a_json_path_that_is_not_a_new_file_or_an_earlier_result_is_refused(plac
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, which takes no new file")
 def test_a_json_path_in_a_directory_that_takes_no_new_file_is_refused_before_any_work():
-    with pytest.raises(argparse.ArgumentTypeError, match="/proc takes no new file .*; pass a file in a directory"):
+    with pytest.raises(argparse.ArgumentTypeError, match="/proc takes no new file named like results.json .*; pass "
+                                                         "a shorter name, or a file in a directory"):
         outputs.json_path("/proc/results.json")
+
+
+def test_a_json_name_too_long_for_the_temporary_file_beside_it_is_refused_before_any_work(tmp_path):
+    # write_json writes .partial-NAME.XXXXXXXX first: a NAME that fits alone may not fit in that name.
+    name = "a" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 5) + ".json"
+    with pytest.raises(argparse.ArgumentTypeError, match=f"{tmp_path} takes no new file named like {name} "
+                                                         r"\(File name too long\); pass a shorter name"):
+        outputs.json_path(str(tmp_path / name))
+    assert list(tmp_path.iterdir()) == []
+    assert outputs.json_path(str(tmp_path / "results.json")) == tmp_path / "results.json"  # control
+    assert list(tmp_path.iterdir()) == []  # the probe made there is gone
 
 
 def test_a_new_file_or_an_earlier_result_is_written_whole(place):
