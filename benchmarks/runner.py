@@ -142,3 +142,8 @@ def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool, mixed_p
     runner = Runner(name, label, epoch, infer)
     runner.fit = epoch
     return runner, model, initial_weights
+
+
+if __name__ == "__main__":
+    raise SystemExit("error: benchmarks/runner.py is a module the benchmarks import, not a script; run bench.py or "
+                     "overhead.py (their --help says how)")

@@ -50,11 +50,13 @@ def count(runner) -> dict[str, float]:
     import keras
     import torch
 
-    counts = collections.Counter()
+    counts, counted = collections.Counter(), []
 
     class Window(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
-            torch.cuda.set_sync_debug_mode("warn" if FIRST <= batch < LAST else "default")
+            inside = FIRST <= batch < LAST
+            counted.extend([batch] if inside else [])
+            torch.cuda.set_sync_debug_mode("warn" if inside else "default")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -62,10 +64,13 @@ def count(runner) -> dict[str, float]:
             runner.fit([Window()])
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    if not counted:  # an epoch of fewer batches would count nothing, and read as none per step
+        raise SystemExit(f"error: an epoch has fewer than {FIRST + 1} batches, and steps {FIRST + 1}-{LAST} are the "
+                         f"ones counted; pass a smaller --batch-size")
     for warning in caught:
         if "synchroniz" in str(warning.message):
             counts[f"{_short(warning.filename)}:{warning.lineno}"] += 1
-    return {where: n / (LAST - FIRST) for where, n in counts.most_common()}
+    return {where: n / len(counted) for where, n in counts.most_common()}
 
 
 def _short(filename: str) -> str:

@@ -13,6 +13,10 @@ its training-only flips and shifts done batched on the device).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports, which load Keras
+    raise SystemExit("error: benchmarks/twins.py is a module the benchmarks import, not a script; run bench.py or "
+                     "overhead.py (their --help says how)")
+
 import torch
 from torch import nn
 

@@ -571,3 +571,39 @@ def test_gpu_summary_refuses_an_empty_name_or_a_directory_without_the_checks_fil
     with pytest.raises(SystemExit) as stop:
         gpu_summary.main([given])
     assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batches, per_step", [(2, None), (3, 2.0), (40, 2.0)])
+def test_syncs_counts_per_step_of_the_steps_it_saw_and_refuses_an_epoch_too_short_to_count(monkeypatch, batches,
+                                                                                           per_step):
+    if os.environ["KERAS_BACKEND"] != "torch":
+        pytest.skip("syncs.py counts on the torch backend alone")
+    import warnings
+
+    import syncs
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)  # no CUDA here: the window alone
+
+    class Runner:  # each counted step makes two synchronisations at one line
+        def fit(self, callbacks):
+            for batch in range(batches):
+                callbacks[0].on_train_batch_begin(batch)
+                if syncs.FIRST <= batch < syncs.LAST:
+                    for _ in range(2):
+                        warnings.warn_explicit("called a synchronizing CUDA operation", UserWarning, "here.py", 7)
+
+    if per_step is None:
+        with pytest.raises(SystemExit, match="an epoch has fewer than 3 batches, and steps 3-6 are the ones counted"):
+            syncs.count(Runner())
+    else:
+        assert syncs.count(Runner()) == {"here.py:7": per_step}
+
+
+@pytest.mark.parametrize("module", ["twins.py", "runner.py"])
+def test_the_benchmarks_modules_run_as_scripts_say_what_to_run_instead(module):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / module), "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (f"error: benchmarks/{module} is a module the benchmarks import, not a "
+                                              f"script; run bench.py or overhead.py (their --help says how)")
