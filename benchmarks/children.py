@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import BinaryIO
 
 from fmnist_keras import interrupts
 
@@ -22,7 +23,7 @@ STOP_WAIT_S = 60
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent ends
 
 
-def start_train(command: list[str], **popen_kwargs) -> subprocess.Popen:
+def start_child(command: list[str], **popen_kwargs) -> subprocess.Popen:
     """``subprocess.Popen(command)``, and on Linux a process that gets SIGTERM when this one ends, however it ends
     (``PR_SET_PDEATHSIG``; SIGTERM lets ``train`` keep its completed epochs)."""
     if not sys.platform.startswith("linux"):
@@ -31,7 +32,7 @@ def start_train(command: list[str], **popen_kwargs) -> subprocess.Popen:
 
     def end_with_parent():  # runs in the child, between fork and exec
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the script ended before the line above: nothing would stop this train
+        if os.getppid() != parent:  # the script ended before the line above: nothing would stop this child
             os._exit(128 + signal.SIGTERM)
 
     return subprocess.Popen(command, preexec_fn=end_with_parent, **popen_kwargs)
@@ -53,3 +54,25 @@ def stop(running: dict, grace: float = 0.0) -> None:
                     send(process)
         for process in running.values():
             process.wait()
+
+
+@contextlib.contextmanager
+def stopping(running: dict):
+    """Around the whole life of the children the block puts in ``running`` (each put there inside
+    ``interrupts.deferred()``, so that none starts unknown to it): on Ctrl-C or SIGTERM each still running is
+    given :data:`OWN_STOP_S` to end on its own, then stopped (:func:`stop`) and the interrupt goes on; after any
+    other end of the block each is stopped at once."""
+    try:
+        yield running
+    except KeyboardInterrupt:
+        stop(running, grace=OWN_STOP_S)
+        raise
+    finally:  # after any other error too, no child goes on alone
+        stop(running)
+
+
+def last_line(file: BinaryIO) -> str:
+    """The last line with text among the last 4 KiB of a child's output, ``file`` (open for reading bytes)."""
+    file.seek(max(0, os.fstat(file.fileno()).st_size - 4096))
+    lines = [line.strip() for line in file.read().decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else ""

@@ -38,7 +38,7 @@ import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import DEVICES
 from fmnist_keras.cli import add_data_arguments, in_range, one_line, print_error
 from fmnist_keras.config import BACKENDS, RANGES
-from children import OWN_STOP_S, start_train, stop
+from children import last_line, start_child, stopping
 from fmnist_keras import interrupts
 from fmnist_keras.rundir import RunDir, RunDirError, read_run_text, replacing, write_bytes, write_text
 
@@ -72,11 +72,13 @@ def parse_args(argv=None):
         parser.error(f"--backends {' '.join(args.backends)} names one backend, and a file is compared only when "
                      f"another backend loads it; pass two or more, such as --backends torch jax")
     if args.out_dir is not None:
-        theirs = next((name for name in names_written(args.backends) if os.path.lexists(args.out_dir / name)
-                       and name not in names_listed(args.out_dir)), None)
+        listed = names_listed(args.out_dir)
+        theirs = next((name for name in names_written(args.backends)
+                       if os.path.lexists(args.out_dir / name) and name not in listed), None)
         if theirs is not None:
-            parser.error(f"--out-dir {args.out_dir} holds {theirs}, which this script did not write (its {MARKER} "
-                         f"does not list it), so it is left alone; move it away or pass a new or empty directory")
+            parser.error(one_line(f"--out-dir {args.out_dir} holds {theirs}, which its {MARKER} does not list as the "
+                                  f"script's (a marker made by hand, or by an older version of the script), so it is "
+                                  f"left alone; move it away or pass a new or empty directory"))
     return args
 
 
@@ -135,24 +137,19 @@ def out_dir_path(text: str) -> Path:
 def _run(command: list[str], env: dict) -> float:
     """Run a command, stream nothing; return its wall time, or exit with one line: the step, the backend and the
     last line the command wrote on stderr. On Ctrl-C or SIGTERM the command is ended as ``seeds.py`` ends its
-    trains (a ``train`` keeps its completed epochs), then the interrupt goes on."""
+    trains (:func:`children.stopping`: a ``train`` keeps its completed epochs), then the interrupt goes on."""
     start = time.perf_counter()
-    with interrupts.deferred():  # a command started is a command known to stop()
-        process = start_train(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        _, stderr = process.communicate()
-    except KeyboardInterrupt:
-        stop({0: process}, grace=OWN_STOP_S)
-        raise
-    finally:
-        stop({0: process})
-    result = subprocess.CompletedProcess(command, process.returncode, "", stderr)
-    if result.returncode != 0:
+    # stderr goes to a file, not a pipe: a child that writes while it is being stopped never blocks on a full pipe.
+    with tempfile.TemporaryFile() as errors, stopping({}) as running:
+        with interrupts.deferred():  # a command started is a command known to stopping()
+            running[0] = start_child(command, stdout=subprocess.DEVNULL, stderr=errors, env=env)
+        returncode = running[0].wait()
+        why = last_line(errors)
+    if returncode != 0:
         step = "training" if "fmnist_keras.train" in command else "predicting"
         backend = command[command.index("--backend") + 1] if "--backend" in command else "?"
-        code = f"signal {-result.returncode}" if result.returncode < 0 else f"exit {result.returncode}"
-        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
-        why = lines[-1].rstrip(".") if lines else "it wrote nothing on stderr"  # the last line says why, not usage
+        code = f"signal {-returncode}" if returncode < 0 else f"exit {returncode}"
+        why = why.rstrip(".") or "it wrote nothing on stderr"  # the last line says why, not usage
         print_error(f"{step} under {backend} failed ({code}): {why}; fix that and run portability.py again, or leave "
                     f"{backend} out of --backends")
         sys.exit(1)

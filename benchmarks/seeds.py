@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
-from children import OWN_STOP_S, start_train, stop
+from children import last_line, start_child, stopping
 from fmnist_keras.cli import in_range, one_line
 from fmnist_keras.config import MODEL_NAMES, RANGES
 from fmnist_keras import interrupts
@@ -72,9 +72,9 @@ def parse_args(argv=None):
     if helps:
         parser.error(f"{helps[0]} after -- makes train print its help and train nothing; see python -m "
                      f"fmnist_keras.train --help for train's flags")
-    twice = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
-    if twice:  # one run trained twice would count as two seeds that agree
-        parser.error(f"--seeds names seed {twice[0]} twice; give each seed once")
+    repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
+    if repeated:  # one run trained twice would count as two seeds that agree
+        parser.error(f"--seeds names seed {repeated[0]} more than once; give each seed once")
     try:
         RunDir.check_out_dir(args.out_dir)
         for seed in args.seeds:  # every log and run directory, before any run starts
@@ -94,19 +94,32 @@ def check_replaceable(log: Path, run: Path) -> None:
                       f"made and is left alone; move it away or choose another --out-dir")
 
 
-def last_line(path: Path) -> str:
-    """The last line with text in the file ``path`` (a log), or what kept it from being read."""
+def log_ends_with(path: Path) -> str:
+    """The last line with text in the seed's log ``path``, or what kept it from being read."""
     try:
         with open(path, "rb") as file:
-            file.seek(max(0, os.fstat(file.fileno()).st_size - 4096))
-            lines = [line.strip() for line in file.read().decode(errors="replace").splitlines() if line.strip()]
+            return last_line(file) or "its log is empty"
     except OSError as error:
         return f"its log cannot be read ({error.strerror or error})"
-    return lines[-1] if lines else "its log is empty"
 
 
 def run_name(model: str, seed: int) -> str:
     return f"{model}-seed{seed}"
+
+
+def metrics_path(args, seed: int) -> Path:
+    """The ``metrics.json`` the seed's ``train`` writes as it finishes."""
+    return Path(args.out_dir) / run_name(args.model, seed) / args.model / "metrics.json"
+
+
+def file_version(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at ``path`` (device, inode, modification time in ns), None when none is: a file replaced
+    since has another, whatever the clocks of this machine and of the file system say."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_mtime_ns
 
 
 def log_path(args, seed: int) -> Path:
@@ -124,31 +137,25 @@ def launch(args, seed: int) -> subprocess.Popen:
     ]
     with outputs.open_log(log_path(args, seed), command) as log:
         print("$", shlex.join(command), flush=True)
-        return start_train(command, stdout=log, stderr=subprocess.STDOUT)
+        return start_child(command, stdout=log, stderr=subprocess.STDOUT)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    running = {}
-    try:
+    with stopping({}) as running:  # seed -> its train, while it runs
         return _run_seeds(args, running)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
-        stop(running, grace=OWN_STOP_S)
-        raise
-    finally:  # after any other error too, no seed's train goes on alone
-        stop(running)
 
 
 def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
     pending, failed = list(args.seeds), []
     started, process_wall = {}, {}  # the whole `train` command, start-up and report included
-    launched_at = {}  # the clock time each train started: its metrics.json must be newer
+    before = {}  # each seed's metrics.json as its train started (file_version): the train must replace it
     while pending or running:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
             try:
                 with interrupts.deferred():  # a train started is a train known to stop()
-                    launched_at[seed] = time.time()
+                    before[seed] = file_version(metrics_path(args, seed))
                     running[seed], started[seed] = launch(args, seed), time.perf_counter()
             except OSError as error:  # its log cannot be written
                 failed.append(seed)
@@ -161,20 +168,19 @@ def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
                 if process.returncode:
                     failed.append(seed)
                     log = log_path(args, seed)
-                    print(f"seed {seed}: train exited with {process.returncode}: {one_line(last_line(log))} (see "
-                          f"{log})", file=sys.stderr)
+                    print(one_line(f"seed {seed}: train exited with {process.returncode}: {log_ends_with(log)} (see "
+                                   f"{log})"), file=sys.stderr)
     rows = []
     for seed in args.seeds:
         if seed in failed:  # its metrics.json, if any, is an earlier run's
             continue
-        metrics_file = Path(args.out_dir) / run_name(args.model, seed) / args.model / "metrics.json"
-        log = log_path(args, seed)
+        metrics_file, log = metrics_path(args, seed), log_path(args, seed)
+        if file_version(metrics_file) == before[seed] is not None:  # train wrote each file anew, renamed into place
+            failed.append(seed)
+            print(one_line(f"seed {seed}: train ended without writing {metrics_file} (the one there is an earlier "
+                           f"run's); see {log}"), file=sys.stderr)
+            continue
         try:
-            if metrics_file.stat().st_mtime < launched_at[seed] - 1:  # file systems round times; a run takes longer
-                failed.append(seed)
-                print(f"seed {seed}: train ended without writing {metrics_file} (the one there is an earlier run's); "
-                      f"see {log}", file=sys.stderr)
-                continue
             m = json.loads(metrics_file.read_text())
             rows.append({
                 "seed": seed, "test_acc": m["test"]["accuracy"], "macro_f1": m["test"]["macro_f1"],
@@ -184,7 +190,7 @@ def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
             })
         except (OSError, ValueError, KeyError, TypeError) as error:  # train said it finished; its file disagrees
             failed.append(seed)
-            print(f"seed {seed}: cannot read {metrics_file} ({error!r}); see {log}", file=sys.stderr)
+            print(one_line(f"seed {seed}: cannot read {metrics_file} ({error!r}); see {log}"), file=sys.stderr)
     print(f"\n{args.model}: {len(rows)} of {len(args.seeds)} seeds finished")
     print(f"{'seed':>6}{'test acc':>10}{'macro-F1':>10}{'best':>6}{'epochs':>8}{'s/epoch':>9}{'train s':>9}{'command s':>11}")
     for r in rows:

@@ -97,18 +97,17 @@ def test_portability_refuses_an_out_dir_below_a_file_when_parsing(tmp_path, caps
     assert portability.parse_args(["--out-dir", str(tmp_path / "new" / below)]).out_dir  # control: a new path
 
 
-def test_portability_says_in_one_line_which_backend_failed_and_the_childs_last_line(monkeypatch, capsys):
-    usage = "usage: python -m fmnist_keras.train [-h]\n" + "    [--option X]\n" * 20
+def test_portability_says_in_one_line_which_backend_failed_and_the_childs_last_line(capsys):
     last = "python -m fmnist_keras.train: error: --device gpu: the torch backend sees no GPU."
-    monkeypatch.setattr(portability.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(
-        command, 2, "", usage + last + "\n\n"))
-    command = [sys.executable, "-m", "fmnist_keras.train", "--backend", "torch", "--device", "gpu"]
+    child = ("import sys; sys.stderr.write('usage: python -m fmnist_keras.train [-h]\\n' + '    [--option X]\\n' * "
+             f"20 + {last!r} + '\\n\\n'); sys.exit(2)")
+    command = [sys.executable, "-c", child, "fmnist_keras.train", "--backend", "torch", "--device", "gpu"]
     with pytest.raises(SystemExit) as stop:
         portability._run(command, {})
     assert stop.value.code == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("error: training under torch failed (exit 2): ") and last.rstrip(".") in line
-    assert "usage" not in line
+    assert line == (f"error: training under torch failed (exit 2): {last.rstrip('.')}; fix that and run portability.py "
+                    f"again, or leave torch out of --backends")
 
 
 def _run_script(monkeypatch, argv):
@@ -157,7 +156,8 @@ def test_portability_leaves_a_file_its_marker_does_not_list_alone(tmp_path, monk
         portability.main(["--backends", "torch", "jax", "--out-dir", str(out)])
     assert stop.value.code == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert f"--out-dir {out} holds {theirs}, which this script did not write" in line and "left alone" in line
+    assert f"--out-dir {out} holds {theirs}, which its {portability.MARKER} does not list as the script's" in line
+    assert "left alone" in line
     assert (out / theirs).read_text() == "the user's own" and (out / portability.MARKER).read_text() == marker
 
 
@@ -183,25 +183,34 @@ def test_portability_says_in_one_line_on_stderr_when_the_outputs_differ(tmp_path
 def test_portability_stops_its_child_with_sigterm_on_an_interrupt_so_a_train_keeps_its_epochs(tmp_path, monkeypatch):
     import signal
 
+    import children
     from fmnist_keras.interrupts import Interrupted
 
-    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1] + '.signal', "
-             "'w').write('SIGTERM'), sys.exit(143))); open(sys.argv[1], 'w').write('ready'); time.sleep(60)")
-    ready, started = tmp_path / "child", []
+    # The child writes more than a pipe holds as it stops: with its stderr in a pipe no one reads, it would block.
+    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (sys.stderr.write('x' * 200_000), "
+             "open(sys.argv[1] + '.signal', 'w').write('SIGTERM'), sys.exit(143))); open(sys.argv[1], 'w')"
+             ".write('ready'); time.sleep(60)")
+    ready, started, real_start = tmp_path / "child", [], portability.start_child
 
-    def start(command, **kwargs):
-        started.append(portability.subprocess.Popen(command, **kwargs))
+    def start(command, **kwargs):  # the real start, whose first wait is cut by a SIGTERM to the script
+        process = real_start(command, **kwargs)
+        real_wait = process.wait
 
-        def communicate(*args, **kwargs):  # Ctrl-C or SIGTERM while the script waits for its child
-            while not ready.exists() or not ready.read_text():
-                time.sleep(0.02)
-            raise Interrupted(signal.SIGTERM)
+        def wait(timeout=None):
+            if timeout is None and len(started) == 1:
+                started.append("interrupted")
+                while not ready.exists() or not ready.read_text():
+                    time.sleep(0.02)
+                raise Interrupted(signal.SIGTERM)
+            return real_wait(timeout)
 
-        started[-1].communicate = communicate
-        return started[-1]
+        process.wait = wait
+        started.append(process)
+        return process
 
-    monkeypatch.setattr(portability, "start_train", start)
-    monkeypatch.setattr(portability, "OWN_STOP_S", 0.1)  # no terminal's Ctrl-C reached the child: SIGTERM after it
+    monkeypatch.setattr(portability, "start_child", start)
+    monkeypatch.setattr(children, "OWN_STOP_S", 0.1)  # no terminal's Ctrl-C reached the child: SIGTERM after it
+    monkeypatch.setattr(children, "STOP_WAIT_S", 20)
     with pytest.raises(Interrupted):
         portability._run([sys.executable, "-c", child, str(ready)], {})
     assert started[0].returncode == 143 and (tmp_path / "child.signal").read_text() == "SIGTERM"
