@@ -21,7 +21,7 @@ import sys
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.cli import escape_unencodable_output
-from fmnist_keras.rundir import MAX_RUN_FILE_BYTES, RunDirError, read_run_text
+from fmnist_keras.rundir import MAX_RUN_FILE_BYTES, RunDirError, read_run_text, refuse_json_constant
 
 # Step -> a piece of its command line, to find its processes in nvidia-smi's list.
 PROCESS_KEYS = {
@@ -61,10 +61,6 @@ def _finite(text: str) -> float:
     return value
 
 
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def read_steps(out: pathlib.Path) -> list[dict]:
     steps = []
     path = out / "steps.tsv"
@@ -73,10 +69,8 @@ def read_steps(out: pathlib.Path) -> list[dict]:
             continue
         try:
             name, start, end, limit, rc = line.split("\t")
-            step = {"name": name, "start": _finite(start), "end": _finite(end), "limit": int(limit), "rc": int(rc)}
-            if step["end"] < step["start"] or step["limit"] < 0:
-                raise ValueError("a step that ends before it starts, or a negative limit")
-            steps.append(step)
+            steps.append({"name": name, "start": _finite(start), "end": _finite(end), "limit": int(limit),
+                          "rc": int(rc)})
         except ValueError:
             raise SystemExit(f"error: {path}, line {number}, is not 'name, start, end, limit, exit status' separated "
                              f"by tabs ({line[:60]!r}); gpu_check.sh writes each step's line as it ends: restore the "
@@ -134,7 +128,7 @@ def fmt(value, spec="") -> str:
 def read_json(path: pathlib.Path) -> dict:
     """A JSON object that the check wrote; a file cut short (the step's time limit) or not an object is one line."""
     try:
-        data = json.loads(read_text(path), parse_float=_finite, parse_constant=_no_constants)
+        data = json.loads(read_text(path), parse_float=_finite, parse_constant=refuse_json_constant)
     except (ValueError, RecursionError) as error:
         raise SystemExit(f"error: {path} cannot be read as JSON ({error}); its step may have been stopped while "
                          f"writing it: delete it to summarise the rest, or run that step again") from None
@@ -166,7 +160,8 @@ def print_section(path: pathlib.Path, show) -> None:
 
 def print_environment(out: pathlib.Path) -> None:
     print("| | |\n| --- | --- |")
-    for line in read_text(out / "env.log").splitlines() or ["env: no env.log"]:
+    env = out / "env.log"
+    for line in read_text(env).splitlines() or [f"env: {'an empty' if os.path.lexists(env) else 'no'} env.log"]:
         key, _, value = line.partition(":")
         print(f"| {key.strip()} | {value.strip()} |")
 
@@ -178,7 +173,8 @@ def print_steps(out: pathlib.Path, steps: list[dict]) -> None:
     for step in steps:
         own, whole, use = peak_memory(step, totals, processes)
         status = "timeout" if step["rc"] == 124 else str(step["rc"])
-        print(f"| {step['name']} | {status} | {step['end'] - step['start']:.0f} | {step['limit']} | "
+        seconds = step["end"] - step["start"]  # the wall clock's: below 0 where it was set back during the step
+        print(f"| {step['name']} | {status} | {fmt(seconds if seconds >= 0 else None, '.0f')} | {step['limit']} | "
               f"{fmt(own, '.0f')} | {fmt(whole, '.0f')} | {fmt(use, '.0f')} |")
 
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from fmnist_keras.cli import one_line
-from fmnist_keras.rundir import TEMPORARY_PREFIX, replacing, write_text
+from fmnist_keras.rundir import replacing, temporary_prefix, write_text
 
 # An earlier result is small; a larger file is not read to find out whether it is one.
 MAX_RESULT_BYTES = 64 * 1024**2
@@ -65,7 +65,7 @@ def _checked_json_path(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{path.parent} is not a directory; pass a file in an existing directory")
     try:  # the result is renamed into place at the end: a directory that takes no new file (or no name as long
         # as the temporary one write_json makes) fails now, not then
-        handle, probe = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{path.name}.")
+        handle, probe = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name))
         os.close(handle)
         os.unlink(probe)  # the file just made, under a name no one else had
     except OSError as error:
@@ -165,6 +165,12 @@ def rounds_note(rounds: int) -> str:
     """How the timed rounds become the number shown: the median of those after the warm-up, or, for one round,
     that round (``runner``'s ``times[1:] or times``)."""
     return "median after 1 warm-up" if rounds > 1 else "the warm-up round itself, start-up costs included"
+
+
+def not_a_script(module: str) -> str:
+    """The line a module of the benchmarks gives when it is run as a script: what to run instead."""
+    return (f"error: benchmarks/{module} is a module the benchmarks import, not a script; run bench.py or overhead.py "
+            f"(their --help says how)")
 
 
 def select_torch(script: str, does: str = "compares Keras with a PyTorch twin") -> None:

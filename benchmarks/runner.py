@@ -145,5 +145,6 @@ def keras_runner(name, splits, epochs: int, batch_size: int, fast: bool, mixed_p
 
 
 if __name__ == "__main__":
-    raise SystemExit("error: benchmarks/runner.py is a module the benchmarks import, not a script; run bench.py or "
-                     "overhead.py (their --help says how)")
+    import outputs  # benchmarks/ is on sys.path when a script there runs
+
+    raise SystemExit(outputs.not_a_script("runner.py"))

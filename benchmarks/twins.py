@@ -14,8 +14,9 @@ its training-only flips and shifts done batched on the device).
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the imports, which load Keras
-    raise SystemExit("error: benchmarks/twins.py is a module the benchmarks import, not a script; run bench.py or "
-                     "overhead.py (their --help says how)")
+    import outputs  # benchmarks/ is on sys.path when a script there runs
+
+    raise SystemExit(outputs.not_a_script("twins.py"))
 
 import torch
 from torch import nn

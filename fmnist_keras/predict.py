@@ -37,7 +37,7 @@ from fmnist_keras.allocator import keep_freed_memory
 from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_fast_path_argument, add_tta_argument, escape_unencodable_output,
                               in_range, one_line, print_error, run_tta)
-from fmnist_keras.rundir import DANGLING_LINK
+from fmnist_keras.rundir import DANGLING_LINK, is_dangling_link
 
 SIZE = 28
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -315,9 +315,9 @@ def read_input(path: str | Path, invert: str = "auto") -> list[Item]:
         raise InputError(f"{str(path)!r}: an empty file name (an unset variable?); expected an image file (PNG, "
                          f"JPEG, ...) or a .npy file.")
     path = Path(path)
+    if is_dangling_link(path):
+        raise InputError(f"{path}: {DANGLING_LINK}; fix the link.")
     if not path.exists():
-        if path.is_symlink():
-            raise InputError(f"{path}: {DANGLING_LINK}; fix the link.")
         raise InputError(f"{path}: no such file.")
     if path.is_dir():
         raise InputError(f"{path}: is a directory; expected an image file (PNG, JPEG, ...) or a .npy file.")

@@ -129,9 +129,14 @@ def make_ordinary(fd: int, directory: bool = False) -> None:
 TEMPORARY_PREFIX = ".partial-"
 
 
+def temporary_prefix(name: str) -> str:
+    """The start of the name of each temporary file :func:`replacing` makes for a file named ``name``."""
+    return f"{TEMPORARY_PREFIX}{name}."
+
+
 def temporaries_of(name: str) -> str:
     """The pattern of the names of the temporary files :func:`replacing` makes for a file named ``name``."""
-    return f"{TEMPORARY_PREFIX}{name}.*"
+    return f"{temporary_prefix(name)}*"
 
 
 @contextlib.contextmanager
@@ -147,7 +152,7 @@ def replacing(path: Path, prefix: str | None = None, suffix: str = "", new_only:
     """
     path = Path(path)
     try:
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or f"{TEMPORARY_PREFIX}{path.name}.",
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or temporary_prefix(path.name),
                                         suffix=suffix)
     except OSError as error:
         _name_after(error, path)
@@ -215,7 +220,7 @@ def read_json(path: Path, what: str, fix: str):
     """The JSON in ``path``; a missing, huge or garbled file is one :class:`RunDirError` line."""
     path = Path(path)
     try:
-        return json.loads(read_run_text(path, what, fix), parse_constant=_no_constants)
+        return json.loads(read_run_text(path, what, fix), parse_constant=refuse_json_constant)
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing ({what}); {fix}.") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
@@ -235,7 +240,8 @@ def read_json_object(path: Path, what: str, fix: str) -> dict:
     return data
 
 
-def _no_constants(name: str):
+def refuse_json_constant(name: str):
+    """``json.loads``'s ``parse_constant`` for files the project writes: NaN and Infinity are no JSON numbers."""
     raise ValueError(f"{name} is not a JSON number")
 
 
