@@ -136,7 +136,8 @@ def json_left(path: Path | None, finished: int) -> str:
         return ""
     if finished:
         return f"; {path} holds the {finished} student{'s' if finished > 1 else ''} finished before the stop"
-    return f"; no student finished, so {path} was not written (a file there is an earlier run's)"
+    earlier = " (the file there is an earlier run's)" if os.path.lexists(path) else ""
+    return f"; no student finished, so {path} was not written{earlier}"
 
 
 def main(argv=None) -> int:
@@ -194,10 +195,10 @@ def main(argv=None) -> int:
             _, metrics, _ = evaluation.final_metrics(run, config, splits, result.facts)
         except KeyboardInterrupt as error:
             stop = Interrupted.of(error)
-            left = (f"{Path(args.out_dir) / name} holds a partial student, which train --resume refuses (it would "
-                    f"go on without the teachers); run distill.py again with --overwrite" if run is not None else
-                    f"before {Path(args.out_dir) / name} was started; run distill.py again"
-                    f"{' with --overwrite' if students else ''}")
+            target = Path(args.out_dir) / name  # made, or half made (a stop inside RunDir.create), or not yet
+            left = (f"{target} holds a partial student, which train --resume refuses (it would go on without the "
+                    f"teachers); run distill.py again with --overwrite" if run is not None or os.path.lexists(target)
+                    else f"before {target} was started; run distill.py again{' with --overwrite' if students else ''}")
             print(f"distill.py: interrupted ({stop}); {left}{json_left(args.json, len(students))}.", file=sys.stderr)
             return stop.exit_code
         except ModelLoadError as error:

@@ -227,8 +227,8 @@ def finished_run_template(tmp_path_factory):
 
     template = tmp_path_factory.mktemp("finished")
     write_idx_dir(template / "idx")
-    argv = ["--data-dir", str(template / "idx"), "--no-verify", "--out-dir", str(template / "runs"), "--run-name", "run",
-            "--model", "mlp", "--epochs", "2", "--batch-size", "32", "--no-report"]
+    argv = ["--data-dir", str(template / "idx"), "--no-verify", "--out-dir", str(template / "runs"),
+            "--run-name", "run", "--model", "mlp", "--epochs", "2", "--batch-size", "32", "--no-report"]
     assert train.main(argv) == 0
     return template / "runs"
 

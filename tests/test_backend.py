@@ -34,9 +34,10 @@ def test_an_empty_keras_backend_counts_as_unset(monkeypatch):
 
 
 def test_benchmarks_take_torch_when_keras_backend_is_empty(tmp_path):
-    # Keras itself would take keras.json's backend (jax here) for an empty KERAS_BACKEND.
+    # Keras itself would take keras.json's backend (jax here) for an empty KERAS_BACKEND. (syncs.py selects torch
+    # in its main, before it imports Keras: tests/test_benchmark_outputs.py.)
     (tmp_path / "keras.json").write_text('{"backend": "jax"}')
-    scripts = ("ablation", "bench", "distill", "ensemble", "overhead", "profile_overhead", "syncs", "tta_views")
+    scripts = ("ablation", "bench", "distill", "ensemble", "overhead", "profile_overhead", "tta_views")
     code = (f"import importlib, os, sys; sys.path.insert(0, 'benchmarks')\n"
             f"for name in {scripts!r}:\n"
             f"    os.environ['KERAS_BACKEND'] = ''\n"

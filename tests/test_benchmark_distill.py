@@ -241,7 +241,7 @@ def test_a_stop_says_what_the_json_holds_and_keeps_an_earlier_runs_file_when_no_
         student = json.loads((tmp_path / "runs" / "cnn-seed5-w0.5" / "cnn" / "metrics.json").read_text())
         assert json.loads(out.read_text())["students"] == [student]
     else:
-        assert f"; no student finished, so {out} was not written (a file there is an earlier run's)." in error
+        assert f"; no student finished, so {out} was not written (the file there is an earlier run's)." in error
         assert out.read_text() == earlier
 
 

@@ -404,8 +404,10 @@ def test_a_rank_that_stopped_out_of_step_ends_without_python_finalisation(tmp_pa
     assert result.stdout == "output without its line end" + finalised
 
 
-@pytest.mark.parametrize("error", [AttributeError("partially initialized module 'torch' has no attribute 'distributed'"),
-                                   RuntimeError('generic_type: cannot initialize type "RpcBackendOptions"')])
+@pytest.mark.parametrize("error", [
+    AttributeError("partially initialized module 'torch' has no attribute 'distributed'"),
+    RuntimeError('generic_type: cannot initialize type "RpcBackendOptions"'),
+])
 def test_a_torch_import_stopped_halfway_by_ctrl_c_ends_with_the_commands_own_line(monkeypatch, capsys, error):
     # A Ctrl-C in the first second of `train` can stop torch's own import and leave torch.distributed half made in
     # sys.modules; asking it whether a group is open then raises from inside torch. No group was opened, so the
