@@ -20,7 +20,7 @@ import pathlib
 import sys
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
-from fmnist_keras.cli import escape_unencodable_output
+from fmnist_keras.cli import escape_unencodable_output, non_empty_path
 from fmnist_keras.rundir import MAX_RUN_FILE_BYTES, RunDirError, read_run_text, refuse_json_constant
 
 # Step -> a piece of its command line, to find its processes in nvidia-smi's list.
@@ -238,14 +238,10 @@ def run_row(model_dir: pathlib.Path, seconds: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", default="gpu-results",
+    parser.add_argument("out", nargs="?", default="gpu-results", type=non_empty_path,  # "" would be "."
                         help="the output directory of benchmarks/gpu_check.sh (default: gpu-results)")
-    given = parser.parse_args(argv).out
+    out = pathlib.Path(parser.parse_args(argv).out)
     escape_unencodable_output()  # a device or run name that the terminal's encoding lacks
-    if not given.strip():  # pathlib would read "" as ".", the current directory
-        parser.error("the output directory is an empty name (an unset variable?); pass the output directory of "
-                     "benchmarks/gpu_check.sh")
-    out = pathlib.Path(given)
     if not out.is_dir():
         parser.error(f"{out} is not a directory; pass the output directory of benchmarks/gpu_check.sh")
     if not any(os.path.lexists(out / name) for name in CHECK_FILES):

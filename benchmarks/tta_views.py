@@ -22,7 +22,7 @@ from pathlib import Path
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.backend import default_backend
-from fmnist_keras.cli import add_data_arguments
+from fmnist_keras.cli import add_data_arguments, non_empty_path
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
@@ -66,12 +66,10 @@ def evaluate_run(run: Path, raw) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run directories holding cnn/model.keras")
+    parser.add_argument("runs", nargs="+", type=non_empty_path, help="run directories holding cnn/model.keras")
     add_data_arguments(parser)
     args = parser.parse_args(argv)
-    if any(not run.strip() for run in args.runs):  # Path("") would be ".", the current directory
-        parser.error("a run directory given is an empty name (an unset variable?); give run directories of the cnn")
-    args.runs = [Path(run) for run in args.runs]
+    args.runs = [Path(run) for run in args.runs]  # none empty: Path("") would be ".", the current directory
     missing = [str(run) for run in args.runs if not (run / "cnn" / "model.keras").is_file()]
     if missing:
         parser.error(f"no cnn/model.keras in {', '.join(map(repr, missing))}; give run directories of the cnn")

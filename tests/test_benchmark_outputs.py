@@ -497,7 +497,7 @@ def test_tta_views_names_an_empty_run_name_instead_of_looking_in_the_current_dir
         tta_views.main([str(tmp_path / "run") if run == "RUN" else run for run in runs])
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
-        ": error: a run directory given is an empty name (an unset variable?); give run directories of the cnn")
+        ": error: argument runs: expected a path, got an empty string (an unset variable?)")
 
 
 def test_the_tables_say_when_the_one_round_timed_is_the_warm_up():
@@ -568,8 +568,10 @@ def test_gpu_summary_shows_no_seconds_for_a_step_the_clock_was_set_back_during(t
     assert "| bench | 0 | - | 10 |" in out and "| train-default | 0 | 4 | 600 |" in out
 
 
-@pytest.mark.parametrize("given, said", [("", "is an empty name (an unset variable?)"),
-                                         ("EMPTY", "holds none of the files gpu_check.sh writes")])
+@pytest.mark.parametrize("given, said", [
+    ("", "argument out: expected a path, got an empty string (an unset variable?)"),
+    ("EMPTY", "holds none of the files gpu_check.sh writes"),
+])
 def test_gpu_summary_refuses_an_empty_name_or_a_directory_without_the_checks_files(tmp_path, capsys, monkeypatch,
                                                                                    given, said):
     import gpu_summary
