@@ -11,9 +11,9 @@ script sets for each seed itself (``--model``, ``--seed``, ``--out-dir``,
 log, ``OUT_DIR/MODEL-seedS.log``, starts with a stamped line naming its
 command; an existing file there without that line is never replaced, nor is
 a run directory ``OUT_DIR/MODEL-seedS`` without such a log beside it. Each
-seed is given once. On
-Ctrl-C or SIGTERM every ``train`` still running is ended (a terminal's Ctrl-C
-reaches them too; the rest get SIGTERM) and keeps its completed epochs. On
+seed is given once. On Ctrl-C or SIGTERM every ``train`` still running is
+ended (a terminal's Ctrl-C reaches them too; the rest get SIGTERM) and
+keeps its completed epochs. On
 Linux a ``train`` also gets SIGTERM when the script itself is killed
 (SIGKILL, the out-of-memory killer), so that no seed goes on training alone.
 A closed terminal's SIGHUP reaches the script and its trains alike (one
@@ -154,7 +154,7 @@ def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
             try:
-                with interrupts.deferred():  # a train started is a train known to stop()
+                with interrupts.deferred():  # a train started is a train known to stopping()
                     before[seed] = file_version(metrics_path(args, seed))
                     running[seed], started[seed] = launch(args, seed), time.perf_counter()
             except OSError as error:  # its log cannot be written
@@ -175,7 +175,7 @@ def _run_seeds(args, running: dict[int, subprocess.Popen]) -> int:
         if seed in failed:  # its metrics.json, if any, is an earlier run's
             continue
         metrics_file, log = metrics_path(args, seed), log_path(args, seed)
-        if file_version(metrics_file) == before[seed] is not None:  # train wrote each file anew, renamed into place
+        if before[seed] is not None and file_version(metrics_file) == before[seed]:  # train writes it anew
             failed.append(seed)
             print(one_line(f"seed {seed}: train ended without writing {metrics_file} (the one there is an earlier "
                            f"run's); see {log}"), file=sys.stderr)

@@ -55,7 +55,8 @@ def count(runner) -> dict[str, float]:
     class Window(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
             inside = FIRST <= batch < LAST
-            counted.extend([batch] if inside else [])
+            if inside:
+                counted.append(batch)
             torch.cuda.set_sync_debug_mode("warn" if inside else "default")
 
     with warnings.catch_warnings(record=True) as caught:
