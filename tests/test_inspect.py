@@ -1,5 +1,7 @@
 """Feature maps, filters, embeddings, saliency and Grad-CAM on tiny models, on the suite's backend."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -209,3 +211,42 @@ def test_saliency_and_grad_cam_on_channels_first():
     heat = internals.grad_cam(model, x)
     assert heat.shape == (2, 28, 28)
     np.testing.assert_allclose(heat, grad_cam_reference(model, x), atol=1e-2)
+
+
+@pytest.mark.parametrize("given, said", [
+    (lambda x: x[:, ..., 0], "images of shape (2, 28, 28): "),  # saliency once maxed over a spatial axis of these
+    (lambda x: x[0], "images of shape (28, 28, 1): "),
+    (lambda x: x[:0], "images of shape (0, 28, 28, 1): "),
+    (lambda x: np.moveaxis(x, -1, 1), "images of shape (2, 1, 28, 28): "),
+    (lambda x: (x * 255).astype(np.uint8), "images of dtype uint8 (pixels 0-255)"),
+])
+@pytest.mark.parametrize("explain", ["feature_maps", "saliency", "grad_cam"])
+def test_images_the_model_does_not_take_are_refused_with_the_shape_it_takes(given, said, explain):
+    model = tiny_cnn()
+    with pytest.raises(ValueError) as refused:
+        getattr(internals, explain)(model, given(images(2)))
+    assert said in str(refused.value)
+    assert "(N, 28, 28, 1)" in str(refused.value) or "to_model_input" in str(refused.value)
+
+
+@pytest.mark.parametrize("classes, said", [
+    ([10, 0], "class index 10 is out of range; the model has classes 0 to 9."),  # once taken as class 0
+    ([-1, 0], "class index -1 is out of range; the model has classes 0 to 9."),  # once taken as class 9
+    ([1.7, 2.2], "class_indices [1.7, 2.2]: expected one whole number per image (2 of them)"),  # once 1 and 2
+    ([1, 2, 3], "class_indices [1, 2, 3]: expected one whole number per image (2 of them)"),
+])
+@pytest.mark.parametrize("explain", ["saliency", "grad_cam"])
+def test_a_class_to_explain_outside_the_models_classes_is_refused(classes, said, explain):
+    model = tiny_cnn()
+    with pytest.raises(ValueError, match=re.escape(said)):
+        getattr(internals, explain)(model, images(2), class_indices=classes)
+    assert getattr(internals, explain)(model, images(2), class_indices=np.array([9, 0])).shape == (2, 28, 28)
+
+
+def test_feature_layers_must_be_a_non_empty_list_of_names():
+    model = tiny_cnn()
+    first = internals.default_feature_layers(model)[0]
+    with pytest.raises(TypeError, match=f"pass a list of layer names, such as \\['{first}'\\]"):
+        internals.feature_maps(model, images(1), first)  # once read as one layer per character
+    with pytest.raises(ValueError, match="no layer named: pass at least one"):
+        internals.feature_maps(model, images(1), [])

@@ -112,6 +112,10 @@ def check_feature_layers(model, names: list[str]) -> list[str]:
     """Check that ``model`` has a convolution and every named layer, each with maps for output (a 4-D output:
     images, height, width, channels in either order); return the names."""
     _require_conv(model, "feature maps")
+    if isinstance(names, str):  # iterated, it would name one layer per character
+        raise TypeError(f"layer names {names!r}: pass a list of layer names, such as [{names!r}].")
+    if not names:
+        raise ValueError(f"no layer named: pass at least one, such as {default_feature_layers(model)[:1]!r}.")
     for name in names:
         output = _output_of(get_layer(model, name))
         if output is not None and not _is_maps(output):
@@ -131,6 +135,22 @@ def intermediate_model(model, names: list[str]) -> keras.Model:
     """One model whose outputs are the named layers' outputs, in order."""
     outputs = [get_layer(model, name).output for name in names]
     return keras.Model(inputs=model.inputs, outputs=outputs, name=f"{model.name}_intermediate")
+
+
+def check_images(model, images) -> None:
+    """Refuse, as ValueError, what ``model`` does not take as images: anything but a non-empty batch of its
+    input's shape, or raw 0-255 pixels (uint8), which would reach it unscaled."""
+    expected = tuple(model.inputs[0].shape[1:])
+    shape = tuple(np.shape(images))
+    if len(shape) != len(expected) + 1 or shape[1:] != expected or shape[0] == 0:
+        raise ValueError(
+            f"images of shape {shape}: {model.name} takes a non-empty batch of shape (N, "
+            f"{', '.join(map(str, expected))}); add a batch axis with images[None], a channel axis with "
+            f"images[..., None], or move a channels_first batch's channel axis with np.moveaxis(images, 1, -1)."
+        )
+    if "uint8" in str(getattr(images, "dtype", "")):
+        raise ValueError("images of dtype uint8 (pixels 0-255): the model takes model-ready floats in [0, 1]; "
+                         "prepare them with fmnist_keras.data.to_model_input(images, data_format).")
 
 
 def _run(model, x: np.ndarray) -> list[np.ndarray]:
@@ -154,6 +174,7 @@ def feature_maps(model, images: np.ndarray, names: list[str] | None = None) -> d
         ``{name: array}`` in the model's own data format, e.g. (N, H, W, C).
     """
     names = default_feature_layers(model) if names is None else check_feature_layers(model, names)
+    check_images(model, images)
     outputs = _run(intermediate_model(model, list(names)), images)
     return dict(zip(names, outputs))
 
@@ -241,9 +262,18 @@ def _class_score(model, class_indices):
 
 
 def _targets(model, images, class_indices) -> np.ndarray:
+    """The class to explain for each image: ``class_indices`` when given (one whole number in the model's
+    range per image), else the predicted one."""
     if class_indices is None:
-        class_indices = _run(model, images)[0].argmax(axis=1)
-    return np.asarray(class_indices, dtype=np.int32).reshape(len(images))
+        return _run(model, images)[0].argmax(axis=1).astype(np.int32)
+    given, classes = np.asarray(class_indices), model.outputs[0].shape[-1]
+    if given.shape != (len(images),) or not np.issubdtype(given.dtype, np.integer):
+        raise ValueError(f"class_indices {given.tolist()!r}: expected one whole number per image ({len(images)} "
+                         f"of them), each a class from 0 to {classes - 1}.")
+    if given.min() < 0 or given.max() >= classes:
+        raise ValueError(f"class index {int(given.min() if given.min() < 0 else given.max())} is out of range; "
+                         f"the model has classes 0 to {classes - 1}.")
+    return given.astype(np.int32)
 
 
 def saliency(model, images: np.ndarray, class_indices=None) -> np.ndarray:
@@ -257,6 +287,7 @@ def saliency(model, images: np.ndarray, class_indices=None) -> np.ndarray:
     Returns:
         (N, H, W) maps scaled to [0, 1] per image.
     """
+    check_images(model, images)
     scorer = _score_model(model)
     targets = keras.ops.convert_to_tensor(_targets(scorer, images, class_indices))
     _, grads = input_gradient(_class_score(scorer, targets), images)
@@ -288,6 +319,7 @@ def grad_cam(model, images: np.ndarray, layer_name: str | None = None, class_ind
         (N, H, W) heat maps in [0, 1], H and W those of the input images.
     """
     layer_name = layer_name or default_feature_layers(model)[-1]
+    check_images(model, images)
     targets = keras.ops.convert_to_tensor(_targets(_score_model(model), images, class_indices))
     activations = feature_maps(model, images, [layer_name])[layer_name]
     _, grads = input_gradient(_class_score(head_model(model, layer_name), targets), activations)
