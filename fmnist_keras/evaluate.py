@@ -24,14 +24,10 @@ from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_fast_path_argument, add_tta_argument,
                               escape_unencodable_output, in_range, non_empty_path, one_line, print_error, run_tta)
 from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, EVALUATION_FILE, FIGURES_DIR, METRICS_FILE, MODEL_FILE,
-                                 REPORT_FILE, TEXT, RunDirError, check_fields, first_entry_not_among, is_finite_number,
-                                 is_marker, is_model_dir, not_a_directory_line, read_json_object, temporaries_of,
-                                 write_json)
+                                 OUTPUT_MARKER, REPORT_FILE, TEXT, RunDirError, check_fields, first_entry_not_among,
+                                 is_finite_number, is_marker, is_model_dir, not_a_directory_line, output_in_the_way,
+                                 read_json_object, temporaries_of, write_json)
 
-# Written into a new or empty directory that evaluate writes to (a run's model
-# directory has the run's marker one level up instead): existing outputs are
-# replaced only in a directory that carries one of the two.
-OUTPUT_MARKER = ".fmnist_keras-evaluation"
 # Run files are a few kB; anything much larger is not one, and is not read.
 class RunFileError(ValueError):
     """A path given to evaluate cannot be used (an --out-dir blocked by a file)."""
@@ -144,17 +140,9 @@ def check_outputs(out_dir: Path, model_path: Path) -> bool:
     if not in_run and is_model_dir(out_dir):
         raise RunFileError(f"{out_dir} is a run's model directory, whose report is that of its own {MODEL_FILE}, "
                            f"not of {model_path}; {fix}.")
-    figures = out_dir / FIGURES_DIR
-    paths = [out_dir / EVALUATION_FILE, out_dir / REPORT_FILE, figures]
-    if figures.is_dir() and not figures.is_symlink():
-        paths += sorted(figures.iterdir())
-    for path in paths:
-        if path.is_symlink():
-            raise RunFileError(f"{path} is a symbolic link; evaluate writes only real files and never follows a "
-                               f"link; move it away or {fix}.")
-        if path.exists() and not (path.is_dir() if path == figures else path.is_file()):
-            raise RunFileError(f"{path} is not a {'directory' if path == figures else 'regular file'}, in the way "
-                               f"of the report; move it away or {fix}.")
+    problem = output_in_the_way(out_dir, (EVALUATION_FILE, REPORT_FILE), "evaluate", fix)
+    if problem is not None:
+        raise RunFileError(problem)
     if in_run or not out_dir.is_dir():
         return in_run
     entries = sorted(out_dir.iterdir())

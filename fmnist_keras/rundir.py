@@ -62,6 +62,10 @@ METRICS_FILE = "metrics.json"
 EVALUATION_FILE = "evaluation.json"
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
+# Written into a directory outside a run where evaluate or write_report puts its outputs (a run's model
+# directory has the run's marker one level up instead): existing outputs are replaced only in a directory that
+# carries one of the two.
+OUTPUT_MARKER = ".fmnist_keras-evaluation"
 TENSORBOARD_DIR = "tensorboard"
 LATEST = "latest"
 # What Keras writes below a model's directory: BackupAndRestore's files (with double_checkpoint, a copy of
@@ -253,6 +257,22 @@ def is_finite_number(value) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int beyond a float's range
         return False
+
+
+def output_in_the_way(out_dir: Path, files: tuple[str, ...], writer: str, fix: str) -> str | None:
+    """The line for the first of ``files`` in ``out_dir``, of ``figures/`` or of its entries that ``writer``
+    must not write to: a symbolic link, or something other than a regular file (a directory, for ``figures/``);
+    None when none is in the way."""
+    figures = out_dir / FIGURES_DIR
+    drawn = sorted(figures.iterdir()) if figures.is_dir() and not figures.is_symlink() else []
+    for path in (*(out_dir / name for name in files), figures, *drawn):
+        if path.is_symlink():
+            return (f"{path} is a symbolic link; {writer} writes only real files and never follows a link; move "
+                    f"it away or {fix}.")
+        if path.exists() and not (path.is_dir() if path == figures else path.is_file()):
+            return (f"{path} is not a {'directory' if path == figures else 'regular file'}, in the way of the "
+                    f"report; move it away or {fix}.")
+    return None
 
 
 def is_marker(path: Path) -> bool:

@@ -1,5 +1,6 @@
 """The report: its table against metrics computed by hand, its figures, and a damaged history."""
 
+import json
 import re
 
 import keras
@@ -207,3 +208,56 @@ def test_figures_replace_a_link_planted_among_them_and_never_write_through_it(tm
     (tmp_path / "linked").symlink_to(figures, target_is_directory=True)
     with pytest.raises(report.RunDirError, match="is a symbolic link"):
         report.save_figures([], tmp_path / "linked")
+
+
+def test_the_report_never_replaces_or_follows_what_fmnist_keras_did_not_write(tmp_path):
+    model, (x, y) = tiny_cnn(), make_images()
+    users = tmp_path / "users"
+    (users / "figures").mkdir(parents=True)
+    (users / "report.md").write_text("my notes")
+    (users / "figures" / "curves.png").write_bytes(b"mine")
+    (tmp_path / "link").symlink_to(users, target_is_directory=True)
+    (tmp_path / "planted").mkdir()
+    (tmp_path / "planted" / "report.md").symlink_to(users / "report.md")
+    for out_dir, said in ((users, "is there already, and"), (tmp_path / "link", "is a symbolic link"),
+                          (tmp_path / "planted", "report.md is a symbolic link")):
+        with pytest.raises(report.RunDirError, match=said):
+            report.write_report(tmp_path, x, y, model=model, metrics={}, out_dir=out_dir)
+    assert (users / "report.md").read_text() == "my notes" and (users / "figures" / "curves.png").read_bytes() == b"mine"
+    assert sorted(p.name for p in users.iterdir()) == ["figures", "report.md"]
+    # A new directory is written and marked, so a later report there replaces the earlier one.
+    fresh = tmp_path / "fresh"
+    for _ in range(2):
+        assert report.write_report(tmp_path, x, y, model=model, metrics={}, out_dir=fresh) == fresh / "report.md"
+    assert (fresh / report.OUTPUT_MARKER).is_file() and (fresh / "figures" / "confusion_matrix.png").is_file()
+
+
+@pytest.mark.parametrize("metrics, said", [
+    ({"test": {"accuracy": 0.5}}, "lacks 'num_examples' in its test or validation metrics"),
+    ({"test": "x"}, "holds a value of another form"),
+    ({"test": {"num_examples": 3, "loss": "x", "accuracy": 0.5, "macro_f1": 0.5, "per_class": {}}},
+     "holds a value of another form"),
+    ([1], "is a list, not the dict of metrics train writes"),
+])
+def test_metrics_the_report_cannot_show_are_refused_before_anything_is_drawn(tmp_path, metrics, said):
+    model, (x, y) = tiny_cnn(), make_images()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(metrics))
+    in_file = "is damaged: a JSON list, not an object" if isinstance(metrics, list) else said  # read_json_object's
+    with pytest.raises(report.RunDirError, match=re.escape(f"{tmp_path / 'run' / 'metrics.json'} {in_file}")):
+        report.write_report(tmp_path / "run", x, y, model=model)
+    with pytest.raises(ValueError, match=re.escape(f"the metrics passed in {said}")):
+        report.write_report(tmp_path / "run", x, y, model=model, metrics=metrics)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.json"]  # no figures/ left behind
+
+
+def test_the_report_is_drawn_without_latex_whatever_a_notebook_set(tmp_path):
+    # text.usetex would send every label, tick labels too (made as savefig draws), to a LaTeX that may not be
+    # installed; layer names such as block1_relu1 are no TeX either.
+    import matplotlib
+
+    model, (x, y) = tiny_cnn(), make_images()
+    with matplotlib.rc_context({"text.usetex": True}):
+        path = report.write_report(tmp_path, x, y, model=model, metrics={})
+        assert matplotlib.rcParams["text.usetex"]  # the notebook's setting is left as it was
+    assert "figures/feature_maps.png" in path.read_text() and (tmp_path / "figures" / "feature_maps.png").is_file()

@@ -26,13 +26,20 @@ _CMAP_IMAGE = "gray_r"  # dark garments on white read best at thumbnail size
 _CMAP_DIVERGING = "RdBu_r"
 
 
+def literal_text():
+    """Every text made or drawn inside taken literally: no mathtext (a Text reads ``text.parse_math`` when it
+    is made) and no LaTeX (a notebook's ``text.usetex``, read when a text is drawn, as tick labels are by
+    ``savefig``: layer names such as ``block1_relu1`` are no TeX, and LaTeX may not be installed); the user's own
+    settings untouched outside it."""
+    return matplotlib.rc_context({"text.parse_math": False, "text.usetex": False})
+
+
 def _literal_text(draw):
-    """``draw`` with every text it makes taken literally (a Text reads ``text.parse_math`` when it is made),
-    the user's own settings untouched outside it."""
+    """``draw`` inside :func:`literal_text`."""
 
     @functools.wraps(draw)
     def drawn(*args, **kwargs):
-        with matplotlib.rc_context({"text.parse_math": False}):
+        with literal_text():
             return draw(*args, **kwargs)
 
     return drawn

@@ -27,8 +27,9 @@ from fmnist_keras.engine.evaluation import predict_probabilities
 from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics
-from fmnist_keras.rundir import (FIGURES_DIR, HISTORY_FILE, METRICS_FILE, REPORT_FILE, RunDirError, read_json_object,
-                                 write_bytes, write_text)
+from fmnist_keras.rundir import (FIGURES_DIR, HISTORY_FILE, METRICS_FILE, OUTPUT_MARKER, REPORT_FILE, RunDirError,
+                                 is_marker, is_model_dir, not_a_directory_line, output_in_the_way, read_json_object,
+                                 write_bytes, write_json, write_text)
 from fmnist_keras.tta import TTA
 # How many test images the saliency figure explains and the mistakes grid
 # shows: enough to see a pattern, few enough to read at a glance.
@@ -89,6 +90,52 @@ def default_image_index(count: int, seed: int = 0) -> int:
 def explained_indices(count: int, seed: int = 0) -> np.ndarray:
     """The seeded test images the saliency figure explains."""
     return np.random.default_rng(seed).choice(count, size=min(NUM_EXPLAINED, count), replace=False)
+
+
+def check_out_dir(out_dir: Path) -> bool:
+    """Refuse, as :class:`RunDirError`, to write ``report.md`` and ``figures/`` where they would follow a link or
+    replace what fmnist_keras did not write.
+
+    Earlier outputs are replaced only in a directory of the project's: a run's model directory, or one holding
+    :data:`OUTPUT_MARKER` (evaluate's, or an earlier report's outside a run). Anywhere else the report writes new
+    files only, and marks the directory.
+
+    Returns:
+        Whether ``out_dir`` is the project's already.
+    """
+    fix = "pass another out_dir (a new or empty directory)"
+    if out_dir.is_symlink():
+        raise RunDirError(f"out_dir {out_dir} is a symbolic link; the report writes only into a real directory; "
+                          f"pass the directory itself.")
+    problem = (not_a_directory_line("out_dir", out_dir, fix)
+               or output_in_the_way(out_dir, (REPORT_FILE,), "the report", fix))
+    if problem is not None:
+        raise RunDirError(problem)
+    report, figures = out_dir / REPORT_FILE, out_dir / FIGURES_DIR
+    ours = out_dir.is_dir() and (is_model_dir(out_dir) or is_marker(out_dir / OUTPUT_MARKER))
+    earlier = report if report.exists() else next(iter(sorted(figures.iterdir())), None) if figures.is_dir() else None
+    if earlier is not None and not ours:
+        raise RunDirError(f"{earlier} is there already, and {out_dir} is neither a run's model directory nor one "
+                          f"fmnist_keras marked as its own ({OUTPUT_MARKER}), so the report does not replace it; "
+                          f"move it away or {fix}.")
+    return ours
+
+
+def check_metrics(metrics, source: str) -> None:
+    """Refuse, before anything is drawn, metrics the report cannot show: anything but the dict ``metrics.json``
+    holds, or one whose splits lack what train writes (``source`` names where they came from)."""
+    error_type = RunDirError if source.endswith(METRICS_FILE) else ValueError
+    if not isinstance(metrics, dict):
+        raise error_type(f"{source} is a {type(metrics).__name__}, not the dict of metrics train writes; rewrite it "
+                         f"with train, or pass the metrics in.")
+    splits = {split: metrics[split] for split in ("test", "validation") if metrics.get(split)}
+    try:
+        if splits:  # without any, the report computes the test metrics itself
+            metrics_table(splits)
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        what = f"lacks {error}" if isinstance(error, KeyError) else f"holds a value of another form ({error})"
+        raise error_type(f"{source} {what} in its test or validation metrics; rewrite it with train, or pass "
+                         f"the metrics in.") from None
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -254,7 +301,8 @@ def save_figures(sections: list[Section], figures_dir: Path) -> None:
     for section in sections:
         if section.figure is not None:
             png = io.BytesIO()
-            section.figure.savefig(png, format="png", dpi=110)
+            with plots.literal_text():  # tick labels are made as the figure is drawn
+                section.figure.savefig(png, format="png", dpi=110)
             write_bytes(figures_dir / section.file, png.getvalue())
 
 
@@ -305,11 +353,16 @@ def write_report(
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
+    ours = check_out_dir(out_dir)  # before the slow part, as every check here
     if model is None:
         from fmnist_keras.loading import load_model
 
         model = load_model(run_dir)
-    metrics = read_metrics(run_dir) if metrics is None else metrics
+    if metrics is None:
+        metrics = read_metrics(run_dir)
+        check_metrics(metrics, str(run_dir / METRICS_FILE))
+    else:
+        check_metrics(metrics, "the metrics passed in")
     has_conv = bool(internals.conv_layers(model))
     image_index = internals.check_image_index(
         default_image_index(len(x_test), seed) if image_index is None else image_index, len(x_test))
@@ -332,7 +385,11 @@ def write_report(
         saliency_section(model, test, explained_indices(len(x_test), seed)),
     ]
     sections = [section for section in sections if section is not None]
+    markdown = render_markdown(title, metrics, metrics_sections(metrics, computed), sections)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not ours:
+        write_json(out_dir / OUTPUT_MARKER, {"written_by": "fmnist_keras.inspection.report"})
     save_figures(sections, out_dir / FIGURES_DIR)
     report = out_dir / REPORT_FILE
-    write_text(report, render_markdown(title, metrics, metrics_sections(metrics, computed), sections))
+    write_text(report, markdown)
     return report
