@@ -113,18 +113,18 @@ def check_out_dir(out_dir: Path) -> bool:
         raise RunDirError(problem)
     report, figures = out_dir / REPORT_FILE, out_dir / FIGURES_DIR
     ours = out_dir.is_dir() and (is_model_dir(out_dir) or is_marker(out_dir / OUTPUT_MARKER))
-    earlier = report if report.exists() else next(iter(sorted(figures.iterdir())), None) if figures.is_dir() else None
-    if earlier is not None and not ours:
-        raise RunDirError(f"{earlier} is there already, and {out_dir} is neither a run's model directory nor one "
+    earlier = [report] if report.exists() else []
+    earlier += sorted(figures.iterdir()) if figures.is_dir() else []  # not a link: output_in_the_way
+    if earlier and not ours:
+        raise RunDirError(f"{earlier[0]} is there already, and {out_dir} is neither a run's model directory nor one "
                           f"fmnist_keras marked as its own ({OUTPUT_MARKER}), so the report does not replace it; "
                           f"move it away or {fix}.")
     return ours
 
 
-def check_metrics(metrics, source: str) -> None:
-    """Refuse, before anything is drawn, metrics the report cannot show: anything but the dict ``metrics.json``
-    holds, or one whose splits lack what train writes (``source`` names where they came from)."""
-    error_type = RunDirError if source.endswith(METRICS_FILE) else ValueError
+def check_metrics(metrics, source: str, error_type: type[ValueError] = ValueError) -> None:
+    """Refuse, as ``error_type``, before anything is drawn, metrics the report cannot show: anything but the dict
+    ``metrics.json`` holds, or one whose splits lack what train writes (``source`` names where they came from)."""
     if not isinstance(metrics, dict):
         raise error_type(f"{source} is a {type(metrics).__name__}, not the dict of metrics train writes; rewrite it "
                          f"with train, or pass the metrics in.")
@@ -360,7 +360,7 @@ def write_report(
         model = load_model(run_dir)
     if metrics is None:
         metrics = read_metrics(run_dir)
-        check_metrics(metrics, str(run_dir / METRICS_FILE))
+        check_metrics(metrics, str(run_dir / METRICS_FILE), RunDirError)
     else:
         check_metrics(metrics, "the metrics passed in")
     has_conv = bool(internals.conv_layers(model))
