@@ -223,7 +223,8 @@ def test_the_report_never_replaces_or_follows_what_fmnist_keras_did_not_write(tm
                           (tmp_path / "planted", "report.md is a symbolic link")):
         with pytest.raises(report.RunDirError, match=said):
             report.write_report(tmp_path, x, y, model=model, metrics={}, out_dir=out_dir)
-    assert (users / "report.md").read_text() == "my notes" and (users / "figures" / "curves.png").read_bytes() == b"mine"
+    assert (users / "report.md").read_text() == "my notes"
+    assert (users / "figures" / "curves.png").read_bytes() == b"mine"
     assert sorted(p.name for p in users.iterdir()) == ["figures", "report.md"]
     # A new directory is written and marked, so a later report there replaces the earlier one.
     fresh = tmp_path / "fresh"
