@@ -31,7 +31,8 @@ from fmnist_keras import interrupts
 from fmnist_keras.backend import named_backend
 from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, os_error_line, print_error
 from fmnist_keras.rundir import (
-    first_entry_not_among, first_link_or_special_below, in_the_way_of_a_directory, is_marker, make_ordinary, replacing,
+    DANGLING_LINK, first_entry_not_among, first_link_or_special_below, in_the_way_of_a_directory, is_marker,
+    make_ordinary, replacing,
 )
 
 FORMATS = ("onnx", "tf_saved_model")
@@ -108,7 +109,7 @@ def check_output(text: str, format: str, overwrite: bool) -> Path:
     in_the_way = in_the_way_of_a_directory(output.parent)
     if in_the_way is not None:
         parent, kind = in_the_way
-        link = "fix the link or " if kind != "a file" else ""
+        link = "fix the link or " if kind == DANGLING_LINK else ""
         raise ExportError(f"--output {output} lies below {parent}, which is {kind}, not a directory; {link}pass "
                           f"{what}.")
     if not output.exists():
