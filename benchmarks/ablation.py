@@ -139,8 +139,9 @@ def parse_args(argv=None):
         parser.error(f"--convs takes one number or one per block ({blocks}); got {args.convs}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout takes a rate from 0 up to 1; got {args.dropout}")
-    if len(set(args.seeds)) < len(args.seeds):  # each seed's run is OUT_DIR/MODEL-seedS
-        parser.error(f"--seeds {' '.join(map(str, args.seeds))} names a seed twice; give each once")
+    repeated = outputs.repeated_seeds_line(args.seeds)  # each seed's run is OUT_DIR/MODEL-seedS
+    if repeated:
+        parser.error(repeated)
     try:  # every seed's TrainConfig, before any run directory of an earlier ablation is replaced
         for seed in args.seeds:
             train_config(args, seed).check()

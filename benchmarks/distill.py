@@ -37,7 +37,7 @@ from fmnist_keras.backend import default_backend
 
 os.environ["KERAS_BACKEND"] = default_backend()  # torch unless $KERAS_BACKEND names one
 
-from outputs import json_path, run_benchmark, versions, write_json  # noqa: E402
+from outputs import json_path, repeated_seeds_line, run_benchmark, versions, write_json  # noqa: E402
 
 from fmnist_keras.cli import in_range, one_line, print_error  # noqa: E402
 from fmnist_keras.config import RANGES  # noqa: E402
@@ -160,8 +160,9 @@ def main(argv=None) -> int:
         teachers = read_models(args.teachers)
         configs = [student_config(args, seed, teachers[0][1]) for seed in args.seeds]
         names = [f"{config.model}-seed{config.seed}-w{args.teacher_weight:g}" for config in configs]
-        if len(set(names)) < len(names):
-            raise ValueError(f"--seeds {' '.join(map(str, args.seeds))} names a seed twice; give each once")
+        repeated = repeated_seeds_line(args.seeds)  # the seeds name the students' runs
+        if repeated:
+            raise ValueError(repeated)
         for name in names:
             RunDir.check_new(args.out_dir, name, args.overwrite, elsewhere=ELSEWHERE)
         raw = load_data(args.data_dir, verify=args.verify)

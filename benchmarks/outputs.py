@@ -167,6 +167,14 @@ def rounds_note(rounds: int) -> str:
     return "median after 1 warm-up" if rounds > 1 else "the warm-up round itself, start-up costs included"
 
 
+def repeated_seeds_line(seeds: list[int]) -> str | None:
+    """The line refusing ``--seeds`` that names a seed more than once (its one run would count as two seeds that
+    agree); None when each seed is given once."""
+    if len(set(seeds)) == len(seeds):
+        return None
+    return f"--seeds {' '.join(map(str, seeds))} names a seed twice; give each once"
+
+
 def not_a_script(module: str) -> str:
     """The line a module of the benchmarks gives when it is run as a script: what to run instead."""
     return (f"error: benchmarks/{module} is a module the benchmarks import, not a script; run bench.py or overhead.py "

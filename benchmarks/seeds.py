@@ -72,9 +72,9 @@ def parse_args(argv=None):
     if helps:
         parser.error(f"{helps[0]} after -- makes train print its help and train nothing; see python -m "
                      f"fmnist_keras.train --help for train's flags")
-    repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
-    if repeated:  # one run trained twice would count as two seeds that agree
-        parser.error(f"--seeds names seed {repeated[0]} more than once; give each seed once")
+    repeated = outputs.repeated_seeds_line(args.seeds)
+    if repeated:
+        parser.error(repeated)
     try:
         RunDir.check_out_dir(args.out_dir)
         for seed in args.seeds:  # every log and run directory, before any run starts

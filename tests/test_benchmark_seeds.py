@@ -40,11 +40,11 @@ def test_train_flags_the_script_sets_itself_are_refused_after_the_double_dash(tm
     assert seeds.parse_args(["--out-dir", str(tmp_path), "--", "--epochs", "1"]).train_args == ["--epochs", "1"]
 
 
-@pytest.mark.parametrize("given", [["1", "2", "1"], ["1", "01"]])
-def test_a_seed_given_twice_is_refused_before_any_run(tmp_path, capsys, given):
+@pytest.mark.parametrize("given, named", [(["1", "2", "1"], "1 2 1"), (["1", "01"], "1 1")])
+def test_a_seed_given_twice_is_refused_before_any_run(tmp_path, capsys, given, named):
     # One run trained twice would count as two seeds that agree (a spread of 0).
     line = _refused(["--seeds", *given, "--out-dir", str(tmp_path / "out")], capsys)
-    assert "--seeds names seed 1 more than once; give each seed once" in line and not (tmp_path / "out").exists()
+    assert f"--seeds {named} names a seed twice; give each once" in line and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flag", ["-h", "--help", "--he"])
