@@ -218,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from fmnist_keras.inspection import internals
 
+    if trained:
+        from fmnist_keras.inspection.report import recorded_params
+
+        recorded = recorded_params(trained)
+        if recorded is not None and recorded != model.count_params():
+            print(one_line(f"note: {metrics_path} describes a model of {recorded:,} parameters, not {model_path} "
+                           f"({model.count_params():,}); the report leaves out its facts."), file=sys.stderr)
+            trained = {}
     try:
         if args.layers and args.report:
             internals.check_feature_layers(model, args.layers)

@@ -250,3 +250,62 @@ def test_feature_layers_must_be_a_non_empty_list_of_names():
         internals.feature_maps(model, images(1), first)  # once read as one layer per character
     with pytest.raises(ValueError, match="no layer named: pass at least one"):
         internals.feature_maps(model, images(1), [])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("explain", ["feature_maps", "saliency", "grad_cam"])
+def test_images_with_pixels_that_are_not_numbers_are_refused(bad, explain):
+    x = images(3)
+    x[1, 5, 5, 0] = bad  # once gave a NaN map, or a map of another image's scale
+    with pytest.raises(ValueError, match=re.escape("1 of 3 images hold NaN or infinite pixels (the first is image 1)")):
+        getattr(internals, explain)(tiny_cnn(), x)
+    with pytest.raises(ValueError, match=re.escape("images of dtype <U1: the model takes model-ready floats")):
+        getattr(internals, explain)(tiny_cnn(), np.full((1, 28, 28, 1), "a"))
+
+
+def test_feature_maps_of_a_bfloat16_model_are_float32_arrays():
+    # A bfloat16 model's outputs came back as ml_dtypes.bfloat16 arrays, which much of numpy and matplotlib reject.
+    keras.utils.set_random_seed(0)
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")  # as train sets it for --mixed-precision
+    try:
+        model = build_cnn(filters=(4, 8), dense_units=16, seed=0, augment=False)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    maps = internals.feature_maps(model, images(1))
+    assert {array.dtype for array in maps.values()} == {np.dtype("float32")}
+    first = internals.default_feature_layers(model)[0]
+    reference = keras.Model(model.input, model.get_layer(first).output)(images(1), training=False)
+    np.testing.assert_array_equal(maps[first], keras.ops.convert_to_numpy(keras.ops.cast(reference, "float32")))
+
+
+@pytest.mark.parametrize("index", [1.0, np.array([1]), True, "1"])
+def test_an_image_index_that_is_not_one_whole_number_is_refused(index):
+    with pytest.raises(ValueError, match=re.escape(f"image index {index!r}: expected one whole number, from 0 to 9")):
+        internals.check_image_index(index, 10)
+    assert internals.check_image_index(np.int64(3), 10) == 3
+
+
+def test_pca_of_one_row_or_one_feature_is_two_columns_and_odd_features_are_refused():
+    points, explained = internals.pca_2d(np.ones((1, 5)))  # a report of one test image
+    assert points.shape == (1, 2) and explained.tolist() == [0.0, 0.0]
+    line = np.arange(6.0)[:, None]
+    points, explained = internals.pca_2d(line)
+    np.testing.assert_allclose(np.abs(points[:, 0]), np.abs(line[:, 0] - 2.5))
+    assert points[:, 1].tolist() == [0.0] * 6 and explained.tolist() == [1.0, 0.0]
+    for features, said in [(np.ones(5), "features of shape (5,): expected a non-empty (N, D) array"),
+                           (np.ones((0, 4)), "features of shape (0, 4)"),
+                           (np.full((3, 2), np.nan), "features hold NaN or infinite values")]:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            internals.pca_2d(features)
+
+
+def test_misclassified_refuses_labels_and_probabilities_that_do_not_match():
+    probabilities = np.eye(4)[[0, 1, 1]]
+    with pytest.raises(ValueError, match=re.escape("y_true of shape (2,): expected one label per image, shape (3,)")):
+        internals.misclassified(np.array([0, 1]), probabilities)
+    with pytest.raises(ValueError, match=re.escape("y_true holds the class 4; the classes are 0 to 3")):
+        internals.misclassified(np.array([0, 1, 4]), probabilities)
+    with pytest.raises(ValueError, match=re.escape("probabilities of shape (3,): expected (N, classes)")):
+        internals.misclassified(np.array([0, 1, 2]), np.array([0.1, 0.2, 0.3]))
+    assert internals.misclassified(np.array([0, 1, 2]), probabilities).tolist() == [2]

@@ -262,3 +262,67 @@ def test_the_report_is_drawn_without_latex_whatever_a_notebook_set(tmp_path):
         path = report.write_report(tmp_path, x, y, model=model, metrics={})
         assert matplotlib.rcParams["text.usetex"]  # the notebook's setting is left as it was
     assert "figures/feature_maps.png" in path.read_text() and (tmp_path / "figures" / "feature_maps.png").is_file()
+
+
+X, Y = make_images()
+BAD_INPUTS = [
+    ({"image_index": 1.5}, ValueError, "image index 1.5: expected one whole number, from 0 to 29"),
+    ({"image_index": np.array([1, 2])}, ValueError, "image index array([1, 2]): expected one whole number"),
+    ({"image_index": True}, ValueError, "image index True: expected one whole number"),
+    ({"seed": -1}, ValueError, "seed -1: expected a whole number from 0"),
+    ({"seed": 1.5}, ValueError, "seed 1.5: expected a whole number from 0"),
+    ({"y_test": Y.astype(float)}, ValueError, "y_test of dtype float64: expected whole-number class indices"),
+    ({"y_test": np.eye(10)[Y]}, ValueError, "y_test of shape (30, 10) looks one-hot; pass one class index per image: "
+                                            "y_test.argmax(axis=1)"),
+    ({"y_test": np.where(Y == 9, 10, Y)}, ValueError, "y_test holds the class 10; the classes are 0 to 9"),
+    ({"y_test": Y[:5]}, ValueError, "y_test of shape (5,): expected one label per image, shape (30,)"),
+    ({"x_test": np.where(np.arange(30)[:, None, None, None] == 7, np.nan, X)}, ValueError,
+     "1 of 30 images hold NaN or infinite pixels (the first is image 7)"),
+    ({"x_test": X[..., 0]}, ValueError, "images of shape (30, 28, 28): cnn takes a non-empty batch of shape (N, 28, "
+                                        "28, 1)"),
+    ({"x_test": (X * 255).astype(np.uint8)}, ValueError, "images of dtype uint8 (pixels 0-255)"),
+    ({"model": "run/model.keras"}, TypeError, "model 'run/model.keras' is a path: pass the loaded model"),
+    ({"x_train": X}, ValueError, "pass x_train and y_train together, or neither"),
+    ({"x_train": X, "y_train": Y[:3]}, ValueError, "y_train of shape (3,): expected one label per image"),
+    ({"x_train": X[..., 0], "y_train": Y}, ValueError, "images of shape (30, 28, 28)"),
+    ({"history_csv": "missing.csv"}, report.RunDirError, "history_csv missing.csv is missing; pass the run's "
+                                                         "history.csv, or leave history_csv out"),
+    ({"metrics": {"num_params": 5}}, ValueError, "num_params in the metrics passed in is 5, but the model passed in "
+                                                 "has"),
+]
+
+
+@pytest.mark.parametrize("given, error, said", BAD_INPUTS, ids=[f"{sorted(g)[0]}-{i}" for i, (g, _, _) in
+                                                                 enumerate(BAD_INPUTS)])
+def test_inputs_the_report_cannot_draw_are_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch,
+                                                                                          given, error, said):
+    monkeypatch.chdir(tmp_path)
+    arguments = {"x_test": X, "y_test": Y, "model": tiny_cnn(), "metrics": {}, **given}
+    with pytest.raises(error, match=re.escape(said)) as raised:
+        report.write_report(tmp_path / "run", arguments.pop("x_test"), arguments.pop("y_test"), **arguments)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_runs_metrics_of_another_model_are_refused_not_mixed_with_its_figures(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"model": "cnn", "num_params": 123}))
+    model = tiny_cnn()
+    with pytest.raises(ValueError, match=re.escape(f"num_params in {tmp_path / 'metrics.json'} is 123, but the model "
+                                                   f"passed in has {model.count_params():,} parameters")):
+        report.write_report(tmp_path, X, Y, model=model)
+    (tmp_path / "metrics.json").write_text(json.dumps({"model": "cnn", "num_params": model.count_params()}))
+    assert report.write_report(tmp_path, X, Y, model=model).is_file()
+
+
+def test_a_history_that_is_a_dangling_link_is_left_out_with_a_note(tmp_path):
+    (tmp_path / "history.csv").symlink_to(tmp_path / "gone.csv")
+    markdown = report.write_report(tmp_path, X, Y, model=tiny_cnn(), metrics={}).read_text()
+    assert f"Left out: {tmp_path / 'history.csv'} is a symbolic link to nothing" in markdown
+    assert "curves.png" not in markdown
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_report_of_one_or_two_test_images_is_drawn(tmp_path, count):
+    markdown = report.write_report(tmp_path, X[:count], Y[:count], model=tiny_cnn(), metrics={}).read_text()
+    assert f"| test | {count} |" in markdown and "figures/embedding.png" in markdown
+    assert (tmp_path / "figures" / "embedding.png").read_bytes()[:8] == PNG_SIGNATURE

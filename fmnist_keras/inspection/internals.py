@@ -19,6 +19,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.inspection.gradients import input_gradient
 from fmnist_keras.loading import input_data_format
 
@@ -139,7 +140,7 @@ def intermediate_model(model, names: list[str]) -> keras.Model:
 
 def check_images(model, images) -> None:
     """Refuse, as ValueError, what ``model`` does not take as images: anything but a non-empty batch of its
-    input's shape, or raw 0-255 pixels (uint8), which would reach it unscaled."""
+    input's shape, raw 0-255 pixels (uint8), which would reach it unscaled, or pixels that are not numbers."""
     expected = tuple(model.inputs[0].shape[1:])
     shape = tuple(np.shape(images))
     if len(shape) != len(expected) + 1 or shape[1:] != expected or shape[0] == 0:
@@ -148,9 +149,35 @@ def check_images(model, images) -> None:
             f"{', '.join(map(str, expected))}); add a batch axis with images[None], a channel axis with "
             f"images[..., None], or move a channels_first batch's channel axis with np.moveaxis(images, 1, -1)."
         )
-    if "uint8" in str(getattr(images, "dtype", "")):
+    dtype = np.asarray(images[:1]).dtype
+    if dtype == np.uint8:
         raise ValueError("images of dtype uint8 (pixels 0-255): the model takes model-ready floats in [0, 1]; "
                          "prepare them with fmnist_keras.data.to_model_input(images, data_format).")
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise ValueError(f"images of dtype {dtype}: the model takes model-ready floats in [0, 1]; prepare them with "
+                         f"fmnist_keras.data.to_model_input(images, data_format).")
+    bad = np.flatnonzero(~np.isfinite(np.asarray(images, dtype=np.float32)).reshape(shape[0], -1).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{bad.size} of {shape[0]} images hold NaN or infinite pixels (the first is image "
+                         f"{bad[0]}); no figure of them would mean anything: drop them or fix their pixels.")
+
+
+def check_labels(labels, count: int, what: str = "labels", classes: int = len(CLASS_NAMES)) -> np.ndarray:
+    """Refuse, as ValueError, anything but one whole-number class from 0 to ``classes`` - 1 per image (``count`` of
+    them); return them as an int64 array."""
+    given = np.asarray(labels)
+    if given.ndim == 2 and given.shape == (count, classes):
+        raise ValueError(f"{what} of shape {given.shape} looks one-hot; pass one class index per image: "
+                         f"{what}.argmax(axis=1).")
+    if given.shape != (count,):
+        raise ValueError(f"{what} of shape {given.shape}: expected one label per image, shape ({count},).")
+    if not (np.issubdtype(given.dtype, np.integer) or given.dtype == bool):
+        raise ValueError(f"{what} of dtype {given.dtype}: expected whole-number class indices from 0 to "
+                         f"{classes - 1}; convert whole-valued labels with {what}.astype(int).")
+    if count and (given.min() < 0 or given.max() >= classes):
+        wrong = int(given.min() if given.min() < 0 else given.max())
+        raise ValueError(f"{what} holds the class {wrong}; the classes are 0 to {classes - 1}.")
+    return given.astype(np.int64)
 
 
 def _run(model, x: np.ndarray) -> list[np.ndarray]:
@@ -158,7 +185,9 @@ def _run(model, x: np.ndarray) -> list[np.ndarray]:
     outputs = model([keras.ops.convert_to_tensor(np.asarray(x, dtype=np.float32))], training=False)
     if not isinstance(outputs, (list, tuple)):
         outputs = [outputs]
-    return [keras.ops.convert_to_numpy(out) for out in outputs]
+    # float32 whatever the model computes in: a bfloat16 model's outputs would come back as ml_dtypes arrays,
+    # which much of numpy and matplotlib do not take.
+    return [keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")) for out in outputs]
 
 
 def feature_maps(model, images: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -180,6 +209,10 @@ def feature_maps(model, images: np.ndarray, names: list[str] | None = None) -> d
 
 
 def check_image_index(index: int, count: int) -> int:
+    """``index`` as a position in ``count`` images (a negative one counts from the end); ValueError when it is
+    not a whole number in range."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise ValueError(f"image index {index!r}: expected one whole number, from 0 to {count - 1}.")
     if not -count <= index < count:
         raise ValueError(f"image index {index} is out of range for {count} test images; choose 0 to {count - 1}.")
     return index % count
@@ -226,21 +259,41 @@ def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Returns:
         ``(points, explained)``: (N, 2) coordinates and the fraction of the
-        variance each of the two components explains.
+        variance each of the two components explains; a component the rows do
+        not have (one row, or one feature) is 0.
+
+    Raises:
+        ValueError: ``features`` is not a non-empty (N, D) array of finite numbers.
     """
     centred = np.asarray(features, dtype=np.float64)
+    if centred.ndim != 2 or centred.size == 0:
+        raise ValueError(f"features of shape {centred.shape}: expected a non-empty (N, D) array, one row per image.")
+    if not np.isfinite(centred).all():
+        raise ValueError("features hold NaN or infinite values; check the images and the model that made them.")
     centred = centred - centred.mean(axis=0)
     _, singular, components = np.linalg.svd(centred, full_matrices=False)
-    points = centred @ components[:2].T
-    variance = singular**2
-    explained = variance[:2] / variance.sum() if variance.sum() > 0 else np.zeros(2)
+    points = np.zeros((len(centred), 2))
+    points[:, :min(2, len(components))] = centred @ components[:2].T
+    variance = np.zeros(2)
+    variance[:min(2, len(singular))] = singular[:2] ** 2
+    total = (singular**2).sum()
+    explained = variance / total if total > 0 else np.zeros(2)
     return points, explained
 
 
 def misclassified(y_true: np.ndarray, probabilities: np.ndarray, limit: int | None = None) -> np.ndarray:
-    """Indices of wrong predictions, most confident mistakes first."""
+    """Indices of wrong predictions, most confident mistakes first.
+
+    Raises:
+        ValueError: ``probabilities`` is not one row per label, or the labels are not class indices.
+    """
+    probabilities = np.asarray(probabilities)
+    if probabilities.ndim != 2 or probabilities.shape[1] < 2:
+        raise ValueError(f"probabilities of shape {probabilities.shape}: expected (N, classes), one row of class "
+                         f"probabilities per image.")
+    y_true = check_labels(y_true, len(probabilities), "y_true", probabilities.shape[1])
     predicted = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != np.asarray(y_true))
+    wrong = np.flatnonzero(predicted != y_true)
     order = np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")
     return wrong[order][:limit]
 

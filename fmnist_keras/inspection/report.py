@@ -27,9 +27,9 @@ from fmnist_keras.engine.evaluation import predict_probabilities
 from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics
-from fmnist_keras.rundir import (FIGURES_DIR, HISTORY_FILE, METRICS_FILE, OUTPUT_MARKER, REPORT_FILE, RunDirError,
-                                 is_marker, is_model_dir, not_a_directory_line, output_in_the_way, read_json_object,
-                                 write_bytes, write_json, write_text)
+from fmnist_keras.rundir import (DANGLING_LINK, FIGURES_DIR, HISTORY_FILE, METRICS_FILE, OUTPUT_MARKER, REPORT_FILE,
+                                 RunDirError, is_dangling_link, is_marker, is_model_dir, not_a_directory_line,
+                                 output_in_the_way, read_json_object, write_bytes, write_json, write_text)
 from fmnist_keras.tta import TTA
 # How many test images the saliency figure explains and the mistakes grid
 # shows: enough to see a pattern, few enough to read at a glance.
@@ -138,6 +138,39 @@ def check_metrics(metrics, source: str, error_type: type[ValueError] = ValueErro
                          f"the metrics in.") from None
 
 
+def check_seed(seed) -> None:
+    """Refuse, as ValueError, a seed numpy's generators do not take: anything but a whole number from 0."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed {seed!r}: expected a whole number from 0, such as 0 (the default).")
+
+
+def check_history_path(history_csv: str | Path | None) -> Path | None:
+    """A history named explicitly must be there: a file asked for is not left out in silence."""
+    if history_csv is None:
+        return None
+    path = Path(history_csv)
+    if not path.is_file():
+        state = DANGLING_LINK if is_dangling_link(path) else "not a file" if path.exists() else "missing"
+        raise RunDirError(f"history_csv {path} is {state}; pass the run's history.csv, or leave history_csv out "
+                          f"to use run_dir's.")
+    return path
+
+
+def recorded_params(metrics: dict) -> int | None:
+    """The parameter count ``metrics`` records for its model (train writes ``num_params``), if any."""
+    recorded = metrics.get("num_params")
+    return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None
+
+
+def check_same_model(model, metrics: dict, source: str) -> None:
+    """Refuse, as ValueError, metrics of another model than ``model``: the report would put one model's numbers
+    beside another's figures. Told apart by the parameter count."""
+    recorded = recorded_params(metrics)
+    if recorded is not None and recorded != model.count_params():
+        raise ValueError(f"num_params in {source} is {recorded:,}, but the model passed in has "
+                         f"{model.count_params():,} parameters; pass the run's own model, or this model's metrics.")
+
+
 def read_metrics(run_dir: Path) -> dict:
     """The run's ``metrics.json``, or {} when there is none."""
     path = Path(run_dir) / METRICS_FILE
@@ -206,6 +239,8 @@ def metrics_table(sections: dict) -> list[str]:
 def curves_section(history_csv: Path, metrics: dict, title: str) -> Section | None:
     """Loss and accuracy per epoch; None without a history, a note when it is damaged."""
     heading = "Training curves"
+    if is_dangling_link(history_csv):
+        return Section(heading, "curves.png", None, f"Left out: {history_csv} is {DANGLING_LINK}.")
     try:
         rows = read_history(history_csv)
     except RunDirError as error:
@@ -354,6 +389,11 @@ def write_report(
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     ours = check_out_dir(out_dir)  # before the slow part, as every check here
+    check_seed(seed)
+    history_csv = check_history_path(history_csv)
+    if isinstance(model, (str, Path)):
+        raise TypeError(f"model {str(model)!r} is a path: pass the loaded model "
+                        f"(fmnist_keras.loading.load_model(path)), or leave model out to load run_dir's.")
     if model is None:
         from fmnist_keras.loading import load_model
 
@@ -361,8 +401,17 @@ def write_report(
     if metrics is None:
         metrics = read_metrics(run_dir)
         check_metrics(metrics, str(run_dir / METRICS_FILE), RunDirError)
+        check_same_model(model, metrics, str(run_dir / METRICS_FILE))
     else:
         check_metrics(metrics, "the metrics passed in")
+        check_same_model(model, metrics, "the metrics passed in")
+    internals.check_images(model, x_test)
+    y_test = internals.check_labels(y_test, len(x_test), "y_test")
+    if (x_train is None) != (y_train is None):
+        raise ValueError("pass x_train and y_train together, or neither (the sample grid then shows test images).")
+    if x_train is not None:
+        internals.check_images(model, x_train)
+        y_train = internals.check_labels(y_train, len(x_train), "y_train")
     has_conv = bool(internals.conv_layers(model))
     image_index = internals.check_image_index(
         default_image_index(len(x_test), seed) if image_index is None else image_index, len(x_test))
@@ -375,7 +424,7 @@ def write_report(
     title = metrics.get("model") or model.name
     samples = (x_train, y_train) if x_train is not None else (x_test, test.y)
     sections = [
-        curves_section(Path(history_csv) if history_csv is not None else run_dir / HISTORY_FILE, metrics, title),
+        curves_section(history_csv or run_dir / HISTORY_FILE, metrics, title),
         confusion_section(computed["confusion_matrix"]),
         mistakes_section(test),
         samples_section(gray_images(samples[0], test.data_format), np.asarray(samples[1]), seed),
