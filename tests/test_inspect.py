@@ -293,8 +293,9 @@ def test_pca_of_one_row_or_one_feature_is_two_columns_and_odd_features_are_refus
     points, explained = internals.pca_2d(line)
     np.testing.assert_allclose(np.abs(points[:, 0]), np.abs(line[:, 0] - 2.5))
     assert points[:, 1].tolist() == [0.0] * 6 and explained.tolist() == [1.0, 0.0]
-    for features, said in [(np.ones(5), "features of shape (5,): expected a non-empty (N, D) array"),
-                           (np.ones((0, 4)), "features of shape (0, 4)"),
+    for features, said in [(np.ones(5), "features of shape (5,) and dtype float64: expected a 2-D array of numbers, "
+                                        "one row per image"),
+                           (np.ones((0, 4)), "features of shape (0, 4): expected at least one row and one column"),
                            (np.full((3, 2), np.nan), "features hold NaN or infinite values")]:
         with pytest.raises(ValueError, match=re.escape(said)):
             internals.pca_2d(features)
@@ -306,6 +307,6 @@ def test_misclassified_refuses_labels_and_probabilities_that_do_not_match():
         internals.misclassified(np.array([0, 1]), probabilities)
     with pytest.raises(ValueError, match=re.escape("y_true holds the class 4; the classes are 0 to 3")):
         internals.misclassified(np.array([0, 1, 4]), probabilities)
-    with pytest.raises(ValueError, match=re.escape("probabilities of shape (3,): expected (N, classes)")):
+    with pytest.raises(ValueError, match=re.escape("probabilities of shape (3,) and dtype float64: expected a 2-D array")):
         internals.misclassified(np.array([0, 1, 2]), np.array([0.1, 0.2, 0.3]))
     assert internals.misclassified(np.array([0, 1, 2]), probabilities).tolist() == [2]

@@ -181,3 +181,53 @@ def test_a_dollar_sign_in_a_name_is_drawn_as_it_is_not_read_as_tex(tmp_path):
         save_png(fig, tmp_path, f"{index}.png")  # drawn: Matplotlib would raise on the TeX
         assert name in all_text(fig)
     assert matplotlib.rcParams["text.parse_math"]  # the user's setting is left as it was
+
+
+def _odd_inputs():
+    """(figure, its arguments, the start of the one line it gives); each once a raw IndexError, KeyError or
+    TypeError from numpy or matplotlib, or a figure of the wrong data."""
+    images, y, probabilities = predictions(20)
+    maps = {"block1_relu1": np.ones((28, 28, 4))}
+    heat = {"saliency": np.zeros((20, 28, 28))}
+    return [
+        (plots.training_curves, ({"loss": [1.0, 0.5]},), "history without an 'epoch' column (it has: loss)"),
+        (plots.training_curves, ({"epoch": [0, 1], "loss": [1.0]},), "history['loss'] of shape (1,)"),
+        (plots.confusion_matrix, (np.ones((3, 3)),), "matrix of shape (3, 3) and dtype float64: expected numbers of "
+                                                     "shape (10, 10)"),
+        (plots.confusion_matrix, (np.full((10, 10), 0.5),), "matrix holds negative or fractional values"),
+        (plots.misclassified, (images, y, probabilities, [25]), "indices hold 25, out of range for 20 images"),
+        (plots.misclassified, (images, y, probabilities, [1.5]), "indices [1.5]: expected a list of whole-number"),
+        (plots.misclassified, (images, y[:5], probabilities, [1]), "y_true of shape (5,): expected one label per"),
+        (plots.misclassified, (images, y, probabilities[:, :4], [1]), "probabilities of shape (20, 4)"),
+        (plots.sample_grid, (images, y + 1), "labels holds the class 10; the classes are 0 to 9"),
+        (plots.filters, (np.ones((3, 3, 4)),), "kernel of shape (3, 3, 4) and dtype float64: expected a 4-D array of "
+                                               "numbers, (kernel_h, kernel_w, in_channels, filters)"),
+        (plots.filters, (np.ones((3, 3, 1, 0)),), "kernel of shape (3, 3, 1, 0) holds no weights"),
+        (plots.feature_maps, ({},), "no feature maps to draw"),
+        (plots.feature_maps, ({"block1_relu1": np.ones((2, 28, 28, 4))},), "maps['block1_relu1'] of shape (2, 28, "
+                                                                           "28, 4)"),
+        (plots.saliency, (images, {"saliency": np.zeros((20, 14, 14))}, y, y), "heatmaps['saliency'] of shape (20, "
+                                                                               "14, 14)"),
+        (plots.saliency, (images, heat, y, y[:3]), "predicted of shape (3,)"),
+        (plots.embedding, (np.ones((20, 3)), y), "points of shape (20, 3) and dtype float64: expected numbers of "
+                                                 "shape (N, 2)"),
+        (plots.embedding, (np.ones((20, 2)), np.eye(10)[y]), "labels of shape (20, 10) looks one-hot"),
+        (plots.embedding, (np.full((20, 2), np.nan), y), "points hold NaN or infinite values"),
+        (plots.feature_maps, (maps,), None),  # drawn
+    ]
+
+
+@pytest.mark.parametrize("draw, arguments, said", _odd_inputs(),
+                         ids=[f"{draw.__name__}-{i}" for i, (draw, _, _) in enumerate(_odd_inputs())])
+def test_odd_arrays_get_one_line_saying_what_the_figure_takes(draw, arguments, said):
+    if said is None:
+        assert isinstance(draw(*arguments), Figure)
+        return
+    with pytest.raises(ValueError) as refused:
+        draw(*arguments)
+    assert str(refused.value).startswith(said) and "\n" not in str(refused.value)
+
+
+def test_a_diverged_runs_nan_loss_is_drawn_as_a_gap(tmp_path):
+    fig = plots.training_curves({"epoch": [0, 1, 2], "loss": [1.0, 0.5, np.nan], "accuracy": [0.5, 0.7, 0.1]})
+    save_png(fig, tmp_path)

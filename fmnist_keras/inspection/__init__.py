@@ -1,2 +1,3 @@
 """Looking inside trained models: feature maps, filters, saliency and Grad-CAM (``internals``),
-their gradients on each backend, the figures and the run's report. Import after the backend is chosen."""
+their gradients on each backend, the checks of the arrays they take (``arrays``), the figures and the run's
+report. Import after the backend is chosen."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from fmnist_keras.data import CLASS_NAMES
+from fmnist_keras.inspection.arrays import check_labels, check_shape
 from fmnist_keras.inspection.gradients import input_gradient
 from fmnist_keras.loading import input_data_format
 
@@ -162,24 +162,6 @@ def check_images(model, images) -> None:
                          f"{bad[0]}); no figure of them would mean anything: drop them or fix their pixels.")
 
 
-def check_labels(labels, count: int, what: str = "labels", classes: int = len(CLASS_NAMES)) -> np.ndarray:
-    """Refuse, as ValueError, anything but one whole-number class from 0 to ``classes`` - 1 per image (``count`` of
-    them); return them as an int64 array."""
-    given = np.asarray(labels)
-    if given.ndim == 2 and given.shape == (count, classes):
-        raise ValueError(f"{what} of shape {given.shape} looks one-hot; pass one class index per image: "
-                         f"{what}.argmax(axis=1).")
-    if given.shape != (count,):
-        raise ValueError(f"{what} of shape {given.shape}: expected one label per image, shape ({count},).")
-    if not (np.issubdtype(given.dtype, np.integer) or given.dtype == bool):
-        raise ValueError(f"{what} of dtype {given.dtype}: expected whole-number class indices from 0 to "
-                         f"{classes - 1}; convert whole-valued labels with {what}.astype(int).")
-    if count and (given.min() < 0 or given.max() >= classes):
-        wrong = int(given.min() if given.min() < 0 else given.max())
-        raise ValueError(f"{what} holds the class {wrong}; the classes are 0 to {classes - 1}.")
-    return given.astype(np.int64)
-
-
 def _run(model, x: np.ndarray) -> list[np.ndarray]:
     """Run a probe model (built on a list of inputs) in inference mode; numpy outputs, always a list."""
     outputs = model([keras.ops.convert_to_tensor(np.asarray(x, dtype=np.float32))], training=False)
@@ -265,11 +247,9 @@ def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         ValueError: ``features`` is not a non-empty (N, D) array of finite numbers.
     """
-    centred = np.asarray(features, dtype=np.float64)
-    if centred.ndim != 2 or centred.size == 0:
-        raise ValueError(f"features of shape {centred.shape}: expected a non-empty (N, D) array, one row per image.")
-    if not np.isfinite(centred).all():
-        raise ValueError("features hold NaN or infinite values; check the images and the model that made them.")
+    centred = check_shape(features, "features", (None, None), "one row per image")
+    if centred.size == 0:
+        raise ValueError(f"features of shape {centred.shape}: expected at least one row and one column.")
     centred = centred - centred.mean(axis=0)
     _, singular, components = np.linalg.svd(centred, full_matrices=False)
     points = np.zeros((len(centred), 2))
@@ -287,10 +267,8 @@ def misclassified(y_true: np.ndarray, probabilities: np.ndarray, limit: int | No
     Raises:
         ValueError: ``probabilities`` is not one row per label, or the labels are not class indices.
     """
-    probabilities = np.asarray(probabilities)
-    if probabilities.ndim != 2 or probabilities.shape[1] < 2:
-        raise ValueError(f"probabilities of shape {probabilities.shape}: expected (N, classes), one row of class "
-                         f"probabilities per image.")
+    probabilities = check_shape(probabilities, "probabilities", (None, None),
+                                "one row of class probabilities per image")
     y_true = check_labels(y_true, len(probabilities), "y_true", probabilities.shape[1])
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != y_true)

@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fmnist_keras.data import CLASS_NAMES
+from fmnist_keras.inspection.arrays import check_indices, check_labels, check_shape
 
 _CMAP_IMAGE = "gray_r"  # dark garments on white read best at thumbnail size
 _CMAP_DIVERGING = "RdBu_r"
@@ -83,7 +84,13 @@ def training_curves(history: dict, best_epoch: int | None = None, title: str | N
         best_epoch: the 1-based epoch EarlyStopping restored (``metrics.json``).
         title: the figure title.
     """
-    epochs = np.asarray(history["epoch"], dtype=int) + 1
+    if "epoch" not in history:
+        raise ValueError(f"history without an 'epoch' column (it has: {', '.join(map(str, history)) or 'none'}); "
+                         f"pass the columns of a history.csv: report.history_columns(read_history(path)).")
+    epochs = check_shape(history["epoch"], "history['epoch']", (None,), "0-based epoch numbers").astype(int) + 1
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        if key in history:  # a diverged run's last loss may be NaN: drawn as a gap
+            check_shape(history[key], f"history[{key!r}]", (len(epochs),), "one value per epoch", finite=False)
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, metric, label in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
@@ -105,7 +112,13 @@ def training_curves(history: dict, best_epoch: int | None = None, title: str | N
 @_literal_text
 def confusion_matrix(matrix, class_names=CLASS_NAMES, title: str | None = None) -> Figure:
     """Counts and row-normalised confusion matrix side by side (rows: true class)."""
-    matrix = np.asarray(matrix)
+    classes = len(class_names)
+    matrix = check_shape(matrix, "matrix", (classes, classes),
+                         f"counts of true (rows) by predicted (columns) class, one of each for the {classes} classes")
+    if (matrix < 0).any() or (matrix != np.round(matrix)).any():
+        raise ValueError("matrix holds negative or fractional values: pass the counts (whole numbers from 0), as "
+                         "fmnist_keras.metrics.classification_metrics gives under 'confusion_matrix'.")
+    matrix = matrix.astype(np.int64)
     support = matrix.sum(axis=1, keepdims=True)
     normalised = matrix / np.where(support > 0, support, 1)
     fig = Figure(figsize=(15, 6.8), layout="constrained")
@@ -140,7 +153,10 @@ def misclassified(images, y_true, probabilities, indices, class_names=CLASS_NAME
             gives the most confident mistakes first).
     """
     images = _gray(images)
-    indices = np.asarray(indices, dtype=int)
+    probabilities = check_shape(probabilities, "probabilities", (len(images), len(class_names)),
+                                "one row of class probabilities per image")
+    y_true = check_labels(y_true, len(images), "y_true", len(class_names))
+    indices = check_indices(indices, len(images))
     if len(indices) == 0:
         fig = Figure(figsize=(4, 1.5))
         fig.text(0.5, 0.5, "No misclassified images.", ha="center", va="center")
@@ -163,7 +179,7 @@ def misclassified(images, y_true, probabilities, indices, class_names=CLASS_NAME
 def sample_grid(images, labels, class_names=CLASS_NAMES, per_class: int = 6, seed: int = 0) -> Figure:
     """A few randomly chosen (seeded) images of each class, one row per class."""
     images = _gray(images)
-    labels = np.asarray(labels)
+    labels = check_labels(labels, len(images), "labels", len(class_names))
     rng = np.random.default_rng(seed)
     fig = Figure(figsize=(1.1 * per_class + 1.6, 1.1 * len(class_names) + 0.4), layout="constrained")
     axes = fig.subplots(len(class_names), per_class, squeeze=False)
@@ -189,8 +205,11 @@ def filters(kernel, columns: int = 8, title: str | None = None) -> Figure:
     Args:
         kernel: (kernel_h, kernel_w, in_channels, filters), as ``inspect.first_layer_filters`` gives.
     """
-    kernel = np.asarray(kernel)
+    kernel = check_shape(kernel, "kernel", (None, None, None, None),
+                         "(kernel_h, kernel_w, in_channels, filters), as internals.first_layer_filters gives")
     count = kernel.shape[-1]
+    if kernel.size == 0:
+        raise ValueError(f"kernel of shape {kernel.shape} holds no weights; pass a trained convolution's kernel.")
     limit = np.abs(kernel).max() or 1.0
     fig, axes = _grid(count, columns, cell=1.0, extra_height=0.8)
     image = None
@@ -214,12 +233,16 @@ def feature_maps(maps: dict, image=None, channels: int = 8, channels_first: bool
         image: the input image, drawn in the first column.
     """
     names = list(maps)
+    if not names:
+        raise ValueError("no feature maps to draw: pass {layer name: array}, as internals.feature_maps gives.")
     offset = 1 if image is not None else 0
     fig = Figure(figsize=(1.3 * (channels + offset) + 0.8, 1.45 * len(names) + 0.5), layout="constrained")
     axes = fig.subplots(len(names), channels + offset, squeeze=False)
     for row, name in enumerate(names):
         values = np.asarray(maps[name])
-        values = values[0] if values.ndim == 4 else values
+        values = values[0] if values.ndim == 4 and len(values) == 1 else values
+        values = check_shape(values, f"maps[{name!r}]", (None, None, None),
+                             "the maps of one image, (H, W, C) or (C, H, W), with or without a batch axis of 1")
         values = np.moveaxis(values, 0, -1) if channels_first else values
         for ax in axes[row]:
             _hide_ticks(ax)
@@ -252,7 +275,11 @@ def saliency(images, heatmaps: dict, y_true, predicted, class_names=CLASS_NAMES,
         predicted: predicted labels (the class each map explains).
     """
     images = _gray(images)
+    y_true = check_labels(y_true, len(images), "y_true", len(class_names))
+    predicted = check_labels(predicted, len(images), "predicted", len(class_names))
     methods = list(heatmaps)
+    for method in methods:
+        check_shape(heatmaps[method], f"heatmaps[{method!r}]", images.shape, "one map per image, of the image's size")
     fig = Figure(figsize=(2.0 * (1 + len(methods)), 2.0 * len(images) + 0.5), layout="constrained")
     axes = fig.subplots(len(images), 1 + len(methods), squeeze=False)
     for row, image in enumerate(images):
@@ -274,8 +301,8 @@ def saliency(images, heatmaps: dict, y_true, predicted, class_names=CLASS_NAMES,
 @_literal_text
 def embedding(points, labels, class_names=CLASS_NAMES, explained=None, title: str | None = None) -> Figure:
     """2-D projection of penultimate-layer features, one colour per class."""
-    points = np.asarray(points)
-    labels = np.asarray(labels)
+    points = check_shape(points, "points", (None, 2), "two coordinates per image, as internals.pca_2d gives")
+    labels = check_labels(labels, len(points), "labels", len(class_names))
     fig = Figure(figsize=(8.5, 6.5), layout="constrained")
     ax = fig.subplots()
     colours = matplotlib.colormaps["tab10"]

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_keras.inspection import internals
+from fmnist_keras.inspection.arrays import check_labels
 from fmnist_keras.inspection import plots
 from fmnist_keras.engine.callbacks import read_history
 from fmnist_keras.engine.evaluation import predict_probabilities
@@ -406,12 +407,12 @@ def write_report(
         check_metrics(metrics, "the metrics passed in")
         check_same_model(model, metrics, "the metrics passed in")
     internals.check_images(model, x_test)
-    y_test = internals.check_labels(y_test, len(x_test), "y_test")
+    y_test = check_labels(y_test, len(x_test), "y_test")
     if (x_train is None) != (y_train is None):
         raise ValueError("pass x_train and y_train together, or neither (the sample grid then shows test images).")
     if x_train is not None:
         internals.check_images(model, x_train)
-        y_train = internals.check_labels(y_train, len(x_train), "y_train")
+        y_train = check_labels(y_train, len(x_train), "y_train")
     has_conv = bool(internals.conv_layers(model))
     image_index = internals.check_image_index(
         default_image_index(len(x_test), seed) if image_index is None else image_index, len(x_test))
