@@ -35,6 +35,7 @@ machine: docs/speed.md says which one produced each table.
 
 from __future__ import annotations
 
+import early_signals  # first: a Ctrl-C while the imports below load is one line
 import argparse
 import os
 import platform

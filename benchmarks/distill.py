@@ -26,6 +26,7 @@ Usage:
 
 from __future__ import annotations
 
+import early_signals  # first: a Ctrl-C while the imports below load is one line
 import argparse
 import os
 import sys

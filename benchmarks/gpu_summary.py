@@ -11,6 +11,7 @@ Usage:
 
 from __future__ import annotations
 
+import early_signals  # first: a Ctrl-C while the imports below load is one line
 import argparse
 import contextlib
 import json

@@ -20,6 +20,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
+import early_signals  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.cli import one_line
 from fmnist_keras.rundir import replacing, temporary_prefix, write_text
 
@@ -202,6 +203,8 @@ def run_benchmark(main, name: str) -> int:
     :func:`fmnist_keras.interrupts.run_command` (Ctrl-C and SIGTERM, a file-system error: one line), and with
     bad data, a damaged run directory or model file given as their one line, exit code 1."""
     from fmnist_keras.interrupts import run_command
+
+    early_signals.hand_over()
 
     def reported():  # the imports within, where run_command's handlers turn a Ctrl-C into one line
         from fmnist_keras.backend import BackendError

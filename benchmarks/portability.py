@@ -21,6 +21,7 @@ written through.
 
 from __future__ import annotations
 
+import early_signals  # first: a Ctrl-C while the imports below load is one line
 import argparse
 import io
 import json

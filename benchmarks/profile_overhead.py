@@ -24,6 +24,7 @@ Usage:
 
 from __future__ import annotations
 
+import early_signals  # first: a Ctrl-C while the imports below load is one line
 import argparse
 import cProfile
 import collections

@@ -29,6 +29,7 @@ cores. Writes the table as JSON with ``--json``.
 
 from __future__ import annotations
 
+import early_signals  # first: a Ctrl-C while the imports below load is one line
 import argparse
 import json
 import os

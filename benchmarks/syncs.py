@@ -20,6 +20,7 @@ counts the same reads and copies on any device).
 
 from __future__ import annotations
 
+import early_signals  # first: a Ctrl-C while the imports below load is one line
 import argparse
 import collections
 import os

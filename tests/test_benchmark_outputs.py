@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -618,3 +619,46 @@ def test_the_benchmarks_modules_run_as_scripts_say_what_to_run_instead(module):
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (f"error: benchmarks/{module} is a module the benchmarks import, not a "
                                               f"script; run bench.py or overhead.py (their --help says how)")
+
+
+def _script_importing_early_signals(directory, then):
+    """A script beside a copy of early_signals.py that imports it first, says 'ready', runs ``then`` and waits:
+    the window of a benchmark script's imports, held open."""
+    (directory / "early_signals.py").write_text((BENCHMARKS / "early_signals.py").read_text())
+    script = directory / "slow_imports.py"
+    script.write_text(f"import early_signals\nimport sys, time\n{then}\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_a_benchmarks_imports_load_is_one_line(tmp_path, signum):
+    child = _script_importing_early_signals(tmp_path, "")
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=30)
+    assert err == f"slow_imports.py: interrupted ({signum.name}) while it started; nothing was written.\n"
+    assert child.returncode == 128 + signum
+
+
+def test_after_hand_over_a_ctrl_c_is_pythons_again(tmp_path):
+    child = _script_importing_early_signals(tmp_path, "early_signals.hand_over()")
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err and "while it started" not in err  # run_command's handlers take it from here
+
+
+def test_every_benchmark_script_imports_early_signals_first_and_a_test_import_changes_nothing():
+    import ast
+
+    handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
+    import early_signals  # noqa: F401  (imported by a test, not run as a script)
+
+    assert [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)] == handlers
+    scripts = [path for path in BENCHMARKS.glob("*.py") if "run_benchmark(main, " in path.read_text()
+               and path.name != "outputs.py"]
+    assert len(scripts) >= 12
+    for path in scripts:
+        imports = [node for node in ast.parse(path.read_text()).body if isinstance(node, (ast.Import, ast.ImportFrom))
+                   and not (isinstance(node, ast.ImportFrom) and node.module == "__future__")]
+        assert ast.unparse(imports[0]) == "import early_signals", path.name

@@ -1,0 +1,44 @@
+"""One line, not a traceback, for a Ctrl-C or SIGTERM while a benchmark script's own imports load.
+
+Each script run as a program imports this first: from then until
+:func:`outputs.run_benchmark` hands the signals to the command's own handling
+(:func:`hand_over`), a Ctrl-C or SIGTERM ends the script at once with
+``NAME: interrupted (SIGINT) while it started; nothing was written.`` and exit
+code 128 + the signal's number. Python's own start-up, before this, is the
+same short window as any command's. Imported by anything else (a test that
+imports a script), it changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stopped(signum, frame) -> None:
+    name = Path(sys.argv[0]).name
+    os.write(2, f"{name}: interrupted ({signal.Signals(signum).name}) while it started; nothing was written.\n"
+             .encode())
+    os._exit(128 + signum)  # nothing to clean up yet, and no import's own handler to run through
+
+
+def _run_as_a_script() -> bool:
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is not None and Path(main_file).resolve().parent == Path(__file__).resolve().parent
+
+
+def hand_over() -> None:
+    """Give the signals back to Python's defaults, where this module took them, for the command's own handling."""
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    for number in SIGNALS:
+        if signal.getsignal(number) is _stopped:
+            signal.signal(number, defaults[number])
+
+
+if _run_as_a_script():
+    for _number in SIGNALS:
+        signal.signal(_number, _stopped)
