@@ -218,14 +218,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from fmnist_keras.inspection import internals
 
+    other_model = False  # the run files beside the model are another model's
     if trained:
         from fmnist_keras.inspection.report import recorded_params
 
         recorded = recorded_params(trained)
         if recorded is not None and recorded != model.count_params():
             print(one_line(f"note: {metrics_path} describes a model of {recorded:,} parameters, not {model_path} "
-                           f"({model.count_params():,}); the report leaves out its facts."), file=sys.stderr)
-            trained = {}
+                           f"({model.count_params():,}); the report leaves out its facts and training curves."),
+                  file=sys.stderr)
+            trained, other_model = {}, True
     try:
         if args.layers and args.report:
             internals.check_feature_layers(model, args.layers)
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"while the model was evaluated, {error}")
         report = write_report(run_dir, x_test, y_test, model=model, metrics=metrics, x_train=x_train,
                               y_train=y_train, out_dir=out_dir, image_index=args.image_index, layers=args.layers,
-                              seed=args.seed, test_probabilities=test_probabilities)
+                              seed=args.seed, test_probabilities=test_probabilities, curves=not other_model)
         print(one_line(f"Wrote {report} and its figures in {report.parent / 'figures'}"))
     return 0
 

@@ -564,18 +564,19 @@ def test_evaluation_follows_the_fast_path_flag_and_keeps_freed_memory(
     assert fast_path_requests == [fast] * 2 and kept == [True]  # the test and validation predictions
 
 
-def test_a_metrics_file_of_another_model_gives_a_note_and_keeps_its_facts_out_of_the_report(cnn_run, tiny_data_dir,
-                                                                                           capsys):
+def test_run_files_of_another_model_give_a_note_and_stay_out_of_the_report(cnn_run, tiny_data_dir, capsys):
     # A metrics.json beside the model that describes another model (a .keras file copied into a run) would put
-    # that model's facts above this one's figures.
+    # that model's facts and training curves beside this one's figures.
     metrics = json.loads((cnn_run / "metrics.json").read_text())
     (cnn_run / "metrics.json").write_text(json.dumps({**metrics, "num_params": 7}))
     assert run_cli(tiny_data_dir, cnn_run) == 0
     params = keras.saving.load_model(cnn_run / "model.keras").count_params()
     assert capsys.readouterr().err.strip().endswith(
         f"note: {cnn_run / 'metrics.json'} describes a model of 7 parameters, not {cnn_run / 'model.keras'} "
-        f"({params:,}); the report leaves out its facts.")
-    assert "best_epoch" not in (cnn_run / "report.md").read_text()
+        f"({params:,}); the report leaves out its facts and training curves.")
+    report = (cnn_run / "report.md").read_text()
+    assert "best_epoch" not in report and "curves.png" not in report and "figures/saliency.png" in report
     (cnn_run / "metrics.json").write_text(json.dumps({**metrics, "num_params": params}))
     assert run_cli(tiny_data_dir, cnn_run) == 0
-    assert "note:" not in capsys.readouterr().err and "best_epoch: 2" in (cnn_run / "report.md").read_text()
+    report = (cnn_run / "report.md").read_text()
+    assert "note:" not in capsys.readouterr().err and "best_epoch: 2" in report and "curves.png" in report

@@ -257,7 +257,8 @@ def test_feature_layers_must_be_a_non_empty_list_of_names():
 def test_images_with_pixels_that_are_not_numbers_are_refused(bad, explain):
     x = images(3)
     x[1, 5, 5, 0] = bad  # once gave a NaN map, or a map of another image's scale
-    with pytest.raises(ValueError, match=re.escape("1 of 3 images hold NaN or infinite pixels (the first is image 1)")):
+    with pytest.raises(ValueError, match=re.escape("images: 1 of 3 images hold NaN or infinite pixels (the first is "
+                                                   "image 1)")):
         getattr(internals, explain)(tiny_cnn(), x)
     with pytest.raises(ValueError, match=re.escape("images of dtype <U1: the model takes model-ready floats")):
         getattr(internals, explain)(tiny_cnn(), np.full((1, 28, 28, 1), "a"))
@@ -284,6 +285,7 @@ def test_an_image_index_that_is_not_one_whole_number_is_refused(index):
     with pytest.raises(ValueError, match=re.escape(f"image index {index!r}: expected one whole number, from 0 to 9")):
         internals.check_image_index(index, 10)
     assert internals.check_image_index(np.int64(3), 10) == 3
+    assert internals.check_image_index(np.asarray(4), 10) == 4  # a 0-d array, as a tensor's item may come
 
 
 def test_pca_of_one_row_or_one_feature_is_two_columns_and_odd_features_are_refused():
@@ -310,3 +312,15 @@ def test_misclassified_refuses_labels_and_probabilities_that_do_not_match():
     with pytest.raises(ValueError, match=re.escape("probabilities of shape (3,) and dtype float64: expected a 2-D array")):
         internals.misclassified(np.array([0, 1, 2]), np.array([0.1, 0.2, 0.3]))
     assert internals.misclassified(np.array([0, 1, 2]), probabilities).tolist() == [2]
+
+
+def test_images_as_a_list_or_bfloat16_are_taken_and_a_ragged_list_is_refused():
+    model, x = tiny_cnn(), images(2)
+    np.testing.assert_allclose(internals.grad_cam(model, list(x)), internals.grad_cam(model, x))
+    import ml_dtypes
+
+    assert internals.feature_maps(model, x.astype(ml_dtypes.bfloat16))  # a float, as the model computes in
+    with pytest.raises(ValueError, match=re.escape("images is ragged (its items differ in shape)")):
+        internals.saliency(model, [x[0], x[0, :14]])
+    with pytest.raises(ValueError, match=re.escape("limit 2.0: expected a whole number from 0, or None")):
+        internals.misclassified(np.array([0, 1]), np.eye(2), 2.0)

@@ -190,13 +190,19 @@ def _odd_inputs():
     maps = {"block1_relu1": np.ones((28, 28, 4))}
     heat = {"saliency": np.zeros((20, 28, 28))}
     return [
-        (plots.training_curves, ({"loss": [1.0, 0.5]},), "history without an 'epoch' column (it has: loss)"),
+        (plots.training_curves, ({"lr": [1.0, 0.5]},), "history without loss or accuracy columns (it has: lr)"),
+        (plots.training_curves, ("history.csv",), "history of type str: pass model.fit's History"),
         (plots.training_curves, ({"epoch": [0, 1], "loss": [1.0]},), "history['loss'] of shape (1,)"),
         (plots.confusion_matrix, (np.ones((3, 3)),), "matrix of shape (3, 3) and dtype float64: expected numbers of "
                                                      "shape (10, 10)"),
         (plots.confusion_matrix, (np.full((10, 10), 0.5),), "matrix holds negative or fractional values"),
         (plots.misclassified, (images, y, probabilities, [25]), "indices hold 25, out of range for 20 images"),
-        (plots.misclassified, (images, y, probabilities, [1.5]), "indices [1.5]: expected a list of whole-number"),
+        (plots.misclassified, (images, y, probabilities, [1.5]), "indices of shape (1,) and dtype float64: expected a "
+                                                                  "list of whole-number positions from 0 to 19"),
+        (plots.misclassified, (images, y, probabilities, probabilities.argmax(1) != y),
+         "indices of dtype bool (a mask, shape (20,)): pass the positions it marks, np.flatnonzero(mask)"),
+        (plots.sample_grid, (images, np.array(CLASS_NAMES * 2)), "labels of dtype <U11: expected class indices from 0 "
+                                                               "to 9; map class names to indices"),
         (plots.misclassified, (images, y[:5], probabilities, [1]), "y_true of shape (5,): expected one label per"),
         (plots.misclassified, (images, y, probabilities[:, :4], [1]), "probabilities of shape (20, 4)"),
         (plots.sample_grid, (images, y + 1), "labels holds the class 10; the classes are 0 to 9"),
@@ -204,11 +210,14 @@ def _odd_inputs():
                                                "numbers, (kernel_h, kernel_w, in_channels, filters)"),
         (plots.filters, (np.ones((3, 3, 1, 0)),), "kernel of shape (3, 3, 1, 0) holds no weights"),
         (plots.feature_maps, ({},), "no feature maps to draw"),
+        (plots.feature_maps, (np.ones((28, 28, 4)),), "maps of type ndarray: pass {layer name: array}"),
         (plots.feature_maps, ({"block1_relu1": np.ones((2, 28, 28, 4))},), "maps['block1_relu1'] of shape (2, 28, "
                                                                            "28, 4)"),
         (plots.saliency, (images, {"saliency": np.zeros((20, 14, 14))}, y, y), "heatmaps['saliency'] of shape (20, "
                                                                                "14, 14)"),
         (plots.saliency, (images, heat, y, y[:3]), "predicted of shape (3,)"),
+        (plots.saliency, (images, heat["saliency"], y, y), "heatmaps of type ndarray: pass {method name: (N, H, W) "
+                                                          "maps}"),
         (plots.embedding, (np.ones((20, 3)), y), "points of shape (20, 3) and dtype float64: expected numbers of "
                                                  "shape (N, 2)"),
         (plots.embedding, (np.ones((20, 2)), np.eye(10)[y]), "labels of shape (20, 10) looks one-hot"),
@@ -230,4 +239,17 @@ def test_odd_arrays_get_one_line_saying_what_the_figure_takes(draw, arguments, s
 
 def test_a_diverged_runs_nan_loss_is_drawn_as_a_gap(tmp_path):
     fig = plots.training_curves({"epoch": [0, 1, 2], "loss": [1.0, 0.5, np.nan], "accuracy": [0.5, 0.7, 0.1]})
+    save_png(fig, tmp_path)
+
+
+def test_a_history_as_fit_returns_it_or_as_rows_is_drawn_as_its_columns(tmp_path):
+    import types
+
+    columns = {"epoch": [0, 1, 2], "loss": [1.0, 0.5, 0.4], "val_loss": [1.1, 0.6, 0.7]}
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    fit_history = types.SimpleNamespace(history={"loss": [1.0, 0.5, 0.4], "val_loss": [1.1, 0.6, 0.7]})  # no epoch
+    for given in (columns, rows, fit_history, fit_history.history):
+        fig = plots.training_curves(given, best_epoch=2)
+        line = fig.axes[0].lines[0]
+        assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [1.0, 0.5, 0.4]
     save_png(fig, tmp_path)

@@ -185,7 +185,8 @@ def test_the_runs_own_test_probabilities_are_used_without_predicting_the_views_a
                                    test_probabilities=one_hot).read_text()
     assert [row[1:4] for row in table_rows(markdown, "| class |")] == [["1.0000"] * 3] * 10
     assert [row[1:4] for row in table_rows(given, "| class |")] != [["1.0000"] * 3] * 10
-    with pytest.raises(ValueError, match=r"shape \(29, 10\), not \(30, 10\)"):
+    with pytest.raises(ValueError, match=re.escape("test_probabilities of shape (29, 10) and dtype float64: expected "
+                                                   "numbers of shape (30, 10)")):
         report.write_report(tmp_path / "one-hot", x, y, model=model, metrics=metrics, test_probabilities=one_hot[1:])
 
 
@@ -271,20 +272,23 @@ BAD_INPUTS = [
     ({"image_index": True}, ValueError, "image index True: expected one whole number"),
     ({"seed": -1}, ValueError, "seed -1: expected a whole number from 0"),
     ({"seed": 1.5}, ValueError, "seed 1.5: expected a whole number from 0"),
-    ({"y_test": Y.astype(float)}, ValueError, "y_test of dtype float64: expected whole-number class indices"),
+    ({"y_test": Y + 0.5}, ValueError, "y_test holds 0.5, not a whole-number class index; pass class indices"),
     ({"y_test": np.eye(10)[Y]}, ValueError, "y_test of shape (30, 10) looks one-hot; pass one class index per image: "
                                             "y_test.argmax(axis=1)"),
     ({"y_test": np.where(Y == 9, 10, Y)}, ValueError, "y_test holds the class 10; the classes are 0 to 9"),
     ({"y_test": Y[:5]}, ValueError, "y_test of shape (5,): expected one label per image, shape (30,)"),
     ({"x_test": np.where(np.arange(30)[:, None, None, None] == 7, np.nan, X)}, ValueError,
-     "1 of 30 images hold NaN or infinite pixels (the first is image 7)"),
-    ({"x_test": X[..., 0]}, ValueError, "images of shape (30, 28, 28): cnn takes a non-empty batch of shape (N, 28, "
+     "x_test: 1 of 30 images hold NaN or infinite pixels (the first is image 7)"),
+    ({"x_test": X[..., 0]}, ValueError, "x_test of shape (30, 28, 28): cnn takes a non-empty batch of shape (N, 28, "
                                         "28, 1)"),
-    ({"x_test": (X * 255).astype(np.uint8)}, ValueError, "images of dtype uint8 (pixels 0-255)"),
+    ({"x_test": (X * 255).astype(np.uint8)}, ValueError, "x_test of dtype uint8 (pixels 0-255)"),
     ({"model": "run/model.keras"}, TypeError, "model 'run/model.keras' is a path: pass the loaded model"),
     ({"x_train": X}, ValueError, "pass x_train and y_train together, or neither"),
     ({"x_train": X, "y_train": Y[:3]}, ValueError, "y_train of shape (3,): expected one label per image"),
-    ({"x_train": X[..., 0], "y_train": Y}, ValueError, "images of shape (30, 28, 28)"),
+    ({"x_train": X[..., 0], "y_train": Y}, ValueError, "x_train of shape (30, 28, 28)"),
+    ({"test_probabilities": np.full((30, 10), np.nan)}, ValueError, "test_probabilities hold NaN or infinite values"),
+    ({"history_csv": ""}, TypeError, "history_csv '': pass the path of a run's history.csv"),
+    ({"history_csv": {"loss": [1.0]}}, TypeError, "history_csv {'loss': [1.0]}: pass the path of a run's history.csv"),
     ({"history_csv": "missing.csv"}, report.RunDirError, "history_csv missing.csv is missing; pass the run's "
                                                          "history.csv, or leave history_csv out"),
     ({"metrics": {"num_params": 5}}, ValueError, "num_params in the metrics passed in is 5, but the model passed in "
@@ -326,3 +330,10 @@ def test_a_report_of_one_or_two_test_images_is_drawn(tmp_path, count):
     markdown = report.write_report(tmp_path, X[:count], Y[:count], model=tiny_cnn(), metrics={}).read_text()
     assert f"| test | {count} |" in markdown and "figures/embedding.png" in markdown
     assert (tmp_path / "figures" / "embedding.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_whole_float_labels_and_raw_training_pixels_are_drawn(tmp_path):
+    # x_train is only drawn, so uint8 pixels will do; labels 3.0 are the class 3.
+    markdown = report.write_report(tmp_path, X, Y.astype(np.float32), model=tiny_cnn(), metrics={},
+                                   x_train=(X * 255).astype(np.uint8), y_train=Y.astype(float)).read_text()
+    assert "| test | 30 |" in markdown and (tmp_path / "figures" / "samples.png").is_file()

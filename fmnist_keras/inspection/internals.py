@@ -19,7 +19,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from fmnist_keras.inspection.arrays import check_labels, check_shape
+from fmnist_keras.inspection.arrays import as_array, check_index, check_labels, check_shape, is_numbers
 from fmnist_keras.inspection.gradients import input_gradient
 from fmnist_keras.loading import input_data_format
 
@@ -138,28 +138,28 @@ def intermediate_model(model, names: list[str]) -> keras.Model:
     return keras.Model(inputs=model.inputs, outputs=outputs, name=f"{model.name}_intermediate")
 
 
-def check_images(model, images) -> None:
-    """Refuse, as ValueError, what ``model`` does not take as images: anything but a non-empty batch of its
-    input's shape, raw 0-255 pixels (uint8), which would reach it unscaled, or pixels that are not numbers."""
+def check_images(model, images, what: str = "images", fed: bool = True) -> np.ndarray:
+    """``images`` as a numpy array, once it is a non-empty batch of ``model``'s input shape; else ValueError
+    naming them ``what``. Images ``fed`` to the model must also be model-ready: not raw 0-255 pixels (uint8),
+    which would reach it unscaled, and numbers, all finite; images only drawn may be uint8."""
+    array = as_array(images, what)
     expected = tuple(model.inputs[0].shape[1:])
-    shape = tuple(np.shape(images))
-    if len(shape) != len(expected) + 1 or shape[1:] != expected or shape[0] == 0:
+    if array.ndim != len(expected) + 1 or array.shape[1:] != expected or len(array) == 0:
         raise ValueError(
-            f"images of shape {shape}: {model.name} takes a non-empty batch of shape (N, "
+            f"{what} of shape {array.shape}: {model.name} takes a non-empty batch of shape (N, "
             f"{', '.join(map(str, expected))}); add a batch axis with images[None], a channel axis with "
             f"images[..., None], or move a channels_first batch's channel axis with np.moveaxis(images, 1, -1)."
         )
-    dtype = np.asarray(images[:1]).dtype
-    if dtype == np.uint8:
-        raise ValueError("images of dtype uint8 (pixels 0-255): the model takes model-ready floats in [0, 1]; "
-                         "prepare them with fmnist_keras.data.to_model_input(images, data_format).")
-    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
-        raise ValueError(f"images of dtype {dtype}: the model takes model-ready floats in [0, 1]; prepare them with "
-                         f"fmnist_keras.data.to_model_input(images, data_format).")
-    bad = np.flatnonzero(~np.isfinite(np.asarray(images, dtype=np.float32)).reshape(shape[0], -1).all(axis=1))
-    if bad.size:
-        raise ValueError(f"{bad.size} of {shape[0]} images hold NaN or infinite pixels (the first is image "
-                         f"{bad[0]}); no figure of them would mean anything: drop them or fix their pixels.")
+    if not is_numbers(array.dtype) or fed and array.dtype == np.uint8:
+        raw = " (pixels 0-255)" if array.dtype == np.uint8 else ""
+        raise ValueError(f"{what} of dtype {array.dtype}{raw}: the model takes model-ready floats in [0, 1]; "
+                         f"prepare them with fmnist_keras.data.to_model_input(images, data_format).")
+    if fed:
+        bad = np.flatnonzero(~np.isfinite(array).reshape(len(array), -1).all(axis=1))
+        if bad.size:
+            raise ValueError(f"{what}: {bad.size} of {len(array)} images hold NaN or infinite pixels (the first is "
+                             f"image {bad[0]}); no figure of them would mean anything: drop them or fix their pixels.")
+    return array
 
 
 def _run(model, x: np.ndarray) -> list[np.ndarray]:
@@ -185,7 +185,7 @@ def feature_maps(model, images: np.ndarray, names: list[str] | None = None) -> d
         ``{name: array}`` in the model's own data format, e.g. (N, H, W, C).
     """
     names = default_feature_layers(model) if names is None else check_feature_layers(model, names)
-    check_images(model, images)
+    images = check_images(model, images)
     outputs = _run(intermediate_model(model, list(names)), images)
     return dict(zip(names, outputs))
 
@@ -193,11 +193,7 @@ def feature_maps(model, images: np.ndarray, names: list[str] | None = None) -> d
 def check_image_index(index: int, count: int) -> int:
     """``index`` as a position in ``count`` images (a negative one counts from the end); ValueError when it is
     not a whole number in range."""
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-        raise ValueError(f"image index {index!r}: expected one whole number, from 0 to {count - 1}.")
-    if not -count <= index < count:
-        raise ValueError(f"image index {index} is out of range for {count} test images; choose 0 to {count - 1}.")
-    return index % count
+    return check_index(index, count)
 
 
 def first_layer_filters(model) -> np.ndarray:
@@ -270,6 +266,8 @@ def misclassified(y_true: np.ndarray, probabilities: np.ndarray, limit: int | No
     probabilities = check_shape(probabilities, "probabilities", (None, None),
                                 "one row of class probabilities per image")
     y_true = check_labels(y_true, len(probabilities), "y_true", probabilities.shape[1])
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0):
+        raise ValueError(f"limit {limit!r}: expected a whole number from 0, or None for every mistake.")
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != y_true)
     order = np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")
@@ -318,7 +316,7 @@ def saliency(model, images: np.ndarray, class_indices=None) -> np.ndarray:
     Returns:
         (N, H, W) maps scaled to [0, 1] per image.
     """
-    check_images(model, images)
+    images = check_images(model, images)
     scorer = _score_model(model)
     targets = keras.ops.convert_to_tensor(_targets(scorer, images, class_indices))
     _, grads = input_gradient(_class_score(scorer, targets), images)
@@ -350,7 +348,7 @@ def grad_cam(model, images: np.ndarray, layer_name: str | None = None, class_ind
         (N, H, W) heat maps in [0, 1], H and W those of the input images.
     """
     layer_name = layer_name or default_feature_layers(model)[-1]
-    check_images(model, images)
+    images = check_images(model, images)
     targets = keras.ops.convert_to_tensor(_targets(_score_model(model), images, class_indices))
     activations = feature_maps(model, images, [layer_name])[layer_name]
     _, grads = input_gradient(_class_score(head_model(model, layer_name), targets), activations)

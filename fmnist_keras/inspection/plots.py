@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fmnist_keras.data import CLASS_NAMES
-from fmnist_keras.inspection.arrays import check_indices, check_labels, check_shape
+from fmnist_keras.inspection.arrays import as_array, check_indices, check_labels, check_shape, is_numbers
 
 _CMAP_IMAGE = "gray_r"  # dark garments on white read best at thumbnail size
 _CMAP_DIVERGING = "RdBu_r"
@@ -48,7 +48,9 @@ def _literal_text(draw):
 
 def _gray(images: np.ndarray) -> np.ndarray:
     """(N, H, W) float images from (N, H, W) or channels_last (N, H, W, 1) ones."""
-    images = np.asarray(images)
+    images = as_array(images, "images")
+    if not is_numbers(images.dtype):
+        raise ValueError(f"images of dtype {images.dtype}: expected pixels, floats in [0, 1] or uint8 0-255.")
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     if images.ndim != 3:
@@ -74,23 +76,41 @@ def _grid(count: int, columns: int, cell: float = 1.6, extra_height: float = 0.6
     return fig, axes
 
 
+def _history_columns(history) -> dict:
+    """The columns of a training history given as ``model.fit``'s History, its ``.history`` dict, the columns of
+    a history.csv, or its rows (``read_history``'s list of dicts)."""
+    history = getattr(history, "history", history)  # keras.callbacks.History
+    if isinstance(history, (list, tuple)) and history and all(isinstance(row, dict) for row in history):
+        return {key: [row.get(key, np.nan) for row in history] for key in history[0]}
+    if not isinstance(history, dict):
+        raise ValueError(f"history of type {type(history).__name__}: pass model.fit's History, its .history dict, or "
+                         f"the columns of a history.csv.")
+    return history
+
+
 @_literal_text
 def training_curves(history: dict, best_epoch: int | None = None, title: str | None = None) -> Figure:
     """Loss and accuracy per epoch, train and validation, best epoch marked.
 
     Args:
-        history: columns of ``history.csv``: ``epoch`` (0-based, as CSVLogger
-            writes it), ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``.
+        history: ``model.fit``'s History (or its ``.history``), or the columns
+            or rows of ``history.csv``: ``epoch`` (0-based, as CSVLogger writes
+            it; default 0, 1, ...), ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``.
         best_epoch: the 1-based epoch EarlyStopping restored (``metrics.json``).
         title: the figure title.
     """
-    if "epoch" not in history:
-        raise ValueError(f"history without an 'epoch' column (it has: {', '.join(map(str, history)) or 'none'}); "
-                         f"pass the columns of a history.csv: report.history_columns(read_history(path)).")
-    epochs = check_shape(history["epoch"], "history['epoch']", (None,), "0-based epoch numbers").astype(int) + 1
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        if key in history:  # a diverged run's last loss may be NaN: drawn as a gap
-            check_shape(history[key], f"history[{key!r}]", (len(epochs),), "one value per epoch", finite=False)
+    history = _history_columns(history)
+    drawn = [key for key in ("loss", "accuracy", "val_loss", "val_accuracy") if key in history]
+    if not drawn:
+        raise ValueError(f"history without loss or accuracy columns (it has: {', '.join(map(str, history)) or 'none'}"
+                         f"); pass model.fit's History, or the columns of a history.csv.")
+    if "epoch" in history:
+        epochs = check_shape(history["epoch"], "history['epoch']", (None,), "0-based epoch numbers").astype(int) + 1
+    else:
+        epochs = np.arange(len(as_array(history[drawn[0]], f"history[{drawn[0]!r}]"))) + 1
+    count = len(epochs)
+    for key in drawn:  # a diverged run's last loss may be NaN: drawn as a gap
+        check_shape(history[key], f"history[{key!r}]", (count,), "one value per epoch", finite=False)
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, metric, label in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
@@ -232,6 +252,9 @@ def feature_maps(maps: dict, image=None, channels: int = 8, channels_first: bool
             (C, H, W) with ``channels_first``), or with a leading batch axis of 1.
         image: the input image, drawn in the first column.
     """
+    if not isinstance(maps, dict):
+        raise ValueError(f"maps of type {type(maps).__name__}: pass {{layer name: array}}, as internals.feature_maps "
+                         f"gives.")
     names = list(maps)
     if not names:
         raise ValueError("no feature maps to draw: pass {layer name: array}, as internals.feature_maps gives.")
@@ -277,6 +300,9 @@ def saliency(images, heatmaps: dict, y_true, predicted, class_names=CLASS_NAMES,
     images = _gray(images)
     y_true = check_labels(y_true, len(images), "y_true", len(class_names))
     predicted = check_labels(predicted, len(images), "predicted", len(class_names))
+    if not isinstance(heatmaps, dict):
+        raise ValueError(f"heatmaps of type {type(heatmaps).__name__}: pass {{method name: (N, H, W) maps}}, such as "
+                         f"{{'saliency': internals.saliency(model, images)}}.")
     methods = list(heatmaps)
     for method in methods:
         check_shape(heatmaps[method], f"heatmaps[{method!r}]", images.shape, "one map per image, of the image's size")

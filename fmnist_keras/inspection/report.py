@@ -16,12 +16,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
 
 from fmnist_keras.inspection import internals
-from fmnist_keras.inspection.arrays import check_labels
+from fmnist_keras.inspection.arrays import check_labels, check_shape
 from fmnist_keras.inspection import plots
 from fmnist_keras.engine.callbacks import read_history
 from fmnist_keras.engine.evaluation import predict_probabilities
@@ -149,6 +150,9 @@ def check_history_path(history_csv: str | Path | None) -> Path | None:
     """A history named explicitly must be there: a file asked for is not left out in silence."""
     if history_csv is None:
         return None
+    if not isinstance(history_csv, (str, os.PathLike)) or not str(history_csv).strip():
+        raise TypeError(f"history_csv {history_csv!r:.80}: pass the path of a run's history.csv (a str or Path), or "
+                        f"leave it out to use run_dir's.")
     path = Path(history_csv)
     if not path.is_file():
         state = DANGLING_LINK if is_dangling_link(path) else "not a file" if path.exists() else "missing"
@@ -357,6 +361,7 @@ def write_report(
     layers: list[str] | None = None,
     seed: int = 0,
     test_probabilities: np.ndarray | None = None,
+    curves: bool = True,
 ) -> Path:
     """Draw every figure for one trained model and write ``report.md`` embedding them.
 
@@ -383,6 +388,8 @@ def write_report(
             with the test-time augmentation named in ``metrics`` (what
             :func:`fmnist_keras.engine.evaluation.final_metrics` returns);
             default predicted here.
+        curves: draw the training curves from the history; False leaves
+            them out (a history of another model).
 
     Returns:
         The path of ``report.md``.
@@ -406,12 +413,15 @@ def write_report(
     else:
         check_metrics(metrics, "the metrics passed in")
         check_same_model(model, metrics, "the metrics passed in")
-    internals.check_images(model, x_test)
+    x_test = internals.check_images(model, x_test, "x_test")
     y_test = check_labels(y_test, len(x_test), "y_test")
+    if test_probabilities is not None:
+        test_probabilities = check_shape(test_probabilities, "test_probabilities", (len(x_test), len(CLASS_NAMES)),
+                                         "one row of class probabilities per test image")
     if (x_train is None) != (y_train is None):
         raise ValueError("pass x_train and y_train together, or neither (the sample grid then shows test images).")
-    if x_train is not None:
-        internals.check_images(model, x_train)
+    if x_train is not None:  # only drawn: raw uint8 pixels will do
+        x_train = internals.check_images(model, x_train, "x_train", fed=False)
         y_train = check_labels(y_train, len(x_train), "y_train")
     has_conv = bool(internals.conv_layers(model))
     image_index = internals.check_image_index(
@@ -425,7 +435,7 @@ def write_report(
     title = metrics.get("model") or model.name
     samples = (x_train, y_train) if x_train is not None else (x_test, test.y)
     sections = [
-        curves_section(history_csv or run_dir / HISTORY_FILE, metrics, title),
+        curves_section(history_csv or run_dir / HISTORY_FILE, metrics, title) if curves else None,
         confusion_section(computed["confusion_matrix"]),
         mistakes_section(test),
         samples_section(gray_images(samples[0], test.data_format), np.asarray(samples[1]), seed),
