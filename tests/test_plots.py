@@ -248,7 +248,14 @@ def test_a_history_as_fit_returns_it_or_as_rows_is_drawn_as_its_columns(tmp_path
     columns = {"epoch": [0, 1, 2], "loss": [1.0, 0.5, 0.4], "val_loss": [1.1, 0.6, 0.7]}
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
     fit_history = types.SimpleNamespace(history={"loss": [1.0, 0.5, 0.4], "val_loss": [1.1, 0.6, 0.7]})  # no epoch
-    for given in (columns, rows, fit_history, fit_history.history):
+    class Table:  # named columns, as a pandas DataFrame of pandas.read_csv("history.csv")
+        def keys(self):
+            return list(columns)
+
+        def __getitem__(self, key):
+            return np.asarray(columns[key])
+
+    for given in (columns, rows, fit_history, fit_history.history, Table()):
         fig = plots.training_curves(given, best_epoch=2)
         line = fig.axes[0].lines[0]
         assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [1.0, 0.5, 0.4]

@@ -78,14 +78,14 @@ def _grid(count: int, columns: int, cell: float = 1.6, extra_height: float = 0.6
 
 def _history_columns(history) -> dict:
     """The columns of a training history given as ``model.fit``'s History, its ``.history`` dict, the columns of
-    a history.csv, or its rows (``read_history``'s list of dicts)."""
+    a history.csv (a dict, or a table with named columns), or its rows (``read_history``'s list of dicts)."""
     history = getattr(history, "history", history)  # keras.callbacks.History
     if isinstance(history, (list, tuple)) and history and all(isinstance(row, dict) for row in history):
         return {key: [row.get(key, np.nan) for row in history] for key in history[0]}
-    if not isinstance(history, dict):
+    if not hasattr(history, "keys"):  # a dict, or anything of named columns (a pandas DataFrame)
         raise ValueError(f"history of type {type(history).__name__}: pass model.fit's History, its .history dict, or "
                          f"the columns of a history.csv.")
-    return history
+    return {key: history[key] for key in history.keys()}
 
 
 @_literal_text
