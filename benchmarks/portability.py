@@ -78,7 +78,7 @@ def parse_args(argv=None):
                        if os.path.lexists(args.out_dir / name) and name not in listed), None)
         if theirs is not None:
             parser.error(one_line(f"--out-dir {args.out_dir} holds {theirs}, which its {MARKER} does not list as the "
-                                  f"script's (a marker made by hand, or by an older version of the script), so it is "
+                                  f"script's (a marker made by hand, or by another version of the script), so it is "
                                   f"left alone; move it away or pass a new or empty directory"))
     return args
 

@@ -25,7 +25,8 @@ DATA_FORMATS = ("auto", "channels_last", "channels_first")
 # +0.08 of test accuracy over flip alone, with its default recipe in bfloat16;
 # docs/ablations.md, "Test-time augmentation with shifts"). "ema": momentum of the moving average of
 # the weights that is validated, checkpointed and saved; 0 keeps the trained
-# weights, which scored higher on validation (docs/ablations.md, "Ablation").
+# weights, which scored higher on validation (docs/ablations.md, "Ablation: flip TTA and the moving
+# average of the weights").
 MODEL_DEFAULTS = {
     # The MLP is cheap per epoch, so it gets many; BatchNorm, dropout and
     # weight decay keep it from overfitting, and EarlyStopping keeps the best.

@@ -4,7 +4,7 @@ Keras 3 has no backend-neutral ``gradient`` op, so saliency and Grad-CAM
 (``fmnist_keras.inspection.internals``) ask this module, which uses each backend's own
 autodiff: ``torch.autograd``, ``tf.GradientTape`` or ``jax.grad``. Gradients
 with respect to an intermediate tensor are taken by splitting the model at
-that tensor (``inspect.head_model``) and differentiating the head with
+that tensor (``internals.head_model``) and differentiating the head with
 respect to its input, so one function serves both cases.
 """
 

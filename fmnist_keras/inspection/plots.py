@@ -169,7 +169,7 @@ def misclassified(images, y_true, probabilities, indices, class_names=CLASS_NAME
         images: the test images.
         y_true: their labels.
         probabilities: predicted probabilities, (N, num_classes).
-        indices: which images to show, in order (``inspect.misclassified``
+        indices: which images to show, in order (``internals.misclassified``
             gives the most confident mistakes first).
     """
     images = _gray(images)
@@ -223,7 +223,7 @@ def filters(kernel, columns: int = 8, title: str | None = None) -> Figure:
     """First-layer convolution filters, one panel each (first input channel).
 
     Args:
-        kernel: (kernel_h, kernel_w, in_channels, filters), as ``inspect.first_layer_filters`` gives.
+        kernel: (kernel_h, kernel_w, in_channels, filters), as ``internals.first_layer_filters`` gives.
     """
     kernel = check_shape(kernel, "kernel", (None, None, None, None),
                          "(kernel_h, kernel_w, in_channels, filters), as internals.first_layer_filters gives")
