@@ -214,6 +214,12 @@ def print_syncs(data: dict) -> None:
         print(f"| {r['model']} | {r['path']} | {r['per_step']:g} | {where or '-'} |")
 
 
+def _count(value, name: str, least: int) -> None:
+    """ValueError (a damaged file, for :func:`reading`) for a count that is not a whole number from ``least``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        raise ValueError(f"{name} {value!r} is not a whole number from {least}")
+
+
 def run_row(model_dir: pathlib.Path, seconds: dict) -> str:
     """The table row of one model of a run; ``config.json`` and ``metrics.json`` are checked by the caller."""
     run = model_dir.parent.name
@@ -229,6 +235,9 @@ def run_row(model_dir: pathlib.Path, seconds: dict) -> str:
         scores = [row["val_accuracy"] for row in history if "val_accuracy" in row]
         validation = f"{max(scores):.4f} (1 view)" if scores else "-"
         test = "stopped"
+    _count(config.get("batch_size"), "config.json's batch_size", 1)
+    _count(m.get("epochs_run"), "epochs_run", 0)
+    _count(m.get("best_epoch"), "best_epoch", 1)
     off = [piece for piece, state in (m.get("fast_path") or {}).items() if state != "on"]
     reports = sorted(p.name for p in model_dir.iterdir() if p.name.startswith("report"))
     return (f"| {run} | {m.get('model')} | {m.get('device', '-')} | {fmt(config.get('batch_size'))} | "

@@ -345,6 +345,10 @@ def test_gpu_summary_explains_itself_and_names_a_damaged_file(tmp_path, capsys):
     ("overhead.json", '{"batch_size": 128, "device": "cpu", "keras": "3", "rows": [{"model": "cnn", "fast_ms": 1'
      + "0" * 400 + ', "torch_ms": 1, "fast_over_torch": 1}]}', "holds a value of another form"),
     ("bench.json", "[" * 100_000 + "]" * 100_000, "cannot be read as JSON"),
+    ("runs/r/cnn/metrics.json", '{"epochs_run": -3}', "(epochs_run -3 is not a whole number from 0)"),
+    ("runs/r/cnn/metrics.json", '{"epochs_run": 4, "best_epoch": 2.5}', "(best_epoch 2.5 is not a whole number from 1)"),
+    ("runs/r/cnn/config.json", '{"model": "cnn", "batch_size": 0}',
+     "(config.json's batch_size 0 is not a whole number from 1)"),
 ])
 def test_gpu_summary_names_a_file_of_another_version_or_form_in_one_line(tmp_path, name, text, said):
     import gpu_summary
