@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_replaced = {}  # signal number: the handler this module replaced
 
 
 def _stopped(signum, frame) -> None:
@@ -32,13 +33,14 @@ def _run_as_a_script() -> bool:
 
 
 def hand_over() -> None:
-    """Give the signals back to Python's defaults, where this module took them, for the command's own handling."""
-    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-    for number in SIGNALS:
+    """Give back the handlers this module replaced, for the command's own handling."""
+    for number, handler in list(_replaced.items()):
         if signal.getsignal(number) is _stopped:
-            signal.signal(number, defaults[number])
+            signal.signal(number, handler)
+        del _replaced[number]
 
 
 if _run_as_a_script():
     for _number in SIGNALS:
-        signal.signal(_number, _stopped)
+        if signal.getsignal(_number) is not signal.SIG_IGN:  # a script started with `nohup` or `&` keeps ignoring
+            _replaced[_number] = signal.signal(_number, _stopped)

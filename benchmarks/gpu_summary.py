@@ -22,7 +22,9 @@ import sys
 
 import outputs  # benchmarks/ is on sys.path when a script there runs
 from fmnist_keras.cli import escape_unencodable_output, non_empty_path
-from fmnist_keras.rundir import MAX_RUN_FILE_BYTES, RunDirError, read_run_text, refuse_json_constant
+from fmnist_keras.config import load_config
+from fmnist_keras.rundir import (MAX_RUN_FILE_BYTES, RunDirError, is_epoch_or_none, read_run_text,
+                                 refuse_json_constant)
 
 # Step -> a piece of its command line, to find its processes in nvidia-smi's list.
 PROCESS_KEYS = {
@@ -214,16 +216,10 @@ def print_syncs(data: dict) -> None:
         print(f"| {r['model']} | {r['path']} | {r['per_step']:g} | {where or '-'} |")
 
 
-def _count(value, name: str, least: int) -> None:
-    """ValueError (a damaged file, for :func:`reading`) for a count that is not a whole number from ``least``."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-        raise ValueError(f"{name} {value!r} is not a whole number from {least}")
-
-
-def run_row(model_dir: pathlib.Path, seconds: dict) -> str:
-    """The table row of one model of a run; ``config.json`` and ``metrics.json`` are checked by the caller."""
+def run_row(model_dir: pathlib.Path, config, seconds: dict) -> str:
+    """The table row of one model of a run, of its checked ``config`` (a TrainConfig); a damaged ``metrics.json`` is
+    the caller's line (:func:`reading`)."""
     run = model_dir.parent.name
-    config = read_json(model_dir / "config.json")
     metrics = model_dir / "metrics.json"
     if metrics.exists():
         m = read_json(metrics)
@@ -231,16 +227,16 @@ def run_row(model_dir: pathlib.Path, seconds: dict) -> str:
         test = fmt(m.get("test", {}).get("accuracy"), ".4f")
     else:  # stopped before the end (its limit): what history.csv holds, validation without test-time augmentation
         history = read_history(model_dir)
-        m = {"model": config.get("model"), "epochs_run": len(history)}
+        m = {"model": config.model, "epochs_run": len(history)}
         scores = [row["val_accuracy"] for row in history if "val_accuracy" in row]
         validation = f"{max(scores):.4f} (1 view)" if scores else "-"
         test = "stopped"
-    _count(config.get("batch_size"), "config.json's batch_size", 1)
-    _count(m.get("epochs_run"), "epochs_run", 0)
-    _count(m.get("best_epoch"), "best_epoch", 1)
+    for name in ("epochs_run", "best_epoch"):
+        if not is_epoch_or_none(m.get(name)):  # a ValueError is a damaged file's line (reading)
+            raise ValueError(f"{name} {m.get(name)!r} is not an epoch count")
     off = [piece for piece, state in (m.get("fast_path") or {}).items() if state != "on"]
     reports = sorted(p.name for p in model_dir.iterdir() if p.name.startswith("report"))
-    return (f"| {run} | {m.get('model')} | {m.get('device', '-')} | {fmt(config.get('batch_size'))} | "
+    return (f"| {run} | {m.get('model')} | {m.get('device', '-')} | {config.batch_size} | "
             f"{m.get('epochs_run')} ({fmt(m.get('best_epoch'))}) | {fmt(m.get('seconds_per_epoch'))} | "
             f"{fmt(m.get('train_time_s'))} | {fmt(seconds.get(run), '.0f')} | {validation} | {test} | "
             f"{fmt(m.get('training_data_on_device'))} | {', '.join(off) or '-'} | {', '.join(reports) or '-'} |")
@@ -277,8 +273,12 @@ def main(argv=None) -> int:
     for model_dir in sorted(p.parent for p in (out / "runs").glob("*/*/config.json")):
         if model_dir.parent.is_symlink():  # "latest" points at a run listed under its own name
             continue
-        with reading(model_dir / ("metrics.json" if (model_dir / "metrics.json").exists() else "config.json")):
-            print(run_row(model_dir, seconds))
+        try:
+            config = load_config(model_dir / "config.json")
+        except RunDirError as error:  # a damaged one is its own line, as every file's here
+            raise SystemExit(f"error: {error}") from None
+        with reading(model_dir / "metrics.json"):
+            print(run_row(model_dir, config, seconds))
     return 0
 
 

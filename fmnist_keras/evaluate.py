@@ -220,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
 
     other_model = False  # the run files beside the model are another model's
     if trained:
-        from fmnist_keras.inspection.report import recorded_params
+        from fmnist_keras.inspection.report import other_params
 
-        recorded = recorded_params(trained)
-        if recorded is not None and recorded != model.count_params():
+        recorded = other_params(model, trained)
+        if recorded is not None:
             print(one_line(f"note: {metrics_path} describes a model of {recorded:,} parameters, not {model_path} "
-                           f"({model.count_params():,}); the report leaves out its facts and training curves."),
+                           f"({model.count_params():,}); the report leaves out its facts and training curves "
+                           f"(--tta run and --validation still read {config_path.name} there)."),
                   file=sys.stderr)
             trained, other_model = {}, True
     try:

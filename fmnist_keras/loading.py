@@ -31,7 +31,7 @@ from pathlib import Path
 from fmnist_keras.backend import compile_steps_on_jax
 from fmnist_keras.cli import one_line
 from fmnist_keras.data import NUM_CLASSES
-from fmnist_keras.rundir import DANGLING_LINK, MODEL_FILE, is_dangling_link
+from fmnist_keras.rundir import MODEL_FILE, is_dangling_link, not_a_regular_file
 
 IMAGE_SHAPES = {(28, 28, 1): "channels_last", (1, 28, 28): "channels_first"}
 
@@ -56,15 +56,6 @@ _FORBIDDEN_CLASSES = {
 _MAX_CONFIG_DEPTH = 64
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _FIX = "pass a model.keras written by `python -m fmnist_keras.train`, or the run directory holding it"
-
-
-def _not_a_regular_file(path: Path) -> str:
-    """What ``path``, which is no regular file, is, as the rest of a sentence that starts with its name."""
-    if is_dangling_link(path):
-        return f"is {DANGLING_LINK}"
-    if path.is_dir():
-        return "is a directory"
-    return "is not a regular file (a FIFO or a device)"
 
 
 class ModelLoadError(ValueError):
@@ -120,7 +111,7 @@ def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
     if given.is_dir():
         candidate = given / MODEL_FILE
         if os.path.lexists(candidate) and not candidate.is_file():
-            raise ModelLoadError(f"{candidate} {_not_a_regular_file(candidate)}; expected a .keras file; {_FIX}.")
+            raise ModelLoadError(f"{candidate} {not_a_regular_file(candidate)}; expected a .keras file; {_FIX}.")
         if not candidate.is_file():
             found = models_in_run(given)
             if len(found) > 1:
@@ -138,11 +129,11 @@ def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
                 announce(one_line(f"Using {candidate}"))
         given = candidate
     elif is_dangling_link(given):
-        raise ModelLoadError(f"model file {given} {_not_a_regular_file(given)}; fix the link ({_FIX}).")
+        raise ModelLoadError(f"model file {given} {not_a_regular_file(given)}; fix the link ({_FIX}).")
     elif not given.exists():
         raise ModelLoadError(f"model file {given} does not exist; check the path ({_FIX}).")
     elif not given.is_file():
-        raise ModelLoadError(f"{given} {_not_a_regular_file(given)}; expected a .keras file; {_FIX}.")
+        raise ModelLoadError(f"{given} {not_a_regular_file(given)}; expected a .keras file; {_FIX}.")
     suffix = given.suffix.lower()
     if suffix in (".h5", ".hdf5"):
         raise ModelLoadError(

@@ -821,6 +821,16 @@ def is_dangling_link(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
 
+def not_a_regular_file(path: Path) -> str:
+    """What ``path``, which exists (as a link at least) and is no regular file, is, as the rest of a sentence that
+    starts with its name."""
+    if is_dangling_link(path):
+        return f"is {DANGLING_LINK}"
+    if path.is_dir():
+        return "is a directory"
+    return "is not a regular file (a FIFO or a device)"
+
+
 def in_the_way_of_a_directory(path: Path) -> tuple[Path, str] | None:
     """What keeps ``path`` from being or becoming a directory: the first of it and its parents that exists (or is
     a link) and is no directory, and what that is, ``"a file"`` or :data:`DANGLING_LINK`; None when nothing

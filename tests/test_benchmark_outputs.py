@@ -345,10 +345,9 @@ def test_gpu_summary_explains_itself_and_names_a_damaged_file(tmp_path, capsys):
     ("overhead.json", '{"batch_size": 128, "device": "cpu", "keras": "3", "rows": [{"model": "cnn", "fast_ms": 1'
      + "0" * 400 + ', "torch_ms": 1, "fast_over_torch": 1}]}', "holds a value of another form"),
     ("bench.json", "[" * 100_000 + "]" * 100_000, "cannot be read as JSON"),
-    ("runs/r/cnn/metrics.json", '{"epochs_run": -3}', "(epochs_run -3 is not a whole number from 0)"),
-    ("runs/r/cnn/metrics.json", '{"epochs_run": 4, "best_epoch": 2.5}', "(best_epoch 2.5 is not a whole number from 1)"),
-    ("runs/r/cnn/config.json", '{"model": "cnn", "batch_size": 0}',
-     "(config.json's batch_size 0 is not a whole number from 1)"),
+    ("runs/r/cnn/metrics.json", '{"epochs_run": -3}', "(epochs_run -3 is not an epoch count)"),
+    ("runs/r/cnn/metrics.json", '{"epochs_run": 4, "best_epoch": 2.5}', "(best_epoch 2.5 is not an epoch count)"),
+    ("runs/r/cnn/config.json", '{"model": "cnn", "batch_size": 0}', "is damaged: batch_size is 0; expected a whole number from 1 to 60000"),
 ])
 def test_gpu_summary_names_a_file_of_another_version_or_form_in_one_line(tmp_path, name, text, said):
     import gpu_summary
@@ -644,6 +643,19 @@ def test_a_signal_while_a_benchmarks_imports_load_is_one_line(tmp_path, signum):
     assert child.returncode == 128 + signum
 
 
+def test_an_ignored_signal_stays_ignored_until_and_after_hand_over(tmp_path):
+    # A benchmark started in the background of a script (`cmd &`) inherits an ignored SIGINT.
+    (tmp_path / "early_signals.py").write_text((BENCHMARKS / "early_signals.py").read_text())
+    script = tmp_path / "ignored.py"
+    script.write_text("import early_signals, signal\nbefore = signal.getsignal(signal.SIGINT)\n"
+                      "early_signals.hand_over()\nprint(before is signal.SIG_IGN, signal.getsignal(signal.SIGINT) is "
+                      "signal.SIG_IGN, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n")
+    done = subprocess.run([sys.executable, "-c", "import signal, subprocess, sys; signal.signal(signal.SIGINT, "
+                           f"signal.SIG_IGN); sys.exit(subprocess.call([sys.executable, {str(script)!r}]))"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout == "True True True\n" and done.returncode == 0, done.stderr
+
+
 def test_after_hand_over_a_ctrl_c_is_pythons_again(tmp_path):
     child = _script_importing_early_signals(tmp_path, "early_signals.hand_over()")
     assert child.stdout.readline() == "ready\n"
@@ -655,9 +667,12 @@ def test_after_hand_over_a_ctrl_c_is_pythons_again(tmp_path):
 def test_every_benchmark_script_imports_early_signals_first_and_a_test_import_changes_nothing():
     import ast
 
-    handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
-    import early_signals  # noqa: F401  (imported by a test, not run as a script)
+    import importlib
 
+    import early_signals
+
+    handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
+    importlib.reload(early_signals)  # its import again, by a test: not a script run as a program
     assert [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)] == handlers
     scripts = [path for path in BENCHMARKS.glob("*.py") if "run_benchmark(main, " in path.read_text()
                and path.name != "outputs.py"]

@@ -573,7 +573,8 @@ def test_run_files_of_another_model_give_a_note_and_stay_out_of_the_report(cnn_r
     params = keras.saving.load_model(cnn_run / "model.keras").count_params()
     assert capsys.readouterr().err.strip().endswith(
         f"note: {cnn_run / 'metrics.json'} describes a model of 7 parameters, not {cnn_run / 'model.keras'} "
-        f"({params:,}); the report leaves out its facts and training curves.")
+        f"({params:,}); the report leaves out its facts and training curves (--tta run and --validation still read "
+        f"config.json there).")
     report = (cnn_run / "report.md").read_text()
     assert "best_epoch" not in report and "curves.png" not in report and "figures/saliency.png" in report
     (cnn_run / "metrics.json").write_text(json.dumps({**metrics, "num_params": params}))

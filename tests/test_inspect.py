@@ -214,7 +214,7 @@ def test_saliency_and_grad_cam_on_channels_first():
 
 
 @pytest.mark.parametrize("given, said", [
-    (lambda x: x[:, ..., 0], "images of shape (2, 28, 28): "),  # saliency once maxed over a spatial axis of these
+    (lambda x: x[:, ..., 0], "images of shape (2, 28, 28): "),  # saliency would max over a spatial axis of these
     (lambda x: x[0], "images of shape (28, 28, 1): "),
     (lambda x: x[:0], "images of shape (0, 28, 28, 1): "),
     (lambda x: np.moveaxis(x, -1, 1), "images of shape (2, 1, 28, 28): "),
@@ -230,10 +230,10 @@ def test_images_the_model_does_not_take_are_refused_with_the_shape_it_takes(give
 
 
 @pytest.mark.parametrize("classes, said", [
-    ([10, 0], "class index 10 is out of range; the model has classes 0 to 9."),  # once taken as class 0
-    ([-1, 0], "class index -1 is out of range; the model has classes 0 to 9."),  # once taken as class 9
-    ([1.7, 2.2], "class_indices [1.7, 2.2]: expected one whole number per image (2 of them)"),  # once 1 and 2
-    ([1, 2, 3], "class_indices [1, 2, 3]: expected one whole number per image (2 of them)"),
+    ([10, 0], "the class 10 in class_indices is not one of the classes 0 to 9"),  # not class 0, as a wrap would read it
+    ([-1, 0], "the class -1 in class_indices is not one of the classes 0 to 9"),  # not class 9
+    ([1.7, 2.2], "1.7 in class_indices is not a whole-number class index"),  # not class 1
+    ([1, 2, 3], "class_indices of shape (3,): expected one label per image, shape (2,)"),
 ])
 @pytest.mark.parametrize("explain", ["saliency", "grad_cam"])
 def test_a_class_to_explain_outside_the_models_classes_is_refused(classes, said, explain):
@@ -247,7 +247,7 @@ def test_feature_layers_must_be_a_non_empty_list_of_names():
     model = tiny_cnn()
     first = internals.default_feature_layers(model)[0]
     with pytest.raises(TypeError, match=f"pass a list of layer names, such as \\['{first}'\\]"):
-        internals.feature_maps(model, images(1), first)  # once read as one layer per character
+        internals.feature_maps(model, images(1), first)  # iterated, one layer per character
     with pytest.raises(ValueError, match="no layer named: pass at least one"):
         internals.feature_maps(model, images(1), [])
 
@@ -256,7 +256,7 @@ def test_feature_layers_must_be_a_non_empty_list_of_names():
 @pytest.mark.parametrize("explain", ["feature_maps", "saliency", "grad_cam"])
 def test_images_with_pixels_that_are_not_numbers_are_refused(bad, explain):
     x = images(3)
-    x[1, 5, 5, 0] = bad  # once gave a NaN map, or a map of another image's scale
+    x[1, 5, 5, 0] = bad  # a NaN map, or one of another image's scale, if it went through
     with pytest.raises(ValueError, match=re.escape("images: 1 of 3 images hold NaN or infinite pixels (the first is "
                                                    "image 1)")):
         getattr(internals, explain)(tiny_cnn(), x)
@@ -265,7 +265,7 @@ def test_images_with_pixels_that_are_not_numbers_are_refused(bad, explain):
 
 
 def test_feature_maps_of_a_bfloat16_model_are_float32_arrays():
-    # A bfloat16 model's outputs came back as ml_dtypes.bfloat16 arrays, which much of numpy and matplotlib reject.
+    # A bfloat16 model's outputs are ml_dtypes.bfloat16 arrays, which much of numpy and matplotlib reject.
     keras.utils.set_random_seed(0)
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")  # as train sets it for --mixed-precision
@@ -298,7 +298,7 @@ def test_pca_of_one_row_or_one_feature_is_two_columns_and_odd_features_are_refus
     for features, said in [(np.ones(5), "features of shape (5,) and dtype float64: expected a 2-D array of numbers, "
                                         "one row per image"),
                            (np.ones((0, 4)), "features of shape (0, 4): expected at least one row and one column"),
-                           (np.full((3, 2), np.nan), "features hold NaN or infinite values")]:
+                           (np.full((3, 2), np.nan), "there are NaN or infinite values in features")]:
         with pytest.raises(ValueError, match=re.escape(said)):
             internals.pca_2d(features)
 
@@ -307,7 +307,7 @@ def test_misclassified_refuses_labels_and_probabilities_that_do_not_match():
     probabilities = np.eye(4)[[0, 1, 1]]
     with pytest.raises(ValueError, match=re.escape("y_true of shape (2,): expected one label per image, shape (3,)")):
         internals.misclassified(np.array([0, 1]), probabilities)
-    with pytest.raises(ValueError, match=re.escape("y_true holds the class 4; the classes are 0 to 3")):
+    with pytest.raises(ValueError, match=re.escape("the class 4 in y_true is not one of the classes 0 to 3")):
         internals.misclassified(np.array([0, 1, 4]), probabilities)
     with pytest.raises(ValueError, match=re.escape("probabilities of shape (3,) and dtype float64: expected a 2-D array")):
         internals.misclassified(np.array([0, 1, 2]), np.array([0.1, 0.2, 0.3]))
@@ -322,5 +322,5 @@ def test_images_as_a_list_or_bfloat16_are_taken_and_a_ragged_list_is_refused():
     assert internals.feature_maps(model, x.astype(ml_dtypes.bfloat16))  # a float, as the model computes in
     with pytest.raises(ValueError, match=re.escape("images is ragged (its items differ in shape)")):
         internals.saliency(model, [x[0], x[0, :14]])
-    with pytest.raises(ValueError, match=re.escape("limit 2.0: expected a whole number from 0, or None")):
+    with pytest.raises(ValueError, match=re.escape("limit 2.0: expected a whole number from 0.")):
         internals.misclassified(np.array([0, 1]), np.eye(2), 2.0)

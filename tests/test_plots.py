@@ -184,8 +184,8 @@ def test_a_dollar_sign_in_a_name_is_drawn_as_it_is_not_read_as_tex(tmp_path):
 
 
 def _odd_inputs():
-    """(figure, its arguments, the start of the one line it gives); each once a raw IndexError, KeyError or
-    TypeError from numpy or matplotlib, or a figure of the wrong data."""
+    """(figure, its arguments, the start of the one line it gives); unchecked, each would be a raw IndexError,
+    KeyError or TypeError from numpy or matplotlib, or a figure of the wrong data."""
     images, y, probabilities = predictions(20)
     maps = {"block1_relu1": np.ones((28, 28, 4))}
     heat = {"saliency": np.zeros((20, 28, 28))}
@@ -195,8 +195,8 @@ def _odd_inputs():
         (plots.training_curves, ({"epoch": [0, 1], "loss": [1.0]},), "history['loss'] of shape (1,)"),
         (plots.confusion_matrix, (np.ones((3, 3)),), "matrix of shape (3, 3) and dtype float64: expected numbers of "
                                                      "shape (10, 10)"),
-        (plots.confusion_matrix, (np.full((10, 10), 0.5),), "matrix holds negative or fractional values"),
-        (plots.misclassified, (images, y, probabilities, [25]), "indices hold 25, out of range for 20 images"),
+        (plots.confusion_matrix, (np.full((10, 10), 0.5),), "there are negative or fractional values in matrix"),
+        (plots.misclassified, (images, y, probabilities, [25]), "25 in indices is out of range for 20 images"),
         (plots.misclassified, (images, y, probabilities, [1.5]), "indices of shape (1,) and dtype float64: expected a "
                                                                   "list of whole-number positions from 0 to 19"),
         (plots.misclassified, (images, y, probabilities, probabilities.argmax(1) != y),
@@ -205,7 +205,7 @@ def _odd_inputs():
                                                                "to 9; map class names to indices"),
         (plots.misclassified, (images, y[:5], probabilities, [1]), "y_true of shape (5,): expected one label per"),
         (plots.misclassified, (images, y, probabilities[:, :4], [1]), "probabilities of shape (20, 4)"),
-        (plots.sample_grid, (images, y + 1), "labels holds the class 10; the classes are 0 to 9"),
+        (plots.sample_grid, (images, y + 1), "the class 10 in labels is not one of the classes 0 to 9"),
         (plots.filters, (np.ones((3, 3, 4)),), "kernel of shape (3, 3, 4) and dtype float64: expected a 4-D array of "
                                                "numbers, (kernel_h, kernel_w, in_channels, filters)"),
         (plots.filters, (np.ones((3, 3, 1, 0)),), "kernel of shape (3, 3, 1, 0) holds no weights"),
@@ -221,7 +221,7 @@ def _odd_inputs():
         (plots.embedding, (np.ones((20, 3)), y), "points of shape (20, 3) and dtype float64: expected numbers of "
                                                  "shape (N, 2)"),
         (plots.embedding, (np.ones((20, 2)), np.eye(10)[y]), "labels of shape (20, 10) looks one-hot"),
-        (plots.embedding, (np.full((20, 2), np.nan), y), "points hold NaN or infinite values"),
+        (plots.embedding, (np.full((20, 2), np.nan), y), "there are NaN or infinite values in points"),
         (plots.feature_maps, (maps,), None),  # drawn
     ]
 
@@ -239,7 +239,17 @@ def test_odd_arrays_get_one_line_saying_what_the_figure_takes(draw, arguments, s
 
 def test_a_diverged_runs_nan_loss_is_drawn_as_a_gap(tmp_path):
     fig = plots.training_curves({"epoch": [0, 1, 2], "loss": [1.0, 0.5, np.nan], "accuracy": [0.5, 0.7, 0.1]})
+    loss = fig.axes[0].lines[0].get_ydata()
+    assert list(loss[:2]) == [1.0, 0.5] and np.isnan(loss[2])
     save_png(fig, tmp_path)
+
+
+def test_integer_pixels_are_drawn_scaled_to_0_1_as_uint8_ones_are():
+    images, y, _ = predictions(20)
+    for pixels in (images, images.astype(np.int64)):
+        fig = plots.sample_grid(pixels, y)
+        drawn = np.concatenate([image.get_array().ravel() for ax in fig.axes for image in ax.images])
+        assert 0.9 < drawn.max() <= 1.0 and drawn.min() >= 0.0
 
 
 def test_a_history_as_fit_returns_it_or_as_rows_is_drawn_as_its_columns(tmp_path):

@@ -114,18 +114,18 @@ def test_damaged_history_leaves_the_curves_out_with_a_note(tmp_path):
 def test_history_columns_match_numpy_reading_the_csv(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text(HISTORY)
-    columns = report.history_columns(read_history(path))
+    columns = report.plots.history_columns(read_history(path))
     reference = np.genfromtxt(path, delimiter=",", names=True)
     assert list(columns) == list(reference.dtype.names)
     for name in reference.dtype.names:
         np.testing.assert_allclose(columns[name], reference[name], rtol=1e-12)
     assert columns["epoch"].dtype.kind == "i"
-    assert report.history_columns([]) == {}
+    assert report.plots.history_columns([]) == {}
 
 
 def test_best_epoch_is_the_lowest_val_loss_unless_the_run_says(tmp_path):
     (tmp_path / "history.csv").write_text(HISTORY)
-    columns = report.history_columns(read_history(tmp_path / "history.csv"))
+    columns = report.plots.history_columns(read_history(tmp_path / "history.csv"))
     assert report.best_epoch({}, columns) == 2  # 1-based epoch of val_loss 0.9
     assert report.best_epoch({"best_epoch": 3}, columns) == 3
 
@@ -272,10 +272,10 @@ BAD_INPUTS = [
     ({"image_index": True}, ValueError, "image index True: expected one whole number"),
     ({"seed": -1}, ValueError, "seed -1: expected a whole number from 0"),
     ({"seed": 1.5}, ValueError, "seed 1.5: expected a whole number from 0"),
-    ({"y_test": Y + 0.5}, ValueError, "y_test holds 0.5, not a whole-number class index; pass class indices"),
+    ({"y_test": Y + 0.5}, ValueError, "0.5 in y_test is not a whole-number class index; pass class indices"),
     ({"y_test": np.eye(10)[Y]}, ValueError, "y_test of shape (30, 10) looks one-hot; pass one class index per image: "
                                             "y_test.argmax(axis=1)"),
-    ({"y_test": np.where(Y == 9, 10, Y)}, ValueError, "y_test holds the class 10; the classes are 0 to 9"),
+    ({"y_test": np.where(Y == 9, 10, Y)}, ValueError, "the class 10 in y_test is not one of the classes 0 to 9"),
     ({"y_test": Y[:5]}, ValueError, "y_test of shape (5,): expected one label per image, shape (30,)"),
     ({"x_test": np.where(np.arange(30)[:, None, None, None] == 7, np.nan, X)}, ValueError,
      "x_test: 1 of 30 images hold NaN or infinite pixels (the first is image 7)"),
@@ -286,7 +286,7 @@ BAD_INPUTS = [
     ({"x_train": X}, ValueError, "pass x_train and y_train together, or neither"),
     ({"x_train": X, "y_train": Y[:3]}, ValueError, "y_train of shape (3,): expected one label per image"),
     ({"x_train": X[..., 0], "y_train": Y}, ValueError, "x_train of shape (30, 28, 28)"),
-    ({"test_probabilities": np.full((30, 10), np.nan)}, ValueError, "test_probabilities hold NaN or infinite values"),
+    ({"test_probabilities": np.full((30, 10), np.nan)}, ValueError, "there are NaN or infinite values in test_probabilities"),
     ({"history_csv": ""}, TypeError, "history_csv '': pass the path of a run's history.csv"),
     ({"history_csv": {"loss": [1.0]}}, TypeError, "history_csv {'loss': [1.0]}: pass the path of a run's history.csv"),
     ({"history_csv": "missing.csv"}, report.RunDirError, "history_csv missing.csv is missing; pass the run's "
@@ -332,8 +332,15 @@ def test_a_report_of_one_or_two_test_images_is_drawn(tmp_path, count):
     assert (tmp_path / "figures" / "embedding.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_whole_float_labels_and_raw_training_pixels_are_drawn(tmp_path):
-    # x_train is only drawn, so uint8 pixels will do; labels 3.0 are the class 3.
+def test_whole_float_labels_and_raw_training_pixels_are_drawn(tmp_path, monkeypatch):
+    # x_train is only drawn, so uint8 pixels will do, scaled to [0, 1] as the test images are; 3.0 is the class 3.
+    drawn = []
+    sample_grid = report.plots.sample_grid
+    monkeypatch.setattr(report.plots, "sample_grid", lambda images, labels, **kw: drawn.append((images, labels))
+                        or sample_grid(images, labels, **kw))
     markdown = report.write_report(tmp_path, X, Y.astype(np.float32), model=tiny_cnn(), metrics={},
                                    x_train=(X * 255).astype(np.uint8), y_train=Y.astype(float)).read_text()
     assert "| test | 30 |" in markdown and (tmp_path / "figures" / "samples.png").is_file()
+    fig = sample_grid(*drawn[0])
+    pixels = np.concatenate([image.get_array().ravel() for ax in fig.axes for image in ax.images])
+    assert 0.5 < pixels.max() <= 1.0

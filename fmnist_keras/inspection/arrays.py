@@ -40,7 +40,8 @@ def check_labels(labels, count: int, what: str = "labels", classes: int = len(CL
         raise ValueError(f"{what} of shape {given.shape} looks one-hot; pass one class index per image: "
                          f"{what}.argmax(axis=1).")
     if given.shape != (count,):
-        raise ValueError(f"{what} of shape {given.shape}: expected one label per image, shape ({count},).")
+        raise ValueError(f"{what} of shape {given.shape}: expected one label per image, shape ({count},); pass one "
+                         f"class index per image, in the images' order.")
     if not is_numbers(given.dtype):
         raise ValueError(f"{what} of dtype {given.dtype}: expected class indices from 0 to {classes - 1}; map class "
                          f"names to indices with fmnist_keras.data.CLASS_NAMES.index(name).")
@@ -48,11 +49,12 @@ def check_labels(labels, count: int, what: str = "labels", classes: int = len(CL
         values = given.astype(np.float64)
         odd = values[~np.isfinite(values) | (values != np.round(values))]
         if odd.size:
-            raise ValueError(f"{what} holds {float(odd[0])!r}, not a whole-number class index; pass class indices "
+            raise ValueError(f"{float(odd[0])!r} in {what} is not a whole-number class index; pass class indices "
                              f"from 0 to {classes - 1}.")
     if count and (given.min() < 0 or given.max() >= classes):
         wrong = given.min() if given.min() < 0 else given.max()
-        raise ValueError(f"{what} holds the class {int(wrong)}; the classes are 0 to {classes - 1}.")
+        raise ValueError(f"the class {int(wrong)} in {what} is not one of the classes 0 to {classes - 1}; pass class "
+                         f"indices in that range.")
     return given.astype(np.int64)
 
 
@@ -71,7 +73,7 @@ def check_shape(array, what: str, expected: tuple, meaning: str, finite: bool = 
         raise ValueError(f"{what} of shape {given.shape} and dtype {given.dtype}: expected {wanted}, {meaning}.")
     given = given.astype(np.float64)
     if finite and not np.isfinite(given).all():
-        raise ValueError(f"{what} hold NaN or infinite values; expected {meaning}, all finite.")
+        raise ValueError(f"there are NaN or infinite values in {what}; expected {meaning}, all finite.")
     return given
 
 
@@ -87,12 +89,13 @@ def check_indices(indices, count: int, what: str = "indices") -> np.ndarray:
                          f"positions from 0 to {count - 1}.")
     if given.size and (given.min() < -count or given.max() >= count):
         wrong = int(given.min() if given.min() < -count else given.max())
-        raise ValueError(f"{what} hold {wrong}, out of range for {count} images; choose 0 to {count - 1}.")
+        raise ValueError(f"{wrong} in {what} is out of range for {count} images; choose 0 to {count - 1}.")
     return given.astype(np.int64) % max(count, 1)
 
 
-def check_index(index, count: int, what: str = "image index") -> int:
-    """One whole-number position in ``count`` items (a negative one counts from the end), else ValueError."""
+def check_index(index, count: int, what: str = "image index", of: str = "images") -> int:
+    """One whole-number position in ``count`` items (``of``; a negative one counts from the end), else
+    ValueError."""
     try:
         if isinstance(index, (bool, np.bool_)):
             raise TypeError
@@ -100,5 +103,23 @@ def check_index(index, count: int, what: str = "image index") -> int:
     except TypeError:
         raise ValueError(f"{what} {index!r}: expected one whole number, from 0 to {count - 1}.") from None
     if not -count <= position < count:
-        raise ValueError(f"{what} {position} is out of range for {count} test images; choose 0 to {count - 1}.")
+        raise ValueError(f"{what} {position} is out of range for {count} {of}; choose 0 to {count - 1}.")
     return position % count
+
+
+def check_count(value, what: str, least: int = 0) -> int:
+    """A whole number from ``least`` (a seed, a limit), else ValueError."""
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < least:
+        raise ValueError(f"{what} {value!r}: expected a whole number from {least}.")
+    return number
+
+
+def is_pixels(dtype: np.dtype) -> bool:
+    """Whether images of ``dtype`` are 0-255 pixels to be scaled (integers) rather than floats in [0, 1]."""
+    return dtype.kind in "iu"

@@ -19,7 +19,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from fmnist_keras.inspection.arrays import as_array, check_index, check_labels, check_shape, is_numbers
+from fmnist_keras.inspection.arrays import (as_array, check_count, check_index, check_labels, check_shape, is_numbers,
+                                            is_pixels)
 from fmnist_keras.inspection.gradients import input_gradient
 from fmnist_keras.loading import input_data_format
 
@@ -140,8 +141,8 @@ def intermediate_model(model, names: list[str]) -> keras.Model:
 
 def check_images(model, images, what: str = "images", fed: bool = True) -> np.ndarray:
     """``images`` as a numpy array, once it is a non-empty batch of ``model``'s input shape; else ValueError
-    naming them ``what``. Images ``fed`` to the model must also be model-ready: not raw 0-255 pixels (uint8),
-    which would reach it unscaled, and numbers, all finite; images only drawn may be uint8."""
+    naming them ``what``. Images ``fed`` to the model must also be model-ready: not raw 0-255 pixels (integers),
+    which would reach it unscaled, and numbers, all finite; images only drawn may be integer pixels."""
     array = as_array(images, what)
     expected = tuple(model.inputs[0].shape[1:])
     if array.ndim != len(expected) + 1 or array.shape[1:] != expected or len(array) == 0:
@@ -150,8 +151,8 @@ def check_images(model, images, what: str = "images", fed: bool = True) -> np.nd
             f"{', '.join(map(str, expected))}); add a batch axis with images[None], a channel axis with "
             f"images[..., None], or move a channels_first batch's channel axis with np.moveaxis(images, 1, -1)."
         )
-    if not is_numbers(array.dtype) or fed and array.dtype == np.uint8:
-        raw = " (pixels 0-255)" if array.dtype == np.uint8 else ""
+    if not is_numbers(array.dtype) or fed and is_pixels(array.dtype):
+        raw = " (pixels 0-255)" if is_pixels(array.dtype) else ""
         raise ValueError(f"{what} of dtype {array.dtype}{raw}: the model takes model-ready floats in [0, 1]; "
                          f"prepare them with fmnist_keras.data.to_model_input(images, data_format).")
     if fed:
@@ -193,7 +194,7 @@ def feature_maps(model, images: np.ndarray, names: list[str] | None = None) -> d
 def check_image_index(index: int, count: int) -> int:
     """``index`` as a position in ``count`` images (a negative one counts from the end); ValueError when it is
     not a whole number in range."""
-    return check_index(index, count)
+    return check_index(index, count, of="test images")
 
 
 def first_layer_filters(model) -> np.ndarray:
@@ -266,8 +267,7 @@ def misclassified(y_true: np.ndarray, probabilities: np.ndarray, limit: int | No
     probabilities = check_shape(probabilities, "probabilities", (None, None),
                                 "one row of class probabilities per image")
     y_true = check_labels(y_true, len(probabilities), "y_true", probabilities.shape[1])
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0):
-        raise ValueError(f"limit {limit!r}: expected a whole number from 0, or None for every mistake.")
+    limit = None if limit is None else check_count(limit, "limit")
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != y_true)
     order = np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")
@@ -295,14 +295,7 @@ def _targets(model, images, class_indices) -> np.ndarray:
     range per image), else the predicted one."""
     if class_indices is None:
         return _run(model, images)[0].argmax(axis=1).astype(np.int32)
-    given, classes = np.asarray(class_indices), model.outputs[0].shape[-1]
-    if given.shape != (len(images),) or not np.issubdtype(given.dtype, np.integer):
-        raise ValueError(f"class_indices {given.tolist()!r}: expected one whole number per image ({len(images)} "
-                         f"of them), each a class from 0 to {classes - 1}.")
-    if given.min() < 0 or given.max() >= classes:
-        raise ValueError(f"class index {int(given.min() if given.min() < 0 else given.max())} is out of range; "
-                         f"the model has classes 0 to {classes - 1}.")
-    return given.astype(np.int32)
+    return check_labels(class_indices, len(images), "class_indices", model.outputs[0].shape[-1]).astype(np.int32)
 
 
 def saliency(model, images: np.ndarray, class_indices=None) -> np.ndarray:

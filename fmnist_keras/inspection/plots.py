@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fmnist_keras.data import CLASS_NAMES
-from fmnist_keras.inspection.arrays import as_array, check_indices, check_labels, check_shape, is_numbers
+from fmnist_keras.inspection.arrays import as_array, check_indices, check_labels, check_shape, is_numbers, is_pixels
 
 _CMAP_IMAGE = "gray_r"  # dark garments on white read best at thumbnail size
 _CMAP_DIVERGING = "RdBu_r"
@@ -50,7 +50,8 @@ def _gray(images: np.ndarray) -> np.ndarray:
     """(N, H, W) float images from (N, H, W) or channels_last (N, H, W, 1) ones."""
     images = as_array(images, "images")
     if not is_numbers(images.dtype):
-        raise ValueError(f"images of dtype {images.dtype}: expected pixels, floats in [0, 1] or uint8 0-255.")
+        raise ValueError(f"images of dtype {images.dtype}: expected pixels, floats in [0, 1] or integers 0-255; pass "
+                         f"the images as numbers.")
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     if images.ndim != 3:
@@ -58,7 +59,7 @@ def _gray(images: np.ndarray) -> np.ndarray:
             f"images of shape {images.shape} cannot be drawn; expected (N, H, W) or channels_last (N, H, W, 1); "
             f"move a channels_first batch's channel axis last with np.moveaxis(images, 1, -1)."
         )
-    return images.astype(np.float64) / (255.0 if images.dtype == np.uint8 else 1.0)
+    return images.astype(np.float64) / (255.0 if is_pixels(images.dtype) else 1.0)
 
 
 def _hide_ticks(ax) -> None:
@@ -76,12 +77,13 @@ def _grid(count: int, columns: int, cell: float = 1.6, extra_height: float = 0.6
     return fig, axes
 
 
-def _history_columns(history) -> dict:
+def history_columns(history) -> dict:
     """The columns of a training history given as ``model.fit``'s History, its ``.history`` dict, the columns of
-    a history.csv (a dict, or a table with named columns), or its rows (``read_history``'s list of dicts)."""
+    a history.csv (a dict, or a table with named columns), or its rows (``read_history``'s list of dicts; a
+    value a row lacks is NaN)."""
     history = getattr(history, "history", history)  # keras.callbacks.History
-    if isinstance(history, (list, tuple)) and history and all(isinstance(row, dict) for row in history):
-        return {key: [row.get(key, np.nan) for row in history] for key in history[0]}
+    if isinstance(history, (list, tuple)) and all(isinstance(row, dict) for row in history):
+        return {key: np.array([row.get(key, np.nan) for row in history]) for key in (history[:1] or [{}])[0]}
     if not hasattr(history, "keys"):  # a dict, or anything of named columns (a pandas DataFrame)
         raise ValueError(f"history of type {type(history).__name__}: pass model.fit's History, its .history dict, or "
                          f"the columns of a history.csv.")
@@ -99,7 +101,7 @@ def training_curves(history: dict, best_epoch: int | None = None, title: str | N
         best_epoch: the 1-based epoch EarlyStopping restored (``metrics.json``).
         title: the figure title.
     """
-    history = _history_columns(history)
+    history = history_columns(history)
     drawn = [key for key in ("loss", "accuracy", "val_loss", "val_accuracy") if key in history]
     if not drawn:
         raise ValueError(f"history without loss or accuracy columns (it has: {', '.join(map(str, history)) or 'none'}"
@@ -136,8 +138,8 @@ def confusion_matrix(matrix, class_names=CLASS_NAMES, title: str | None = None) 
     matrix = check_shape(matrix, "matrix", (classes, classes),
                          f"counts of true (rows) by predicted (columns) class, one of each for the {classes} classes")
     if (matrix < 0).any() or (matrix != np.round(matrix)).any():
-        raise ValueError("matrix holds negative or fractional values: pass the counts (whole numbers from 0), as "
-                         "fmnist_keras.metrics.classification_metrics gives under 'confusion_matrix'.")
+        raise ValueError("there are negative or fractional values in matrix; pass the counts (whole numbers from 0), "
+                         "as fmnist_keras.metrics.classification_metrics gives under 'confusion_matrix'.")
     matrix = matrix.astype(np.int64)
     support = matrix.sum(axis=1, keepdims=True)
     normalised = matrix / np.where(support > 0, support, 1)
@@ -262,7 +264,7 @@ def feature_maps(maps: dict, image=None, channels: int = 8, channels_first: bool
     fig = Figure(figsize=(1.3 * (channels + offset) + 0.8, 1.45 * len(names) + 0.5), layout="constrained")
     axes = fig.subplots(len(names), channels + offset, squeeze=False)
     for row, name in enumerate(names):
-        values = np.asarray(maps[name])
+        values = as_array(maps[name], f"maps[{name!r}]")
         values = values[0] if values.ndim == 4 and len(values) == 1 else values
         values = check_shape(values, f"maps[{name!r}]", (None, None, None),
                              "the maps of one image, (H, W, C) or (C, H, W), with or without a batch axis of 1")

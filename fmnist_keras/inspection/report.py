@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist_keras.inspection import internals
-from fmnist_keras.inspection.arrays import check_labels, check_shape
+from fmnist_keras.inspection.arrays import check_count, check_labels, check_shape
 from fmnist_keras.inspection import plots
 from fmnist_keras.engine.callbacks import read_history
 from fmnist_keras.engine.evaluation import predict_probabilities
@@ -31,7 +31,8 @@ from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics
 from fmnist_keras.rundir import (DANGLING_LINK, FIGURES_DIR, HISTORY_FILE, METRICS_FILE, OUTPUT_MARKER, REPORT_FILE,
                                  RunDirError, is_dangling_link, is_marker, is_model_dir, not_a_directory_line,
-                                 output_in_the_way, read_json_object, write_bytes, write_json, write_text)
+                                 not_a_regular_file, output_in_the_way, read_json_object, write_bytes, write_json,
+                                 write_text)
 from fmnist_keras.tta import TTA
 # How many test images the saliency figure explains and the mistakes grid
 # shows: enough to see a pattern, few enough to read at a glance.
@@ -75,13 +76,6 @@ def gray_images(images: np.ndarray, data_format: str) -> np.ndarray:
     """(N, H, W) from model-ready (N, H, W, 1) or (N, 1, H, W) images in the given layout."""
     images = np.asarray(images)
     return images[:, 0] if data_format == "channels_first" else images[..., 0]
-
-
-def history_columns(rows: list[dict]) -> dict[str, np.ndarray]:
-    """The rows of :func:`fmnist_keras.engine.callbacks.read_history` as columns, one array per key."""
-    if not rows:
-        return {}
-    return {key: np.array([row[key] for row in rows]) for key in rows[0]}
 
 
 def default_image_index(count: int, seed: int = 0) -> int:
@@ -140,12 +134,6 @@ def check_metrics(metrics, source: str, error_type: type[ValueError] = ValueErro
                          f"the metrics in.") from None
 
 
-def check_seed(seed) -> None:
-    """Refuse, as ValueError, a seed numpy's generators do not take: anything but a whole number from 0."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed {seed!r}: expected a whole number from 0, such as 0 (the default).")
-
-
 def check_history_path(history_csv: str | Path | None) -> Path | None:
     """A history named explicitly must be there: a file asked for is not left out in silence."""
     if history_csv is None:
@@ -155,23 +143,26 @@ def check_history_path(history_csv: str | Path | None) -> Path | None:
                         f"leave it out to use run_dir's.")
     path = Path(history_csv)
     if not path.is_file():
-        state = DANGLING_LINK if is_dangling_link(path) else "not a file" if path.exists() else "missing"
-        raise RunDirError(f"history_csv {path} is {state}; pass the run's history.csv, or leave history_csv out "
+        state = not_a_regular_file(path) if path.exists() or path.is_symlink() else "is missing"
+        raise RunDirError(f"history_csv {path} {state}; pass the run's history.csv, or leave history_csv out "
                           f"to use run_dir's.")
     return path
 
 
-def recorded_params(metrics: dict) -> int | None:
-    """The parameter count ``metrics`` records for its model (train writes ``num_params``), if any."""
+def other_params(model, metrics: dict) -> int | None:
+    """The parameter count ``metrics`` records (train writes ``num_params``) when it is not ``model``'s: the
+    metrics are another model's. None when they match or record none."""
     recorded = metrics.get("num_params")
-    return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded != model.count_params():
+        return recorded
+    return None
 
 
 def check_same_model(model, metrics: dict, source: str) -> None:
     """Refuse, as ValueError, metrics of another model than ``model``: the report would put one model's numbers
     beside another's figures. Told apart by the parameter count."""
-    recorded = recorded_params(metrics)
-    if recorded is not None and recorded != model.count_params():
+    recorded = other_params(model, metrics)
+    if recorded is not None:
         raise ValueError(f"num_params in {source} is {recorded:,}, but the model passed in has "
                          f"{model.count_params():,} parameters; pass the run's own model, or this model's metrics.")
 
@@ -195,15 +186,15 @@ def predict(model, x: np.ndarray, y: np.ndarray, tta: TTA = TTA(),
     passes over the views.
 
     Raises:
-        ValueError: ``probabilities`` is not one row of class probabilities per image.
+        ValueError: ``probabilities`` is not one row of finite class probabilities per image.
     """
     data_format = input_data_format(model)
+    if probabilities is not None:
+        probabilities = check_shape(probabilities, "test_probabilities", (len(x), len(CLASS_NAMES)),
+                                    "one row of class probabilities per test image")
     features, own = internals.embeddings_and_probabilities(model, x)
     if probabilities is None:
         probabilities = tta.mean(lambda view: predict_probabilities(model, view), x, data_format, own=own)
-    elif np.shape(probabilities) != own.shape:
-        raise ValueError(f"the test probabilities have shape {np.shape(probabilities)}, not {own.shape}: pass one "
-                         f"row of class probabilities per test image, or none to predict them here.")
     return Predictions(x, np.asarray(y), data_format, np.asarray(probabilities, dtype=np.float64), features)
 
 
@@ -252,7 +243,7 @@ def curves_section(history_csv: Path, metrics: dict, title: str) -> Section | No
         return Section(heading, "curves.png", None, f"Left out: {error}")
     if not rows:
         return None
-    columns = history_columns(rows)
+    columns = plots.history_columns(rows)
     fig = plots.training_curves(columns, best_epoch(metrics, columns), title=f"{title}: training curves")
     return Section(heading, "curves.png", fig, "Dashed line: the epoch whose weights EarlyStopping restored.")
 
@@ -397,7 +388,7 @@ def write_report(
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     ours = check_out_dir(out_dir)  # before the slow part, as every check here
-    check_seed(seed)
+    seed = check_count(seed, "seed")
     history_csv = check_history_path(history_csv)
     if isinstance(model, (str, Path)):
         raise TypeError(f"model {str(model)!r} is a path: pass the loaded model "
@@ -415,9 +406,6 @@ def write_report(
         check_same_model(model, metrics, "the metrics passed in")
     x_test = internals.check_images(model, x_test, "x_test")
     y_test = check_labels(y_test, len(x_test), "y_test")
-    if test_probabilities is not None:
-        test_probabilities = check_shape(test_probabilities, "test_probabilities", (len(x_test), len(CLASS_NAMES)),
-                                         "one row of class probabilities per test image")
     if (x_train is None) != (y_train is None):
         raise ValueError("pass x_train and y_train together, or neither (the sample grid then shows test images).")
     if x_train is not None:  # only drawn: raw uint8 pixels will do
