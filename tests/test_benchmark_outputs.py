@@ -347,7 +347,8 @@ def test_gpu_summary_explains_itself_and_names_a_damaged_file(tmp_path, capsys):
     ("bench.json", "[" * 100_000 + "]" * 100_000, "cannot be read as JSON"),
     ("runs/r/cnn/metrics.json", '{"epochs_run": -3}', "(epochs_run -3 is not an epoch count)"),
     ("runs/r/cnn/metrics.json", '{"epochs_run": 4, "best_epoch": 2.5}', "(best_epoch 2.5 is not an epoch count)"),
-    ("runs/r/cnn/config.json", '{"model": "cnn", "batch_size": 0}', "is damaged: batch_size is 0; expected a whole number from 1 to 60000"),
+    ("runs/r/cnn/config.json", '{"model": "cnn", "batch_size": 0}',
+     "is damaged: batch_size is 0; expected a whole number from 1 to 60000"),
 ])
 def test_gpu_summary_names_a_file_of_another_version_or_form_in_one_line(tmp_path, name, text, said):
     import gpu_summary

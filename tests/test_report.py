@@ -286,7 +286,8 @@ BAD_INPUTS = [
     ({"x_train": X}, ValueError, "pass x_train and y_train together, or neither"),
     ({"x_train": X, "y_train": Y[:3]}, ValueError, "y_train of shape (3,): expected one label per image"),
     ({"x_train": X[..., 0], "y_train": Y}, ValueError, "x_train of shape (30, 28, 28)"),
-    ({"test_probabilities": np.full((30, 10), np.nan)}, ValueError, "there are NaN or infinite values in test_probabilities"),
+    ({"test_probabilities": np.full((30, 10), np.nan)}, ValueError,
+     "there are NaN or infinite values in test_probabilities"),
     ({"history_csv": ""}, TypeError, "history_csv '': pass the path of a run's history.csv"),
     ({"history_csv": {"loss": [1.0]}}, TypeError, "history_csv {'loss': [1.0]}: pass the path of a run's history.csv"),
     ({"history_csv": "missing.csv"}, report.RunDirError, "history_csv missing.csv is missing; pass the run's "
