@@ -90,7 +90,7 @@ def check_replaceable(log: Path, run: Path) -> None:
     or a run directory without this script's log beside it (a ``train`` run named like a seed's, a user's
     directory: ``train --overwrite`` would replace a run of train's own)."""
     outputs.check_log(log)
-    if os.path.lexists(run) and not log.exists():
+    if (run.exists() or run.is_symlink()) and not log.exists():
         raise OSError(f"{run} exists and there is no {log.name} beside it, so it is not known to be a run seeds.py "
                       f"made and is left alone; move it away or choose another --out-dir")
 

@@ -307,7 +307,7 @@ def write_export(model, output: Path, format: str, overwrite: bool = False) -> P
         (temporary / EXPORT_MARKER).write_text("\n".join(["written by python -m fmnist_keras.export",
                                                           *_asset_files(temporary)]) + "\n")
         old = None
-        if os.path.lexists(output):
+        if output.exists() or output.is_symlink():
             if not overwrite:
                 raise ExportError(_appeared(output))
             if output.is_symlink() or _not_own_saved_model(output) is not None:

@@ -110,7 +110,7 @@ def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
     given = Path(os.path.expanduser(path))  # "~nobody" stays as it is (Path.expanduser raises)
     if given.is_dir():
         candidate = given / MODEL_FILE
-        if os.path.lexists(candidate) and not candidate.is_file():
+        if (candidate.exists() or candidate.is_symlink()) and not candidate.is_file():
             raise ModelLoadError(f"{candidate} {not_a_regular_file(candidate)}; expected a .keras file; {_FIX}.")
         if not candidate.is_file():
             found = models_in_run(given)
