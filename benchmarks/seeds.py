@@ -45,7 +45,7 @@ from children import last_line, start_child, stopping
 from fmnist_keras.cli import in_range, one_line
 from fmnist_keras.config import MODEL_NAMES, RANGES
 from fmnist_keras import interrupts
-from fmnist_keras.rundir import RunDir, RunDirError
+from fmnist_keras.rundir import RunDir, RunDirError, exists_or_link
 
 # train's flags that this script sets for each seed, and reads the results of.
 OWN_TRAIN_FLAGS = ("--model", "--seed", "--out-dir", "--run-name", "--overwrite", "--resume")
@@ -90,7 +90,7 @@ def check_replaceable(log: Path, run: Path) -> None:
     or a run directory without this script's log beside it (a ``train`` run named like a seed's, a user's
     directory: ``train --overwrite`` would replace a run of train's own)."""
     outputs.check_log(log)
-    if (run.exists() or run.is_symlink()) and not log.exists():
+    if exists_or_link(run) and not log.exists():
         raise OSError(f"{run} exists and there is no {log.name} beside it, so it is not known to be a run seeds.py "
                       f"made and is left alone; move it away or choose another --out-dir")
 

@@ -145,13 +145,13 @@ def run_tta(choice: str, model_dir):
     from pathlib import Path
 
     from fmnist_keras.config import load_config
-    from fmnist_keras.rundir import CONFIG_FILE, RunDirError
+    from fmnist_keras.rundir import CONFIG_FILE, RunDirError, exists_or_link
     from fmnist_keras.tta import CHOICES, TTA
 
     if choice != "run":
         return CHOICES[choice]
     path = Path(model_dir) / CONFIG_FILE
-    if not path.exists() and not path.is_symlink():  # a FIFO or a dangling link is named by load_config
+    if not exists_or_link(path):  # a FIFO or a dangling link is named by load_config
         return TTA()
     try:
         config = load_config(path)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_keras.rundir import replacing
+from fmnist_keras.rundir import exists_or_link, replacing
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -119,7 +119,7 @@ NOT_A_FILE = "is not a regular file (a FIFO, a device, a directory or a symbolic
 
 def _not_a_file_in(directory: Path, name: str) -> Path | None:
     """The entry named ``name`` (.gz or not) in ``directory`` that is there but is not a file to read."""
-    return next((c for c in _names_in(directory, name) if (c.exists() or c.is_symlink()) and not c.is_file()), None)
+    return next((c for c in _names_in(directory, name) if exists_or_link(c) and not c.is_file()), None)
 
 
 def _has_all_files(directory: Path) -> bool:

@@ -24,9 +24,9 @@ from fmnist_keras.backend import add_backend_arguments
 from fmnist_keras.cli import (MODEL_HELP, add_data_arguments, add_fast_path_argument, add_tta_argument,
                               escape_unencodable_output, in_range, non_empty_path, one_line, print_error, run_tta)
 from fmnist_keras.rundir import (CONFIG_FILE, EPOCH_OR_NONE, EVALUATION_FILE, FIGURES_DIR, METRICS_FILE, MODEL_FILE,
-                                 OUTPUT_MARKER, REPORT_FILE, TEXT, RunDirError, check_fields, first_entry_not_among,
-                                 is_finite_number, is_marker, is_model_dir, not_a_directory_line, output_in_the_way,
-                                 read_json_object, temporaries_of, write_json)
+                                 OUTPUT_MARKER, REPORT_FILE, TEXT, RunDirError, check_fields, exists_or_link,
+                                 first_entry_not_among, is_finite_number, is_marker, is_model_dir,
+                                 not_a_directory_line, output_in_the_way, read_json_object, temporaries_of, write_json)
 
 # Run files are a few kB; anything much larger is not one, and is not read.
 class RunFileError(ValueError):
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         x_train, y_train = splits.x_train, splits.y_train
 
     try:
-        if not out_dir.exists() and not out_dir.is_symlink():
+        if not exists_or_link(out_dir):
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             out_dir.mkdir()  # not exist_ok: a directory that appeared meanwhile is not evaluate's
         check_outputs(out_dir, model_path)  # again: what appeared while the model was evaluated

@@ -31,8 +31,8 @@ from fmnist_keras import interrupts
 from fmnist_keras.backend import named_backend
 from fmnist_keras.cli import MODEL_HELP, escape_unencodable_output, one_line, os_error_line, print_error
 from fmnist_keras.rundir import (
-    DANGLING_LINK, first_entry_not_among, first_link_or_special_below, in_the_way_of_a_directory, is_marker,
-    make_ordinary, replacing,
+    DANGLING_LINK, exists_or_link, first_entry_not_among, first_link_or_special_below, in_the_way_of_a_directory,
+    is_marker, make_ordinary, replacing,
 )
 
 FORMATS = ("onnx", "tf_saved_model")
@@ -307,7 +307,7 @@ def write_export(model, output: Path, format: str, overwrite: bool = False) -> P
         (temporary / EXPORT_MARKER).write_text("\n".join(["written by python -m fmnist_keras.export",
                                                           *_asset_files(temporary)]) + "\n")
         old = None
-        if output.exists() or output.is_symlink():
+        if exists_or_link(output):
             if not overwrite:
                 raise ExportError(_appeared(output))
             if output.is_symlink() or _not_own_saved_model(output) is not None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from fmnist_keras.backend import compile_steps_on_jax
 from fmnist_keras.cli import one_line
 from fmnist_keras.data import NUM_CLASSES
-from fmnist_keras.rundir import MODEL_FILE, is_dangling_link, not_a_regular_file
+from fmnist_keras.rundir import MODEL_FILE, exists_or_link, is_dangling_link, not_a_regular_file
 
 IMAGE_SHAPES = {(28, 28, 1): "channels_last", (1, 28, 28): "channels_first"}
 
@@ -110,7 +110,7 @@ def resolve_model_path(path: str | os.PathLike, announce=None) -> Path:
     given = Path(os.path.expanduser(path))  # "~nobody" stays as it is (Path.expanduser raises)
     if given.is_dir():
         candidate = given / MODEL_FILE
-        if (candidate.exists() or candidate.is_symlink()) and not candidate.is_file():
+        if exists_or_link(candidate) and not candidate.is_file():
             raise ModelLoadError(f"{candidate} {not_a_regular_file(candidate)}; expected a .keras file; {_FIX}.")
         if not candidate.is_file():
             found = models_in_run(given)

@@ -816,6 +816,13 @@ def _first_foreign_entry(run: Path) -> Path | None:
 DANGLING_LINK = "a symbolic link to nothing (or a loop of links)"
 
 
+def exists_or_link(path: Path) -> bool:
+    """Whether there is anything at ``path``: a link to nothing counts. Unlike ``os.path.lexists``, which
+    answers False for any OSError, an overlong name or a parent that may not be searched raises, as
+    ``Path.exists()`` does, so that it reaches the commands' one-line file-system error."""
+    return path.is_symlink() or path.exists()
+
+
 def is_dangling_link(path: Path) -> bool:
     """Whether ``path`` is a symbolic link that leads to nothing: a missing target, or a loop of links."""
     return path.is_symlink() and not path.exists()
@@ -836,7 +843,7 @@ def in_the_way_of_a_directory(path: Path) -> tuple[Path, str] | None:
     a link) and is no directory, and what that is, ``"a file"`` or :data:`DANGLING_LINK`; None when nothing
     does."""
     blocker = path
-    while not blocker.exists() and not blocker.is_symlink() and blocker != blocker.parent:
+    while not exists_or_link(blocker) and blocker != blocker.parent:
         blocker = blocker.parent
     if blocker.is_dir():
         return None

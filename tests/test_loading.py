@@ -415,3 +415,18 @@ def test_a_model_file_in_upper_case_is_told_to_be_renamed(tmp_path, good_model_f
     with pytest.raises(ModelLoadError, match=r"ends in '.KERAS'; Keras reads a model file only by the suffix .keras, "
                                              r"in lower case; rename it to MODEL.keras"):
         resolve_model_path(upper)
+
+
+def test_exists_or_link_counts_a_dangling_link_and_raises_on_an_overlong_name(tmp_path):
+    # os.path.lexists would answer False for the overlong name, and the commands' one-line file-system error
+    # ("… File name too long; use a shorter name") would never come.
+    import errno
+    import os
+
+    from fmnist_keras.rundir import exists_or_link
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert exists_or_link(tmp_path / "dangling") and not exists_or_link(tmp_path / "missing")
+    with pytest.raises(OSError) as raised:
+        exists_or_link(tmp_path / ("a" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1)))
+    assert raised.value.errno == errno.ENAMETOOLONG

@@ -30,7 +30,7 @@ from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics
 from fmnist_keras.rundir import (DANGLING_LINK, FIGURES_DIR, HISTORY_FILE, METRICS_FILE, OUTPUT_MARKER, REPORT_FILE,
-                                 RunDirError, is_dangling_link, is_marker, is_model_dir, not_a_directory_line,
+                                 RunDirError, exists_or_link, is_dangling_link, is_marker, is_model_dir, not_a_directory_line,
                                  not_a_regular_file, output_in_the_way, read_json_object, write_bytes, write_json,
                                  write_text)
 from fmnist_keras.tta import TTA
@@ -143,7 +143,7 @@ def check_history_path(history_csv: str | Path | None) -> Path | None:
                         f"leave it out to use run_dir's.")
     path = Path(history_csv)
     if not path.is_file():
-        state = not_a_regular_file(path) if path.exists() or path.is_symlink() else "is missing"
+        state = not_a_regular_file(path) if exists_or_link(path) else "is missing"
         raise RunDirError(f"history_csv {path} {state}; pass the run's history.csv, or leave history_csv out "
                           f"to use run_dir's.")
     return path
