@@ -309,7 +309,8 @@ def test_misclassified_refuses_labels_and_probabilities_that_do_not_match():
         internals.misclassified(np.array([0, 1]), probabilities)
     with pytest.raises(ValueError, match=re.escape("the class 4 in y_true is not one of the classes 0 to 3")):
         internals.misclassified(np.array([0, 1, 4]), probabilities)
-    with pytest.raises(ValueError, match=re.escape("probabilities of shape (3,) and dtype float64: expected a 2-D array")):
+    with pytest.raises(ValueError, match=re.escape("probabilities of shape (3,) and dtype float64: expected a 2-D "
+                                                   "array")):
         internals.misclassified(np.array([0, 1, 2]), np.array([0.1, 0.2, 0.3]))
     assert internals.misclassified(np.array([0, 1, 2]), probabilities).tolist() == [2]
 

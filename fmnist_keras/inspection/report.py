@@ -30,9 +30,9 @@ from fmnist_keras.data import CLASS_NAMES
 from fmnist_keras.loading import input_data_format
 from fmnist_keras.metrics import classification_metrics
 from fmnist_keras.rundir import (DANGLING_LINK, FIGURES_DIR, HISTORY_FILE, METRICS_FILE, OUTPUT_MARKER, REPORT_FILE,
-                                 RunDirError, exists_or_link, is_dangling_link, is_marker, is_model_dir, not_a_directory_line,
-                                 not_a_regular_file, output_in_the_way, read_json_object, write_bytes, write_json,
-                                 write_text)
+                                 RunDirError, exists_or_link, is_dangling_link, is_marker, is_model_dir,
+                                 not_a_directory_line, not_a_regular_file, output_in_the_way, read_json_object,
+                                 write_bytes, write_json, write_text)
 from fmnist_keras.tta import TTA
 # How many test images the saliency figure explains and the mistakes grid
 # shows: enough to see a pattern, few enough to read at a glance.
